@@ -1,0 +1,2 @@
+//! vmfarm-agent: the guest's first process and its SSH server.
+fn main() {}

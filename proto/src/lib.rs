@@ -1,0 +1,1 @@
+//! Types shared by vmfarm's parts.

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs the host packages and Rust targets vmfarm needs, and nothing that is already there.
+# Usage: scripts/install-deps.sh [farm|test]   (test also installs what the test suite needs)
+set -euo pipefail
+what=${1:-farm}
+
+# Debian package <- a command (or file) it provides.
+farm_pkgs=(
+  "qemu-system-x86:/usr/bin/qemu-system-x86_64"
+  "qemu-utils:/usr/bin/qemu-img"
+  "mmdebstrap:/usr/bin/mmdebstrap"
+  "e2fsprogs:/usr/sbin/mkfs.ext4"
+  "cpio:/usr/bin/cpio"
+  "kmod:/usr/sbin/depmod"
+  "busybox-static:/bin/busybox"
+  "zstd:/usr/bin/zstd"
+  "xz-utils:/usr/bin/xz"
+  "lz4:/usr/bin/lz4"
+  "musl-tools:/usr/bin/x86_64-linux-musl-gcc"
+  "git:/usr/bin/git"
+)
+test_pkgs=(
+  "postgresql:/usr/lib/postgresql/15/bin/postgres"
+  "chromium:/usr/bin/chromium"
+  "chromium-driver:/usr/bin/chromedriver"
+)
+
+pkgs=("${farm_pkgs[@]}")
+[ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
+
+SUDO=
+[ "$(id -u)" = 0 ] || SUDO=sudo
+updated=0
+for entry in "${pkgs[@]}"; do
+  pkg=${entry%%:*} path=${entry#*:}
+  [ -e "$path" ] && continue
+  if [ $updated = 0 ]; then
+    $SUDO apt-get update -qq
+    updated=1
+  fi
+  # One package per call: a combined call has hit "held broken packages" on this image.
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null
+  echo "installed $pkg"
+done
+
+if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+  rustup target add x86_64-unknown-linux-musl
+fi

@@ -1,0 +1,1 @@
+//! vmfarm's server.

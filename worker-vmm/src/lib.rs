@@ -1,0 +1,3 @@
+//! vmfarm's worker daemon and its KVM virtual machine monitor.
+
+pub mod vmm;

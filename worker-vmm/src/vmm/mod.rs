@@ -1,0 +1,4 @@
+//! The integrated KVM virtual machine monitor: one guest per process.
+
+pub mod bus;
+pub mod irq;
