@@ -1,0 +1,123 @@
+//! What the server's public API returns to the CLI and the web UI.
+
+use crate::state::{JobState, TaskState};
+use serde::{Deserialize, Serialize};
+
+/// One job created by a submission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmittedJob {
+    pub id: String,
+    pub image: String,
+}
+
+/// Answer to `POST /api/jobs`: one job per image, grouped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitResponse {
+    pub group_id: String,
+    pub jobs: Vec<SubmittedJob>,
+}
+
+/// A task of a job as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub name: String,
+    pub state: TaskState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+/// A job as the API shows it. Times are unix milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobView {
+    pub id: String,
+    pub group_id: String,
+    pub image: String,
+    pub state: JobState,
+    pub attempt: u32,
+    pub priority: i64,
+    pub tags: Vec<String>,
+    pub created_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub tasks: Vec<TaskView>,
+}
+
+/// An artifact of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactView {
+    /// Its path relative to the guest's build directory.
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// One manifest error, as `POST /api/jobs` returns it with status 400.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestErrorView {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub manifest_errors: Vec<ManifestErrorView>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_job_view_round_trips() {
+        let job = JobView {
+            id: "j1".into(),
+            group_id: "g1".into(),
+            image: "tiny".into(),
+            state: JobState::Running,
+            attempt: 1,
+            priority: 0,
+            tags: vec!["nightly".into()],
+            created_at: 10,
+            started_at: Some(11),
+            finished_at: None,
+            image_version: None,
+            reason: None,
+            tasks: vec![TaskView {
+                name: "build".into(),
+                state: TaskState::Running,
+                exit_code: None,
+            }],
+        };
+        let json = serde_json::to_string(&job).unwrap();
+        assert!(json.contains("\"state\":\"running\""));
+        assert_eq!(serde_json::from_str::<JobView>(&json).unwrap(), job);
+
+        let err = ErrorBody {
+            error: "invalid manifest".into(),
+            manifest_errors: vec![ManifestErrorView {
+                line: 3,
+                column: 1,
+                message: "unknown key".into(),
+            }],
+        };
+        let json = serde_json::to_string(&err).unwrap();
+        assert_eq!(serde_json::from_str::<ErrorBody>(&json).unwrap(), err);
+        let plain = serde_json::to_string(&ErrorBody {
+            error: "no such job".into(),
+            manifest_errors: vec![],
+        })
+        .unwrap();
+        assert_eq!(plain, r#"{"error":"no such job"}"#);
+    }
+}

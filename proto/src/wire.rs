@@ -1,0 +1,216 @@
+//! The server <-> worker payloads (CONTRACTS.md "Server <-> worker"). JSON over HTTP, with
+//! `Authorization: Bearer <worker token>`; every lease-scoped call carries [`FENCE_HEADER`].
+
+use crate::state::{JobState, TaskState};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Header carrying the lease's fencing token on every lease-scoped call.
+pub const FENCE_HEADER: &str = "X-Vmfarm-Fence";
+/// Header carrying the hex sha256 of an uploaded artifact.
+pub const SHA256_HEADER: &str = "X-Vmfarm-Sha256";
+
+/// One image a worker can run, at the newest version it has.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerImage {
+    pub name: String,
+    pub version: String,
+}
+
+/// `POST /api/workers/lease`: the worker names itself, its images and free slots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    pub name: String,
+    pub images: Vec<WorkerImage>,
+    pub slots: u32,
+    pub version: String,
+}
+
+/// The job inside a lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeasedJob {
+    pub id: String,
+    pub group_id: String,
+    pub image: String,
+    /// The manifest's TOML text, as submitted.
+    pub manifest: String,
+    /// 1 on the first try; each expired lease adds one.
+    pub attempt: u32,
+}
+
+/// `200` answer to a lease request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseResponse {
+    pub lease_id: String,
+    pub fence: u64,
+    /// Unix time in milliseconds.
+    pub expires_at: i64,
+    pub job: LeasedJob,
+    /// Secret name -> base64 of its value; only those the manifest names.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, String>,
+}
+
+/// Answer to `POST /api/leases/{id}/heartbeat`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    /// Unix time in milliseconds.
+    pub expires_at: i64,
+    /// The job was cancelled: stop it and report `cancelled`.
+    pub cancel: bool,
+}
+
+/// Which stream a log chunk belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    /// The guest's serial console.
+    Console,
+    /// A task's stdout and stderr.
+    Task,
+    /// What the farm itself says about the job (booting, fetching sources, ...).
+    Farm,
+}
+
+/// One piece of a job's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogChunk {
+    pub stream: LogStream,
+    /// The task's name, for `stream = task`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// Unix time in milliseconds when the bytes were read.
+    pub ts_ms: i64,
+    pub data: String,
+}
+
+/// `POST /api/leases/{id}/log`: `seq` grows by one per call; a repeated `seq` is acknowledged
+/// and not stored again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogAppend {
+    pub seq: u64,
+    pub chunks: Vec<LogChunk>,
+}
+
+/// A task's move, inside a state update.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskUpdate {
+    pub name: String,
+    pub state: TaskState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+}
+
+/// `POST /api/leases/{id}/state`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_state: Option<JobState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskUpdate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::de::DeserializeOwned;
+    use std::fmt::Debug;
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: &T) -> String {
+        let json = serde_json::to_string(value).unwrap();
+        let back: T = serde_json::from_str(&json).unwrap();
+        assert_eq!(&back, value);
+        json
+    }
+
+    #[test]
+    fn test_payloads_round_trip_with_contract_names() {
+        let lease = LeaseResponse {
+            lease_id: "l1".into(),
+            fence: 7,
+            expires_at: 1_700_000_000_000,
+            job: LeasedJob {
+                id: "j1".into(),
+                group_id: "g1".into(),
+                image: "debian-12".into(),
+                manifest: "image = \"debian-12\"\n".into(),
+                attempt: 1,
+            },
+            secrets: BTreeMap::from([("deploy-key".into(), "c2VjcmV0".into())]),
+        };
+        let json = round_trip(&lease);
+        for key in [
+            "lease_id",
+            "fence",
+            "expires_at",
+            "group_id",
+            "manifest",
+            "attempt",
+            "secrets",
+        ] {
+            assert!(json.contains(&format!("\"{key}\"")), "{key} in {json}");
+        }
+
+        let request = LeaseRequest {
+            name: "w1".into(),
+            images: vec![WorkerImage {
+                name: "tiny".into(),
+                version: "20261122".into(),
+            }],
+            slots: 2,
+            version: "0.1.0".into(),
+        };
+        round_trip(&request);
+        round_trip(&HeartbeatResponse {
+            expires_at: 1,
+            cancel: true,
+        });
+
+        let log = LogAppend {
+            seq: 3,
+            chunks: vec![
+                LogChunk {
+                    stream: LogStream::Task,
+                    task: Some("build".into()),
+                    ts_ms: 5,
+                    data: "make: ok\n".into(),
+                },
+                LogChunk {
+                    stream: LogStream::Console,
+                    task: None,
+                    ts_ms: 6,
+                    data: "[    0.0] Linux\n".into(),
+                },
+            ],
+        };
+        let json = round_trip(&log);
+        assert!(json.contains("\"stream\":\"console\""), "{json}");
+        assert!(!json.contains("\"task\":null"), "{json}");
+
+        let update = StateUpdate {
+            job_state: Some(JobState::TimedOut),
+            task: Some(TaskUpdate {
+                name: "build".into(),
+                state: TaskState::Failed,
+                exit_code: Some(2),
+            }),
+            image_version: Some("1".into()),
+            reason: Some("task build exited 2".into()),
+        };
+        let json = round_trip(&update);
+        assert!(json.contains("\"job_state\":\"timed_out\""), "{json}");
+        assert_eq!(round_trip(&StateUpdate::default()), "{}");
+    }
+
+    #[test]
+    fn test_unknown_stream_is_refused() {
+        let err = serde_json::from_str::<LogChunk>(r#"{"stream":"stdout","ts_ms":1,"data":""}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `stdout`"), "{err}");
+    }
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs every test, plus the format and lint checks.
+# KVM-lab tests fail rather than skip when VMFARM_REQUIRE_KVM=1 (CI sets it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/install-deps.sh test
+export VMFARM_CACHE=${VMFARM_CACHE:-$HOME/.cache/vmfarm}
+mkdir -p "$VMFARM_CACHE"
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo nextest run --workspace --locked --no-fail-fast

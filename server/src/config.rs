@@ -1,0 +1,205 @@
+//! The server's configuration file (configs/server.toml documents every key).
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vmfarm_proto::units::{ByteSize, GIB, HumanDuration, KIB, MIB};
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Empty: a SQLite file in `data_dir`.
+    pub database_url: String,
+    pub limits: Limits,
+    pub leases: Leases,
+    pub workers: Vec<WorkerToken>,
+    pub tokens: Vec<ApiToken>,
+    pub schedules: Vec<Schedule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_manifest_size: ByteSize,
+    pub max_artifact_size: ByteSize,
+    pub max_log_size: ByteSize,
+    pub default_job_timeout: HumanDuration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Leases {
+    pub ttl: HumanDuration,
+    pub max_attempts: u32,
+    pub long_poll: HumanDuration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerToken {
+    pub name: String,
+    pub token: String,
+}
+
+/// What an API token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Submit,
+    Read,
+    Admin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    pub name: String,
+    pub token: String,
+    pub scopes: Vec<Scope>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    pub name: String,
+    pub cron: String,
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Path of the manifest to enqueue, relative to the config file's folder.
+    pub manifest: PathBuf,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./vmfarm-data"),
+            database_url: String::new(),
+            limits: Limits::default(),
+            leases: Leases::default(),
+            workers: Vec::new(),
+            tokens: Vec::new(),
+            schedules: Vec::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_manifest_size: ByteSize(256 * KIB),
+            max_artifact_size: ByteSize(2 * GIB),
+            max_log_size: ByteSize(64 * MIB),
+            default_job_timeout: HumanDuration(Duration::from_secs(3600)),
+        }
+    }
+}
+
+impl Default for Leases {
+    fn default() -> Self {
+        Leases {
+            ttl: HumanDuration(Duration::from_secs(30)),
+            max_attempts: 3,
+            long_poll: HumanDuration(Duration::from_secs(20)),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the server config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the server config {path} is invalid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl ServerConfig {
+    /// Reads a config file; unknown keys are errors that name the key and where it is.
+    pub fn load(path: &Path) -> Result<ServerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<ServerConfig, String> {
+        let config: ServerConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        if config.leases.max_attempts == 0 {
+            return Err(
+                "leases.max_attempts is 0: a job must be allowed at least one attempt".into(),
+            );
+        }
+        if config.leases.ttl.0 < Duration::from_secs(1) {
+            return Err("leases.ttl is under 1s: workers could not renew in time".into());
+        }
+        Ok(config)
+    }
+
+    /// The database to open: the configured URL, or the SQLite file in the data dir.
+    pub fn database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!("sqlite://{}", self.data_dir.join("vmfarm.db").display())
+        } else {
+            self.database_url.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_shipped_config_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/server.toml");
+        assert_eq!(ServerConfig::load(&path).unwrap(), ServerConfig::default());
+    }
+
+    #[test]
+    fn test_database_url_defaults_to_sqlite_in_data_dir() {
+        let config = ServerConfig::parse("data_dir = \"/srv/farm\"\n").unwrap();
+        assert_eq!(config.database_url(), "sqlite:///srv/farm/vmfarm.db");
+        let pg = ServerConfig::parse("database_url = \"postgres://u@h/db\"\n").unwrap();
+        assert_eq!(pg.database_url(), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn test_tokens_and_schedules_parse() {
+        let config = ServerConfig::parse(
+            "[[workers]]\nname = \"w1\"\ntoken = \"t\"\n[[tokens]]\nname = \"ci\"\ntoken = \"x\"\nscopes = [\"submit\", \"read\"]\n[[schedules]]\nname = \"nightly\"\ncron = \"0 3 * * *\"\nmanifest = \"n.toml\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.tokens[0].scopes, [Scope::Submit, Scope::Read]);
+        assert_eq!(config.schedules[0].timezone, None);
+    }
+
+    #[test]
+    fn test_bad_configs_are_refused_with_the_key() {
+        let cases = [
+            ("listn = \"127.0.0.1:1\"\n", "unknown field `listn`"),
+            ("[leases]\nttl = \"30 s\"\n", "unknown unit"),
+            ("[leases]\nmax_attempts = 0\n", "at least one attempt"),
+            ("[limits]\nmax_log_size = \"1GB\"\n", "write \"1GiB\""),
+            (
+                "[[tokens]]\nname = \"a\"\ntoken = \"b\"\nscopes = [\"root\"]\n",
+                "unknown variant `root`",
+            ),
+            ("listen = \"nowhere\"\n", "invalid socket address"),
+        ];
+        for (text, want) in cases {
+            let err = ServerConfig::parse(text).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! The command-line contract: every subcommand and flag, with the defaults of CONTRACTS.md.
+
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmfarm",
+    version,
+    about = "A build farm that runs every build in a fresh virtual machine"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server and a local worker in one process, on the embedded defaults.
+    Up(UpArgs),
+    /// Run the server: HTTP API, job queue, logs, artifacts, web UI.
+    Server(ServerArgs),
+    /// Run a worker: lease jobs from a server and run them in guests.
+    Worker(WorkerArgs),
+    /// Submit a job manifest; prints one line per job (id, image).
+    Submit(SubmitArgs),
+    /// Show jobs.
+    Status(StatusArgs),
+    /// Print a job's log.
+    Logs(LogsArgs),
+    /// Download every artifact of a job.
+    Artifacts(ArtifactsArgs),
+    /// Cancel a job.
+    Cancel(CancelArgs),
+    /// Check job manifests without submitting them.
+    Validate(ValidateArgs),
+    /// Build and list guest images.
+    #[command(subcommand)]
+    Images(ImagesCommand),
+    /// Run virtual machines with the integrated VMM.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Benchmarks, each printed beside its reference.
+    Bench(BenchArgs),
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Up(_) => "up",
+            Command::Server(_) => "server",
+            Command::Worker(_) => "worker",
+            Command::Submit(_) => "submit",
+            Command::Status(_) => "status",
+            Command::Logs(_) => "logs",
+            Command::Artifacts(_) => "artifacts",
+            Command::Cancel(_) => "cancel",
+            Command::Validate(_) => "validate",
+            Command::Images(_) => "images",
+            Command::Vm(_) => "vm",
+            Command::Bench(_) => "bench",
+        }
+    }
+}
+
+/// How a client reaches a server.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The server's URL.
+    #[arg(long, env = "VMFARM_SERVER", default_value = DEFAULT_SERVER)]
+    pub server: String,
+    /// API token; default: the local data dir's `admin-token`.
+    #[arg(long, env = "VMFARM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data dir whose `admin-token` is used when no token is given.
+    #[arg(long, env = "VMFARM_DATA", default_value = "./vmfarm-data")]
+    pub data: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    #[arg(long, env = "VMFARM_DATA", default_value = "./vmfarm-data")]
+    pub data: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Server config file (see configs/server.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    #[arg(long, env = "VMFARM_DATA")]
+    pub data: Option<PathBuf>,
+    /// `sqlite://PATH` or `postgres://...`; default: a SQLite file in the data dir.
+    #[arg(long, env = "VMFARM_DATABASE_URL")]
+    pub database_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Worker config file (see configs/worker.toml).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long, env = "VMFARM_SERVER")]
+    pub server: Option<String>,
+    /// The worker's token.
+    #[arg(long, env = "VMFARM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    #[arg(long)]
+    pub images_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Stream the logs; exit 0 only if every job succeeded.
+    #[arg(long)]
+    pub follow: bool,
+    /// The job manifest (TOML).
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print a JSON array of jobs.
+    #[arg(long)]
+    pub json: bool,
+    pub jobs: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long)]
+    pub follow: bool,
+    pub job: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ArtifactsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub job: String,
+    /// Where to put them.
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub job: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Manifests to check.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImagesCommand {
+    /// Build a guest image from a recipe in configs/images/.
+    Build {
+        recipe: String,
+        #[arg(long)]
+        images_dir: Option<PathBuf>,
+    },
+    /// List the images in the images dir.
+    List {
+        #[arg(long)]
+        images_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Boot one guest in this process; the console goes to stdout.
+    Run(VmRunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VmRunArgs {
+    #[arg(long)]
+    pub kernel: PathBuf,
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// A disk image, raw or qcow2; `PATH,ro` attaches it read-only.
+    #[arg(long = "disk")]
+    pub disks: Vec<String>,
+    /// Unix socket for the guest's vsock (hybrid: `CONNECT <port>`).
+    #[arg(long)]
+    pub vsock: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u32,
+    #[arg(long, default_value = "512MiB")]
+    pub memory: String,
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    pub which: BenchKind,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BenchKind {
+    Boot,
+    Queue,
+    JobStart,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn test_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_client_defaults_follow_the_contract() {
+        let cli = Cli::try_parse_from(["vmfarm", "status", "--json", "j1"]).unwrap();
+        let Command::Status(args) = cli.command else {
+            panic!("not status")
+        };
+        if std::env::var_os("VMFARM_SERVER").is_none() {
+            assert_eq!(args.client.server, DEFAULT_SERVER);
+        }
+        assert!(args.json);
+        assert_eq!(args.jobs, ["j1"]);
+    }
+}

@@ -1,0 +1,199 @@
+//! The worker's configuration file (configs/worker.toml documents every key).
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use vmfarm_proto::units::{ByteSize, GIB, HumanDuration};
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    pub server: String,
+    /// Empty: the host name.
+    pub name: String,
+    pub token: String,
+    pub images_dir: PathBuf,
+    pub work_dir: PathBuf,
+    pub allowed_local_sources: Vec<PathBuf>,
+    pub slots: Slots,
+    pub guest: GuestDefaults,
+    pub backend: BackendConfig,
+}
+
+/// The budget running guests share.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Slots {
+    pub cpus: u32,
+    pub memory: ByteSize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestDefaults {
+    pub default_cpus: u32,
+    pub default_memory: ByteSize,
+    pub boot_timeout: HumanDuration,
+    pub keep_failed: HumanDuration,
+}
+
+/// Which backend boots guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    Auto,
+    Kvm,
+    Qemu,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    pub default: BackendChoice,
+    /// Per-image choice, overriding `default`.
+    pub images: BTreeMap<String, BackendChoice>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            server: "http://127.0.0.1:8080".into(),
+            name: String::new(),
+            token: String::new(),
+            images_dir: PathBuf::from("./vmfarm-data/images"),
+            work_dir: PathBuf::from("./vmfarm-data/work"),
+            allowed_local_sources: Vec::new(),
+            slots: Slots::default(),
+            guest: GuestDefaults::default(),
+            backend: BackendConfig::default(),
+        }
+    }
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots {
+            cpus: 2,
+            memory: ByteSize(4 * GIB),
+        }
+    }
+}
+
+impl Default for GuestDefaults {
+    fn default() -> Self {
+        GuestDefaults {
+            default_cpus: 1,
+            default_memory: ByteSize(GIB),
+            boot_timeout: HumanDuration(Duration::from_secs(60)),
+            keep_failed: HumanDuration(Duration::ZERO),
+        }
+    }
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            default: BackendChoice::Auto,
+            images: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the worker config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the worker config {path} is invalid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl WorkerConfig {
+    pub fn load(path: &Path) -> Result<WorkerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<WorkerConfig, String> {
+        let config: WorkerConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let g = &config.guest;
+        if config.slots.cpus == 0 {
+            return Err("slots.cpus is 0: the worker could never run a job".into());
+        }
+        if g.default_cpus == 0 || g.default_cpus > config.slots.cpus {
+            return Err(format!(
+                "guest.default_cpus is {}: it must be between 1 and slots.cpus ({})",
+                g.default_cpus, config.slots.cpus
+            ));
+        }
+        if g.default_memory > config.slots.memory {
+            return Err(format!(
+                "guest.default_memory ({}) is more than slots.memory ({})",
+                g.default_memory, config.slots.memory
+            ));
+        }
+        Ok(config)
+    }
+
+    /// The backend for `image`: its own entry, else the default.
+    pub fn backend_for(&self, image: &str) -> BackendChoice {
+        self.backend
+            .images
+            .get(image)
+            .copied()
+            .unwrap_or(self.backend.default)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_shipped_config_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/worker.toml");
+        assert_eq!(WorkerConfig::load(&path).unwrap(), WorkerConfig::default());
+    }
+
+    #[test]
+    fn test_backend_per_image_overrides_default() {
+        let config = WorkerConfig::parse(
+            "[backend]\ndefault = \"kvm\"\n[backend.images]\nfreebsd-14 = \"qemu\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.backend_for("freebsd-14"), BackendChoice::Qemu);
+        assert_eq!(config.backend_for("debian-12"), BackendChoice::Kvm);
+    }
+
+    #[test]
+    fn test_bad_configs_are_refused_with_the_reason() {
+        let cases = [
+            ("severs = \"x\"\n", "unknown field `severs`"),
+            ("[slots]\ncpus = 0\n", "never run a job"),
+            (
+                "[guest]\ndefault_cpus = 3\n",
+                "between 1 and slots.cpus (2)",
+            ),
+            (
+                "[guest]\ndefault_memory = \"8GiB\"\n",
+                "more than slots.memory (4GiB)",
+            ),
+            ("[backend]\ndefault = \"xen\"\n", "unknown variant `xen`"),
+            ("[guest]\nboot_timeout = \"soon\"\n", "not a duration"),
+        ];
+        for (text, want) in cases {
+            let err = WorkerConfig::parse(text).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+}
