@@ -90,17 +90,68 @@ pub struct UpArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    args_conflicts_with_subcommands = false,
+    subcommand_negates_reqs = true
+)]
 pub struct ServerArgs {
+    #[command(subcommand)]
+    pub action: Option<ServerAction>,
     /// Server config file (see configs/server.toml).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub config: Option<PathBuf>,
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    #[arg(long, env = "VMFARM_DATA")]
+    #[arg(long, env = "VMFARM_DATA", global = true)]
     pub data: Option<PathBuf>,
     /// `sqlite://PATH` or `postgres://...`; default: a SQLite file in the data dir.
-    #[arg(long, env = "VMFARM_DATABASE_URL")]
+    #[arg(long, env = "VMFARM_DATABASE_URL", global = true)]
     pub database_url: Option<String>,
+}
+
+/// Administration of the server's database (works whether the server runs or not).
+#[derive(Debug, Subcommand)]
+pub enum ServerAction {
+    /// Make tokens.
+    #[command(subcommand)]
+    Token(TokenAction),
+    /// Store secrets that manifests may name.
+    #[command(subcommand)]
+    Secret(SecretAction),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenAction {
+    /// Make a token; it is printed once and stored only as a hash.
+    Create {
+        /// A worker token for the worker of this name.
+        #[arg(long, conflicts_with_all = ["name", "scopes"])]
+        worker: Option<String>,
+        /// An API token of this name.
+        #[arg(long, requires = "scopes")]
+        name: Option<String>,
+        /// Its scopes: submit, read, admin.
+        #[arg(long, value_delimiter = ',')]
+        scopes: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretAction {
+    /// Store (or replace) a secret.
+    Set {
+        name: String,
+        /// Read the value from this file.
+        #[arg(
+            long,
+            conflicts_with = "value_stdin",
+            required_unless_present = "value_stdin"
+        )]
+        file: Option<PathBuf>,
+        /// Read the value from standard input.
+        #[arg(long)]
+        value_stdin: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,9 @@
 //! `vmfarm`: the one binary of the build farm — server, worker, VMM and CLI.
 
 mod cli;
+mod client;
+mod commands;
+mod server_cmd;
 mod validate;
 
 use clap::Parser;
@@ -9,14 +12,50 @@ use std::process::ExitCode;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMFARM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match cli.command {
         Command::Validate(args) => validate::run(&args),
+        Command::Server(args) => {
+            block_on(async { server_cmd::run(args).await.map(|()| ExitCode::SUCCESS) })
+        }
+        Command::Submit(args) => block_on(commands::submit(args)),
+        Command::Status(args) => block_on(commands::status(args)),
+        Command::Logs(args) => block_on(commands::logs(args)),
+        Command::Artifacts(args) => block_on(commands::artifacts(args)),
+        Command::Cancel(args) => block_on(commands::cancel(args)),
         other => {
             eprintln!(
                 "vmfarm {}: not built yet — this subcommand arrives with its issue",
                 other.name()
             );
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs an async subcommand; an error is printed with its causes and gives exit status 1.
+fn block_on(fut: impl Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vmfarm: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmfarm: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

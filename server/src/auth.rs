@@ -1,0 +1,227 @@
+//! Tokens: workers have their own, API clients have scoped ones, the first start makes an admin
+//! token. Only sha256 hashes of tokens are stored.
+
+use crate::config::{Scope, ServerConfig};
+use crate::db::{Db, now_ms};
+use crate::error::{AppError, AppResult};
+use crate::state::AppState;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::RwLock;
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    Worker { name: String },
+    Api { name: String, scopes: Vec<Scope> },
+}
+
+impl Caller {
+    /// Refuses a caller without `scope`; `admin` holds every scope, workers hold none.
+    pub fn require(&self, scope: Scope) -> AppResult<()> {
+        match self {
+            Caller::Api { scopes, .. }
+                if scopes.contains(&scope) || scopes.contains(&Scope::Admin) =>
+            {
+                Ok(())
+            }
+            Caller::Api { name, .. } => Err(AppError::Forbidden(format!(
+                "token `{name}` lacks the `{}` scope",
+                scope_name(scope)
+            ))),
+            Caller::Worker { .. } => Err(AppError::Forbidden(
+                "a worker token cannot call the client API: use an API token".into(),
+            )),
+        }
+    }
+
+    /// The worker's name, or a refusal for API tokens.
+    pub fn worker(&self) -> AppResult<&str> {
+        match self {
+            Caller::Worker { name } => Ok(name),
+            Caller::Api { .. } => Err(AppError::Forbidden(
+                "this call is for workers: use a worker token".into(),
+            )),
+        }
+    }
+}
+
+pub fn scope_name(scope: Scope) -> &'static str {
+    match scope {
+        Scope::Submit => "submit",
+        Scope::Read => "read",
+        Scope::Admin => "admin",
+    }
+}
+
+fn parse_scope(s: &str) -> Option<Scope> {
+    match s {
+        "submit" => Some(Scope::Submit),
+        "read" => Some(Scope::Read),
+        "admin" => Some(Scope::Admin),
+        _ => None,
+    }
+}
+
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A new random token.
+pub fn new_token() -> Result<String, getrandom::Error> {
+    Ok(format!("vmf_{}", crate::random::random_hex(24)?))
+}
+
+/// Tokens by hash, cached in memory; a miss asks the database (another replica may have made it).
+#[derive(Default)]
+pub struct TokenCache(RwLock<HashMap<String, Caller>>);
+
+impl TokenCache {
+    fn get(&self, hash: &str) -> Option<Caller> {
+        self.0.read().ok()?.get(hash).cloned()
+    }
+
+    fn put(&self, hash: String, caller: Caller) {
+        if let Ok(mut map) = self.0.write() {
+            map.insert(hash, caller);
+        }
+    }
+}
+
+/// Stores a token (its hash) for a caller.
+pub async fn store_token(db: &Db, token: &str, caller: &Caller) -> Result<(), sqlx::Error> {
+    let (name, kind, scopes) = match caller {
+        Caller::Worker { name } => (name.as_str(), "worker", String::new()),
+        Caller::Api { name, scopes } => (
+            name.as_str(),
+            "api",
+            scopes
+                .iter()
+                .map(|s| scope_name(*s))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
+    };
+    let hash = hash_token(token);
+    sqlx::query("DELETE FROM tokens WHERE hash = $1")
+        .bind(&hash)
+        .execute(&db.pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO tokens (hash, name, kind, scopes, created_at) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&hash)
+    .bind(name)
+    .bind(kind)
+    .bind(scopes)
+    .bind(now_ms())
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+async fn lookup(db: &Db, hash: &str) -> Result<Option<Caller>, sqlx::Error> {
+    let row: Option<(String, String, String)> =
+        sqlx::query_as("SELECT name, kind, scopes FROM tokens WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&db.pool)
+            .await?;
+    Ok(row.map(|(name, kind, scopes)| match kind.as_str() {
+        "worker" => Caller::Worker { name },
+        _ => Caller::Api {
+            name,
+            scopes: scopes.split(',').filter_map(parse_scope).collect(),
+        },
+    }))
+}
+
+/// At start: the config's tokens go into the database; with none configured and none stored,
+/// an admin token is made and written to `<data dir>/admin-token` (mode 0600).
+pub async fn bootstrap(
+    db: &Db,
+    config: &ServerConfig,
+) -> Result<Option<String>, Box<dyn std::error::Error + Send + Sync>> {
+    for w in &config.workers {
+        store_token(
+            db,
+            &w.token,
+            &Caller::Worker {
+                name: w.name.clone(),
+            },
+        )
+        .await?;
+    }
+    for t in &config.tokens {
+        let caller = Caller::Api {
+            name: t.name.clone(),
+            scopes: t.scopes.clone(),
+        };
+        store_token(db, &t.token, &caller).await?;
+    }
+    let path = config.data_dir.join("admin-token");
+    if !config.workers.is_empty() || !config.tokens.is_empty() {
+        return Ok(None);
+    }
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = existing.trim();
+        if lookup(db, &hash_token(existing)).await?.is_some() {
+            return Ok(None);
+        }
+    }
+    let token = new_token()?;
+    let admin = Caller::Api {
+        name: "admin".into(),
+        scopes: vec![Scope::Admin],
+    };
+    store_token(db, &token, &admin).await?;
+    write_secret_file(&path, &token)?;
+    Ok(Some(token))
+}
+
+/// Writes `text` to `path` readable by its owner only.
+pub fn write_secret_file(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(format!("{text}\n").as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = AppError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(AppError::Unauthorized)?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(AppError::Unauthorized)?;
+        let hash = hash_token(token);
+        if let Some(caller) = state.tokens.get(&hash) {
+            return Ok(caller);
+        }
+        let caller = lookup(&state.db, &hash)
+            .await?
+            .ok_or(AppError::Unauthorized)?;
+        state.tokens.put(hash, caller.clone());
+        Ok(caller)
+    }
+}

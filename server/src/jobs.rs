@@ -1,0 +1,332 @@
+//! Jobs as users see them: submit, read, list, cancel.
+
+use crate::db::now_ms;
+use crate::error::{AppError, AppResult};
+use crate::state::AppState;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use std::collections::HashMap;
+use vmfarm_proto::api::{GroupView, JobList, JobView, SubmitResponse, SubmittedJob, TaskView};
+use vmfarm_proto::{JobState, Manifest, TaskState};
+
+/// Parses a job or group id from a path.
+pub fn parse_id(text: &str, what: &str) -> AppResult<i64> {
+    text.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| AppError::NotFound(format!("no {what} `{text}`: ids are positive numbers")))
+}
+
+/// Validates and enqueues a manifest: one job per image, in one group.
+pub async fn submit(
+    state: &AppState,
+    text: &str,
+    schedule: Option<&str>,
+) -> AppResult<SubmitResponse> {
+    let limit = state.config.limits.max_manifest_size;
+    if text.len() as u64 > limit.0 {
+        return Err(AppError::TooLarge(format!(
+            "the manifest is {} bytes; the limit is {limit}",
+            text.len()
+        )));
+    }
+    let manifest = Manifest::parse(text).map_err(AppError::Manifest)?;
+    for name in &manifest.secrets {
+        let found: Option<(String,)> = sqlx::query_as("SELECT name FROM secrets WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&state.db.pool)
+            .await?;
+        if found.is_none() {
+            return Err(AppError::BadRequest(format!(
+                "the manifest names secret `{name}`, which the server does not have: store it with `vmfarm server secret set {name}`"
+            )));
+        }
+    }
+    let timeout = manifest
+        .timeout
+        .unwrap_or(state.config.limits.default_job_timeout.0);
+    let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+    let tags = serde_json::to_string(&manifest.tags).map_err(AppError::internal)?;
+    let now = now_ms();
+    let mut tx = state.db.pool.begin().await?;
+    let group_id: i64 = sqlx::query_scalar(
+        "INSERT INTO job_groups (created_at, schedule) VALUES ($1, $2) RETURNING id",
+    )
+    .bind(now)
+    .bind(schedule)
+    .fetch_one(&mut *tx)
+    .await?;
+    let mut jobs = Vec::with_capacity(manifest.images.len());
+    for image in &manifest.images {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO jobs (group_id, image, state, priority, manifest, tags, timeout_ms, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+        )
+        .bind(group_id)
+        .bind(image)
+        .bind(JobState::Queued.as_str())
+        .bind(manifest.priority)
+        .bind(text)
+        .bind(&tags)
+        .bind(timeout_ms)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        for tag in &manifest.tags {
+            sqlx::query("INSERT INTO job_tags (job_id, tag) VALUES ($1, $2)")
+                .bind(id)
+                .bind(tag)
+                .execute(&mut *tx)
+                .await?;
+        }
+        for (idx, task) in manifest.tasks.iter().enumerate() {
+            sqlx::query("INSERT INTO tasks (job_id, idx, name, state) VALUES ($1, $2, $3, $4)")
+                .bind(id)
+                .bind(idx as i64)
+                .bind(&task.name)
+                .bind(TaskState::Pending.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        jobs.push(SubmittedJob {
+            id: id.to_string(),
+            image: image.clone(),
+        });
+    }
+    tx.commit().await?;
+    state.metrics.jobs_submitted(jobs.len());
+    state.events.work.notify_waiters();
+    Ok(SubmitResponse {
+        group_id: group_id.to_string(),
+        jobs,
+    })
+}
+
+const JOB_COLUMNS: &str = "id, group_id, image, state, attempt, priority, tags, created_at, started_at, \
+                           finished_at, image_version, reason";
+
+fn job_from_row(row: &AnyRow) -> AppResult<JobView> {
+    let state: String = row.try_get("state")?;
+    let tags: String = row.try_get("tags")?;
+    Ok(JobView {
+        id: row.try_get::<i64, _>("id")?.to_string(),
+        group_id: row.try_get::<i64, _>("group_id")?.to_string(),
+        image: row.try_get("image")?,
+        state: state.parse().map_err(AppError::internal)?,
+        attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).unwrap_or(u32::MAX),
+        priority: row.try_get("priority")?,
+        tags: serde_json::from_str(&tags).map_err(AppError::internal)?,
+        created_at: row.try_get("created_at")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        image_version: row.try_get("image_version")?,
+        reason: row.try_get("reason")?,
+        tasks: Vec::new(),
+    })
+}
+
+/// Fills in the tasks of `jobs` with one query.
+async fn attach_tasks(state: &AppState, jobs: &mut [JobView]) -> AppResult<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let placeholders: Vec<String> = (1..=jobs.len()).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        "SELECT job_id, name, state, exit_code FROM tasks WHERE job_id IN ({}) ORDER BY job_id, idx",
+        placeholders.join(", ")
+    );
+    let mut query = sqlx::query(&sql);
+    for job in jobs.iter() {
+        query = query.bind(job.id.parse::<i64>().map_err(AppError::internal)?);
+    }
+    let rows = query.fetch_all(&state.db.pool).await?;
+    let mut by_job: HashMap<String, Vec<TaskView>> = HashMap::new();
+    for row in rows {
+        let state: String = row.try_get("state")?;
+        by_job
+            .entry(row.try_get::<i64, _>("job_id")?.to_string())
+            .or_default()
+            .push(TaskView {
+                name: row.try_get("name")?,
+                state: state.parse().map_err(AppError::internal)?,
+                exit_code: row
+                    .try_get::<Option<i64>, _>("exit_code")?
+                    .and_then(|c| i32::try_from(c).ok()),
+            });
+    }
+    for job in jobs.iter_mut() {
+        job.tasks = by_job.remove(&job.id).unwrap_or_default();
+    }
+    Ok(())
+}
+
+pub async fn get(state: &AppState, id: i64) -> AppResult<JobView> {
+    let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&state.db.pool)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no job {id}")))?;
+    let mut jobs = vec![job_from_row(&row)?];
+    attach_tasks(state, &mut jobs).await?;
+    Ok(jobs.remove(0))
+}
+
+/// Filters of `GET /api/jobs`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub state: Option<String>,
+    pub image: Option<String>,
+    pub tag: Option<String>,
+    /// Only jobs with a smaller id (the `next_before` of the previous page).
+    pub before: Option<String>,
+    pub limit: Option<u32>,
+}
+
+pub const MAX_PAGE: u32 = 200;
+
+pub async fn list(state: &AppState, q: &ListQuery) -> AppResult<JobList> {
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(AppError::BadRequest(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let mut clauses = Vec::new();
+    let mut binds: Vec<Bind> = Vec::new();
+    if let Some(s) = &q.state {
+        let parsed: JobState = s
+            .parse()
+            .map_err(|e: vmfarm_proto::state::UnknownState| AppError::BadRequest(e.to_string()))?;
+        binds.push(Bind::Text(parsed.as_str().to_owned()));
+        clauses.push(format!("state = ${}", binds.len()));
+    }
+    if let Some(image) = &q.image {
+        binds.push(Bind::Text(image.clone()));
+        clauses.push(format!("image = ${}", binds.len()));
+    }
+    if let Some(tag) = &q.tag {
+        binds.push(Bind::Text(tag.clone()));
+        clauses.push(format!(
+            "id IN (SELECT job_id FROM job_tags WHERE tag = ${})",
+            binds.len()
+        ));
+    }
+    if let Some(before) = &q.before {
+        let id = before
+            .parse::<i64>()
+            .map_err(|_| AppError::BadRequest(format!("before `{before}` is not a job id")))?;
+        binds.push(Bind::Int(id));
+        clauses.push(format!("id < ${}", binds.len()));
+    }
+    let filter = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    binds.push(Bind::Int(i64::from(limit) + 1));
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs {filter} ORDER BY id DESC LIMIT ${}",
+        binds.len()
+    );
+    let mut query = sqlx::query(&sql);
+    for b in binds {
+        query = match b {
+            Bind::Text(t) => query.bind(t),
+            Bind::Int(i) => query.bind(i),
+        };
+    }
+    let rows = query.fetch_all(&state.db.pool).await?;
+    let mut jobs = rows
+        .iter()
+        .map(job_from_row)
+        .collect::<AppResult<Vec<_>>>()?;
+    let next_before = if jobs.len() > limit as usize {
+        jobs.truncate(limit as usize);
+        jobs.last().map(|j| j.id.clone())
+    } else {
+        None
+    };
+    attach_tasks(state, &mut jobs).await?;
+    Ok(JobList { jobs, next_before })
+}
+
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+pub async fn group(state: &AppState, id: i64) -> AppResult<GroupView> {
+    let row: Option<(i64, Option<String>)> =
+        sqlx::query_as("SELECT created_at, schedule FROM job_groups WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&state.db.pool)
+            .await?;
+    let (created_at, schedule) = row.ok_or_else(|| AppError::NotFound(format!("no group {id}")))?;
+    let rows = sqlx::query(&format!(
+        "SELECT {JOB_COLUMNS} FROM jobs WHERE group_id = $1 ORDER BY id"
+    ))
+    .bind(id)
+    .fetch_all(&state.db.pool)
+    .await?;
+    let mut jobs = rows
+        .iter()
+        .map(job_from_row)
+        .collect::<AppResult<Vec<_>>>()?;
+    attach_tasks(state, &mut jobs).await?;
+    Ok(GroupView {
+        id: id.to_string(),
+        created_at,
+        schedule,
+        jobs,
+    })
+}
+
+/// Cancels a job: a queued one ends at once; a leased or running one is told at its worker's
+/// next heartbeat; a finished one cannot be cancelled.
+pub async fn cancel(state: &AppState, id: i64) -> AppResult<JobView> {
+    let now = now_ms();
+    let mut tx = state.db.pool.begin().await?;
+    let current: Option<(String,)> = sqlx::query_as("SELECT state FROM jobs WHERE id = $1")
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let (current,) = current.ok_or_else(|| AppError::NotFound(format!("no job {id}")))?;
+    let current: JobState = current.parse().map_err(AppError::internal)?;
+    match current {
+        JobState::Queued => {
+            let done = sqlx::query(
+                "UPDATE jobs SET state = $1, finished_at = $2, reason = $3 WHERE id = $4 AND state = $5",
+            )
+            .bind(JobState::Cancelled.as_str())
+            .bind(now)
+            .bind("cancelled before it started")
+            .bind(id)
+            .bind(JobState::Queued.as_str())
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 1 {
+                sqlx::query("UPDATE tasks SET state = $1 WHERE job_id = $2 AND state = $3")
+                    .bind(TaskState::Skipped.as_str())
+                    .bind(id)
+                    .bind(TaskState::Pending.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        s if s.is_terminal() => {
+            return Err(AppError::Conflict(format!(
+                "job {id} has already ended ({s})"
+            )));
+        }
+        _ => {
+            sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
+    tx.commit().await?;
+    state.events.job_changed(id);
+    get(state, id).await
+}

@@ -1,0 +1,251 @@
+//! A job's log: chunks appended by its worker (deduplicated by sequence number), read whole,
+//! from a byte offset, or live.
+
+use crate::db::now_ms;
+use crate::error::{AppError, AppResult};
+use crate::leases::{LeaseRef, live_job, refusal};
+use crate::state::AppState;
+use serde::Serialize;
+use vmfarm_proto::wire::{LogAppend, LogStream};
+
+/// Most chunks in one append call.
+pub const MAX_CHUNKS: usize = 1024;
+
+/// A stored chunk, at its byte offset in the job's log.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredChunk {
+    pub offset: i64,
+    pub stream: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    pub ts_ms: i64,
+    pub data: String,
+}
+
+fn stream_name(stream: LogStream) -> &'static str {
+    match stream {
+        LogStream::Console => "console",
+        LogStream::Task => "task",
+        LogStream::Farm => "farm",
+    }
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct AppendAck {
+    pub seq: u64,
+    /// False when `seq` had been stored already (a retry).
+    pub stored: bool,
+    pub log_size: i64,
+}
+
+pub async fn append(
+    state: &AppState,
+    worker: &str,
+    lease: &LeaseRef,
+    append: &LogAppend,
+) -> AppResult<AppendAck> {
+    if append.chunks.len() > MAX_CHUNKS {
+        return Err(AppError::BadRequest(format!(
+            "{} chunks in one call; the limit is {MAX_CHUNKS}",
+            append.chunks.len()
+        )));
+    }
+    for chunk in &append.chunks {
+        if chunk.task.as_ref().is_some_and(|t| t.len() > 64) {
+            return Err(AppError::BadRequest(
+                "a chunk's task name is longer than 64 bytes".into(),
+            ));
+        }
+    }
+    let seq =
+        i64::try_from(append.seq).map_err(|_| AppError::BadRequest("seq is too large".into()))?;
+    if seq < 1 {
+        return Err(AppError::BadRequest("seq starts at 1".into()));
+    }
+    let (job_id, _) = live_job(state, worker, lease).await?;
+    let mut tx = state.db.pool.begin().await?;
+    // The guarded write first: it holds SQLite's write lock for the rest of the transaction.
+    let row: Option<(i64,)> = sqlx::query_as(
+        "UPDATE jobs SET log_seq = $1 WHERE id = $2 AND lease_id = $3 AND fence = $4 AND log_seq = $5 \
+         RETURNING log_size",
+    )
+    .bind(seq)
+    .bind(job_id)
+    .bind(&lease.lease_id)
+    .bind(lease.fence)
+    .bind(seq - 1)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((mut size,)) = row else {
+        drop(tx);
+        let current: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT log_seq, log_size FROM jobs WHERE id = $1 AND lease_id = $2 AND fence = $3",
+        )
+        .bind(job_id)
+        .bind(&lease.lease_id)
+        .bind(lease.fence)
+        .fetch_optional(&state.db.pool)
+        .await?;
+        return match current {
+            None => Err(refusal(state, lease).await),
+            Some((last, log_size)) if seq <= last => Ok(AppendAck {
+                seq: append.seq,
+                stored: false,
+                log_size,
+            }),
+            Some((last, _)) => Err(AppError::Conflict(format!(
+                "seq {seq} skips ahead: the next one expected is {}",
+                last + 1
+            ))),
+        };
+    };
+    let limit = i64::try_from(state.config.limits.max_log_size.0).unwrap_or(i64::MAX);
+    for chunk in &append.chunks {
+        if size >= limit || chunk.data.is_empty() {
+            continue;
+        }
+        let mut data = chunk.data.as_str();
+        let mut truncated = false;
+        if size + data.len() as i64 > limit {
+            let mut cut = usize::try_from(limit - size).unwrap_or(0);
+            while !data.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            data = &data[..cut];
+            truncated = true;
+        }
+        insert_chunk(
+            &mut tx,
+            job_id,
+            size,
+            stream_name(chunk.stream),
+            chunk.task.as_deref(),
+            chunk.ts_ms,
+            data,
+        )
+        .await?;
+        size += data.len() as i64;
+        if truncated {
+            let note = format!(
+                "\n[vmfarm: log cut at the server's limit of {}]\n",
+                state.config.limits.max_log_size
+            );
+            insert_chunk(&mut tx, job_id, size, "farm", None, now_ms(), &note).await?;
+            size += note.len() as i64;
+        }
+    }
+    sqlx::query("UPDATE jobs SET log_size = $1 WHERE id = $2")
+        .bind(size)
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    state.events.job_changed(job_id);
+    Ok(AppendAck {
+        seq: append.seq,
+        stored: true,
+        log_size: size,
+    })
+}
+
+async fn insert_chunk(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    job_id: i64,
+    offset: i64,
+    stream: &str,
+    task: Option<&str>,
+    ts_ms: i64,
+    data: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("INSERT INTO log_chunks (job_id, off, stream, task, ts_ms, len, data) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+        .bind(job_id)
+        .bind(offset)
+        .bind(stream)
+        .bind(task)
+        .bind(ts_ms)
+        .bind(data.len() as i64)
+        .bind(data)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Appends a line of the farm's own to a job's log, inside the caller's transaction.
+pub async fn append_farm_line(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    job_id: i64,
+    line: &str,
+) -> Result<(), sqlx::Error> {
+    let text = format!("[vmfarm] {line}\n");
+    let (size,): (i64,) =
+        sqlx::query_as("UPDATE jobs SET log_size = log_size + $1 WHERE id = $2 RETURNING log_size")
+            .bind(text.len() as i64)
+            .bind(job_id)
+            .fetch_one(&mut **tx)
+            .await?;
+    insert_chunk(
+        tx,
+        job_id,
+        size - text.len() as i64,
+        "farm",
+        None,
+        now_ms(),
+        &text,
+    )
+    .await
+}
+
+/// Chunks of a job's log from byte `from` on (the first one cut to start exactly there),
+/// at most `max_bytes` of them (at least one chunk when any is there).
+pub async fn read(
+    state: &AppState,
+    job_id: i64,
+    from: i64,
+    max_bytes: i64,
+) -> AppResult<Vec<StoredChunk>> {
+    let rows: Vec<(i64, String, Option<String>, i64, String)> = sqlx::query_as(
+        "SELECT off, stream, task, ts_ms, data FROM log_chunks WHERE job_id = $1 AND off + len > $2 ORDER BY off LIMIT 512",
+    )
+    .bind(job_id)
+    .bind(from)
+    .fetch_all(&state.db.pool)
+    .await?;
+    let mut out = Vec::new();
+    let mut total = 0;
+    for (offset, stream, task, ts_ms, data) in rows {
+        let (offset, data) = if offset < from {
+            let skip = usize::try_from(from - offset).unwrap_or(0).min(data.len());
+            // An offset inside a character starts at the next whole one.
+            let mut at = skip;
+            while !data.is_char_boundary(at) {
+                at += 1;
+            }
+            (offset + at as i64, data[at..].to_owned())
+        } else {
+            (offset, data)
+        };
+        total += data.len() as i64;
+        out.push(StoredChunk {
+            offset,
+            stream,
+            task,
+            ts_ms,
+            data,
+        });
+        if total >= max_bytes {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// The job's log size and state, to know when a reader has it all.
+pub async fn progress(state: &AppState, job_id: i64) -> AppResult<(i64, String)> {
+    let row: Option<(i64, String)> =
+        sqlx::query_as("SELECT log_size, state FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_optional(&state.db.pool)
+            .await?;
+    row.ok_or_else(|| AppError::NotFound(format!("no job {job_id}")))
+}

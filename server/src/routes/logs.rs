@@ -1,0 +1,136 @@
+//! A job's log: whole or from an offset (text or JSON chunks), and live over Server-Sent Events.
+
+use crate::auth::Caller;
+use crate::config::Scope;
+use crate::error::{AppError, AppResult};
+use crate::jobs::parse_id;
+use crate::logs;
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::Stream;
+use std::convert::Infallible;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+use vmfarm_proto::JobState;
+
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogQuery {
+    /// Byte offset to start from.
+    #[serde(default)]
+    pub from: i64,
+    /// `text` (default) or `json` (chunks with stream, task and timestamp).
+    pub format: Option<String>,
+}
+
+/// Largest answer of one `GET .../log` call; the rest is read with `from`.
+const PAGE_BYTES: i64 = 4 * 1024 * 1024;
+
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> AppResult<Response> {
+    caller.require(Scope::Read)?;
+    let job = parse_id(&id, "job")?;
+    if q.from < 0 {
+        return Err(AppError::BadRequest(
+            "from must be a byte offset, 0 or more".into(),
+        ));
+    }
+    let (size, _) = logs::progress(&state, job).await?;
+    let chunks = logs::read(&state, job, q.from, PAGE_BYTES).await?;
+    match q.format.as_deref() {
+        None | Some("text") => {
+            let text: String = chunks.iter().map(|c| c.data.as_str()).collect();
+            Ok((
+                [
+                    (header::CONTENT_TYPE, "text/plain; charset=utf-8".to_owned()),
+                    (
+                        header::HeaderName::from_static("x-vmfarm-log-size"),
+                        size.to_string(),
+                    ),
+                ],
+                text,
+            )
+                .into_response())
+        }
+        Some("json") => Ok(Json(chunks).into_response()),
+        Some(other) => Err(AppError::BadRequest(format!(
+            "format `{other}`: use text or json"
+        ))),
+    }
+}
+
+/// Sends what is there, then new chunks as they come, then an `end` event with the final state.
+pub async fn stream(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> AppResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    caller.require(Scope::Read)?;
+    let job = parse_id(&id, "job")?;
+    logs::progress(&state, job).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    let mut events = state.events.job.subscribe();
+    let mut cursor = q.from.max(0);
+    tokio::spawn(async move {
+        loop {
+            let (size, job_state) = match logs::progress(&state, job).await {
+                Ok(p) => p,
+                Err(_) => return,
+            };
+            while cursor < size {
+                let Ok(chunks) = logs::read(&state, job, cursor, 256 * 1024).await else {
+                    return;
+                };
+                let Some(last) = chunks.last() else { break };
+                cursor = last.offset + last.data.len() as i64;
+                for chunk in chunks {
+                    let Ok(event) = Event::default().event("log").json_data(&chunk) else {
+                        continue;
+                    };
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            let ended = job_state
+                .parse::<JobState>()
+                .is_ok_and(JobState::is_terminal);
+            if ended {
+                let data = serde_json::json!({ "state": job_state, "log_size": cursor });
+                if let Ok(event) = Event::default().event("end").json_data(data) {
+                    let _ = tx.send(event).await;
+                }
+                return;
+            }
+            // Wake on this job's news, or look again in a while (writes by other replicas).
+            let wait = async {
+                loop {
+                    match events.recv().await {
+                        Ok(changed) if changed == job => return,
+                        Ok(_) => {}
+                        Err(RecvError::Lagged(_)) => return,
+                        Err(RecvError::Closed) => std::future::pending::<()>().await,
+                    }
+                }
+            };
+            tokio::select! {
+                _ = wait => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|event| (Ok(event), rx))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}

@@ -1,0 +1,7 @@
+//! HTTP handlers, grouped by what they serve.
+
+pub mod artifacts;
+pub mod jobs;
+pub mod leases;
+pub mod logs;
+pub mod meta;

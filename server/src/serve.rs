@@ -1,0 +1,99 @@
+//! Starting the server: data dir, database, tokens, the lease reaper, the listener.
+
+use crate::app::app;
+use crate::auth::{TokenCache, bootstrap};
+use crate::config::ServerConfig;
+use crate::db::{Db, DbError};
+use crate::leases::reap_expired;
+use crate::metrics::Metrics;
+use crate::state::{AppState, Events};
+use crate::store::ArtifactStore;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot create the data dir {0}")]
+    DataDir(std::path::PathBuf, #[source] std::io::Error),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("cannot set up the tokens")]
+    Tokens(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot listen on {0}")]
+    Listen(SocketAddr, #[source] std::io::Error),
+    #[error("the server stopped")]
+    Serve(#[source] std::io::Error),
+}
+
+/// A server that is listening; `addr` is where (the port is real even when 0 was asked).
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: AppState,
+    pub admin_token_created: bool,
+    server: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+    reaper: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Serves until the listener fails.
+    pub async fn wait(self) -> Result<(), ServeError> {
+        let result = self.server.await;
+        self.reaper.abort();
+        match result {
+            Ok(r) => r.map_err(ServeError::Serve),
+            Err(e) => Err(ServeError::Serve(std::io::Error::other(e))),
+        }
+    }
+}
+
+/// Opens everything and starts listening.
+pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
+    let artifacts = config.data_dir.join("artifacts");
+    std::fs::create_dir_all(&artifacts).map_err(|e| ServeError::DataDir(artifacts.clone(), e))?;
+    let db = Db::open(&config.database_url()).await?;
+    let created = bootstrap(&db, &config).await.map_err(ServeError::Tokens)?;
+    if created.is_some() {
+        tracing::info!(
+            path = %config.data_dir.join("admin-token").display(),
+            "no tokens were configured: wrote a new admin token"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| ServeError::Listen(config.listen, e))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| ServeError::Listen(config.listen, e))?;
+    let state = AppState {
+        db,
+        config: Arc::new(config),
+        store: ArtifactStore::new(artifacts),
+        tokens: Arc::new(TokenCache::default()),
+        events: Events::default(),
+        metrics: Arc::new(Metrics::default()),
+    };
+    let reaper_state = state.clone();
+    let reaper = tokio::spawn(async move {
+        let every = (reaper_state.config.leases.ttl.0 / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            if let Err(e) = reap_expired(&reaper_state).await {
+                tracing::error!(error = %e, "lease reaper failed; trying again");
+            }
+            tokio::time::sleep(every).await;
+        }
+    });
+    let router = app(state.clone());
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    tracing::info!(%addr, "vmfarm server listening");
+    Ok(Running {
+        addr,
+        state,
+        admin_token_created: created.is_some(),
+        server,
+        reaper,
+    })
+}

@@ -1,0 +1,260 @@
+//! The client subcommands: submit, status, logs, artifacts, cancel.
+
+use crate::cli::{ArtifactsArgs, CancelArgs, LogsArgs, StatusArgs, SubmitArgs};
+use crate::client::{Client, read_sse};
+use anyhow::{Context, bail};
+use reqwest::Method;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use std::io::Write;
+use std::process::ExitCode;
+use vmfarm_proto::JobState;
+use vmfarm_proto::api::{ArtifactView, JobView, SubmitResponse};
+use vmfarm_proto::names::check_artifact_path;
+
+pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.client)?;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let request = client
+        .request(Method::POST, "/api/jobs")
+        .header("content-type", "application/toml")
+        .body(text);
+    let response = client
+        .send(request)
+        .await
+        .map_err(|e| prefix_manifest_errors(e, &args.file.display().to_string()))?;
+    let submitted: SubmitResponse = response.json().await?;
+    for job in &submitted.jobs {
+        println!("{}\t{}", job.id, job.image);
+    }
+    if !args.follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut all_ok = true;
+    for job in &submitted.jobs {
+        let state = follow(&client, &job.id, Some(&job.image)).await?;
+        all_ok &= state == JobState::Succeeded;
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Manifest errors come back as `LINE:COL: message` lines; name the file in front of each.
+fn prefix_manifest_errors(e: anyhow::Error, file: &str) -> anyhow::Error {
+    let text = e.to_string();
+    let looks_positional = text
+        .lines()
+        .all(|l| l.split(':').take(2).all(|p| p.parse::<usize>().is_ok()));
+    if looks_positional {
+        anyhow::anyhow!(
+            "{}",
+            text.lines()
+                .map(|l| format!("{file}:{l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        )
+    } else {
+        e
+    }
+}
+
+#[derive(Deserialize)]
+struct LogEvent {
+    data: String,
+}
+
+#[derive(Deserialize)]
+struct EndEvent {
+    state: String,
+}
+
+/// Streams a job's log to stdout until it ends; returns its final state.
+async fn follow(client: &Client, job: &str, label: Option<&str>) -> anyhow::Result<JobState> {
+    let response = client
+        .send(client.request(Method::GET, &format!("/api/jobs/{job}/log/stream")))
+        .await?;
+    let mut final_state = None;
+    let mut stdout = std::io::stdout();
+    read_sse(response, |event, data| {
+        match event {
+            "log" => {
+                let chunk: LogEvent = serde_json::from_str(data)?;
+                stdout.write_all(chunk.data.as_bytes())?;
+                stdout.flush()?;
+            }
+            "end" => {
+                let end: EndEvent = serde_json::from_str(data)?;
+                final_state = Some(end.state.parse::<JobState>()?);
+                return Ok(false);
+            }
+            _ => {}
+        }
+        Ok(true)
+    })
+    .await?;
+    let state = final_state.context("the log stream ended without the job's state")?;
+    match label {
+        Some(image) => eprintln!("job {job} ({image}): {state}"),
+        None => eprintln!("job {job}: {state}"),
+    }
+    Ok(state)
+}
+
+pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.client)?;
+    let jobs: Vec<JobView> = if args.jobs.is_empty() {
+        let list: vmfarm_proto::api::JobList = client
+            .send(client.request(Method::GET, "/api/jobs"))
+            .await?
+            .json()
+            .await?;
+        list.jobs
+    } else {
+        let mut out = Vec::new();
+        for id in &args.jobs {
+            out.push(
+                client
+                    .send(client.request(Method::GET, &format!("/api/jobs/{id}")))
+                    .await?
+                    .json()
+                    .await?,
+            );
+        }
+        out
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&jobs)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<8} {:<16} {:<10} {:<8} TASKS",
+        "ID", "IMAGE", "STATE", "ATTEMPT"
+    );
+    for job in &jobs {
+        let tasks: Vec<String> = job
+            .tasks
+            .iter()
+            .map(|t| format!("{}:{}", t.name, t.state))
+            .collect();
+        println!(
+            "{:<8} {:<16} {:<10} {:<8} {}",
+            job.id,
+            job.image,
+            job.state.as_str(),
+            job.attempt,
+            tasks.join(" ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.client)?;
+    if args.follow {
+        let state = follow(&client, &args.job, None).await?;
+        return Ok(if state == JobState::Succeeded {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let mut from: u64 = 0;
+    let mut stdout = std::io::stdout();
+    loop {
+        let response = client
+            .send(client.request(
+                Method::GET,
+                &format!("/api/jobs/{}/log?from={from}", args.job),
+            ))
+            .await?;
+        let size: u64 = response
+            .headers()
+            .get("x-vmfarm-log-size")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let bytes = response.bytes().await?;
+        stdout.write_all(&bytes)?;
+        from += bytes.len() as u64;
+        if bytes.is_empty() || from >= size {
+            break;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn artifacts(args: ArtifactsArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.client)?;
+    let list: Vec<ArtifactView> = client
+        .send(client.request(Method::GET, &format!("/api/jobs/{}/artifacts", args.job)))
+        .await?
+        .json()
+        .await?;
+    if list.is_empty() {
+        eprintln!("job {} has no artifacts", args.job);
+    }
+    for artifact in &list {
+        if let Err(e) = check_artifact_path(&artifact.name) {
+            bail!(
+                "the server sent the artifact name `{}`, which {e}",
+                artifact.name.escape_debug()
+            );
+        }
+        let dest = args.out.join(&artifact.name);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let encoded: Vec<String> = artifact.name.split('/').map(percent_encode).collect();
+        let response = client
+            .send(client.request(
+                Method::GET,
+                &format!("/api/jobs/{}/artifacts/{}", args.job, encoded.join("/")),
+            ))
+            .await?;
+        let bytes = response.bytes().await?;
+        let got = hex::encode(Sha256::digest(&bytes));
+        if got != artifact.sha256 {
+            bail!(
+                "{} arrived damaged: sha256 {got}, expected {}",
+                artifact.name,
+                artifact.sha256
+            );
+        }
+        std::fs::write(&dest, &bytes).with_context(|| format!("writing {}", dest.display()))?;
+        println!(
+            "{}\t{} bytes\tsha256:{}",
+            dest.display(),
+            artifact.size,
+            artifact.sha256
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn percent_encode(part: &str) -> String {
+    part.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+pub async fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.client)?;
+    let job: JobView = client
+        .send(client.request(Method::POST, &format!("/api/jobs/{}/cancel", args.job)))
+        .await?
+        .json()
+        .await?;
+    println!("{}\t{}", job.id, job.state);
+    Ok(ExitCode::SUCCESS)
+}

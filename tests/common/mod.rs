@@ -1,0 +1,183 @@
+//! Shared fixtures of the end-to-end tests: a real `vmfarm server` process, a real PostgreSQL,
+//! and an HTTP client speaking as an admin or as a worker.
+#![allow(dead_code)] // Each test binary uses its own part of these fixtures.
+
+pub mod postgres;
+pub mod worker;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+pub const READER_TOKEN: &str = "test-reader-token";
+pub const WORKER_TOKENS: usize = 32;
+
+pub fn worker_token(i: usize) -> String {
+    format!("test-worker-token-{i}")
+}
+
+pub fn worker_name(i: usize) -> String {
+    format!("w{i}")
+}
+
+/// Which database a test server uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A `vmfarm server` child process on a loopback port, with its data dir.
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub database_url: String,
+    child: Option<Child>,
+    config: PathBuf,
+}
+
+impl TestServer {
+    pub fn start(backend: Backend) -> TestServer {
+        Self::start_with(backend, "")
+    }
+
+    /// Starts a server; `extra` is appended to its config file.
+    pub fn start_with(backend: Backend, extra: &str) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let database_url = match backend {
+            Backend::Sqlite => format!("sqlite://{}/vmfarm.db", dir.path().display()),
+            Backend::Postgres => postgres::fresh_database(),
+        };
+        let mut config = format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ndatabase_url = \"{database_url}\"\n\
+             [[tokens]]\nname = \"admin\"\ntoken = \"{ADMIN_TOKEN}\"\nscopes = [\"admin\"]\n\
+             [[tokens]]\nname = \"reader\"\ntoken = \"{READER_TOKEN}\"\nscopes = [\"read\"]\n",
+            dir.path().display()
+        );
+        for i in 0..WORKER_TOKENS {
+            config.push_str(&format!(
+                "[[workers]]\nname = \"{}\"\ntoken = \"{}\"\n",
+                worker_name(i),
+                worker_token(i)
+            ));
+        }
+        // `extra` is whole TOML sections (e.g. `[leases]`), so it can follow the tables above.
+        config.push_str(extra);
+        let path = dir.path().join("server.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut server = TestServer {
+            dir,
+            url: String::new(),
+            database_url,
+            child: None,
+            config: path,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+            .args(["server", "--config"])
+            .arg(&self.config)
+            .env("VMFARM_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start vmfarm server");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let first = lines.next().expect("server printed nothing").unwrap();
+        let url = first
+            .strip_prefix("vmfarm server listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .to_owned();
+        // Keep draining stdout so the server never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        self.url = url;
+        self.child = Some(child);
+    }
+
+    /// `kill -9`, then start again on the same data (a new port).
+    pub fn crash_and_restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn client(&self, token: &str) -> Api {
+        Api {
+            http: reqwest::Client::new(),
+            base: self.url.clone(),
+            token: token.to_owned(),
+        }
+    }
+
+    pub fn admin(&self) -> Api {
+        self.client(ADMIN_TOKEN)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A thin HTTP client with a bearer token.
+#[derive(Clone)]
+pub struct Api {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub token: String,
+}
+
+impl Api {
+    pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(30))
+    }
+
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let r = self.req(reqwest::Method::GET, path).send().await.unwrap();
+        assert!(r.status().is_success(), "GET {path}: {}", r.status());
+        r.json().await.unwrap()
+    }
+
+    /// Submits a manifest; panics unless it is accepted.
+    pub async fn submit(&self, manifest: &str) -> vmfarm_proto::api::SubmitResponse {
+        let r = self
+            .req(reqwest::Method::POST, "/api/jobs")
+            .body(manifest.to_owned())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        r.json().await.unwrap()
+    }
+}
+
+/// A minimal valid manifest for `image` with the given tasks.
+pub fn manifest(image: &str, tasks: &[&str]) -> String {
+    let mut text = format!("image = \"{image}\"\n");
+    for t in tasks {
+        text.push_str(&format!(
+            "[[tasks]]\nname = \"{t}\"\nscript = \"echo {t}\"\n"
+        ));
+    }
+    text
+}
