@@ -17,6 +17,11 @@ farm_pkgs=(
   "xz-utils:/usr/bin/xz"
   "lz4:/usr/bin/lz4"
   "musl-tools:/usr/bin/x86_64-linux-musl-gcc"
+  # The KVM lab (tests/kvm-lab): static C helpers, stripping, ELF checks.
+  "gcc:/usr/bin/gcc"
+  "libc6-dev:/usr/lib/x86_64-linux-gnu/libc.a"
+  "file:/usr/bin/file"
+  "binutils:/usr/bin/strip"
   "git:/usr/bin/git"
 )
 test_pkgs=(

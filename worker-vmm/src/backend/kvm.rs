@@ -1,0 +1,203 @@
+//! The `kvm` backend: the integrated VMM, one `vmfarm vm run` process per guest (so a fault or
+//! an escape stays in one job), the agent's SSH over vsock in the hybrid style: connect to the
+//! guest's vsock Unix socket, write `CONNECT 22`, read `OK <port>`, then the stream is the guest's.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use super::{Backend, BackendError, BootSpec, BoxFuture, ChannelKind, Console, GuestIo, RunDir, Vm, die_with_parent};
+use crate::vmm::virtio::qcow2_overlay::create_overlay;
+
+/// The guest port the agent serves SSH on.
+pub const SSH_PORT: u32 = 22;
+
+#[derive(Debug, Clone)]
+pub struct KvmBackend {
+    /// The `vmfarm` binary that runs `vm run` (this process's own executable).
+    pub vmm: PathBuf,
+}
+
+impl KvmBackend {
+    pub fn new(vmm: PathBuf) -> Self {
+        KvmBackend { vmm }
+    }
+
+    /// The `vm run` arguments for `spec`.
+    pub fn args(spec: &BootSpec, overlay: &Path, vsock: &Path) -> Vec<String> {
+        let mut args = vec!["vm".to_owned(), "run".to_owned(), "--kernel".to_owned(), spec.kernel.display().to_string()];
+        if let Some(initrd) = &spec.initrd {
+            args.extend(["--initrd".to_owned(), initrd.display().to_string()]);
+        }
+        args.extend([
+            "--disk".to_owned(),
+            overlay.display().to_string(),
+            "--vsock".to_owned(),
+            vsock.display().to_string(),
+            "--cpus".to_owned(),
+            spec.vcpus.to_string(),
+            "--memory".to_owned(),
+            format!("{}MiB", spec.memory_mib),
+            "--cmdline".to_owned(),
+            spec.cmdline.clone(),
+        ]);
+        args
+    }
+}
+
+impl Backend for KvmBackend {
+    fn name(&self) -> &'static str {
+        "kvm"
+    }
+
+    fn channel(&self) -> ChannelKind {
+        ChannelKind::Vsock(SSH_PORT)
+    }
+
+    fn emulated(&self) -> bool {
+        false
+    }
+
+    fn boot<'a>(&'a self, spec: &'a BootSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>> {
+        Box::pin(async move {
+            std::fs::create_dir_all(&spec.run_dir).map_err(BackendError::Overlay)?;
+            let dir = RunDir(spec.run_dir.clone());
+            let overlay = dir.0.join("overlay.qcow2");
+            let vsock = dir.0.join("vsock.sock");
+            let base = std::path::absolute(&spec.base_disk).map_err(BackendError::Overlay)?;
+            create_overlay(&base, &overlay).map_err(|e| BackendError::Overlay(std::io::Error::other(e)))?;
+            let mut command = Command::new(&self.vmm);
+            command
+                .args(Self::args(spec, &overlay, &vsock))
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true);
+            die_with_parent(&mut command);
+            let mut child = command
+                .spawn()
+                .map_err(BackendError::Spawn)?;
+            let console = child.stdout.take().map(|c| Box::new(c) as Console);
+            Ok(Box::new(KvmVm {
+                child,
+                console,
+                vsock,
+                _dir: dir,
+            }) as Box<dyn Vm>)
+        })
+    }
+}
+
+struct KvmVm {
+    child: Child,
+    console: Option<Console>,
+    vsock: PathBuf,
+    // Last: the folder goes after the VMM is killed.
+    _dir: RunDir,
+}
+
+/// Opens a stream to guest port `port` through the VMM's hybrid vsock socket.
+pub async fn connect_vsock(socket: &Path, port: u32) -> std::io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(socket).await?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    // Byte by byte up to the newline, so that nothing of the guest's stream is read here.
+    let mut line = Vec::new();
+    loop {
+        let byte = stream.read_u8().await?;
+        if byte == b'\n' {
+            break;
+        }
+        line.push(byte);
+        if line.len() > 64 {
+            return Err(std::io::Error::other("the VMM's answer to CONNECT is too long"));
+        }
+    }
+    let answer = String::from_utf8_lossy(&line);
+    if !answer.starts_with("OK ") {
+        return Err(std::io::Error::other(format!("the VMM answered `{answer}` to CONNECT {port}")));
+    }
+    Ok(stream)
+}
+
+impl Vm for KvmVm {
+    fn take_console(&mut self) -> Option<Console> {
+        self.console.take()
+    }
+
+    fn connect(&mut self) -> BoxFuture<'_, Result<Box<dyn GuestIo>, BackendError>> {
+        Box::pin(async move {
+            let stream = connect_vsock(&self.vsock, SSH_PORT)
+                .await
+                .map_err(|source| BackendError::Connect {
+                    path: self.vsock.clone(),
+                    source,
+                })?;
+            Ok(Box::new(stream) as Box<dyn GuestIo>)
+        })
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, Result<ExitStatus, BackendError>> {
+        Box::pin(async move { self.child.wait().await.map_err(BackendError::Wait) })
+    }
+
+    fn kill(&mut self) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move { self.child.kill().await.map_err(BackendError::Kill) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_args_name_every_device() {
+        let spec = BootSpec {
+            kernel: "/img/kernel".into(),
+            initrd: Some("/img/initrd".into()),
+            base_disk: "/img/rootfs.qcow2".into(),
+            vcpus: 2,
+            memory_mib: 512,
+            cmdline: "console=ttyS0 vmfarm.channel=vsock:22".into(),
+            run_dir: "/run/g".into(),
+        };
+        let args = KvmBackend::args(&spec, Path::new("/run/g/o.qcow2"), Path::new("/run/g/v.sock")).join(" ");
+        assert_eq!(
+            args,
+            "vm run --kernel /img/kernel --initrd /img/initrd --disk /run/g/o.qcow2 --vsock /run/g/v.sock \
+             --cpus 2 --memory 512MiB --cmdline console=ttyS0 vmfarm.channel=vsock:22"
+        );
+    }
+
+    #[tokio::test]
+    async fn test_connect_reads_only_the_ok_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let vmm = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 11];
+            s.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"CONNECT 22\n");
+            // The guest's banner arrives in the same write as the OK line.
+            s.write_all(b"OK 1024\nSSH-2.0-agent\r\n").await.unwrap();
+        });
+        let mut stream = connect_vsock(&path, 22).await.unwrap();
+        let mut banner = String::new();
+        stream.read_to_string(&mut banner).await.unwrap();
+        assert_eq!(banner, "SSH-2.0-agent\r\n");
+        vmm.await.unwrap();
+
+        let listener = tokio::net::UnixListener::bind(dir.path().join("w.sock")).unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 11];
+            s.read_exact(&mut buf).await.unwrap();
+            s.write_all(b"REFUSED\n").await.unwrap();
+        });
+        let err = connect_vsock(&dir.path().join("w.sock"), 22).await.unwrap_err();
+        assert!(err.to_string().contains("REFUSED"), "{err}");
+    }
+}

@@ -1,0 +1,119 @@
+//! Backends: what boots a guest for the worker's job logic (DESIGN.md, "Backends").
+//!
+//! A backend boots a guest from an image with a command line composed by the worker
+//! ([`GuestCmdline`]) and hands back a [`Vm`]: the guest's console, a byte stream to the agent's
+//! SSH server, a wait and a kill. `qemu` is here; the integrated `kvm` VMM implements the same
+//! trait.
+
+pub mod cmdline;
+pub mod kvm;
+pub mod qemu;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::process::ExitStatus;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub use cmdline::{ChannelKind, GuestCmdline};
+
+/// A boxed future, so that backends can be chosen at run time (`dyn Backend`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A byte stream to the agent's SSH server.
+pub trait GuestIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> GuestIo for T {}
+
+/// The guest's console output (its serial port), as it comes.
+pub type Console = Box<dyn AsyncRead + Send + Unpin>;
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The image's read-only base disk (qcow2); the backend boots a per-guest overlay on it.
+    pub base_disk: PathBuf,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The complete kernel command line ([`GuestCmdline::compose`]); the backend adds nothing.
+    pub cmdline: String,
+    /// A folder of this guest's own where the backend keeps its files (overlay, sockets); the
+    /// folder is created, and removed with everything in it when the [`Vm`] is dropped.
+    pub run_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{tool} is not installed (Debian package {package})")]
+    MissingTool {
+        tool: &'static str,
+        package: &'static str,
+    },
+    #[error("creating the guest's overlay disk")]
+    Overlay(#[source] std::io::Error),
+    #[error("qemu-img could not create the overlay: {0}")]
+    OverlayTool(String),
+    #[error("starting the VMM")]
+    Spawn(#[source] std::io::Error),
+    #[error("connecting to the guest's SSH channel at {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting for the VMM")]
+    Wait(#[source] std::io::Error),
+    #[error("stopping the VMM")]
+    Kill(#[source] std::io::Error),
+}
+
+/// A guest's folder (overlay, sockets), removed when dropped, after its VMM has been killed.
+pub(crate) struct RunDir(pub(crate) PathBuf);
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Makes the guest process die with the worker (`PR_SET_PDEATHSIG`), so that a worker killed
+/// with SIGKILL leaves no guest behind. The signal follows the spawning thread: spawn from the
+/// async runtime's worker threads, which live as long as the runtime.
+pub(crate) fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the child between fork and exec and only calls prctl, which
+    // is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+/// Boots guests.
+pub trait Backend: Send + Sync {
+    /// `qemu`, `kvm`: for logs and `auto`'s explanation.
+    fn name(&self) -> &'static str;
+    /// The host channel the agent must serve SSH on, for the command line.
+    fn channel(&self) -> ChannelKind;
+    /// Whether guests run under emulation (TCG): the command line then needs `tsc_early_khz`.
+    fn emulated(&self) -> bool;
+    fn boot<'a>(&'a self, spec: &'a BootSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>>;
+}
+
+/// A running guest. Dropping it kills the guest and removes its files.
+pub trait Vm: Send {
+    /// The console output; `None` once taken.
+    fn take_console(&mut self) -> Option<Console>;
+    /// Opens a byte stream to the agent's SSH server (after the agent said it is ready).
+    fn connect(&mut self) -> BoxFuture<'_, Result<Box<dyn GuestIo>, BackendError>>;
+    /// Waits for the guest to end (a reboot, as `vmfarm-agent shutdown` does, ends it).
+    fn wait(&mut self) -> BoxFuture<'_, Result<ExitStatus, BackendError>>;
+    /// Ends the guest at once.
+    fn kill(&mut self) -> BoxFuture<'_, Result<(), BackendError>>;
+}

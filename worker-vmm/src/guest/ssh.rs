@@ -1,0 +1,420 @@
+//! [`Guest`]: the worker's SSH session with the guest agent, over the backend's byte stream,
+//! authenticated with the job's key, the agent's host key pinned to the fingerprint from its
+//! ready line. Exec with streamed output and exit status, PTY sessions, SFTP, timeouts.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::client::{self, Handle, Msg};
+use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::{Channel, ChannelMsg, Disconnect, Sig};
+use russh_sftp::client::SftpSession;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use super::{HostFingerprint, JobKey};
+use crate::backend::GuestIo;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SshError {
+    #[error("the SSH handshake with the guest failed")]
+    Handshake(#[source] russh::Error),
+    #[error("the guest's host key {offered} is not the one it announced ({expected})")]
+    HostKeyMismatch { expected: String, offered: String },
+    #[error("the guest refused the job's key for user {0:?}")]
+    AuthRefused(String),
+    #[error("{what} did not finish within {limit:?}")]
+    Timeout { what: String, limit: Duration },
+    #[error("SSH")]
+    Protocol(#[from] russh::Error),
+    #[error("SFTP")]
+    Sftp(#[from] russh_sftp::client::error::Error),
+    #[error("the command was cancelled")]
+    Cancelled,
+    #[error("the guest closed the channel without an exit status")]
+    NoExitStatus,
+    #[error("local file {path}")]
+    Local {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("remote file {path}")]
+    Remote {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Limits of one SSH connection.
+#[derive(Debug, Clone)]
+pub struct SshOptions {
+    /// The user to log in as (`vmfarm.user`).
+    pub user: String,
+    /// Handshake plus authentication.
+    pub connect_timeout: Duration,
+}
+
+impl Default for SshOptions {
+    fn default() -> Self {
+        SshOptions {
+            user: "build".into(),
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// When to stop a command early.
+#[derive(Debug, Clone, Default)]
+pub struct ExecLimits {
+    pub timeout: Option<Duration>,
+    /// The job's cancel flag (set when a heartbeat answers `cancel: true`).
+    pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl ExecLimits {
+    pub fn timeout(limit: Duration) -> Self {
+        ExecLimits {
+            timeout: Some(limit),
+            cancel: None,
+        }
+    }
+}
+
+enum Stop {
+    Timeout,
+    Cancelled,
+}
+
+/// Which of a command's streams a chunk of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// What a command printed and how it ended, when collected in memory.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub exit_status: u32,
+}
+
+struct Pinned {
+    expected: HostFingerprint,
+    /// The fingerprint a refused server offered, for the error message.
+    offered: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl client::Handler for Pinned {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            return Ok(false);
+        };
+        let offered = key.fingerprint(HashAlg::Sha256).to_string();
+        let matches = offered == self.expected.0;
+        if !matches && let Ok(mut slot) = self.offered.lock() {
+            *slot = Some(offered);
+        }
+        Ok(matches)
+    }
+}
+
+/// An authenticated SSH connection to a guest's agent.
+pub struct Guest {
+    handle: Handle<Pinned>,
+}
+
+impl Guest {
+    /// Opens SSH over `stream`, accepting only the host key `fingerprint` and logging in with `key`.
+    pub async fn ssh(
+        stream: Box<dyn GuestIo>,
+        key: &JobKey,
+        fingerprint: &HostFingerprint,
+        options: &SshOptions,
+    ) -> Result<Guest, SshError> {
+        let limit = options.connect_timeout;
+        tokio::time::timeout(
+            limit,
+            Self::connect(stream, key, fingerprint, &options.user),
+        )
+        .await
+        .map_err(|_| SshError::Timeout {
+            what: "the SSH handshake".into(),
+            limit,
+        })?
+    }
+
+    async fn connect(
+        stream: Box<dyn GuestIo>,
+        key: &JobKey,
+        fingerprint: &HostFingerprint,
+        user: &str,
+    ) -> Result<Guest, SshError> {
+        let config = Arc::new(client::Config {
+            inactivity_timeout: None,
+            nodelay: true,
+            window_size: 8 * 1024 * 1024,
+            ..Default::default()
+        });
+        let offered = Arc::new(std::sync::Mutex::new(None));
+        let pinned = Pinned {
+            expected: fingerprint.clone(),
+            offered: offered.clone(),
+        };
+        let mut handle = match client::connect_stream(config, stream, pinned).await {
+            Ok(handle) => handle,
+            Err(e) => {
+                let offered = offered.lock().ok().and_then(|mut o| o.take());
+                return Err(match offered {
+                    Some(offered) => SshError::HostKeyMismatch {
+                        expected: fingerprint.0.clone(),
+                        offered,
+                    },
+                    None => SshError::Handshake(e),
+                });
+            }
+        };
+        let auth = handle
+            .authenticate_publickey(user, PrivateKeyWithHashAlg::new(key.private(), None))
+            .await?;
+        if !auth.success() {
+            return Err(SshError::AuthRefused(user.to_owned()));
+        }
+        Ok(Guest { handle })
+    }
+
+    async fn session(&self, env: &[(String, String)]) -> Result<Channel<Msg>, SshError> {
+        let channel = self.handle.channel_open_session().await?;
+        for (name, value) in env {
+            channel
+                .set_env(false, name.as_str(), value.as_str())
+                .await?;
+        }
+        Ok(channel)
+    }
+
+    /// Runs `command` (a shell command line) with `env`, handing its output to `output` as it
+    /// comes, and returns its exit status. When `limits.timeout` passes or `limits.cancel`
+    /// turns true first, the command's process group is killed and [`SshError::Timeout`] or
+    /// [`SshError::Cancelled`] is returned.
+    pub async fn exec(
+        &self,
+        command: &str,
+        env: &[(String, String)],
+        output: &mut (dyn FnMut(OutputStream, &[u8]) + Send),
+        limits: ExecLimits,
+    ) -> Result<u32, SshError> {
+        let mut channel = self.session(env).await?;
+        channel.exec(true, command).await?;
+        let timeout = limits.timeout;
+        let stop = async move {
+            let timed_out = async {
+                match timeout {
+                    Some(limit) => tokio::time::sleep(limit).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let cancelled = async {
+                match limits.cancel {
+                    // A dropped sender never cancels.
+                    Some(mut cancel) => {
+                        if cancel.wait_for(|c| *c).await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = timed_out => Stop::Timeout,
+                () = cancelled => Stop::Cancelled,
+            }
+        };
+        let outcome = tokio::select! {
+            status = pump(&mut channel, output) => Ok(status),
+            why = stop => Err(why),
+        };
+        match outcome {
+            Ok(status) => status,
+            Err(why) => {
+                let _ = channel.signal(Sig::KILL).await;
+                let _ = channel.close().await;
+                Err(match why {
+                    Stop::Timeout => SshError::Timeout {
+                        what: format!("command {command:?}"),
+                        limit: timeout.unwrap_or_default(),
+                    },
+                    Stop::Cancelled => SshError::Cancelled,
+                })
+            }
+        }
+    }
+
+    /// Runs `command` and collects its output in memory.
+    pub async fn exec_collect(
+        &self,
+        command: &str,
+        limits: ExecLimits,
+    ) -> Result<ExecOutput, SshError> {
+        let mut out = ExecOutput::default();
+        let (stdout, stderr) = (&mut out.stdout, &mut out.stderr);
+        let mut sink = |stream: OutputStream, data: &[u8]| match stream {
+            OutputStream::Stdout => stdout.extend_from_slice(data),
+            OutputStream::Stderr => stderr.extend_from_slice(data),
+        };
+        let status = self.exec(command, &[], &mut sink, limits).await?;
+        out.exit_status = status;
+        Ok(out)
+    }
+
+    /// Opens an interactive login shell on a terminal of `cols` x `rows`.
+    pub async fn pty_shell(
+        &self,
+        term: &str,
+        cols: u32,
+        rows: u32,
+    ) -> Result<PtySession, SshError> {
+        let channel = self.session(&[]).await?;
+        channel
+            .request_pty(true, term, cols, rows, 0, 0, &[])
+            .await?;
+        channel.request_shell(true).await?;
+        Ok(PtySession { channel })
+    }
+
+    /// An SFTP session (for trees of sources and artifacts).
+    pub async fn sftp(&self) -> Result<SftpSession, SshError> {
+        let channel = self.session(&[]).await?;
+        channel.request_subsystem(true, "sftp").await?;
+        Ok(SftpSession::new(channel.into_stream()).await?)
+    }
+
+    /// Copies the local file `local` to `remote` in the guest; returns its sha256 (hex).
+    pub async fn upload(&self, local: &Path, remote: &str) -> Result<String, SshError> {
+        let local_err = |source| SshError::Local {
+            path: local.display().to_string(),
+            source,
+        };
+        let remote_err = |source| SshError::Remote {
+            path: remote.to_owned(),
+            source,
+        };
+        let sftp = self.sftp().await?;
+        let mut from = tokio::fs::File::open(local).await.map_err(local_err)?;
+        let mut to = sftp.create(remote).await?;
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from.read(&mut buf).await.map_err(local_err)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            to.write_all(&buf[..n]).await.map_err(remote_err)?;
+        }
+        to.shutdown().await.map_err(remote_err)?;
+        sftp.close().await?;
+        Ok(hex::encode(hash.finalize()))
+    }
+
+    /// Copies `remote` from the guest to the local file `local`; returns its sha256 (hex).
+    pub async fn download(&self, remote: &str, local: &Path) -> Result<String, SshError> {
+        let local_err = |source| SshError::Local {
+            path: local.display().to_string(),
+            source,
+        };
+        let remote_err = |source| SshError::Remote {
+            path: remote.to_owned(),
+            source,
+        };
+        let sftp = self.sftp().await?;
+        let mut from = sftp.open(remote).await?;
+        let mut to = tokio::fs::File::create(local).await.map_err(local_err)?;
+        let mut hash = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from.read(&mut buf).await.map_err(remote_err)?;
+            if n == 0 {
+                break;
+            }
+            hash.update(&buf[..n]);
+            to.write_all(&buf[..n]).await.map_err(local_err)?;
+        }
+        to.flush().await.map_err(local_err)?;
+        sftp.close().await?;
+        Ok(hex::encode(hash.finalize()))
+    }
+
+    /// Asks the agent to end the guest (sync, unmount, reboot); the caller then waits for the
+    /// VM to exit and kills it if it does not within 10 s (CONTRACTS.md).
+    pub async fn shutdown(self) -> Result<(), SshError> {
+        let mut ignore = |_: OutputStream, _: &[u8]| {};
+        // The guest goes away while answering: a lost connection is the expected end.
+        let limits = ExecLimits::timeout(Duration::from_secs(10));
+        let _ = self
+            .exec("vmfarm-agent shutdown", &[], &mut ignore, limits)
+            .await;
+        let _ = self
+            .handle
+            .disconnect(Disconnect::ByApplication, "", "en")
+            .await;
+        Ok(())
+    }
+}
+
+/// Forwards a channel's output until it closes; returns the exit status.
+async fn pump(
+    channel: &mut Channel<Msg>,
+    output: &mut (dyn FnMut(OutputStream, &[u8]) + Send),
+) -> Result<u32, SshError> {
+    let mut status = None;
+    while let Some(msg) = channel.wait().await {
+        match msg {
+            ChannelMsg::Data { data } => output(OutputStream::Stdout, &data),
+            ChannelMsg::ExtendedData { data, ext: 1 } => output(OutputStream::Stderr, &data),
+            ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+            ChannelMsg::ExitSignal { .. } => status = status.or(Some(255)),
+            ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    status.ok_or(SshError::NoExitStatus)
+}
+
+/// An interactive shell on a terminal.
+pub struct PtySession {
+    channel: Channel<Msg>,
+}
+
+impl PtySession {
+    /// Types `input` into the terminal.
+    pub async fn write(&self, input: &[u8]) -> Result<(), SshError> {
+        Ok(self.channel.data_bytes(input.to_vec()).await?)
+    }
+
+    pub async fn resize(&self, cols: u32, rows: u32) -> Result<(), SshError> {
+        Ok(self.channel.window_change(cols, rows, 0, 0).await?)
+    }
+
+    /// Reads the terminal until the shell exits; returns what it showed and its exit status.
+    pub async fn finish(mut self, timeout: Duration) -> Result<(Vec<u8>, u32), SshError> {
+        let mut screen = Vec::new();
+        let mut sink = |_: OutputStream, data: &[u8]| screen.extend_from_slice(data);
+        let status = tokio::time::timeout(timeout, pump(&mut self.channel, &mut sink))
+            .await
+            .map_err(|_| SshError::Timeout {
+                what: "the terminal session".into(),
+                limit: timeout,
+            })??;
+        Ok((screen, status))
+    }
+}

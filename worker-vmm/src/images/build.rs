@@ -1,0 +1,344 @@
+//! `vmfarm images build`: the rootfs and initramfs stages, each cached under the cache folder
+//! by its inputs, then the image installed into `<images dir>/<name>/<version>/` by a rename.
+//!
+//! The rootfs stage (slow: mmdebstrap, mkfs) is keyed by the recipe alone and the initramfs
+//! stage by the rootfs key and the agent, so a new agent rebuilds only the initramfs.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest as _, Sha256};
+
+use super::manifest::{
+    FileEntry, INITRD, ImageManifest, InstalledImage, KERNEL, MANIFEST, ROOTFS, SystemInfo,
+};
+use super::recipe::Recipe;
+use super::tools::{self, STRIP};
+use super::{ImageError, initrd, rootfs};
+
+/// Bump when a stage's output changes for the same inputs.
+const ROOTFS_FORMAT: &str = "vmfarm-rootfs-1";
+const INITRD_FORMAT: &str = "vmfarm-initrd-1";
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub images_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    /// The static vmfarm-agent binary that becomes the initramfs's /init.
+    pub agent: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct BuildReport {
+    pub image: InstalledImage,
+    /// The image was already installed: nothing was done.
+    pub reused: bool,
+    pub rootfs_cached: bool,
+    pub initrd_cached: bool,
+    pub seconds: f64,
+}
+
+pub fn sha256_file(path: &Path) -> Result<FileEntry, ImageError> {
+    let mut file = File::open(path).map_err(|e| ImageError::io(path, e))?;
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(|e| ImageError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        hash.update(&buf[..n]);
+    }
+    Ok(FileEntry {
+        sha256: hex::encode(hash.finalize()),
+        size,
+    })
+}
+
+/// Whether this process's effective uid is 0 (from /proc/self/status, no libc call).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+            line.split_whitespace().nth(2).map(|euid| euid == "0")
+        })
+        .unwrap_or(false)
+}
+
+/// The sha256 and size of a file in a stage folder (which never changes once made), computed
+/// once and kept beside it as `<file>.sha256`.
+fn stage_file_entry(path: &Path) -> Result<FileEntry, ImageError> {
+    let mut memo = path.as_os_str().to_owned();
+    memo.push(".sha256");
+    let memo = PathBuf::from(memo);
+    if let Ok(text) = std::fs::read_to_string(&memo)
+        && let Some((sha256, size)) = text.trim().split_once(' ')
+        && let Ok(size) = size.parse()
+    {
+        return Ok(FileEntry {
+            sha256: sha256.to_owned(),
+            size,
+        });
+    }
+    let entry = sha256_file(path)?;
+    std::fs::write(&memo, format!("{} {}\n", entry.sha256, entry.size))
+        .map_err(|e| ImageError::io(&memo, e))?;
+    Ok(entry)
+}
+
+fn key(parts: &[&str]) -> String {
+    let mut hash = Sha256::new();
+    for part in parts {
+        hash.update(part.as_bytes());
+        hash.update(b"\n");
+    }
+    hex::encode(hash.finalize())
+}
+
+/// Removes a folder when dropped, unless disarmed.
+struct Scratch(Option<PathBuf>);
+
+impl Scratch {
+    fn new(path: PathBuf) -> Result<Scratch, ImageError> {
+        if path.exists() {
+            std::fs::remove_dir_all(&path).map_err(|e| ImageError::io(&path, e))?;
+        }
+        std::fs::create_dir_all(&path).map_err(|e| ImageError::io(&path, e))?;
+        Ok(Scratch(Some(path)))
+    }
+    fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new(""))
+    }
+    /// Renames the folder to `to` and keeps it.
+    fn keep_as(mut self, to: &Path) -> Result<(), ImageError> {
+        let from = self.0.take().unwrap_or_default();
+        std::fs::rename(&from, to).map_err(|e| ImageError::io(to, e))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_dir_all(path);
+        }
+    }
+}
+
+/// Holds an exclusive lock on `path` (created if missing) while alive.
+fn lock(path: &Path) -> Result<File, ImageError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| ImageError::io(parent, e))?;
+    }
+    let file = File::create(path).map_err(|e| ImageError::io(path, e))?;
+    file.lock().map_err(|e| ImageError::io(path, e))?;
+    Ok(file)
+}
+
+/// `<cache>/<kind>/<key>`, made by `make` in a scratch folder unless it is there; returns it
+/// and whether it was cached.
+fn stage(
+    cache: &Path,
+    kind: &str,
+    key: &str,
+    make: impl FnOnce(&Path) -> Result<(), ImageError>,
+) -> Result<(PathBuf, bool), ImageError> {
+    let dir = cache.join(kind).join(key);
+    let _lock = lock(&cache.join(kind).join(format!("{key}.lock")))?;
+    if dir.is_dir() {
+        return Ok((dir, true));
+    }
+    let scratch = Scratch::new(cache.join(kind).join(format!(".tmp-{key}")))?;
+    make(scratch.path())?;
+    scratch.keep_as(&dir)?;
+    Ok((dir, false))
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), ImageError> {
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to)
+        .map(drop)
+        .map_err(|e| ImageError::io(to, e))
+}
+
+pub fn build(
+    recipe: &Recipe,
+    options: &BuildOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BuildReport, ImageError> {
+    let start = Instant::now();
+    let mut needed = rootfs::tools_for(recipe);
+    needed.push(STRIP);
+    tools::require(&needed)?;
+    if !running_as_root() {
+        return Err(ImageError::NotRoot);
+    }
+    initrd::check_agent(&options.agent)?;
+    let recipe_text = toml::to_string(recipe)
+        .map_err(|e| ImageError::Rootfs(format!("encoding the recipe: {e}")))?;
+    let rootfs_key = key(&[ROOTFS_FORMAT, &recipe_text]);
+    let agent = sha256_file(&options.agent)?;
+    let initrd_key = key(&[INITRD_FORMAT, &rootfs_key, &agent.sha256]);
+    let version = key(&[&rootfs_key, &initrd_key])[..12].to_owned();
+
+    let image_dir = options.images_dir.join(&recipe.name);
+    let final_dir = image_dir.join(&version);
+    let _lock = lock(&image_dir.join(".lock"))?;
+    if final_dir.join(MANIFEST).is_file() {
+        let image = InstalledImage::read(&final_dir)?;
+        let seconds = start.elapsed().as_secs_f64();
+        return Ok(BuildReport {
+            image,
+            reused: true,
+            rootfs_cached: true,
+            initrd_cached: true,
+            seconds,
+        });
+    }
+
+    let (rootfs_dir, rootfs_cached) = stage(&options.cache_dir, "rootfs", &rootfs_key, |out| {
+        let info = rootfs::build(recipe, out, progress)?;
+        let path = out.join("system.toml");
+        let text = toml::to_string(&info)
+            .map_err(|e| ImageError::Rootfs(format!("encoding system.toml: {e}")))?;
+        std::fs::write(&path, text).map_err(|e| ImageError::io(&path, e))
+    })?;
+    if rootfs_cached {
+        progress(&format!(
+            "root filesystem: cached ({})",
+            rootfs_dir.display()
+        ));
+    }
+    let system_path = rootfs_dir.join("system.toml");
+    let system_text =
+        std::fs::read_to_string(&system_path).map_err(|e| ImageError::io(&system_path, e))?;
+    let system: SystemInfo = toml::from_str(&system_text).map_err(|e| ImageError::BadManifest {
+        path: system_path.clone(),
+        message: e.to_string(),
+    })?;
+
+    let (initrd_dir, initrd_cached) = stage(&options.cache_dir, "initrd", &initrd_key, |out| {
+        progress("initramfs: the agent and the modules");
+        initrd::build(
+            &options.agent,
+            &rootfs_dir.join("modules"),
+            &out.join(INITRD),
+            out,
+        )?;
+        let init = out.join("init");
+        std::fs::remove_file(&init).map_err(|e| ImageError::io(&init, e))
+    })?;
+
+    progress(&format!("installing {}/{version}", recipe.name));
+    let scratch = Scratch::new(image_dir.join(format!(".tmp-{version}")))?;
+    let mut files = BTreeMap::new();
+    for (name, from) in [
+        (KERNEL, rootfs_dir.join(KERNEL)),
+        (INITRD, initrd_dir.join(INITRD)),
+        (ROOTFS, rootfs_dir.join(ROOTFS)),
+    ] {
+        let to = scratch.path().join(name);
+        link_or_copy(&from, &to)?;
+        files.insert(name.to_owned(), stage_file_entry(&from)?);
+    }
+    let built_at = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let manifest = ImageManifest {
+        name: recipe.name.clone(),
+        version: version.clone(),
+        boot: recipe.boot,
+        built_at,
+        system,
+        files,
+    };
+    let text = toml::to_string(&manifest)
+        .map_err(|e| ImageError::Rootfs(format!("encoding image.toml: {e}")))?;
+    let path = scratch.path().join(MANIFEST);
+    std::fs::write(&path, text).map_err(|e| ImageError::io(&path, e))?;
+    scratch.keep_as(&final_dir)?;
+    Ok(BuildReport {
+        image: InstalledImage {
+            dir: final_dir,
+            manifest,
+        },
+        reused: false,
+        rootfs_cached,
+        initrd_cached,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_stage_is_made_once_and_failures_leave_nothing() {
+        let cache = std::env::temp_dir().join(format!("vmfarm-stage-{}", std::process::id()));
+        let err = stage(&cache, "rootfs", "k1", |out| {
+            std::fs::write(out.join("half"), "x").unwrap();
+            Err(ImageError::NoSpace("test".into()))
+        });
+        assert!(matches!(err, Err(ImageError::NoSpace(_))));
+        let left: Vec<_> = std::fs::read_dir(cache.join("rootfs"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("k1.lock")],
+            "no half-made stage is left"
+        );
+
+        let mut runs = 0;
+        for expect_cached in [false, true] {
+            let (dir, cached) = stage(&cache, "rootfs", "k1", |out| {
+                runs += 1;
+                std::fs::write(out.join("done"), "x").map_err(|e| ImageError::io(out, e))
+            })
+            .unwrap();
+            assert_eq!(cached, expect_cached);
+            assert!(dir.join("done").is_file());
+        }
+        assert_eq!(runs, 1);
+        std::fs::remove_dir_all(&cache).unwrap();
+    }
+
+    #[test]
+    fn test_stage_file_hashes_are_computed_once() {
+        let dir = std::env::temp_dir().join(format!("vmfarm-stage-hash-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kernel");
+        std::fs::write(&file, "abc").unwrap();
+        let first = stage_file_entry(&file).unwrap();
+        assert_eq!(
+            first.sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert_eq!(first.size, 3);
+        std::fs::write(dir.join("kernel.sha256"), "memo 7\n").unwrap();
+        assert_eq!(
+            stage_file_entry(&file).unwrap(),
+            FileEntry {
+                sha256: "memo".into(),
+                size: 7
+            }
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_keys_depend_on_every_part() {
+        assert_ne!(key(&["a", "bc"]), key(&["ab", "c"]));
+        assert_eq!(key(&["a"]), key(&["a"]));
+    }
+}

@@ -1,0 +1,171 @@
+//! `image.toml`, the manifest of an installed image, and the listing of an images directory.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::ImageError;
+use super::recipe::BootMethod;
+
+pub const MANIFEST: &str = "image.toml";
+pub const KERNEL: &str = "kernel";
+pub const INITRD: &str = "initrd";
+pub const ROOTFS: &str = "rootfs.qcow2";
+
+/// What the guest system is, read from the built root filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemInfo {
+    /// `ID` of the guest's /etc/os-release.
+    pub os: String,
+    /// `VERSION_ID` of the guest's /etc/os-release.
+    pub release: String,
+    pub pretty_name: String,
+    /// The kernel's release (`uname -r`).
+    pub kernel_version: String,
+    /// The recipe's packages (and the kernel's) with their installed versions.
+    pub packages: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageManifest {
+    pub name: String,
+    pub version: String,
+    pub boot: BootMethod,
+    /// Unix seconds.
+    pub built_at: u64,
+    #[serde(flatten)]
+    pub system: SystemInfo,
+    /// kernel, initrd, rootfs.qcow2.
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+/// An image in an images directory: `<dir>/<name>/<version>/`.
+#[derive(Debug, Clone)]
+pub struct InstalledImage {
+    pub dir: PathBuf,
+    pub manifest: ImageManifest,
+}
+
+impl InstalledImage {
+    pub fn kernel(&self) -> PathBuf {
+        self.dir.join(KERNEL)
+    }
+    pub fn initrd(&self) -> PathBuf {
+        self.dir.join(INITRD)
+    }
+    pub fn rootfs(&self) -> PathBuf {
+        self.dir.join(ROOTFS)
+    }
+
+    pub fn read(dir: &Path) -> Result<InstalledImage, ImageError> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| ImageError::io(&path, e))?;
+        let manifest = toml::from_str(&text).map_err(|e| ImageError::BadManifest {
+            path,
+            message: e.to_string(),
+        })?;
+        Ok(InstalledImage {
+            dir: dir.to_owned(),
+            manifest,
+        })
+    }
+}
+
+/// Every image in `images_dir`, by name, oldest build first. Folders being built (dot names)
+/// and folders without a readable manifest are skipped.
+pub fn list(images_dir: &Path) -> Result<Vec<InstalledImage>, ImageError> {
+    let mut images = Vec::new();
+    let names = match std::fs::read_dir(images_dir) {
+        Ok(names) => names,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(images),
+        Err(e) => return Err(ImageError::io(images_dir, e)),
+    };
+    for name in names.flatten() {
+        let Ok(versions) = std::fs::read_dir(name.path()) else {
+            continue;
+        };
+        for version in versions.flatten() {
+            if version.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            if let Ok(image) = InstalledImage::read(&version.path()) {
+                images.push(image);
+            }
+        }
+    }
+    images.sort_by(|a, b| {
+        (&a.manifest.name, a.manifest.built_at, &a.manifest.version).cmp(&(
+            &b.manifest.name,
+            b.manifest.built_at,
+            &b.manifest.version,
+        ))
+    });
+    Ok(images)
+}
+
+/// The newest version of image `name` (the one jobs run, CONTRACTS.md "Names").
+pub fn newest(images_dir: &Path, name: &str) -> Result<Option<InstalledImage>, ImageError> {
+    Ok(list(images_dir)?
+        .into_iter()
+        .rfind(|i| i.manifest.name == name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(name: &str, version: &str, built_at: u64) -> ImageManifest {
+        ImageManifest {
+            name: name.into(),
+            version: version.into(),
+            boot: BootMethod::Linux,
+            built_at,
+            system: SystemInfo {
+                os: "debian".into(),
+                release: "12".into(),
+                pretty_name: "Debian GNU/Linux 12 (bookworm)".into(),
+                kernel_version: "6.1.0-56-cloud-amd64".into(),
+                packages: BTreeMap::from([("git".into(), "1:2.39.5-0+deb12u2".into())]),
+            },
+            files: BTreeMap::from([(
+                "kernel".into(),
+                FileEntry {
+                    sha256: "ab".into(),
+                    size: 1,
+                },
+            )]),
+        }
+    }
+
+    #[test]
+    fn test_list_and_newest_read_installed_manifests() {
+        let dir = std::env::temp_dir().join(format!("vmfarm-images-list-{}", std::process::id()));
+        for (version, at) in [("aaa", 10), ("bbb", 20)] {
+            let d = dir.join("debian-12").join(version);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(
+                d.join(MANIFEST),
+                toml::to_string(&manifest("debian-12", version, at)).unwrap(),
+            )
+            .unwrap();
+        }
+        std::fs::create_dir_all(dir.join("debian-12/.tmp-ccc")).unwrap();
+        let all = list(&dir).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].manifest, manifest("debian-12", "aaa", 10));
+        assert_eq!(
+            newest(&dir, "debian-12").unwrap().unwrap().manifest.version,
+            "bbb"
+        );
+        assert!(newest(&dir, "tiny").unwrap().is_none());
+        assert!(list(&dir.join("missing")).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,204 @@
+//! Guest images: recipes (`configs/images/*.toml`), their build (`vmfarm images build`) and
+//! the images directory (`vmfarm images list`). See DESIGN.md "Guest images".
+
+pub mod build;
+pub mod cpio;
+pub mod initrd;
+pub mod kmod;
+pub mod manifest;
+pub mod recipe;
+pub mod rootfs;
+pub mod tools;
+
+use std::path::{Path, PathBuf};
+
+pub use build::{BuildOptions, BuildReport, build};
+pub use manifest::{ImageManifest, InstalledImage, list, newest};
+pub use recipe::Recipe;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{tool} is not installed: install the Debian package {package}")]
+    MissingTool {
+        tool: &'static str,
+        package: &'static str,
+    },
+    #[error(
+        "building images needs root (mmdebstrap's root mode keeps the files' owners for mkfs.ext4 -d): \
+         run it as root or with sudo"
+    )]
+    NotRoot,
+    #[error("the package {0:?} does not exist in the recipe's suite: fix the recipe's packages")]
+    UnknownPackage(String),
+    #[error(
+        "no space left on the device: free some space or point VMFARM_CACHE / --images-dir elsewhere ({0})"
+    )]
+    NoSpace(String),
+    #[error("{tool} failed:\n{log}")]
+    ToolFailed { tool: String, log: String },
+    #[error(transparent)]
+    Recipe(#[from] recipe::RecipeError),
+    #[error("the recipe's kernel modules")]
+    Module(#[from] kmod::ModuleError),
+    #[error("the agent {path}: {reason}")]
+    Agent { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Rootfs(String),
+    #[error("{path}: {message}")]
+    BadManifest { path: PathBuf, message: String },
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ImageError {
+    pub fn io(path: &Path, source: std::io::Error) -> ImageError {
+        if source.kind() == std::io::ErrorKind::StorageFull {
+            return ImageError::NoSpace(path.display().to_string());
+        }
+        ImageError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// `vmfarm images ...`
+#[derive(Debug, clap::Args)]
+pub struct ImagesArgs {
+    #[command(subcommand)]
+    pub command: ImagesCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ImagesCommand {
+    /// Build an image from a recipe (a name in the recipes folder, or a .toml path).
+    Build(BuildArgs),
+    /// List the images in the images directory.
+    List(ListArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    /// The recipe: `debian-12`, `tiny`, ... or a path to a recipe file.
+    pub recipe: String,
+    #[command(flatten)]
+    pub dir: ImagesDirArg,
+    /// The folder of recipes.
+    #[arg(long, env = "VMFARM_RECIPES", default_value = "configs/images")]
+    pub recipes: PathBuf,
+    /// The static guest agent (default: `vmfarm-agent` beside this program).
+    #[arg(long, env = "VMFARM_AGENT")]
+    pub agent: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub dir: ImagesDirArg,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImagesDirArg {
+    /// The images directory (default: `<data dir>/images`, the data dir being $VMFARM_DATA or ./vmfarm-data).
+    #[arg(long)]
+    pub images_dir: Option<PathBuf>,
+}
+
+impl ImagesDirArg {
+    pub fn resolve(&self) -> PathBuf {
+        self.images_dir.clone().unwrap_or_else(|| {
+            std::env::var_os("VMFARM_DATA")
+                .map_or_else(|| PathBuf::from("vmfarm-data"), PathBuf::from)
+                .join("images")
+        })
+    }
+}
+
+/// `$VMFARM_CACHE`, else `~/.cache/vmfarm`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VMFARM_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+    home.join(".cache/vmfarm")
+}
+
+fn default_agent() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let beside = exe.with_file_name("vmfarm-agent");
+    anyhow::ensure!(
+        beside.is_file(),
+        "no guest agent at {}: build it with `cargo build -p vmfarm-agent --release --target x86_64-unknown-linux-musl` \
+         and pass --agent (or VMFARM_AGENT)",
+        beside.display()
+    );
+    Ok(beside)
+}
+
+/// Runs `vmfarm images ...`.
+pub fn run(args: ImagesArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    match args.command {
+        ImagesCommand::Build(args) => {
+            let recipe = Recipe::load(&args.recipe, &args.recipes)?;
+            let agent = match args.agent {
+                Some(agent) => agent,
+                None => default_agent()?,
+            };
+            let options = BuildOptions {
+                images_dir: args.dir.resolve(),
+                cache_dir: cache_dir(),
+                agent,
+            };
+            let report = build(&recipe, &options, &mut |step| {
+                eprintln!("{}: {step}", recipe.name)
+            })
+            .with_context(|| format!("building image {}", recipe.name))?;
+            let m = &report.image.manifest;
+            let state = if report.reused { "up to date" } else { "built" };
+            println!(
+                "{} {} {state} in {:.1} s: {} ({} {}), kernel {}, {}",
+                m.name,
+                m.version,
+                report.seconds,
+                m.system.pretty_name,
+                m.system.os,
+                m.system.release,
+                m.system.kernel_version,
+                report.image.dir.display()
+            );
+        }
+        ImagesCommand::List(args) => {
+            let dir = args.dir.resolve();
+            let images = list(&dir)?;
+            if images.is_empty() {
+                println!(
+                    "no images in {} (make one with `vmfarm images build RECIPE`)",
+                    dir.display()
+                );
+            }
+            println!(
+                "{:<16} {:<14} {:<10} {:<8} {:<24} {:>10}",
+                "NAME", "VERSION", "OS", "RELEASE", "KERNEL", "SIZE"
+            );
+            for image in images {
+                let m = &image.manifest;
+                let size: u64 = m.files.values().map(|f| f.size).sum();
+                println!(
+                    "{:<16} {:<14} {:<10} {:<8} {:<24} {:>7} MiB",
+                    m.name,
+                    m.version,
+                    m.system.os,
+                    m.system.release,
+                    m.system.kernel_version,
+                    size >> 20
+                );
+            }
+        }
+    }
+    Ok(())
+}
