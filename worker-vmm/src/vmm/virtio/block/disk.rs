@@ -1,0 +1,283 @@
+//! Disk images behind virtio-blk: raw files and qcow2 (through qcow2-rs, whose futures are not
+//! Send: a disk lives on its device's own thread and drives them on a current-thread runtime).
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use qcow2_rs::dev::{Qcow2Dev, Qcow2DevParams};
+use qcow2_rs::error::{Qcow2Error, Qcow2Result};
+use qcow2_rs::sync_io::Qcow2IoSync;
+use qcow2_rs::utils::qcow2_alloc_dev_sync;
+
+/// The sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+const MAX_BACKING_DEPTH: usize = 16;
+
+/// Why a disk image cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot open {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: backing file {backing:?} must be an absolute path")]
+    RelativeBacking { path: PathBuf, backing: String },
+    #[error("{path}: backing file {backing} is not a qcow2 image")]
+    BackingNotQcow2 { path: PathBuf, backing: PathBuf },
+    #[error("{path}: backing chain deeper than {MAX_BACKING_DEPTH}")]
+    BackingTooDeep { path: PathBuf },
+    #[error("{path}: malformed qcow2 header")]
+    BadHeader { path: PathBuf },
+    #[error("cannot open the qcow2 image {path}")]
+    Qcow2 {
+        path: PathBuf,
+        #[source]
+        source: Qcow2Error,
+    },
+    #[error("disk I/O failed")]
+    Io(#[source] std::io::Error),
+    #[error("qcow2 I/O failed")]
+    Qcow2Io(#[source] Qcow2Error),
+    #[error("short read: {got} of {want} bytes")]
+    ShortRead { got: usize, want: usize },
+}
+
+/// The image formats virtio-blk serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Qcow2,
+}
+
+/// What `probe` learned about an image without keeping it open.
+#[derive(Debug)]
+pub struct Probe {
+    pub format: Format,
+    /// Virtual size in bytes, a multiple of the sector size.
+    pub size: u64,
+}
+
+/// Check an image and, for qcow2, its whole backing chain (each backing file qcow2, absolute).
+pub fn probe(path: &Path, read_only: bool) -> Result<Probe, DiskError> {
+    let open_err = |source| DiskError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(open_err)?;
+    match qcow2_header(&file, path)? {
+        None => {
+            let len = file.metadata().map_err(open_err)?.len();
+            Ok(Probe {
+                format: Format::Raw,
+                size: len / SECTOR_SIZE * SECTOR_SIZE,
+            })
+        }
+        Some(header) => {
+            let mut current = path.to_owned();
+            let mut backing = header.backing.clone();
+            let mut depth = 0;
+            while let Some(name) = backing {
+                depth += 1;
+                if depth > MAX_BACKING_DEPTH {
+                    return Err(DiskError::BackingTooDeep {
+                        path: path.to_owned(),
+                    });
+                }
+                let next = PathBuf::from(&name);
+                if !next.is_absolute() {
+                    return Err(DiskError::RelativeBacking {
+                        path: current,
+                        backing: name,
+                    });
+                }
+                let file = File::open(&next).map_err(|source| DiskError::Open {
+                    path: next.clone(),
+                    source,
+                })?;
+                let Some(h) = qcow2_header(&file, &next)? else {
+                    return Err(DiskError::BackingNotQcow2 {
+                        path: current,
+                        backing: next,
+                    });
+                };
+                backing = h.backing;
+                current = next;
+            }
+            Ok(Probe {
+                format: Format::Qcow2,
+                size: header.size / SECTOR_SIZE * SECTOR_SIZE,
+            })
+        }
+    }
+}
+
+struct Header {
+    size: u64,
+    backing: Option<String>,
+}
+
+/// The parts of a qcow2 header `probe` needs; None for a file that is not qcow2.
+fn qcow2_header(file: &File, path: &Path) -> Result<Option<Header>, DiskError> {
+    let mut head = [0u8; 104];
+    let mut n = 0;
+    let mut reader = file;
+    while n < head.len() {
+        match reader.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(source) => {
+                return Err(DiskError::Open {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+    if n < 4 || head[..4] != QCOW2_MAGIC {
+        return Ok(None);
+    }
+    let bad = || DiskError::BadHeader {
+        path: path.to_owned(),
+    };
+    if n < 72 {
+        return Err(bad());
+    }
+    let be64 = |at: usize| u64::from_be_bytes(head[at..at + 8].try_into().unwrap_or_default());
+    let be32 = |at: usize| u32::from_be_bytes(head[at..at + 4].try_into().unwrap_or_default());
+    let (backing_offset, backing_len) = (be64(8), be32(16));
+    let backing = if backing_offset == 0 || backing_len == 0 {
+        None
+    } else {
+        if backing_len > 1023 {
+            return Err(bad());
+        }
+        let mut name = vec![0u8; backing_len as usize];
+        file.read_exact_at(&mut name, backing_offset)
+            .map_err(|_| bad())?;
+        Some(String::from_utf8(name).map_err(|_| bad())?)
+    };
+    Ok(Some(Header {
+        size: be64(24),
+        backing,
+    }))
+}
+
+/// An open image, usable only on the thread that opened it.
+pub enum Disk {
+    Raw(File),
+    Qcow2 {
+        dev: Box<Qcow2Dev<Qcow2IoSync>>,
+        rt: tokio::runtime::Runtime,
+    },
+}
+
+impl Disk {
+    /// Open an image `probe` accepted.
+    pub fn open(path: &Path, format: Format, read_only: bool) -> Result<Disk, DiskError> {
+        match format {
+            Format::Raw => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(!read_only)
+                    .open(path)
+                    .map_err(|source| DiskError::Open {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                Ok(Disk::Raw(file))
+            }
+            Format::Qcow2 => {
+                let q_err = |source| DiskError::Qcow2 {
+                    path: path.to_owned(),
+                    source,
+                };
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .map_err(DiskError::Io)?;
+                let dev = setup_qcow2(path, read_only, false).map_err(q_err)?;
+                rt.block_on(dev.qcow2_prep_io()).map_err(q_err)?;
+                Ok(Disk::Qcow2 {
+                    dev: Box::new(dev),
+                    rt,
+                })
+            }
+        }
+    }
+
+    /// Read `buf.len()` bytes (a multiple of the sector size) at byte `offset`.
+    pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        match self {
+            Disk::Raw(file) => file.read_exact_at(buf, offset).map_err(DiskError::Io),
+            Disk::Qcow2 { dev, rt } => {
+                let n = rt
+                    .block_on(dev.read_at(buf, offset))
+                    .map_err(DiskError::Qcow2Io)?;
+                if n == buf.len() {
+                    Ok(())
+                } else {
+                    Err(DiskError::ShortRead {
+                        got: n,
+                        want: buf.len(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Write `buf` (a multiple of the sector size) at byte `offset`.
+    pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        match self {
+            Disk::Raw(file) => file.write_all_at(buf, offset).map_err(DiskError::Io),
+            Disk::Qcow2 { dev, rt } => rt
+                .block_on(dev.write_at(buf, offset))
+                .map_err(DiskError::Qcow2Io),
+        }
+    }
+
+    /// Write qcow2 metadata kept in memory (cheap when nothing changed).
+    pub fn flush_metadata(&mut self) -> Result<(), DiskError> {
+        match self {
+            Disk::Raw(_) => Ok(()),
+            Disk::Qcow2 { dev, rt } => {
+                if dev.need_flush_meta() {
+                    rt.block_on(dev.flush_meta()).map_err(DiskError::Qcow2Io)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Make everything written so far durable.
+    pub fn flush(&mut self) -> Result<(), DiskError> {
+        self.flush_metadata()?;
+        match self {
+            Disk::Raw(file) => file.sync_data().map_err(DiskError::Io),
+            Disk::Qcow2 { dev, rt } => rt
+                .block_on(dev.fsync_range(0, 0))
+                .map_err(DiskError::Qcow2Io),
+        }
+    }
+}
+
+/// Open a qcow2 image and its backing chain; backing files are opened read-only.
+fn setup_qcow2(path: &Path, read_only: bool, backing: bool) -> Qcow2Result<Qcow2Dev<Qcow2IoSync>> {
+    let params = Qcow2DevParams::new(9, None, None, read_only, false);
+    if backing {
+        params.mark_backing_dev(Some(true));
+    }
+    let io = Qcow2IoSync::new(path, read_only, false);
+    let (mut dev, backing_path) = qcow2_alloc_dev_sync(path, io, &params)?;
+    if let Some(backing_path) = backing_path {
+        dev.set_backing_dev(Box::new(setup_qcow2(&backing_path, true, true)?));
+    }
+    Ok(dev)
+}
