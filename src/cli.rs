@@ -39,8 +39,7 @@ pub enum Command {
     /// Check job manifests without submitting them.
     Validate(ValidateArgs),
     /// Build and list guest images.
-    #[command(subcommand)]
-    Images(ImagesCommand),
+    Images(vmfarm_worker::images::ImagesArgs),
     /// Run virtual machines with the integrated VMM.
     #[command(subcommand)]
     Vm(VmCommand),
@@ -118,6 +117,15 @@ pub enum ServerAction {
     /// Store secrets that manifests may name.
     #[command(subcommand)]
     Secret(SecretAction),
+    /// Manage the web UI's users.
+    #[command(subcommand)]
+    User(UserAction),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserAction {
+    /// Add a user (or set a user's password); the password is read from standard input.
+    Add { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -223,21 +231,6 @@ pub struct ValidateArgs {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum ImagesCommand {
-    /// Build a guest image from a recipe in configs/images/.
-    Build {
-        recipe: String,
-        #[arg(long)]
-        images_dir: Option<PathBuf>,
-    },
-    /// List the images in the images dir.
-    List {
-        #[arg(long)]
-        images_dir: Option<PathBuf>,
-    },
-}
-
-#[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Boot one guest in this process; the console goes to stdout.
     Run(VmRunArgs),
@@ -266,6 +259,9 @@ pub struct VmRunArgs {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     pub which: BenchKind,
+    /// `queue`: also measure this PostgreSQL server (default: $VMFARM_TEST_POSTGRES).
+    #[arg(long)]
+    pub postgres: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::process::ExitCode;
 use vmfarm_proto::JobState;
 use vmfarm_proto::api::{ArtifactView, JobView, SubmitResponse};
-use vmfarm_proto::names::check_artifact_path;
+use vmfarm_proto::names::{check_artifact_path, encode_artifact_path};
 
 pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(&args.client)?;
@@ -209,13 +209,8 @@ pub async fn artifacts(args: ArtifactsArgs) -> anyhow::Result<ExitCode> {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        let encoded: Vec<String> = artifact.name.split('/').map(percent_encode).collect();
-        let response = client
-            .send(client.request(
-                Method::GET,
-                &format!("/api/jobs/{}/artifacts/{}", args.job, encoded.join("/")),
-            ))
-            .await?;
+        let path = format!("/api/jobs/{}/artifacts/{}", args.job, encode_artifact_path(&artifact.name));
+        let response = client.send(client.request(Method::GET, &path)).await?;
         let bytes = response.bytes().await?;
         let got = hex::encode(Sha256::digest(&bytes));
         if got != artifact.sha256 {
@@ -234,18 +229,6 @@ pub async fn artifacts(args: ArtifactsArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn percent_encode(part: &str) -> String {
-    part.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
 }
 
 pub async fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {

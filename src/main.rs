@@ -1,10 +1,12 @@
 //! `vmfarm`: the one binary of the build farm — server, worker, VMM and CLI.
 
+mod bench;
 mod cli;
 mod client;
 mod commands;
 mod server_cmd;
 mod validate;
+mod worker_cmd;
 
 use clap::Parser;
 use cli::{Cli, Command};
@@ -24,11 +26,24 @@ fn main() -> ExitCode {
         Command::Server(args) => {
             block_on(async { server_cmd::run(args).await.map(|()| ExitCode::SUCCESS) })
         }
+        Command::Images(args) => match vmfarm_worker::images::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmfarm: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Worker(args) => block_on(async { worker_cmd::run(args).await.map(|()| ExitCode::SUCCESS) }),
         Command::Submit(args) => block_on(commands::submit(args)),
         Command::Status(args) => block_on(commands::status(args)),
         Command::Logs(args) => block_on(commands::logs(args)),
         Command::Artifacts(args) => block_on(commands::artifacts(args)),
         Command::Cancel(args) => block_on(commands::cancel(args)),
+        Command::Bench(args) if matches!(args.which, cli::BenchKind::Queue) => block_on(async {
+            bench::queue::run(args.postgres.or_else(|| std::env::var("VMFARM_TEST_POSTGRES").ok()))
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }),
         other => {
             eprintln!(
                 "vmfarm {}: not built yet — this subcommand arrives with its issue",

@@ -1,6 +1,6 @@
 //! `vmfarm server`: run the server, or administer its database (tokens, secrets).
 
-use crate::cli::{SecretAction, ServerAction, ServerArgs, TokenAction};
+use crate::cli::{SecretAction, ServerAction, ServerArgs, TokenAction, UserAction};
 use anyhow::{Context, bail};
 use std::io::Read;
 use vmfarm_server::auth::Caller;
@@ -95,6 +95,15 @@ async fn admin(config: ServerConfig, action: ServerAction) -> anyhow::Result<()>
             };
             vmfarm_server::admin::set_secret(&db, &name, &value).await?;
             println!("secret {name} stored ({} bytes)", value.len());
+        }
+        ServerAction::User(UserAction::Add { name }) => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("reading the password from stdin")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            vmfarm_server::web::session::add_user(&db, &name, password).await?;
+            println!("user {name} can log in to the web UI");
         }
     }
     Ok(())

@@ -145,6 +145,19 @@ pub fn check_relative_path(path: &str, root: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An artifact path as it goes into a URL: each component percent-encoded, `/` kept.
+pub fn encode_artifact_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for b in path.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +200,13 @@ mod tests {
         assert!(err.contains("limit is 64"), "{err}");
         assert!(check_name(NameKind::Tag, "a b").is_err());
         assert!(check_name(NameKind::Secret, "a:b").is_err());
+    }
+
+    #[test]
+    fn test_artifact_paths_encode_for_urls() {
+        assert_eq!(encode_artifact_path("out/app"), "out/app");
+        assert_eq!(encode_artifact_path("a b/c#d?.txt"), "a%20b/c%23d%3F.txt");
+        assert_eq!(encode_artifact_path("ü"), "%C3%BC");
     }
 
     #[test]

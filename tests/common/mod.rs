@@ -2,6 +2,7 @@
 //! and an HTTP client speaking as an admin or as a worker.
 #![allow(dead_code)] // Each test binary uses its own part of these fixtures.
 
+pub mod farm;
 pub mod postgres;
 pub mod worker;
 
@@ -50,8 +51,14 @@ impl TestServer {
             Backend::Sqlite => format!("sqlite://{}/vmfarm.db", dir.path().display()),
             Backend::Postgres => postgres::fresh_database(),
         };
+        // A fixed port, so that a restarted server is where its workers left it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut config = format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\ndatabase_url = \"{database_url}\"\n\
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\ndatabase_url = \"{database_url}\"\n\
              [[tokens]]\nname = \"admin\"\ntoken = \"{ADMIN_TOKEN}\"\nscopes = [\"admin\"]\n\
              [[tokens]]\nname = \"reader\"\ntoken = \"{READER_TOKEN}\"\nscopes = [\"read\"]\n",
             dir.path().display()
@@ -100,7 +107,7 @@ impl TestServer {
         self.child = Some(child);
     }
 
-    /// `kill -9`, then start again on the same data (a new port).
+    /// `kill -9`, then start again on the same data and port.
     pub fn crash_and_restart(&mut self) {
         self.kill9();
         self.spawn();

@@ -39,7 +39,7 @@ pub struct GuestDefaults {
 }
 
 /// Which backend boots guests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackendChoice {
     Auto,

@@ -2,3 +2,7 @@
 
 pub mod config;
 pub mod vmm;
+pub mod backend;
+pub mod guest;
+pub mod images;
+pub mod worker;

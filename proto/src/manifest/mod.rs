@@ -5,6 +5,7 @@
 
 pub mod limits;
 mod parse;
+pub use parse::is_env_name;
 mod reader;
 
 use crate::units::ByteSize;

@@ -1,0 +1,203 @@
+//! `vmfarm bench queue`: the job queue's throughput and lease latency on SQLite and PostgreSQL,
+//! beside the rate of bare single-row insert+update transactions on the same database with the
+//! same durability settings (the ceiling the queue can approach).
+
+use super::stats::{ms, per_second, quantile};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+use vmfarm_proto::JobState;
+use vmfarm_proto::wire::{LeaseRequest, StateUpdate, WorkerImage};
+use vmfarm_server::config::ServerConfig;
+use vmfarm_server::state::AppState;
+use vmfarm_server::{jobs, leases};
+
+const CLIENTS: usize = 8;
+const CYCLES: usize = 4000;
+const QUEUED: usize = 10_000;
+const IMAGES: usize = 50;
+const REFERENCE_TXNS: usize = 4000;
+
+pub async fn run(postgres: Option<String>) -> anyhow::Result<()> {
+    println!("vmfarm bench queue: {CLIENTS} concurrent clients, in-process server, real databases");
+    let dir = tempfile::tempdir()?;
+    let sqlite = format!("sqlite://{}/bench.db", dir.path().display());
+    report("SQLite (WAL, synchronous=NORMAL)", &sqlite, dir.path()).await?;
+    match postgres {
+        Some(url) => report("PostgreSQL", &url, dir.path()).await?,
+        None => println!(
+            "\nPostgreSQL: not measured — pass --postgres URL (or set VMFARM_TEST_POSTGRES; scripts/test-postgres.sh start makes one)"
+        ),
+    }
+    Ok(())
+}
+
+async fn start(url: &str, dir: &std::path::Path, tag: &str) -> anyhow::Result<AppState> {
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.join(tag),
+        database_url: url.to_owned(),
+        ..ServerConfig::default()
+    };
+    let running = vmfarm_server::serve::start(config).await?;
+    Ok(running.state)
+}
+
+async fn report(label: &str, url: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+    println!("\n== {label} ==");
+    let state = start(url, dir, &label.split_whitespace().next().unwrap_or("db").to_lowercase()).await?;
+    let reference = reference_rate(&state).await?;
+    let cycles = cycle_rate(&state).await?;
+    let (leases_per_s, mut latencies, submit_rate) = lease_rate(&state).await?;
+    println!("{:<52} {:>12}", "measure", "value");
+    println!("{:<52} {:>10.0}/s", "reference: insert+update transactions", reference);
+    println!("{:<52} {:>10.0}/s", "submit+lease+run+finish cycles", cycles);
+    println!("{:<52} {:>12.2}", "ratio cycles / reference", cycles / reference);
+    println!("{:<52} {:>10.0}/s", format!("submits (filling {QUEUED} jobs)"), submit_rate);
+    println!("{:<52} {:>10.0}/s", format!("leases, {QUEUED} queued over {IMAGES} images"), leases_per_s);
+    println!("{:<52} {:>12}", "lease latency p50", ms(quantile(&mut latencies, 0.5)));
+    println!("{:<52} {:>12}", "lease latency p99", ms(quantile(&mut latencies, 0.99)));
+    println!("(targets on 2 cores: > 2000 cycles/s on SQLite; lease p99 < 10 ms with {QUEUED} queued)");
+    Ok(())
+}
+
+/// Bare single-row transactions: insert a row and update it, as many clients at once.
+async fn reference_rate(state: &AppState) -> anyhow::Result<f64> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_reference (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)")
+        .execute(&state.db.pool)
+        .await?;
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    for client in 0..CLIENTS {
+        let pool = state.db.pool.clone();
+        set.spawn(async move {
+            for i in 0..REFERENCE_TXNS / CLIENTS {
+                let id = (client * REFERENCE_TXNS + i) as i64;
+                let mut tx = pool.begin().await?;
+                sqlx::query("INSERT INTO bench_reference (id, v) VALUES ($1, 0)")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("UPDATE bench_reference SET v = v + 1 WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(per_second(REFERENCE_TXNS, started.elapsed()))
+}
+
+fn request(worker: &str, images: &[String]) -> LeaseRequest {
+    LeaseRequest {
+        name: worker.to_owned(),
+        images: images
+            .iter()
+            .map(|name| WorkerImage {
+                name: name.clone(),
+                version: "1".into(),
+            })
+            .collect(),
+        slots: 1,
+        version: "bench".into(),
+    }
+}
+
+fn manifest(image: &str) -> String {
+    format!("image = \"{image}\"\n[[tasks]]\nname = \"build\"\nscript = \"make\"\n")
+}
+
+/// One job's whole life through the queue: submit, lease, booting, running, succeeded.
+async fn cycle_rate(state: &AppState) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    for client in 0..CLIENTS {
+        let state = state.clone();
+        set.spawn(async move {
+            let image = format!("cycle-{client}");
+            let worker = format!("bench-{client}");
+            let req = request(&worker, std::slice::from_ref(&image));
+            for _ in 0..CYCLES / CLIENTS {
+                jobs::submit(&state, &manifest(&image), None).await?;
+                let lease = leases::try_lease(&state, &worker, &req).await?.ok_or_else(|| anyhow::anyhow!("no job to lease"))?;
+                let lease_ref = leases::LeaseRef {
+                    lease_id: lease.lease_id.clone(),
+                    fence: i64::try_from(lease.fence)?,
+                };
+                for next in [JobState::Booting, JobState::Running, JobState::Succeeded] {
+                    let update = StateUpdate {
+                        job_state: Some(next),
+                        ..StateUpdate::default()
+                    };
+                    leases::update_state(&state, &worker, &lease_ref, &update).await?;
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(per_second(CYCLES, started.elapsed()))
+}
+
+/// Fills the queue with `QUEUED` jobs over `IMAGES` images, then drains it with workers that
+/// each have a fifth of the images; returns leases/s, every lease's latency and submits/s.
+async fn lease_rate(state: &AppState) -> anyhow::Result<(f64, Vec<Duration>, f64)> {
+    let images: Arc<Vec<String>> = Arc::new((0..IMAGES).map(|i| format!("img-{i:02}")).collect());
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    for client in 0..CLIENTS {
+        let state = state.clone();
+        let images = images.clone();
+        set.spawn(async move {
+            for i in (client..QUEUED).step_by(CLIENTS) {
+                jobs::submit(&state, &manifest(&images[i % IMAGES]), None).await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    let submit_rate = per_second(QUEUED, started.elapsed());
+
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    for client in 0..CLIENTS {
+        let state = state.clone();
+        // Every image is covered by some workers; each worker has a fifth of them.
+        let mine: Vec<String> = images
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| (i + client) % 5 == 0)
+            .map(|(_, name)| name.clone())
+            .collect();
+        set.spawn(async move {
+            let worker = format!("bench-{client}");
+            let req = request(&worker, &mine);
+            let mut latencies = Vec::new();
+            loop {
+                let t = Instant::now();
+                let lease = leases::try_lease(&state, &worker, &req).await?;
+                latencies.push(t.elapsed());
+                if lease.is_none() {
+                    latencies.pop();
+                    return Ok::<_, anyhow::Error>(latencies);
+                }
+            }
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(r) = set.join_next().await {
+        latencies.extend(r??);
+    }
+    let elapsed = started.elapsed();
+    anyhow::ensure!(latencies.len() == QUEUED, "leased {} of {QUEUED} jobs", latencies.len());
+    Ok((per_second(latencies.len(), elapsed), latencies, submit_rate))
+}

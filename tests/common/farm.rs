@@ -1,0 +1,141 @@
+//! Guests for end-to-end tests: images built (or reused from the cache) by `vmfarm images
+//! build`, and `vmfarm worker` processes that run jobs in them.
+
+use super::{TestServer, worker_name, worker_token};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+/// The cache's test images dir, with `names` built there (reused when up to date).
+pub fn images(names: &[&str]) -> PathBuf {
+    let cache = std::env::var_os("VMFARM_CACHE").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/vmfarm"),
+        PathBuf::from,
+    );
+    let dir = cache.join("test-images");
+    let agent = std::env::var_os("VMFARM_AGENT").unwrap_or_else(|| {
+        panic!(
+            "VMFARM_AGENT is not set: run the tests with scripts/test.sh, or build the agent \
+             (cargo build -p vmfarm-agent --release --target x86_64-unknown-linux-musl) and point VMFARM_AGENT at it"
+        )
+    });
+    for name in names {
+        let out = Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+            .args(["images", "build", name, "--images-dir"])
+            .arg(&dir)
+            .arg("--recipes")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/images"))
+            .env("VMFARM_AGENT", &agent)
+            .output()
+            .expect("run vmfarm images build");
+        assert!(
+            out.status.success(),
+            "building image {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    dir
+}
+
+/// A `vmfarm worker` process.
+pub struct TestWorker {
+    child: Option<Child>,
+    pub work_dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl TestWorker {
+    /// Starts worker `i` of `server` on `images_dir`; `extra` is TOML appended to its config.
+    pub fn start(server: &TestServer, i: usize, images_dir: &Path, extra: &str) -> TestWorker {
+        let work_dir = tempfile::tempdir().unwrap();
+        let config = work_dir.path().join("worker.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "server = \"{}\"\nname = \"{}\"\ntoken = \"{}\"\nimages_dir = \"{}\"\nwork_dir = \"{}\"\n{extra}",
+                server.url,
+                worker_name(i),
+                worker_token(i),
+                images_dir.display(),
+                work_dir.path().join("work").display()
+            ),
+        )
+        .unwrap();
+        let mut worker = TestWorker {
+            child: None,
+            work_dir,
+            config,
+        };
+        worker.spawn();
+        worker
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.work_dir.path().join("worker.log")).unwrap();
+        self.child = Some(
+            Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+                .args(["worker", "--config"])
+                .arg(&self.config)
+                .env("VMFARM_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start vmfarm worker"),
+        );
+    }
+
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.work_dir.path().join("worker.log")).unwrap_or_default()
+    }
+
+    /// Guest processes (QEMU or `vm run`) still running on this worker's files.
+    pub fn guest_processes(&self) -> Vec<String> {
+        let needle = self.work_dir.path().display().to_string();
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(&needle) && !cmdline.contains("worker --config") {
+                found.push(cmdline);
+            }
+        }
+        found
+    }
+
+    /// Files left in the worker's scratch folder (overlays, sockets).
+    pub fn leftovers(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.work_dir.path().join("work")];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else {
+                    out.push(path);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for TestWorker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,247 @@
+//! Jobs end to end on the host: a real server, real `vmfarm worker` processes, real guests
+//! under the QEMU backend (TCG here: /dev/kvm is PVM), the agent answering SSH.
+
+mod common;
+
+use common::farm::{TestWorker, images};
+use common::{Api, Backend, TestServer};
+use reqwest::Method;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const WORKER: &str = "[slots]\ncpus = 2\nmemory = \"2GiB\"\n[guest]\ndefault_cpus = 1\ndefault_memory = \"512MiB\"\nboot_timeout = \"120s\"\n";
+const FAST_LEASES: &str = "[leases]\nttl = \"4s\"\nmax_attempts = 3\nlong_poll = \"2s\"\n";
+
+async fn wait_for(api: &Api, id: &str, what: &str, ok: impl Fn(&Value) -> bool, limit: Duration) -> Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let job = api.get_json(&format!("/api/jobs/{id}")).await;
+        if ok(&job) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} never got {what}: {job}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+async fn wait_state(api: &Api, id: &str, state: &str) -> Value {
+    wait_for(api, id, state, |j| j["state"] == state, Duration::from_secs(300)).await
+}
+
+async fn wait_ended(api: &Api, id: &str) -> Value {
+    let ended = |j: &Value| {
+        ["succeeded", "failed", "timed_out", "cancelled", "error"].contains(&j["state"].as_str().unwrap_or(""))
+    };
+    wait_for(api, id, "to an end", ended, Duration::from_secs(300)).await
+}
+
+async fn log_of(api: &Api, id: &str) -> String {
+    api.req(Method::GET, &format!("/api/jobs/{id}/log")).send().await.unwrap().text().await.unwrap()
+}
+
+fn cli(server: &TestServer, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+        .args(args)
+        .env("VMFARM_SERVER", &server.url)
+        .env("VMFARM_TOKEN", common::ADMIN_TOKEN)
+        .output()
+        .unwrap()
+}
+
+fn example(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/examples").join(name).display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_artifacts_come_back_through_the_cli() {
+    let dir = images(&["tiny"]);
+    let server = TestServer::start(Backend::Sqlite);
+    let worker = TestWorker::start(&server, 0, &dir, WORKER);
+    let out = cli(&server, &["submit", "--follow", &example("artifacts.toml")]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), worker.log());
+    let id = stdout.split_whitespace().next().unwrap().to_owned();
+    assert!(stdout.contains("[vmfarm] task produce"), "the log streamed: {stdout}");
+
+    let outdir = tempfile::tempdir().unwrap();
+    let out = cli(&server, &["artifacts", &id, "--out", outdir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sums = std::fs::read_to_string(outdir.path().join("out/SHA256SUMS")).unwrap();
+    let tarball = outdir.path().join("out/parts.tar.gz");
+    let check = Command::new("sha256sum").arg(&tarball).output().unwrap();
+    let ours = String::from_utf8_lossy(&check.stdout).split_whitespace().next().unwrap().to_owned();
+    assert!(sums.starts_with(&ours), "the guest's sha256 {sums} matches ours {ours}");
+    let list = Command::new("tar").arg("-tzf").arg(&tarball).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&list.stdout).lines().count(), 3);
+
+    let api = server.admin();
+    let job = api.get_json(&format!("/api/jobs/{id}")).await;
+    assert_eq!(job["state"], "succeeded");
+    assert!(job["image_version"].is_string());
+    let log = log_of(&api, &id).await;
+    assert!(log.contains("vmfarm-agent ready SHA256:"), "the console is in the log");
+    assert!(worker.guest_processes().is_empty(), "{:?}", worker.guest_processes());
+    assert!(worker.leftovers().is_empty(), "{:?}", worker.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_failure_timeout_and_cancel_end_as_they_should() {
+    let dir = images(&["tiny"]);
+    let server = TestServer::start(Backend::Sqlite);
+    let _worker = TestWorker::start(&server, 0, &dir, WORKER);
+    let api = server.admin();
+
+    let failing = api.submit(&std::fs::read_to_string(example("failing-task.toml")).unwrap()).await.jobs[0].id.clone();
+    let slow = api
+        .submit("image = \"tiny\"\n[[tasks]]\nname = \"sleepy\"\ntimeout = \"3s\"\nscript = \"echo start; sleep 60\"\n")
+        .await
+        .jobs[0]
+        .id
+        .clone();
+
+    let job = wait_ended(&api, &failing).await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let tasks: Vec<(&str, &str)> = job["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["name"].as_str().unwrap(), t["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(tasks, [("ok", "succeeded"), ("fails", "failed"), ("never-runs", "skipped")]);
+    assert_eq!(job["tasks"][1]["exit_code"], 3);
+    let log = log_of(&api, &failing).await;
+    assert!(log.contains("this one works") && log.contains("about to fail"), "{log}");
+    assert!(!log.contains("you should not see this"));
+
+    let job = wait_ended(&api, &slow).await;
+    assert_eq!(job["state"], "timed_out", "{job}");
+    assert_eq!(job["tasks"][0]["state"], "timed_out");
+    assert!(log_of(&api, &slow).await.contains("start"));
+
+    let cancelled = api
+        .submit("image = \"tiny\"\n[[tasks]]\nname = \"forever\"\nscript = \"echo going; sleep 600\"\n")
+        .await
+        .jobs[0]
+        .id
+        .clone();
+    wait_for(&api, &cancelled, "its task running", |j| j["tasks"][0]["state"] == "running", Duration::from_secs(300)).await;
+    let asked = Instant::now();
+    api.req(Method::POST, &format!("/api/jobs/{cancelled}/cancel")).send().await.unwrap();
+    let job = wait_ended(&api, &cancelled).await;
+    assert_eq!(job["state"], "cancelled", "{job}");
+    assert_eq!(job["tasks"][0]["state"], "cancelled");
+    assert!(asked.elapsed() < Duration::from_secs(30), "cancelled within seconds, took {:?}", asked.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_guest_that_never_gets_ready_ends_in_error_with_its_console() {
+    let tiny = images(&["tiny"]);
+    // An image whose initramfs is not one: the kernel boots, finds no init, and panics.
+    let scratch = tempfile::tempdir().unwrap();
+    let newest = std::fs::read_dir(tiny.join("tiny")).unwrap().flatten().map(|e| e.path()).max().unwrap();
+    let broken = scratch.path().join("broken/1");
+    std::fs::create_dir_all(&broken).unwrap();
+    for file in ["kernel", "rootfs.qcow2"] {
+        std::os::unix::fs::symlink(newest.join(file), broken.join(file)).unwrap();
+    }
+    std::fs::write(broken.join("initrd"), b"this is not a cpio archive").unwrap();
+    let manifest = std::fs::read_to_string(newest.join("image.toml")).unwrap();
+    let manifest = manifest.replacen("name = \"tiny\"", "name = \"broken\"", 1);
+    std::fs::write(broken.join("image.toml"), manifest).unwrap();
+
+    let server = TestServer::start(Backend::Sqlite);
+    let worker = TestWorker::start(&server, 0, scratch.path(), &WORKER.replace("120s", "60s"));
+    let api = server.admin();
+    let id = api.submit("image = \"broken\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n").await.jobs[0].id.clone();
+    let job = wait_ended(&api, &id).await;
+    assert_eq!(job["state"], "error", "{job}");
+    assert!(job["reason"].as_str().unwrap().contains("waiting for the guest agent"), "{job}");
+    let log = log_of(&api, &id).await;
+    assert!(log.contains("Kernel panic") || log.contains("Linux version"), "the console is in the log: {log}");
+    assert!(worker.guest_processes().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_two_slots_run_two_jobs_and_the_third_waits() {
+    let dir = images(&["tiny"]);
+    let server = TestServer::start(Backend::Sqlite);
+    let _worker = TestWorker::start(&server, 0, &dir, WORKER);
+    let api = server.admin();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let text = format!("image = \"tiny\"\n[[tasks]]\nname = \"t\"\nscript = \"echo job {i}; sleep 8\"\n");
+        ids.push(api.submit(&text).await.jobs[0].id.clone());
+    }
+    // While two run, the third is still queued.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut seen_two_running_one_queued = false;
+    while Instant::now() < deadline && !seen_two_running_one_queued {
+        let mut running = 0;
+        let mut queued = 0;
+        for id in &ids {
+            let job = api.get_json(&format!("/api/jobs/{id}")).await;
+            running += usize::from(job["tasks"][0]["state"] == "running");
+            queued += usize::from(job["state"] == "queued");
+        }
+        assert!(running <= 2, "never more than two at once");
+        seen_two_running_one_queued = running == 2 && queued == 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(seen_two_running_one_queued, "two ran while the third waited");
+    for id in &ids {
+        assert_eq!(wait_ended(&api, id).await["state"], "succeeded");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_killed_worker_loses_nothing() {
+    let dir = images(&["tiny"]);
+    let server = TestServer::start_with(Backend::Sqlite, FAST_LEASES);
+    let mut worker = TestWorker::start(&server, 0, &dir, WORKER);
+    let api = server.admin();
+    let id = api
+        .submit("image = \"tiny\"\n[[tasks]]\nname = \"t\"\nscript = \"echo attempt; sleep 5; echo done\"\n")
+        .await
+        .jobs[0]
+        .id
+        .clone();
+    wait_for(&api, &id, "its task running", |j| j["tasks"][0]["state"] == "running", Duration::from_secs(300)).await;
+    worker.kill9();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(worker.guest_processes().is_empty(), "the guest died with its worker: {:?}", worker.guest_processes());
+    let job = wait_state(&api, &id, "queued").await;
+    assert_eq!(job["attempt"], 2);
+    worker.restart();
+    let job = wait_ended(&api, &id).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", worker.log());
+    assert!(log_of(&api, &id).await.contains("attempt 1 lost"));
+    assert!(worker.leftovers().is_empty(), "{:?}", worker.leftovers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_killed_server_loses_nothing() {
+    let dir = images(&["tiny"]);
+    let mut server = TestServer::start_with(Backend::Sqlite, "[leases]\nttl = \"60s\"\nmax_attempts = 3\nlong_poll = \"2s\"\n");
+    let worker = TestWorker::start(&server, 0, &dir, WORKER);
+    let api = server.admin();
+    let id = api
+        .submit("image = \"tiny\"\n[[tasks]]\nname = \"t\"\nscript = \"for i in 1 2 3 4 5 6; do echo tick $i; sleep 1; done\"\n")
+        .await
+        .jobs[0]
+        .id
+        .clone();
+    wait_for(&api, &id, "its task running", |j| j["tasks"][0]["state"] == "running", Duration::from_secs(300)).await;
+    server.kill9();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    server.crash_and_restart();
+    let api = server.admin();
+    let job = wait_ended(&api, &id).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", worker.log());
+    assert_eq!(job["attempt"], 1, "the same attempt finished");
+    let log = log_of(&api, &id).await;
+    for i in 1..=6 {
+        assert_eq!(log.matches(&format!("tick {i}\n")).count(), 1, "tick {i} exactly once: {log}");
+    }
+}

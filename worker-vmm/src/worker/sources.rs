@@ -1,0 +1,193 @@
+//! A manifest's sources, fetched on the worker host: git repositories are cloned, local paths
+//! (only under the worker's `allowed_local_sources`) are copied; each becomes a tar archive to
+//! upload into the guest's build directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use tokio::process::Command;
+use vmfarm_proto::manifest::Source;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("source {url}: local paths must be under one of the worker's allowed_local_sources ({allowed})")]
+    NotAllowed { url: String, allowed: String },
+    #[error("source {url}: {tool} failed: {message}")]
+    Tool { url: String, tool: &'static str, message: String },
+    #[error("source {url}: cannot run {tool}")]
+    Spawn {
+        url: String,
+        tool: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A source made ready for upload: a tar of its tree, and where it lands.
+#[derive(Debug)]
+pub struct FetchedSource {
+    pub tar: PathBuf,
+    pub path: String,
+}
+
+/// A local path a source names, if it is one (`file://...` or an absolute path).
+fn local_path(url: &str) -> Option<PathBuf> {
+    if let Some(rest) = url.strip_prefix("file://") {
+        return Some(PathBuf::from(rest));
+    }
+    url.starts_with('/').then(|| PathBuf::from(url))
+}
+
+/// Whether `path` lies under one of `allowed` (both made canonical, so `..` and links cannot escape).
+pub fn is_allowed(path: &Path, allowed: &[PathBuf]) -> bool {
+    let Ok(real) = path.canonicalize() else { return false };
+    allowed
+        .iter()
+        .filter_map(|a| a.canonicalize().ok())
+        .any(|a| real.starts_with(a))
+}
+
+async fn run(url: &str, tool: &'static str, cmd: &mut Command) -> Result<(), SourceError> {
+    let output = cmd
+        .stdin(Stdio::null())
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .output()
+        .await
+        .map_err(|source| SourceError::Spawn {
+            url: url.to_owned(),
+            tool,
+            source,
+        })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(SourceError::Tool {
+        url: url.to_owned(),
+        tool,
+        message: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+    })
+}
+
+/// Fetches `source` into `work` (a scratch folder of the job) and packs it.
+pub async fn fetch(source: &Source, index: usize, work: &Path, allowed: &[PathBuf]) -> Result<FetchedSource, SourceError> {
+    let url = source.url.as_str();
+    let tree = work.join(format!("source-{index}"));
+    let local = local_path(url);
+    if let Some(path) = &local
+        && !is_allowed(path, allowed)
+    {
+        return Err(SourceError::NotAllowed {
+            url: url.to_owned(),
+            allowed: if allowed.is_empty() {
+                "none are configured".to_owned()
+            } else {
+                allowed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            },
+        });
+    }
+    let is_git_repo = match &local {
+        Some(path) => path.join(".git").exists() || path.join("HEAD").is_file(),
+        None => true,
+    };
+    if is_git_repo {
+        let mut clone = Command::new("git");
+        clone.args(["clone", "--quiet"]);
+        if local.is_some() {
+            clone.arg("--no-hardlinks");
+        }
+        clone.arg("--").arg(url).arg(&tree);
+        run(url, "git clone", &mut clone).await?;
+        if let Some(git_ref) = &source.git_ref {
+            let mut checkout = Command::new("git");
+            checkout.arg("-C").arg(&tree).args(["checkout", "--quiet", "--detach", git_ref.as_str(), "--"]);
+            run(url, "git checkout", &mut checkout).await?;
+        }
+    } else if let Some(path) = &local {
+        // A plain folder: copied as it is (no ref applies).
+        let mut copy = Command::new("cp");
+        copy.arg("-a").arg("--").arg(path).arg(&tree);
+        run(url, "cp", &mut copy).await?;
+    }
+    let tar = work.join(format!("source-{index}.tar"));
+    let mut pack = Command::new("tar");
+    pack.arg("-C").arg(&tree).arg("-cf").arg(&tar).arg(".");
+    run(url, "tar", &mut pack).await?;
+    let _ = tokio::fs::remove_dir_all(&tree).await;
+    Ok(FetchedSource {
+        tar,
+        path: source.path.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_local_paths_and_allow_list() {
+        assert_eq!(local_path("file:///srv/x"), Some(PathBuf::from("/srv/x")));
+        assert_eq!(local_path("/srv/x"), Some(PathBuf::from("/srv/x")));
+        assert_eq!(local_path("https://h/x.git"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let inside = dir.path().join("repo");
+        std::fs::create_dir(&inside).unwrap();
+        let allowed = vec![dir.path().to_owned()];
+        assert!(is_allowed(&inside, &allowed));
+        assert!(!is_allowed(&inside.join("../.."), &allowed));
+        assert!(!is_allowed(Path::new("/etc"), &allowed));
+        assert!(!is_allowed(&inside, &[]));
+    }
+
+    #[tokio::test]
+    async fn test_fetch_refuses_paths_outside_the_allow_list() {
+        let work = tempfile::tempdir().unwrap();
+        let source = Source {
+            url: "/etc".into(),
+            git_ref: None,
+            path: "etc".into(),
+        };
+        let err = fetch(&source, 0, work.path(), &[]).await.unwrap_err().to_string();
+        assert!(err.contains("allowed_local_sources") && err.contains("none are configured"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn test_fetch_clones_a_local_repository_at_a_ref() {
+        let repo = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(repo.path())
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "--quiet"]);
+        std::fs::write(repo.path().join("a.txt"), "one").unwrap();
+        git(&["add", "a.txt"]);
+        git(&["commit", "--quiet", "-m", "one"]);
+        git(&["tag", "v1"]);
+        std::fs::write(repo.path().join("a.txt"), "two").unwrap();
+        git(&["commit", "--quiet", "-am", "two"]);
+        let work = tempfile::tempdir().unwrap();
+        let source = Source {
+            url: format!("file://{}", repo.path().display()),
+            git_ref: Some("v1".into()),
+            path: "project".into(),
+        };
+        let fetched = fetch(&source, 0, work.path(), &[repo.path().to_owned()]).await.unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("tar")
+            .arg("-C")
+            .arg(out.path())
+            .arg("-xf")
+            .arg(&fetched.tar)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        assert_eq!(std::fs::read_to_string(out.path().join("a.txt")).unwrap(), "one");
+        assert_eq!(fetched.path, "project");
+    }
+}
