@@ -8,10 +8,19 @@ bash scripts/install-deps.sh test
 export VMFARM_CACHE=${VMFARM_CACHE:-$HOME/.cache/vmfarm}
 mkdir -p "$VMFARM_CACHE"
 
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# The static guest agent, and the guest images the tests boot (cached by their inputs).
+cargo build --locked --release -p vmfarm-agent --target x86_64-unknown-linux-musl
+export VMFARM_AGENT=$PWD/target/x86_64-unknown-linux-musl/release/vmfarm-agent
+cargo build --locked -p vmfarm
+for image in tiny debian-12 debian-13; do
+  ./target/debug/vmfarm images build "$image" --images-dir "$VMFARM_CACHE/test-images"
+done
+
 # A real PostgreSQL server for the server's tests, stopped whatever happens.
 eval "$(bash scripts/test-postgres.sh start)"
 trap 'bash scripts/test-postgres.sh stop' EXIT
 
-cargo fmt --all --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --no-fail-fast

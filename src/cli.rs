@@ -262,6 +262,9 @@ pub struct BenchArgs {
     /// `queue`: also measure this PostgreSQL server (default: $VMFARM_TEST_POSTGRES).
     #[arg(long)]
     pub postgres: Option<String>,
+    /// `job-start`: the images dir holding the `tiny` image.
+    #[arg(long, env = "VMFARM_IMAGES_DIR", default_value = "./vmfarm-data/images")]
+    pub images_dir: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

@@ -5,6 +5,7 @@ mod cli;
 mod client;
 mod commands;
 mod server_cmd;
+mod up_cmd;
 mod validate;
 mod worker_cmd;
 
@@ -33,16 +34,24 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Up(args) => block_on(async { up_cmd::run(args).await.map(|()| ExitCode::SUCCESS) }),
         Command::Worker(args) => block_on(async { worker_cmd::run(args).await.map(|()| ExitCode::SUCCESS) }),
         Command::Submit(args) => block_on(commands::submit(args)),
         Command::Status(args) => block_on(commands::status(args)),
         Command::Logs(args) => block_on(commands::logs(args)),
         Command::Artifacts(args) => block_on(commands::artifacts(args)),
         Command::Cancel(args) => block_on(commands::cancel(args)),
-        Command::Bench(args) if matches!(args.which, cli::BenchKind::Queue) => block_on(async {
-            bench::queue::run(args.postgres.or_else(|| std::env::var("VMFARM_TEST_POSTGRES").ok()))
-                .await
-                .map(|()| ExitCode::SUCCESS)
+        Command::Bench(args) => block_on(async {
+            match args.which {
+                cli::BenchKind::Queue => {
+                    bench::queue::run(args.postgres.or_else(|| std::env::var("VMFARM_TEST_POSTGRES").ok())).await?
+                }
+                cli::BenchKind::JobStart => bench::job_start::run(args.images_dir).await?,
+                cli::BenchKind::Boot => anyhow::bail!(
+                    "`vmfarm bench boot` runs inside the KVM lab: tests/kvm-lab/lab.sh bench (see its README)"
+                ),
+            }
+            Ok(ExitCode::SUCCESS)
         }),
         other => {
             eprintln!(

@@ -245,3 +245,85 @@ async fn test_a_killed_server_loses_nothing() {
         assert_eq!(log.matches(&format!("tick {i}\n")).count(), 1, "tick {i} exactly once: {log}");
     }
 }
+
+/// A small C project with a Makefile, in a local git repository.
+fn c_project() -> tempfile::TempDir {
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::write(
+        repo.path().join("hello.c"),
+        "#include <stdio.h>\nint main(void) { printf(\"hello from vmfarm, built by %s\\n\", COMPILER); return 0; }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        repo.path().join("Makefile"),
+        "hello: hello.c\n\t$(CC) -O2 -DCOMPILER='\"'\"$$($(CC) -dumpversion)\"'\"' -o $@ hello.c\n",
+    )
+    .unwrap();
+    let git = |args: &[&str]| {
+        let ok = Command::new("git")
+            .arg("-C")
+            .arg(repo.path())
+            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+            .args(args)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "git {args:?}");
+    };
+    git(&["init", "--quiet", "--initial-branch=main"]);
+    git(&["add", "."]);
+    git(&["commit", "--quiet", "-m", "hello"]);
+    repo
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_c_project_builds_on_debian_12_and_13_in_one_group() {
+    let dir = images(&["debian-12", "debian-13"]);
+    let repo = c_project();
+    let server = TestServer::start(Backend::Sqlite);
+    let extra = format!(
+        "allowed_local_sources = [\"{}\"]\n{}",
+        repo.path().display(),
+        WORKER.replace("default_memory = \"512MiB\"", "default_memory = \"1GiB\"")
+    );
+    let worker = TestWorker::start(&server, 0, &dir, &extra);
+    let manifest = format!(
+        "images = [\"debian-12\", \"debian-13\"]\ntimeout = \"20m\"\n[environment]\nCC = \"gcc\"\n\
+         [[sources]]\nurl = \"file://{}\"\nref = \"main\"\npath = \"project\"\n\
+         [[tasks]]\nname = \"build\"\nscript = \"\"\"\ncd project\nmake\n./hello\n\"\"\"\n\
+         [[artifacts]]\npath = \"project/hello\"\n",
+        repo.path().display()
+    );
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), manifest).unwrap();
+    let out = cli(&server, &["submit", "--follow", file.path().to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), worker.log());
+    let jobs: Vec<(String, String)> = stdout
+        .lines()
+        .take(2)
+        .map(|l| {
+            let mut parts = l.split('\t');
+            (parts.next().unwrap().to_owned(), parts.next().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(jobs.iter().map(|j| j.1.as_str()).collect::<Vec<_>>(), ["debian-12", "debian-13"]);
+    let api = server.admin();
+    let group = api.get_json(&format!("/api/jobs/{}", jobs[0].0)).await["group_id"].clone();
+    let group = api.get_json(&format!("/api/groups/{}", group.as_str().unwrap())).await;
+    assert_eq!(group["jobs"].as_array().unwrap().len(), 2);
+    let mut compilers = Vec::new();
+    for (id, image) in &jobs {
+        let outdir = tempfile::tempdir().unwrap();
+        let out = cli(&server, &["artifacts", id, "--out", outdir.path().to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let binary = outdir.path().join("project/hello");
+        std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let ran = Command::new(&binary).output().unwrap();
+        let said = String::from_utf8_lossy(&ran.stdout).to_string();
+        assert!(said.starts_with("hello from vmfarm, built by "), "{image}: {said}");
+        compilers.push(said);
+        assert!(log_of(&api, id).await.contains("hello from vmfarm"), "the task's own run is in the log");
+    }
+    assert_ne!(compilers[0], compilers[1], "each release built it with its own gcc");
+}

@@ -32,6 +32,13 @@ pub async fn create_token(db: &Db, caller: &Caller) -> Result<String, AdminError
         )));
     }
     let token = new_token()?;
+    if let Caller::Worker { name } = caller {
+        // A worker has one token: a new one replaces the old.
+        sqlx::query("DELETE FROM tokens WHERE kind = 'worker' AND name = $1")
+            .bind(name)
+            .execute(&db.pool)
+            .await?;
+    }
     store_token(db, &token, caller).await?;
     Ok(token)
 }

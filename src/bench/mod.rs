@@ -1,4 +1,5 @@
 //! `vmfarm bench ...`: each benchmark prints its figures beside a reference measured in the same run.
 
+pub mod job_start;
 pub mod queue;
 pub mod stats;

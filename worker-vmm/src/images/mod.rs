@@ -127,7 +127,7 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache/vmfarm")
 }
 
-fn default_agent() -> anyhow::Result<PathBuf> {
+pub fn default_agent() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let beside = exe.with_file_name("vmfarm-agent");
     anyhow::ensure!(

@@ -1,6 +1,6 @@
 //! The vCPUs and memory the running guests share (the worker's slots).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
 pub struct Budget {
@@ -10,12 +10,12 @@ pub struct Budget {
 }
 
 /// A share of the budget, given back when dropped.
-pub struct Share<'a> {
-    budget: &'a Budget,
+pub struct Share {
+    budget: Arc<Budget>,
     size: (u32, u64),
 }
 
-impl Drop for Share<'_> {
+impl Drop for Share {
     fn drop(&mut self) {
         if let Ok(mut used) = self.budget.used.lock() {
             used.0 -= self.size.0;
@@ -58,13 +58,16 @@ impl Budget {
     }
 
     /// Waits until `size` is free and takes it. The caller checked `fits_at_all`.
-    pub async fn take(&self, size: (u32, u64)) -> Share<'_> {
+    pub async fn take(self: &Arc<Self>, size: (u32, u64)) -> Share {
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
             if self.try_take(size) {
-                return Share { budget: self, size };
+                return Share {
+                    budget: self.clone(),
+                    size,
+                };
             }
             freed.await;
         }
@@ -77,7 +80,7 @@ mod tests {
 
     #[tokio::test]
     async fn test_shares_wait_for_each_other() {
-        let budget = Budget::new(2, 2048);
+        let budget = Arc::new(Budget::new(2, 2048));
         assert_eq!(budget.free_slots((1, 1024)), 2);
         let a = budget.take((1, 1024)).await;
         let b = budget.take((1, 1024)).await;

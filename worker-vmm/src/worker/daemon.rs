@@ -59,14 +59,13 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let default_size = (config.guest.default_cpus, config.guest.default_memory.0 / (1024 * 1024));
     loop {
         let images = newest_images(&config);
-        let free = budget.free_slots(default_size);
-        if free == 0 || images.is_empty() {
-            if images.is_empty() {
-                tracing::warn!(dir = %config.images_dir.display(), "no images yet; build one with `vmfarm images build tiny`");
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
+        if images.is_empty() {
+            tracing::warn!(dir = %config.images_dir.display(), "no images yet; build one with `vmfarm images build tiny`");
+            tokio::time::sleep(Duration::from_secs(2)).await;
             continue;
         }
+        // A slot is reserved before asking, so that no job is leased that must then wait.
+        let mut share = budget.take(default_size).await;
         let request = LeaseRequest {
             name: name.clone(),
             images: images
@@ -76,7 +75,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
                     version: i.manifest.version.clone(),
                 })
                 .collect(),
-            slots: free,
+            slots: 1 + budget.free_slots(default_size),
             version: env!("CARGO_PKG_VERSION").into(),
         };
         let lease = match client.lease(&request).await {
@@ -100,6 +99,11 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             refuse(&client, &lease, size, &config).await;
             continue;
         }
+        if size != default_size {
+            // A bigger (or smaller) job: trade the reserved slot for its own size.
+            drop(share);
+            share = budget.take(size).await;
+        }
         let Some(backend) = backends.get(&config.backend_for(&lease.job.image)).cloned() else {
             continue;
         };
@@ -109,9 +113,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             backend,
             image,
         };
-        let budget = budget.clone();
         tokio::spawn(async move {
-            let _share = budget.take(size).await;
+            let _share = share;
             let id = lease.job.id.clone();
             tracing::info!(job = %id, image = %lease.job.image, "job started");
             match job::run(&ctx, lease).await {

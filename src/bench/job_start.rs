@@ -1,0 +1,97 @@
+//! `vmfarm bench job-start`: submit -> first line of the first task in the job's log, p50/p95
+//! over 20 jobs, for each backend usable on this host, side by side. In-process server and
+//! worker, the `tiny` image.
+
+use super::stats::{ms, quantile};
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use vmfarm_server::auth::Caller;
+use vmfarm_server::config::ServerConfig;
+use vmfarm_server::state::AppState;
+use vmfarm_worker::config::{BackendChoice, WorkerConfig};
+use vmfarm_worker::worker::backend_choice::{KvmHost, probe_kvm};
+
+const JOBS: usize = 20;
+const MANIFEST: &str = "image = \"tiny\"\n[[tasks]]\nname = \"hello\"\nscript = \"echo first-line\"\n";
+
+pub async fn run(images_dir: PathBuf) -> anyhow::Result<()> {
+    let kvm = probe_kvm();
+    let mut backends = vec![("qemu", BackendChoice::Qemu)];
+    if kvm == KvmHost::Hardware {
+        backends.insert(0, ("kvm (integrated VMM)", BackendChoice::Kvm));
+    } else {
+        println!("kvm (integrated VMM): not measured here — /dev/kvm is {kvm:?} (run it in the KVM lab)");
+    }
+    println!("vmfarm bench job-start: submit -> first task line, {JOBS} jobs one after another, image tiny");
+    let mut rows = Vec::new();
+    for (label, choice) in backends {
+        let mut samples = measure(&images_dir, choice).await.with_context(|| format!("backend {label}"))?;
+        rows.push((label, quantile(&mut samples, 0.5), quantile(&mut samples, 0.95)));
+    }
+    println!("{:<24} {:>12} {:>12}", "backend", "p50", "p95");
+    for (label, p50, p95) in rows {
+        println!("{:<24} {:>12} {:>12}", label, ms(p50), ms(p95));
+    }
+    Ok(())
+}
+
+async fn measure(images_dir: &Path, choice: BackendChoice) -> anyhow::Result<Vec<Duration>> {
+    let dir = tempfile::tempdir()?;
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.path().to_owned(),
+        ..ServerConfig::default()
+    };
+    let running = vmfarm_server::serve::start(config).await?;
+    let state = running.state.clone();
+    let token = vmfarm_server::admin::create_token(&state.db, &Caller::Worker { name: "bench".into() }).await?;
+    let mut worker = WorkerConfig {
+        server: format!("http://{}", running.addr),
+        name: "bench".into(),
+        token,
+        images_dir: images_dir.to_owned(),
+        work_dir: dir.path().join("work"),
+        ..WorkerConfig::default()
+    };
+    worker.backend.default = choice;
+    let daemon = tokio::spawn(vmfarm_worker::worker::daemon::run(worker));
+    let mut samples = Vec::with_capacity(JOBS);
+    for _ in 0..JOBS {
+        let started = Instant::now();
+        let submitted = vmfarm_server::jobs::submit(&state, MANIFEST, None).await?;
+        let id: i64 = submitted.jobs[0].id.parse()?;
+        samples.push(first_task_line(&state, id, started).await?);
+        wait_ended(&state, id).await?;
+    }
+    daemon.abort();
+    Ok(samples)
+}
+
+/// Time from `started` until the job's log holds task output.
+async fn first_task_line(state: &AppState, id: i64, started: Instant) -> anyhow::Result<Duration> {
+    let deadline = started + Duration::from_secs(300);
+    loop {
+        let chunks = vmfarm_server::logs::read(state, id, 0, i64::MAX).await?;
+        if chunks.iter().any(|c| c.stream == "task" && c.data.contains("first-line")) {
+            return Ok(started.elapsed());
+        }
+        let (_, job_state) = vmfarm_server::logs::progress(state, id).await?;
+        anyhow::ensure!(
+            !matches!(job_state.as_str(), "failed" | "error" | "timed_out" | "cancelled"),
+            "job {id} ended {job_state} before its task printed"
+        );
+        anyhow::ensure!(Instant::now() < deadline, "job {id} printed nothing in 300 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_ended(state: &AppState, id: i64) -> anyhow::Result<()> {
+    loop {
+        let (_, job_state) = vmfarm_server::logs::progress(state, id).await?;
+        if job_state.parse::<vmfarm_proto::JobState>().is_ok_and(vmfarm_proto::JobState::is_terminal) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
