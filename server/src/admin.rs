@@ -36,7 +36,7 @@ pub async fn create_token(db: &Db, caller: &Caller) -> Result<String, AdminError
         // A worker has one token: a new one replaces the old.
         sqlx::query("DELETE FROM tokens WHERE kind = 'worker' AND name = $1")
             .bind(name)
-            .execute(&db.pool)
+            .execute(&db.writer)
             .await?;
     }
     store_token(db, &token, caller).await?;
@@ -52,7 +52,7 @@ pub async fn set_secret(db: &Db, name: &str, value: &[u8]) -> Result<(), AdminEr
             value.len()
         )));
     }
-    let mut tx = db.pool.begin().await?;
+    let mut tx = db.writer.begin().await?;
     sqlx::query("DELETE FROM secrets WHERE name = $1")
         .bind(name)
         .execute(&mut *tx)

@@ -28,9 +28,14 @@ pub fn app(state: AppState) -> Router {
             "/api/leases/{id}/artifacts/{*name}",
             put(leases::put_artifact),
         )
+        .route(
+            "/api/schedules",
+            get(crate::schedules::api_list).post(crate::schedules::api_create),
+        )
         .route("/api/openapi.json", get(meta::openapi))
         .route("/metrics", get(meta::metrics))
         .route("/healthz", get(meta::health))
+        .merge(crate::web::routes())
         .layer(middleware::from_fn_with_state(state.clone(), time_request))
         .with_state(state)
 }

@@ -18,6 +18,9 @@ pub struct ServerConfig {
     pub workers: Vec<WorkerToken>,
     pub tokens: Vec<ApiToken>,
     pub schedules: Vec<Schedule>,
+    pub users: Vec<User>,
+    pub web: Web,
+    pub triggers: Triggers,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -72,6 +75,54 @@ pub struct Schedule {
     pub manifest: PathBuf,
 }
 
+/// A person who logs in to the web UI.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    /// An argon2 hash in PHC form (`$argon2id$...`), as `vmfarm server user add` makes.
+    pub password_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Web {
+    /// How long a login lasts.
+    pub session_ttl: HumanDuration,
+    /// Mark the session cookie `Secure` (sent over HTTPS only; browsers treat loopback as secure).
+    pub secure_cookie: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Triggers {
+    /// Deliveries of one webhook before it is given up.
+    pub max_attempts: u32,
+    /// Wait before the first retry; each next retry waits twice as long.
+    pub first_retry: HumanDuration,
+    /// How long one POST may take.
+    pub timeout: HumanDuration,
+}
+
+impl Default for Web {
+    fn default() -> Self {
+        Web {
+            session_ttl: HumanDuration(Duration::from_secs(12 * 3600)),
+            secure_cookie: true,
+        }
+    }
+}
+
+impl Default for Triggers {
+    fn default() -> Self {
+        Triggers {
+            max_attempts: 5,
+            first_retry: HumanDuration(Duration::from_secs(2)),
+            timeout: HumanDuration(Duration::from_secs(10)),
+        }
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -83,6 +134,9 @@ impl Default for ServerConfig {
             workers: Vec::new(),
             tokens: Vec::new(),
             schedules: Vec::new(),
+            users: Vec::new(),
+            web: Web::default(),
+            triggers: Triggers::default(),
         }
     }
 }
@@ -127,10 +181,15 @@ impl ServerConfig {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+        let mut config = Self::parse(&text).map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),
             message,
-        })
+        })?;
+        let folder = path.parent().unwrap_or(Path::new("."));
+        for schedule in &mut config.schedules {
+            schedule.manifest = folder.join(&schedule.manifest);
+        }
+        Ok(config)
     }
 
     pub fn parse(text: &str) -> Result<ServerConfig, String> {
@@ -142,6 +201,9 @@ impl ServerConfig {
         }
         if config.leases.ttl.0 < Duration::from_secs(1) {
             return Err("leases.ttl is under 1s: workers could not renew in time".into());
+        }
+        if config.triggers.max_attempts == 0 {
+            return Err("triggers.max_attempts is 0: a webhook needs at least one try".into());
         }
         Ok(config)
     }

@@ -26,10 +26,13 @@ pub enum DbError {
     Migrate(#[source] sqlx::migrate::MigrateError),
 }
 
-/// A pool and what it talks to.
+/// The pools and what they talk to. Reads use `pool`; writes use `writer`, which for SQLite is
+/// one connection: SQLite has one writer at a time anyway, and queueing in the pool is far
+/// cheaper than SQLite's busy-waiting (sleeps) between competing connections.
 #[derive(Clone)]
 pub struct Db {
     pub pool: AnyPool,
+    pub writer: AnyPool,
     pub backend: Backend,
 }
 
@@ -48,11 +51,10 @@ impl Db {
             return Err(DbError::Scheme(url.to_owned()));
         };
         let options = AnyConnectOptions::from_str(&url).map_err(DbError::Connect)?;
-        let pool = match backend {
-            Backend::Sqlite => {
-                AnyPoolOptions::new()
-                    .max_connections(8)
-                    .after_connect(|conn, _| {
+        let sqlite_pool = |connections: u32| {
+            AnyPoolOptions::new()
+                .max_connections(connections)
+                .after_connect(|conn, _| {
                         Box::pin(async move {
                             for pragma in [
                                 "PRAGMA journal_mode = WAL",
@@ -65,23 +67,29 @@ impl Db {
                             Ok(())
                         })
                     })
-                    .connect_with(options)
-                    .await
+        };
+        let (pool, writer) = match backend {
+            Backend::Sqlite => {
+                // The writer first: it creates the file and switches it to WAL.
+                let writer = sqlite_pool(1).connect_with(options.clone()).await.map_err(DbError::Connect)?;
+                let pool = sqlite_pool(8).connect_with(options).await.map_err(DbError::Connect)?;
+                (pool, writer)
             }
             Backend::Postgres => {
-                AnyPoolOptions::new()
+                let pool = AnyPoolOptions::new()
                     .max_connections(16)
                     .connect_with(options)
                     .await
+                    .map_err(DbError::Connect)?;
+                (pool.clone(), pool)
             }
-        }
-        .map_err(DbError::Connect)?;
+        };
         let migrator = match backend {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::Postgres => &POSTGRES_MIGRATIONS,
         };
-        migrator.run(&pool).await.map_err(DbError::Migrate)?;
-        Ok(Db { pool, backend })
+        migrator.run(&writer).await.map_err(DbError::Migrate)?;
+        Ok(Db { pool, writer, backend })
     }
 
     /// `FOR UPDATE SKIP LOCKED` where the database has it; SQLite serializes writers anyway.

@@ -30,7 +30,13 @@ pub async fn submit(
             text.len()
         )));
     }
-    let manifest = Manifest::parse(text).map_err(AppError::Manifest)?;
+    let mut manifest = Manifest::parse(text).map_err(AppError::Manifest)?;
+    if let Some(name) = schedule {
+        let tag = format!("scheduled:{name}");
+        if !manifest.tags.contains(&tag) {
+            manifest.tags.push(tag);
+        }
+    }
     for name in &manifest.secrets {
         let found: Option<(String,)> = sqlx::query_as("SELECT name FROM secrets WHERE name = $1")
             .bind(name)
@@ -48,7 +54,7 @@ pub async fn submit(
     let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
     let tags = serde_json::to_string(&manifest.tags).map_err(AppError::internal)?;
     let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.writer.begin().await?;
     let group_id: i64 = sqlx::query_scalar(
         "INSERT INTO job_groups (created_at, schedule) VALUES ($1, $2) RETURNING id",
     )
@@ -286,7 +292,7 @@ pub async fn group(state: &AppState, id: i64) -> AppResult<GroupView> {
 /// next heartbeat; a finished one cannot be cancelled.
 pub async fn cancel(state: &AppState, id: i64) -> AppResult<JobView> {
     let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.writer.begin().await?;
     let current: Option<(String,)> = sqlx::query_as("SELECT state FROM jobs WHERE id = $1")
         .bind(id)
         .fetch_optional(&mut *tx)
@@ -328,5 +334,8 @@ pub async fn cancel(state: &AppState, id: i64) -> AppResult<JobView> {
     }
     tx.commit().await?;
     state.events.job_changed(id);
+    if current == JobState::Queued {
+        crate::triggers::job_ended(state, id).await;
+    }
     get(state, id).await
 }

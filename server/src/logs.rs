@@ -64,7 +64,7 @@ pub async fn append(
         return Err(AppError::BadRequest("seq starts at 1".into()));
     }
     let (job_id, _) = live_job(state, worker, lease).await?;
-    let mut tx = state.db.pool.begin().await?;
+    let mut tx = state.db.writer.begin().await?;
     // The guarded write first: it holds SQLite's write lock for the rest of the transaction.
     let row: Option<(i64,)> = sqlx::query_as(
         "UPDATE jobs SET log_seq = $1 WHERE id = $2 AND lease_id = $3 AND fence = $4 AND log_seq = $5 \

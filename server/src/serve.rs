@@ -1,15 +1,13 @@
 //! Starting the server: data dir, database, tokens, the lease reaper, the listener.
 
 use crate::app::app;
-use crate::auth::{TokenCache, bootstrap};
+use crate::auth::bootstrap;
 use crate::config::ServerConfig;
 use crate::db::{Db, DbError};
 use crate::leases::reap_expired;
-use crate::metrics::Metrics;
-use crate::state::{AppState, Events};
+use crate::state::AppState;
 use crate::store::ArtifactStore;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +20,8 @@ pub enum ServeError {
     Tokens(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot listen on {0}")]
     Listen(SocketAddr, #[source] std::io::Error),
+    #[error(transparent)]
+    Schedules(#[from] crate::schedules::ScheduleError),
     #[error("the server stopped")]
     Serve(#[source] std::io::Error),
 }
@@ -33,6 +33,8 @@ pub struct Running {
     pub admin_token_created: bool,
     server: tokio::task::JoinHandle<Result<(), std::io::Error>>,
     reaper: tokio::task::JoinHandle<()>,
+    /// The scheduler and the webhook deliverer.
+    background: [tokio::task::JoinHandle<()>; 2],
 }
 
 impl Running {
@@ -40,6 +42,9 @@ impl Running {
     pub async fn wait(self) -> Result<(), ServeError> {
         let result = self.server.await;
         self.reaper.abort();
+        for task in &self.background {
+            task.abort();
+        }
         match result {
             Ok(r) => r.map_err(ServeError::Serve),
             Err(e) => Err(ServeError::Serve(std::io::Error::other(e))),
@@ -67,14 +72,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
     let addr = listener
         .local_addr()
         .map_err(|e| ServeError::Listen(config.listen, e))?;
-    let state = AppState {
-        db,
-        config: Arc::new(config),
-        store: ArtifactStore::new(artifacts),
-        tokens: Arc::new(TokenCache::default()),
-        events: Events::default(),
-        metrics: Arc::new(Metrics::default()),
-    };
+    let state = AppState::new(db, config, ArtifactStore::new(artifacts));
     let reaper_state = state.clone();
     let reaper = tokio::spawn(async move {
         let every = (reaper_state.config.leases.ttl.0 / 4)
@@ -86,6 +84,11 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
             tokio::time::sleep(every).await;
         }
     });
+    crate::schedules::load_config(&state).await?;
+    let background = [
+        tokio::spawn(crate::schedules::run(state.clone())),
+        tokio::spawn(crate::triggers::run(state.clone())),
+    ];
     let router = app(state.clone());
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
     tracing::info!(%addr, "vmfarm server listening");
@@ -95,5 +98,6 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
         admin_token_created: created.is_some(),
         server,
         reaper,
+        background,
     })
 }

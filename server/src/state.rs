@@ -16,6 +16,24 @@ pub struct AppState {
     pub tokens: Arc<TokenCache>,
     pub events: Events,
     pub metrics: Arc<Metrics>,
+    /// When each worker was last recorded as seen, so that a busy worker's lease calls do not
+    /// each cost a database write.
+    pub workers_seen: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+}
+
+impl AppState {
+    /// The state of a server on `db` with `config`, artifacts in `store`.
+    pub fn new(db: Db, config: ServerConfig, store: ArtifactStore) -> AppState {
+        AppState {
+            db,
+            config: Arc::new(config),
+            store,
+            tokens: Arc::default(),
+            events: Events::default(),
+            metrics: Arc::default(),
+            workers_seen: Arc::default(),
+        }
+    }
 }
 
 /// In-process wake-ups: new work for long-polling workers, new log or state for SSE readers.
@@ -24,6 +42,8 @@ pub struct AppState {
 pub struct Events {
     pub work: Arc<Notify>,
     pub job: broadcast::Sender<i64>,
+    /// A job ended with webhooks to deliver.
+    pub triggers: Arc<Notify>,
 }
 
 impl Default for Events {
@@ -31,6 +51,7 @@ impl Default for Events {
         Events {
             work: Arc::new(Notify::new()),
             job: broadcast::channel(1024).0,
+            triggers: Arc::new(Notify::new()),
         }
     }
 }

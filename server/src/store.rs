@@ -75,7 +75,7 @@ impl ArtifactStore {
         sqlx::query("DELETE FROM artifacts WHERE job_id = $1 AND name = $2")
             .bind(job)
             .bind(name)
-            .execute(&db.pool)
+            .execute(&db.writer)
             .await?;
         sqlx::query("INSERT INTO artifacts (job_id, name, size, sha256, created_at) VALUES ($1, $2, $3, $4, $5)")
             .bind(job)
@@ -83,7 +83,7 @@ impl ArtifactStore {
             .bind(i64::try_from(size).unwrap_or(i64::MAX))
             .bind(&wanted)
             .bind(now_ms())
-            .execute(&db.pool)
+            .execute(&db.writer)
             .await?;
         Ok(ArtifactView {
             name: name.to_owned(),

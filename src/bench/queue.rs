@@ -33,12 +33,14 @@ pub async fn run(postgres: Option<String>) -> anyhow::Result<()> {
 }
 
 async fn start(url: &str, dir: &std::path::Path, tag: &str) -> anyhow::Result<AppState> {
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.join(tag),
         database_url: url.to_owned(),
         ..ServerConfig::default()
     };
+    // The leased jobs are never finished here: no lease may expire during the run.
+    config.leases.ttl = vmfarm_proto::units::HumanDuration(Duration::from_secs(3600));
     let running = vmfarm_server::serve::start(config).await?;
     Ok(running.state)
 }

@@ -1,0 +1,384 @@
+//! Schedules: a cron expression (UTC unless a time zone is named) that enqueues a manifest as a
+//! group tagged `scheduled:<name>`. A schedule remembers the time of its newest run; a tick
+//! enqueues once when one or more cron times have passed since, so runs missed while the server
+//! was down are made up by one run, not one per missed time. `tick` takes the time, so tests
+//! drive it with any clock.
+
+use crate::auth::Caller;
+use crate::config::Scope;
+use crate::db::now_ms;
+use crate::error::{AppError, AppResult};
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, TimeZone, Utc};
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use vmfarm_proto::Manifest;
+use vmfarm_proto::api::GroupView;
+
+/// The longest schedule name (so that `scheduled:<name>` is a valid tag).
+pub const MAX_NAME: usize = 54;
+
+/// A checked cron expression in its time zone.
+#[derive(Debug, Clone)]
+pub struct CronSpec {
+    cron: croner::Cron,
+    tz: Tz,
+}
+
+impl CronSpec {
+    /// Parses `expr` (five fields, or six with seconds) in `timezone` (an IANA name, or UTC).
+    pub fn parse(expr: &str, timezone: Option<&str>) -> Result<CronSpec, String> {
+        let tz = match timezone.map(str::trim).filter(|t| !t.is_empty()) {
+            None => Tz::UTC,
+            Some(name) => name.parse::<Tz>().map_err(|_| {
+                format!("unknown time zone `{name}`: use an IANA name such as Europe/Paris")
+            })?,
+        };
+        let cron = croner::Cron::new(expr.trim())
+            .with_seconds_optional()
+            .parse()
+            .map_err(|e| format!("invalid cron expression `{expr}`: {e}"))?;
+        Ok(CronSpec { cron, tz })
+    }
+
+    /// The first cron time strictly after `after_ms` (unix ms), if there is one.
+    pub fn next_after(&self, after_ms: i64) -> Option<i64> {
+        let start = Utc.timestamp_millis_opt(after_ms).single()?;
+        let local: DateTime<Tz> = start.with_timezone(&self.tz);
+        self.cron
+            .find_next_occurrence(&local, false)
+            .ok()
+            .map(|t| t.timestamp_millis())
+    }
+
+    /// The newest cron time in `(after_ms, now_ms]`, if any.
+    pub fn latest_due(&self, after_ms: i64, now_ms: i64) -> Option<i64> {
+        let mut due = None;
+        let mut cursor = after_ms;
+        // Bounded: a every-second schedule missed for a long while stops here and runs at `now`.
+        for _ in 0..100_000 {
+            match self.next_after(cursor) {
+                Some(t) if t <= now_ms => {
+                    due = Some(t);
+                    cursor = t;
+                }
+                _ => return due,
+            }
+        }
+        due.map(|_| now_ms)
+    }
+}
+
+/// Checks a schedule's name.
+pub fn check_schedule_name(name: &str) -> Result<(), String> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let rest_ok =
+        chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_');
+    if !first_ok || !rest_ok || name.len() > MAX_NAME {
+        return Err(format!(
+            "schedule name `{name}`: use 1 to {MAX_NAME} of a-z, 0-9, `-`, `_`, starting with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// A new schedule, from the config, the UI or the API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSchedule {
+    pub name: String,
+    pub cron: String,
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// The manifest's TOML text.
+    pub manifest: String,
+}
+
+/// A schedule as the API and the UI show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScheduleView {
+    pub name: String,
+    pub cron: String,
+    pub timezone: String,
+    pub source: String,
+    pub manifest: String,
+    pub last_run_at: i64,
+    pub next_run_at: Option<i64>,
+}
+
+/// Where a schedule came from: `config` ones are replaced at each start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Config,
+    Ui,
+}
+
+/// Checks and stores a schedule (replacing one of the same name; its run history stays).
+pub async fn save(state: &AppState, new: &NewSchedule, source: Source, now: i64) -> AppResult<()> {
+    check_schedule_name(&new.name).map_err(AppError::BadRequest)?;
+    let spec = CronSpec::parse(&new.cron, new.timezone.as_deref()).map_err(AppError::BadRequest)?;
+    Manifest::parse(&new.manifest).map_err(AppError::Manifest)?;
+    let source = match source {
+        Source::Config => "config",
+        Source::Ui => "ui",
+    };
+    sqlx::query(
+        "INSERT INTO schedules (name, cron, timezone, manifest, source, created_at, last_run_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, \
+         timezone = excluded.timezone, manifest = excluded.manifest, source = excluded.source",
+    )
+    .bind(&new.name)
+    .bind(new.cron.trim())
+    .bind(spec.tz.name())
+    .bind(&new.manifest)
+    .bind(source)
+    .bind(now)
+    .execute(&state.db.pool)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScheduleError {
+    #[error("cannot read the manifest {path} of schedule `{name}`")]
+    Read {
+        name: String,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("schedule `{name}` in the server config: {message}")]
+    Invalid { name: String, message: String },
+    #[error("cannot read or write the schedules")]
+    Db(#[source] sqlx::Error),
+}
+
+/// Stores the config's schedules (at start), and drops those the config no longer has.
+pub async fn load_config(state: &AppState) -> Result<(), ScheduleError> {
+    let stored: Vec<(String,)> =
+        sqlx::query_as("SELECT name FROM schedules WHERE source = 'config'")
+            .fetch_all(&state.db.pool)
+            .await
+            .map_err(ScheduleError::Db)?;
+    for (name,) in stored {
+        if !state.config.schedules.iter().any(|s| s.name == name) {
+            sqlx::query("DELETE FROM schedules WHERE name = $1 AND source = 'config'")
+                .bind(&name)
+                .execute(&state.db.pool)
+                .await
+                .map_err(ScheduleError::Db)?;
+            tracing::info!(schedule = %name, "schedule removed from the config: dropped");
+        }
+    }
+    for s in &state.config.schedules {
+        let manifest =
+            std::fs::read_to_string(&s.manifest).map_err(|source| ScheduleError::Read {
+                name: s.name.clone(),
+                path: s.manifest.clone(),
+                source,
+            })?;
+        let new = NewSchedule {
+            name: s.name.clone(),
+            cron: s.cron.clone(),
+            timezone: s.timezone.clone(),
+            manifest,
+        };
+        save(state, &new, Source::Config, now_ms())
+            .await
+            .map_err(|e| ScheduleError::Invalid {
+                name: s.name.clone(),
+                message: match e {
+                    AppError::Manifest(errors) => errors.render(&s.manifest.display().to_string()),
+                    other => other.to_string(),
+                },
+            })?;
+    }
+    Ok(())
+}
+
+type Row = (String, String, String, String, String, i64);
+
+async fn rows(state: &AppState, name: Option<&str>) -> AppResult<Vec<Row>> {
+    let sql = "SELECT name, cron, timezone, manifest, source, last_run_at FROM schedules";
+    let rows = match name {
+        Some(name) => {
+            sqlx::query_as(&format!("{sql} WHERE name = $1"))
+                .bind(name)
+                .fetch_all(&state.db.pool)
+                .await?
+        }
+        None => {
+            sqlx::query_as(&format!("{sql} ORDER BY name"))
+                .fetch_all(&state.db.pool)
+                .await?
+        }
+    };
+    Ok(rows)
+}
+
+fn view(row: Row) -> ScheduleView {
+    let (name, cron, timezone, manifest, source, last_run_at) = row;
+    let next_run_at = CronSpec::parse(&cron, Some(&timezone))
+        .ok()
+        .and_then(|spec| spec.next_after(last_run_at));
+    ScheduleView {
+        name,
+        cron,
+        timezone,
+        source,
+        manifest,
+        last_run_at,
+        next_run_at,
+    }
+}
+
+pub async fn list(state: &AppState) -> AppResult<Vec<ScheduleView>> {
+    Ok(rows(state, None).await?.into_iter().map(view).collect())
+}
+
+pub async fn get(state: &AppState, name: &str) -> AppResult<ScheduleView> {
+    rows(state, Some(name))
+        .await?
+        .into_iter()
+        .next()
+        .map(view)
+        .ok_or_else(|| AppError::NotFound(format!("no schedule `{name}`")))
+}
+
+/// The newest runs of a schedule, each a group with its jobs.
+pub async fn runs(state: &AppState, name: &str, limit: i64) -> AppResult<Vec<GroupView>> {
+    let ids: Vec<(i64,)> =
+        sqlx::query_as("SELECT id FROM job_groups WHERE schedule = $1 ORDER BY id DESC LIMIT $2")
+            .bind(name)
+            .bind(limit)
+            .fetch_all(&state.db.pool)
+            .await?;
+    let mut out = Vec::with_capacity(ids.len());
+    for (id,) in ids {
+        out.push(crate::jobs::group(state, id).await?);
+    }
+    Ok(out)
+}
+
+/// Enqueues every schedule that has a cron time in `(last run, now]`, once each. Returns the
+/// groups made. Replicas may tick together: the claim on `last_run_at` lets one of them win.
+pub async fn tick(state: &AppState, now: i64) -> AppResult<Vec<String>> {
+    let mut made = Vec::new();
+    for (name, cron, timezone, manifest, _, last_run_at) in rows(state, None).await? {
+        let spec = match CronSpec::parse(&cron, Some(&timezone)) {
+            Ok(spec) => spec,
+            Err(e) => {
+                tracing::error!(schedule = %name, "{e}");
+                continue;
+            }
+        };
+        let Some(due) = spec.latest_due(last_run_at, now) else {
+            continue;
+        };
+        let claimed = sqlx::query(
+            "UPDATE schedules SET last_run_at = $1 WHERE name = $2 AND last_run_at = $3",
+        )
+        .bind(due)
+        .bind(&name)
+        .bind(last_run_at)
+        .execute(&state.db.pool)
+        .await?;
+        if claimed.rows_affected() != 1 {
+            continue;
+        }
+        match crate::jobs::submit(state, &manifest, Some(&name)).await {
+            Ok(response) => {
+                tracing::info!(schedule = %name, group = %response.group_id, "scheduled run enqueued");
+                made.push(response.group_id);
+            }
+            Err(e) => tracing::error!(schedule = %name, error = %e, "scheduled run refused"),
+        }
+    }
+    Ok(made)
+}
+
+/// Ticks every second on the system clock, for as long as the server runs.
+pub async fn run(state: AppState) {
+    loop {
+        if let Err(e) = tick(&state, now_ms()).await {
+            tracing::error!(error = %e, "schedule tick failed; trying again");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// `GET /api/schedules`
+pub async fn api_list(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> AppResult<Json<Vec<ScheduleView>>> {
+    caller.require(Scope::Read)?;
+    Ok(Json(list(&state).await?))
+}
+
+/// `POST /api/schedules`: `{name, cron, timezone?, manifest}`.
+pub async fn api_create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Json(new): Json<NewSchedule>,
+) -> AppResult<(StatusCode, Json<ScheduleView>)> {
+    caller.require(Scope::Submit)?;
+    save(&state, &new, Source::Ui, now_ms()).await?;
+    Ok((StatusCode::CREATED, Json(get(&state, &new.name).await?)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(text: &str) -> i64 {
+        DateTime::parse_from_rfc3339(text)
+            .unwrap()
+            .timestamp_millis()
+    }
+
+    #[test]
+    fn test_next_run_in_utc_and_in_a_time_zone() {
+        let utc = CronSpec::parse("0 3 * * *", None).unwrap();
+        assert_eq!(
+            utc.next_after(ms("2026-11-22T02:00:00Z")),
+            Some(ms("2026-11-22T03:00:00Z"))
+        );
+        let paris = CronSpec::parse("0 3 * * *", Some("Europe/Paris")).unwrap();
+        assert_eq!(
+            paris.next_after(ms("2026-11-22T00:00:00Z")),
+            Some(ms("2026-11-22T02:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn test_missed_runs_collapse_into_the_newest() {
+        let hourly = CronSpec::parse("0 * * * *", None).unwrap();
+        let due = hourly.latest_due(ms("2026-11-22T00:30:00Z"), ms("2026-11-22T05:10:00Z"));
+        assert_eq!(due, Some(ms("2026-11-22T05:00:00Z")));
+        assert_eq!(
+            hourly.latest_due(ms("2026-11-22T05:00:00Z"), ms("2026-11-22T05:10:00Z")),
+            None
+        );
+    }
+
+    #[test]
+    fn test_bad_input_says_what_is_wrong() {
+        let err = CronSpec::parse("61 * * * *", None).unwrap_err();
+        assert!(
+            err.contains("invalid cron expression `61 * * * *`"),
+            "{err}"
+        );
+        let err = CronSpec::parse("0 3 * * *", Some("Mars/Olympus")).unwrap_err();
+        assert!(err.contains("unknown time zone `Mars/Olympus`"), "{err}");
+        assert!(check_schedule_name("Nightly").is_err());
+        assert!(check_schedule_name("nightly-x86").is_ok());
+    }
+}

@@ -1,0 +1,219 @@
+//! Triggers: when a job reaches its final state, each `[[triggers]]` of its manifest that fires
+//! for that outcome gets a delivery: a POST of the job's JSON to its webhook, retried with
+//! exponential backoff until it is answered 2xx or its attempts are used. Deliveries live in the
+//! database, so a restart goes on with them, and the job page shows their status.
+
+use crate::db::now_ms;
+use crate::error::{AppError, AppResult};
+use crate::state::AppState;
+use serde::Serialize;
+use std::time::Duration;
+use vmfarm_proto::{JobState, Manifest};
+
+/// A delivery as the job page shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryView {
+    pub on: String,
+    pub url: String,
+    /// `pending`, `delivered` or `failed`.
+    pub state: String,
+    pub attempts: i64,
+    pub last_status: Option<String>,
+    pub next_attempt_at: i64,
+}
+
+/// Called where a job ends (worker state update, lease reaper, cancel): queues its webhooks.
+/// Never fails its caller: the job has ended either way; a problem here is logged.
+pub async fn job_ended(state: &AppState, job_id: i64) {
+    if let Err(e) = queue(state, job_id).await {
+        tracing::error!(job = job_id, error = %e, "cannot queue the job's triggers");
+    }
+}
+
+async fn queue(state: &AppState, job_id: i64) -> AppResult<()> {
+    let row: Option<(String, String)> =
+        sqlx::query_as("SELECT state, manifest FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_optional(&state.db.pool)
+            .await?;
+    let Some((job_state, text)) = row else {
+        return Ok(());
+    };
+    let job_state: JobState = job_state.parse().map_err(AppError::internal)?;
+    if !job_state.is_terminal() {
+        return Ok(());
+    }
+    // A manifest was valid when it was queued; one that no longer parses has no triggers.
+    let Ok(manifest) = Manifest::parse(&text) else {
+        return Ok(());
+    };
+    let succeeded = job_state == JobState::Succeeded;
+    let firing: Vec<_> = manifest
+        .triggers
+        .iter()
+        .filter(|t| t.on.fires(succeeded))
+        .collect();
+    if firing.is_empty() {
+        return Ok(());
+    }
+    let now = now_ms();
+    let mut tx = state.db.pool.begin().await?;
+    let (already,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM trigger_deliveries WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_one(&mut *tx)
+            .await?;
+    if already > 0 {
+        return Ok(());
+    }
+    for trigger in firing {
+        let on = serde_json::to_value(trigger.on).map_err(AppError::internal)?;
+        sqlx::query(
+            "INSERT INTO trigger_deliveries (job_id, trigger_on, url, state, attempts, next_attempt_at, created_at) \
+             VALUES ($1, $2, $3, 'pending', 0, $4, $4)",
+        )
+        .bind(job_id)
+        .bind(on.as_str().unwrap_or("always"))
+        .bind(&trigger.webhook)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    state.events.triggers.notify_one();
+    Ok(())
+}
+
+/// The deliveries of a job, oldest first.
+pub async fn for_job(state: &AppState, job_id: i64) -> AppResult<Vec<DeliveryView>> {
+    let rows: Vec<(String, String, String, i64, Option<String>, i64)> = sqlx::query_as(
+        "SELECT trigger_on, url, state, attempts, last_status, next_attempt_at \
+         FROM trigger_deliveries WHERE job_id = $1 ORDER BY id",
+    )
+    .bind(job_id)
+    .fetch_all(&state.db.pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(on, url, state, attempts, last_status, next_attempt_at)| DeliveryView {
+                on,
+                url,
+                state,
+                attempts,
+                last_status,
+                next_attempt_at,
+            },
+        )
+        .collect())
+}
+
+/// The wait before retry `n` (1 = the first retry): `first * 2^(n-1)`, at most an hour.
+pub fn backoff(first: Duration, retry: u32) -> Duration {
+    let factor = 2u32.saturating_pow(retry.saturating_sub(1).min(20));
+    first.saturating_mul(factor).min(Duration::from_secs(3600))
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Makes every delivery that is due at `now`. Returns how many were tried.
+pub async fn deliver_due(state: &AppState, http: &reqwest::Client, now: i64) -> AppResult<usize> {
+    let due: Vec<(i64, i64, String, i64, i64)> = sqlx::query_as(
+        "SELECT id, job_id, url, attempts, next_attempt_at FROM trigger_deliveries \
+         WHERE state = 'pending' AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT 32",
+    )
+    .bind(now)
+    .fetch_all(&state.db.pool)
+    .await?;
+    let config = &state.config.triggers;
+    let mut tried = 0;
+    for (id, job_id, url, attempts, next_at) in due {
+        // Claim it (another replica may be delivering too) until well after this try's timeout.
+        let claimed = sqlx::query(
+            "UPDATE trigger_deliveries SET next_attempt_at = $1 WHERE id = $2 AND state = 'pending' \
+             AND next_attempt_at = $3",
+        )
+        .bind(now.saturating_add(2 * ms(config.timeout.0)))
+        .bind(id)
+        .bind(next_at)
+        .execute(&state.db.pool)
+        .await?;
+        if claimed.rows_affected() != 1 {
+            continue;
+        }
+        tried += 1;
+        let job = crate::jobs::get(state, job_id).await?;
+        let outcome = http
+            .post(&url)
+            .header("X-Vmfarm-Event", "job.finished")
+            .timeout(config.timeout.0)
+            .json(&job)
+            .send()
+            .await;
+        let attempts = attempts + 1;
+        let (ok, status) = match outcome {
+            Ok(r) => (r.status().is_success(), r.status().to_string()),
+            Err(e) if e.is_timeout() => (false, format!("no answer in {}", config.timeout)),
+            Err(e) if e.is_connect() => (false, "cannot connect".to_owned()),
+            Err(_) => (false, "request failed".to_owned()),
+        };
+        let finished = now_ms();
+        let (next_state, next_at) = if ok {
+            ("delivered", finished)
+        } else if attempts >= i64::from(config.max_attempts) {
+            ("failed", finished)
+        } else {
+            let retry = u32::try_from(attempts).unwrap_or(u32::MAX);
+            (
+                "pending",
+                finished.saturating_add(ms(backoff(config.first_retry.0, retry))),
+            )
+        };
+        tracing::info!(job = job_id, %url, attempts, %status, "webhook {next_state}");
+        sqlx::query(
+            "UPDATE trigger_deliveries SET state = $1, attempts = $2, last_status = $3, \
+             next_attempt_at = $4, finished_at = $5 WHERE id = $6",
+        )
+        .bind(next_state)
+        .bind(attempts)
+        .bind(&status)
+        .bind(next_at)
+        .bind((next_state != "pending").then_some(finished))
+        .bind(id)
+        .execute(&state.db.pool)
+        .await?;
+        state.events.job_changed(job_id);
+    }
+    Ok(tried)
+}
+
+/// Delivers webhooks for as long as the server runs: at once when a job ends, and every
+/// half second for retries that come due.
+pub async fn run(state: AppState) {
+    let http = reqwest::Client::new();
+    loop {
+        if let Err(e) = deliver_due(&state, &http, now_ms()).await {
+            tracing::error!(error = %e, "webhook delivery failed; trying again");
+        }
+        tokio::select! {
+            _ = state.events.triggers.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_backoff_doubles_and_is_capped() {
+        let first = Duration::from_secs(2);
+        assert_eq!(backoff(first, 1), Duration::from_secs(2));
+        assert_eq!(backoff(first, 2), Duration::from_secs(4));
+        assert_eq!(backoff(first, 4), Duration::from_secs(16));
+        assert_eq!(backoff(first, 40), Duration::from_secs(3600));
+    }
+}

@@ -1,0 +1,342 @@
+//! Logging in to the web UI: users (argon2 hashes, from the config or `vmfarm server user add`)
+//! or an API token, a session cookie (HttpOnly, SameSite=Strict, Secure), and CSRF tokens.
+
+use super::{WebError, WebResult, render, see_other};
+use crate::auth::{Caller, hash_token, scope_name};
+use crate::config::Scope;
+use crate::db::{Db, now_ms};
+use crate::error::AppError;
+use crate::state::AppState;
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use axum::Form;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+
+const SESSION_COOKIE: &str = "vmfarm_session";
+const LOGIN_COOKIE: &str = "vmfarm_login";
+
+/// Who is logged in, and the CSRF token their forms must carry.
+#[derive(Debug, Clone)]
+pub struct WebUser {
+    pub name: String,
+    pub csrf: String,
+    pub scopes: Vec<Scope>,
+}
+
+impl WebUser {
+    /// The same rights as an API caller.
+    pub fn caller(&self) -> Caller {
+        Caller::Api {
+            name: self.name.clone(),
+            scopes: self.scopes.clone(),
+        }
+    }
+
+    /// Refuses a form whose CSRF token is not this session's.
+    pub fn check_csrf(&self, sent: &str) -> WebResult<()> {
+        if constant_time_eq(sent.as_bytes(), self.csrf.as_bytes()) {
+            Ok(())
+        } else {
+            Err(WebError(AppError::Forbidden(
+                "this form has expired or did not come from this site: reload the page and try again"
+                    .into(),
+            )))
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+fn set_cookie(state: &AppState, name: &str, value: &str, max_age_secs: u64) -> String {
+    let secure = if state.config.web.secure_cookie {
+        "; Secure"
+    } else {
+        ""
+    };
+    format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age_secs}{secure}")
+}
+
+fn parse_scopes(text: &str) -> Vec<Scope> {
+    text.split(',')
+        .filter_map(|s| match s {
+            "submit" => Some(Scope::Submit),
+            "read" => Some(Scope::Read),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Pages that need a login send the browser to `/login` instead.
+pub struct LoginRedirect;
+
+impl IntoResponse for LoginRedirect {
+    fn into_response(self) -> Response {
+        see_other("/login")
+    }
+}
+
+impl FromRequestParts<AppState> for WebUser {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
+        let Some(id) = cookie(&parts.headers, SESSION_COOKIE) else {
+            return Err(LoginRedirect.into_response());
+        };
+        let row: Option<(String, String, String)> = sqlx::query_as(
+            "SELECT user_name, csrf, scopes FROM web_sessions WHERE hash = $1 AND expires_at > $2",
+        )
+        .bind(hash_token(id))
+        .bind(now_ms())
+        .fetch_optional(&state.db.pool)
+        .await
+        .map_err(|e| WebError::from(e).into_response())?;
+        match row {
+            Some((name, csrf, scopes)) => Ok(WebUser {
+                name,
+                csrf,
+                scopes: parse_scopes(&scopes),
+            }),
+            None => Err(LoginRedirect.into_response()),
+        }
+    }
+}
+
+/// An argon2id hash of `password` in PHC form.
+pub fn hash_password(password: &str) -> Result<String, AppError> {
+    let mut salt = [0u8; 16];
+    getrandom::fill(&mut salt).map_err(AppError::internal)?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| AppError::internal(e.to_string()))?;
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| AppError::internal(e.to_string()))
+}
+
+fn verify_password(password: &str, hash: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
+/// Checks a user name for `vmfarm server user add` and logins.
+pub fn check_user_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "user name `{name}`: use 1 to 64 of letters, digits, `-`, `_`, `.`, `@`"
+        ))
+    }
+}
+
+/// Adds (or replaces the password of) a web UI user.
+pub async fn add_user(db: &Db, name: &str, password: &str) -> Result<(), AppError> {
+    check_user_name(name).map_err(AppError::BadRequest)?;
+    if password.chars().count() < 8 {
+        return Err(AppError::BadRequest(
+            "the password is shorter than 8 characters".into(),
+        ));
+    }
+    let hash = hash_password(password)?;
+    sqlx::query(
+        "INSERT INTO users (name, password_hash, created_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash",
+    )
+    .bind(name)
+    .bind(hash)
+    .bind(now_ms())
+    .execute(&db.pool)
+    .await?;
+    Ok(())
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct LoginForm {
+    #[serde(default)]
+    user: String,
+    password: String,
+    csrf: String,
+}
+
+fn login_form(state: &AppState, error: Option<&str>, user: &str) -> WebResult<Response> {
+    let token = crate::random::random_hex(16).map_err(AppError::internal)?;
+    let page = render(
+        "login.html",
+        minijinja::context! { csrf => token, error => error, user => user },
+    )?;
+    Ok((
+        [(
+            header::SET_COOKIE,
+            set_cookie(state, LOGIN_COOKIE, &token, 3600),
+        )],
+        page,
+    )
+        .into_response())
+}
+
+pub async fn login_page(State(state): State<AppState>) -> WebResult<Response> {
+    login_form(&state, None, "")
+}
+
+/// Who a name and password (or, with no name, an API token) are.
+async fn authenticate(state: &AppState, form: &LoginForm) -> WebResult<Option<(String, String)>> {
+    let user = form.user.trim();
+    if user.is_empty() {
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT name, scopes FROM tokens WHERE hash = $1 AND kind = 'api'")
+                .bind(hash_token(form.password.trim()))
+                .fetch_optional(&state.db.pool)
+                .await?;
+        return Ok(row.map(|(name, scopes)| (format!("token {name}"), scopes)));
+    }
+    let configured = state
+        .config
+        .users
+        .iter()
+        .find(|u| u.name == user)
+        .map(|u| u.password_hash.clone());
+    let hash = match configured {
+        Some(hash) => Some(hash),
+        None => {
+            let row: Option<(String,)> =
+                sqlx::query_as("SELECT password_hash FROM users WHERE name = $1")
+                    .bind(user)
+                    .fetch_optional(&state.db.pool)
+                    .await?;
+            row.map(|(h,)| h)
+        }
+    };
+    // People may submit, read and manage schedules; token logins keep their token's scopes.
+    let scopes = [Scope::Submit, Scope::Read].map(scope_name).join(",");
+    Ok(hash
+        .filter(|h| verify_password(&form.password, h))
+        .map(|_| (user.to_owned(), scopes)))
+}
+
+pub async fn login(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(form): Form<LoginForm>,
+) -> WebResult<Response> {
+    let expected = cookie(&headers, LOGIN_COOKIE).unwrap_or("");
+    if expected.is_empty() || !constant_time_eq(expected.as_bytes(), form.csrf.as_bytes()) {
+        return login_form(
+            &state,
+            Some("The login form expired: please try again."),
+            &form.user,
+        );
+    }
+    let Some((name, scopes)) = authenticate(&state, &form).await? else {
+        return login_form(
+            &state,
+            Some("Unknown user name or wrong password (or token)."),
+            &form.user,
+        );
+    };
+    let id = crate::random::random_hex(32).map_err(AppError::internal)?;
+    let csrf = crate::random::random_hex(16).map_err(AppError::internal)?;
+    let ttl = state.config.web.session_ttl.0;
+    let now = now_ms();
+    sqlx::query("DELETE FROM web_sessions WHERE expires_at < $1")
+        .bind(now)
+        .execute(&state.db.pool)
+        .await?;
+    sqlx::query(
+        "INSERT INTO web_sessions (hash, user_name, scopes, csrf, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(hash_token(&id))
+    .bind(&name)
+    .bind(&scopes)
+    .bind(&csrf)
+    .bind(now)
+    .bind(now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)))
+    .execute(&state.db.pool)
+    .await?;
+    tracing::info!(user = %name, "web login");
+    let mut response = see_other("/");
+    let headers = response.headers_mut();
+    for value in [
+        set_cookie(&state, SESSION_COOKIE, &id, ttl.as_secs()),
+        set_cookie(&state, LOGIN_COOKIE, "", 0),
+    ] {
+        if let Ok(v) = value.parse() {
+            headers.append(header::SET_COOKIE, v);
+        }
+    }
+    Ok(response)
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct CsrfForm {
+    pub csrf: String,
+}
+
+pub async fn logout(
+    State(state): State<AppState>,
+    user: WebUser,
+    headers: HeaderMap,
+    Form(form): Form<CsrfForm>,
+) -> WebResult<Response> {
+    user.check_csrf(&form.csrf)?;
+    if let Some(id) = cookie(&headers, SESSION_COOKIE) {
+        sqlx::query("DELETE FROM web_sessions WHERE hash = $1")
+            .bind(hash_token(id))
+            .execute(&state.db.pool)
+            .await?;
+    }
+    let mut response = see_other("/login");
+    if let Ok(v) = set_cookie(&state, SESSION_COOKIE, "", 0).parse() {
+        response.headers_mut().append(header::SET_COOKIE, v);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_password_hashes_verify() {
+        let hash = hash_password("correct horse").unwrap();
+        assert!(hash.starts_with("$argon2id$"), "{hash}");
+        assert!(verify_password("correct horse", &hash));
+        assert!(!verify_password("wrong horse", &hash));
+        assert!(!verify_password("x", "not a hash"));
+    }
+
+    #[test]
+    fn test_cookie_is_found_among_others() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            "a=1; vmfarm_session=abc; b=2".parse().unwrap(),
+        );
+        assert_eq!(cookie(&headers, SESSION_COOKIE), Some("abc"));
+        assert_eq!(cookie(&headers, LOGIN_COOKIE), None);
+    }
+}
