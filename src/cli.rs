@@ -47,25 +47,6 @@ pub enum Command {
     Bench(BenchArgs),
 }
 
-impl Command {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Command::Up(_) => "up",
-            Command::Server(_) => "server",
-            Command::Worker(_) => "worker",
-            Command::Submit(_) => "submit",
-            Command::Status(_) => "status",
-            Command::Logs(_) => "logs",
-            Command::Artifacts(_) => "artifacts",
-            Command::Cancel(_) => "cancel",
-            Command::Validate(_) => "validate",
-            Command::Images(_) => "images",
-            Command::Vm(_) => "vm",
-            Command::Bench(_) => "bench",
-        }
-    }
-}
-
 /// How a client reaches a server.
 #[derive(Debug, Args)]
 pub struct ClientArgs {
@@ -233,27 +214,7 @@ pub struct ValidateArgs {
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
     /// Boot one guest in this process; the console goes to stdout.
-    Run(VmRunArgs),
-}
-
-#[derive(Debug, Args)]
-pub struct VmRunArgs {
-    #[arg(long)]
-    pub kernel: PathBuf,
-    #[arg(long)]
-    pub initrd: Option<PathBuf>,
-    /// A disk image, raw or qcow2; `PATH,ro` attaches it read-only.
-    #[arg(long = "disk")]
-    pub disks: Vec<String>,
-    /// Unix socket for the guest's vsock (hybrid: `CONNECT <port>`).
-    #[arg(long)]
-    pub vsock: Option<PathBuf>,
-    #[arg(long, default_value_t = 1)]
-    pub cpus: u32,
-    #[arg(long, default_value = "512MiB")]
-    pub memory: String,
-    #[arg(long, default_value = "")]
-    pub cmdline: String,
+    Run(vmfarm_worker::vmm::cli::VmRunArgs),
 }
 
 #[derive(Debug, Args)]
@@ -263,7 +224,11 @@ pub struct BenchArgs {
     #[arg(long)]
     pub postgres: Option<String>,
     /// `job-start`: the images dir holding the `tiny` image.
-    #[arg(long, env = "VMFARM_IMAGES_DIR", default_value = "./vmfarm-data/images")]
+    #[arg(
+        long,
+        env = "VMFARM_IMAGES_DIR",
+        default_value = "./vmfarm-data/images"
+    )]
     pub images_dir: PathBuf,
 }
 

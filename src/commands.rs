@@ -209,7 +209,11 @@ pub async fn artifacts(args: ArtifactsArgs) -> anyhow::Result<ExitCode> {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
         }
-        let path = format!("/api/jobs/{}/artifacts/{}", args.job, encode_artifact_path(&artifact.name));
+        let path = format!(
+            "/api/jobs/{}/artifacts/{}",
+            args.job,
+            encode_artifact_path(&artifact.name)
+        );
         let response = client.send(client.request(Method::GET, &path)).await?;
         let bytes = response.bytes().await?;
         let got = hex::encode(Sha256::digest(&bytes));

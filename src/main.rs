@@ -34,8 +34,19 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Up(args) => block_on(async { up_cmd::run(args).await.map(|()| ExitCode::SUCCESS) }),
-        Command::Worker(args) => block_on(async { worker_cmd::run(args).await.map(|()| ExitCode::SUCCESS) }),
+        Command::Up(args) => {
+            block_on(async { up_cmd::run(args).await.map(|()| ExitCode::SUCCESS) })
+        }
+        Command::Vm(cli::VmCommand::Run(args)) => match vmfarm_worker::vmm::run::run(&args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("vmfarm vm run: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Worker(args) => {
+            block_on(async { worker_cmd::run(args).await.map(|()| ExitCode::SUCCESS) })
+        }
         Command::Submit(args) => block_on(commands::submit(args)),
         Command::Status(args) => block_on(commands::status(args)),
         Command::Logs(args) => block_on(commands::logs(args)),
@@ -44,7 +55,11 @@ fn main() -> ExitCode {
         Command::Bench(args) => block_on(async {
             match args.which {
                 cli::BenchKind::Queue => {
-                    bench::queue::run(args.postgres.or_else(|| std::env::var("VMFARM_TEST_POSTGRES").ok())).await?
+                    bench::queue::run(
+                        args.postgres
+                            .or_else(|| std::env::var("VMFARM_TEST_POSTGRES").ok()),
+                    )
+                    .await?
                 }
                 cli::BenchKind::JobStart => bench::job_start::run(args.images_dir).await?,
                 cli::BenchKind::Boot => anyhow::bail!(
@@ -53,13 +68,6 @@ fn main() -> ExitCode {
             }
             Ok(ExitCode::SUCCESS)
         }),
-        other => {
-            eprintln!(
-                "vmfarm {}: not built yet — this subcommand arrives with its issue",
-                other.name()
-            );
-            ExitCode::from(2)
-        }
     }
 }
 

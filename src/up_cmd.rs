@@ -20,7 +20,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ..ServerConfig::default()
     };
     let running = vmfarm_server::serve::start(config).await?;
-    let worker_token = vmfarm_server::admin::create_token(&running.state.db, &Caller::Worker { name: "local".into() }).await?;
+    let worker_token = vmfarm_server::admin::create_token(
+        &running.state.db,
+        &Caller::Worker {
+            name: "local".into(),
+        },
+    )
+    .await?;
     let images_dir = data.join("images");
     println!("vmfarm is up: http://{}", running.addr);
     println!("  admin token: {}", data.join("admin-token").display());
@@ -30,7 +36,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let images_dir = images_dir.clone();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = build_missing(&images_dir) {
-                eprintln!("vmfarm: {e:#}\n  (the server keeps running; jobs for a missing image wait in the queue)");
+                eprintln!(
+                    "vmfarm: {e:#}\n  (the server keeps running; jobs for a missing image wait in the queue)"
+                );
             }
         });
     }
@@ -52,7 +60,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
 /// Builds the default images that are not there yet, saying what it does.
 fn build_missing(images_dir: &Path) -> anyhow::Result<()> {
-    let recipes = PathBuf::from(std::env::var_os("VMFARM_RECIPES").unwrap_or_else(|| "configs/images".into()));
+    let recipes = PathBuf::from(
+        std::env::var_os("VMFARM_RECIPES").unwrap_or_else(|| "configs/images".into()),
+    );
     let agent = match std::env::var_os("VMFARM_AGENT") {
         Some(agent) => PathBuf::from(agent),
         None => images::default_agent()?,
@@ -65,8 +75,10 @@ fn build_missing(images_dir: &Path) -> anyhow::Result<()> {
     for name in IMAGES {
         let recipe = Recipe::load(name, &recipes)?;
         eprintln!("image {name}: making sure it is built (the first time takes minutes)");
-        let report = images::build(&recipe, &options, &mut |step| eprintln!("image {name}: {step}"))
-            .with_context(|| format!("building image {name}"))?;
+        let report = images::build(&recipe, &options, &mut |step| {
+            eprintln!("image {name}: {step}")
+        })
+        .with_context(|| format!("building image {name}"))?;
         let state = if report.reused { "ready" } else { "built" };
         eprintln!("image {name}: {state} ({})", report.image.manifest.version);
     }

@@ -14,31 +14,54 @@ use std::time::{Duration, Instant};
 const WORKER: &str = "[slots]\ncpus = 2\nmemory = \"2GiB\"\n[guest]\ndefault_cpus = 1\ndefault_memory = \"512MiB\"\nboot_timeout = \"120s\"\n";
 const FAST_LEASES: &str = "[leases]\nttl = \"4s\"\nmax_attempts = 3\nlong_poll = \"2s\"\n";
 
-async fn wait_for(api: &Api, id: &str, what: &str, ok: impl Fn(&Value) -> bool, limit: Duration) -> Value {
+async fn wait_for(
+    api: &Api,
+    id: &str,
+    what: &str,
+    ok: impl Fn(&Value) -> bool,
+    limit: Duration,
+) -> Value {
     let deadline = Instant::now() + limit;
     loop {
         let job = api.get_json(&format!("/api/jobs/{id}")).await;
         if ok(&job) {
             return job;
         }
-        assert!(Instant::now() < deadline, "job {id} never got {what}: {job}");
+        assert!(
+            Instant::now() < deadline,
+            "job {id} never got {what}: {job}"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
 async fn wait_state(api: &Api, id: &str, state: &str) -> Value {
-    wait_for(api, id, state, |j| j["state"] == state, Duration::from_secs(300)).await
+    wait_for(
+        api,
+        id,
+        state,
+        |j| j["state"] == state,
+        Duration::from_secs(300),
+    )
+    .await
 }
 
 async fn wait_ended(api: &Api, id: &str) -> Value {
     let ended = |j: &Value| {
-        ["succeeded", "failed", "timed_out", "cancelled", "error"].contains(&j["state"].as_str().unwrap_or(""))
+        ["succeeded", "failed", "timed_out", "cancelled", "error"]
+            .contains(&j["state"].as_str().unwrap_or(""))
     };
     wait_for(api, id, "to an end", ended, Duration::from_secs(300)).await
 }
 
 async fn log_of(api: &Api, id: &str) -> String {
-    api.req(Method::GET, &format!("/api/jobs/{id}/log")).send().await.unwrap().text().await.unwrap()
+    api.req(Method::GET, &format!("/api/jobs/{id}/log"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 fn cli(server: &TestServer, args: &[&str]) -> std::process::Output {
@@ -51,7 +74,11 @@ fn cli(server: &TestServer, args: &[&str]) -> std::process::Output {
 }
 
 fn example(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/examples").join(name).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs/examples")
+        .join(name)
+        .display()
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -61,19 +88,45 @@ async fn test_artifacts_come_back_through_the_cli() {
     let worker = TestWorker::start(&server, 0, &dir, WORKER);
     let out = cli(&server, &["submit", "--follow", &example("artifacts.toml")]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), worker.log());
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        worker.log()
+    );
     let id = stdout.split_whitespace().next().unwrap().to_owned();
-    assert!(stdout.contains("[vmfarm] task produce"), "the log streamed: {stdout}");
+    assert!(
+        stdout.contains("[vmfarm] task produce"),
+        "the log streamed: {stdout}"
+    );
 
     let outdir = tempfile::tempdir().unwrap();
-    let out = cli(&server, &["artifacts", &id, "--out", outdir.path().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(
+        &server,
+        &["artifacts", &id, "--out", outdir.path().to_str().unwrap()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let sums = std::fs::read_to_string(outdir.path().join("out/SHA256SUMS")).unwrap();
     let tarball = outdir.path().join("out/parts.tar.gz");
     let check = Command::new("sha256sum").arg(&tarball).output().unwrap();
-    let ours = String::from_utf8_lossy(&check.stdout).split_whitespace().next().unwrap().to_owned();
-    assert!(sums.starts_with(&ours), "the guest's sha256 {sums} matches ours {ours}");
-    let list = Command::new("tar").arg("-tzf").arg(&tarball).output().unwrap();
+    let ours = String::from_utf8_lossy(&check.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(
+        sums.starts_with(&ours),
+        "the guest's sha256 {sums} matches ours {ours}"
+    );
+    let list = Command::new("tar")
+        .arg("-tzf")
+        .arg(&tarball)
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&list.stdout).lines().count(), 3);
 
     let api = server.admin();
@@ -81,8 +134,15 @@ async fn test_artifacts_come_back_through_the_cli() {
     assert_eq!(job["state"], "succeeded");
     assert!(job["image_version"].is_string());
     let log = log_of(&api, &id).await;
-    assert!(log.contains("vmfarm-agent ready SHA256:"), "the console is in the log");
-    assert!(worker.guest_processes().is_empty(), "{:?}", worker.guest_processes());
+    assert!(
+        log.contains("vmfarm-agent ready SHA256:"),
+        "the console is in the log"
+    );
+    assert!(
+        worker.guest_processes().is_empty(),
+        "{:?}",
+        worker.guest_processes()
+    );
     assert!(worker.leftovers().is_empty(), "{:?}", worker.leftovers());
 }
 
@@ -93,7 +153,12 @@ async fn test_failure_timeout_and_cancel_end_as_they_should() {
     let _worker = TestWorker::start(&server, 0, &dir, WORKER);
     let api = server.admin();
 
-    let failing = api.submit(&std::fs::read_to_string(example("failing-task.toml")).unwrap()).await.jobs[0].id.clone();
+    let failing = api
+        .submit(&std::fs::read_to_string(example("failing-task.toml")).unwrap())
+        .await
+        .jobs[0]
+        .id
+        .clone();
     let slow = api
         .submit("image = \"tiny\"\n[[tasks]]\nname = \"sleepy\"\ntimeout = \"3s\"\nscript = \"echo start; sleep 60\"\n")
         .await
@@ -109,10 +174,20 @@ async fn test_failure_timeout_and_cancel_end_as_they_should() {
         .iter()
         .map(|t| (t["name"].as_str().unwrap(), t["state"].as_str().unwrap()))
         .collect();
-    assert_eq!(tasks, [("ok", "succeeded"), ("fails", "failed"), ("never-runs", "skipped")]);
+    assert_eq!(
+        tasks,
+        [
+            ("ok", "succeeded"),
+            ("fails", "failed"),
+            ("never-runs", "skipped")
+        ]
+    );
     assert_eq!(job["tasks"][1]["exit_code"], 3);
     let log = log_of(&api, &failing).await;
-    assert!(log.contains("this one works") && log.contains("about to fail"), "{log}");
+    assert!(
+        log.contains("this one works") && log.contains("about to fail"),
+        "{log}"
+    );
     assert!(!log.contains("you should not see this"));
 
     let job = wait_ended(&api, &slow).await;
@@ -121,18 +196,34 @@ async fn test_failure_timeout_and_cancel_end_as_they_should() {
     assert!(log_of(&api, &slow).await.contains("start"));
 
     let cancelled = api
-        .submit("image = \"tiny\"\n[[tasks]]\nname = \"forever\"\nscript = \"echo going; sleep 600\"\n")
+        .submit(
+            "image = \"tiny\"\n[[tasks]]\nname = \"forever\"\nscript = \"echo going; sleep 600\"\n",
+        )
         .await
         .jobs[0]
         .id
         .clone();
-    wait_for(&api, &cancelled, "its task running", |j| j["tasks"][0]["state"] == "running", Duration::from_secs(300)).await;
+    wait_for(
+        &api,
+        &cancelled,
+        "its task running",
+        |j| j["tasks"][0]["state"] == "running",
+        Duration::from_secs(300),
+    )
+    .await;
     let asked = Instant::now();
-    api.req(Method::POST, &format!("/api/jobs/{cancelled}/cancel")).send().await.unwrap();
+    api.req(Method::POST, &format!("/api/jobs/{cancelled}/cancel"))
+        .send()
+        .await
+        .unwrap();
     let job = wait_ended(&api, &cancelled).await;
     assert_eq!(job["state"], "cancelled", "{job}");
     assert_eq!(job["tasks"][0]["state"], "cancelled");
-    assert!(asked.elapsed() < Duration::from_secs(30), "cancelled within seconds, took {:?}", asked.elapsed());
+    assert!(
+        asked.elapsed() < Duration::from_secs(30),
+        "cancelled within seconds, took {:?}",
+        asked.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -140,7 +231,12 @@ async fn test_a_guest_that_never_gets_ready_ends_in_error_with_its_console() {
     let tiny = images(&["tiny"]);
     // An image whose initramfs is not one: the kernel boots, finds no init, and panics.
     let scratch = tempfile::tempdir().unwrap();
-    let newest = std::fs::read_dir(tiny.join("tiny")).unwrap().flatten().map(|e| e.path()).max().unwrap();
+    let newest = std::fs::read_dir(tiny.join("tiny"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .max()
+        .unwrap();
     let broken = scratch.path().join("broken/1");
     std::fs::create_dir_all(&broken).unwrap();
     for file in ["kernel", "rootfs.qcow2"] {
@@ -154,12 +250,26 @@ async fn test_a_guest_that_never_gets_ready_ends_in_error_with_its_console() {
     let server = TestServer::start(Backend::Sqlite);
     let worker = TestWorker::start(&server, 0, scratch.path(), &WORKER.replace("120s", "60s"));
     let api = server.admin();
-    let id = api.submit("image = \"broken\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n").await.jobs[0].id.clone();
+    let id = api
+        .submit("image = \"broken\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n")
+        .await
+        .jobs[0]
+        .id
+        .clone();
     let job = wait_ended(&api, &id).await;
     assert_eq!(job["state"], "error", "{job}");
-    assert!(job["reason"].as_str().unwrap().contains("waiting for the guest agent"), "{job}");
+    assert!(
+        job["reason"]
+            .as_str()
+            .unwrap()
+            .contains("waiting for the guest agent"),
+        "{job}"
+    );
     let log = log_of(&api, &id).await;
-    assert!(log.contains("Kernel panic") || log.contains("Linux version"), "the console is in the log: {log}");
+    assert!(
+        log.contains("Kernel panic") || log.contains("Linux version"),
+        "the console is in the log: {log}"
+    );
     assert!(worker.guest_processes().is_empty());
 }
 
@@ -171,7 +281,9 @@ async fn test_two_slots_run_two_jobs_and_the_third_waits() {
     let api = server.admin();
     let mut ids = Vec::new();
     for i in 0..3 {
-        let text = format!("image = \"tiny\"\n[[tasks]]\nname = \"t\"\nscript = \"echo job {i}; sleep 8\"\n");
+        let text = format!(
+            "image = \"tiny\"\n[[tasks]]\nname = \"t\"\nscript = \"echo job {i}; sleep 8\"\n"
+        );
         ids.push(api.submit(&text).await.jobs[0].id.clone());
     }
     // While two run, the third is still queued.
@@ -189,7 +301,10 @@ async fn test_two_slots_run_two_jobs_and_the_third_waits() {
         seen_two_running_one_queued = running == 2 && queued == 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert!(seen_two_running_one_queued, "two ran while the third waited");
+    assert!(
+        seen_two_running_one_queued,
+        "two ran while the third waited"
+    );
     for id in &ids {
         assert_eq!(wait_ended(&api, id).await["state"], "succeeded");
     }
@@ -207,10 +322,21 @@ async fn test_a_killed_worker_loses_nothing() {
         .jobs[0]
         .id
         .clone();
-    wait_for(&api, &id, "its task running", |j| j["tasks"][0]["state"] == "running", Duration::from_secs(300)).await;
+    wait_for(
+        &api,
+        &id,
+        "its task running",
+        |j| j["tasks"][0]["state"] == "running",
+        Duration::from_secs(300),
+    )
+    .await;
     worker.kill9();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(worker.guest_processes().is_empty(), "the guest died with its worker: {:?}", worker.guest_processes());
+    assert!(
+        worker.guest_processes().is_empty(),
+        "the guest died with its worker: {:?}",
+        worker.guest_processes()
+    );
     let job = wait_state(&api, &id, "queued").await;
     assert_eq!(job["attempt"], 2);
     worker.restart();
@@ -223,7 +349,10 @@ async fn test_a_killed_worker_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_a_killed_server_loses_nothing() {
     let dir = images(&["tiny"]);
-    let mut server = TestServer::start_with(Backend::Sqlite, "[leases]\nttl = \"60s\"\nmax_attempts = 3\nlong_poll = \"2s\"\n");
+    let mut server = TestServer::start_with(
+        Backend::Sqlite,
+        "[leases]\nttl = \"60s\"\nmax_attempts = 3\nlong_poll = \"2s\"\n",
+    );
     let worker = TestWorker::start(&server, 0, &dir, WORKER);
     let api = server.admin();
     let id = api
@@ -232,7 +361,14 @@ async fn test_a_killed_server_loses_nothing() {
         .jobs[0]
         .id
         .clone();
-    wait_for(&api, &id, "its task running", |j| j["tasks"][0]["state"] == "running", Duration::from_secs(300)).await;
+    wait_for(
+        &api,
+        &id,
+        "its task running",
+        |j| j["tasks"][0]["state"] == "running",
+        Duration::from_secs(300),
+    )
+    .await;
     server.kill9();
     tokio::time::sleep(Duration::from_secs(4)).await;
     server.crash_and_restart();
@@ -242,7 +378,11 @@ async fn test_a_killed_server_loses_nothing() {
     assert_eq!(job["attempt"], 1, "the same attempt finished");
     let log = log_of(&api, &id).await;
     for i in 1..=6 {
-        assert_eq!(log.matches(&format!("tick {i}\n")).count(), 1, "tick {i} exactly once: {log}");
+        assert_eq!(
+            log.matches(&format!("tick {i}\n")).count(),
+            1,
+            "tick {i} exactly once: {log}"
+        );
     }
 }
 
@@ -296,34 +436,67 @@ async fn test_a_c_project_builds_on_debian_12_and_13_in_one_group() {
     );
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), manifest).unwrap();
-    let out = cli(&server, &["submit", "--follow", file.path().to_str().unwrap()]);
+    let out = cli(
+        &server,
+        &["submit", "--follow", file.path().to_str().unwrap()],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), worker.log());
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        worker.log()
+    );
     let jobs: Vec<(String, String)> = stdout
         .lines()
         .take(2)
         .map(|l| {
             let mut parts = l.split('\t');
-            (parts.next().unwrap().to_owned(), parts.next().unwrap().to_owned())
+            (
+                parts.next().unwrap().to_owned(),
+                parts.next().unwrap().to_owned(),
+            )
         })
         .collect();
-    assert_eq!(jobs.iter().map(|j| j.1.as_str()).collect::<Vec<_>>(), ["debian-12", "debian-13"]);
+    assert_eq!(
+        jobs.iter().map(|j| j.1.as_str()).collect::<Vec<_>>(),
+        ["debian-12", "debian-13"]
+    );
     let api = server.admin();
     let group = api.get_json(&format!("/api/jobs/{}", jobs[0].0)).await["group_id"].clone();
-    let group = api.get_json(&format!("/api/groups/{}", group.as_str().unwrap())).await;
+    let group = api
+        .get_json(&format!("/api/groups/{}", group.as_str().unwrap()))
+        .await;
     assert_eq!(group["jobs"].as_array().unwrap().len(), 2);
     let mut compilers = Vec::new();
     for (id, image) in &jobs {
         let outdir = tempfile::tempdir().unwrap();
-        let out = cli(&server, &["artifacts", id, "--out", outdir.path().to_str().unwrap()]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = cli(
+            &server,
+            &["artifacts", id, "--out", outdir.path().to_str().unwrap()],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let binary = outdir.path().join("project/hello");
-        std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&binary, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let ran = Command::new(&binary).output().unwrap();
         let said = String::from_utf8_lossy(&ran.stdout).to_string();
-        assert!(said.starts_with("hello from vmfarm, built by "), "{image}: {said}");
+        assert!(
+            said.starts_with("hello from vmfarm, built by "),
+            "{image}: {said}"
+        );
         compilers.push(said);
-        assert!(log_of(&api, id).await.contains("hello from vmfarm"), "the task's own run is in the log");
+        assert!(
+            log_of(&api, id).await.contains("hello from vmfarm"),
+            "the task's own run is in the log"
+        );
     }
-    assert_ne!(compilers[0], compilers[1], "each release built it with its own gcc");
+    assert_ne!(
+        compilers[0], compilers[1],
+        "each release built it with its own gcc"
+    );
 }

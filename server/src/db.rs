@@ -55,24 +55,30 @@ impl Db {
             AnyPoolOptions::new()
                 .max_connections(connections)
                 .after_connect(|conn, _| {
-                        Box::pin(async move {
-                            for pragma in [
-                                "PRAGMA journal_mode = WAL",
-                                "PRAGMA synchronous = NORMAL",
-                                "PRAGMA busy_timeout = 10000",
-                                "PRAGMA foreign_keys = ON",
-                            ] {
-                                sqlx::query(pragma).execute(&mut *conn).await?;
-                            }
-                            Ok(())
-                        })
+                    Box::pin(async move {
+                        for pragma in [
+                            "PRAGMA journal_mode = WAL",
+                            "PRAGMA synchronous = NORMAL",
+                            "PRAGMA busy_timeout = 10000",
+                            "PRAGMA foreign_keys = ON",
+                        ] {
+                            sqlx::query(pragma).execute(&mut *conn).await?;
+                        }
+                        Ok(())
                     })
+                })
         };
         let (pool, writer) = match backend {
             Backend::Sqlite => {
                 // The writer first: it creates the file and switches it to WAL.
-                let writer = sqlite_pool(1).connect_with(options.clone()).await.map_err(DbError::Connect)?;
-                let pool = sqlite_pool(8).connect_with(options).await.map_err(DbError::Connect)?;
+                let writer = sqlite_pool(1)
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(DbError::Connect)?;
+                let pool = sqlite_pool(8)
+                    .connect_with(options)
+                    .await
+                    .map_err(DbError::Connect)?;
                 (pool, writer)
             }
             Backend::Postgres => {
@@ -89,7 +95,11 @@ impl Db {
             Backend::Postgres => &POSTGRES_MIGRATIONS,
         };
         migrator.run(&writer).await.map_err(DbError::Migrate)?;
-        Ok(Db { pool, writer, backend })
+        Ok(Db {
+            pool,
+            writer,
+            backend,
+        })
     }
 
     /// `FOR UPDATE SKIP LOCKED` where the database has it; SQLite serializes writers anyway.

@@ -13,7 +13,8 @@ use vmfarm_worker::config::{BackendChoice, WorkerConfig};
 use vmfarm_worker::worker::backend_choice::{KvmHost, probe_kvm};
 
 const JOBS: usize = 20;
-const MANIFEST: &str = "image = \"tiny\"\n[[tasks]]\nname = \"hello\"\nscript = \"echo first-line\"\n";
+const MANIFEST: &str =
+    "image = \"tiny\"\n[[tasks]]\nname = \"hello\"\nscript = \"echo first-line\"\n";
 
 pub async fn run(images_dir: PathBuf) -> anyhow::Result<()> {
     let kvm = probe_kvm();
@@ -21,13 +22,23 @@ pub async fn run(images_dir: PathBuf) -> anyhow::Result<()> {
     if kvm == KvmHost::Hardware {
         backends.insert(0, ("kvm (integrated VMM)", BackendChoice::Kvm));
     } else {
-        println!("kvm (integrated VMM): not measured here — /dev/kvm is {kvm:?} (run it in the KVM lab)");
+        println!(
+            "kvm (integrated VMM): not measured here — /dev/kvm is {kvm:?} (run it in the KVM lab)"
+        );
     }
-    println!("vmfarm bench job-start: submit -> first task line, {JOBS} jobs one after another, image tiny");
+    println!(
+        "vmfarm bench job-start: submit -> first task line, {JOBS} jobs one after another, image tiny"
+    );
     let mut rows = Vec::new();
     for (label, choice) in backends {
-        let mut samples = measure(&images_dir, choice).await.with_context(|| format!("backend {label}"))?;
-        rows.push((label, quantile(&mut samples, 0.5), quantile(&mut samples, 0.95)));
+        let mut samples = measure(&images_dir, choice)
+            .await
+            .with_context(|| format!("backend {label}"))?;
+        rows.push((
+            label,
+            quantile(&mut samples, 0.5),
+            quantile(&mut samples, 0.95),
+        ));
     }
     println!("{:<24} {:>12} {:>12}", "backend", "p50", "p95");
     for (label, p50, p95) in rows {
@@ -45,7 +56,13 @@ async fn measure(images_dir: &Path, choice: BackendChoice) -> anyhow::Result<Vec
     };
     let running = vmfarm_server::serve::start(config).await?;
     let state = running.state.clone();
-    let token = vmfarm_server::admin::create_token(&state.db, &Caller::Worker { name: "bench".into() }).await?;
+    let token = vmfarm_server::admin::create_token(
+        &state.db,
+        &Caller::Worker {
+            name: "bench".into(),
+        },
+    )
+    .await?;
     let mut worker = WorkerConfig {
         server: format!("http://{}", running.addr),
         name: "bench".into(),
@@ -73,15 +90,24 @@ async fn first_task_line(state: &AppState, id: i64, started: Instant) -> anyhow:
     let deadline = started + Duration::from_secs(300);
     loop {
         let chunks = vmfarm_server::logs::read(state, id, 0, i64::MAX).await?;
-        if chunks.iter().any(|c| c.stream == "task" && c.data.contains("first-line")) {
+        if chunks
+            .iter()
+            .any(|c| c.stream == "task" && c.data.contains("first-line"))
+        {
             return Ok(started.elapsed());
         }
         let (_, job_state) = vmfarm_server::logs::progress(state, id).await?;
         anyhow::ensure!(
-            !matches!(job_state.as_str(), "failed" | "error" | "timed_out" | "cancelled"),
+            !matches!(
+                job_state.as_str(),
+                "failed" | "error" | "timed_out" | "cancelled"
+            ),
             "job {id} ended {job_state} before its task printed"
         );
-        anyhow::ensure!(Instant::now() < deadline, "job {id} printed nothing in 300 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "job {id} printed nothing in 300 s"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -89,7 +115,10 @@ async fn first_task_line(state: &AppState, id: i64, started: Instant) -> anyhow:
 async fn wait_ended(state: &AppState, id: i64) -> anyhow::Result<()> {
     loop {
         let (_, job_state) = vmfarm_server::logs::progress(state, id).await?;
-        if job_state.parse::<vmfarm_proto::JobState>().is_ok_and(vmfarm_proto::JobState::is_terminal) {
+        if job_state
+            .parse::<vmfarm_proto::JobState>()
+            .is_ok_and(vmfarm_proto::JobState::is_terminal)
+        {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

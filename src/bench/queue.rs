@@ -24,12 +24,38 @@ pub async fn run(postgres: Option<String>) -> anyhow::Result<()> {
     let sqlite = format!("sqlite://{}/bench.db", dir.path().display());
     report("SQLite (WAL, synchronous=NORMAL)", &sqlite, dir.path()).await?;
     match postgres {
-        Some(url) => report("PostgreSQL", &url, dir.path()).await?,
+        Some(url) => {
+            report(
+                "PostgreSQL",
+                &fresh_postgres_database(&url).await?,
+                dir.path(),
+            )
+            .await?
+        }
         None => println!(
             "\nPostgreSQL: not measured — pass --postgres URL (or set VMFARM_TEST_POSTGRES; scripts/test-postgres.sh start makes one)"
         ),
     }
     Ok(())
+}
+
+/// A new, empty database on the server of `url`, so that each run starts from nothing.
+async fn fresh_postgres_database(url: &str) -> anyhow::Result<String> {
+    use sqlx::Connection;
+    sqlx::any::install_default_drivers();
+    let name = format!(
+        "vmfarm_bench_{}_{}",
+        std::process::id(),
+        vmfarm_server::db::now_ms()
+    );
+    let mut conn = sqlx::AnyConnection::connect(url).await?;
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await?;
+    let (prefix, _) = url
+        .rsplit_once('/')
+        .ok_or_else(|| anyhow::anyhow!("{url} does not end with /DATABASE"))?;
+    Ok(format!("{prefix}/{name}"))
 }
 
 async fn start(url: &str, dir: &std::path::Path, tag: &str) -> anyhow::Result<AppState> {
@@ -47,27 +73,66 @@ async fn start(url: &str, dir: &std::path::Path, tag: &str) -> anyhow::Result<Ap
 
 async fn report(label: &str, url: &str, dir: &std::path::Path) -> anyhow::Result<()> {
     println!("\n== {label} ==");
-    let state = start(url, dir, &label.split_whitespace().next().unwrap_or("db").to_lowercase()).await?;
+    let state = start(
+        url,
+        dir,
+        &label
+            .split_whitespace()
+            .next()
+            .unwrap_or("db")
+            .to_lowercase(),
+    )
+    .await?;
     let reference = reference_rate(&state).await?;
     let cycles = cycle_rate(&state).await?;
     let (leases_per_s, mut latencies, submit_rate) = lease_rate(&state).await?;
     println!("{:<52} {:>12}", "measure", "value");
-    println!("{:<52} {:>10.0}/s", "reference: insert+update transactions", reference);
-    println!("{:<52} {:>10.0}/s", "submit+lease+run+finish cycles", cycles);
-    println!("{:<52} {:>12.2}", "ratio cycles / reference", cycles / reference);
-    println!("{:<52} {:>10.0}/s", format!("submits (filling {QUEUED} jobs)"), submit_rate);
-    println!("{:<52} {:>10.0}/s", format!("leases, {QUEUED} queued over {IMAGES} images"), leases_per_s);
-    println!("{:<52} {:>12}", "lease latency p50", ms(quantile(&mut latencies, 0.5)));
-    println!("{:<52} {:>12}", "lease latency p99", ms(quantile(&mut latencies, 0.99)));
-    println!("(targets on 2 cores: > 2000 cycles/s on SQLite; lease p99 < 10 ms with {QUEUED} queued)");
+    println!(
+        "{:<52} {:>10.0}/s",
+        "reference: insert+update transactions", reference
+    );
+    println!(
+        "{:<52} {:>10.0}/s",
+        "submit+lease+run+finish cycles", cycles
+    );
+    println!(
+        "{:<52} {:>12.2}",
+        "ratio cycles / reference",
+        cycles / reference
+    );
+    println!(
+        "{:<52} {:>10.0}/s",
+        format!("submits (filling {QUEUED} jobs)"),
+        submit_rate
+    );
+    println!(
+        "{:<52} {:>10.0}/s",
+        format!("leases, {QUEUED} queued over {IMAGES} images"),
+        leases_per_s
+    );
+    println!(
+        "{:<52} {:>12}",
+        "lease latency p50",
+        ms(quantile(&mut latencies, 0.5))
+    );
+    println!(
+        "{:<52} {:>12}",
+        "lease latency p99",
+        ms(quantile(&mut latencies, 0.99))
+    );
+    println!(
+        "(targets on 2 cores: > 2000 cycles/s on SQLite; lease p99 < 10 ms with {QUEUED} queued)"
+    );
     Ok(())
 }
 
 /// Bare single-row transactions: insert a row and update it, as many clients at once.
 async fn reference_rate(state: &AppState) -> anyhow::Result<f64> {
-    sqlx::query("CREATE TABLE IF NOT EXISTS bench_reference (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)")
-        .execute(&state.db.pool)
-        .await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_reference (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)",
+    )
+    .execute(&state.db.pool)
+    .await?;
     let started = Instant::now();
     let mut set = JoinSet::new();
     for client in 0..CLIENTS {
@@ -126,7 +191,9 @@ async fn cycle_rate(state: &AppState) -> anyhow::Result<f64> {
             let req = request(&worker, std::slice::from_ref(&image));
             for _ in 0..CYCLES / CLIENTS {
                 jobs::submit(&state, &manifest(&image), None).await?;
-                let lease = leases::try_lease(&state, &worker, &req).await?.ok_or_else(|| anyhow::anyhow!("no job to lease"))?;
+                let lease = leases::try_lease(&state, &worker, &req)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("no job to lease"))?;
                 let lease_ref = leases::LeaseRef {
                     lease_id: lease.lease_id.clone(),
                     fence: i64::try_from(lease.fence)?,
@@ -200,6 +267,10 @@ async fn lease_rate(state: &AppState) -> anyhow::Result<(f64, Vec<Duration>, f64
         latencies.extend(r??);
     }
     let elapsed = started.elapsed();
-    anyhow::ensure!(latencies.len() == QUEUED, "leased {} of {QUEUED} jobs", latencies.len());
+    anyhow::ensure!(
+        latencies.len() == QUEUED,
+        "leased {} of {QUEUED} jobs",
+        latencies.len()
+    );
     Ok((per_second(latencies.len(), elapsed), latencies, submit_rate))
 }

@@ -9,7 +9,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
-use super::{Backend, BackendError, BootSpec, BoxFuture, ChannelKind, Console, GuestIo, RunDir, Vm, die_with_parent};
+use super::{
+    Backend, BackendError, BootSpec, BoxFuture, ChannelKind, Console, GuestIo, RunDir, Vm,
+    die_with_parent,
+};
 use crate::vmm::virtio::qcow2_overlay::create_overlay;
 
 /// The guest port the agent serves SSH on.
@@ -28,7 +31,12 @@ impl KvmBackend {
 
     /// The `vm run` arguments for `spec`.
     pub fn args(spec: &BootSpec, overlay: &Path, vsock: &Path) -> Vec<String> {
-        let mut args = vec!["vm".to_owned(), "run".to_owned(), "--kernel".to_owned(), spec.kernel.display().to_string()];
+        let mut args = vec![
+            "vm".to_owned(),
+            "run".to_owned(),
+            "--kernel".to_owned(),
+            spec.kernel.display().to_string(),
+        ];
         if let Some(initrd) = &spec.initrd {
             args.extend(["--initrd".to_owned(), initrd.display().to_string()]);
         }
@@ -68,7 +76,8 @@ impl Backend for KvmBackend {
             let overlay = dir.0.join("overlay.qcow2");
             let vsock = dir.0.join("vsock.sock");
             let base = std::path::absolute(&spec.base_disk).map_err(BackendError::Overlay)?;
-            create_overlay(&base, &overlay).map_err(|e| BackendError::Overlay(std::io::Error::other(e)))?;
+            create_overlay(&base, &overlay)
+                .map_err(|e| BackendError::Overlay(std::io::Error::other(e)))?;
             let mut command = Command::new(&self.vmm);
             command
                 .args(Self::args(spec, &overlay, &vsock))
@@ -77,9 +86,7 @@ impl Backend for KvmBackend {
                 .stderr(Stdio::inherit())
                 .kill_on_drop(true);
             die_with_parent(&mut command);
-            let mut child = command
-                .spawn()
-                .map_err(BackendError::Spawn)?;
+            let mut child = command.spawn().map_err(BackendError::Spawn)?;
             let console = child.stdout.take().map(|c| Box::new(c) as Console);
             Ok(Box::new(KvmVm {
                 child,
@@ -102,7 +109,9 @@ struct KvmVm {
 /// Opens a stream to guest port `port` through the VMM's hybrid vsock socket.
 pub async fn connect_vsock(socket: &Path, port: u32) -> std::io::Result<UnixStream> {
     let mut stream = UnixStream::connect(socket).await?;
-    stream.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
     // Byte by byte up to the newline, so that nothing of the guest's stream is read here.
     let mut line = Vec::new();
     loop {
@@ -112,12 +121,16 @@ pub async fn connect_vsock(socket: &Path, port: u32) -> std::io::Result<UnixStre
         }
         line.push(byte);
         if line.len() > 64 {
-            return Err(std::io::Error::other("the VMM's answer to CONNECT is too long"));
+            return Err(std::io::Error::other(
+                "the VMM's answer to CONNECT is too long",
+            ));
         }
     }
     let answer = String::from_utf8_lossy(&line);
     if !answer.starts_with("OK ") {
-        return Err(std::io::Error::other(format!("the VMM answered `{answer}` to CONNECT {port}")));
+        return Err(std::io::Error::other(format!(
+            "the VMM answered `{answer}` to CONNECT {port}"
+        )));
     }
     Ok(stream)
 }
@@ -163,7 +176,12 @@ mod tests {
             cmdline: "console=ttyS0 vmfarm.channel=vsock:22".into(),
             run_dir: "/run/g".into(),
         };
-        let args = KvmBackend::args(&spec, Path::new("/run/g/o.qcow2"), Path::new("/run/g/v.sock")).join(" ");
+        let args = KvmBackend::args(
+            &spec,
+            Path::new("/run/g/o.qcow2"),
+            Path::new("/run/g/v.sock"),
+        )
+        .join(" ");
         assert_eq!(
             args,
             "vm run --kernel /img/kernel --initrd /img/initrd --disk /run/g/o.qcow2 --vsock /run/g/v.sock \
@@ -197,7 +215,9 @@ mod tests {
             s.read_exact(&mut buf).await.unwrap();
             s.write_all(b"REFUSED\n").await.unwrap();
         });
-        let err = connect_vsock(&dir.path().join("w.sock"), 22).await.unwrap_err();
+        let err = connect_vsock(&dir.path().join("w.sock"), 22)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("REFUSED"), "{err}");
     }
 }

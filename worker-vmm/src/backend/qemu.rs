@@ -8,7 +8,8 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 
 use super::{
-    Backend, BackendError, die_with_parent, BootSpec, BoxFuture, ChannelKind, Console, GuestIo, RunDir, Vm,
+    Backend, BackendError, BootSpec, BoxFuture, ChannelKind, Console, GuestIo, RunDir, Vm,
+    die_with_parent,
 };
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -145,15 +146,13 @@ impl Backend for QemuBackend {
                 .stderr(Stdio::inherit())
                 .kill_on_drop(true);
             die_with_parent(&mut command);
-            let mut child = command
-                .spawn()
-                .map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => BackendError::MissingTool {
-                        tool: QEMU,
-                        package: "qemu-system-x86",
-                    },
-                    _ => BackendError::Spawn(e),
-                })?;
+            let mut child = command.spawn().map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => BackendError::MissingTool {
+                    tool: QEMU,
+                    package: "qemu-system-x86",
+                },
+                _ => BackendError::Spawn(e),
+            })?;
             let console = child.stdout.take().map(|c| Box::new(c) as Console);
             Ok(Box::new(QemuVm {
                 child,

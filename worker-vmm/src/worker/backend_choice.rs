@@ -19,7 +19,12 @@ pub enum KvmHost {
 }
 
 pub fn probe_kvm() -> KvmHost {
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         return KvmHost::Absent;
     }
     if Path::new("/sys/module/kvm_pvm").exists() {
@@ -30,7 +35,11 @@ pub fn probe_kvm() -> KvmHost {
 
 /// The backend for `choice` on a host with `kvm`, and why. `vmm` is the `vmfarm` binary that
 /// runs `vm run` for the integrated VMM.
-pub fn choose(choice: BackendChoice, kvm: KvmHost, vmm: &Path) -> Result<(Arc<dyn Backend>, String), String> {
+pub fn choose(
+    choice: BackendChoice,
+    kvm: KvmHost,
+    vmm: &Path,
+) -> Result<(Arc<dyn Backend>, String), String> {
     let qemu = |accel| -> Arc<dyn Backend> { Arc::new(QemuBackend::new(accel)) };
     let integrated = || -> Arc<dyn Backend> { Arc::new(KvmBackend::new(vmm.to_owned())) };
     match (choice, kvm) {

@@ -48,7 +48,9 @@ impl Budget {
     }
 
     fn try_take(&self, size: (u32, u64)) -> bool {
-        let Ok(mut used) = self.used.lock() else { return false };
+        let Ok(mut used) = self.used.lock() else {
+            return false;
+        };
         if used.0 + size.0 <= self.total.0 && used.1 + size.1 <= self.total.1 {
             used.0 += size.0;
             used.1 += size.1;

@@ -38,25 +38,39 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     } else {
         config.name.clone()
     };
-    anyhow::ensure!(!config.token.is_empty(), "the worker has no token: set `token` in its config or VMFARM_TOKEN");
-    let client = ServerClient::new(&config.server, &config.token).context("making the HTTP client")?;
+    anyhow::ensure!(
+        !config.token.is_empty(),
+        "the worker has no token: set `token` in its config or VMFARM_TOKEN"
+    );
+    let client =
+        ServerClient::new(&config.server, &config.token).context("making the HTTP client")?;
     let kvm = probe_kvm();
-    let vmm = std::env::current_exe().context("finding the vmfarm binary for the integrated VMM")?;
+    let vmm =
+        std::env::current_exe().context("finding the vmfarm binary for the integrated VMM")?;
     // One backend per configured choice (the default, and any per-image override), each
     // decided once and explained.
     let mut backends = BTreeMap::new();
-    for choice in std::iter::once(config.backend.default).chain(config.backend.images.values().copied()) {
+    for choice in
+        std::iter::once(config.backend.default).chain(config.backend.images.values().copied())
+    {
         if let std::collections::btree_map::Entry::Vacant(slot) = backends.entry(choice) {
             let (backend, why) = choose(choice, kvm, &vmm).map_err(anyhow::Error::msg)?;
             tracing::info!(worker = %name, backend = backend.name(), "{why}");
             slot.insert(backend);
         }
     }
-    std::fs::create_dir_all(&config.work_dir).with_context(|| format!("creating {}", config.work_dir.display()))?;
+    std::fs::create_dir_all(&config.work_dir)
+        .with_context(|| format!("creating {}", config.work_dir.display()))?;
     remove_leftovers(&config.work_dir);
 
-    let budget = Arc::new(Budget::new(config.slots.cpus, config.slots.memory.0 / (1024 * 1024)));
-    let default_size = (config.guest.default_cpus, config.guest.default_memory.0 / (1024 * 1024));
+    let budget = Arc::new(Budget::new(
+        config.slots.cpus,
+        config.slots.memory.0 / (1024 * 1024),
+    ));
+    let default_size = (
+        config.guest.default_cpus,
+        config.guest.default_memory.0 / (1024 * 1024),
+    );
     loop {
         let images = newest_images(&config);
         if images.is_empty() {
@@ -137,13 +151,20 @@ fn remove_leftovers(work_dir: &std::path::Path) {
         };
         match removed {
             Ok(()) => tracing::info!(path = %path.display(), "removed a previous run's leftovers"),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot remove a previous run's leftovers"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove a previous run's leftovers")
+            }
         }
     }
 }
 
 /// A job bigger than this whole worker ends in `error` at once, saying so.
-async fn refuse(client: &ServerClient, lease: &vmfarm_proto::wire::LeaseResponse, size: (u32, u64), config: &WorkerConfig) {
+async fn refuse(
+    client: &ServerClient,
+    lease: &vmfarm_proto::wire::LeaseResponse,
+    size: (u32, u64),
+    config: &WorkerConfig,
+) {
     let handle = super::server_client::LeaseHandle {
         lease_id: lease.lease_id.clone(),
         fence: lease.fence,

@@ -22,7 +22,11 @@ pub fn task_command(script_path: &str) -> String {
 /// Unpacks an uploaded source archive at `path` under the build directory.
 pub fn unpack_command(archive: &str, path: &str) -> String {
     let dest = quote(&format!("{BUILD_DIR}/{path}"));
-    format!("mkdir -p {dest} && tar -xf {} -C {dest} && rm -f {}", quote(archive), quote(archive))
+    format!(
+        "mkdir -p {dest} && tar -xf {} -C {dest} && rm -f {}",
+        quote(archive),
+        quote(archive)
+    )
 }
 
 #[cfg(test)]
@@ -37,7 +41,10 @@ mod tests {
 
     #[test]
     fn test_commands() {
-        assert!(task_command("/home/build/.vmfarm/tasks/build.sh").contains("exec bash -e '/home/build/.vmfarm/tasks/build.sh'"));
+        assert!(
+            task_command("/home/build/.vmfarm/tasks/build.sh")
+                .contains("exec bash -e '/home/build/.vmfarm/tasks/build.sh'")
+        );
         assert_eq!(
             unpack_command("/tmp/s.tar", "my proj"),
             "mkdir -p '/home/build/work/my proj' && tar -xf '/tmp/s.tar' -C '/home/build/work/my proj' && rm -f '/tmp/s.tar'"

@@ -47,7 +47,10 @@ impl Outcome {
 /// The vCPUs and memory (MiB) a job gets: its manifest's, else the worker's defaults.
 pub fn job_size(manifest: &Manifest, config: &WorkerConfig) -> (u32, u64) {
     let cpus = manifest.resources.cpus.unwrap_or(config.guest.default_cpus);
-    let memory = manifest.resources.memory.unwrap_or(config.guest.default_memory);
+    let memory = manifest
+        .resources
+        .memory
+        .unwrap_or(config.guest.default_memory);
     (cpus, memory.0 / (1024 * 1024))
 }
 
@@ -72,7 +75,10 @@ pub async fn run(ctx: &JobContext, lease: LeaseResponse) -> Option<Outcome> {
         .collect();
     let (log, shipper) = log_shipper::start(ctx.client.clone(), handle.clone(), masks);
     let heartbeat = heartbeat::start(ctx.client.clone(), handle.clone(), lease.expires_at);
-    let run_dir = ctx.config.work_dir.join(format!("job-{}-{}", lease.job.id, lease.job.attempt));
+    let run_dir = ctx
+        .config
+        .work_dir
+        .join(format!("job-{}-{}", lease.job.id, lease.job.attempt));
 
     let outcome = run_steps(ctx, &lease, &handle, &secrets, &log, &heartbeat, &run_dir).await;
     let _ = tokio::fs::remove_dir_all(&run_dir).await;
@@ -80,7 +86,10 @@ pub async fn run(ctx: &JobContext, lease: LeaseResponse) -> Option<Outcome> {
     let outcome = match (outcome, heartbeat.stopped()) {
         (_, Some(Stop::LeaseLost)) => None,
         (Ok(o), _) => Some(o),
-        (Err(e), Some(Stop::Cancelled)) => Some(Outcome::new(JobState::Cancelled, format!("cancelled ({e:#})"))),
+        (Err(e), Some(Stop::Cancelled)) => Some(Outcome::new(
+            JobState::Cancelled,
+            format!("cancelled ({e:#})"),
+        )),
         (Err(e), None) => {
             log.farm(&format!("error: {e:#}"));
             Some(Outcome::new(JobState::Error, format!("{e:#}")))
@@ -106,8 +115,15 @@ pub async fn run(ctx: &JobContext, lease: LeaseResponse) -> Option<Outcome> {
     }
 }
 
-async fn set_state(ctx: &JobContext, lease: &LeaseHandle, update: StateUpdate) -> anyhow::Result<()> {
-    ctx.client.state(lease, &update).await.context("reporting to the server")
+async fn set_state(
+    ctx: &JobContext,
+    lease: &LeaseHandle,
+    update: StateUpdate,
+) -> anyhow::Result<()> {
+    ctx.client
+        .state(lease, &update)
+        .await
+        .context("reporting to the server")
 }
 
 async fn run_steps(
@@ -120,7 +136,8 @@ async fn run_steps(
     run_dir: &Path,
 ) -> anyhow::Result<Outcome> {
     let started = Instant::now();
-    let manifest = Manifest::parse(&lease.job.manifest).map_err(|e| anyhow::anyhow!("the leased manifest is invalid: {e}"))?;
+    let manifest = Manifest::parse(&lease.job.manifest)
+        .map_err(|e| anyhow::anyhow!("the leased manifest is invalid: {e}"))?;
     let image = &ctx.image.manifest;
     set_state(
         ctx,
@@ -132,7 +149,9 @@ async fn run_steps(
         },
     )
     .await?;
-    create_private_dir(run_dir).await.context("creating the job's scratch folder")?;
+    create_private_dir(run_dir)
+        .await
+        .context("creating the job's scratch folder")?;
 
     // Sources are fetched on the host while the guest boots.
     let fetch = {
@@ -150,7 +169,10 @@ async fn run_steps(
 
     log.farm(&format!(
         "booting {} {} ({}) with the {} backend",
-        image.name, image.version, image.system.pretty_name, ctx.backend.name()
+        image.name,
+        image.version,
+        image.system.pretty_name,
+        ctx.backend.name()
     ));
     let key = JobKey::generate().context("making the job's SSH key")?;
     let (cpus, memory_mib) = job_size(&manifest, &ctx.config);
@@ -174,7 +196,21 @@ async fn run_steps(
         run_dir: run_dir.join("vm"),
     };
     let mut vm = ctx.backend.boot(&spec).await.context("booting the guest")?;
-    let result = with_guest(ctx, lease, handle, &manifest, secrets, log, heartbeat, run_dir, &key, vm.as_mut(), fetch, started).await;
+    let result = with_guest(
+        ctx,
+        lease,
+        handle,
+        &manifest,
+        secrets,
+        log,
+        heartbeat,
+        run_dir,
+        &key,
+        vm.as_mut(),
+        fetch,
+        started,
+    )
+    .await;
     teardown(vm, log).await;
     result
 }
@@ -204,7 +240,10 @@ async fn with_guest(
         ready = wait_ready(&mut console, &mut sink, boot_timeout) => ready.context("waiting for the guest agent")?,
         _ = stop_requested(heartbeat) => anyhow::bail!("stopped while booting"),
     };
-    log.farm(&format!("guest ready in {:.1}s (host key {fingerprint})", booted.elapsed().as_secs_f64()));
+    log.farm(&format!(
+        "guest ready in {:.1}s (host key {fingerprint})",
+        booted.elapsed().as_secs_f64()
+    ));
     // The rest of the console keeps going to the log.
     let console_log = log.clone();
     let console_task = tokio::spawn(async move {
@@ -217,7 +256,10 @@ async fn with_guest(
         }
     });
 
-    let stream = vm.connect().await.context("connecting to the guest agent")?;
+    let stream = vm
+        .connect()
+        .await
+        .context("connecting to the guest agent")?;
     let guest = Guest::ssh(stream, key, &fingerprint, &SshOptions::default())
         .await
         .context("opening SSH to the guest")?;
@@ -231,7 +273,10 @@ async fn with_guest(
     )
     .await?;
 
-    let outcome = in_guest(ctx, lease, handle, manifest, secrets, log, heartbeat, run_dir, &guest, fetch, started).await;
+    let outcome = in_guest(
+        ctx, lease, handle, manifest, secrets, log, heartbeat, run_dir, &guest, fetch, started,
+    )
+    .await;
     if let Err(e) = guest.shutdown().await {
         log.farm(&format!("the guest did not shut down cleanly: {e}"));
     }
@@ -261,31 +306,49 @@ async fn in_guest(
     started: Instant,
 ) -> anyhow::Result<Outcome> {
     let quick = ExecLimits::timeout(Duration::from_secs(60));
-    let setup = format!(
-        "mkdir -p {BUILD_DIR} {FARM_DIR}/tasks && mkdir -p -m 0700 {SECRETS_DIR}"
-    );
-    run_checked(guest, &setup, quick.clone()).await.context("preparing the build directory")?;
+    let setup = format!("mkdir -p {BUILD_DIR} {FARM_DIR}/tasks && mkdir -p -m 0700 {SECRETS_DIR}");
+    run_checked(guest, &setup, quick.clone())
+        .await
+        .context("preparing the build directory")?;
 
     let fetched = fetch.await.context("fetching the sources")??;
     for (i, source) in fetched.iter().enumerate() {
         log.farm(&format!("uploading source to {}", source.path));
         let remote = format!("{FARM_DIR}/source-{i}.tar");
-        guest.upload(&source.tar, &remote).await.context("uploading the sources")?;
+        guest
+            .upload(&source.tar, &remote)
+            .await
+            .context("uploading the sources")?;
         run_checked(guest, &unpack_command(&remote, &source.path), quick.clone())
             .await
             .context("unpacking the sources")?;
     }
 
-    let mut env: Vec<(String, String)> = manifest.environment.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut env: Vec<(String, String)> = manifest
+        .environment
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     env.push(("VMFARM_JOB_ID".into(), lease.job.id.clone()));
     env.push(("VMFARM_IMAGE".into(), lease.job.image.clone()));
     for (name, value) in secrets {
         let local = run_dir.join(format!("secret-{name}"));
-        write_private(&local, value).await.context("staging a secret")?;
+        write_private(&local, value)
+            .await
+            .context("staging a secret")?;
         let remote = format!("{SECRETS_DIR}/{name}");
-        guest.upload(&local, &remote).await.context("sending the secrets")?;
+        guest
+            .upload(&local, &remote)
+            .await
+            .context("sending the secrets")?;
         let _ = tokio::fs::remove_file(&local).await;
-        run_checked(guest, &format!("chmod 0600 {}", quote(&remote)), quick.clone()).await.context("sending the secrets")?;
+        run_checked(
+            guest,
+            &format!("chmod 0600 {}", quote(&remote)),
+            quick.clone(),
+        )
+        .await
+        .context("sending the secrets")?;
         let var = name.to_ascii_uppercase();
         if vmfarm_proto::manifest::is_env_name(&var) && !name.contains('-') {
             env.push((var, String::from_utf8_lossy(value).into_owned()));
@@ -299,9 +362,14 @@ async fn in_guest(
     };
     for task in &manifest.tasks {
         let local = run_dir.join(format!("task-{}.sh", task.name));
-        write_private(&local, task.script.as_bytes()).await.context("staging a task script")?;
+        write_private(&local, task.script.as_bytes())
+            .await
+            .context("staging a task script")?;
         let remote = format!("{FARM_DIR}/tasks/{}.sh", task.name);
-        guest.upload(&local, &remote).await.context("uploading a task script")?;
+        guest
+            .upload(&local, &remote)
+            .await
+            .context("uploading a task script")?;
         report_task(ctx, handle, &task.name, TaskState::Running, None).await?;
         log.farm(&format!("task {}", task.name));
         let left = deadline.saturating_duration_since(Instant::now());
@@ -315,14 +383,20 @@ async fn in_guest(
         };
         let task_log = log.clone();
         let name = task.name.clone();
-        let mut output = move |_: OutputStream, data: &[u8]| task_log.write(LogStream::Task, Some(&name), data);
-        let result = guest.exec(&task_command(&remote), &env, &mut output, limits).await;
+        let mut output =
+            move |_: OutputStream, data: &[u8]| task_log.write(LogStream::Task, Some(&name), data);
+        let result = guest
+            .exec(&task_command(&remote), &env, &mut output, limits)
+            .await;
         let (task_state, code, job) = match result {
             Ok(0) => (TaskState::Succeeded, Some(0), None),
             Ok(code) => (
                 TaskState::Failed,
                 i32::try_from(code).ok(),
-                Some(Outcome::new(JobState::Failed, format!("task {} exited with status {code}", task.name))),
+                Some(Outcome::new(
+                    JobState::Failed,
+                    format!("task {} exited with status {code}", task.name),
+                )),
             ),
             Err(SshError::Timeout { .. }) => {
                 let which = if limit_is_job { "the job's" } else { "its" };
@@ -331,11 +405,19 @@ async fn in_guest(
                     None,
                     Some(Outcome::new(
                         JobState::TimedOut,
-                        format!("task {} ran past {which} timeout of {}", task.name, vmfarm_proto::units::format_duration(limit)),
+                        format!(
+                            "task {} ran past {which} timeout of {}",
+                            task.name,
+                            vmfarm_proto::units::format_duration(limit)
+                        ),
                     )),
                 )
             }
-            Err(SshError::Cancelled) => (TaskState::Cancelled, None, Some(Outcome::new(JobState::Cancelled, "cancelled by a user"))),
+            Err(SshError::Cancelled) => (
+                TaskState::Cancelled,
+                None,
+                Some(Outcome::new(JobState::Cancelled, "cancelled by a user")),
+            ),
             Err(e) => return Err(e).with_context(|| format!("running task {}", task.name)),
         };
         if let Some(code) = code.filter(|c| *c != 0) {
@@ -353,9 +435,13 @@ async fn in_guest(
 
     if outcome.state == JobState::Succeeded {
         for artifact in &manifest.artifacts {
-            if let Err(e) = collect_artifact(ctx, handle, guest, run_dir, &artifact.path, log).await {
+            if let Err(e) = collect_artifact(ctx, handle, guest, run_dir, &artifact.path, log).await
+            {
                 log.farm(&format!("artifact {}: {e:#}", artifact.path));
-                outcome = Outcome::new(JobState::Failed, format!("artifact {} could not be collected: {e:#}", artifact.path));
+                outcome = Outcome::new(
+                    JobState::Failed,
+                    format!("artifact {} could not be collected: {e:#}", artifact.path),
+                );
                 break;
             }
         }
@@ -363,7 +449,13 @@ async fn in_guest(
     Ok(outcome)
 }
 
-async fn report_task(ctx: &JobContext, handle: &LeaseHandle, name: &str, state: TaskState, exit_code: Option<i32>) -> anyhow::Result<()> {
+async fn report_task(
+    ctx: &JobContext,
+    handle: &LeaseHandle,
+    name: &str,
+    state: TaskState,
+    exit_code: Option<i32>,
+) -> anyhow::Result<()> {
     set_state(
         ctx,
         handle,
@@ -390,8 +482,14 @@ async fn collect_artifact(
     vmfarm_proto::names::check_artifact_path(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let local = run_dir.join("artifact");
     let remote = format!("{BUILD_DIR}/{path}");
-    let sha256 = guest.download(&remote, &local).await.context("downloading it from the guest")?;
-    let size = tokio::fs::metadata(&local).await.map(|m| m.len()).unwrap_or(0);
+    let sha256 = guest
+        .download(&remote, &local)
+        .await
+        .context("downloading it from the guest")?;
+    let size = tokio::fs::metadata(&local)
+        .await
+        .map(|m| m.len())
+        .unwrap_or(0);
     ctx.client
         .upload_artifact(handle, path, &local, &sha256)
         .await
@@ -430,9 +528,14 @@ async fn teardown(mut vm: Box<dyn Vm>, log: &LogSink) {
 async fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     let dir: PathBuf = dir.to_owned();
-    tokio::task::spawn_blocking(move || std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir))
-        .await
-        .map_err(std::io::Error::other)?
+    tokio::task::spawn_blocking(move || {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 async fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {

@@ -34,7 +34,11 @@ impl LogSink {
 
     /// A line of the farm's own (`[vmfarm] ...`).
     pub fn farm(&self, line: &str) {
-        self.write(LogStream::Farm, None, format!("[vmfarm] {line}\n").as_bytes());
+        self.write(
+            LogStream::Farm,
+            None,
+            format!("[vmfarm] {line}\n").as_bytes(),
+        );
     }
 }
 
@@ -111,7 +115,9 @@ fn merge(batch: Vec<LogChunk>) -> Vec<LogChunk> {
     let mut out: Vec<LogChunk> = Vec::with_capacity(batch.len());
     for chunk in batch {
         match out.last_mut() {
-            Some(last) if last.stream == chunk.stream && last.task == chunk.task => last.data.push_str(&chunk.data),
+            Some(last) if last.stream == chunk.stream && last.task == chunk.task => {
+                last.data.push_str(&chunk.data)
+            }
             _ => out.push(chunk),
         }
     }
@@ -141,7 +147,10 @@ mod tests {
             chunk(LogStream::Task, Some("u"), "e"),
             chunk(LogStream::Console, None, "f"),
         ]);
-        let got: Vec<_> = merged.iter().map(|c| (c.stream, c.task.as_deref(), c.data.as_str())).collect();
+        let got: Vec<_> = merged
+            .iter()
+            .map(|c| (c.stream, c.task.as_deref(), c.data.as_str()))
+            .collect();
         assert_eq!(
             got,
             [

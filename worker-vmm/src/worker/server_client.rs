@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio_util::io::ReaderStream;
 use vmfarm_proto::names::encode_artifact_path;
 use vmfarm_proto::wire::{
-    FENCE_HEADER, HeartbeatResponse, LeaseRequest, LeaseResponse, LogAppend, SHA256_HEADER, StateUpdate,
+    FENCE_HEADER, HeartbeatResponse, LeaseRequest, LeaseResponse, LogAppend, SHA256_HEADER,
+    StateUpdate,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +70,11 @@ impl ServerClient {
     }
 
     /// Sends `make()`'s request until the server answers (not 5xx), for up to [`RETRY_FOR`].
-    async fn send(&self, what: &str, make: impl Fn() -> reqwest::RequestBuilder) -> Result<reqwest::Response, ServerError> {
+    async fn send(
+        &self,
+        what: &str,
+        make: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ServerError> {
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(100);
         loop {
@@ -77,8 +82,12 @@ impl ServerClient {
             match make().send().await {
                 Ok(r) if give_up || !r.status().is_server_error() => return check(r).await,
                 Err(e) if give_up => return Err(ServerError::Unreachable(RETRY_FOR, e)),
-                Ok(r) => tracing::debug!(what, status = %r.status(), "server error; retrying in {pause:?}"),
-                Err(e) => tracing::debug!(what, error = %e, "server unreachable; retrying in {pause:?}"),
+                Ok(r) => {
+                    tracing::debug!(what, status = %r.status(), "server error; retrying in {pause:?}")
+                }
+                Err(e) => {
+                    tracing::debug!(what, error = %e, "server unreachable; retrying in {pause:?}")
+                }
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(2));
@@ -86,44 +95,81 @@ impl ServerClient {
     }
 
     /// Long-polls for a job; `None` when there was none.
-    pub async fn lease(&self, request: &LeaseRequest) -> Result<Option<LeaseResponse>, ServerError> {
+    pub async fn lease(
+        &self,
+        request: &LeaseRequest,
+    ) -> Result<Option<LeaseResponse>, ServerError> {
         let response = self
-            .send("lease", || self.req(Method::POST, "/api/workers/lease").json(request).timeout(Duration::from_secs(120)))
+            .send("lease", || {
+                self.req(Method::POST, "/api/workers/lease")
+                    .json(request)
+                    .timeout(Duration::from_secs(120))
+            })
             .await?;
         if response.status() == StatusCode::NO_CONTENT {
             return Ok(None);
         }
-        response.json().await.map(Some).map_err(|e| refused(StatusCode::OK, e.to_string()))
+        response
+            .json()
+            .await
+            .map(Some)
+            .map_err(|e| refused(StatusCode::OK, e.to_string()))
     }
 
     pub async fn heartbeat(&self, lease: &LeaseHandle) -> Result<HeartbeatResponse, ServerError> {
         let response = self
-            .send("heartbeat", || self.scoped(Method::POST, lease, "heartbeat").timeout(Duration::from_secs(10)))
+            .send("heartbeat", || {
+                self.scoped(Method::POST, lease, "heartbeat")
+                    .timeout(Duration::from_secs(10))
+            })
             .await?;
-        response.json().await.map_err(|e| refused(StatusCode::OK, e.to_string()))
+        response
+            .json()
+            .await
+            .map_err(|e| refused(StatusCode::OK, e.to_string()))
     }
 
     pub async fn log(&self, lease: &LeaseHandle, append: &LogAppend) -> Result<(), ServerError> {
-        self.send("log", || self.scoped(Method::POST, lease, "log").json(append).timeout(Duration::from_secs(30)))
-            .await
-            .map(drop)
+        self.send("log", || {
+            self.scoped(Method::POST, lease, "log")
+                .json(append)
+                .timeout(Duration::from_secs(30))
+        })
+        .await
+        .map(drop)
     }
 
-    pub async fn state(&self, lease: &LeaseHandle, update: &StateUpdate) -> Result<(), ServerError> {
-        self.send("state", || self.scoped(Method::POST, lease, "state").json(update).timeout(Duration::from_secs(30)))
-            .await
-            .map(drop)
+    pub async fn state(
+        &self,
+        lease: &LeaseHandle,
+        update: &StateUpdate,
+    ) -> Result<(), ServerError> {
+        self.send("state", || {
+            self.scoped(Method::POST, lease, "state")
+                .json(update)
+                .timeout(Duration::from_secs(30))
+        })
+        .await
+        .map(drop)
     }
 
     /// Streams the file at `path` up as artifact `name`.
-    pub async fn upload_artifact(&self, lease: &LeaseHandle, name: &str, path: &Path, sha256: &str) -> Result<(), ServerError> {
+    pub async fn upload_artifact(
+        &self,
+        lease: &LeaseHandle,
+        name: &str,
+        path: &Path,
+        sha256: &str,
+    ) -> Result<(), ServerError> {
         let route = format!("artifacts/{}", encode_artifact_path(name));
         let started = tokio::time::Instant::now();
         loop {
-            let file = tokio::fs::File::open(path).await.map_err(|source| ServerError::Local {
-                path: path.display().to_string(),
-                source,
-            })?;
+            let file = tokio::fs::File::open(path)
+                .await
+                .map_err(|source| ServerError::Local {
+                    path: path.display().to_string(),
+                    source,
+                })?;
             let body = reqwest::Body::wrap_stream(ReaderStream::new(file));
             let sent = self
                 .scoped(Method::PUT, lease, &route)
@@ -133,7 +179,9 @@ impl ServerClient {
                 .await;
             match sent {
                 Ok(r) if !r.status().is_server_error() => return check(r).await.map(drop),
-                Ok(_) | Err(_) if started.elapsed() < RETRY_FOR => tokio::time::sleep(Duration::from_secs(1)).await,
+                Ok(_) | Err(_) if started.elapsed() < RETRY_FOR => {
+                    tokio::time::sleep(Duration::from_secs(1)).await
+                }
                 Ok(r) => return check(r).await.map(drop),
                 Err(e) => return Err(ServerError::Unreachable(RETRY_FOR, e)),
             }

@@ -9,10 +9,16 @@ use vmfarm_proto::manifest::Source;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("source {url}: local paths must be under one of the worker's allowed_local_sources ({allowed})")]
+    #[error(
+        "source {url}: local paths must be under one of the worker's allowed_local_sources ({allowed})"
+    )]
     NotAllowed { url: String, allowed: String },
     #[error("source {url}: {tool} failed: {message}")]
-    Tool { url: String, tool: &'static str, message: String },
+    Tool {
+        url: String,
+        tool: &'static str,
+        message: String,
+    },
     #[error("source {url}: cannot run {tool}")]
     Spawn {
         url: String,
@@ -39,7 +45,9 @@ fn local_path(url: &str) -> Option<PathBuf> {
 
 /// Whether `path` lies under one of `allowed` (both made canonical, so `..` and links cannot escape).
 pub fn is_allowed(path: &Path, allowed: &[PathBuf]) -> bool {
-    let Ok(real) = path.canonicalize() else { return false };
+    let Ok(real) = path.canonicalize() else {
+        return false;
+    };
     allowed
         .iter()
         .filter_map(|a| a.canonicalize().ok())
@@ -68,7 +76,12 @@ async fn run(url: &str, tool: &'static str, cmd: &mut Command) -> Result<(), Sou
 }
 
 /// Fetches `source` into `work` (a scratch folder of the job) and packs it.
-pub async fn fetch(source: &Source, index: usize, work: &Path, allowed: &[PathBuf]) -> Result<FetchedSource, SourceError> {
+pub async fn fetch(
+    source: &Source,
+    index: usize,
+    work: &Path,
+    allowed: &[PathBuf],
+) -> Result<FetchedSource, SourceError> {
     let url = source.url.as_str();
     let tree = work.join(format!("source-{index}"));
     let local = local_path(url);
@@ -80,7 +93,11 @@ pub async fn fetch(source: &Source, index: usize, work: &Path, allowed: &[PathBu
             allowed: if allowed.is_empty() {
                 "none are configured".to_owned()
             } else {
-                allowed.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                allowed
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             },
         });
     }
@@ -98,7 +115,13 @@ pub async fn fetch(source: &Source, index: usize, work: &Path, allowed: &[PathBu
         run(url, "git clone", &mut clone).await?;
         if let Some(git_ref) = &source.git_ref {
             let mut checkout = Command::new("git");
-            checkout.arg("-C").arg(&tree).args(["checkout", "--quiet", "--detach", git_ref.as_str(), "--"]);
+            checkout.arg("-C").arg(&tree).args([
+                "checkout",
+                "--quiet",
+                "--detach",
+                git_ref.as_str(),
+                "--",
+            ]);
             run(url, "git checkout", &mut checkout).await?;
         }
     } else if let Some(path) = &local {
@@ -145,8 +168,14 @@ mod tests {
             git_ref: None,
             path: "etc".into(),
         };
-        let err = fetch(&source, 0, work.path(), &[]).await.unwrap_err().to_string();
-        assert!(err.contains("allowed_local_sources") && err.contains("none are configured"), "{err}");
+        let err = fetch(&source, 0, work.path(), &[])
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("allowed_local_sources") && err.contains("none are configured"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -176,7 +205,9 @@ mod tests {
             git_ref: Some("v1".into()),
             path: "project".into(),
         };
-        let fetched = fetch(&source, 0, work.path(), &[repo.path().to_owned()]).await.unwrap();
+        let fetched = fetch(&source, 0, work.path(), &[repo.path().to_owned()])
+            .await
+            .unwrap();
         let out = tempfile::tempdir().unwrap();
         let ok = std::process::Command::new("tar")
             .arg("-C")
@@ -187,7 +218,10 @@ mod tests {
             .unwrap()
             .success();
         assert!(ok);
-        assert_eq!(std::fs::read_to_string(out.path().join("a.txt")).unwrap(), "one");
+        assert_eq!(
+            std::fs::read_to_string(out.path().join("a.txt")).unwrap(),
+            "one"
+        );
         assert_eq!(fetched.path, "project");
     }
 }
