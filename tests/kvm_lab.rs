@@ -1,0 +1,510 @@
+//! Tests on a real KVM, in the KVM lab (tests/kvm-lab/README.md).
+//!
+//! The host's /dev/kvm may not run stock Linux guests (PVM), so the lab boots an L1 Debian cloud
+//! kernel under QEMU TCG whose own KVM (kvm-amd, nested SVM) is real; `tests/kvm-lab/lab.sh` builds
+//! it, runs a payload's `run.sh` in it and hands back the console. Each check in L1 prints
+//! `LAB-CHECK <name> ok|FAIL <detail>`; these tests assert on those lines.
+//!
+//! Without the tools the lab needs, the tests skip with the reason; with `VMFARM_REQUIRE_KVM=1` they
+//! fail instead. The `vmfarm` in L1 is, in order: `VMFARM_LAB_VMFARM=/path/to/vmfarm` (e.g. the static
+//! musl build, `tests/kvm-lab/lab.sh build-vmfarm`); the `vmfarm` this test run built, once it has
+//! `vm run`; else worker-vmm's `vmrun` example (the VMM's stand-in), built here. A dynamic binary
+//! takes its shared libraries along (lab.sh copies them); binaries are stripped on the way in.
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+const LAB_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/kvm-lab");
+
+/// Host tools the lab script needs (checked up front so that a missing one is a clear skip/fail).
+const LAB_TOOLS: &[&str] = &[
+    "qemu-system-x86_64",
+    "qemu-img",
+    "timeout",
+    "cpio",
+    "depmod",
+    "gcc",
+    "lz4",
+    "readelf",
+    "file",
+    "flock",
+    "apt-get",
+    "dpkg-deb",
+];
+
+/// Sections of checks/vm-suite.sh that run (each test below asserts on its own section's checks).
+/// A section whose test is `#[ignore]`d stays out of this list so that it costs no lab time;
+/// `VMFARM_LAB_VM_SECTIONS="basic disk vsock panic"` overrides it.
+const VM_SECTIONS: &[&str] = &["basic", "disk", "vsock", "panic"];
+
+/// One lab run at a time: L1 is a 2-vCPU TCG guest and the machine is shared.
+static LAB_LOCK: Mutex<()> = Mutex::new(());
+
+struct LabRun {
+    /// Exit status of `lab.sh run`: run.sh's status, 124 timeout, 125 no result line, 2 setup error.
+    status: i32,
+    console: String,
+    stderr: String,
+    elapsed: Duration,
+    /// What run.sh left in /out.
+    out: PathBuf,
+    /// Holds `out` and the console log.
+    _scratch: Scratch,
+}
+
+impl LabRun {
+    /// The `LAB-CHECK name ...` line, as (passed, detail).
+    fn check(&self, name: &str) -> Option<(bool, String)> {
+        let prefix = format!("LAB-CHECK {name} ");
+        self.console.lines().find_map(|line| {
+            let rest = line.strip_prefix(&prefix)?;
+            let (verdict, detail) = rest.split_once(' ').unwrap_or((rest, ""));
+            Some((verdict == "ok", detail.to_string()))
+        })
+    }
+
+    fn assert_checks(&self, names: &[&str]) {
+        let mut problems = Vec::new();
+        for name in names {
+            match self.check(name) {
+                Some((true, _)) => {}
+                Some((false, detail)) => problems.push(format!("{name} failed: {detail}")),
+                None => problems.push(format!("{name} did not run")),
+            }
+        }
+        assert!(
+            problems.is_empty(),
+            "lab checks: {}\n--- lab.sh stderr ---\n{}\n--- L1 console ({:.1} s, status {}) ---\n{}",
+            problems.join("; "),
+            self.stderr,
+            self.elapsed.as_secs_f64(),
+            self.status,
+            self.console
+        );
+    }
+
+    fn lines_with(&self, needle: &str) -> Vec<&str> {
+        self.console
+            .lines()
+            .filter(|l| l.contains(needle))
+            .collect()
+    }
+}
+
+/// Why the lab cannot run on this machine, if it cannot.
+fn lab_unavailable() -> Option<String> {
+    let missing: Vec<&str> = LAB_TOOLS
+        .iter()
+        .copied()
+        .filter(|tool| {
+            !Command::new("sh")
+                .args(["-c", "command -v \"$1\" >/dev/null", "sh", tool])
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Some(format!(
+            "missing host tools: {} (run scripts/install-deps.sh)",
+            missing.join(", ")
+        ));
+    }
+    if !["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .any(|b| Path::new(b).exists())
+    {
+        return Some("no busybox (apt-get install busybox-static)".into());
+    }
+    None
+}
+
+fn kvm_required() -> bool {
+    std::env::var("VMFARM_REQUIRE_KVM").is_ok_and(|v| v == "1")
+}
+
+/// Skips (returns false) or, under VMFARM_REQUIRE_KVM=1, fails when the lab cannot run here.
+fn lab_can_run(test: &str) -> bool {
+    match lab_unavailable() {
+        None => true,
+        Some(why) if kvm_required() => {
+            panic!("{test}: VMFARM_REQUIRE_KVM=1 but the KVM lab cannot run here: {why}")
+        }
+        Some(why) => {
+            eprintln!(
+                "skipping {test}: the KVM lab cannot run here: {why} (VMFARM_REQUIRE_KVM=1 makes this a failure)"
+            );
+            false
+        }
+    }
+}
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Scratch {
+        let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = base.join(format!("kvm-lab-{tag}-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills a child's whole process group (lab.sh, QEMU, helpers) unless disarmed.
+struct GroupKiller(u32);
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0)])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Runs `lab.sh ARGS` in its own process group, killed as a whole after `limit`.
+fn lab_sh(args: &[&str], limit: Duration) -> (i32, String, String) {
+    let scratch = Scratch::new("sh");
+    let (out_path, err_path) = (scratch.0.join("stdout"), scratch.0.join("stderr"));
+    let mut child = Command::new("bash")
+        .arg(Path::new(LAB_DIR).join("lab.sh"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path).expect("stdout file"))
+        .stderr(fs::File::create(&err_path).expect("stderr file"))
+        .process_group(0)
+        .spawn()
+        .expect("spawn tests/kvm-lab/lab.sh");
+    let _killer = GroupKiller(child.id());
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait().expect("wait for lab.sh") {
+            Some(status) => break status.code().unwrap_or(-1),
+            None if start.elapsed() > limit => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break -1;
+            }
+            None => sleep(Duration::from_millis(100)),
+        }
+    };
+    let stdout = fs::read_to_string(&out_path).unwrap_or_default();
+    let mut stderr = fs::read_to_string(&err_path).unwrap_or_default();
+    if status == -1 {
+        stderr.push_str(&format!("\nlab.sh killed after {limit:?}"));
+    }
+    (status, stdout, stderr)
+}
+
+/// The lab's cache dir (kernel, modules, helpers), prepared on first use; None if it cannot be.
+fn lab_cache(test: &str) -> Option<PathBuf> {
+    static CACHE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| {
+        let _guard = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let (status, stdout, stderr) = lab_sh(&["prepare"], Duration::from_secs(900));
+        match stdout.lines().last() {
+            Some(dir) if status == 0 => Ok(PathBuf::from(dir.trim())),
+            _ => Err(format!(
+                "lab.sh prepare failed (status {status}):\n{stderr}"
+            )),
+        }
+    });
+    match cache {
+        Ok(dir) => Some(dir.clone()),
+        Err(why) if kvm_required() => panic!("{test}: VMFARM_REQUIRE_KVM=1 but {why}"),
+        Err(why) => {
+            eprintln!("skipping {test}: {why}");
+            None
+        }
+    }
+}
+
+/// Boots L1 with `payload` (which must hold run.sh) and returns what came back.
+fn run_lab(payload: &Path, timeout_secs: u32) -> LabRun {
+    let scratch = Scratch::new("run");
+    let log = scratch.0.join("console.log");
+    let out = scratch.0.join("out");
+    let _guard = LAB_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let start = Instant::now();
+    let timeout = timeout_secs.to_string();
+    let (status, _, stderr) = lab_sh(
+        &[
+            "run",
+            "--payload",
+            &payload.to_string_lossy(),
+            "--out",
+            &out.to_string_lossy(),
+            "--log",
+            &log.to_string_lossy(),
+            "--timeout",
+            &timeout,
+        ],
+        Duration::from_secs(u64::from(timeout_secs) + 120),
+    );
+    let elapsed = start.elapsed();
+    let console = fs::read_to_string(&log).unwrap_or_default();
+    eprintln!(
+        "lab run: status {status} in {:.1} s; L1 console:\n{console}",
+        elapsed.as_secs_f64()
+    );
+    LabRun {
+        status,
+        console,
+        stderr,
+        elapsed,
+        out,
+        _scratch: scratch,
+    }
+}
+
+fn copy_check(name: &str, dest: &Path) {
+    fs::copy(Path::new(LAB_DIR).join("checks").join(name), dest)
+        .unwrap_or_else(|e| panic!("copy checks/{name}: {e}"));
+}
+
+fn lab_sh_ok(args: &[&str]) {
+    let (status, stdout, stderr) = lab_sh(args, Duration::from_secs(300));
+    assert_eq!(status, 0, "lab.sh {args:?} failed:\n{stdout}\n{stderr}");
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn l1_has_a_working_kvm_and_no_qemu() {
+    let test = "l1_has_a_working_kvm_and_no_qemu";
+    if !lab_can_run(test) || lab_cache(test).is_none() {
+        return;
+    }
+    let payload = Scratch::new("l1");
+    copy_check("l1-kvm.sh", &payload.0.join("run.sh"));
+    let run = run_lab(&payload.0, 180);
+    run.assert_checks(&[
+        "kvm-amd-loaded",
+        "nested-paging",
+        "dev-kvm",
+        "kvmcheck",
+        "no-qemu-in-l1",
+    ]);
+    assert_eq!(run.status, 0, "run.sh status");
+    assert!(
+        !run.lines_with("KVMCHECK-OK").is_empty(),
+        "kvmcheck ran a VM in L1"
+    );
+}
+
+/// The payload for `vmfarm vm run` in L2: binary, stock kernel, L2 initramfs, disks, the suite.
+fn vm_payload(cache: &Path, dir: &Path) {
+    let bin = dir.join("bin");
+    let l2 = dir.join("l2");
+    let disks = dir.join("disks");
+    for d in [&bin, &l2, &disks] {
+        fs::create_dir_all(d).expect("payload dirs");
+    }
+    let vmfarm = vmfarm_for_lab();
+    let dest = bin.join("vmfarm");
+    let stripped = Command::new("strip")
+        .arg("-o")
+        .arg(&dest)
+        .arg(&vmfarm)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        fs::copy(&vmfarm, &dest).unwrap_or_else(|e| panic!("copy {vmfarm:?}: {e}"));
+    }
+    fs::copy(cache.join("vmlinuz"), l2.join("vmlinuz")).expect("copy the L2 kernel");
+    copy_check("vm-suite.sh", &dir.join("run.sh"));
+    lab_sh_ok(&[
+        "l2-initrd",
+        "--init",
+        &Path::new(LAB_DIR)
+            .join("checks/l2-guest.sh")
+            .to_string_lossy(),
+        "--out",
+        &l2.join("initrd.cpio").to_string_lossy(),
+    ]);
+    // raw.img: 8 MiB of zeros. base.qcow2: 16 MiB whose first MiB is the pattern "base" (as
+    // l2-guest.sh makes it). overlay.qcow2: empty, over the base's path inside L1.
+    let raw = fs::File::create(disks.join("raw.img")).expect("raw.img");
+    raw.set_len(8 << 20).expect("size raw.img");
+    let base_raw = dir.join("base.raw");
+    let mut pattern = Vec::with_capacity(1 << 20);
+    for i in 0..100_000 {
+        pattern.extend_from_slice(format!("base-{i:010}\n").as_bytes());
+    }
+    pattern.truncate(1 << 20);
+    pattern.resize(16 << 20, 0);
+    fs::write(&base_raw, &pattern).expect("base.raw");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&base_raw)
+            .arg(disks.join("base.qcow2")),
+    );
+    fs::remove_file(&base_raw).expect("remove base.raw");
+    run_ok(
+        Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                "-u",
+                "-b",
+                "/payload/disks/base.qcow2",
+            ])
+            .arg(disks.join("overlay.qcow2"))
+            .arg("16M"),
+    );
+    // VMFARM_LAB_VM_SECTIONS="basic disk" tries sections that are not enabled yet.
+    let sections = std::env::var("VMFARM_LAB_VM_SECTIONS")
+        .map(|s| s.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .unwrap_or_else(|_| VM_SECTIONS.iter().map(|s| s.to_string()).collect());
+    fs::write(dir.join("sections"), sections.join("\n") + "\n").expect("sections");
+}
+
+/// The binary that plays `vmfarm` in L1 (see the module's doc).
+fn vmfarm_for_lab() -> PathBuf {
+    if let Some(path) = std::env::var_os("VMFARM_LAB_VMFARM") {
+        return PathBuf::from(path);
+    }
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_vmfarm"));
+    // A stub subcommand says "not built yet"; the real one complains about the missing kernel.
+    let probe = Command::new(&built)
+        .args(["vm", "run", "--kernel", "/nonexistent/kvm-lab-probe"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the vmfarm binary");
+    let said = String::from_utf8_lossy(&probe.stderr);
+    if !said.contains("not built yet") && !said.contains("unrecognized subcommand") {
+        return built;
+    }
+    // target/<profile>/vmfarm -> build the example into the same target dir and profile.
+    let profile_dir = built.parent().expect("the binary's directory");
+    let target_dir = profile_dir.parent().expect("the target directory");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "vmfarm-worker",
+            "--example",
+            "vmrun",
+            "--target-dir",
+        ])
+        .arg(target_dir);
+    if profile_dir.file_name().is_some_and(|p| p == "release") {
+        build.arg("--release");
+    }
+    run_ok(&mut build);
+    profile_dir.join("examples/vmrun")
+}
+
+/// One lab run of checks/vm-suite.sh shared by the `vm_*` tests (an L1 boot is ~8 s, an L2 ~10 s).
+fn vm_suite(test: &str) -> Option<&'static LabRun> {
+    static SUITE: OnceLock<Option<LabRun>> = OnceLock::new();
+    if !lab_can_run(test) {
+        return None;
+    }
+    let cache = lab_cache(test)?;
+    SUITE
+        .get_or_init(|| {
+            let payload = Scratch::new("vm");
+            vm_payload(&cache, &payload.0);
+            Some(run_lab(&payload.0, 600))
+        })
+        .as_ref()
+}
+
+#[test]
+fn vm_boots_stock_kernel_to_marker_with_two_vcpus() {
+    if let Some(run) = vm_suite("vm_boots_stock_kernel_to_marker_with_two_vcpus") {
+        run.assert_checks(&["boot-marker", "nproc-2"]);
+    }
+}
+
+#[test]
+fn vm_rng_gives_bytes() {
+    if let Some(run) = vm_suite("vm_rng_gives_bytes") {
+        run.assert_checks(&["rng"]);
+    }
+}
+
+#[test]
+fn vm_guest_reboot_exits_zero() {
+    if let Some(run) = vm_suite("vm_guest_reboot_exits_zero") {
+        run.assert_checks(&["reboot-exit-0"]);
+    }
+}
+
+#[test]
+fn vm_disks_keep_writes_across_reboot_and_base_unchanged() {
+    let Some(run) = vm_suite("vm_disks_keep_writes_across_reboot_and_base_unchanged") else {
+        return;
+    };
+    run.assert_checks(&[
+        "disk-write",
+        "disk-raw-persists",
+        "disk-overlay-persists",
+        "disk-base-through-overlay",
+        "disk-base-unchanged",
+    ]);
+    // The overlay came back from L1; its backing file only exists there, so check it alone.
+    let overlay = run.out.join("overlay.qcow2");
+    assert!(overlay.exists(), "the overlay did not come back from L1");
+    let spec = format!(
+        r#"json:{{"driver":"qcow2","file":{{"driver":"file","filename":"{}"}},"backing":null}}"#,
+        overlay.display()
+    );
+    run_ok(Command::new("qemu-img").args(["check", &spec]));
+    let info = Command::new("qemu-img")
+        .args(["info", "-U"])
+        .arg(&spec)
+        .output()
+        .expect("qemu-img info");
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("file format: qcow2"), "qemu-img info: {info}");
+}
+
+#[test]
+fn vm_vsock_carries_10_mib_each_way_both_directions() {
+    if let Some(run) = vm_suite("vm_vsock_carries_10_mib_each_way_both_directions") {
+        run.assert_checks(&["vsock-host-to-guest", "vsock-guest-to-host"]);
+    }
+}
+
+#[test]
+fn vm_guest_panic_exits_nonzero_saying_panic() {
+    if let Some(run) = vm_suite("vm_guest_panic_exits_nonzero_saying_panic") {
+        run.assert_checks(&["panic-exit-nonzero"]);
+    }
+}

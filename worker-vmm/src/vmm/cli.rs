@@ -1,0 +1,42 @@
+//! `vmfarm vm run`'s arguments.
+
+use std::path::PathBuf;
+
+/// Run one guest in this process until it reboots, powers off, panics or times out.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VmRunArgs {
+    /// Kernel image: a bzImage, or an ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// A virtio-blk disk (raw or qcow2); `,ro` makes it read-only. Repeat for more disks
+    /// (the first is /dev/vda).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    pub disks: Vec<String>,
+    /// Host side of the guest's virtio-vsock: a Unix socket path (hybrid vsock: connect and
+    /// write `CONNECT <port>\n`; guest connections to port P arrive at `<SOCKET>_P`).
+    #[arg(long, value_name = "SOCKET")]
+    pub vsock: Option<PathBuf>,
+    /// Number of vCPUs (1 to 32).
+    #[arg(long, default_value_t = 1)]
+    pub cpus: u8,
+    /// Guest RAM, e.g. 512MiB, 2GiB (a bare number means MiB).
+    #[arg(long, default_value = "512MiB")]
+    pub memory: String,
+    /// The kernel command line, passed as is.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Write the guest console (COM1) to this file instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub console: Option<PathBuf>,
+    /// Stop the guest and fail after this long, e.g. 60s, 5m (a bare number means seconds).
+    #[arg(long)]
+    pub timeout: Option<String>,
+    /// Also declare the virtio-mmio devices on the command line (`virtio_mmio.device=`), for
+    /// custom kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES; stock kernels find them
+    /// through ACPI.
+    #[arg(long)]
+    pub virtio_mmio_cmdline: bool,
+}

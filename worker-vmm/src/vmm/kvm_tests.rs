@@ -1,0 +1,217 @@
+//! Whole-VM tests on the host's /dev/kvm: tiny hand-assembled 64-bit guests, loaded as ELF
+//! "kernels" through the real boot path (long-mode entry, zero page in RSI), that talk to the
+//! legacy devices and end the VM in each of the ways a guest can.
+//!
+//! Without a usable /dev/kvm they print why and pass, unless `VMFARM_REQUIRE_KVM=1`, where they
+//! fail.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::acpi::MmioSlot;
+use super::config::{ConsoleConfig, VmConfig};
+use super::exit::VmExit;
+use super::layout::{VIRTIO_GSIS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
+use super::vm::build_vm;
+
+/// Where the tiny guests are loaded and entered.
+const LOAD_ADDR: u64 = 0x10_0000;
+
+/// Prints `message` on COM1, then runs `tail`.
+fn serial_then(message: &[u8], tail: &[u8]) -> Vec<u8> {
+    let mut code = vec![
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0x48, 0x8d, 0x35, 0, 0, 0, 0, // lea rsi, [rip + message]
+        0xb9, 0, 0, 0, 0,    // mov ecx, len
+        0xac, // lodsb
+        0xee, // out dx, al
+        0xe2, 0xfc, // loop lodsb
+    ];
+    code.extend_from_slice(tail);
+    let after_lea = 11;
+    let disp = (code.len() - after_lea) as u32;
+    code[7..11].copy_from_slice(&disp.to_le_bytes());
+    code[12..16].copy_from_slice(&(message.len() as u32).to_le_bytes());
+    code.extend_from_slice(message);
+    code
+}
+
+/// `out 0x64, 0xfe` (i8042 CPU reset), then halt forever.
+const I8042_RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+/// `mov dx, 0x505; mov al, 1; out dx, al` (pvpanic: panicked), then halt forever.
+const PVPANIC: &[u8] = &[0x66, 0xba, 0x05, 0x05, 0xb0, 0x01, 0xee, 0xf4, 0xeb, 0xfd];
+/// `ud2` with an IDT too small for any vector: #UD, #GP, #DF, triple fault.
+const TRIPLE_FAULT: &[u8] = &[0x0f, 0x0b];
+/// `jmp $`.
+const SPIN: &[u8] = &[0xeb, 0xfe];
+/// ACPI S5: `mov dx, 0x600; mov al, (5 << 2) | 0x20; out dx, al`, then halt forever.
+const ACPI_POWER_OFF: &[u8] = &[0x66, 0xba, 0x00, 0x06, 0xb0, 0x34, 0xee, 0xf4, 0xeb, 0xfd];
+
+/// A minimal ELF64 executable whose one segment, `code`, is loaded and entered at LOAD_ADDR.
+fn elf_image(code: &[u8]) -> Vec<u8> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    let offset = (EHDR + PHDR) as u64;
+    let mut elf = Vec::new();
+    elf.extend_from_slice(b"\x7fELF");
+    elf.extend_from_slice(&[2, 1, 1, 0]); // 64-bit, little endian, version 1, SysV
+    elf.extend_from_slice(&[0; 8]);
+    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf.extend_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf.extend_from_slice(&1u32.to_le_bytes());
+    elf.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
+    elf.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+    elf.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    elf.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for half in [EHDR as u16, PHDR as u16, 1, 64, 0, 0] {
+        elf.extend_from_slice(&half.to_le_bytes());
+    }
+    assert_eq!(elf.len(), EHDR);
+    elf.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    elf.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    for word in [
+        offset,
+        LOAD_ADDR,
+        LOAD_ADDR,
+        code.len() as u64,
+        code.len() as u64,
+        0x1000,
+    ] {
+        elf.extend_from_slice(&word.to_le_bytes());
+    }
+    assert_eq!(elf.len(), EHDR + PHDR);
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// Whether /dev/kvm can create a VM here; `Err` says why not.
+fn kvm_usable() -> Result<(), String> {
+    let kvm = kvm_ioctls::Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+    kvm.create_vm()
+        .map(drop)
+        .map_err(|e| format!("KVM_CREATE_VM failed: {e}"))
+}
+
+/// False (after printing why) when the test should be skipped; panics when KVM is required.
+fn require_kvm() -> bool {
+    match kvm_usable() {
+        Ok(()) => true,
+        Err(why) if std::env::var("VMFARM_REQUIRE_KVM").as_deref() == Ok("1") => {
+            panic!("VMFARM_REQUIRE_KVM=1 but /dev/kvm is unusable: {why}")
+        }
+        Err(why) => {
+            eprintln!("skipped: {why} (set VMFARM_REQUIRE_KVM=1 to make this a failure)");
+            false
+        }
+    }
+}
+
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("vmfarm-vmm-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Boots `code` on `cpus` vCPUs; returns how the VM ended, the console, and the time taken.
+fn boot(name: &str, code: &[u8], cpus: u8, timeout: Duration) -> (VmExit, String, Duration) {
+    let scratch = Scratch::new(name);
+    let kernel = scratch.0.join("guest.elf");
+    std::fs::write(&kernel, elf_image(code)).unwrap();
+    let console = scratch.0.join("console.log");
+    let config = VmConfig {
+        kernel,
+        initrd: None,
+        disks: Vec::new(),
+        vsock: None,
+        rng: true,
+        cpus,
+        memory: 32 << 20,
+        cmdline: "console=ttyS0".into(),
+        virtio_mmio_cmdline: false,
+        console: ConsoleConfig::File(console.clone()),
+        timeout: Some(timeout),
+    };
+    let started = Instant::now();
+    let vm = build_vm(&config).unwrap();
+    // The rng device is the only virtio device: first window, first virtio GSI.
+    assert_eq!(
+        vm.mmio_slots(),
+        &[MmioSlot {
+            base: VIRTIO_MMIO_BASE,
+            len: VIRTIO_MMIO_SIZE,
+            gsi: VIRTIO_GSIS[0]
+        }]
+    );
+    let exit = vm.run(config.timeout).unwrap();
+    let took = started.elapsed();
+    let console = std::fs::read_to_string(&console).unwrap();
+    (exit, console, took)
+}
+
+#[test]
+fn test_tiny_guest_ends_the_vm_each_way() {
+    if !require_kvm() {
+        return;
+    }
+    let cases: [(&str, Vec<u8>, u8, VmExit); 5] = [
+        (
+            "reset",
+            serial_then(b"hello from the guest\n", I8042_RESET),
+            1,
+            VmExit::Reset,
+        ),
+        (
+            "reset-2cpu",
+            serial_then(b"two vcpus\n", I8042_RESET),
+            2,
+            VmExit::Reset,
+        ),
+        (
+            "poweroff",
+            serial_then(b"bye\n", ACPI_POWER_OFF),
+            1,
+            VmExit::PowerOff,
+        ),
+        ("panic", serial_then(b"oops\n", PVPANIC), 1, VmExit::Panic),
+        (
+            "triple",
+            serial_then(b"fault\n", TRIPLE_FAULT),
+            1,
+            VmExit::TripleFault { vcpu: 0 },
+        ),
+    ];
+    for (name, code, cpus, expected) in cases {
+        let (exit, console, took) = boot(name, &code, cpus, Duration::from_secs(30));
+        eprintln!("{name}: {exit} in {took:?}");
+        assert_eq!(exit, expected, "{name}");
+        let message = String::from_utf8_lossy(&code[code.len() - console.len()..]).into_owned();
+        assert_eq!(console, message, "{name}: console");
+        assert!(took < Duration::from_secs(10), "{name} took {took:?}");
+    }
+}
+
+#[test]
+fn test_tiny_guest_that_spins_times_out() {
+    if !require_kvm() {
+        return;
+    }
+    let (exit, console, took) = boot(
+        "spin",
+        &serial_then(b"spinning\n", SPIN),
+        1,
+        Duration::from_millis(300),
+    );
+    assert_eq!(exit, VmExit::Timeout(Duration::from_millis(300)));
+    assert_eq!(console, "spinning\n");
+    assert!(took < Duration::from_secs(5), "teardown took {took:?}");
+}

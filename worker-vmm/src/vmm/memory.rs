@@ -1,0 +1,213 @@
+//! Guest RAM: anonymous mappings around the 32-bit MMIO gap, registered with KVM.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap, MmapRegion};
+
+use super::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+/// The guest's memory as the VMM and its devices see it.
+pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
+
+/// Setting up guest RAM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The host could not map the RAM.
+    #[error("cannot map {size} bytes of guest memory")]
+    Map {
+        /// Requested size.
+        size: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM refused a memory slot.
+    #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} failed")]
+    Register {
+        /// The slot.
+        slot: u32,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The RAM ranges `(start, len)` for `size` bytes of memory: below the gap, then above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
+    if size <= MMIO_GAP_START {
+        vec![(0, size)]
+    } else {
+        vec![(0, MMIO_GAP_START), (MMIO_GAP_END, size - MMIO_GAP_START)]
+    }
+}
+
+/// Host mappings are aligned to this, so that transparent huge pages of the host line up with
+/// the guest's 2 MiB pages and KVM can map guest memory with 2 MiB (nested) page table entries.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// One anonymous mapping, unmapped on drop.
+struct AlignedMapping {
+    addr: usize,
+    len: usize,
+}
+
+impl AlignedMapping {
+    /// Maps `len` bytes of anonymous memory at a [`HUGE_PAGE`]-aligned address.
+    fn new(len: usize) -> std::io::Result<Self> {
+        let total = len
+            .checked_add(HUGE_PAGE)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
+        // SAFETY: a new anonymous mapping where the kernel chooses: no existing memory changes.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                total,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let start = raw as usize;
+        let addr = start.next_multiple_of(HUGE_PAGE);
+        let head = addr - start;
+        let tail = total - head - len;
+        // SAFETY: both ranges lie inside the mapping made above and outside `addr..addr + len`;
+        // nothing references them.
+        unsafe {
+            if head > 0 {
+                libc::munmap(raw, head);
+            }
+            if tail > 0 {
+                libc::munmap((addr + len) as *mut libc::c_void, tail);
+            }
+        }
+        Ok(Self { addr, len })
+    }
+}
+
+impl Drop for AlignedMapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping was made by `new`; `GuestRam` drops its `GuestMem` first, and the
+        // VM drops every device (joining device threads) before its `GuestRam`.
+        unsafe {
+            libc::munmap(self.addr as *mut libc::c_void, self.len);
+        }
+    }
+}
+
+/// Guest RAM: the mappings and the [`GuestMem`] view of them. The VM keeps it until every
+/// vCPU and device (each holding a `GuestMem` clone) is gone.
+pub struct GuestRam {
+    memory: GuestMem,
+    _mappings: Vec<AlignedMapping>,
+}
+
+impl GuestRam {
+    /// The memory, for loading and for devices.
+    pub fn memory(&self) -> &GuestMem {
+        &self.memory
+    }
+}
+
+/// Maps `size` bytes of guest RAM, 2 MiB aligned.
+pub fn create_guest_memory(size: u64) -> Result<GuestRam, MemoryError> {
+    let map_err = |source| MemoryError::Map { size, source };
+    let mut mappings = Vec::new();
+    let mut regions = Vec::new();
+    for (start, len) in ram_ranges(size) {
+        let len = usize::try_from(len)
+            .map_err(|_| map_err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
+        let mapping = AlignedMapping::new(len).map_err(map_err)?;
+        // SAFETY: `mapping` is a live anonymous read-write private mapping of `len` bytes, kept
+        // alive by the returned `GuestRam` for as long as its users (see `AlignedMapping::drop`).
+        let region = unsafe {
+            MmapRegion::build_raw(
+                mapping.addr as *mut u8,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            )
+        }
+        .map_err(|e| map_err(std::io::Error::other(e)))?;
+        mappings.push(mapping);
+        regions.push(
+            GuestRegionMmap::new(region, GuestAddress(start))
+                .ok_or_else(|| map_err(std::io::Error::from_raw_os_error(libc::EINVAL)))?,
+        );
+    }
+    let memory = GuestMem::from_regions(regions).map_err(|e| map_err(std::io::Error::other(e)))?;
+    Ok(GuestRam {
+        memory,
+        _mappings: mappings,
+    })
+}
+
+/// Gives every region of `memory` to KVM as a memory slot.
+pub fn register_memory(vm: &VmFd, memory: &GuestMem) -> Result<(), MemoryError> {
+    for (slot, region) in memory.iter().enumerate() {
+        let slot = slot as u32;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|_| MemoryError::Register {
+                slot,
+                source: kvm_ioctls::Error::new(libc::EFAULT),
+            })?;
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the mapping behind `userspace_addr` belongs to `memory`, which the VM keeps alive
+        // (it holds a clone) for as long as the VM fd exists, and slots never overlap.
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(|source| MemoryError::Register { slot, source })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn test_guest_ram_is_huge_page_aligned_and_usable() {
+        let ram = create_guest_memory(64 << 20).unwrap();
+        let memory = ram.memory();
+        for region in memory.iter() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .unwrap();
+            assert_eq!(host as usize % HUGE_PAGE, 0);
+        }
+        memory
+            .write_obj(0xdead_beef_u32, GuestAddress((64 << 20) - 4))
+            .unwrap();
+        assert_eq!(
+            memory
+                .read_obj::<u32>(GuestAddress((64 << 20) - 4))
+                .unwrap(),
+            0xdead_beef
+        );
+        assert!(memory.write_obj(0u8, GuestAddress(64 << 20)).is_err());
+    }
+
+    #[test]
+    fn test_ram_ranges_split_around_the_gap() {
+        assert_eq!(ram_ranges(512 << 20), vec![(0, 512 << 20)]);
+        assert_eq!(ram_ranges(MMIO_GAP_START), vec![(0, MMIO_GAP_START)]);
+        assert_eq!(
+            ram_ranges(4 << 30),
+            vec![
+                (0, MMIO_GAP_START),
+                (MMIO_GAP_END, (4 << 30) - MMIO_GAP_START)
+            ]
+        );
+    }
+}

@@ -1,0 +1,126 @@
+//! The vCPU threads: run KVM_RUN, route port and MMIO exits to the buses, report how the VM
+//! ends, and stop when kicked.
+
+use std::sync::Arc;
+use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use super::bus::Bus;
+use super::exit::{ExitSignal, VmExit};
+
+/// What a vCPU thread shares with the others.
+pub struct VcpuShared {
+    /// Port I/O devices.
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+    /// Where the end of the VM is reported.
+    pub exit: Arc<ExitSignal>,
+    /// Set when the VM is being torn down.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// The signal that knocks a vCPU thread out of KVM_RUN (it returns EINTR).
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) handler of [`kick_signal`], once per process; without a handler the
+/// signal would kill the process.
+pub fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static ONCE: Once = Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick);
+    });
+    result
+}
+
+/// Reports an internal error if the thread unwinds, so that `run` never waits for a dead vCPU.
+struct PanicGuard<'a> {
+    id: u32,
+    exit: &'a ExitSignal,
+}
+
+impl Drop for PanicGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.exit.report(VmExit::Internal {
+                vcpu: self.id,
+                reason: "the vCPU thread panicked".into(),
+            });
+        }
+    }
+}
+
+/// Runs vCPU `id` until the VM ends or `shared.stop` is set.
+pub fn run_vcpu(id: u32, mut vcpu: VcpuFd, shared: &VcpuShared) {
+    let _guard = PanicGuard {
+        id,
+        exit: &shared.exit,
+    };
+    let internal = |reason: String| VmExit::Internal { vcpu: id, reason };
+    while !shared.stop.load(Ordering::Acquire) {
+        let ended = match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !shared.pio.read(u64::from(port), data) {
+                    tracing::trace!(vcpu = id, port, "read from an empty port");
+                }
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !shared.pio.write(u64::from(port), data) {
+                    tracing::trace!(vcpu = id, port, "write to an empty port");
+                }
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !shared.mmio.read(addr, data) {
+                    tracing::debug!(vcpu = id, addr, "MMIO read outside any device");
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !shared.mmio.write(addr, data) {
+                    tracing::debug!(vcpu = id, addr, "MMIO write outside any device");
+                }
+                None
+            }
+            // With the in-kernel LAPIC, HLT only exits when the guest halts for good.
+            Ok(VcpuExit::Hlt) => Some(VmExit::PowerOff),
+            Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault { vcpu: id }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+                KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+                KVM_SYSTEM_EVENT_CRASH => VmExit::Panic,
+                other => internal(format!("unexpected system event {other}")),
+            }),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(internal(format!(
+                "VM entry failed on CPU {cpu} (hardware reason {reason:#x})"
+            ))),
+            Ok(VcpuExit::InternalError) => {
+                let run = vcpu.get_kvm_run();
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which KVM fills the
+                // `internal` member of the union; every bit pattern is a valid value of it.
+                let suberror = unsafe { run.__bindgen_anon_1.internal };
+                Some(internal(format!(
+                    "KVM_EXIT_INTERNAL_ERROR suberror {}",
+                    suberror.suberror
+                )))
+            }
+            Ok(VcpuExit::Intr) => None,
+            Ok(other) => Some(internal(format!("unexpected exit {other:?}"))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(internal(format!("KVM_RUN failed: {e}"))),
+        };
+        if let Some(exit) = ended {
+            shared.exit.report(exit);
+            break;
+        }
+    }
+}

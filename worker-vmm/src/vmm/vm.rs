@@ -1,0 +1,520 @@
+//! Building a VM from its configuration (a list of steps, one device at a time) and running it.
+
+use std::fs::File;
+use std::io::{LineWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use linux_loader::cmdline::Cmdline;
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::signal::Killable;
+
+use super::acpi::{AcpiError, MmioSlot, build_acpi_tables};
+use super::boot::cpu::{self, CpuSetupError};
+use super::boot::cpuid::filter_cpuid;
+use super::boot::kernel::{BootError, load_cmdline, load_initrd, load_kernel};
+use super::boot::mptable::{MpTableError, build_mptable};
+use super::boot::zero_page::{ZeroPageError, ZeroPageParams, build_zero_page};
+use super::bus::{Bus, BusDevice, BusError};
+use super::config::{ConsoleConfig, DiskConfig, GUEST_CID, VmConfig};
+use super::exit::{ExitSignal, VmExit};
+use super::irq::IrqLine;
+use super::irqfd::IrqFd;
+use super::layout::{
+    ACPI_PM_PORT, ACPI_START, EBDA_START, I8042_PORT, KVM_TSS_ADDR, PVPANIC_PORT, RTC_PORT,
+    SERIAL_GSI, SERIAL_PORT, VIRTIO_GSIS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_STRIDE,
+    ZERO_PAGE_ADDR,
+};
+use super::legacy::{
+    acpi_pm::AcpiPm, i8042::I8042, pvpanic::PvPanic, rtc::Rtc, serial::SerialDevice,
+};
+use super::memory::{GuestRam, MemoryError, create_guest_memory, register_memory};
+use super::vcpu::{VcpuShared, install_kick_handler, kick_signal, run_vcpu};
+use super::virtio::{block::Block, mmio::MmioTransport, rng::Rng, vsock::Vsock};
+
+/// Building the VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// A KVM ioctl failed.
+    #[error("{what} failed (is /dev/kvm there and usable?)")]
+    Kvm {
+        /// The ioctl.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest RAM.
+    #[error("guest memory")]
+    Memory(#[from] MemoryError),
+    /// Kernel, initrd or command line.
+    #[error("boot")]
+    Boot(#[from] BootError),
+    /// vCPU setup.
+    #[error("vCPU setup")]
+    Cpu(#[from] CpuSetupError),
+    /// ACPI tables.
+    #[error("ACPI tables")]
+    Acpi(#[from] AcpiError),
+    /// MP table.
+    #[error("MP table")]
+    MpTable(#[from] MpTableError),
+    /// Zero page.
+    #[error("zero page")]
+    ZeroPage(#[from] ZeroPageError),
+    /// Two devices at one address (a bug in the layout).
+    #[error("device placement")]
+    Bus(#[from] BusError),
+    /// Writing firmware tables or the zero page to guest memory.
+    #[error("cannot write {what} to guest memory")]
+    WriteMemory {
+        /// What.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The console file.
+    #[error("cannot create console file {}", path.display())]
+    Console {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A device could not be set up.
+    #[error("cannot attach {what}")]
+    Device {
+        /// Which device.
+        what: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// More virtio devices than interrupt lines.
+    #[error("too many virtio devices (at most {})", VIRTIO_GSIS.len())]
+    TooManyDevices,
+    /// The kernel command line.
+    #[error("kernel command line")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The kick signal handler.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// A vCPU thread.
+    #[error("cannot start vCPU thread {id}")]
+    Thread {
+        /// The vCPU.
+        id: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn device_err<E: std::error::Error + Send + Sync + 'static>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> VmError {
+    let what = what.into();
+    move |e| VmError::Device {
+        what,
+        source: Box::new(e),
+    }
+}
+
+/// A VM ready to run: memory loaded, devices placed, vCPUs set up.
+pub struct Vm {
+    /// How long building took.
+    built_in: Duration,
+    vcpus: Vec<VcpuFd>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    exit: Arc<ExitSignal>,
+    slots: Vec<MmioSlot>,
+    // Dropped after the devices and vCPUs that use them, guest RAM last.
+    _vm_fd: Arc<VmFd>,
+    _kvm: Kvm,
+    _ram: GuestRam,
+}
+
+/// The VM while its devices are being attached.
+struct VmBuilder {
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    ram: GuestRam,
+    pio: Bus,
+    mmio: Bus,
+    exit: Arc<ExitSignal>,
+    slots: Vec<MmioSlot>,
+}
+
+impl VmBuilder {
+    fn new(config: &VmConfig) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+        let ram = create_guest_memory(config.memory)?;
+        register_memory(&vm_fd, ram.memory())?;
+        Ok(Self {
+            kvm,
+            vm_fd,
+            ram,
+            pio: Bus::new(),
+            mmio: Bus::new(),
+            exit: Arc::new(ExitSignal::new()),
+            slots: Vec::new(),
+        })
+    }
+
+    fn irq(&self, gsi: u32) -> Result<IrqFd, VmError> {
+        IrqFd::new(self.vm_fd.clone(), gsi).map_err(device_err(format!("irqfd for GSI {gsi}")))
+    }
+
+    fn attach_pio(
+        &mut self,
+        port: u16,
+        len: u16,
+        device: impl BusDevice + 'static,
+    ) -> Result<(), VmError> {
+        self.pio.insert(
+            u64::from(port),
+            u64::from(len),
+            Arc::new(Mutex::new(device)),
+        )?;
+        Ok(())
+    }
+
+    fn attach_serial(&mut self, console: &ConsoleConfig) -> Result<(), VmError> {
+        let out: Box<dyn Write + Send> = match console {
+            ConsoleConfig::Stdout => Box::new(std::io::stdout()),
+            ConsoleConfig::File(path) => {
+                let file = File::create(path).map_err(|source| VmError::Console {
+                    path: path.clone(),
+                    source,
+                })?;
+                Box::new(LineWriter::new(file))
+            }
+        };
+        let irq = self.irq(SERIAL_GSI)?;
+        self.attach_pio(SERIAL_PORT, 8, SerialDevice::new(irq, out))
+    }
+
+    fn attach_i8042(&mut self) -> Result<(), VmError> {
+        self.attach_pio(I8042_PORT, 5, I8042::new(self.exit.clone()))
+    }
+
+    fn attach_rtc(&mut self) -> Result<(), VmError> {
+        self.attach_pio(RTC_PORT, 2, Rtc::new())
+    }
+
+    fn attach_pvpanic(&mut self) -> Result<(), VmError> {
+        self.attach_pio(PVPANIC_PORT, 1, PvPanic::new(self.exit.clone()))
+    }
+
+    fn attach_acpi_pm(&mut self) -> Result<(), VmError> {
+        self.attach_pio(ACPI_PM_PORT, 3, AcpiPm::new(self.exit.clone()))
+    }
+
+    /// Puts a virtio device behind a transport in the next MMIO window, with the next GSI.
+    fn attach_virtio(
+        &mut self,
+        device: Box<dyn super::virtio::device::VirtioDevice>,
+    ) -> Result<(), VmError> {
+        let index = self.slots.len();
+        let gsi = *VIRTIO_GSIS.get(index).ok_or(VmError::TooManyDevices)?;
+        let base = VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_STRIDE;
+        let irq: Arc<dyn IrqLine> = Arc::new(self.irq(gsi)?);
+        let transport = MmioTransport::new(device, self.ram.memory().clone(), irq);
+        self.mmio.insert(
+            base,
+            super::virtio::mmio::MMIO_WINDOW_SIZE,
+            Arc::new(Mutex::new(transport)),
+        )?;
+        self.slots.push(MmioSlot {
+            base,
+            len: VIRTIO_MMIO_SIZE,
+            gsi,
+        });
+        Ok(())
+    }
+
+    fn attach_block(&mut self, disk: &DiskConfig) -> Result<(), VmError> {
+        let block = Block::open(&disk.path, disk.read_only)
+            .map_err(device_err(format!("disk {}", disk.path.display())))?;
+        self.attach_virtio(Box::new(block))
+    }
+
+    fn attach_vsock(&mut self, socket: &Path) -> Result<(), VmError> {
+        let vsock = Vsock::new(GUEST_CID, socket)
+            .map_err(device_err(format!("vsock {}", socket.display())))?;
+        self.attach_virtio(Box::new(vsock))
+    }
+
+    fn attach_rng(&mut self) -> Result<(), VmError> {
+        self.attach_virtio(Box::new(Rng::new()))
+    }
+
+    fn write(&self, what: &'static str, bytes: &[u8], addr: u64) -> Result<(), VmError> {
+        self.ram
+            .memory()
+            .write_slice(bytes, GuestAddress(addr))
+            .map_err(|source| VmError::WriteMemory { what, source })
+    }
+
+    /// Loads the kernel, initrd and command line and writes the firmware tables and zero page;
+    /// returns the kernel's entry point.
+    fn load_guest(&self, config: &VmConfig) -> Result<u64, VmError> {
+        let kernel = load_kernel(self.ram.memory(), &config.kernel)?;
+        tracing::debug!(end = kernel.end, "kernel loaded");
+        let initrd = config
+            .initrd
+            .as_deref()
+            .map(|path| load_initrd(self.ram.memory(), path, config.memory, &kernel))
+            .transpose()?;
+        let cmdline = compose_cmdline(
+            &config.cmdline,
+            kernel.cmdline_capacity(),
+            &self.slots,
+            config.virtio_mmio_cmdline,
+        )
+        .map_err(VmError::Cmdline)?;
+        let cmdline = load_cmdline(self.ram.memory(), &cmdline)?;
+
+        let acpi = build_acpi_tables(config.cpus, &self.slots)?;
+        self.write("the ACPI tables", &acpi.bytes, ACPI_START)?;
+        self.write("the MP table", &build_mptable(config.cpus)?, EBDA_START)?;
+        let zero_page = build_zero_page(&ZeroPageParams {
+            setup_header: kernel.setup_header,
+            cmdline,
+            initrd,
+            mem_size: config.memory,
+            rsdp_addr: acpi.rsdp_addr,
+        })?;
+        self.ram
+            .memory()
+            .write_obj(zero_page, GuestAddress(ZERO_PAGE_ADDR))
+            .map_err(|source| VmError::WriteMemory {
+                what: "the zero page",
+                source,
+            })?;
+        cpu::write_boot_structures(self.ram.memory())?;
+        Ok(kernel.entry)
+    }
+
+    /// Creates and sets up the vCPUs; the first starts at `entry`, the others wait for SIPI.
+    fn create_vcpus(&self, cpus: u8, entry: u64) -> Result<Vec<VcpuFd>, VmError> {
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        (0..cpus)
+            .map(|id| {
+                let vcpu = self
+                    .vm_fd
+                    .create_vcpu(u64::from(id))
+                    .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+                let mut cpuid = supported.clone();
+                filter_cpuid(cpuid.as_mut_slice(), id, cpus);
+                vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+                cpu::setup_msrs(&vcpu)?;
+                cpu::setup_fpu(&vcpu)?;
+                cpu::setup_lapic(&vcpu)?;
+                if id == 0 {
+                    cpu::setup_boot_vcpu(&vcpu, entry)?;
+                }
+                Ok(vcpu)
+            })
+            .collect()
+    }
+
+    fn finish(self, vcpus: Vec<VcpuFd>, built_in: Duration) -> Vm {
+        Vm {
+            built_in,
+            vcpus,
+            pio: Arc::new(self.pio),
+            mmio: Arc::new(self.mmio),
+            exit: self.exit,
+            slots: self.slots,
+            _vm_fd: self.vm_fd,
+            _kvm: self.kvm,
+            _ram: self.ram,
+        }
+    }
+}
+
+/// The kernel command line: `text` as given, plus, when `declare_virtio` (custom kernels with
+/// CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES), one `virtio_mmio.device=` per slot.
+fn compose_cmdline(
+    text: &str,
+    capacity: usize,
+    slots: &[MmioSlot],
+    declare_virtio: bool,
+) -> Result<Cmdline, linux_loader::cmdline::Error> {
+    let mut cmdline = Cmdline::try_from(text, capacity)?;
+    if declare_virtio {
+        for slot in slots {
+            cmdline.add_virtio_mmio_device(slot.len, GuestAddress(slot.base), slot.gsi, None)?;
+        }
+    }
+    Ok(cmdline)
+}
+
+/// Builds the VM `config` describes: KVM VM with in-kernel irqchip and PIT, RAM, legacy
+/// devices, virtio devices, kernel, firmware tables, vCPUs.
+pub fn build_vm(config: &VmConfig) -> Result<Vm, VmError> {
+    let started = Instant::now();
+    let step = |what: &str| {
+        tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "{what}");
+    };
+    let mut vm = VmBuilder::new(config)?;
+    step("VM and memory created");
+    vm.attach_serial(&config.console)?;
+    vm.attach_i8042()?;
+    vm.attach_rtc()?;
+    vm.attach_pvpanic()?;
+    vm.attach_acpi_pm()?;
+    for disk in &config.disks {
+        vm.attach_block(disk)?;
+    }
+    if let Some(socket) = &config.vsock {
+        vm.attach_vsock(socket)?;
+    }
+    if config.rng {
+        vm.attach_rng()?;
+    }
+    step("devices attached");
+    let entry = vm.load_guest(config)?;
+    step("guest loaded");
+    let vcpus = vm.create_vcpus(config.cpus, entry)?;
+    step("vCPUs created");
+    Ok(vm.finish(vcpus, started.elapsed()))
+}
+
+impl Vm {
+    /// The virtio-mmio devices, in attach order.
+    pub fn mmio_slots(&self) -> &[MmioSlot] {
+        &self.slots
+    }
+
+    /// Runs the vCPUs until the guest ends or `timeout` passes, then stops every vCPU thread
+    /// and returns why the VM ended.
+    pub fn run(self, timeout: Option<Duration>) -> Result<VmExit, VmError> {
+        install_kick_handler().map_err(VmError::Signal)?;
+        let started = Instant::now();
+        tracing::info!(
+            build_ms = self.built_in.as_secs_f64() * 1e3,
+            vcpus = self.vcpus.len(),
+            "VM built, starting vCPUs"
+        );
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for (id, vcpu) in self.vcpus.into_iter().enumerate() {
+            let id = id as u32;
+            let shared = VcpuShared {
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                exit: self.exit.clone(),
+                stop: stop.clone(),
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || run_vcpu(id, vcpu, &shared));
+            match spawned {
+                Ok(handle) => threads.push(handle),
+                Err(source) => {
+                    self.exit.report(VmExit::Internal {
+                        vcpu: id,
+                        reason: "thread start failed".into(),
+                    });
+                    stop_vcpus(&stop, threads);
+                    return Err(VmError::Thread { id, source });
+                }
+            }
+        }
+        let exit = match self.exit.wait(deadline) {
+            Some(exit) => exit,
+            None => {
+                self.exit
+                    .report(VmExit::Timeout(timeout.unwrap_or_default()));
+                self.exit
+                    .get()
+                    .unwrap_or(VmExit::Timeout(timeout.unwrap_or_default()))
+            }
+        };
+        let ran_for = started.elapsed();
+        stop_vcpus(&stop, threads);
+        tracing::info!(
+            run_ms = ran_for.as_secs_f64() * 1e3,
+            teardown_ms = (started.elapsed() - ran_for).as_secs_f64() * 1e3,
+            %exit,
+            "VM ended"
+        );
+        Ok(exit)
+    }
+}
+
+/// Sets `stop` and kicks every vCPU thread out of KVM_RUN until it has ended.
+fn stop_vcpus(stop: &AtomicBool, threads: Vec<std::thread::JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    for thread in threads {
+        while !thread.is_finished() {
+            if let Err(e) = thread.kill(kick_signal()) {
+                tracing::debug!(error = %e, "kicking a vCPU thread");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if thread.join().is_err() {
+            tracing::error!("a vCPU thread panicked");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_cmdline_is_exactly_the_given_one_unless_virtio_is_declared() {
+        let slots = [
+            MmioSlot {
+                base: 0xd000_0000,
+                len: 0x200,
+                gsi: 5,
+            },
+            MmioSlot {
+                base: 0xd000_1000,
+                len: 0x200,
+                gsi: 6,
+            },
+        ];
+        let text = "console=ttyS0 reboot=k panic=-1";
+        let plain = compose_cmdline(text, 2048, &slots, false).unwrap();
+        assert_eq!(plain.as_cstring().unwrap().to_str().unwrap(), text);
+        let declared = compose_cmdline(text, 2048, &slots, true).unwrap();
+        assert_eq!(
+            declared.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 reboot=k panic=-1 virtio_mmio.device=512@0xd0000000:5 \
+             virtio_mmio.device=512@0xd0001000:6"
+        );
+        assert!(compose_cmdline(&"x".repeat(3000), 2048, &[], false).is_err());
+    }
+}
