@@ -12,11 +12,12 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # The static guest agent, and the guest images the tests boot (cached by their inputs).
+target=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 cargo build --locked --release -p vmfarm-agent --target x86_64-unknown-linux-musl
-export VMFARM_AGENT=$PWD/target/x86_64-unknown-linux-musl/release/vmfarm-agent
+export VMFARM_AGENT=$target/x86_64-unknown-linux-musl/release/vmfarm-agent
 cargo build --locked -p vmfarm
 for image in tiny debian-12 debian-13; do
-  ./target/debug/vmfarm images build "$image" --images-dir "$VMFARM_CACHE/test-images"
+  "$target/debug/vmfarm" images build "$image" --images-dir "$VMFARM_CACHE/test-images"
 done
 
 # A real PostgreSQL server for the server's tests, stopped whatever happens.

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh farm
+target=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 cargo build --release --locked -p vmfarm-agent --target x86_64-unknown-linux-musl
 cargo build --release --locked -p vmfarm
-export VMFARM_AGENT=$PWD/target/x86_64-unknown-linux-musl/release/vmfarm-agent
-exec ./target/release/vmfarm up "$@"
+export VMFARM_AGENT=$target/x86_64-unknown-linux-musl/release/vmfarm-agent
+exec "$target/release/vmfarm" up "$@"
