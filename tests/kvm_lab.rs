@@ -7,9 +7,8 @@
 //!
 //! Without the tools the lab needs, the tests skip with the reason; with `VMFARM_REQUIRE_KVM=1` they
 //! fail instead. The `vmfarm` in L1 is, in order: `VMFARM_LAB_VMFARM=/path/to/vmfarm` (e.g. the static
-//! musl build, `tests/kvm-lab/lab.sh build-vmfarm`); the `vmfarm` this test run built, once it has
-//! `vm run`; else worker-vmm's `vmrun` example (the VMM's stand-in), built here. A dynamic binary
-//! takes its shared libraries along (lab.sh copies them); binaries are stripped on the way in.
+//! musl build, `tests/kvm-lab/lab.sh build-vmfarm`), else the `vmfarm` this test run built. A dynamic
+//! binary takes its shared libraries along (lab.sh copies them); binaries are stripped on the way in.
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -148,7 +147,8 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(tag: &str) -> Scratch {
-        let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+        // target/tmp: what a run leaves behind (the shared suite's run is never dropped) stays there.
+        let base = option_env!("CARGO_TARGET_TMPDIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
         let nanos = std::time::SystemTime::now()
@@ -389,88 +389,29 @@ fn vm_payload(cache: &Path, dir: &Path) {
     fs::write(dir.join("sections"), sections.join("\n") + "\n").expect("sections");
 }
 
-/// The binary that plays `vmfarm` in L1 (see the module's doc).
+/// The binary that plays `vmfarm` in L1: `VMFARM_LAB_VMFARM`, else the `vmfarm` this run built.
 fn vmfarm_for_lab() -> PathBuf {
-    if let Some(path) = std::env::var_os("VMFARM_LAB_VMFARM") {
-        return PathBuf::from(path);
-    }
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_vmfarm"));
-    // A stub subcommand says "not built yet"; the real one complains about the missing kernel.
-    let probe = Command::new(&built)
-        .args(["vm", "run", "--kernel", "/nonexistent/kvm-lab-probe"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run the vmfarm binary");
-    let said = String::from_utf8_lossy(&probe.stderr);
-    if !said.contains("not built yet") && !said.contains("unrecognized subcommand") {
-        return built;
-    }
-    // target/<profile>/vmfarm -> build the example into the same target dir and profile.
-    let profile_dir = built.parent().expect("the binary's directory");
-    let target_dir = profile_dir.parent().expect("the target directory");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut build = Command::new(cargo);
-    build
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "vmfarm-worker",
-            "--example",
-            "vmrun",
-            "--target-dir",
-        ])
-        .arg(target_dir);
-    if profile_dir.file_name().is_some_and(|p| p == "release") {
-        build.arg("--release");
-    }
-    run_ok(&mut build);
-    profile_dir.join("examples/vmrun")
+    std::env::var_os("VMFARM_LAB_VMFARM").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_vmfarm")),
+        PathBuf::from,
+    )
 }
 
-/// One lab run of checks/vm-suite.sh shared by the `vm_*` tests (an L1 boot is ~8 s, an L2 ~10 s).
-fn vm_suite(test: &str) -> Option<&'static LabRun> {
-    static SUITE: OnceLock<Option<LabRun>> = OnceLock::new();
+/// One lab run of checks/vm-suite.sh: one L1 boot, then each L2 guest of the VMM's checks.
+/// One test, because each nextest test is its own process and an L1 boot is not free.
+#[test]
+fn vm_runs_stock_debian_guests_with_every_device() {
+    let test = "vm_runs_stock_debian_guests_with_every_device";
     if !lab_can_run(test) {
-        return None;
-    }
-    let cache = lab_cache(test)?;
-    SUITE
-        .get_or_init(|| {
-            let payload = Scratch::new("vm");
-            vm_payload(&cache, &payload.0);
-            Some(run_lab(&payload.0, 600))
-        })
-        .as_ref()
-}
-
-#[test]
-fn vm_boots_stock_kernel_to_marker_with_two_vcpus() {
-    if let Some(run) = vm_suite("vm_boots_stock_kernel_to_marker_with_two_vcpus") {
-        run.assert_checks(&["boot-marker", "nproc-2"]);
-    }
-}
-
-#[test]
-fn vm_rng_gives_bytes() {
-    if let Some(run) = vm_suite("vm_rng_gives_bytes") {
-        run.assert_checks(&["rng"]);
-    }
-}
-
-#[test]
-fn vm_guest_reboot_exits_zero() {
-    if let Some(run) = vm_suite("vm_guest_reboot_exits_zero") {
-        run.assert_checks(&["reboot-exit-0"]);
-    }
-}
-
-#[test]
-fn vm_disks_keep_writes_across_reboot_and_base_unchanged() {
-    let Some(run) = vm_suite("vm_disks_keep_writes_across_reboot_and_base_unchanged") else {
         return;
-    };
+    }
+    let Some(cache) = lab_cache(test) else { return };
+    let payload = Scratch::new("vm");
+    vm_payload(&cache, &payload.0);
+    let run = run_lab(&payload.0, 600);
+    // Boot to the guest's init with two vCPUs; entropy from virtio-rng; reboot ends the VMM with 0.
+    run.assert_checks(&["boot-marker", "nproc-2", "rng", "reboot-exit-0"]);
+    // Raw and qcow2-overlay disks keep writes across a guest reboot; the base is unchanged.
     run.assert_checks(&[
         "disk-write",
         "disk-raw-persists",
@@ -493,18 +434,10 @@ fn vm_disks_keep_writes_across_reboot_and_base_unchanged() {
         .expect("qemu-img info");
     let info = String::from_utf8_lossy(&info.stdout);
     assert!(info.contains("file format: qcow2"), "qemu-img info: {info}");
-}
-
-#[test]
-fn vm_vsock_carries_10_mib_each_way_both_directions() {
-    if let Some(run) = vm_suite("vm_vsock_carries_10_mib_each_way_both_directions") {
-        run.assert_checks(&["vsock-host-to-guest", "vsock-guest-to-host"]);
-    }
-}
-
-#[test]
-fn vm_guest_panic_exits_nonzero_saying_panic() {
-    if let Some(run) = vm_suite("vm_guest_panic_exits_nonzero_saying_panic") {
-        run.assert_checks(&["panic-exit-nonzero"]);
-    }
+    // vsock both ways, 10 MiB each, intact; a guest panic ends the VMM non-zero, saying so.
+    run.assert_checks(&[
+        "vsock-host-to-guest",
+        "vsock-guest-to-host",
+        "panic-exit-nonzero",
+    ]);
 }

@@ -17,9 +17,8 @@
 #                                  order, the lab helpers in /bin, and FILE as /lab-init, run after the
 #                                  standard setup (mounts, modules) by /init; the guest then reboots
 #                                  (`reboot -f`; LAB_L2_END=poweroff on its command line powers off instead).
-#   lab.sh build-vmfarm [--debug] [--example]
-#                                  build the static musl vmfarm binary (release unless --debug; --example:
-#                                  worker-vmm's vmrun example, the VMM's stand-in); prints its path
+#   lab.sh build-vmfarm [--debug]
+#                                  build the static musl vmfarm binary (release unless --debug); prints its path
 #
 # Environment: VMFARM_CACHE (default ~/.cache/vmfarm), VMFARM_LAB_KERNEL_PKG (default: the package that
 # linux-image-cloud-amd64 depends on), VMFARM_LAB_QEMU (default qemu-system-x86_64),
@@ -339,22 +338,20 @@ l2_initrd() {
   rm -rf "$r"
 }
 
-# The static musl vmfarm binary for L1 (release unless --debug; --example: the VMM's temporary
-# stand-in worker-vmm/examples/vmrun.rs, until `vmfarm vm run` is wired into the binary).
+# The static musl vmfarm binary for L1 (release unless --debug).
 build_vmfarm() {
-  local profile=release flags=(--release) what=(-p vmfarm) name=vmfarm sub=
+  local profile=release flags=(--release)
   while [ $# -gt 0 ]; do
     case "$1" in
       --debug) profile=debug; flags=() ;;
-      --example) what=(-p vmfarm-worker --example vmrun); name=vmrun; sub=examples/ ;;
       *) die "build-vmfarm: unknown argument $1" ;;
     esac
     shift
   done
   local root
   root=$(cd "$LAB_DIR/../.." && pwd)
-  (cd "$root" && cargo build "${flags[@]}" --target x86_64-unknown-linux-musl "${what[@]}" >&2) || die "cargo build failed"
-  echo "${CARGO_TARGET_DIR:-$root/target}/x86_64-unknown-linux-musl/$profile/$sub$name"
+  (cd "$root" && cargo build "${flags[@]}" --target x86_64-unknown-linux-musl -p vmfarm >&2) || die "cargo build failed"
+  echo "${CARGO_TARGET_DIR:-$root/target}/x86_64-unknown-linux-musl/$profile/vmfarm"
 }
 
 cmd=${1:-}; [ $# -gt 0 ] && shift

@@ -51,6 +51,7 @@ vsock)
   ;;
 panic)
   echo "L2-PANICKING"
+  sleep 0.5
   echo c > /proc/sysrq-trigger
   sleep 30
   ;;
