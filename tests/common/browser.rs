@@ -109,14 +109,23 @@ impl Browser {
         panic!("{css} never showed {want:?}; it shows {last:?}");
     }
 
+    /// Clicks the element; the page's live updates may replace it between finding and
+    /// clicking (a stale element), so it is looked up again for a few seconds.
     pub async fn click(&self, css: &str) {
-        self.client
-            .find(Locator::Css(css))
-            .await
-            .unwrap_or_else(|e| panic!("no element {css}: {e}"))
-            .click()
-            .await
-            .unwrap();
+        let started = Instant::now();
+        loop {
+            let clicked = match self.client.find(Locator::Css(css)).await {
+                Ok(el) => el.click().await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match clicked {
+                Ok(()) => return,
+                Err(e) if started.elapsed() > Duration::from_secs(10) => {
+                    panic!("cannot click {css}: {e}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
     }
 
     pub async fn fill(&self, css: &str, text: &str) {
