@@ -3,14 +3,14 @@
 //! guest's vsock Unix socket, write `CONNECT 22`, read `OK <port>`, then the stream is the guest's.
 
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use super::{
-    Backend, BackendError, BootSpec, BoxFuture, ChannelKind, Console, GuestIo, RunDir, Vm,
+    AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, ProcessVm, RunDir, Vm,
     die_with_parent,
 };
 use crate::vmm::virtio::qcow2_overlay::create_overlay;
@@ -86,24 +86,14 @@ impl Backend for KvmBackend {
                 .stderr(Stdio::inherit())
                 .kill_on_drop(true);
             die_with_parent(&mut command);
-            let mut child = command.spawn().map_err(BackendError::Spawn)?;
-            let console = child.stdout.take().map(|c| Box::new(c) as Console);
-            Ok(Box::new(KvmVm {
-                child,
-                console,
-                vsock,
-                _dir: dir,
-            }) as Box<dyn Vm>)
+            let child = command.spawn().map_err(BackendError::Spawn)?;
+            let channel = AgentChannel::Vsock {
+                socket: vsock,
+                port: SSH_PORT,
+            };
+            Ok(Box::new(ProcessVm::new(child, channel, dir)) as Box<dyn Vm>)
         })
     }
-}
-
-struct KvmVm {
-    child: Child,
-    console: Option<Console>,
-    vsock: PathBuf,
-    // Last: the folder goes after the VMM is killed.
-    _dir: RunDir,
 }
 
 /// Opens a stream to guest port `port` through the VMM's hybrid vsock socket.
@@ -133,32 +123,6 @@ pub async fn connect_vsock(socket: &Path, port: u32) -> std::io::Result<UnixStre
         )));
     }
     Ok(stream)
-}
-
-impl Vm for KvmVm {
-    fn take_console(&mut self) -> Option<Console> {
-        self.console.take()
-    }
-
-    fn connect(&mut self) -> BoxFuture<'_, Result<Box<dyn GuestIo>, BackendError>> {
-        Box::pin(async move {
-            let stream = connect_vsock(&self.vsock, SSH_PORT)
-                .await
-                .map_err(|source| BackendError::Connect {
-                    path: self.vsock.clone(),
-                    source,
-                })?;
-            Ok(Box::new(stream) as Box<dyn GuestIo>)
-        })
-    }
-
-    fn wait(&mut self) -> BoxFuture<'_, Result<ExitStatus, BackendError>> {
-        Box::pin(async move { self.child.wait().await.map_err(BackendError::Wait) })
-    }
-
-    fn kill(&mut self) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move { self.child.kill().await.map_err(BackendError::Kill) })
-    }
 }
 
 #[cfg(test)]

@@ -95,6 +95,73 @@ pub(crate) fn die_with_parent(command: &mut tokio::process::Command) {
     }
 }
 
+/// How the agent's SSH stream is reached on the host.
+pub(crate) enum AgentChannel {
+    /// QEMU's virtio-serial port, served on this Unix socket.
+    SerialSocket(PathBuf),
+    /// The integrated VMM's hybrid vsock socket and the guest port.
+    Vsock { socket: PathBuf, port: u32 },
+}
+
+/// A guest's VMM process (QEMU or `vmfarm vm run`): its console on the process's stdout, the
+/// agent's channel, and its folder, removed after the process is gone.
+pub(crate) struct ProcessVm {
+    child: tokio::process::Child,
+    console: Option<Console>,
+    channel: AgentChannel,
+    // Last: the folder goes after the process is killed.
+    _dir: RunDir,
+}
+
+impl ProcessVm {
+    /// `child` was spawned with its stdout piped: that is the console.
+    pub(crate) fn new(
+        mut child: tokio::process::Child,
+        channel: AgentChannel,
+        dir: RunDir,
+    ) -> ProcessVm {
+        let console = child.stdout.take().map(|c| Box::new(c) as Console);
+        ProcessVm {
+            child,
+            console,
+            channel,
+            _dir: dir,
+        }
+    }
+}
+
+impl Vm for ProcessVm {
+    fn take_console(&mut self) -> Option<Console> {
+        self.console.take()
+    }
+
+    fn connect(&mut self) -> BoxFuture<'_, Result<Box<dyn GuestIo>, BackendError>> {
+        Box::pin(async move {
+            let (path, stream) = match &self.channel {
+                AgentChannel::SerialSocket(path) => {
+                    (path, tokio::net::UnixStream::connect(path).await)
+                }
+                AgentChannel::Vsock { socket, port } => {
+                    (socket, kvm::connect_vsock(socket, *port).await)
+                }
+            };
+            let stream = stream.map_err(|source| BackendError::Connect {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(Box::new(stream) as Box<dyn GuestIo>)
+        })
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, Result<ExitStatus, BackendError>> {
+        Box::pin(async move { self.child.wait().await.map_err(BackendError::Wait) })
+    }
+
+    fn kill(&mut self) -> BoxFuture<'_, Result<(), BackendError>> {
+        Box::pin(async move { self.child.kill().await.map_err(BackendError::Kill) })
+    }
+}
+
 /// Boots guests.
 pub trait Backend: Send + Sync {
     /// `qemu`, `kvm`: for logs and `auto`'s explanation.

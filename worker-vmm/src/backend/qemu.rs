@@ -1,14 +1,13 @@
 //! The `qemu` backend: qemu-system-x86_64 `-M microvm`, the agent's SSH over a virtio-serial
 //! port on a Unix socket, the console on QEMU's stdout, a qcow2 overlay per guest.
 
-use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 
-use tokio::net::UnixStream;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use super::{
-    Backend, BackendError, BootSpec, BoxFuture, ChannelKind, Console, GuestIo, RunDir, Vm,
+    AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, ProcessVm, RunDir, Vm,
     die_with_parent,
 };
 
@@ -146,55 +145,19 @@ impl Backend for QemuBackend {
                 .stderr(Stdio::inherit())
                 .kill_on_drop(true);
             die_with_parent(&mut command);
-            let mut child = command.spawn().map_err(|e| match e.kind() {
+            let child = command.spawn().map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => BackendError::MissingTool {
                     tool: QEMU,
                     package: "qemu-system-x86",
                 },
                 _ => BackendError::Spawn(e),
             })?;
-            let console = child.stdout.take().map(|c| Box::new(c) as Console);
-            Ok(Box::new(QemuVm {
+            Ok(Box::new(ProcessVm::new(
                 child,
-                console,
-                socket,
-                _dir: dir,
-            }) as Box<dyn Vm>)
+                AgentChannel::SerialSocket(socket),
+                dir,
+            )) as Box<dyn Vm>)
         })
-    }
-}
-
-struct QemuVm {
-    child: Child,
-    console: Option<Console>,
-    socket: PathBuf,
-    // Last: the folder goes after QEMU is killed.
-    _dir: RunDir,
-}
-
-impl Vm for QemuVm {
-    fn take_console(&mut self) -> Option<Console> {
-        self.console.take()
-    }
-
-    fn connect(&mut self) -> BoxFuture<'_, Result<Box<dyn GuestIo>, BackendError>> {
-        Box::pin(async move {
-            let stream = UnixStream::connect(&self.socket).await.map_err(|source| {
-                BackendError::Connect {
-                    path: self.socket.clone(),
-                    source,
-                }
-            })?;
-            Ok(Box::new(stream) as Box<dyn GuestIo>)
-        })
-    }
-
-    fn wait(&mut self) -> BoxFuture<'_, Result<ExitStatus, BackendError>> {
-        Box::pin(async move { self.child.wait().await.map_err(BackendError::Wait) })
-    }
-
-    fn kill(&mut self) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move { self.child.kill().await.map_err(BackendError::Kill) })
     }
 }
 
