@@ -275,6 +275,15 @@ pub async fn update_state(
             "image_version must be 1 to 64 bytes".into(),
         ));
     }
+    if update.task.is_none()
+        && let Some(next) = update.job_state
+        && let Some(job_id) = move_job(state, worker, lease, update, next).await?
+    {
+        job_moved(state, job_id, next).await;
+        return Ok(());
+    }
+    // A task's move, or a job move the fast path did not apply (a repeat, a refused move, a
+    // dead lease): the slow path reads the job first, accepts repeats and explains refusals.
     let (job_id, current) = live_job(state, worker, lease).await?;
     let now = now_ms();
     let mut tx = state.db.writer.begin().await?;
@@ -321,41 +330,102 @@ pub async fn update_state(
         .execute(&mut *tx)
         .await?;
         if next.is_terminal() {
-            let leftover = if next == JobState::Succeeded {
-                TaskState::Skipped
-            } else if next == JobState::Cancelled {
-                TaskState::Cancelled
-            } else {
-                TaskState::Skipped
-            };
-            sqlx::query("UPDATE tasks SET state = $1 WHERE job_id = $2 AND state = $3")
-                .bind(leftover.as_str())
-                .bind(job_id)
-                .bind(TaskState::Pending.as_str())
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(
-                "UPDATE tasks SET state = $1, finished_at = $2 WHERE job_id = $3 AND state = $4",
-            )
-            .bind(TaskState::Cancelled.as_str())
-            .bind(now)
-            .bind(job_id)
-            .bind(TaskState::Running.as_str())
-            .execute(&mut *tx)
-            .await?;
+            finish_tasks(&mut tx, job_id, next, now).await?;
         }
     }
     tx.commit().await?;
-    if let Some(next) = update.job_state
-        && next.is_terminal()
-        && next != current
-    {
+    match update.job_state {
+        Some(next) if next != current => job_moved(state, job_id, next).await,
+        _ => state.events.job_changed(job_id),
+    }
+    Ok(())
+}
+
+/// Moves the job of a live lease to `next` in one guarded statement (plus its tasks' cleanup
+/// when `next` ends it), if the job is in a state that may become `next`. `None`: nothing moved.
+async fn move_job(
+    state: &AppState,
+    worker: &str,
+    lease: &LeaseRef,
+    update: &StateUpdate,
+    next: JobState,
+) -> AppResult<Option<i64>> {
+    let from: Vec<String> = JobState::ALL
+        .iter()
+        .filter(|s| s.can_become(next) && next != JobState::Queued)
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect();
+    if from.is_empty() {
+        return Ok(None);
+    }
+    let now = now_ms();
+    let sql = format!(
+        "UPDATE jobs SET state = $1, started_at = COALESCE($2, started_at), finished_at = COALESCE($3, finished_at), \
+         image_version = COALESCE($4, image_version), reason = COALESCE($5, reason) \
+         WHERE lease_id = $6 AND fence = $7 AND worker = $8 AND lease_expires_at >= $9 AND state IN ({}) \
+         RETURNING id",
+        from.join(", ")
+    );
+    let query = sqlx::query_as::<_, (i64,)>(&sql)
+        .bind(next.as_str())
+        .bind((next == JobState::Running).then_some(now))
+        .bind(next.is_terminal().then_some(now))
+        .bind(update.image_version.as_deref())
+        .bind(update.reason.as_deref())
+        .bind(&lease.lease_id)
+        .bind(lease.fence)
+        .bind(worker)
+        .bind(now);
+    if !next.is_terminal() {
+        return Ok(query
+            .fetch_optional(&state.db.writer)
+            .await?
+            .map(|(id,)| id));
+    }
+    let mut tx = state.db.writer.begin().await?;
+    let Some((job_id,)) = query.fetch_optional(&mut *tx).await? else {
+        return Ok(None);
+    };
+    finish_tasks(&mut tx, job_id, next, now).await?;
+    tx.commit().await?;
+    Ok(Some(job_id))
+}
+
+/// When a job ends as `end`: tasks that never ran are skipped (cancelled when the job is), and
+/// a running one was cut short.
+async fn finish_tasks(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    job_id: i64,
+    end: JobState,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let leftover = if end == JobState::Cancelled {
+        TaskState::Cancelled
+    } else {
+        TaskState::Skipped
+    };
+    sqlx::query(
+        "UPDATE tasks SET state = CASE WHEN state = 'pending' THEN $1 ELSE 'cancelled' END, \
+         finished_at = CASE WHEN state = 'running' THEN $2 ELSE finished_at END \
+         WHERE job_id = $3 AND state IN ('pending', 'running')",
+    )
+    .bind(leftover.as_str())
+    .bind(now)
+    .bind(job_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// What follows a job's move: waking readers, and for an ending, metrics, waiting workers and
+/// the manifest's triggers.
+async fn job_moved(state: &AppState, job_id: i64, next: JobState) {
+    if next.is_terminal() {
         state.metrics.job_finished(next);
         state.events.work.notify_waiters();
         crate::triggers::job_ended(state, job_id).await;
     }
     state.events.job_changed(job_id);
-    Ok(())
 }
 
 async fn apply_task(
