@@ -77,8 +77,28 @@ impl Browser {
         }
     }
 
+    /// Opens `url` (redirects allowed) and makes sure a new page was loaded: a navigation right
+    /// after a download can be dropped, so it is repeated until the old page is gone.
     pub async fn goto(&self, url: &str) {
-        self.client.goto(url).await.unwrap();
+        let started = Instant::now();
+        loop {
+            let mark = "window.vmfarmOldPage = true;";
+            let _ = self.client.execute(mark, vec![]).await;
+            self.client.goto(url).await.unwrap();
+            let old = self
+                .client
+                .execute("return window.vmfarmOldPage === true;", vec![])
+                .await
+                .unwrap_or(serde_json::Value::Bool(false));
+            if old != serde_json::Value::Bool(true) {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the browser never left the page for {url}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     pub async fn text(&self, css: &str) -> String {
