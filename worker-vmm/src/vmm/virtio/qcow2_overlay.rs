@@ -158,7 +158,9 @@ fn layout(size: u64, base_name: &[u8]) -> Result<Image, OverlayError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vmm::virtio::test_utils::{TempDir, pattern, qemu_img};
+    use crate::vmm::virtio::test_utils::{
+        TempDir, checked_contents, pattern, qcow2_from, qemu_img,
+    };
 
     fn info(path: &Path) -> serde_json::Value {
         serde_json::from_str(&qemu_img(&[
@@ -222,18 +224,7 @@ mod tests {
     #[test]
     fn test_overlay_written_through_qcow2_rs_keeps_base() {
         let dir = TempDir::new("overlay");
-        let raw = dir.path().join("seed.raw");
-        std::fs::write(&raw, pattern(2 << 20, 1)).unwrap();
-        let base = dir.path().join("base.qcow2");
-        qemu_img(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            base.to_str().unwrap(),
-        ]);
+        let base = qcow2_from(dir.path(), "base.qcow2", &pattern(2 << 20, 1));
         let before = std::fs::read(&base).unwrap();
         let overlay = dir.path().join("top.qcow2");
         create_overlay(&base, &overlay).unwrap();
@@ -257,18 +248,10 @@ mod tests {
             });
         }
         assert_eq!(std::fs::read(&base).unwrap(), before);
-        qemu_img(&["check", overlay.to_str().unwrap()]);
-        let out = dir.path().join("out.raw");
-        qemu_img(&[
-            "convert",
-            "-O",
-            "raw",
-            overlay.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ]);
+        let image = checked_contents(dir.path(), &overlay);
         let mut expect = pattern(2 << 20, 1);
         expect[1 << 20..(1 << 20) + (128 << 10)].copy_from_slice(&pattern(128 << 10, 50));
-        assert!(std::fs::read(&out).unwrap() == expect);
+        assert!(image == expect);
     }
 
     #[test]

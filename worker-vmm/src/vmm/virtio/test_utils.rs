@@ -291,6 +291,35 @@ pub fn qemu_img(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A qcow2 image named `name` in `dir` holding `data`, made by `qemu-img convert` (the reference).
+pub fn qcow2_from(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
+    let raw = dir.join(format!("{name}.raw"));
+    std::fs::write(&raw, data).expect("write the raw seed");
+    let image = dir.join(name);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        path_str(&raw),
+        path_str(&image),
+    ]);
+    image
+}
+
+/// What `image` holds, as `qemu-img` reads it, after `qemu-img check` accepts it.
+pub fn checked_contents(dir: &Path, image: &Path) -> Vec<u8> {
+    qemu_img(&["check", path_str(image)]);
+    let out = dir.join("contents.raw");
+    qemu_img(&["convert", "-O", "raw", path_str(image), path_str(&out)]);
+    std::fs::read(&out).expect("read the converted image")
+}
+
+fn path_str(path: &Path) -> &str {
+    path.to_str().expect("test paths are UTF-8")
+}
+
 /// A deterministic byte pattern, different for each `seed`.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)

@@ -336,7 +336,8 @@ mod tests {
     use super::*;
     use crate::vmm::virtio::qcow2_overlay::create_overlay;
     use crate::vmm::virtio::test_utils::{
-        DATA_BASE, DESC_F_NEXT, TempDir, TestDriver, pattern, qemu_img,
+        DATA_BASE, DESC_F_NEXT, TempDir, TestDriver, checked_contents, pattern, qcow2_from,
+        qemu_img,
     };
 
     const HDR: u64 = DATA_BASE;
@@ -501,18 +502,7 @@ mod tests {
     #[test]
     fn test_block_qcow2_overlay_writes_leave_base_unchanged() {
         let dir = TempDir::new("blk");
-        let raw = dir.path().join("seed.raw");
-        std::fs::write(&raw, pattern(4 << 20, 3)).unwrap();
-        let base = dir.path().join("base.qcow2");
-        qemu_img(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            base.to_str().unwrap(),
-        ]);
+        let base = qcow2_from(dir.path(), "base.qcow2", &pattern(4 << 20, 3));
         let base_before = std::fs::read(&base).unwrap();
         let overlay = dir.path().join("overlay.qcow2");
         create_overlay(&base, &overlay).unwrap();
@@ -539,21 +529,10 @@ mod tests {
             base_before,
             "the base is never written"
         );
-        qemu_img(&["check", overlay.to_str().unwrap()]);
-        let out = dir.path().join("out.raw");
-        qemu_img(&[
-            "convert",
-            "-O",
-            "raw",
-            overlay.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ]);
+        let image = checked_contents(dir.path(), &overlay);
         let mut whole = pattern(4 << 20, 3);
         whole[51712..51712 + 1024].copy_from_slice(&pattern(1024, 200));
-        assert!(
-            std::fs::read(&out).unwrap() == whole,
-            "qemu-img sees the same image"
-        );
+        assert!(image == whole, "qemu-img sees the same image");
     }
 
     #[test]
@@ -595,18 +574,7 @@ mod tests {
     #[test]
     fn test_block_read_only_qcow2_with_backing_is_readable() {
         let dir = TempDir::new("blk");
-        let raw = dir.path().join("seed.raw");
-        std::fs::write(&raw, pattern(1 << 20, 11)).unwrap();
-        let base = dir.path().join("base.qcow2");
-        qemu_img(&[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            base.to_str().unwrap(),
-        ]);
+        let base = qcow2_from(dir.path(), "base.qcow2", &pattern(1 << 20, 11));
         let overlay = dir.path().join("ro.qcow2");
         create_overlay(&base, &overlay).unwrap();
         let before = std::fs::read(&overlay).unwrap();
@@ -638,18 +606,10 @@ mod tests {
         d.write_mem(DATA, &pattern(512, 77));
         assert_eq!(request(&mut d, T_OUT, 301, 512, false), (S_OK, 1));
         drop(d);
-        qemu_img(&["check", overlay.to_str().unwrap()]);
-        let out = dir.path().join("out.raw");
-        qemu_img(&[
-            "convert",
-            "-O",
-            "raw",
-            overlay.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ]);
+        let image = checked_contents(dir.path(), &overlay);
         let mut expect = seed;
         expect[301 * 512..302 * 512].copy_from_slice(&pattern(512, 77));
-        assert!(std::fs::read(&out).unwrap() == expect);
+        assert!(image == expect);
     }
 
     #[test]
@@ -664,16 +624,7 @@ mod tests {
         assert_eq!(request(&mut d, T_OUT, 2048, 64 << 10, false), (S_OK, 1));
         std::thread::sleep(METADATA_FLUSH_DELAY * 4);
         // The device is still attached: what is on disk is already a consistent image.
-        qemu_img(&["check", overlay.to_str().unwrap()]);
-        let out = dir.path().join("out.raw");
-        qemu_img(&[
-            "convert",
-            "-O",
-            "raw",
-            overlay.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ]);
-        let image = std::fs::read(&out).unwrap();
+        let image = checked_contents(dir.path(), &overlay);
         assert!(image[1 << 20..(1 << 20) + (64 << 10)] == pattern(64 << 10, 4));
         drop(d);
     }
