@@ -358,6 +358,24 @@ mod tests {
         s
     }
 
+    /// The guest accepts the host's pending connection to `port`, granting `buf_alloc` bytes of
+    /// credit; the host then reads `OK <its port>`. Returns the guest's side of the stream.
+    fn accept_host(g: &mut Guest, host: &mut UnixStream, port: u32, buf_alloc: u32) -> Stream {
+        let (req, _) = g.recv();
+        assert_eq!((req.op, req.dst_port), (OP_REQUEST, port));
+        let mut s = Stream {
+            port,
+            host_port: req.src_port,
+            buf_alloc,
+            ..Stream::default()
+        };
+        s.learn(&req);
+        let h = s.header(OP_RESPONSE, 0);
+        g.send(h, &[]);
+        assert_eq!(read_ok(host), format!("OK {}\n", req.src_port));
+        s
+    }
+
     /// Read the `OK <port>\n` line byte by byte.
     fn read_ok(s: &mut UnixStream) -> String {
         let mut line = Vec::new();
@@ -376,18 +394,7 @@ mod tests {
         let to_guest = pattern(4 << 20, 1);
         let to_host = pattern(3 << 20, 2);
         let mut host = host_connect(&path, b"CONNECT 52\nhello");
-        let (req, _) = g.recv();
-        assert_eq!((req.op, req.dst_port), (OP_REQUEST, 52));
-        let mut s = Stream {
-            port: 52,
-            host_port: req.src_port,
-            buf_alloc: 256 * 1024,
-            ..Stream::default()
-        };
-        s.learn(&req);
-        let h = s.header(OP_RESPONSE, 0);
-        g.send(h, &[]);
-        assert_eq!(read_ok(&mut host), format!("OK {}\n", req.src_port));
+        let mut s = accept_host(&mut g, &mut host, 52, 256 * 1024);
 
         let (mut reader, writer_data) = (host.try_clone().unwrap(), to_guest.clone());
         let writer = std::thread::spawn(move || host.write_all(&writer_data).map(|()| host));
@@ -492,16 +499,7 @@ mod tests {
         let dir = TempDir::new("vsock");
         let (mut g, path) = Guest::new(&dir);
         let mut host = host_connect(&path, b"CONNECT 80\n");
-        let (req, _) = g.recv();
-        let mut s = Stream {
-            port: 80,
-            host_port: req.src_port,
-            buf_alloc: 8192,
-            ..Stream::default()
-        };
-        let h = s.header(OP_RESPONSE, 0);
-        g.send(h, &[]);
-        read_ok(&mut host);
+        let mut s = accept_host(&mut g, &mut host, 80, 8192);
         host.write_all(&pattern(64 * 1024, 9)).unwrap();
         let mut got = 0;
         let mut asked = false;
@@ -629,21 +627,8 @@ mod tests {
     fn test_vsock_device_reset_closes_host_streams() {
         let dir = TempDir::new("vsock");
         let (mut g, path) = Guest::new(&dir);
-        let mut host = host_connect(
-            &path,
-            b"CONNECT 22
-",
-        );
-        let (req, _) = g.recv();
-        let mut s = Stream {
-            port: 22,
-            host_port: req.src_port,
-            buf_alloc: 4096,
-            ..Stream::default()
-        };
-        let h = s.header(OP_RESPONSE, 0);
-        g.send(h, &[]);
-        read_ok(&mut host);
+        let mut host = host_connect(&path, b"CONNECT 22\n");
+        accept_host(&mut g, &mut host, 22, 4096);
         g.d.write32(0x70, 0);
         let mut rest = Vec::new();
         host.read_to_end(&mut rest).unwrap();
@@ -661,17 +646,7 @@ mod tests {
         let mut host = host_connect(&path, b"CONNECT 22\nearly");
         std::thread::sleep(Duration::from_millis(100));
         let mut g = Guest::attach(device);
-        let (req, _) = g.recv();
-        assert_eq!((req.op, req.dst_port), (OP_REQUEST, 22));
-        let mut s = Stream {
-            port: 22,
-            host_port: req.src_port,
-            buf_alloc: 4096,
-            ..Stream::default()
-        };
-        let h = s.header(OP_RESPONSE, 0);
-        g.send(h, &[]);
-        read_ok(&mut host);
+        accept_host(&mut g, &mut host, 22, 4096);
         let (h, data) = g.recv();
         assert_eq!((h.op, data.as_slice()), (OP_RW, &b"early"[..]));
     }
