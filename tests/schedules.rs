@@ -2,6 +2,7 @@
 //! PostgreSQL; and webhook triggers delivered to a tiny HTTP receiver on loopback, through a real
 //! `vmfarm server`.
 
+#[macro_use]
 mod common;
 
 use chrono::DateTime;
@@ -15,21 +16,6 @@ use vmfarm_server::config::ServerConfig;
 use vmfarm_server::db::Db;
 use vmfarm_server::schedules::{self, NewSchedule, Source};
 use vmfarm_server::state::AppState;
-
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(super::Backend::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name(super::Backend::Postgres).await
-            }
-        }
-    )*};
-}
 
 on_both_databases!(
     schedule_runs_on_time_and_once_after_downtime,

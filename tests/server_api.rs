@@ -1,6 +1,7 @@
 //! The server's API against a real `vmfarm server` process on loopback, each scenario on a real
 //! SQLite file and on a real PostgreSQL server.
 
+#[macro_use]
 mod common;
 
 use common::worker::{FakeWorker, sha256_hex};
@@ -10,22 +11,6 @@ use serde_json::Value;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use vmfarm_proto::{JobState, TaskState};
-
-/// Runs a scenario once per database.
-macro_rules! on_both_databases {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn sqlite() {
-                super::$name(super::Backend::Sqlite).await
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-            async fn postgres() {
-                super::$name(super::Backend::Postgres).await
-            }
-        }
-    )*};
-}
 
 on_both_databases!(
     submit_read_and_list,

@@ -4,6 +4,7 @@
 
 #[path = "common/browser.rs"]
 mod browser;
+#[macro_use]
 mod common;
 
 use browser::Browser;
@@ -221,17 +222,8 @@ async fn web_login_submit_watch_download_cancel() {
     browser.close().await;
 }
 
-/// Sessions, users, history and schedules on both databases.
-mod web_admin_token_logs_in_and_forms_need_csrf {
-    #[tokio::test(flavor = "multi_thread")]
-    async fn sqlite() {
-        super::web_admin_token_logs_in_and_forms_need_csrf(super::Backend::Sqlite).await
-    }
-    #[tokio::test(flavor = "multi_thread")]
-    async fn postgres() {
-        super::web_admin_token_logs_in_and_forms_need_csrf(super::Backend::Postgres).await
-    }
-}
+// Sessions, users, history and schedules on both databases.
+on_both_databases!(web_admin_token_logs_in_and_forms_need_csrf);
 
 async fn web_admin_token_logs_in_and_forms_need_csrf(backend: Backend) {
     let server = server_with_user(backend);

@@ -35,6 +35,18 @@ async fn wait_for(
     }
 }
 
+async fn wait_task_running(api: &Api, id: &str) -> Value {
+    let running = |j: &Value| j["tasks"][0]["state"] == "running";
+    wait_for(
+        api,
+        id,
+        "its first task running",
+        running,
+        Duration::from_secs(300),
+    )
+    .await
+}
+
 async fn wait_state(api: &Api, id: &str, state: &str) -> Value {
     wait_for(
         api,
@@ -203,14 +215,7 @@ async fn test_failure_timeout_and_cancel_end_as_they_should() {
         .jobs[0]
         .id
         .clone();
-    wait_for(
-        &api,
-        &cancelled,
-        "its task running",
-        |j| j["tasks"][0]["state"] == "running",
-        Duration::from_secs(300),
-    )
-    .await;
+    wait_task_running(&api, &cancelled).await;
     let asked = Instant::now();
     api.req(Method::POST, &format!("/api/jobs/{cancelled}/cancel"))
         .send()
@@ -322,14 +327,7 @@ async fn test_a_killed_worker_loses_nothing() {
         .jobs[0]
         .id
         .clone();
-    wait_for(
-        &api,
-        &id,
-        "its task running",
-        |j| j["tasks"][0]["state"] == "running",
-        Duration::from_secs(300),
-    )
-    .await;
+    wait_task_running(&api, &id).await;
     worker.kill9();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
@@ -361,14 +359,7 @@ async fn test_a_killed_server_loses_nothing() {
         .jobs[0]
         .id
         .clone();
-    wait_for(
-        &api,
-        &id,
-        "its task running",
-        |j| j["tasks"][0]["state"] == "running",
-        Duration::from_secs(300),
-    )
-    .await;
+    wait_task_running(&api, &id).await;
     server.kill9();
     tokio::time::sleep(Duration::from_secs(4)).await;
     server.crash_and_restart();

@@ -2,6 +2,24 @@
 //! and an HTTP client speaking as an admin or as a worker.
 #![allow(dead_code)] // Each test binary uses its own part of these fixtures.
 
+/// Runs each named async scenario `fn(Backend)` once per database, as tests `NAME::sqlite` and
+/// `NAME::postgres`. (Not every test binary has such scenarios.)
+#[allow(unused_macros)]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                super::$name(super::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                super::$name(super::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
 pub mod farm;
 pub mod postgres;
 pub mod worker;
