@@ -54,6 +54,10 @@ pub fn job_size(manifest: &Manifest, config: &WorkerConfig) -> (u32, u64) {
     (cpus, memory.0 / (1024 * 1024))
 }
 
+/// The host's fetching of a job's sources, which runs while its guest boots.
+type SourcesFetch =
+    tokio::task::JoinHandle<Result<Vec<sources::FetchedSource>, sources::SourceError>>;
+
 /// Runs the leased job to its end and reports it; returns how it ended (`None` if the lease
 /// was lost, when nothing more may be written).
 pub async fn run(ctx: &JobContext, lease: LeaseResponse) -> Option<Outcome> {
@@ -80,7 +84,17 @@ pub async fn run(ctx: &JobContext, lease: LeaseResponse) -> Option<Outcome> {
         .work_dir
         .join(format!("job-{}-{}", lease.job.id, lease.job.attempt));
 
-    let outcome = run_steps(ctx, &lease, &handle, &secrets, &log, &heartbeat, &run_dir).await;
+    let job = JobRun {
+        ctx,
+        lease: &lease,
+        handle: &handle,
+        secrets: &secrets,
+        log: &log,
+        heartbeat: &heartbeat,
+        run_dir: &run_dir,
+        started: Instant::now(),
+    };
+    let outcome = job.run_steps().await;
     let _ = tokio::fs::remove_dir_all(&run_dir).await;
 
     let outcome = match (outcome, heartbeat.stopped()) {
@@ -126,162 +140,322 @@ async fn set_state(
         .context("reporting to the server")
 }
 
-async fn run_steps(
-    ctx: &JobContext,
-    lease: &LeaseResponse,
-    handle: &LeaseHandle,
-    secrets: &[(String, Vec<u8>)],
-    log: &LogSink,
-    heartbeat: &Heartbeat,
-    run_dir: &Path,
-) -> anyhow::Result<Outcome> {
-    let started = Instant::now();
-    let manifest = Manifest::parse(&lease.job.manifest)
-        .map_err(|e| anyhow::anyhow!("the leased manifest is invalid: {e}"))?;
-    let image = &ctx.image.manifest;
-    set_state(
-        ctx,
-        handle,
-        StateUpdate {
-            job_state: Some(JobState::Booting),
-            image_version: Some(image.version.clone()),
-            ..StateUpdate::default()
-        },
-    )
-    .await?;
-    create_private_dir(run_dir)
-        .await
-        .context("creating the job's scratch folder")?;
-
-    // Sources are fetched on the host while the guest boots.
-    let fetch = {
-        let sources = manifest.sources.clone();
-        let dir = run_dir.to_owned();
-        let allowed = ctx.config.allowed_local_sources.clone();
-        tokio::spawn(async move {
-            let mut fetched = Vec::new();
-            for (i, source) in sources.iter().enumerate() {
-                fetched.push(sources::fetch(source, i, &dir, &allowed).await?);
-            }
-            Ok::<_, sources::SourceError>(fetched)
-        })
-    };
-
-    log.farm(&format!(
-        "booting {} {} ({}) with the {} backend",
-        image.name,
-        image.version,
-        image.system.pretty_name,
-        ctx.backend.name()
-    ));
-    let key = JobKey::generate().context("making the job's SSH key")?;
-    let (cpus, memory_mib) = job_size(&manifest, &ctx.config);
-    let cmdline = GuestCmdline {
-        channel: ctx.backend.channel(),
-        key_blob: key.public_blob_base64(),
-        hostname: format!("job-{}", lease.job.id),
-        time: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
-        user: "build".into(),
-        emulated: ctx.backend.emulated(),
-    };
-    let spec = BootSpec {
-        kernel: ctx.image.kernel(),
-        initrd: Some(ctx.image.initrd()),
-        base_disk: ctx.image.rootfs(),
-        vcpus: cpus,
-        memory_mib: u32::try_from(memory_mib).unwrap_or(u32::MAX),
-        cmdline: cmdline.compose(),
-        run_dir: run_dir.join("vm"),
-    };
-    let mut vm = ctx.backend.boot(&spec).await.context("booting the guest")?;
-    let result = with_guest(
-        ctx,
-        lease,
-        handle,
-        &manifest,
-        secrets,
-        log,
-        heartbeat,
-        run_dir,
-        &key,
-        vm.as_mut(),
-        fetch,
-        started,
-    )
-    .await;
-    teardown(vm, log).await;
-    result
+/// What every step of one job works with.
+#[derive(Clone, Copy)]
+struct JobRun<'a> {
+    ctx: &'a JobContext,
+    lease: &'a LeaseResponse,
+    handle: &'a LeaseHandle,
+    secrets: &'a [(String, Vec<u8>)],
+    log: &'a LogSink,
+    heartbeat: &'a Heartbeat,
+    run_dir: &'a Path,
+    started: Instant,
 }
 
-/// Boots to SSH and runs the job in the guest; the caller tears the guest down afterwards.
-#[allow(clippy::too_many_arguments)]
-async fn with_guest(
-    ctx: &JobContext,
-    lease: &LeaseResponse,
-    handle: &LeaseHandle,
-    manifest: &Manifest,
-    secrets: &[(String, Vec<u8>)],
-    log: &LogSink,
-    heartbeat: &Heartbeat,
-    run_dir: &Path,
-    key: &JobKey,
-    vm: &mut dyn Vm,
-    fetch: tokio::task::JoinHandle<Result<Vec<sources::FetchedSource>, sources::SourceError>>,
-    started: Instant,
-) -> anyhow::Result<Outcome> {
-    let mut console = vm.take_console().context("the guest's console")?;
-    let console_log = log.clone();
-    let mut sink = move |data: &[u8]| console_log.write(LogStream::Console, None, data);
-    let boot_timeout = ctx.config.guest.boot_timeout.0;
-    let booted = Instant::now();
-    let fingerprint = tokio::select! {
-        ready = wait_ready(&mut console, &mut sink, boot_timeout) => ready.context("waiting for the guest agent")?,
-        _ = stop_requested(heartbeat) => anyhow::bail!("stopped while booting"),
-    };
-    log.farm(&format!(
-        "guest ready in {:.1}s (host key {fingerprint})",
-        booted.elapsed().as_secs_f64()
-    ));
-    // The rest of the console keeps going to the log.
-    let console_log = log.clone();
-    let console_task = tokio::spawn(async move {
-        let mut buf = vec![0u8; 8192];
-        while let Ok(n) = console.read(&mut buf).await {
-            if n == 0 {
+impl JobRun<'_> {
+    async fn run_steps(self) -> anyhow::Result<Outcome> {
+        let JobRun {
+            ctx,
+            lease,
+            handle,
+            log,
+            run_dir,
+            ..
+        } = self;
+        let manifest = Manifest::parse(&lease.job.manifest)
+            .map_err(|e| anyhow::anyhow!("the leased manifest is invalid: {e}"))?;
+        let image = &ctx.image.manifest;
+        set_state(
+            ctx,
+            handle,
+            StateUpdate {
+                job_state: Some(JobState::Booting),
+                image_version: Some(image.version.clone()),
+                ..StateUpdate::default()
+            },
+        )
+        .await?;
+        create_private_dir(run_dir)
+            .await
+            .context("creating the job's scratch folder")?;
+
+        // Sources are fetched on the host while the guest boots.
+        let fetch = {
+            let sources = manifest.sources.clone();
+            let dir = run_dir.to_owned();
+            let allowed = ctx.config.allowed_local_sources.clone();
+            tokio::spawn(async move {
+                let mut fetched = Vec::new();
+                for (i, source) in sources.iter().enumerate() {
+                    fetched.push(sources::fetch(source, i, &dir, &allowed).await?);
+                }
+                Ok::<_, sources::SourceError>(fetched)
+            })
+        };
+
+        log.farm(&format!(
+            "booting {} {} ({}) with the {} backend",
+            image.name,
+            image.version,
+            image.system.pretty_name,
+            ctx.backend.name()
+        ));
+        let key = JobKey::generate().context("making the job's SSH key")?;
+        let (cpus, memory_mib) = job_size(&manifest, &ctx.config);
+        let cmdline = GuestCmdline {
+            channel: ctx.backend.channel(),
+            key_blob: key.public_blob_base64(),
+            hostname: format!("job-{}", lease.job.id),
+            time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            user: "build".into(),
+            emulated: ctx.backend.emulated(),
+        };
+        let spec = BootSpec {
+            kernel: ctx.image.kernel(),
+            initrd: Some(ctx.image.initrd()),
+            base_disk: ctx.image.rootfs(),
+            vcpus: cpus,
+            memory_mib: u32::try_from(memory_mib).unwrap_or(u32::MAX),
+            cmdline: cmdline.compose(),
+            run_dir: run_dir.join("vm"),
+        };
+        let mut vm = ctx.backend.boot(&spec).await.context("booting the guest")?;
+        let result = self.with_guest(&manifest, &key, vm.as_mut(), fetch).await;
+        teardown(vm, log).await;
+        result
+    }
+
+    /// Boots to SSH and runs the job in the guest; the caller tears the guest down afterwards.
+    async fn with_guest(
+        self,
+        manifest: &Manifest,
+        key: &JobKey,
+        vm: &mut dyn Vm,
+        fetch: SourcesFetch,
+    ) -> anyhow::Result<Outcome> {
+        let JobRun {
+            ctx,
+            handle,
+            log,
+            heartbeat,
+            ..
+        } = self;
+        let mut console = vm.take_console().context("the guest's console")?;
+        let console_log = log.clone();
+        let mut sink = move |data: &[u8]| console_log.write(LogStream::Console, None, data);
+        let boot_timeout = ctx.config.guest.boot_timeout.0;
+        let booted = Instant::now();
+        let fingerprint = tokio::select! {
+            ready = wait_ready(&mut console, &mut sink, boot_timeout) => ready.context("waiting for the guest agent")?,
+            _ = stop_requested(heartbeat) => anyhow::bail!("stopped while booting"),
+        };
+        log.farm(&format!(
+            "guest ready in {:.1}s (host key {fingerprint})",
+            booted.elapsed().as_secs_f64()
+        ));
+        // The rest of the console keeps going to the log.
+        let console_log = log.clone();
+        let console_task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            while let Ok(n) = console.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                console_log.write(LogStream::Console, None, &buf[..n]);
+            }
+        });
+
+        let stream = vm
+            .connect()
+            .await
+            .context("connecting to the guest agent")?;
+        let guest = Guest::ssh(stream, key, &fingerprint, &SshOptions::default())
+            .await
+            .context("opening SSH to the guest")?;
+        set_state(
+            ctx,
+            handle,
+            StateUpdate {
+                job_state: Some(JobState::Running),
+                ..StateUpdate::default()
+            },
+        )
+        .await?;
+
+        let outcome = self.in_guest(manifest, &guest, fetch).await;
+        if let Err(e) = guest.shutdown().await {
+            log.farm(&format!("the guest did not shut down cleanly: {e}"));
+        }
+        console_task.abort();
+        outcome
+    }
+
+    /// Sources, environment, secrets, tasks and artifacts, over SSH.
+    async fn in_guest(
+        self,
+        manifest: &Manifest,
+        guest: &Guest,
+        fetch: SourcesFetch,
+    ) -> anyhow::Result<Outcome> {
+        let JobRun {
+            ctx,
+            lease,
+            handle,
+            secrets,
+            log,
+            heartbeat,
+            run_dir,
+            started,
+        } = self;
+        let quick = ExecLimits::timeout(Duration::from_secs(60));
+        let setup =
+            format!("mkdir -p {BUILD_DIR} {FARM_DIR}/tasks && mkdir -p -m 0700 {SECRETS_DIR}");
+        run_checked(guest, &setup, quick.clone())
+            .await
+            .context("preparing the build directory")?;
+
+        let fetched = fetch.await.context("fetching the sources")??;
+        for (i, source) in fetched.iter().enumerate() {
+            log.farm(&format!("uploading source to {}", source.path));
+            let remote = format!("{FARM_DIR}/source-{i}.tar");
+            guest
+                .upload(&source.tar, &remote)
+                .await
+                .context("uploading the sources")?;
+            run_checked(guest, &unpack_command(&remote, &source.path), quick.clone())
+                .await
+                .context("unpacking the sources")?;
+        }
+
+        let mut env: Vec<(String, String)> = manifest
+            .environment
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        env.push(("VMFARM_JOB_ID".into(), lease.job.id.clone()));
+        env.push(("VMFARM_IMAGE".into(), lease.job.image.clone()));
+        for (name, value) in secrets {
+            let local = run_dir.join(format!("secret-{name}"));
+            write_private(&local, value)
+                .await
+                .context("staging a secret")?;
+            let remote = format!("{SECRETS_DIR}/{name}");
+            guest
+                .upload(&local, &remote)
+                .await
+                .context("sending the secrets")?;
+            let _ = tokio::fs::remove_file(&local).await;
+            run_checked(
+                guest,
+                &format!("chmod 0600 {}", quote(&remote)),
+                quick.clone(),
+            )
+            .await
+            .context("sending the secrets")?;
+            let var = name.to_ascii_uppercase();
+            if vmfarm_proto::manifest::is_env_name(&var) && !name.contains('-') {
+                env.push((var, String::from_utf8_lossy(value).into_owned()));
+            }
+        }
+
+        let deadline = started + manifest.timeout.unwrap_or(Duration::from_secs(3600));
+        let mut outcome = Outcome {
+            state: JobState::Succeeded,
+            reason: None,
+        };
+        for task in &manifest.tasks {
+            let local = run_dir.join(format!("task-{}.sh", task.name));
+            write_private(&local, task.script.as_bytes())
+                .await
+                .context("staging a task script")?;
+            let remote = format!("{FARM_DIR}/tasks/{}.sh", task.name);
+            guest
+                .upload(&local, &remote)
+                .await
+                .context("uploading a task script")?;
+            report_task(ctx, handle, &task.name, TaskState::Running, None).await?;
+            log.farm(&format!("task {}", task.name));
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (limit, limit_is_job) = match task.timeout {
+                Some(t) if t < left => (t, false),
+                _ => (left, true),
+            };
+            let limits = ExecLimits {
+                timeout: Some(limit),
+                cancel: Some(heartbeat.stopping.clone()),
+            };
+            let task_log = log.clone();
+            let name = task.name.clone();
+            let mut output = move |_: OutputStream, data: &[u8]| {
+                task_log.write(LogStream::Task, Some(&name), data)
+            };
+            let result = guest
+                .exec(&task_command(&remote), &env, &mut output, limits)
+                .await;
+            let (task_state, code, job) = match result {
+                Ok(0) => (TaskState::Succeeded, Some(0), None),
+                Ok(code) => (
+                    TaskState::Failed,
+                    i32::try_from(code).ok(),
+                    Some(Outcome::new(
+                        JobState::Failed,
+                        format!("task {} exited with status {code}", task.name),
+                    )),
+                ),
+                Err(SshError::Timeout { .. }) => {
+                    let which = if limit_is_job { "the job's" } else { "its" };
+                    (
+                        TaskState::TimedOut,
+                        None,
+                        Some(Outcome::new(
+                            JobState::TimedOut,
+                            format!(
+                                "task {} ran past {which} timeout of {}",
+                                task.name,
+                                vmfarm_proto::units::format_duration(limit)
+                            ),
+                        )),
+                    )
+                }
+                Err(SshError::Cancelled) => (
+                    TaskState::Cancelled,
+                    None,
+                    Some(Outcome::new(JobState::Cancelled, "cancelled by a user")),
+                ),
+                Err(e) => return Err(e).with_context(|| format!("running task {}", task.name)),
+            };
+            if let Some(code) = code.filter(|c| *c != 0) {
+                log.farm(&format!("task {} exited with status {code}", task.name));
+            }
+            if heartbeat.stopped() == Some(Stop::LeaseLost) {
+                anyhow::bail!("the lease was lost");
+            }
+            report_task(ctx, handle, &task.name, task_state, code).await?;
+            if let Some(end) = job {
+                outcome = end;
                 break;
             }
-            console_log.write(LogStream::Console, None, &buf[..n]);
         }
-    });
 
-    let stream = vm
-        .connect()
-        .await
-        .context("connecting to the guest agent")?;
-    let guest = Guest::ssh(stream, key, &fingerprint, &SshOptions::default())
-        .await
-        .context("opening SSH to the guest")?;
-    set_state(
-        ctx,
-        handle,
-        StateUpdate {
-            job_state: Some(JobState::Running),
-            ..StateUpdate::default()
-        },
-    )
-    .await?;
-
-    let outcome = in_guest(
-        ctx, lease, handle, manifest, secrets, log, heartbeat, run_dir, &guest, fetch, started,
-    )
-    .await;
-    if let Err(e) = guest.shutdown().await {
-        log.farm(&format!("the guest did not shut down cleanly: {e}"));
+        if outcome.state == JobState::Succeeded {
+            for artifact in &manifest.artifacts {
+                if let Err(e) =
+                    collect_artifact(ctx, handle, guest, run_dir, &artifact.path, log).await
+                {
+                    log.farm(&format!("artifact {}: {e:#}", artifact.path));
+                    outcome = Outcome::new(
+                        JobState::Failed,
+                        format!("artifact {} could not be collected: {e:#}", artifact.path),
+                    );
+                    break;
+                }
+            }
+        }
+        Ok(outcome)
     }
-    console_task.abort();
-    outcome
 }
 
 async fn stop_requested(heartbeat: &Heartbeat) {
@@ -289,164 +463,6 @@ async fn stop_requested(heartbeat: &Heartbeat) {
     if flag.wait_for(|s| *s).await.is_err() {
         std::future::pending::<()>().await;
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn in_guest(
-    ctx: &JobContext,
-    lease: &LeaseResponse,
-    handle: &LeaseHandle,
-    manifest: &Manifest,
-    secrets: &[(String, Vec<u8>)],
-    log: &LogSink,
-    heartbeat: &Heartbeat,
-    run_dir: &Path,
-    guest: &Guest,
-    fetch: tokio::task::JoinHandle<Result<Vec<sources::FetchedSource>, sources::SourceError>>,
-    started: Instant,
-) -> anyhow::Result<Outcome> {
-    let quick = ExecLimits::timeout(Duration::from_secs(60));
-    let setup = format!("mkdir -p {BUILD_DIR} {FARM_DIR}/tasks && mkdir -p -m 0700 {SECRETS_DIR}");
-    run_checked(guest, &setup, quick.clone())
-        .await
-        .context("preparing the build directory")?;
-
-    let fetched = fetch.await.context("fetching the sources")??;
-    for (i, source) in fetched.iter().enumerate() {
-        log.farm(&format!("uploading source to {}", source.path));
-        let remote = format!("{FARM_DIR}/source-{i}.tar");
-        guest
-            .upload(&source.tar, &remote)
-            .await
-            .context("uploading the sources")?;
-        run_checked(guest, &unpack_command(&remote, &source.path), quick.clone())
-            .await
-            .context("unpacking the sources")?;
-    }
-
-    let mut env: Vec<(String, String)> = manifest
-        .environment
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    env.push(("VMFARM_JOB_ID".into(), lease.job.id.clone()));
-    env.push(("VMFARM_IMAGE".into(), lease.job.image.clone()));
-    for (name, value) in secrets {
-        let local = run_dir.join(format!("secret-{name}"));
-        write_private(&local, value)
-            .await
-            .context("staging a secret")?;
-        let remote = format!("{SECRETS_DIR}/{name}");
-        guest
-            .upload(&local, &remote)
-            .await
-            .context("sending the secrets")?;
-        let _ = tokio::fs::remove_file(&local).await;
-        run_checked(
-            guest,
-            &format!("chmod 0600 {}", quote(&remote)),
-            quick.clone(),
-        )
-        .await
-        .context("sending the secrets")?;
-        let var = name.to_ascii_uppercase();
-        if vmfarm_proto::manifest::is_env_name(&var) && !name.contains('-') {
-            env.push((var, String::from_utf8_lossy(value).into_owned()));
-        }
-    }
-
-    let deadline = started + manifest.timeout.unwrap_or(Duration::from_secs(3600));
-    let mut outcome = Outcome {
-        state: JobState::Succeeded,
-        reason: None,
-    };
-    for task in &manifest.tasks {
-        let local = run_dir.join(format!("task-{}.sh", task.name));
-        write_private(&local, task.script.as_bytes())
-            .await
-            .context("staging a task script")?;
-        let remote = format!("{FARM_DIR}/tasks/{}.sh", task.name);
-        guest
-            .upload(&local, &remote)
-            .await
-            .context("uploading a task script")?;
-        report_task(ctx, handle, &task.name, TaskState::Running, None).await?;
-        log.farm(&format!("task {}", task.name));
-        let left = deadline.saturating_duration_since(Instant::now());
-        let (limit, limit_is_job) = match task.timeout {
-            Some(t) if t < left => (t, false),
-            _ => (left, true),
-        };
-        let limits = ExecLimits {
-            timeout: Some(limit),
-            cancel: Some(heartbeat.stopping.clone()),
-        };
-        let task_log = log.clone();
-        let name = task.name.clone();
-        let mut output =
-            move |_: OutputStream, data: &[u8]| task_log.write(LogStream::Task, Some(&name), data);
-        let result = guest
-            .exec(&task_command(&remote), &env, &mut output, limits)
-            .await;
-        let (task_state, code, job) = match result {
-            Ok(0) => (TaskState::Succeeded, Some(0), None),
-            Ok(code) => (
-                TaskState::Failed,
-                i32::try_from(code).ok(),
-                Some(Outcome::new(
-                    JobState::Failed,
-                    format!("task {} exited with status {code}", task.name),
-                )),
-            ),
-            Err(SshError::Timeout { .. }) => {
-                let which = if limit_is_job { "the job's" } else { "its" };
-                (
-                    TaskState::TimedOut,
-                    None,
-                    Some(Outcome::new(
-                        JobState::TimedOut,
-                        format!(
-                            "task {} ran past {which} timeout of {}",
-                            task.name,
-                            vmfarm_proto::units::format_duration(limit)
-                        ),
-                    )),
-                )
-            }
-            Err(SshError::Cancelled) => (
-                TaskState::Cancelled,
-                None,
-                Some(Outcome::new(JobState::Cancelled, "cancelled by a user")),
-            ),
-            Err(e) => return Err(e).with_context(|| format!("running task {}", task.name)),
-        };
-        if let Some(code) = code.filter(|c| *c != 0) {
-            log.farm(&format!("task {} exited with status {code}", task.name));
-        }
-        if heartbeat.stopped() == Some(Stop::LeaseLost) {
-            anyhow::bail!("the lease was lost");
-        }
-        report_task(ctx, handle, &task.name, task_state, code).await?;
-        if let Some(end) = job {
-            outcome = end;
-            break;
-        }
-    }
-
-    if outcome.state == JobState::Succeeded {
-        for artifact in &manifest.artifacts {
-            if let Err(e) = collect_artifact(ctx, handle, guest, run_dir, &artifact.path, log).await
-            {
-                log.farm(&format!("artifact {}: {e:#}", artifact.path));
-                outcome = Outcome::new(
-                    JobState::Failed,
-                    format!("artifact {} could not be collected: {e:#}", artifact.path),
-                );
-                break;
-            }
-        }
-    }
-    Ok(outcome)
 }
 
 async fn report_task(
