@@ -158,7 +158,13 @@ impl Vm for ProcessVm {
     }
 
     fn kill(&mut self) -> BoxFuture<'_, Result<(), BackendError>> {
-        Box::pin(async move { self.child.kill().await.map_err(BackendError::Kill) })
+        Box::pin(async move {
+            // A VMM that has already exited (the guest shut down) is as killed as it gets.
+            if self.child.try_wait().map_err(BackendError::Kill)?.is_some() {
+                return Ok(());
+            }
+            self.child.kill().await.map_err(BackendError::Kill)
+        })
     }
 }
 
@@ -181,6 +187,6 @@ pub trait Vm: Send {
     fn connect(&mut self) -> BoxFuture<'_, Result<Box<dyn GuestIo>, BackendError>>;
     /// Waits for the guest to end (a reboot, as `vmfarm-agent shutdown` does, ends it).
     fn wait(&mut self) -> BoxFuture<'_, Result<ExitStatus, BackendError>>;
-    /// Ends the guest at once.
+    /// Ends the guest at once; a guest that has already ended is left as it is.
     fn kill(&mut self) -> BoxFuture<'_, Result<(), BackendError>>;
 }

@@ -289,6 +289,7 @@ impl JobRun<'_> {
         if let Err(e) = guest.shutdown().await {
             log.farm(&format!("the guest did not shut down cleanly: {e}"));
         }
+        wait_for_shutdown(vm, log).await;
         console_task.abort();
         outcome
     }
@@ -527,17 +528,20 @@ async fn run_checked(guest: &Guest, command: &str, limits: ExecLimits) -> anyhow
     Ok(())
 }
 
-/// Ends the guest: the agent was asked to shut down; wait up to 10 s, then kill.
-async fn teardown(mut vm: Box<dyn Vm>, log: &LogSink) {
+/// After `vmfarm-agent shutdown` the guest ends by itself; it gets 10 s (CONTRACTS.md).
+async fn wait_for_shutdown(vm: &mut dyn Vm, log: &LogSink) {
     match tokio::time::timeout(Duration::from_secs(10), vm.wait()).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => log.farm(&format!("waiting for the guest: {e}")),
-        Err(_) => {
-            log.farm("the guest did not end within 10 s of shutdown; killing it");
-            if let Err(e) = vm.kill().await {
-                tracing::error!(error = %e, "killing a guest failed");
-            }
-        }
+        Err(_) => log.farm("the guest did not end within 10 s of shutdown; killing it"),
+    }
+}
+
+/// Ends the guest's VMM if it is still running (a failed step never asked it to shut down).
+async fn teardown(mut vm: Box<dyn Vm>, log: &LogSink) {
+    if let Err(e) = vm.kill().await {
+        log.farm(&format!("stopping the guest: {e}"));
+        tracing::error!(error = %e, "killing a guest failed");
     }
 }
 
