@@ -53,6 +53,8 @@ pub async fn submit(
         .unwrap_or(state.config.limits.default_job_timeout.0);
     let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
     let tags = serde_json::to_string(&manifest.tags).map_err(AppError::internal)?;
+    // The secrets' names are kept beside the manifest so that a lease need not parse it again.
+    let secret_names = serde_json::to_string(&manifest.secrets).map_err(AppError::internal)?;
     let now = now_ms();
     let mut tx = state.db.writer.begin().await?;
     let group_id: i64 = sqlx::query_scalar(
@@ -65,8 +67,8 @@ pub async fn submit(
     let mut jobs = Vec::with_capacity(manifest.images.len());
     for image in &manifest.images {
         let id: i64 = sqlx::query_scalar(
-            "INSERT INTO jobs (group_id, image, state, priority, manifest, tags, timeout_ms, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+            "INSERT INTO jobs (group_id, image, state, priority, manifest, tags, secrets, timeout_ms, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
         )
         .bind(group_id)
         .bind(image)
@@ -74,6 +76,7 @@ pub async fn submit(
         .bind(manifest.priority)
         .bind(text)
         .bind(&tags)
+        .bind(&secret_names)
         .bind(timeout_ms)
         .bind(now)
         .fetch_one(&mut *tx)

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 use vmfarm_proto::names::{NameKind, check_name};
 use vmfarm_proto::wire::{HeartbeatResponse, LeaseRequest, LeaseResponse, LeasedJob, StateUpdate};
-use vmfarm_proto::{JobState, Manifest, TaskState};
+use vmfarm_proto::{JobState, TaskState};
 
 /// Most images one worker may announce.
 pub const MAX_WORKER_IMAGES: usize = 256;
@@ -119,7 +119,7 @@ pub async fn try_lease(
         "UPDATE jobs SET state = $1, lease_id = $2, fence = fence + 1, lease_expires_at = $3, \
          leased_at = $4, worker = $5, log_seq = 0 \
          WHERE id = (SELECT id FROM ({}) AS best ORDER BY priority DESC, id LIMIT 1) AND state = 'queued' \
-         RETURNING id, group_id, image, manifest, attempt, fence",
+         RETURNING id, group_id, image, manifest, secrets, attempt, fence",
         per_image.join(" UNION ALL ")
     );
     let mut query = sqlx::query(&sql)
@@ -136,7 +136,8 @@ pub async fn try_lease(
     };
     let job_id: i64 = row.try_get("id")?;
     let manifest_text: String = row.try_get("manifest")?;
-    let secrets = lease_secrets(state, &manifest_text).await?;
+    let secret_names: String = row.try_get("secrets")?;
+    let secrets = lease_secrets(state, &secret_names).await?;
     state.metrics.lease_latency(started.elapsed());
     state.events.job_changed(job_id);
     Ok(Some(LeaseResponse {
@@ -154,16 +155,12 @@ pub async fn try_lease(
     }))
 }
 
-/// The secrets a manifest names, base64-encoded, for its lease only.
-async fn lease_secrets(
-    state: &AppState,
-    manifest_text: &str,
-) -> AppResult<BTreeMap<String, String>> {
+/// The secrets a job names (a JSON array of names, stored at submit), base64-encoded, for its
+/// lease only.
+async fn lease_secrets(state: &AppState, names: &str) -> AppResult<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
-    let Ok(manifest) = Manifest::parse(manifest_text) else {
-        return Ok(out);
-    };
-    for name in manifest.secrets {
+    let names: Vec<String> = serde_json::from_str(names).map_err(AppError::internal)?;
+    for name in names {
         let value: Option<(Vec<u8>,)> = sqlx::query_as("SELECT value FROM secrets WHERE name = $1")
             .bind(&name)
             .fetch_optional(&state.db.pool)

@@ -16,6 +16,7 @@ CREATE TABLE jobs (
     attempt          BIGINT NOT NULL DEFAULT 1,
     manifest         TEXT NOT NULL,
     tags             TEXT NOT NULL,
+    secrets          TEXT NOT NULL DEFAULT '[]',
     timeout_ms       BIGINT NOT NULL,
     created_at       BIGINT NOT NULL,
     started_at       BIGINT,
