@@ -63,7 +63,8 @@ fn main() -> ExitCode {
                 }
                 cli::BenchKind::JobStart => bench::job_start::run(args.images_dir).await?,
                 cli::BenchKind::Boot => anyhow::bail!(
-                    "`vmfarm bench boot` runs inside the KVM lab: tests/kvm-lab/lab.sh bench (see its README)"
+                    "`vmfarm bench boot` is not built yet: it is to run in the KVM lab (tests/kvm-lab/README.md), \
+                     where `cargo test --test kvm_lab` already boots the same guests under `vmfarm vm run`"
                 ),
             }
             Ok(ExitCode::SUCCESS)
