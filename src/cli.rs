@@ -67,6 +67,10 @@ pub struct UpArgs {
     pub listen: SocketAddr,
     #[arg(long, env = "VMFARM_DATA", default_value = "./vmfarm-data")]
     pub data: PathBuf,
+    /// Build no image: run jobs on the images already in `<data dir>/images` (for hosts without
+    /// the image tools, e.g. when the images were built elsewhere and copied in).
+    #[arg(long)]
+    pub no_build: bool,
 }
 
 #[derive(Debug, Args)]

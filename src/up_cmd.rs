@@ -32,7 +32,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("  admin token: {}", data.join("admin-token").display());
     println!("  images dir:  {}", images_dir.display());
 
-    {
+    if !args.no_build {
         let images_dir = images_dir.clone();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = build_missing(&images_dir) {

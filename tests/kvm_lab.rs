@@ -10,6 +10,8 @@
 //! musl build, `tests/kvm-lab/lab.sh build-vmfarm`), else the `vmfarm` this test run built. A dynamic
 //! binary takes its shared libraries along (lab.sh copies them); binaries are stripped on the way in.
 
+mod common;
+
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -325,17 +327,7 @@ fn vm_payload(cache: &Path, dir: &Path) {
     for d in [&bin, &l2, &disks] {
         fs::create_dir_all(d).expect("payload dirs");
     }
-    let vmfarm = vmfarm_for_lab();
-    let dest = bin.join("vmfarm");
-    let stripped = Command::new("strip")
-        .arg("-o")
-        .arg(&dest)
-        .arg(&vmfarm)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !stripped {
-        fs::copy(&vmfarm, &dest).unwrap_or_else(|e| panic!("copy {vmfarm:?}: {e}"));
-    }
+    put_vmfarm(&bin);
     fs::copy(cache.join("vmlinuz"), l2.join("vmlinuz")).expect("copy the L2 kernel");
     copy_check("vm-suite.sh", &dir.join("run.sh"));
     lab_sh_ok(&[
@@ -389,6 +381,21 @@ fn vm_payload(cache: &Path, dir: &Path) {
     fs::write(dir.join("sections"), sections.join("\n") + "\n").expect("sections");
 }
 
+/// Puts the `vmfarm` for L1 into `bin`, stripped when it can be.
+fn put_vmfarm(bin: &Path) {
+    let vmfarm = vmfarm_for_lab();
+    let dest = bin.join("vmfarm");
+    let stripped = Command::new("strip")
+        .arg("-o")
+        .arg(&dest)
+        .arg(&vmfarm)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        fs::copy(&vmfarm, &dest).unwrap_or_else(|e| panic!("copy {vmfarm:?}: {e}"));
+    }
+}
+
 /// The binary that plays `vmfarm` in L1: `VMFARM_LAB_VMFARM`, else the `vmfarm` this run built.
 fn vmfarm_for_lab() -> PathBuf {
     std::env::var_os("VMFARM_LAB_VMFARM").map_or_else(
@@ -440,4 +447,45 @@ fn vm_runs_stock_debian_guests_with_every_device() {
         "vsock-guest-to-host",
         "panic-exit-nonzero",
     ]);
+}
+
+/// One job end to end through the worker's `kvm` backend, the farm's production path on a real
+/// KVM: `vmfarm up` in L1 on the tiny image, the integrated VMM, the agent's SSH over vsock, and
+/// the job's artifacts back through the CLI (checks/job-kvm.sh).
+#[test]
+fn farm_runs_a_job_through_the_integrated_vmm() {
+    let test = "farm_runs_a_job_through_the_integrated_vmm";
+    if !lab_can_run(test) || lab_cache(test).is_none() {
+        return;
+    }
+    let image = common::farm::image_version_dir("tiny");
+    let payload = Scratch::new("job");
+    let bin = payload.0.join("bin");
+    let version = payload
+        .0
+        .join("images/tiny")
+        .join(image.file_name().expect("the image's version folder"));
+    for d in [&bin, &version] {
+        fs::create_dir_all(d).expect("payload dirs");
+    }
+    put_vmfarm(&bin);
+    for entry in fs::read_dir(&image).expect("read the image's folder") {
+        let path = entry.expect("image folder entry").path();
+        if path.is_file() {
+            fs::copy(&path, version.join(path.file_name().unwrap()))
+                .unwrap_or_else(|e| panic!("copy {path:?}: {e}"));
+        }
+    }
+    copy_check("job-kvm.sh", &payload.0.join("run.sh"));
+    copy_check("kvm-job.toml", &payload.0.join("kvm-job.toml"));
+    let run = run_lab(&payload.0, 420);
+    run.assert_checks(&[
+        "farm-up",
+        "backend-kvm",
+        "job-succeeded",
+        "job-log-streamed",
+        "artifact-intact",
+        "guest-cleaned-up",
+    ]);
+    assert_eq!(run.status, 0, "run.sh status");
 }

@@ -7,33 +7,48 @@ use std::process::{Child, Command, Stdio};
 
 /// The cache's test images dir, with `names` built there (reused when up to date).
 pub fn images(names: &[&str]) -> PathBuf {
-    let cache = std::env::var_os("VMFARM_CACHE").map_or_else(
-        || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/vmfarm"),
-        PathBuf::from,
-    );
-    let dir = cache.join("test-images");
+    for name in names {
+        image_version_dir(name);
+    }
+    test_images_dir()
+}
+
+/// The folder of image `name`'s current version in the cache's test images dir, built (or reused).
+pub fn image_version_dir(name: &str) -> PathBuf {
     let agent = std::env::var_os("VMFARM_AGENT").unwrap_or_else(|| {
         panic!(
             "VMFARM_AGENT is not set: run the tests with scripts/test.sh, or build the agent \
              (cargo build -p vmfarm-agent --release --target x86_64-unknown-linux-musl) and point VMFARM_AGENT at it"
         )
     });
-    for name in names {
-        let out = Command::new(env!("CARGO_BIN_EXE_vmfarm"))
-            .args(["images", "build", name, "--images-dir"])
-            .arg(&dir)
-            .arg("--recipes")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/images"))
-            .env("VMFARM_AGENT", &agent)
-            .output()
-            .expect("run vmfarm images build");
-        assert!(
-            out.status.success(),
-            "building image {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let out = Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+        .args(["images", "build", name, "--images-dir"])
+        .arg(test_images_dir())
+        .arg("--recipes")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/images"))
+        .env("VMFARM_AGENT", &agent)
+        .output()
+        .expect("run vmfarm images build");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "building image {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `NAME VERSION up to date in 1.2 s: ..., DIR`
+    let dir = stdout.trim_end().rsplit(", ").next().map(PathBuf::from);
+    match dir {
+        Some(dir) if dir.join("image.toml").is_file() => dir,
+        _ => panic!("`vmfarm images build {name}` did not name the image's folder: {stdout}"),
     }
-    dir
+}
+
+fn test_images_dir() -> PathBuf {
+    let cache = std::env::var_os("VMFARM_CACHE").map_or_else(
+        || PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/vmfarm"),
+        PathBuf::from,
+    );
+    cache.join("test-images")
 }
 
 /// A `vmfarm worker` process.

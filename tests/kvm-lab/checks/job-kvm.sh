@@ -1,0 +1,57 @@
+#!/bin/sh
+# Lab check of the worker's kvm backend (run in L1 as /payload/run.sh; see tests/kvm_lab.rs):
+# `vmfarm up` on the tiny image in /payload/images, one job (kvm-job.toml) through the integrated
+# VMM with the agent's SSH over vsock, its artifacts back through the CLI.
+# Prints "LAB-CHECK <name> ok|FAIL <detail>" lines and "LAB-TIME <what> <seconds>" figures.
+up() { cut -d' ' -f1 /proc/uptime; }
+since() { awk -v a="$1" -v b="$(up)" 'BEGIN { printf "%.2f", b - a }'; }
+fail=0
+check() { if [ "$2" = 0 ]; then echo "LAB-CHECK $1 ok $3"; else echo "LAB-CHECK $1 FAIL $3"; fail=1; fi; }
+command -v vmfarm >/dev/null || { echo "LAB-CHECK vmfarm-binary FAIL not in the payload"; exit 1; }
+
+# The server listens on loopback.
+ip link set lo up
+export VMFARM_DATA=/tmp/farm
+mkdir -p "$VMFARM_DATA/images"
+cp -a /payload/images/. "$VMFARM_DATA/images/"
+
+t0=$(up)
+vmfarm up --data "$VMFARM_DATA" --no-build > /tmp/up.log 2>&1 &
+farm=$!
+i=0
+while ! grep -q "vmfarm is up" /tmp/up.log && [ $i -lt 600 ] && kill -0 $farm 2>/dev/null; do
+  sleep 0.1; i=$((i + 1))
+done
+grep -q "vmfarm is up" /tmp/up.log; check farm-up $? "in $(since "$t0") s"
+
+t1=$(up)
+timeout 240 vmfarm submit --follow /payload/kvm-job.toml > /tmp/submit.out 2> /tmp/submit.err
+rc=$?
+echo "LAB-TIME submit-to-end $(since "$t1")"
+sed 's/^/[submit] /' /tmp/submit.out /tmp/submit.err
+id=$(head -1 /tmp/submit.out | cut -f1)
+[ $rc = 0 ] && grep -q "succeeded" /tmp/submit.err; check job-succeeded $? "job $id rc=$rc: $(tail -1 /tmp/submit.err)"
+grep -q "LAB-JOB kernel .* vcpus 1" /tmp/submit.out; check job-log-streamed $? "$(grep -m1 'LAB-JOB kernel' /tmp/submit.out)"
+
+mkdir -p /tmp/arts
+vmfarm artifacts "$id" --out /tmp/arts > /tmp/arts.log 2>&1
+a=$?
+sed 's/^/[artifacts] /' /tmp/arts.log
+want=$(cut -d' ' -f1 /tmp/arts/out/random.sha256 2>/dev/null)
+got=$(sha256sum /tmp/arts/out/random.bin 2>/dev/null | cut -d' ' -f1)
+size=$(wc -c < /tmp/arts/out/random.bin 2>/dev/null)
+[ $a = 0 ] && [ -n "$want" ] && [ "$want" = "$got" ] && [ "$size" = 1048576 ]
+check artifact-intact $? "size=$size guest=$want here=$got"
+
+grep -q "integrated VMM" /tmp/up.log; check backend-kvm $? "$(grep -m1 -o 'backend=[a-z]*.*VMM[^"]*' /tmp/up.log)"
+
+# The guest and its overlay are gone once the job ended.
+sleep 1
+guests=$(for p in /proc/[0-9]*; do tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep "^[^ ]* vm run "; done | head -3)
+left=$(ls -A "$VMFARM_DATA/work" 2>/dev/null | head -3)
+[ -z "$guests" ] && [ -z "$left" ]; check guest-cleaned-up $? "guests=[$guests] work=[$left]"
+
+kill $farm 2>/dev/null
+wait $farm 2>/dev/null
+sed 's/^/[vmfarm up] /' /tmp/up.log
+exit $fail
