@@ -223,24 +223,31 @@ pub enum VmCommand {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
+    #[command(subcommand)]
     pub which: BenchKind,
-    /// `queue`: also measure this PostgreSQL server (default: $VMFARM_TEST_POSTGRES).
-    #[arg(long)]
-    pub postgres: Option<String>,
-    /// `job-start`: the images dir holding the `tiny` image.
-    #[arg(
-        long,
-        env = "VMFARM_IMAGES_DIR",
-        default_value = "./vmfarm-data/images"
-    )]
-    pub images_dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Subcommand)]
 pub enum BenchKind {
-    Boot,
-    Queue,
-    JobStart,
+    /// `vmfarm vm run` beside QEMU microvm: boot times and memory overhead (needs hardware KVM;
+    /// here, run it in the KVM lab: tests/kvm-lab/lab.sh bench-boot).
+    Boot(Box<crate::bench::boot::BootBenchArgs>),
+    /// The job queue on SQLite and PostgreSQL: cycles, submits and leases per second, lease latency.
+    Queue {
+        /// Also measure this PostgreSQL server (default: $VMFARM_TEST_POSTGRES).
+        #[arg(long)]
+        postgres: Option<String>,
+    },
+    /// Submit -> first line of the first task, per backend usable on this host.
+    JobStart {
+        /// The images dir holding the `tiny` image.
+        #[arg(
+            long,
+            env = "VMFARM_IMAGES_DIR",
+            default_value = "./vmfarm-data/images"
+        )]
+        images_dir: PathBuf,
+    },
 }
 
 #[cfg(test)]

@@ -52,23 +52,24 @@ fn main() -> ExitCode {
         Command::Logs(args) => block_on(commands::logs(args)),
         Command::Artifacts(args) => block_on(commands::artifacts(args)),
         Command::Cancel(args) => block_on(commands::cancel(args)),
-        Command::Bench(args) => block_on(async {
-            match args.which {
-                cli::BenchKind::Queue => {
-                    bench::queue::run(
-                        args.postgres
-                            .or_else(|| std::env::var("VMFARM_TEST_POSTGRES").ok()),
-                    )
-                    .await?
+        Command::Bench(args) => match args.which {
+            cli::BenchKind::Boot(args) => match bench::boot::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vmfarm bench boot: {e:#}");
+                    ExitCode::FAILURE
                 }
-                cli::BenchKind::JobStart => bench::job_start::run(args.images_dir).await?,
-                cli::BenchKind::Boot => anyhow::bail!(
-                    "`vmfarm bench boot` is not built yet: it is to run in the KVM lab (tests/kvm-lab/README.md), \
-                     where `cargo test --test kvm_lab` already boots the same guests under `vmfarm vm run`"
-                ),
-            }
-            Ok(ExitCode::SUCCESS)
-        }),
+            },
+            cli::BenchKind::Queue { postgres } => block_on(async {
+                let postgres = postgres.or_else(|| std::env::var("VMFARM_TEST_POSTGRES").ok());
+                bench::queue::run(postgres).await?;
+                Ok(ExitCode::SUCCESS)
+            }),
+            cli::BenchKind::JobStart { images_dir } => block_on(async {
+                bench::job_start::run(images_dir).await?;
+                Ok(ExitCode::SUCCESS)
+            }),
+        },
     }
 }
 

@@ -17,6 +17,10 @@
 #                                  order, the lab helpers in /bin, and FILE as /lab-init, run after the
 #                                  standard setup (mounts, modules) by /init; the guest then reboots
 #                                  (`reboot -f`; LAB_L2_END=poweroff on its command line powers off instead).
+#   lab.sh bench-boot [--runs N] [--cmdline "..."]
+#                                  run `vmfarm bench boot` in L1: vmfarm (VMFARM_LAB_VMFARM, else the static
+#                                  release build) beside this host's QEMU microvm, on the stock kernel and an
+#                                  L2 initramfs that measures virtio-blk; the figures are at the console's end
 #   lab.sh build-vmfarm [--debug]
 #                                  build the static musl vmfarm binary (release unless --debug); prints its path
 #
@@ -354,11 +358,43 @@ build_vmfarm() {
   echo "${CARGO_TARGET_DIR:-$root/target}/x86_64-unknown-linux-musl/$profile/vmfarm"
 }
 
+# `vmfarm bench boot` in L1, with QEMU (binary, libraries, microvm firmware) in the payload.
+bench_boot() {
+  local runs=5 cmdline="console=ttyS0 reboot=k panic=-1"
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --runs) runs=$2; shift 2 ;;
+      --cmdline) cmdline=$2; shift 2 ;;
+      *) die "bench-boot: unknown argument $1" ;;
+    esac
+  done
+  need_cmds "$QEMU" strip
+  local dir p vmfarm f rc=0
+  dir=$(prepare)
+  vmfarm=${VMFARM_LAB_VMFARM:-$(build_vmfarm)}
+  p=$(mktemp -d "${TMPDIR:-/tmp}/vmfarm-bench.XXXXXX")
+  mkdir -p "$p"/{bin,l2,share/qemu}
+  strip -o "$p/bin/vmfarm" "$vmfarm" 2>/dev/null || cp "$vmfarm" "$p/bin/vmfarm"
+  cp -L "$(command -v "$QEMU")" "$p/bin/qemu-system-x86_64"
+  for f in bios-microvm.bin qboot.rom pvh.bin linuxboot_dma.bin kvmvapic.bin; do
+    cp -L "/usr/share/qemu/$f" "$p/share/qemu/"
+  done
+  cp "$dir/vmlinuz" "$p/l2/vmlinuz"
+  l2_initrd --init "$LAB_DIR/checks/bench-guest.sh" --out "$p/l2/initrd.cpio"
+  cp "$LAB_DIR/checks/bench-boot.sh" "$p/run.sh"
+  # Words of --append reach run.sh as variables; the command line has spaces, so it goes in a file.
+  echo "$cmdline" > "$p/cmdline"
+  run_lab --payload "$p" --timeout 1800 --append "BENCH_RUNS=$runs" || rc=$?
+  rm -rf "$p"
+  return "$rc"
+}
+
 cmd=${1:-}; [ $# -gt 0 ] && shift
 case "$cmd" in
   prepare|path) prepare ;;
   run) run_lab "$@" ;;
   l2-initrd) l2_initrd "$@" ;;
   build-vmfarm) build_vmfarm "$@" ;;
+  bench-boot) bench_boot "$@" ;;
   *) sed -n '2,/^set -euo/p' "$0" | sed '$d' >&2; exit 2 ;;
 esac

@@ -39,4 +39,7 @@ pub struct VmRunArgs {
     /// through ACPI.
     #[arg(long)]
     pub virtio_mmio_cmdline: bool,
+    /// Print on stderr when the vCPUs start (CLOCK_MONOTONIC), for `vmfarm bench boot`.
+    #[arg(long)]
+    pub timings: bool,
 }

@@ -1,0 +1,498 @@
+//! `vmfarm bench boot`: process start → guest marker, and the memory the VMM uses besides guest
+//! RAM, for `vmfarm vm run` and for QEMU's microvm booting the same kernel, initramfs, disk,
+//! vCPUs and memory, alternating run by run; medians and the ratio. For vmfarm also the
+//! breakdown: process start → vCPUs in KVM_RUN (`vm run --timings`) → first console line →
+//! marker. Lines `vmfarm-bench KEY VALUE` that the guest prints (e.g. its virtio-blk throughput)
+//! are collected per VMM and set side by side too.
+//!
+//! It needs hardware KVM; where the host's /dev/kvm cannot boot stock kernels (PVM), run it in
+//! the KVM lab: `tests/kvm-lab/lab.sh bench-boot`.
+
+use super::rss::outside_guest_ram_kib;
+use super::stats::quantile;
+use anyhow::{Context, bail};
+use clap::Args;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+use vmfarm_proto::units::parse_size;
+use vmfarm_worker::vmm::timing::{monotonic_ns, parse_vcpus_start};
+use vmfarm_worker::worker::backend_choice::{KvmHost, probe_kvm};
+
+/// What the guest prints to hand the bench a figure: `vmfarm-bench KEY VALUE`.
+const FIGURE_PREFIX: &str = "vmfarm-bench ";
+
+/// How often the VMM's memory is sampled.
+const RSS_EVERY: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Args)]
+pub struct BootBenchArgs {
+    /// The guest kernel (bzImage), the same for both VMMs.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// The initramfs.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// A raw disk file both VMMs give the guest as a virtio-blk device (/dev/vda).
+    #[arg(long, value_name = "PATH")]
+    pub disk: Option<PathBuf>,
+    #[arg(long, default_value_t = 2)]
+    pub cpus: u8,
+    #[arg(long, default_value = "512MiB")]
+    pub memory: String,
+    /// The kernel command line, the same for both.
+    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
+    pub cmdline: String,
+    /// The console line that says the guest is up (its init ran).
+    #[arg(long, default_value = "L2-INIT")]
+    pub marker: String,
+    /// The console line after which a run has nothing more to say; the VMM is then given 10 s
+    /// to exit before it is killed. Without it a run ends when the VMM exits.
+    #[arg(long)]
+    pub end: Option<String>,
+    /// Runs per VMM (they alternate).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// The QEMU binary of the reference.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+    /// One more QEMU argument, e.g. `--qemu-arg=-L --qemu-arg=/payload/share/qemu`.
+    #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub qemu_args: Vec<String>,
+    /// Longest a single run may take.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vmm {
+    Vmfarm,
+    Qemu,
+}
+
+impl Vmm {
+    fn label(self) -> &'static str {
+        match self {
+            Vmm::Vmfarm => "vmfarm",
+            Vmm::Qemu => "qemu microvm",
+        }
+    }
+}
+
+/// What one boot showed, times from the moment before the process was spawned.
+#[derive(Debug, Default)]
+struct Sample {
+    vcpus_start: Option<Duration>,
+    first_line: Option<Duration>,
+    marker: Option<Duration>,
+    exit: Option<Duration>,
+    /// The most resident memory outside guest RAM seen (sampled every 50 ms), in KiB.
+    overhead_kib: Option<u64>,
+    figures: BTreeMap<String, f64>,
+}
+
+pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let memory = parse_size(&args.memory)
+        .map_err(|e| anyhow::anyhow!("--memory {:?}: {e}", args.memory))?
+        .0;
+    match probe_kvm() {
+        KvmHost::Hardware => {}
+        other => bail!(
+            "this host's /dev/kvm is {other:?}, which cannot boot stock kernels; run the benchmark in the \
+             KVM lab: tests/kvm-lab/lab.sh bench-boot"
+        ),
+    }
+    for path in [Some(&args.kernel), args.initrd.as_ref(), args.disk.as_ref()]
+        .into_iter()
+        .flatten()
+    {
+        std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+    }
+    let vmfarm = std::env::current_exe().context("finding the vmfarm binary")?;
+    println!(
+        "vmfarm bench boot: {} vCPUs, {} MiB, kernel {}, initrd {}, disk {}; {} runs each, alternating",
+        args.cpus,
+        memory >> 20,
+        args.kernel.display(),
+        args.initrd
+            .as_ref()
+            .map_or("none".into(), |p| p.display().to_string()),
+        args.disk
+            .as_ref()
+            .map_or("none".into(), |p| p.display().to_string()),
+        args.runs
+    );
+    let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+    for i in 1..=args.runs {
+        for vmm in [Vmm::Vmfarm, Vmm::Qemu] {
+            let command = match vmm {
+                Vmm::Vmfarm => vmfarm_command(&vmfarm, args, memory),
+                Vmm::Qemu => qemu_command(args, memory),
+            };
+            let sample = boot_once(command, vmm, args, memory)
+                .with_context(|| format!("run {i} of {}", vmm.label()))?;
+            println!("run {i} {:<13} {}", vmm.label(), describe(&sample));
+            samples.entry(vmm.label()).or_default().push(sample);
+        }
+    }
+    report(&samples[Vmm::Vmfarm.label()], &samples[Vmm::Qemu.label()]);
+    Ok(())
+}
+
+fn vmfarm_command(vmfarm: &std::path::Path, args: &BootBenchArgs, memory: u64) -> Command {
+    let mut command = Command::new(vmfarm);
+    command
+        .args(["vm", "run", "--timings", "--kernel"])
+        .arg(&args.kernel);
+    if let Some(initrd) = &args.initrd {
+        command.arg("--initrd").arg(initrd);
+    }
+    if let Some(disk) = &args.disk {
+        command.arg("--disk").arg(disk);
+    }
+    command
+        .args(["--cpus", &args.cpus.to_string()])
+        .args(["--memory", &format!("{}MiB", memory >> 20)])
+        .args(["--cmdline", &args.cmdline])
+        .env("VMFARM_LOG", "warn");
+    command
+}
+
+/// QEMU's microvm with the same devices: 16550 console, virtio-mmio blk and rng (found by the
+/// guest through ACPI, as with vmfarm), in-kernel irqchip; no firmware menus, no network.
+fn qemu_command(args: &BootBenchArgs, memory: u64) -> Command {
+    let mut command = Command::new(&args.qemu);
+    command
+        .args(&args.qemu_args)
+        .args(["-M", "microvm", "-accel", "kvm", "-cpu", "host"])
+        .args(["-smp", &args.cpus.to_string()])
+        .args(["-m", &format!("{}M", memory >> 20)])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&args.kernel)
+        .args(["-append", &args.cmdline])
+        .args(["-object", "rng-random,id=rng0,filename=/dev/urandom"])
+        .args(["-device", "virtio-rng-device,rng=rng0"]);
+    if let Some(initrd) = &args.initrd {
+        command.arg("-initrd").arg(initrd);
+    }
+    if let Some(disk) = &args.disk {
+        command
+            .arg("-drive")
+            .arg(format!(
+                "id=disk0,if=none,format=raw,file={}",
+                disk.display()
+            ))
+            .args(["-device", "virtio-blk-device,drive=disk0"]);
+    }
+    command
+}
+
+/// One console line and when it arrived.
+type Line = (Instant, String);
+
+fn boot_once(
+    mut command: Command,
+    vmm: Vmm,
+    args: &BootBenchArgs,
+    memory: u64,
+) -> anyhow::Result<Sample> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let spawned_mono = monotonic_ns();
+    let spawned = Instant::now();
+    let mut child = command
+        .spawn()
+        .with_context(|| format!("starting {:?}", command.get_program()))?;
+    let lines = read_lines(child.stdout.take().expect("stdout is piped"));
+    let stderr = collect(child.stderr.take().expect("stderr is piped"));
+    let deadline = spawned + Duration::from_secs(args.timeout_secs);
+    let mut sample = Sample::default();
+    let mut console = Vec::new();
+    let mut ended = false;
+    let mut sampled = spawned;
+    while !ended {
+        if sampled.elapsed() >= RSS_EVERY {
+            sampled = Instant::now();
+            if let Ok(kib) = outside_guest_ram_kib(child.id(), memory) {
+                sample.overhead_kib = Some(sample.overhead_kib.unwrap_or(0).max(kib));
+            }
+        }
+        let (at, line) = match lines.recv_timeout(RSS_EVERY) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => continue,
+            // The VMM closed its console (it exited), or the run is over time.
+            Err(_) => break,
+        };
+        let since = at - spawned;
+        sample.first_line.get_or_insert(since);
+        if sample.marker.is_none() && line.contains(&args.marker) {
+            sample.marker = Some(since);
+        }
+        if let Some(figure) = line.trim().strip_prefix(FIGURE_PREFIX)
+            && let Some((key, value)) = figure.split_once(' ')
+            && let Ok(value) = value.trim().parse::<f64>()
+        {
+            sample.figures.insert(key.to_owned(), value);
+        }
+        ended = args.end.as_ref().is_some_and(|end| line.contains(end));
+        console.push(line);
+    }
+    let grace = if ended {
+        Duration::from_secs(10)
+    } else {
+        deadline.saturating_duration_since(Instant::now())
+    };
+    sample.exit = wait_exit(&mut child, spawned, grace)?;
+    let stderr = stderr.join().unwrap_or_default();
+    if vmm == Vmm::Vmfarm {
+        sample.vcpus_start = stderr
+            .lines()
+            .find_map(parse_vcpus_start)
+            .map(|at| Duration::from_nanos(at.saturating_sub(spawned_mono)));
+    }
+    if sample.marker.is_none() {
+        bail!(
+            "the guest never printed the marker {:?} (exit after {:?}).\n--- console (last 30 lines) ---\n{}\n--- stderr ---\n{}",
+            args.marker,
+            sample.exit,
+            console[console.len().saturating_sub(30)..].join("\n"),
+            stderr.trim_end()
+        );
+    }
+    Ok(sample)
+}
+
+/// Lines of `out` with the moment each arrived, on a channel that closes at EOF.
+fn read_lines(out: impl Read + Send + 'static) -> mpsc::Receiver<Line> {
+    let (send, receive) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(out);
+        let mut buf = Vec::new();
+        while matches!(reader.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+            let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+            if send.send((Instant::now(), line)).is_err() {
+                break;
+            }
+            buf.clear();
+        }
+    });
+    receive
+}
+
+fn collect(mut err: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = err.read_to_end(&mut text);
+        String::from_utf8_lossy(&text).into_owned()
+    })
+}
+
+/// Waits up to `grace` for the VMM to exit; kills it after that. The time it exited, if it did.
+fn wait_exit(
+    child: &mut Child,
+    spawned: Instant,
+    grace: Duration,
+) -> anyhow::Result<Option<Duration>> {
+    let until = Instant::now() + grace;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(Some(spawned.elapsed()));
+        }
+        if Instant::now() >= until {
+            let _ = child.kill();
+            child.wait()?;
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.3} s", d.as_secs_f64()))
+}
+
+fn describe(s: &Sample) -> String {
+    let mut text = format!(
+        "vCPUs start {}, first console line {}, marker {}, exit {}",
+        s.vcpus_start
+            .map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3)),
+        secs(s.first_line),
+        secs(s.marker),
+        secs(s.exit),
+    );
+    if let Some(kib) = s.overhead_kib {
+        text += &format!(", RSS outside guest RAM {:.1} MiB", kib as f64 / 1024.0);
+    }
+    for (key, value) in &s.figures {
+        text += &format!(", {key} {value}");
+    }
+    text
+}
+
+/// The median of the durations `pick` finds, if any run had one.
+fn median_of(samples: &[Sample], pick: impl Fn(&Sample) -> Option<Duration>) -> Option<Duration> {
+    let mut all: Vec<Duration> = samples.iter().filter_map(pick).collect();
+    (!all.is_empty()).then(|| quantile(&mut all, 0.5))
+}
+
+fn median_f64(samples: &[Sample], pick: impl Fn(&Sample) -> Option<f64>) -> Option<f64> {
+    let mut all: Vec<f64> = samples.iter().filter_map(pick).collect();
+    if all.is_empty() {
+        return None;
+    }
+    all.sort_by(f64::total_cmp);
+    Some(all[all.len() / 2])
+}
+
+fn report(vmfarm: &[Sample], qemu: &[Sample]) {
+    println!();
+    println!(
+        "medians over {} runs each       {:>14} {:>14} {:>8}",
+        vmfarm.len(),
+        "vmfarm",
+        "qemu microvm",
+        "ratio"
+    );
+    let row = |what: &str, a: Option<f64>, b: Option<f64>, unit: &str| {
+        let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3} {unit}"));
+        let ratio = match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "-".into(),
+        };
+        println!("{what:<32} {:>14} {:>14} {ratio:>8}", cell(a), cell(b));
+    };
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    let s = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
+    row(
+        "start -> vCPUs in KVM_RUN",
+        ms(median_of(vmfarm, |x| x.vcpus_start)),
+        None,
+        "ms",
+    );
+    row(
+        "start -> first console line",
+        s(median_of(vmfarm, |x| x.first_line)),
+        s(median_of(qemu, |x| x.first_line)),
+        "s",
+    );
+    row(
+        "start -> marker",
+        s(median_of(vmfarm, |x| x.marker)),
+        s(median_of(qemu, |x| x.marker)),
+        "s",
+    );
+    row(
+        "start -> exit",
+        s(median_of(vmfarm, |x| x.exit)),
+        s(median_of(qemu, |x| x.exit)),
+        "s",
+    );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    row(
+        "peak RSS outside guest RAM",
+        median_f64(vmfarm, |x| x.overhead_kib.map(mib)),
+        median_f64(qemu, |x| x.overhead_kib.map(mib)),
+        "MiB",
+    );
+    let keys: std::collections::BTreeSet<&String> = vmfarm
+        .iter()
+        .chain(qemu)
+        .flat_map(|x| x.figures.keys())
+        .collect();
+    for key in keys {
+        row(
+            &format!("guest: {key}"),
+            median_f64(vmfarm, |x| x.figures.get(key).copied()),
+            median_f64(qemu, |x| x.figures.get(key).copied()),
+            "",
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(marker_ms: u64, figure: f64) -> Sample {
+        Sample {
+            marker: Some(Duration::from_millis(marker_ms)),
+            figures: BTreeMap::from([("blk".to_owned(), figure)]),
+            ..Sample::default()
+        }
+    }
+
+    #[test]
+    fn test_medians_skip_runs_without_the_figure() {
+        let runs = [
+            sample(300, 5.0),
+            sample(100, 1.0),
+            sample(200, 3.0),
+            Sample::default(),
+        ];
+        assert_eq!(
+            median_of(&runs, |s| s.marker),
+            Some(Duration::from_millis(200))
+        );
+        assert_eq!(
+            median_f64(&runs, |s| s.figures.get("blk").copied()),
+            Some(3.0)
+        );
+        assert_eq!(median_of(&runs, |s| s.exit), None);
+    }
+
+    #[test]
+    fn test_both_vmms_get_the_same_guest() {
+        let args = BootBenchArgs {
+            kernel: "/k".into(),
+            initrd: Some("/i".into()),
+            disk: Some("/d.img".into()),
+            cpus: 2,
+            memory: "512MiB".into(),
+            cmdline: "console=ttyS0 quiet".into(),
+            marker: "UP".into(),
+            end: None,
+            runs: 1,
+            qemu: "qemu-system-x86_64".into(),
+            qemu_args: vec!["-L".into(), "/fw".into()],
+            timeout_secs: 10,
+        };
+        let words = |c: &Command| {
+            c.get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let ours = words(&vmfarm_command("/vmfarm".as_ref(), &args, 512 << 20));
+        let theirs = words(&qemu_command(&args, 512 << 20));
+        for part in [
+            "--kernel /k",
+            "--initrd /i",
+            "--disk /d.img",
+            "--cpus 2",
+            "--memory 512MiB",
+        ] {
+            assert!(ours.contains(part), "{part} in {ours}");
+        }
+        for part in [
+            "-L /fw",
+            "-kernel /k",
+            "-initrd /i",
+            "file=/d.img",
+            "-smp 2",
+            "-m 512M",
+            "-append console=ttyS0 quiet",
+        ] {
+            assert!(theirs.contains(part), "{part} in {theirs}");
+        }
+    }
+}
