@@ -1,14 +1,14 @@
 //! `vmfarm bench boot`: process start → guest marker, and the memory the VMM uses besides guest
 //! RAM, for `vmfarm vm run` and for QEMU's microvm booting the same kernel, initramfs, disk,
 //! vCPUs and memory, alternating run by run; medians and the ratio. For vmfarm also the
-//! breakdown: process start → vCPUs in KVM_RUN (`vm run --timings`) → first console line →
+//! breakdown: process start → vCPUs in KVM_RUN (`vm run --timings`) → first kernel line on the console →
 //! marker. Lines `vmfarm-bench KEY VALUE` that the guest prints (e.g. its virtio-blk throughput)
 //! are collected per VMM and set side by side too.
 //!
 //! It needs hardware KVM; where the host's /dev/kvm cannot boot stock kernels (PVM), run it in
 //! the KVM lab: `tests/kvm-lab/lab.sh bench-boot`.
 
-use super::rss::outside_guest_ram_kib;
+use super::rss::{Outside, outside_guest_ram};
 use super::stats::quantile;
 use anyhow::{Context, bail};
 use clap::Args;
@@ -86,11 +86,15 @@ impl Vmm {
 #[derive(Debug, Default)]
 struct Sample {
     vcpus_start: Option<Duration>,
-    first_line: Option<Duration>,
+    /// The first line the guest kernel printed (`[    0.000000] ...`): QEMU's firmware and the
+    /// bzImage's real-mode setup print lines of their own before it.
+    first_kernel_line: Option<Duration>,
+    /// How the VMM ended ("killed" when it was, after its grace time).
+    status: String,
     marker: Option<Duration>,
     exit: Option<Duration>,
-    /// The most resident memory outside guest RAM seen (sampled every 50 ms), in KiB.
-    overhead_kib: Option<u64>,
+    /// The most resident memory outside guest RAM seen (sampled every 50 ms).
+    outside: Option<Outside>,
     figures: BTreeMap<String, f64>,
 }
 
@@ -129,19 +133,31 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
         args.runs
     );
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+    let mut failed: BTreeMap<&str, usize> = BTreeMap::new();
     for i in 1..=args.runs {
         for vmm in [Vmm::Vmfarm, Vmm::Qemu] {
             let command = match vmm {
                 Vmm::Vmfarm => vmfarm_command(&vmfarm, args, memory),
                 Vmm::Qemu => qemu_command(args, memory),
             };
-            let sample = boot_once(command, vmm, args, memory)
-                .with_context(|| format!("run {i} of {}", vmm.label()))?;
-            println!("run {i} {:<13} {}", vmm.label(), describe(&sample));
-            samples.entry(vmm.label()).or_default().push(sample);
+            // A failed boot is reported and left out of the medians; the others still count.
+            match boot_once(command, vmm, args, memory) {
+                Ok(sample) => {
+                    println!("run {i} {:<13} {}", vmm.label(), describe(&sample));
+                    samples.entry(vmm.label()).or_default().push(sample);
+                }
+                Err(e) => {
+                    println!("run {i} {:<13} FAILED: {e:#}", vmm.label());
+                    *failed.entry(vmm.label()).or_default() += 1;
+                }
+            }
         }
     }
-    report(&samples[Vmm::Vmfarm.label()], &samples[Vmm::Qemu.label()]);
+    let runs = |vmm: Vmm| samples.get(vmm.label()).map_or(&[][..], Vec::as_slice);
+    report(runs(Vmm::Vmfarm), runs(Vmm::Qemu));
+    if !failed.is_empty() {
+        bail!("failed runs (left out of the medians): {failed:?}");
+    }
     Ok(())
 }
 
@@ -223,8 +239,8 @@ fn boot_once(
     while !ended {
         if sampled.elapsed() >= RSS_EVERY {
             sampled = Instant::now();
-            if let Ok(kib) = outside_guest_ram_kib(child.id(), memory) {
-                sample.overhead_kib = Some(sample.overhead_kib.unwrap_or(0).max(kib));
+            if let Ok(now) = outside_guest_ram(child.id(), memory) {
+                sample.outside = Some(sample.outside.unwrap_or_default().max(now));
             }
         }
         let (at, line) = match lines.recv_timeout(RSS_EVERY) {
@@ -234,7 +250,9 @@ fn boot_once(
             Err(_) => break,
         };
         let since = at - spawned;
-        sample.first_line.get_or_insert(since);
+        if line.starts_with('[') {
+            sample.first_kernel_line.get_or_insert(since);
+        }
         if sample.marker.is_none() && line.contains(&args.marker) {
             sample.marker = Some(since);
         }
@@ -252,7 +270,9 @@ fn boot_once(
     } else {
         deadline.saturating_duration_since(Instant::now())
     };
-    sample.exit = wait_exit(&mut child, spawned, grace)?;
+    let (exit, status) = wait_exit(&mut child, spawned, grace)?;
+    sample.exit = exit;
+    sample.status = status;
     let stderr = stderr.join().unwrap_or_default();
     if vmm == Vmm::Vmfarm {
         sample.vcpus_start = stderr
@@ -260,11 +280,18 @@ fn boot_once(
             .find_map(parse_vcpus_start)
             .map(|at| Duration::from_nanos(at.saturating_sub(spawned_mono)));
     }
-    if sample.marker.is_none() {
+    let missing = if sample.marker.is_none() {
+        Some(format!("the marker {:?}", args.marker))
+    } else if let Some(end) = args.end.as_ref().filter(|_| !ended) {
+        Some(format!("the end line {end:?}"))
+    } else {
+        None
+    };
+    if let Some(missing) = missing {
         bail!(
-            "the guest never printed the marker {:?} (exit after {:?}).\n--- console (last 30 lines) ---\n{}\n--- stderr ---\n{}",
-            args.marker,
-            sample.exit,
+            "the guest never printed {missing} ({} after {:.1} s).\n--- console (last 30 lines) ---\n{}\n--- stderr ---\n{}",
+            sample.status,
+            spawned.elapsed().as_secs_f64(),
             console[console.len().saturating_sub(30)..].join("\n"),
             stderr.trim_end()
         );
@@ -297,21 +324,22 @@ fn collect(mut err: impl Read + Send + 'static) -> std::thread::JoinHandle<Strin
     })
 }
 
-/// Waits up to `grace` for the VMM to exit; kills it after that. The time it exited, if it did.
+/// Waits up to `grace` for the VMM to exit, and kills it after that: when it exited (if it did
+/// on its own), and how it ended.
 fn wait_exit(
     child: &mut Child,
     spawned: Instant,
     grace: Duration,
-) -> anyhow::Result<Option<Duration>> {
+) -> anyhow::Result<(Option<Duration>, String)> {
     let until = Instant::now() + grace;
     loop {
-        if child.try_wait()?.is_some() {
-            return Ok(Some(spawned.elapsed()));
+        if let Some(status) = child.try_wait()? {
+            return Ok((Some(spawned.elapsed()), status.to_string()));
         }
         if Instant::now() >= until {
             let _ = child.kill();
             child.wait()?;
-            return Ok(None);
+            return Ok((None, "killed".into()));
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -323,15 +351,20 @@ fn secs(d: Option<Duration>) -> String {
 
 fn describe(s: &Sample) -> String {
     let mut text = format!(
-        "vCPUs start {}, first console line {}, marker {}, exit {}",
+        "vCPUs start {}, first kernel line {}, marker {}, exit {} ({})",
         s.vcpus_start
             .map_or("-".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3)),
-        secs(s.first_line),
+        secs(s.first_kernel_line),
         secs(s.marker),
         secs(s.exit),
+        s.status,
     );
-    if let Some(kib) = s.overhead_kib {
-        text += &format!(", RSS outside guest RAM {:.1} MiB", kib as f64 / 1024.0);
+    if let Some(o) = s.outside {
+        text += &format!(
+            ", RSS outside guest RAM {:.1} MiB ({:.1} MiB anonymous)",
+            o.rss_kib as f64 / 1024.0,
+            o.anon_kib as f64 / 1024.0
+        );
     }
     for (key, value) in &s.figures {
         text += &format!(", {key} {value}");
@@ -380,9 +413,9 @@ fn report(vmfarm: &[Sample], qemu: &[Sample]) {
         "ms",
     );
     row(
-        "start -> first console line",
-        s(median_of(vmfarm, |x| x.first_line)),
-        s(median_of(qemu, |x| x.first_line)),
+        "start -> first kernel line",
+        s(median_of(vmfarm, |x| x.first_kernel_line)),
+        s(median_of(qemu, |x| x.first_kernel_line)),
         "s",
     );
     row(
@@ -400,8 +433,14 @@ fn report(vmfarm: &[Sample], qemu: &[Sample]) {
     let mib = |kib: u64| kib as f64 / 1024.0;
     row(
         "peak RSS outside guest RAM",
-        median_f64(vmfarm, |x| x.overhead_kib.map(mib)),
-        median_f64(qemu, |x| x.overhead_kib.map(mib)),
+        median_f64(vmfarm, |x| x.outside.map(|o| mib(o.rss_kib))),
+        median_f64(qemu, |x| x.outside.map(|o| mib(o.rss_kib))),
+        "MiB",
+    );
+    row(
+        "  of which anonymous",
+        median_f64(vmfarm, |x| x.outside.map(|o| mib(o.anon_kib))),
+        median_f64(qemu, |x| x.outside.map(|o| mib(o.anon_kib))),
         "MiB",
     );
     let keys: std::collections::BTreeSet<&String> = vmfarm

@@ -135,6 +135,65 @@ impl Chain {
     }
 }
 
+impl Chain {
+    /// `len` bytes of the device-writable side from `offset` as host memory, for reading a file
+    /// straight into the guest's buffers. The pointers are valid while `mem` is.
+    pub fn writable_iovecs(
+        &self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<libc::iovec>, ChainError> {
+        host_iovecs(
+            mem,
+            window(&self.writable, offset, len),
+            len,
+            self.writable_len,
+        )
+    }
+
+    /// `len` bytes of the device-readable side from `offset` as host memory, for writing the
+    /// guest's buffers straight to a file. The pointers are valid while `mem` is.
+    pub fn readable_iovecs(
+        &self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<libc::iovec>, ChainError> {
+        host_iovecs(
+            mem,
+            window(&self.readable, offset, len),
+            len,
+            self.readable_len,
+        )
+    }
+}
+
+fn host_iovecs(
+    mem: &GuestMemoryMmap,
+    pieces: impl Iterator<Item = (GuestAddress, usize)>,
+    len: usize,
+    side_len: u64,
+) -> Result<Vec<libc::iovec>, ChainError> {
+    let mut iovecs = Vec::new();
+    let mut total = 0;
+    for (addr, n) in pieces {
+        for slice in vm_memory::GuestMemoryBackend::get_slices(mem, addr, n) {
+            let slice = slice.map_err(ChainError::Memory)?;
+            iovecs.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+            total += slice.len();
+        }
+    }
+    if total == len {
+        Ok(iovecs)
+    } else {
+        Err(ChainError::TooLong { max: side_len })
+    }
+}
+
 /// The pieces of `segments` covering `len` bytes from `offset` (fewer if they end first).
 fn window(
     segments: &[Segment],

@@ -213,6 +213,14 @@ impl Disk {
         }
     }
 
+    /// The image file, when guest buffers can move straight to and from it (raw images).
+    pub fn raw_file(&self) -> Option<&File> {
+        match self {
+            Disk::Raw(file) => Some(file),
+            Disk::Qcow2 { .. } => None,
+        }
+    }
+
     /// Read `buf.len()` bytes (a multiple of the sector size) at byte `offset`.
     pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
         match self {

@@ -2,6 +2,7 @@
 
 mod disk;
 mod request;
+mod vectored;
 
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -81,6 +82,7 @@ impl Block {
                         id,
                         active: None,
                         metadata_dirty: false,
+                        bounce: Vec::new(),
                     };
                     worker.run(receiver);
                 }
@@ -212,6 +214,8 @@ struct Worker {
     id: [u8; ID_LEN],
     active: Option<(GuestMemoryMmap, Queue, Interrupt)>,
     metadata_dirty: bool,
+    /// For qcow2 images, whose data cannot move straight to guest buffers.
+    bounce: Vec<u8>,
 }
 
 impl Worker {
@@ -275,6 +279,7 @@ impl Worker {
             size: self.size,
             read_only: self.read_only,
             id: &self.id,
+            bounce: &mut self.bounce,
         };
         let mut used = false;
         loop {

@@ -2,7 +2,8 @@
 
 use vm_memory::GuestMemoryMmap;
 
-use super::disk::{Disk, SECTOR_SIZE};
+use super::disk::{Disk, DiskError, SECTOR_SIZE};
+use super::vectored;
 use crate::vmm::virtio::chain::Chain;
 
 pub const T_IN: u32 = 0;
@@ -15,8 +16,9 @@ pub const S_UNSUPP: u8 = 2;
 /// Length of the GET_ID answer.
 pub const ID_LEN: usize = 20;
 const HEADER_LEN: u64 = 16;
-/// Data moves between guest memory and the disk in pieces of at most this size.
-const CHUNK: usize = 1 << 20;
+/// Data of images that cannot take guest buffers directly (qcow2) moves through a bounce
+/// buffer of at most this size.
+const CHUNK: usize = 256 << 10;
 
 /// What the device serves requests from.
 pub struct Target<'a> {
@@ -24,6 +26,8 @@ pub struct Target<'a> {
     pub size: u64,
     pub read_only: bool,
     pub id: &'a [u8; ID_LEN],
+    /// The bounce buffer, kept from request to request.
+    pub bounce: &'a mut Vec<u8>,
 }
 
 /// The outcome of a request whose chain had room for a status byte.
@@ -103,10 +107,20 @@ fn serve(
                 return Err(Failure::Malformed("read request with device-readable data"));
             }
             let offset = check_range(sector, data_len_in, t.size)?;
-            let mut buf = vec![0u8; CHUNK.min(data_len_in as usize)];
+            if let Some(file) = t.disk.raw_file() {
+                let mut iovecs = chain
+                    .writable_iovecs(mem, 0, data_len_in as usize)
+                    .map_err(Failure::Chain)?;
+                // SAFETY: the iovecs come from `mem`'s mappings, which `mem` (borrowed for this
+                // call) keeps mapped; they lie inside the chain's device-writable buffers.
+                unsafe { vectored::read_all_at(file, &mut iovecs, offset) }
+                    .map_err(|e| Failure::Disk(DiskError::Io(e)))?;
+                return Ok(data_len_in as u32);
+            }
+            let buf = bounce(t.bounce, data_len_in);
             let mut done = 0u64;
             while done < data_len_in {
-                let n = (data_len_in - done).min(CHUNK as u64) as usize;
+                let n = (data_len_in - done).min(buf.len() as u64) as usize;
                 t.disk
                     .read_at(&mut buf[..n], offset + done)
                     .map_err(Failure::Disk)?;
@@ -127,10 +141,19 @@ fn serve(
                 return Err(Failure::ReadOnly);
             }
             let offset = check_range(sector, data_len_out, t.size)?;
-            let mut buf = vec![0u8; CHUNK.min(data_len_out as usize)];
+            if let Some(file) = t.disk.raw_file() {
+                let mut iovecs = chain
+                    .readable_iovecs(mem, HEADER_LEN, data_len_out as usize)
+                    .map_err(Failure::Chain)?;
+                // SAFETY: as for reads; these are the chain's device-readable buffers.
+                unsafe { vectored::write_all_at(file, &mut iovecs, offset) }
+                    .map_err(|e| Failure::Disk(DiskError::Io(e)))?;
+                return Ok(0);
+            }
+            let buf = bounce(t.bounce, data_len_out);
             let mut done = 0u64;
             while done < data_len_out {
-                let n = (data_len_out - done).min(CHUNK as u64) as usize;
+                let n = (data_len_out - done).min(buf.len() as u64) as usize;
                 chain
                     .read_at(mem, HEADER_LEN + done, &mut buf[..n])
                     .map_err(Failure::Chain)?;
@@ -152,6 +175,15 @@ fn serve(
         }
         other => Err(Failure::Unsupported(other)),
     }
+}
+
+/// The bounce buffer for a transfer of `len` bytes: grown (up to [`CHUNK`]) when needed.
+fn bounce(buf: &mut Vec<u8>, len: u64) -> &mut [u8] {
+    let want = CHUNK.min(usize::try_from(len).unwrap_or(CHUNK));
+    if buf.len() < want {
+        buf.resize(want, 0);
+    }
+    buf
 }
 
 /// The byte offset of a transfer of `len` bytes at `sector`, if it is whole sectors on the disk.
