@@ -17,7 +17,7 @@
 #                                  order, the lab helpers in /bin, and FILE as /lab-init, run after the
 #                                  standard setup (mounts, modules) by /init; the guest then reboots
 #                                  (`reboot -f`; LAB_L2_END=poweroff on its command line powers off instead).
-#   lab.sh bench-boot [--runs N] [--cmdline "..."]
+#   lab.sh bench-boot [--runs N] [--cmdline "..."] [--timeout SECS]
 #                                  run `vmfarm bench boot` in L1: vmfarm (VMFARM_LAB_VMFARM, else the static
 #                                  release build) beside this host's QEMU microvm, on the stock kernel and an
 #                                  L2 initramfs that measures virtio-blk; the figures are at the console's end
@@ -360,11 +360,12 @@ build_vmfarm() {
 
 # `vmfarm bench boot` in L1, with QEMU (binary, libraries, microvm firmware) in the payload.
 bench_boot() {
-  local runs=5 cmdline="console=ttyS0 reboot=k panic=-1"
+  local runs=5 cmdline="console=ttyS0 reboot=k panic=-1" timeout=900
   while [ $# -gt 0 ]; do
     case "$1" in
       --runs) runs=$2; shift 2 ;;
       --cmdline) cmdline=$2; shift 2 ;;
+      --timeout) timeout=$2; shift 2 ;;
       *) die "bench-boot: unknown argument $1" ;;
     esac
   done
@@ -384,7 +385,7 @@ bench_boot() {
   cp "$LAB_DIR/checks/bench-boot.sh" "$p/run.sh"
   # Words of --append reach run.sh as variables; the command line has spaces, so it goes in a file.
   echo "$cmdline" > "$p/cmdline"
-  run_lab --payload "$p" --timeout 1800 --append "BENCH_RUNS=$runs" || rc=$?
+  run_lab --payload "$p" --timeout "$timeout" --append "BENCH_RUNS=$runs" || rc=$?
   rm -rf "$p"
   return "$rc"
 }
