@@ -825,26 +825,11 @@ async fn secrets_reach_only_the_lease(backend: Backend) {
             .contains("vmfarm server secret set deploy-key")
     );
 
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmfarm"))
-        .args(["server", "--config"])
-        .arg(server.data_dir().join("server.toml"))
-        .args(["secret", "set", "deploy-key", "--value-stdin"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"s3cr3t-value")
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("secret deploy-key stored (12 bytes)"));
+    let said = server.set_secret("deploy-key", b"s3cr3t-value");
+    assert!(
+        said.contains("secret deploy-key stored (12 bytes)"),
+        "{said}"
+    );
 
     let id = api.submit(&text).await.jobs[0].id.clone();
     let job = api

@@ -93,6 +93,42 @@ fn example(name: &str) -> String {
         .to_string()
 }
 
+/// A secret the task prints, whole or in two writes that reach the worker apart, is masked in
+/// the log; the task itself had the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_secrets_never_reach_the_log() {
+    let dir = images(&["tiny"]);
+    let server = TestServer::start(Backend::Sqlite);
+    let _worker = TestWorker::start(&server, 0, &dir, WORKER);
+    let value = "hunter2-s3cr3t-value";
+    server.set_secret("db-password", value.as_bytes());
+    let manifest = r#"image = "tiny"
+secrets = ["db-password"]
+
+[[tasks]]
+name = "leak"
+script = '''
+pw=$(cat ~/.secrets/db-password)
+echo "whole: $pw"
+printf 'split: %s' "$(echo "$pw" | cut -c1-7)"
+sleep 0.5
+printf '%s end\n' "$(echo "$pw" | cut -c8-)"
+echo "length ${#pw}"
+'''
+"#;
+    let api = server.admin();
+    let id = api.submit(manifest).await.jobs[0].id.clone();
+    let job = wait_ended(&api, &id).await;
+    let log = log_of(&api, &id).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{log}");
+    assert!(log.contains("length 20"), "the task read the secret: {log}");
+    assert!(log.contains("whole: ***"), "{log}");
+    assert!(log.contains("split: *** end"), "{log}");
+    for part in [value, "hunter2", "s3cr3t-value"] {
+        assert!(!log.contains(part), "`{part}` reached the log: {log}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_artifacts_come_back_through_the_cli() {
     let dir = images(&["tiny"]);

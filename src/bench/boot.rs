@@ -282,10 +282,11 @@ fn boot_once(
     }
     let missing = if sample.marker.is_none() {
         Some(format!("the marker {:?}", args.marker))
-    } else if let Some(end) = args.end.as_ref().filter(|_| !ended) {
-        Some(format!("the end line {end:?}"))
     } else {
-        None
+        args.end
+            .as_ref()
+            .filter(|_| !ended)
+            .map(|end| format!("the end line {end:?}"))
     };
     if let Some(missing) = missing {
         bail!(
@@ -390,8 +391,9 @@ fn median_f64(samples: &[Sample], pick: impl Fn(&Sample) -> Option<f64>) -> Opti
 fn report(vmfarm: &[Sample], qemu: &[Sample]) {
     println!();
     println!(
-        "medians over {} runs each       {:>14} {:>14} {:>8}",
+        "medians ({} + {} runs)            {:>14} {:>14} {:>8}",
         vmfarm.len(),
+        qemu.len(),
         "vmfarm",
         "qemu microvm",
         "ratio"

@@ -142,6 +142,23 @@ impl TestServer {
         self.dir.path()
     }
 
+    /// Stores secret `name` with `value` through `vmfarm server secret set`; returns what it printed.
+    pub fn set_secret(&self, name: &str, value: &[u8]) -> String {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+            .args(["server", "--config"])
+            .arg(self.data_dir().join("server.toml"))
+            .args(["secret", "set", name, "--value-stdin"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(value).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "vmfarm server secret set {name}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     pub fn client(&self, token: &str) -> Api {
         Api {
             http: reqwest::Client::new(),

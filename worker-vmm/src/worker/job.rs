@@ -73,10 +73,7 @@ pub async fn run(ctx: &JobContext, lease: LeaseResponse) -> Option<Outcome> {
             Some((name.clone(), value))
         })
         .collect();
-    let masks: Vec<String> = secrets
-        .iter()
-        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
-        .collect();
+    let masks: Vec<Vec<u8>> = secrets.iter().map(|(_, v)| v.clone()).collect();
     let (log, shipper) = log_shipper::start(ctx.client.clone(), handle.clone(), masks);
     let heartbeat = heartbeat::start(ctx.client.clone(), handle.clone(), lease.expires_at);
     let run_dir = ctx

@@ -1,7 +1,8 @@
 //! A job's log on its way to the server: chunks from the console, the tasks and the farm are
-//! batched (flushed at least every 100 ms), numbered, masked of secrets and sent in order,
-//! each batch retried until the server has it.
+//! batched (flushed at least every 100 ms), masked of secrets (see [`super::log_masker`]),
+//! numbered and sent in order, each batch retried until the server has it.
 
+use super::log_masker::{Masker, StreamKey};
 use super::server_client::{LeaseHandle, ServerClient, ServerError};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -12,10 +13,17 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// A batch is sent early once it holds this many bytes.
 pub const BATCH_BYTES: usize = 256 * 1024;
 
+/// Bytes of one stream as they were read.
+struct Piece {
+    key: StreamKey,
+    ts_ms: i64,
+    data: Vec<u8>,
+}
+
 /// Where a job's parts write their log. Cheap to clone.
 #[derive(Clone)]
 pub struct LogSink {
-    tx: mpsc::UnboundedSender<LogChunk>,
+    tx: mpsc::UnboundedSender<Piece>,
 }
 
 impl LogSink {
@@ -24,11 +32,10 @@ impl LogSink {
             return;
         }
         // After the shipper has stopped (lease lost) nothing more is wanted.
-        let _ = self.tx.send(LogChunk {
-            stream,
-            task: task.map(str::to_owned),
+        let _ = self.tx.send(Piece {
+            key: (stream, task.map(str::to_owned)),
             ts_ms: now_ms(),
-            data: String::from_utf8_lossy(data).into_owned(),
+            data: data.to_vec(),
         });
     }
 
@@ -48,23 +55,12 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Replaces every secret value in `text` with `***`.
-pub fn mask(text: &str, secrets: &[String]) -> String {
-    let mut out = text.to_owned();
-    for secret in secrets {
-        if !secret.is_empty() && out.contains(secret.as_str()) {
-            out = out.replace(secret.as_str(), "***");
-        }
-    }
-    out
-}
-
 /// Starts shipping; the returned task ends when every sink is dropped and all is sent, or with
 /// the first error that is final (a lost lease).
 pub fn start(
     client: ServerClient,
     lease: LeaseHandle,
-    secrets: Vec<String>,
+    secrets: Vec<Vec<u8>>,
 ) -> (LogSink, tokio::task::JoinHandle<Result<(), ServerError>>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(ship(client, lease, secrets, rx));
@@ -74,9 +70,10 @@ pub fn start(
 async fn ship(
     client: ServerClient,
     lease: LeaseHandle,
-    secrets: Vec<String>,
-    mut rx: mpsc::UnboundedReceiver<LogChunk>,
+    secrets: Vec<Vec<u8>>,
+    mut rx: mpsc::UnboundedReceiver<Piece>,
 ) -> Result<(), ServerError> {
+    let mut masker = Masker::new(secrets);
     let mut seq = 0u64;
     let mut open = true;
     while open {
@@ -86,9 +83,9 @@ async fn ship(
         let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
         while bytes < BATCH_BYTES {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(chunk)) => {
-                    bytes += chunk.data.len();
-                    batch.push(chunk);
+                Ok(Some(piece)) => {
+                    bytes += piece.data.len();
+                    batch.push(piece);
                 }
                 Ok(None) => {
                     open = false;
@@ -97,17 +94,39 @@ async fn ship(
                 Err(_) => break,
             }
         }
+        let mut chunks = Vec::with_capacity(batch.len());
+        for piece in batch {
+            if piece.key.0 != LogStream::Console {
+                for (key, text) in masker.finish_tasks_other_than(&piece.key) {
+                    chunks.push(chunk(key, piece.ts_ms, text));
+                }
+            }
+            let text = masker.push(&piece.key, &piece.data);
+            chunks.push(chunk(piece.key, piece.ts_ms, text));
+        }
+        if !open {
+            let ts_ms = now_ms();
+            for (key, text) in masker.finish() {
+                chunks.push(chunk(key, ts_ms, text));
+            }
+        }
+        let chunks = merge(chunks.into_iter().filter(|c| !c.data.is_empty()).collect());
+        if chunks.is_empty() {
+            continue;
+        }
         seq += 1;
-        let chunks = merge(batch)
-            .into_iter()
-            .map(|mut c| {
-                c.data = mask(&c.data, &secrets);
-                c
-            })
-            .collect();
         client.log(&lease, &LogAppend { seq, chunks }).await?;
     }
     Ok(())
+}
+
+fn chunk((stream, task): StreamKey, ts_ms: i64, data: String) -> LogChunk {
+    LogChunk {
+        stream,
+        task,
+        ts_ms,
+        data,
+    }
 }
 
 /// Joins neighbouring chunks of the same stream and task, keeping the first timestamp.
@@ -160,12 +179,5 @@ mod tests {
                 (LogStream::Console, None, "f"),
             ]
         );
-    }
-
-    #[test]
-    fn test_mask_hides_every_secret() {
-        let secrets = vec!["hunter2".to_owned(), "tok".to_owned(), String::new()];
-        assert_eq!(mask("pw=hunter2 tok tok", &secrets), "pw=*** *** ***");
-        assert_eq!(mask("nothing here", &secrets), "nothing here");
     }
 }

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod guest_paths;
 pub mod heartbeat;
 pub mod job;
+pub mod log_masker;
 pub mod log_shipper;
 pub mod server_client;
 pub mod sources;
