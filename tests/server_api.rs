@@ -345,6 +345,7 @@ async fn lease_run_and_finish(backend: Backend) {
     );
     let openapi = api.get_json("/api/openapi.json").await;
     assert!(openapi["paths"]["/api/leases/{id}/log"]["post"].is_object());
+    assert!(openapi["paths"]["/api/schedules"]["post"].is_object());
 }
 
 async fn artifacts_upload_and_download(backend: Backend) {

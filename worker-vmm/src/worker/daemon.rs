@@ -71,13 +71,19 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         config.guest.default_cpus,
         config.guest.default_memory.0 / (1024 * 1024),
     );
+    // Said once: the dir is looked at again every 2 s until an image is there.
+    let mut said_no_images = false;
     loop {
         let images = newest_images(&config);
         if images.is_empty() {
-            tracing::warn!(dir = %config.images_dir.display(), "no images yet; build one with `vmfarm images build tiny`");
+            if !said_no_images {
+                tracing::warn!(dir = %config.images_dir.display(), "no images yet; build one with `vmfarm images build tiny`");
+                said_no_images = true;
+            }
             tokio::time::sleep(Duration::from_secs(2)).await;
             continue;
         }
+        said_no_images = false;
         // A slot is reserved before asking, so that no job is leased that must then wait.
         let mut share = budget.take(default_size).await;
         let request = LeaseRequest {
