@@ -19,9 +19,6 @@ for m in $(cat /lab/mods/load.order); do
   esac
   insmod "/lab/mods/$m" || echo "LAB-L1 insmod $m FAILED"
 done
-# No transparent huge pages for L2 guest RAM: with them, L2 guests of both vmfarm and QEMU now and
-# then triple-fault or hang L1's kvm-amd (nested paging under TCG); without them none has been seen.
-echo never > /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null
 echo "LAB-L1-MODULES $(cut -d' ' -f1 /proc/modules | tr '\n' ' ')"
 if [ -c /dev/kvm ]; then echo "LAB-L1-KVM /dev/kvm present"; else echo "LAB-L1-KVM /dev/kvm missing"; fi
 # The out disk, when the host gave one (a virtio-blk device on microvm's virtio-mmio).
