@@ -36,7 +36,7 @@ pub struct BootBenchArgs {
     /// The initramfs.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// A raw disk file both VMMs give the guest as a virtio-blk device (/dev/vda).
+    /// A disk image (raw, or qcow2) both VMMs give the guest as a virtio-blk device (/dev/vda).
     #[arg(long, value_name = "PATH")]
     pub disk: Option<PathBuf>,
     #[arg(long, default_value_t = 2)]
@@ -203,12 +203,23 @@ fn qemu_command(args: &BootBenchArgs, memory: u64) -> Command {
         command
             .arg("-drive")
             .arg(format!(
-                "id=disk0,if=none,format=raw,file={}",
+                "id=disk0,if=none,format={},file={}",
+                disk_format(disk),
                 disk.display()
             ))
             .args(["-device", "virtio-blk-device,drive=disk0"]);
     }
     command
+}
+
+/// `qcow2` or `raw`, as QEMU is to read the disk (vmfarm finds out by itself).
+fn disk_format(disk: &std::path::Path) -> &'static str {
+    let mut magic = [0u8; 4];
+    let is_qcow2 = std::fs::File::open(disk)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && &magic == b"QFI\xfb";
+    if is_qcow2 { "qcow2" } else { "raw" }
 }
 
 /// One console line and when it arrived.
@@ -528,7 +539,7 @@ mod tests {
             "-L /fw",
             "-kernel /k",
             "-initrd /i",
-            "file=/d.img",
+            "format=raw,file=/d.img",
             "-smp 2",
             "-m 512M",
             "-append console=ttyS0 quiet",

@@ -17,10 +17,12 @@
 #                                  order, the lab helpers in /bin, and FILE as /lab-init, run after the
 #                                  standard setup (mounts, modules) by /init; the guest then reboots
 #                                  (`reboot -f`; LAB_L2_END=poweroff on its command line powers off instead).
-#   lab.sh bench-boot [--runs N] [--cmdline "..."] [--timeout SECS]
+#   lab.sh bench-boot [--runs N] [--cmdline "..."] [--timeout SECS] [--qcow2]
 #                                  run `vmfarm bench boot` in L1: vmfarm (VMFARM_LAB_VMFARM, else the static
 #                                  release build) beside this host's QEMU microvm, on the stock kernel and an
-#                                  L2 initramfs that measures virtio-blk; the figures are at the console's end
+#                                  L2 initramfs that measures virtio-blk (on a raw disk, or --qcow2: a qcow2
+#                                  overlay over an empty qcow2 base, as the worker's guests have); the figures
+#                                  are at the console's end
 #   lab.sh build-vmfarm [--debug]
 #                                  build the static musl vmfarm binary (release unless --debug); prints its path
 #
@@ -360,16 +362,17 @@ build_vmfarm() {
 
 # `vmfarm bench boot` in L1, with QEMU (binary, libraries, microvm firmware) in the payload.
 bench_boot() {
-  local runs=5 cmdline="console=ttyS0 reboot=k panic=-1" timeout=900
+  local runs=5 cmdline="console=ttyS0 reboot=k panic=-1" timeout=900 qcow2=0
   while [ $# -gt 0 ]; do
     case "$1" in
+      --qcow2) qcow2=1; shift ;;
       --runs) runs=$2; shift 2 ;;
       --cmdline) cmdline=$2; shift 2 ;;
       --timeout) timeout=$2; shift 2 ;;
       *) die "bench-boot: unknown argument $1" ;;
     esac
   done
-  need_cmds "$QEMU" strip
+  need_cmds "$QEMU" strip qemu-img
   local dir p vmfarm f rc=0
   dir=$(prepare)
   vmfarm=${VMFARM_LAB_VMFARM:-$(build_vmfarm)}
@@ -383,6 +386,11 @@ bench_boot() {
   cp "$dir/vmlinuz" "$p/l2/vmlinuz"
   l2_initrd --init "$LAB_DIR/checks/bench-guest.sh" --out "$p/l2/initrd.cpio"
   cp "$LAB_DIR/checks/bench-boot.sh" "$p/run.sh"
+  if [ $qcow2 = 1 ]; then
+    mkdir -p "$p/disks"
+    qemu-img create -q -f qcow2 "$p/disks/base.qcow2" 256M
+    qemu-img create -q -f qcow2 -F qcow2 -u -b /payload/disks/base.qcow2 "$p/disks/bench.qcow2" 256M
+  fi
   # Words of --append reach run.sh as variables; the command line has spaces, so it goes in a file.
   echo "$cmdline" > "$p/cmdline"
   run_lab --payload "$p" --timeout "$timeout" --append "BENCH_RUNS=$runs" || rc=$?
