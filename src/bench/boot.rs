@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -136,9 +136,13 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
     let mut failed: BTreeMap<&str, usize> = BTreeMap::new();
     for i in 1..=args.runs {
         for vmm in [Vmm::Vmfarm, Vmm::Qemu] {
+            // Each run gets the disk as it was at the start: a run after another must not find
+            // its clusters (qcow2) or its pages (a sparse file) already allocated.
+            let disk = args.disk.as_deref().map(FreshCopy::of).transpose()?;
+            let disk_path = disk.as_ref().map(|d| d.0.as_path());
             let command = match vmm {
-                Vmm::Vmfarm => vmfarm_command(&vmfarm, args, memory),
-                Vmm::Qemu => qemu_command(args, memory),
+                Vmm::Vmfarm => vmfarm_command(&vmfarm, args, disk_path, memory),
+                Vmm::Qemu => qemu_command(args, disk_path, memory),
             };
             // A failed boot is reported and left out of the medians; the others still count.
             match boot_once(command, vmm, args, memory) {
@@ -161,7 +165,32 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn vmfarm_command(vmfarm: &std::path::Path, args: &BootBenchArgs, memory: u64) -> Command {
+/// A copy of the benchmark's disk beside it, removed on drop.
+struct FreshCopy(PathBuf);
+
+impl FreshCopy {
+    fn of(disk: &Path) -> anyhow::Result<FreshCopy> {
+        let mut name = disk.file_name().unwrap_or_default().to_owned();
+        name.push(".bench-run");
+        let copy = disk.with_file_name(name);
+        std::fs::copy(disk, &copy)
+            .with_context(|| format!("copying {} for a run", disk.display()))?;
+        Ok(FreshCopy(copy))
+    }
+}
+
+impl Drop for FreshCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn vmfarm_command(
+    vmfarm: &Path,
+    args: &BootBenchArgs,
+    disk: Option<&Path>,
+    memory: u64,
+) -> Command {
     let mut command = Command::new(vmfarm);
     command
         .args(["vm", "run", "--timings", "--kernel"])
@@ -169,7 +198,7 @@ fn vmfarm_command(vmfarm: &std::path::Path, args: &BootBenchArgs, memory: u64) -
     if let Some(initrd) = &args.initrd {
         command.arg("--initrd").arg(initrd);
     }
-    if let Some(disk) = &args.disk {
+    if let Some(disk) = disk {
         command.arg("--disk").arg(disk);
     }
     command
@@ -182,7 +211,7 @@ fn vmfarm_command(vmfarm: &std::path::Path, args: &BootBenchArgs, memory: u64) -
 
 /// QEMU's microvm with the same devices: 16550 console, virtio-mmio blk and rng (found by the
 /// guest through ACPI, as with vmfarm), in-kernel irqchip; no firmware menus, no network.
-fn qemu_command(args: &BootBenchArgs, memory: u64) -> Command {
+fn qemu_command(args: &BootBenchArgs, disk: Option<&Path>, memory: u64) -> Command {
     let mut command = Command::new(&args.qemu);
     command
         .args(&args.qemu_args)
@@ -199,7 +228,7 @@ fn qemu_command(args: &BootBenchArgs, memory: u64) -> Command {
     if let Some(initrd) = &args.initrd {
         command.arg("-initrd").arg(initrd);
     }
-    if let Some(disk) = &args.disk {
+    if let Some(disk) = disk {
         command
             .arg("-drive")
             .arg(format!(
@@ -213,7 +242,7 @@ fn qemu_command(args: &BootBenchArgs, memory: u64) -> Command {
 }
 
 /// `qcow2` or `raw`, as QEMU is to read the disk (vmfarm finds out by itself).
-fn disk_format(disk: &std::path::Path) -> &'static str {
+fn disk_format(disk: &Path) -> &'static str {
     let mut magic = [0u8; 4];
     let is_qcow2 = std::fs::File::open(disk)
         .and_then(|mut f| f.read_exact(&mut magic))
@@ -524,8 +553,9 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join(" ")
         };
-        let ours = words(&vmfarm_command("/vmfarm".as_ref(), &args, 512 << 20));
-        let theirs = words(&qemu_command(&args, 512 << 20));
+        let disk = Some(Path::new("/d.img"));
+        let ours = words(&vmfarm_command("/vmfarm".as_ref(), &args, disk, 512 << 20));
+        let theirs = words(&qemu_command(&args, disk, 512 << 20));
         for part in [
             "--kernel /k",
             "--initrd /i",
