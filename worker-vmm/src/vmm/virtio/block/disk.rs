@@ -1,15 +1,18 @@
 //! Disk images behind virtio-blk: raw files and qcow2 (through qcow2-rs, whose futures are not
 //! Send: a disk lives on its device's own thread and drives them on a current-thread runtime).
 
+use std::cell::Cell;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use qcow2_rs::dev::{Qcow2Dev, Qcow2DevParams};
 use qcow2_rs::error::{Qcow2Error, Qcow2Result};
-use qcow2_rs::sync_io::Qcow2IoSync;
 use qcow2_rs::utils::qcow2_alloc_dev_sync;
+
+use super::qcow2_file::ImageFile;
 
 /// The sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -175,8 +178,10 @@ fn qcow2_header(file: &File, path: &Path) -> Result<Option<Header>, DiskError> {
 pub enum Disk {
     Raw(File),
     Qcow2 {
-        dev: Box<Qcow2Dev<Qcow2IoSync>>,
+        dev: Box<Qcow2Dev<ImageFile>>,
         rt: tokio::runtime::Runtime,
+        /// Shared with every file of the chain (see [`ImageFile`]).
+        guest_flush: Rc<Cell<bool>>,
     },
 }
 
@@ -203,11 +208,13 @@ impl Disk {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .build()
                     .map_err(DiskError::Io)?;
-                let dev = setup_qcow2(path, read_only, false).map_err(q_err)?;
+                let guest_flush = Rc::new(Cell::new(false));
+                let dev = setup_qcow2(path, read_only, false, &guest_flush).map_err(q_err)?;
                 rt.block_on(dev.qcow2_prep_io()).map_err(q_err)?;
                 Ok(Disk::Qcow2 {
                     dev: Box::new(dev),
                     rt,
+                    guest_flush,
                 })
             }
         }
@@ -225,7 +232,7 @@ impl Disk {
     pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
         match self {
             Disk::Raw(file) => file.read_exact_at(buf, offset).map_err(DiskError::Io),
-            Disk::Qcow2 { dev, rt } => {
+            Disk::Qcow2 { dev, rt, .. } => {
                 let n = rt
                     .block_on(dev.read_at(buf, offset))
                     .map_err(DiskError::Qcow2Io)?;
@@ -245,7 +252,7 @@ impl Disk {
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
         match self {
             Disk::Raw(file) => file.write_all_at(buf, offset).map_err(DiskError::Io),
-            Disk::Qcow2 { dev, rt } => rt
+            Disk::Qcow2 { dev, rt, .. } => rt
                 .block_on(dev.write_at(buf, offset))
                 .map_err(DiskError::Qcow2Io),
         }
@@ -255,7 +262,7 @@ impl Disk {
     pub fn flush_metadata(&mut self) -> Result<(), DiskError> {
         match self {
             Disk::Raw(_) => Ok(()),
-            Disk::Qcow2 { dev, rt } => {
+            Disk::Qcow2 { dev, rt, .. } => {
                 if dev.need_flush_meta() {
                     rt.block_on(dev.flush_meta()).map_err(DiskError::Qcow2Io)?;
                 }
@@ -269,23 +276,40 @@ impl Disk {
         self.flush_metadata()?;
         match self {
             Disk::Raw(file) => file.sync_data().map_err(DiskError::Io),
-            Disk::Qcow2 { dev, rt } => rt
-                .block_on(dev.fsync_range(0, 0))
-                .map_err(DiskError::Qcow2Io),
+            Disk::Qcow2 {
+                dev,
+                rt,
+                guest_flush,
+            } => {
+                guest_flush.set(true);
+                let synced = rt.block_on(dev.fsync_range(0, 0));
+                guest_flush.set(false);
+                synced.map_err(DiskError::Qcow2Io)
+            }
         }
     }
 }
 
 /// Open a qcow2 image and its backing chain; backing files are opened read-only.
-fn setup_qcow2(path: &Path, read_only: bool, backing: bool) -> Qcow2Result<Qcow2Dev<Qcow2IoSync>> {
+fn setup_qcow2(
+    path: &Path,
+    read_only: bool,
+    backing: bool,
+    guest_flush: &Rc<Cell<bool>>,
+) -> Qcow2Result<Qcow2Dev<ImageFile>> {
     let params = Qcow2DevParams::new(9, None, None, read_only, false);
     if backing {
         params.mark_backing_dev(Some(true));
     }
-    let io = Qcow2IoSync::new(path, read_only, false);
+    let io = ImageFile::open(path, read_only, guest_flush.clone())?;
     let (mut dev, backing_path) = qcow2_alloc_dev_sync(path, io, &params)?;
     if let Some(backing_path) = backing_path {
-        dev.set_backing_dev(Box::new(setup_qcow2(&backing_path, true, true)?));
+        dev.set_backing_dev(Box::new(setup_qcow2(
+            &backing_path,
+            true,
+            true,
+            guest_flush,
+        )?));
     }
     Ok(dev)
 }

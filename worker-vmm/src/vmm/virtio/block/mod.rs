@@ -1,6 +1,7 @@
 //! virtio-blk over raw and qcow2 images, served on the device's own thread.
 
 mod disk;
+mod qcow2_file;
 mod request;
 mod vectored;
 
