@@ -16,7 +16,7 @@ use vmm_sys_util::signal::Killable;
 use super::acpi::{AcpiError, MmioSlot, build_acpi_tables};
 use super::boot::cpu::{self, CpuSetupError};
 use super::boot::cpuid::filter_cpuid;
-use super::boot::kernel::{BootError, load_cmdline, load_initrd, load_kernel};
+use super::boot::kernel::{BootError, LoadedKernel, load_cmdline, load_initrd, load_kernel};
 use super::boot::mptable::{MpTableError, build_mptable};
 use super::boot::zero_page::{ZeroPageError, ZeroPageParams, build_zero_page};
 use super::bus::{Bus, BusDevice, BusError};
@@ -54,6 +54,9 @@ pub enum VmError {
     /// Kernel, initrd or command line.
     #[error("boot")]
     Boot(#[from] BootError),
+    /// The thread that copies the kernel and initrd into guest RAM.
+    #[error("the loader thread")]
+    Loader(#[source] std::io::Error),
     /// vCPU setup.
     #[error("vCPU setup")]
     Cpu(#[from] CpuSetupError),
@@ -142,14 +145,14 @@ pub struct Vm {
     // Dropped after the devices and vCPUs that use them, guest RAM last.
     _vm_fd: Arc<VmFd>,
     _kvm: Kvm,
-    _ram: GuestRam,
+    _ram: Arc<GuestRam>,
 }
 
 /// The VM while its devices are being attached.
 struct VmBuilder {
     kvm: Kvm,
     vm_fd: Arc<VmFd>,
-    ram: GuestRam,
+    ram: Arc<GuestRam>,
     pio: Bus,
     mmio: Bus,
     exit: Arc<ExitSignal>,
@@ -157,7 +160,7 @@ struct VmBuilder {
 }
 
 impl VmBuilder {
-    fn new(config: &VmConfig) -> Result<Self, VmError> {
+    fn new(ram: Arc<GuestRam>) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let vm_fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
         vm_fd
@@ -171,7 +174,6 @@ impl VmBuilder {
             ..Default::default()
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        let ram = create_guest_memory(config.memory)?;
         register_memory(&vm_fd, ram.memory())?;
         Ok(Self {
             kvm,
@@ -281,14 +283,10 @@ impl VmBuilder {
 
     /// Loads the kernel, initrd and command line and writes the firmware tables and zero page;
     /// returns the kernel's entry point.
-    fn load_guest(&self, config: &VmConfig) -> Result<u64, VmError> {
-        let kernel = load_kernel(self.ram.memory(), &config.kernel)?;
-        tracing::debug!(end = kernel.end, "kernel loaded");
-        let initrd = config
-            .initrd
-            .as_deref()
-            .map(|path| load_initrd(self.ram.memory(), path, config.memory, &kernel))
-            .transpose()?;
+    /// Writes what the guest reads at boot besides the kernel and initrd (`images`): command
+    /// line, ACPI and MP tables, zero page, page tables; returns the entry point.
+    fn load_guest(&self, config: &VmConfig, images: LoadedImages) -> Result<u64, VmError> {
+        let LoadedImages { kernel, initrd } = images;
         let cmdline = compose_cmdline(
             &config.cmdline,
             kernel.cmdline_capacity(),
@@ -377,6 +375,23 @@ fn compose_cmdline(
     Ok(cmdline)
 }
 
+/// The kernel and initrd in guest RAM.
+struct LoadedImages {
+    kernel: LoadedKernel,
+    /// Address and size.
+    initrd: Option<(u64, u32)>,
+}
+
+fn load_images(ram: &GuestRam, config: &VmConfig) -> Result<LoadedImages, BootError> {
+    let kernel = load_kernel(ram.memory(), &config.kernel)?;
+    let initrd = config
+        .initrd
+        .as_deref()
+        .map(|path| load_initrd(ram.memory(), path, config.memory, &kernel))
+        .transpose()?;
+    Ok(LoadedImages { kernel, initrd })
+}
+
 /// Builds the VM `config` describes: KVM VM with in-kernel irqchip and PIT, RAM, legacy
 /// devices, virtio devices, kernel, firmware tables, vCPUs.
 pub fn build_vm(config: &VmConfig) -> Result<Vm, VmError> {
@@ -384,7 +399,18 @@ pub fn build_vm(config: &VmConfig) -> Result<Vm, VmError> {
     let step = |what: &str| {
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "{what}");
     };
-    let mut vm = VmBuilder::new(config)?;
+    let ram = Arc::new(create_guest_memory(config.memory)?);
+    // The kernel and initrd (tens of MiB) are copied into guest RAM on a thread of their own
+    // while KVM makes the VM and the devices are attached. The thread holds the RAM too, so it
+    // stays mapped until the copy ends even if building fails first.
+    let loader = {
+        let (ram, config) = (ram.clone(), config.clone());
+        std::thread::Builder::new()
+            .name("loader".into())
+            .spawn(move || load_images(&ram, &config))
+            .map_err(VmError::Loader)?
+    };
+    let mut vm = VmBuilder::new(ram)?;
     step("VM and memory created");
     vm.attach_serial(&config.console)?;
     vm.attach_i8042()?;
@@ -401,7 +427,11 @@ pub fn build_vm(config: &VmConfig) -> Result<Vm, VmError> {
         vm.attach_rng()?;
     }
     step("devices attached");
-    let entry = vm.load_guest(config)?;
+    let images = loader
+        .join()
+        .map_err(|_| VmError::Loader(std::io::Error::other("the loader thread panicked")))??;
+    tracing::debug!(end = images.kernel.end, "kernel and initrd loaded");
+    let entry = vm.load_guest(config, images)?;
     step("guest loaded");
     let vcpus = vm.create_vcpus(config.cpus, entry)?;
     step("vCPUs created");
