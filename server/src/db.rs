@@ -54,6 +54,9 @@ impl Db {
         let sqlite_pool = |connections: u32| {
             AnyPoolOptions::new()
                 .max_connections(connections)
+                // A local file has no connection that silently dies: a ping before each use
+                // would only cost a round trip to the connection's thread.
+                .test_before_acquire(false)
                 .after_connect(|conn, _| {
                     Box::pin(async move {
                         for pragma in [
