@@ -1,6 +1,6 @@
 //! What `vmfarm server token|secret ...` does to the database, with the server running or not.
 
-use crate::auth::{Caller, new_token, store_token};
+use crate::auth::{Caller, hash_token, new_token, store_token_in};
 use crate::db::{Db, now_ms};
 use vmfarm_proto::names::{NameKind, check_name};
 
@@ -9,7 +9,7 @@ pub enum AdminError {
     #[error("{0}")]
     Invalid(String),
     #[error("database error")]
-    Db(#[from] sqlx::Error),
+    Db(#[from] crate::db::DbFailure),
     #[error("cannot make a random token")]
     Random(#[from] getrandom::Error),
 }
@@ -32,14 +32,22 @@ pub async fn create_token(db: &Db, caller: &Caller) -> Result<String, AdminError
         )));
     }
     let token = new_token()?;
-    if let Caller::Worker { name } = caller {
-        // A worker has one token: a new one replaces the old.
-        sqlx::query("DELETE FROM tokens WHERE kind = 'worker' AND name = $1")
-            .bind(name)
-            .execute(&db.writer)
-            .await?;
-    }
-    store_token(db, &token, caller).await?;
+    let hash = hash_token(&token);
+    let caller = caller.clone();
+    db.write(move |tx| {
+        Box::pin(async move {
+            if let Caller::Worker { name } = &caller {
+                // A worker has one token: a new one replaces the old.
+                tx.execute(
+                    "DELETE FROM tokens WHERE kind = 'worker' AND name = $1",
+                    &[name.into()],
+                )
+                .await?;
+            }
+            store_token_in(tx, &hash, &caller).await
+        })
+    })
+    .await?;
     Ok(token)
 }
 
@@ -52,17 +60,20 @@ pub async fn set_secret(db: &Db, name: &str, value: &[u8]) -> Result<(), AdminEr
             value.len()
         )));
     }
-    let mut tx = db.writer.begin().await?;
-    sqlx::query("DELETE FROM secrets WHERE name = $1")
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("INSERT INTO secrets (name, value, updated_at) VALUES ($1, $2, $3)")
-        .bind(name)
-        .bind(value.to_vec())
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    let name = name.to_owned();
+    let value = value.to_vec();
+    db.write(move |tx| {
+        Box::pin(async move {
+            tx.execute("DELETE FROM secrets WHERE name = $1", &[(&name).into()])
+                .await?;
+            tx.execute(
+                "INSERT INTO secrets (name, value, updated_at) VALUES ($1, $2, $3)",
+                &[(&name).into(), value.as_slice().into(), now_ms().into()],
+            )
+            .await?;
+            Ok::<_, AdminError>(())
+        })
+    })
+    .await?;
     Ok(())
 }

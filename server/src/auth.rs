@@ -2,7 +2,7 @@
 //! token. Only sha256 hashes of tokens are stored.
 
 use crate::config::{Scope, ServerConfig};
-use crate::db::{Db, now_ms};
+use crate::db::{Db, DbFailure, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
 use crate::state::AppState;
 use axum::extract::FromRequestParts;
@@ -92,7 +92,19 @@ impl TokenCache {
 }
 
 /// Stores a token (its hash) for a caller.
-pub async fn store_token(db: &Db, token: &str, caller: &Caller) -> Result<(), sqlx::Error> {
+pub async fn store_token(db: &Db, token: &str, caller: &Caller) -> Result<(), DbFailure> {
+    let hash = hash_token(token);
+    let caller = caller.clone();
+    db.write(move |tx| Box::pin(async move { store_token_in(tx, &hash, &caller).await }))
+        .await
+}
+
+/// [`store_token`] in the caller's transaction, by the token's hash.
+pub async fn store_token_in(
+    tx: &mut WriteTx,
+    hash: &str,
+    caller: &Caller,
+) -> Result<(), DbFailure> {
     let (name, kind, scopes) = match caller {
         Caller::Worker { name } => (name.as_str(), "worker", String::new()),
         Caller::Api { name, scopes } => (
@@ -105,20 +117,18 @@ pub async fn store_token(db: &Db, token: &str, caller: &Caller) -> Result<(), sq
                 .join(","),
         ),
     };
-    let hash = hash_token(token);
-    sqlx::query("DELETE FROM tokens WHERE hash = $1")
-        .bind(&hash)
-        .execute(&db.pool)
+    tx.execute("DELETE FROM tokens WHERE hash = $1", &[hash.into()])
         .await?;
-    sqlx::query(
+    tx.execute(
         "INSERT INTO tokens (hash, name, kind, scopes, created_at) VALUES ($1, $2, $3, $4, $5)",
+        &[
+            hash.into(),
+            name.into(),
+            kind.into(),
+            (&scopes).into(),
+            now_ms().into(),
+        ],
     )
-    .bind(&hash)
-    .bind(name)
-    .bind(kind)
-    .bind(scopes)
-    .bind(now_ms())
-    .execute(&db.pool)
     .await?;
     Ok(())
 }

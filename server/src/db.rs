@@ -1,6 +1,14 @@
 //! The database: SQLite (one file, WAL) by default, PostgreSQL for several replicas.
-//! Queries are written once, in the subset both understand, through sqlx's `Any` driver.
+//! Queries are written once, in the subset both understand: reads through sqlx's `Any`
+//! driver, writes as [`WriteTx`] transactions.
 
+mod sqlite_writer;
+mod tx;
+
+pub use sqlite_writer::SqliteWriter;
+pub use tx::{Arg, DbFailure, Row, WriteTx};
+
+use futures_util::future::BoxFuture;
 use sqlx::AnyPool;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
@@ -22,38 +30,40 @@ pub enum DbError {
     Scheme(String),
     #[error("cannot open the database")]
     Connect(#[source] sqlx::Error),
+    #[error("cannot open the database for writing")]
+    Writer(#[source] DbFailure),
     #[error("cannot migrate the database")]
     Migrate(#[source] sqlx::migrate::MigrateError),
 }
 
-/// The pools and what they talk to. Reads use `pool`; writes use `writer`, which for SQLite is
-/// one connection: SQLite has one writer at a time anyway, and queueing in the pool is far
-/// cheaper than SQLite's busy-waiting (sleeps) between competing connections.
+/// The database: reads use `pool`; writes go through [`Db::write`].
 #[derive(Clone)]
 pub struct Db {
     pub pool: AnyPool,
-    pub writer: AnyPool,
     pub backend: Backend,
+    writes: Writes,
+}
+
+/// Where writes go. SQLite has one writer at a time anyway: one thread writes, committing the
+/// writes waiting for it together, which is far cheaper than connections competing for the
+/// lock (SQLite's busy-waiting sleeps). PostgreSQL: a transaction of the pool per write.
+#[derive(Clone)]
+enum Writes {
+    Sqlite(SqliteWriter),
+    Postgres(AnyPool),
 }
 
 impl Db {
     /// Opens (creating a SQLite file if needed) and migrates.
     pub async fn open(url: &str) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
-        let (backend, url) = if let Some(path) = url.strip_prefix("sqlite://") {
-            // WAL: readers never block the writer; NORMAL sync: a committed write survives the
-            // process being killed (the WAL is in the OS), which is the durability promised.
+        let db = if let Some(path) = url.strip_prefix("sqlite://") {
+            // The writer first: it creates the file and switches it to WAL.
+            let writer = SqliteWriter::open(path).map_err(DbError::Writer)?;
             let url = format!("sqlite://{path}?mode=rwc");
-            (Backend::Sqlite, url)
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            (Backend::Postgres, url.to_owned())
-        } else {
-            return Err(DbError::Scheme(url.to_owned()));
-        };
-        let options = AnyConnectOptions::from_str(&url).map_err(DbError::Connect)?;
-        let sqlite_pool = |connections: u32| {
-            AnyPoolOptions::new()
-                .max_connections(connections)
+            let options = AnyConnectOptions::from_str(&url).map_err(DbError::Connect)?;
+            let pool = AnyPoolOptions::new()
+                .max_connections(8)
                 // A local file has no connection that silently dies: a ping before each use
                 // would only cost a round trip to the connection's thread.
                 .test_before_acquire(false)
@@ -70,39 +80,62 @@ impl Db {
                         Ok(())
                     })
                 })
-        };
-        let (pool, writer) = match backend {
-            Backend::Sqlite => {
-                // The writer first: it creates the file and switches it to WAL.
-                let writer = sqlite_pool(1)
-                    .connect_with(options.clone())
-                    .await
-                    .map_err(DbError::Connect)?;
-                let pool = sqlite_pool(8)
-                    .connect_with(options)
-                    .await
-                    .map_err(DbError::Connect)?;
-                (pool, writer)
+                .connect_with(options)
+                .await
+                .map_err(DbError::Connect)?;
+            Db {
+                pool,
+                backend: Backend::Sqlite,
+                writes: Writes::Sqlite(writer),
             }
-            Backend::Postgres => {
-                let pool = AnyPoolOptions::new()
-                    .max_connections(16)
-                    .connect_with(options)
-                    .await
-                    .map_err(DbError::Connect)?;
-                (pool.clone(), pool)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = AnyConnectOptions::from_str(url).map_err(DbError::Connect)?;
+            let pool = AnyPoolOptions::new()
+                .max_connections(16)
+                .connect_with(options)
+                .await
+                .map_err(DbError::Connect)?;
+            Db {
+                pool: pool.clone(),
+                backend: Backend::Postgres,
+                writes: Writes::Postgres(pool),
             }
+        } else {
+            return Err(DbError::Scheme(url.to_owned()));
         };
-        let migrator = match backend {
+        let migrator = match db.backend {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::Postgres => &POSTGRES_MIGRATIONS,
         };
-        migrator.run(&writer).await.map_err(DbError::Migrate)?;
-        Ok(Db {
-            pool,
-            writer,
-            backend,
-        })
+        migrator.run(&db.pool).await.map_err(DbError::Migrate)?;
+        Ok(db)
+    }
+
+    /// Runs `op` in a write transaction: committed when it returns `Ok`, undone when it
+    /// returns `Err`; the result comes back once the commit is done.
+    pub async fn write<T, E, F>(&self, op: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<DbFailure> + Send + 'static,
+        F: for<'t> FnOnce(&'t mut WriteTx) -> BoxFuture<'t, Result<T, E>> + Send + 'static,
+    {
+        match &self.writes {
+            Writes::Sqlite(writer) => writer.write(op).await,
+            Writes::Postgres(pool) => {
+                let mut tx = WriteTx::Postgres(pool.begin().await.map_err(DbFailure::from)?);
+                let result = op(&mut tx).await;
+                if let WriteTx::Postgres(tx) = tx {
+                    match &result {
+                        Ok(_) => tx.commit().await.map_err(DbFailure::from)?,
+                        // Rolling back is what dropping it would do, only sooner.
+                        Err(_) => {
+                            let _ = tx.rollback().await;
+                        }
+                    }
+                }
+                result
+            }
+        }
     }
 
     /// `FOR UPDATE SKIP LOCKED` where the database has it; SQLite serializes writers anyway.

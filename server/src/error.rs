@@ -51,6 +51,12 @@ impl From<sqlx::Error> for AppError {
     }
 }
 
+impl From<crate::db::DbFailure> for AppError {
+    fn from(e: crate::db::DbFailure) -> Self {
+        AppError::internal(e)
+    }
+}
+
 impl From<std::io::Error> for AppError {
     fn from(e: std::io::Error) -> Self {
         AppError::internal(e)

@@ -1,6 +1,6 @@
 //! Jobs as users see them: submit, read, list, cancel.
 
-use crate::db::now_ms;
+use crate::db::{WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
 use crate::state::AppState;
 use sqlx::Row;
@@ -37,78 +37,108 @@ pub async fn submit(
             manifest.tags.push(tag);
         }
     }
-    for name in &manifest.secrets {
-        let found: Option<(String,)> = sqlx::query_as("SELECT name FROM secrets WHERE name = $1")
-            .bind(name)
-            .fetch_optional(&state.db.pool)
-            .await?;
-        if found.is_none() {
-            return Err(AppError::BadRequest(format!(
-                "the manifest names secret `{name}`, which the server does not have: store it with `vmfarm server secret set {name}`"
-            )));
-        }
-    }
     let timeout = manifest
         .timeout
         .unwrap_or(state.config.limits.default_job_timeout.0);
-    let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
-    let tags = serde_json::to_string(&manifest.tags).map_err(AppError::internal)?;
-    // The secrets' names are kept beside the manifest so that a lease need not parse it again.
-    let secret_names = serde_json::to_string(&manifest.secrets).map_err(AppError::internal)?;
-    let now = now_ms();
-    let mut tx = state.db.writer.begin().await?;
-    let group_id: i64 = sqlx::query_scalar(
-        "INSERT INTO job_groups (created_at, schedule) VALUES ($1, $2) RETURNING id",
-    )
-    .bind(now)
-    .bind(schedule)
-    .fetch_one(&mut *tx)
-    .await?;
-    let mut jobs = Vec::with_capacity(manifest.images.len());
-    for image in &manifest.images {
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO jobs (group_id, image, state, priority, manifest, tags, secrets, timeout_ms, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
-        )
-        .bind(group_id)
-        .bind(image)
-        .bind(JobState::Queued.as_str())
-        .bind(manifest.priority)
-        .bind(text)
-        .bind(&tags)
-        .bind(&secret_names)
-        .bind(timeout_ms)
-        .bind(now)
-        .fetch_one(&mut *tx)
+    let new = NewGroup {
+        text: text.to_owned(),
+        schedule: schedule.map(str::to_owned),
+        tags_json: serde_json::to_string(&manifest.tags).map_err(AppError::internal)?,
+        // The secrets' names are kept beside the manifest so that a lease need not parse it again.
+        secrets_json: serde_json::to_string(&manifest.secrets).map_err(AppError::internal)?,
+        timeout_ms: i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX),
+        manifest,
+    };
+    let response = state
+        .db
+        .write(move |tx| Box::pin(async move { new.insert(tx).await }))
         .await?;
-        for tag in &manifest.tags {
-            sqlx::query("INSERT INTO job_tags (job_id, tag) VALUES ($1, $2)")
-                .bind(id)
-                .bind(tag)
-                .execute(&mut *tx)
-                .await?;
-        }
-        for (idx, task) in manifest.tasks.iter().enumerate() {
-            sqlx::query("INSERT INTO tasks (job_id, idx, name, state) VALUES ($1, $2, $3, $4)")
-                .bind(id)
-                .bind(idx as i64)
-                .bind(&task.name)
-                .bind(TaskState::Pending.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        jobs.push(SubmittedJob {
-            id: id.to_string(),
-            image: image.clone(),
-        });
-    }
-    tx.commit().await?;
-    state.metrics.jobs_submitted(jobs.len());
+    state.metrics.jobs_submitted(response.jobs.len());
     state.events.work.notify_waiters();
-    Ok(SubmitResponse {
-        group_id: group_id.to_string(),
-        jobs,
-    })
+    Ok(response)
+}
+
+/// A valid manifest about to be queued: one job per image, in one group.
+struct NewGroup {
+    text: String,
+    schedule: Option<String>,
+    manifest: Manifest,
+    tags_json: String,
+    secrets_json: String,
+    timeout_ms: i64,
+}
+
+impl NewGroup {
+    async fn insert(&self, tx: &mut WriteTx) -> AppResult<SubmitResponse> {
+        for name in &self.manifest.secrets {
+            let found = tx
+                .fetch_optional("SELECT name FROM secrets WHERE name = $1", &[name.into()])
+                .await?;
+            if found.is_none() {
+                return Err(AppError::BadRequest(format!(
+                    "the manifest names secret `{name}`, which the server does not have: store it with `vmfarm server secret set {name}`"
+                )));
+            }
+        }
+        let now = now_ms();
+        let group_id = tx
+            .fetch_optional(
+                "INSERT INTO job_groups (created_at, schedule) VALUES ($1, $2) RETURNING id",
+                &[now.into(), self.schedule.as_deref().into()],
+            )
+            .await?
+            .ok_or_else(|| AppError::internal("INSERT ... RETURNING gave no row"))?
+            .int(0)?;
+        let mut jobs = Vec::with_capacity(self.manifest.images.len());
+        for image in &self.manifest.images {
+            let id = tx
+                .fetch_optional(
+                    "INSERT INTO jobs (group_id, image, state, priority, manifest, tags, secrets, timeout_ms, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                    &[
+                        group_id.into(),
+                        image.into(),
+                        JobState::Queued.as_str().into(),
+                        self.manifest.priority.into(),
+                        (&self.text).into(),
+                        (&self.tags_json).into(),
+                        (&self.secrets_json).into(),
+                        self.timeout_ms.into(),
+                        now.into(),
+                    ],
+                )
+                .await?
+                .ok_or_else(|| AppError::internal("INSERT ... RETURNING gave no row"))?
+                .int(0)?;
+            for tag in &self.manifest.tags {
+                tx.execute(
+                    "INSERT INTO job_tags (job_id, tag) VALUES ($1, $2)",
+                    &[id.into(), tag.into()],
+                )
+                .await?;
+            }
+            for (idx, task) in self.manifest.tasks.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO tasks (job_id, idx, name, state) VALUES ($1, $2, $3, $4)",
+                    &[
+                        id.into(),
+                        (idx as i64).into(),
+                        (&task.name).into(),
+                        TaskState::Pending.as_str().into(),
+                    ],
+                )
+                .await?;
+            }
+            jobs.push(SubmittedJob {
+                id: id.to_string(),
+                image: image.clone(),
+            });
+        }
+        Ok(SubmitResponse {
+            group_id: group_id.to_string(),
+            jobs,
+        })
+    }
 }
 
 const JOB_COLUMNS: &str = "id, group_id, image, state, attempt, priority, tags, created_at, started_at, \
@@ -295,32 +325,50 @@ pub async fn group(state: &AppState, id: i64) -> AppResult<GroupView> {
 /// next heartbeat; a finished one cannot be cancelled.
 pub async fn cancel(state: &AppState, id: i64) -> AppResult<JobView> {
     let now = now_ms();
-    let mut tx = state.db.writer.begin().await?;
-    let current: Option<(String,)> = sqlx::query_as("SELECT state FROM jobs WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&mut *tx)
+    let was = state
+        .db
+        .write(move |tx| Box::pin(async move { cancel_in(tx, id, now).await }))
         .await?;
-    let (current,) = current.ok_or_else(|| AppError::NotFound(format!("no job {id}")))?;
-    let current: JobState = current.parse().map_err(AppError::internal)?;
+    state.events.job_changed(id);
+    if was == JobState::Queued {
+        crate::triggers::job_ended(state, id).await;
+    }
+    get(state, id).await
+}
+
+/// [`cancel`] in its transaction: the state the job was in.
+async fn cancel_in(tx: &mut WriteTx, id: i64, now: i64) -> AppResult<JobState> {
+    let current: JobState = tx
+        .fetch_optional("SELECT state FROM jobs WHERE id = $1", &[id.into()])
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no job {id}")))?
+        .text(0)?
+        .parse()
+        .map_err(AppError::internal)?;
     match current {
         JobState::Queued => {
-            let done = sqlx::query(
-                "UPDATE jobs SET state = $1, finished_at = $2, reason = $3 WHERE id = $4 AND state = $5",
-            )
-            .bind(JobState::Cancelled.as_str())
-            .bind(now)
-            .bind("cancelled before it started")
-            .bind(id)
-            .bind(JobState::Queued.as_str())
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() == 1 {
-                sqlx::query("UPDATE tasks SET state = $1 WHERE job_id = $2 AND state = $3")
-                    .bind(TaskState::Skipped.as_str())
-                    .bind(id)
-                    .bind(TaskState::Pending.as_str())
-                    .execute(&mut *tx)
-                    .await?;
+            let done = tx
+                .execute(
+                    "UPDATE jobs SET state = $1, finished_at = $2, reason = $3 WHERE id = $4 AND state = $5",
+                    &[
+                        JobState::Cancelled.as_str().into(),
+                        now.into(),
+                        "cancelled before it started".into(),
+                        id.into(),
+                        JobState::Queued.as_str().into(),
+                    ],
+                )
+                .await?;
+            if done == 1 {
+                tx.execute(
+                    "UPDATE tasks SET state = $1 WHERE job_id = $2 AND state = $3",
+                    &[
+                        TaskState::Skipped.as_str().into(),
+                        id.into(),
+                        TaskState::Pending.as_str().into(),
+                    ],
+                )
+                .await?;
             }
         }
         s if s.is_terminal() => {
@@ -329,16 +377,12 @@ pub async fn cancel(state: &AppState, id: i64) -> AppResult<JobView> {
             )));
         }
         _ => {
-            sqlx::query("UPDATE jobs SET cancel_requested = 1 WHERE id = $1")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            tx.execute(
+                "UPDATE jobs SET cancel_requested = 1 WHERE id = $1",
+                &[id.into()],
+            )
+            .await?;
         }
     }
-    tx.commit().await?;
-    state.events.job_changed(id);
-    if current == JobState::Queued {
-        crate::triggers::job_ended(state, id).await;
-    }
-    get(state, id).await
+    Ok(current)
 }

@@ -1,9 +1,9 @@
 //! A job's log: chunks appended by its worker (deduplicated by sequence number), read whole,
 //! from a byte offset, or live.
 
-use crate::db::now_ms;
+use crate::db::{WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
-use crate::leases::{LeaseRef, live_job, refusal};
+use crate::leases::{LeaseRef, live_job_in, refusal_in};
 use crate::state::AppState;
 use serde::Serialize;
 use vmfarm_proto::wire::{LogAppend, LogStream};
@@ -63,44 +63,79 @@ pub async fn append(
     if seq < 1 {
         return Err(AppError::BadRequest("seq starts at 1".into()));
     }
-    let (job_id, _) = live_job(state, worker, lease).await?;
-    let mut tx = state.db.writer.begin().await?;
-    // The guarded write first: it holds SQLite's write lock for the rest of the transaction.
-    let row: Option<(i64,)> = sqlx::query_as(
-        "UPDATE jobs SET log_seq = $1 WHERE id = $2 AND lease_id = $3 AND fence = $4 AND log_seq = $5 \
-         RETURNING log_size",
-    )
-    .bind(seq)
-    .bind(job_id)
-    .bind(&lease.lease_id)
-    .bind(lease.fence)
-    .bind(seq - 1)
-    .fetch_optional(&mut *tx)
-    .await?;
-    let Some((mut size,)) = row else {
-        drop(tx);
-        let current: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT log_seq, log_size FROM jobs WHERE id = $1 AND lease_id = $2 AND fence = $3",
-        )
-        .bind(job_id)
-        .bind(&lease.lease_id)
-        .bind(lease.fence)
-        .fetch_optional(&state.db.pool)
+    let limit = i64::try_from(state.config.limits.max_log_size.0).unwrap_or(i64::MAX);
+    let cut_note = format!(
+        "\n[vmfarm: log cut at the server's limit of {}]\n",
+        state.config.limits.max_log_size
+    );
+    let worker = worker.to_owned();
+    let lease = lease.clone();
+    let append = append.clone();
+    let (job_id, ack) = state
+        .db
+        .write(move |tx| {
+            Box::pin(async move {
+                let (job_id, _) = live_job_in(tx, &worker, &lease).await?;
+                let ack = store_chunks(tx, job_id, &lease, &append, seq, limit, &cut_note).await?;
+                Ok::<_, AppError>((job_id, ack))
+            })
+        })
         .await?;
-        return match current {
-            None => Err(refusal(state, lease).await),
-            Some((last, log_size)) if seq <= last => Ok(AppendAck {
+    if ack.stored {
+        state.events.job_changed(job_id);
+    }
+    Ok(ack)
+}
+
+/// Stores the chunks of append `seq` of a live lease's job, up to the log size `limit` (then
+/// `cut_note` says so), unless that `seq` was stored already.
+async fn store_chunks(
+    tx: &mut WriteTx,
+    job_id: i64,
+    lease: &LeaseRef,
+    append: &LogAppend,
+    seq: i64,
+    limit: i64,
+    cut_note: &str,
+) -> AppResult<AppendAck> {
+    let row = tx
+        .fetch_optional(
+            "UPDATE jobs SET log_seq = $1 WHERE id = $2 AND lease_id = $3 AND fence = $4 AND log_seq = $5 \
+             RETURNING log_size",
+            &[
+                seq.into(),
+                job_id.into(),
+                (&lease.lease_id).into(),
+                lease.fence.into(),
+                (seq - 1).into(),
+            ],
+        )
+        .await?;
+    let Some(row) = row else {
+        let current = tx
+            .fetch_optional(
+                "SELECT log_seq, log_size FROM jobs WHERE id = $1 AND lease_id = $2 AND fence = $3",
+                &[job_id.into(), (&lease.lease_id).into(), lease.fence.into()],
+            )
+            .await?;
+        let Some(current) = current else {
+            return Err(refusal_in(tx, lease).await);
+        };
+        let (last, log_size) = (current.int(0)?, current.int(1)?);
+        return if seq <= last {
+            Ok(AppendAck {
                 seq: append.seq,
                 stored: false,
                 log_size,
-            }),
-            Some((last, _)) => Err(AppError::Conflict(format!(
+            })
+        } else {
+            Err(AppError::Conflict(format!(
                 "seq {seq} skips ahead: the next one expected is {}",
                 last + 1
-            ))),
+            )))
         };
     };
-    let limit = i64::try_from(state.config.limits.max_log_size.0).unwrap_or(i64::MAX);
+    let mut size = row.int(0)?;
     for chunk in &append.chunks {
         if size >= limit || chunk.data.is_empty() {
             continue;
@@ -115,33 +150,32 @@ pub async fn append(
             data = &data[..cut];
             truncated = true;
         }
-        insert_chunk(
-            &mut tx,
-            job_id,
-            size,
-            stream_name(chunk.stream),
-            chunk.task.as_deref(),
-            chunk.ts_ms,
+        let stored = Chunk {
+            offset: size,
+            stream: stream_name(chunk.stream),
+            task: chunk.task.as_deref(),
+            ts_ms: chunk.ts_ms,
             data,
-        )
-        .await?;
+        };
+        stored.insert(tx, job_id).await?;
         size += data.len() as i64;
         if truncated {
-            let note = format!(
-                "\n[vmfarm: log cut at the server's limit of {}]\n",
-                state.config.limits.max_log_size
-            );
-            insert_chunk(&mut tx, job_id, size, "farm", None, now_ms(), &note).await?;
-            size += note.len() as i64;
+            let note = Chunk {
+                offset: size,
+                stream: "farm",
+                task: None,
+                ts_ms: now_ms(),
+                data: cut_note,
+            };
+            note.insert(tx, job_id).await?;
+            size += cut_note.len() as i64;
         }
     }
-    sqlx::query("UPDATE jobs SET log_size = $1 WHERE id = $2")
-        .bind(size)
-        .bind(job_id)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    state.events.job_changed(job_id);
+    tx.execute(
+        "UPDATE jobs SET log_size = $1 WHERE id = $2",
+        &[size.into(), job_id.into()],
+    )
+    .await?;
     Ok(AppendAck {
         seq: append.seq,
         stored: true,
@@ -149,51 +183,52 @@ pub async fn append(
     })
 }
 
-async fn insert_chunk(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    job_id: i64,
+/// A chunk about to be stored at `offset` of its job's log.
+struct Chunk<'a> {
     offset: i64,
-    stream: &str,
-    task: Option<&str>,
+    stream: &'a str,
+    task: Option<&'a str>,
     ts_ms: i64,
-    data: &str,
-) -> Result<(), sqlx::Error> {
-    sqlx::query("INSERT INTO log_chunks (job_id, off, stream, task, ts_ms, len, data) VALUES ($1, $2, $3, $4, $5, $6, $7)")
-        .bind(job_id)
-        .bind(offset)
-        .bind(stream)
-        .bind(task)
-        .bind(ts_ms)
-        .bind(data.len() as i64)
-        .bind(data)
-        .execute(&mut **tx)
+    data: &'a str,
+}
+
+impl Chunk<'_> {
+    async fn insert(&self, tx: &mut WriteTx, job_id: i64) -> AppResult<()> {
+        tx.execute(
+            "INSERT INTO log_chunks (job_id, off, stream, task, ts_ms, len, data) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &[
+                job_id.into(),
+                self.offset.into(),
+                self.stream.into(),
+                self.task.into(),
+                self.ts_ms.into(),
+                (self.data.len() as i64).into(),
+                self.data.into(),
+            ],
+        )
         .await?;
-    Ok(())
+        Ok(())
+    }
 }
 
 /// Appends a line of the farm's own to a job's log, inside the caller's transaction.
-pub async fn append_farm_line(
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    job_id: i64,
-    line: &str,
-) -> Result<(), sqlx::Error> {
+pub async fn append_farm_line(tx: &mut WriteTx, job_id: i64, line: &str) -> AppResult<()> {
     let text = format!("[vmfarm] {line}\n");
-    let (size,): (i64,) =
-        sqlx::query_as("UPDATE jobs SET log_size = log_size + $1 WHERE id = $2 RETURNING log_size")
-            .bind(text.len() as i64)
-            .bind(job_id)
-            .fetch_one(&mut **tx)
-            .await?;
-    insert_chunk(
-        tx,
-        job_id,
-        size - text.len() as i64,
-        "farm",
-        None,
-        now_ms(),
-        &text,
-    )
-    .await
+    let row = tx
+        .fetch_optional(
+            "UPDATE jobs SET log_size = log_size + $1 WHERE id = $2 RETURNING log_size",
+            &[(text.len() as i64).into(), job_id.into()],
+        )
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no job {job_id}")))?;
+    let chunk = Chunk {
+        offset: row.int(0)? - text.len() as i64,
+        stream: "farm",
+        task: None,
+        ts_ms: now_ms(),
+        data: &text,
+    };
+    chunk.insert(tx, job_id).await
 }
 
 /// Chunks of a job's log from byte `from` on (the first one cut to start exactly there),

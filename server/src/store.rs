@@ -72,19 +72,22 @@ impl ArtifactStore {
             )));
         }
         tokio::fs::rename(&tmp, &dest).await?;
-        sqlx::query("DELETE FROM artifacts WHERE job_id = $1 AND name = $2")
-            .bind(job)
-            .bind(name)
-            .execute(&db.writer)
-            .await?;
-        sqlx::query("INSERT INTO artifacts (job_id, name, size, sha256, created_at) VALUES ($1, $2, $3, $4, $5)")
-            .bind(job)
-            .bind(name)
-            .bind(i64::try_from(size).unwrap_or(i64::MAX))
-            .bind(&wanted)
-            .bind(now_ms())
-            .execute(&db.writer)
-            .await?;
+        let (row_name, row_sha) = (name.to_owned(), wanted.clone());
+        let row_size = i64::try_from(size).unwrap_or(i64::MAX);
+        db.write(move |tx| {
+            Box::pin(async move {
+                let key = [job.into(), (&row_name).into()];
+                tx.execute("DELETE FROM artifacts WHERE job_id = $1 AND name = $2", &key)
+                    .await?;
+                tx.execute(
+                    "INSERT INTO artifacts (job_id, name, size, sha256, created_at) VALUES ($1, $2, $3, $4, $5)",
+                    &[key[0], key[1], row_size.into(), (&row_sha).into(), now_ms().into()],
+                )
+                .await?;
+                Ok::<_, AppError>(())
+            })
+        })
+        .await?;
         Ok(ArtifactView {
             name: name.to_owned(),
             size,
