@@ -1,14 +1,17 @@
 //! `vmfarm bench queue`: the job queue's throughput and lease latency on SQLite and PostgreSQL,
 //! beside the rate of bare single-row insert+update transactions on the same database with the
-//! same durability settings (the ceiling the queue can approach).
+//! same durability settings (the ceiling the queue can approach), both through a sqlx pool and
+//! through the server's own write path. Job cycles are measured calling the queue directly and
+//! over HTTP as a worker and a user make them, each with the CPU it cost.
 
 use super::stats::{ms, per_second, quantile};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use vmfarm_proto::JobState;
-use vmfarm_proto::wire::{LeaseRequest, StateUpdate, WorkerImage};
-use vmfarm_server::config::ServerConfig;
+use vmfarm_proto::wire::{FENCE_HEADER, LeaseRequest, LeaseResponse, StateUpdate, WorkerImage};
+use vmfarm_server::config::{ApiToken, Scope, ServerConfig, WorkerToken};
+use vmfarm_server::db::DbFailure;
 use vmfarm_server::state::AppState;
 use vmfarm_server::{jobs, leases};
 
@@ -19,7 +22,9 @@ const IMAGES: usize = 50;
 const REFERENCE_TXNS: usize = 4000;
 
 pub async fn run(postgres: Option<String>) -> anyhow::Result<()> {
-    println!("vmfarm bench queue: {CLIENTS} concurrent clients, in-process server, real databases");
+    println!(
+        "vmfarm bench queue: {CLIENTS} concurrent clients, a server on loopback in this process (the CPU figures include the clients'), real databases"
+    );
     let dir = tempfile::tempdir()?;
     let sqlite = format!("sqlite://{}/bench.db", dir.path().display());
     report("SQLite (WAL, synchronous=NORMAL)", &sqlite, dir.path()).await?;
@@ -58,22 +63,41 @@ async fn fresh_postgres_database(url: &str) -> anyhow::Result<String> {
     Ok(format!("{prefix}/{name}"))
 }
 
-async fn start(url: &str, dir: &std::path::Path, tag: &str) -> anyhow::Result<AppState> {
+/// The bench's own tokens: one per worker, and one to submit with.
+fn worker_token(client: usize) -> String {
+    format!("vmf_bench_worker_{client}")
+}
+
+const SUBMIT_TOKEN: &str = "vmf_bench_submit";
+
+/// A server listening on loopback; its state and its base URL.
+async fn start(url: &str, dir: &std::path::Path, tag: &str) -> anyhow::Result<(AppState, String)> {
     let mut config = ServerConfig {
         listen: "127.0.0.1:0".parse()?,
         data_dir: dir.join(tag),
         database_url: url.to_owned(),
+        workers: (0..CLIENTS)
+            .map(|client| WorkerToken {
+                name: format!("bench-{client}"),
+                token: worker_token(client),
+            })
+            .collect(),
+        tokens: vec![ApiToken {
+            name: "bench".into(),
+            token: SUBMIT_TOKEN.into(),
+            scopes: vec![Scope::Submit],
+        }],
         ..ServerConfig::default()
     };
     // The leased jobs are never finished here: no lease may expire during the run.
     config.leases.ttl = vmfarm_proto::units::HumanDuration(Duration::from_secs(3600));
     let running = vmfarm_server::serve::start(config).await?;
-    Ok(running.state)
+    Ok((running.state, format!("http://{}", running.addr)))
 }
 
 async fn report(label: &str, url: &str, dir: &std::path::Path) -> anyhow::Result<()> {
     println!("\n== {label} ==");
-    let state = start(
+    let (state, base) = start(
         url,
         dir,
         &label
@@ -84,21 +108,46 @@ async fn report(label: &str, url: &str, dir: &std::path::Path) -> anyhow::Result
     )
     .await?;
     let reference = reference_rate(&state).await?;
-    let cycles = cycle_rate(&state).await?;
+    let writer_reference = writer_reference_rate(&state).await?;
+    let (cycles, cycle_cpu) = measure_cpu(cycle_rate(&state)).await?;
+    let (http_cycles, http_cpu) = measure_cpu(http_cycle_rate(&base)).await?;
     let (leases_per_s, mut latencies, submit_rate) = lease_rate(&state).await?;
     println!("{:<52} {:>12}", "measure", "value");
     println!(
         "{:<52} {:>10.0}/s",
-        "reference: insert+update transactions", reference
+        "reference: insert+update transactions (sqlx pool)", reference
     );
     println!(
         "{:<52} {:>10.0}/s",
-        "submit+lease+run+finish cycles", cycles
+        "reference: insert+update through the server's writer", writer_reference
+    );
+    println!(
+        "{:<52} {:>10.0}/s",
+        "submit+lease+boot+run+finish cycles, in-process", cycles
+    );
+    println!(
+        "{:<52} {:>12}",
+        "  CPU per cycle (whole process)",
+        micros(cycle_cpu, CYCLES)
+    );
+    println!(
+        "{:<52} {:>10.0}/s",
+        "same cycles over HTTP (5 API calls each)", http_cycles
+    );
+    println!(
+        "{:<52} {:>12}",
+        "  CPU per cycle (server and HTTP clients)",
+        micros(http_cpu, CYCLES)
     );
     println!(
         "{:<52} {:>12.2}",
-        "ratio cycles / reference",
-        cycles / reference
+        "ratio HTTP cycles / reference (sqlx pool)",
+        http_cycles / reference
+    );
+    println!(
+        "{:<52} {:>12.2}",
+        "ratio HTTP cycles / reference (writer)",
+        http_cycles / writer_reference
     );
     println!(
         "{:<52} {:>10.0}/s",
@@ -160,6 +209,68 @@ async fn reference_rate(state: &AppState) -> anyhow::Result<f64> {
     Ok(per_second(REFERENCE_TXNS, started.elapsed()))
 }
 
+/// The same transactions through the server's write path (one thread, group commit).
+async fn writer_reference_rate(state: &AppState) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    for client in 0..CLIENTS {
+        let db = state.db.clone();
+        set.spawn(async move {
+            for i in 0..REFERENCE_TXNS / CLIENTS {
+                let id = ((CLIENTS + client) * REFERENCE_TXNS + i) as i64;
+                db.write(move |tx| {
+                    Box::pin(async move {
+                        let id = [id.into()];
+                        tx.execute("INSERT INTO bench_reference (id, v) VALUES ($1, 0)", &id)
+                            .await?;
+                        tx.execute("UPDATE bench_reference SET v = v + 1 WHERE id = $1", &id)
+                            .await
+                    })
+                })
+                .await?;
+            }
+            Ok::<_, DbFailure>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(per_second(REFERENCE_TXNS, started.elapsed()))
+}
+
+/// What `work` gives, and the CPU time this process spent meanwhile (every thread: the
+/// server's, the database's and the bench's own clients').
+async fn measure_cpu<T>(
+    work: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<(T, Duration)> {
+    let before = process_cpu()?;
+    let out = work.await?;
+    Ok((out, process_cpu()?.saturating_sub(before)))
+}
+
+/// User + system CPU time of this process, from /proc/self/stat (in USER_HZ ticks, which
+/// Linux fixes at 100 per second for user space).
+fn process_cpu() -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow::anyhow!("unexpected /proc/self/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields
+            .get(i - 3)
+            .ok_or_else(|| anyhow::anyhow!("short /proc/self/stat"))?
+            .parse()?)
+    };
+    Ok(Duration::from_millis((ticks(14)? + ticks(15)?) * 10))
+}
+
+fn micros(total: Duration, count: usize) -> String {
+    format!("{:.0} µs", total.as_secs_f64() * 1e6 / count as f64)
+}
+
 fn request(worker: &str, images: &[String]) -> LeaseRequest {
     LeaseRequest {
         name: worker.to_owned(),
@@ -204,6 +315,57 @@ async fn cycle_rate(state: &AppState) -> anyhow::Result<f64> {
                         ..StateUpdate::default()
                     };
                     leases::update_state(&state, &worker, &lease_ref, &update).await?;
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(per_second(CYCLES, started.elapsed()))
+}
+
+/// The cycle of [`cycle_rate`] as a worker and a user make it: five API calls over HTTP
+/// (submit, lease, booting, running, succeeded), with tokens, JSON and the server's middleware.
+async fn http_cycle_rate(base: &str) -> anyhow::Result<f64> {
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let mut set = JoinSet::new();
+    for client in 0..CLIENTS {
+        let (http, base) = (http.clone(), base.to_owned());
+        set.spawn(async move {
+            let image = format!("http-{client}");
+            let worker = worker_token(client);
+            let req = request(&format!("bench-{client}"), std::slice::from_ref(&image));
+            for _ in 0..CYCLES / CLIENTS {
+                http.post(format!("{base}/api/jobs"))
+                    .bearer_auth(SUBMIT_TOKEN)
+                    .body(manifest(&image))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+                let lease: LeaseResponse = http
+                    .post(format!("{base}/api/workers/lease"))
+                    .bearer_auth(&worker)
+                    .json(&req)
+                    .send()
+                    .await?
+                    .error_for_status()?
+                    .json()
+                    .await?;
+                for next in [JobState::Booting, JobState::Running, JobState::Succeeded] {
+                    let update = StateUpdate {
+                        job_state: Some(next),
+                        ..StateUpdate::default()
+                    };
+                    http.post(format!("{base}/api/leases/{}/state", lease.lease_id))
+                        .bearer_auth(&worker)
+                        .header(FENCE_HEADER, lease.fence.to_string())
+                        .json(&update)
+                        .send()
+                        .await?
+                        .error_for_status()?;
                 }
             }
             Ok::<_, anyhow::Error>(())
