@@ -40,7 +40,6 @@ pub enum DbError {
 #[derive(Clone)]
 pub struct Db {
     pub pool: AnyPool,
-    pub backend: Backend,
     writes: Writes,
 }
 
@@ -85,7 +84,6 @@ impl Db {
                 .map_err(DbError::Connect)?;
             Db {
                 pool,
-                backend: Backend::Sqlite,
                 writes: Writes::Sqlite(writer),
             }
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -97,13 +95,12 @@ impl Db {
                 .map_err(DbError::Connect)?;
             Db {
                 pool: pool.clone(),
-                backend: Backend::Postgres,
                 writes: Writes::Postgres(pool),
             }
         } else {
             return Err(DbError::Scheme(url.to_owned()));
         };
-        let migrator = match db.backend {
+        let migrator = match db.backend() {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::Postgres => &POSTGRES_MIGRATIONS,
         };
@@ -138,9 +135,16 @@ impl Db {
         }
     }
 
+    pub fn backend(&self) -> Backend {
+        match self.writes {
+            Writes::Sqlite(_) => Backend::Sqlite,
+            Writes::Postgres(_) => Backend::Postgres,
+        }
+    }
+
     /// `FOR UPDATE SKIP LOCKED` where the database has it; SQLite serializes writers anyway.
     pub fn skip_locked(&self) -> &'static str {
-        match self.backend {
+        match self.backend() {
             Backend::Sqlite => "",
             Backend::Postgres => " FOR UPDATE SKIP LOCKED",
         }

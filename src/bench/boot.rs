@@ -413,6 +413,9 @@ fn describe(s: &Sample) -> String {
     text
 }
 
+/// One of a run's times.
+type Pick = fn(&Sample) -> Option<Duration>;
+
 /// The median of the durations `pick` finds, if any run had one.
 fn median_of(samples: &[Sample], pick: impl Fn(&Sample) -> Option<Duration>) -> Option<Duration> {
     let mut all: Vec<Duration> = samples.iter().filter_map(pick).collect();
@@ -446,32 +449,21 @@ fn report(vmfarm: &[Sample], qemu: &[Sample]) {
         };
         println!("{what:<32} {:>14} {:>14} {ratio:>8}", cell(a), cell(b));
     };
-    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
-    let s = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
     row(
         "start -> vCPUs in KVM_RUN",
-        ms(median_of(vmfarm, |x| x.vcpus_start)),
+        median_of(vmfarm, |x| x.vcpus_start).map(|d| d.as_secs_f64() * 1e3),
         None,
         "ms",
     );
-    row(
-        "start -> first kernel line",
-        s(median_of(vmfarm, |x| x.first_kernel_line)),
-        s(median_of(qemu, |x| x.first_kernel_line)),
-        "s",
-    );
-    row(
-        "start -> marker",
-        s(median_of(vmfarm, |x| x.marker)),
-        s(median_of(qemu, |x| x.marker)),
-        "s",
-    );
-    row(
-        "start -> exit",
-        s(median_of(vmfarm, |x| x.exit)),
-        s(median_of(qemu, |x| x.exit)),
-        "s",
-    );
+    let times: [(&str, Pick); 3] = [
+        ("start -> first kernel line", |x| x.first_kernel_line),
+        ("start -> marker", |x| x.marker),
+        ("start -> exit", |x| x.exit),
+    ];
+    for (what, pick) in times {
+        let secs = |runs: &[Sample]| median_of(runs, pick).map(|d| d.as_secs_f64());
+        row(what, secs(vmfarm), secs(qemu), "s");
+    }
     let mib = |kib: u64| kib as f64 / 1024.0;
     row(
         "peak RSS outside guest RAM",

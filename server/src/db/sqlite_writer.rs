@@ -158,18 +158,17 @@ fn run_jobs(tx: &mut WriteTx, batch: &mut [Box<dyn Job>]) -> Result<(), DbFailur
 
 /// The writer's own statements: transaction and savepoint control.
 fn control(tx: &WriteTx, sql: &str) -> Result<(), DbFailure> {
-    match tx {
-        WriteTx::Sqlite(conn) => {
-            conn.prepare_cached(sql)?.execute([])?;
-            Ok(())
-        }
-        WriteTx::Postgres(_) => unreachable!("the SQLite writer is only given a SQLite connection"),
-    }
+    connection(tx).prepare_cached(sql)?.execute([])?;
+    Ok(())
 }
 
 fn autocommit(tx: &WriteTx) -> bool {
+    connection(tx).is_autocommit()
+}
+
+fn connection(tx: &WriteTx) -> &rusqlite::Connection {
     match tx {
-        WriteTx::Sqlite(conn) => conn.is_autocommit(),
+        WriteTx::Sqlite(conn) => conn,
         WriteTx::Postgres(_) => unreachable!("the SQLite writer is only given a SQLite connection"),
     }
 }

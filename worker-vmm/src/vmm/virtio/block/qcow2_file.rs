@@ -106,14 +106,7 @@ mod tests {
         block_on(file.fsync(0, 0, 0)).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"01234567abcd");
         block_on(file.fallocate(0, 4, Qcow2OpsFlags::FALLOCATE_ZERO_RAGE)).unwrap();
-        assert_eq!(
-            std::fs::read(&path).unwrap(),
-            b"\0\0\0\0"
-                .iter()
-                .chain(b"4567abcd")
-                .copied()
-                .collect::<Vec<u8>>()
-        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"\x00\x00\x00\x004567abcd");
         let read_only = ImageFile::open(&path, true, Rc::new(Cell::new(false))).unwrap();
         assert!(block_on(read_only.write_from(0, b"x")).is_err());
         assert!(
