@@ -54,9 +54,16 @@ pub enum VmError {
     /// Kernel, initrd or command line.
     #[error("boot")]
     Boot(#[from] BootError),
-    /// The thread that copies the kernel and initrd into guest RAM.
-    #[error("the loader thread")]
-    Loader(#[source] std::io::Error),
+    /// A thread that builds part of the VM (the loader, the memory registration) could not
+    /// start or panicked.
+    #[error("the {name} thread")]
+    Helper {
+        /// Which thread.
+        name: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// vCPU setup.
     #[error("vCPU setup")]
     Cpu(#[from] CpuSetupError),
@@ -174,7 +181,6 @@ impl VmBuilder {
             ..Default::default()
         };
         vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-        register_memory(&vm_fd, ram.memory())?;
         Ok(Self {
             kvm,
             vm_fd,
@@ -318,7 +324,16 @@ impl VmBuilder {
     }
 
     /// Creates and sets up the vCPUs; the first starts at `entry`, the others wait for SIPI.
-    fn create_vcpus(&self, cpus: u8, entry: u64) -> Result<Vec<VcpuFd>, VmError> {
+    /// Hands guest RAM to KVM on a thread of its own: on some hosts the ioctl takes milliseconds,
+    /// which the devices and vCPUs are set up in. The thread holds the VM and the RAM until done.
+    fn register_memory_in_background(&self) -> Result<Helper<Result<(), MemoryError>>, VmError> {
+        let (vm_fd, ram) = (self.vm_fd.clone(), self.ram.clone());
+        Helper::spawn("memory", move || register_memory(&vm_fd, ram.memory()))
+    }
+
+    /// Creates the vCPUs with their CPUID, MSRs, FPU and LAPIC; the boot vCPU's registers are
+    /// set once the kernel's entry point is known ([`cpu::setup_boot_vcpu`]).
+    fn create_vcpus(&self, cpus: u8) -> Result<Vec<VcpuFd>, VmError> {
         let supported = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -335,9 +350,6 @@ impl VmBuilder {
                 cpu::setup_msrs(&vcpu)?;
                 cpu::setup_fpu(&vcpu)?;
                 cpu::setup_lapic(&vcpu)?;
-                if id == 0 {
-                    cpu::setup_boot_vcpu(&vcpu, entry)?;
-                }
                 Ok(vcpu)
             })
             .collect()
@@ -392,6 +404,34 @@ fn load_images(ram: &GuestRam, config: &VmConfig) -> Result<LoadedImages, BootEr
     Ok(LoadedImages { kernel, initrd })
 }
 
+/// A thread doing one part of building the VM while the rest goes on.
+struct Helper<T> {
+    name: &'static str,
+    handle: std::thread::JoinHandle<T>,
+}
+
+impl<T: Send + 'static> Helper<T> {
+    fn spawn(
+        name: &'static str,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<Self, VmError> {
+        let handle = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(work)
+            .map_err(|source| VmError::Helper { name, source })?;
+        Ok(Self { name, handle })
+    }
+
+    /// Waits for the thread's result.
+    fn join(self) -> Result<T, VmError> {
+        let name = self.name;
+        self.handle.join().map_err(|_| VmError::Helper {
+            name,
+            source: std::io::Error::other("it panicked"),
+        })
+    }
+}
+
 /// Builds the VM `config` describes: KVM VM with in-kernel irqchip and PIT, RAM, legacy
 /// devices, virtio devices, kernel, firmware tables, vCPUs.
 pub fn build_vm(config: &VmConfig) -> Result<Vm, VmError> {
@@ -405,13 +445,11 @@ pub fn build_vm(config: &VmConfig) -> Result<Vm, VmError> {
     // stays mapped until the copy ends even if building fails first.
     let loader = {
         let (ram, config) = (ram.clone(), config.clone());
-        std::thread::Builder::new()
-            .name("loader".into())
-            .spawn(move || load_images(&ram, &config))
-            .map_err(VmError::Loader)?
+        Helper::spawn("loader", move || load_images(&ram, &config))?
     };
     let mut vm = VmBuilder::new(ram)?;
-    step("VM and memory created");
+    let memory = vm.register_memory_in_background()?;
+    step("VM created");
     vm.attach_serial(&config.console)?;
     vm.attach_i8042()?;
     vm.attach_rtc()?;
@@ -427,14 +465,17 @@ pub fn build_vm(config: &VmConfig) -> Result<Vm, VmError> {
         vm.attach_rng()?;
     }
     step("devices attached");
-    let images = loader
-        .join()
-        .map_err(|_| VmError::Loader(std::io::Error::other("the loader thread panicked")))??;
+    let vcpus = vm.create_vcpus(config.cpus)?;
+    step("vCPUs created");
+    memory.join()??;
+    step("memory registered");
+    let images = loader.join()??;
     tracing::debug!(end = images.kernel.end, "kernel and initrd loaded");
     let entry = vm.load_guest(config, images)?;
+    if let Some(boot_vcpu) = vcpus.first() {
+        cpu::setup_boot_vcpu(boot_vcpu, entry)?;
+    }
     step("guest loaded");
-    let vcpus = vm.create_vcpus(config.cpus, entry)?;
-    step("vCPUs created");
     Ok(vm.finish(vcpus, started.elapsed()))
 }
 
