@@ -13,6 +13,7 @@ use qcow2_rs::error::{Qcow2Error, Qcow2Result};
 use qcow2_rs::utils::qcow2_alloc_dev_sync;
 
 use super::qcow2_file::ImageFile;
+use super::qcow2_top::{Below, Qcow2Top};
 
 /// The sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
@@ -48,6 +49,13 @@ pub enum DiskError {
     Qcow2Io(#[source] Qcow2Error),
     #[error("short read: {got} of {want} bytes")]
     ShortRead { got: usize, want: usize },
+    #[error("qcow2 image {path}: {what}")]
+    Qcow2Top {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// The image formats virtio-blk serves.
@@ -177,6 +185,13 @@ fn qcow2_header(file: &File, path: &Path) -> Result<Option<Header>, DiskError> {
 /// An open image, usable only on the thread that opened it.
 pub enum Disk {
     Raw(File),
+    /// A writable qcow2 image vmfarm's own engine takes (see [`Qcow2Top`]), over its backing
+    /// chain if it has one.
+    Overlay {
+        top: Box<Qcow2Top>,
+        backing: Option<BackingChain>,
+    },
+    /// Any other qcow2 image, through qcow2-rs.
     Qcow2 {
         dev: Box<Qcow2Dev<ImageFile>>,
         rt: tokio::runtime::Runtime,
@@ -200,7 +215,21 @@ impl Disk {
                     })?;
                 Ok(Disk::Raw(file))
             }
-            Format::Qcow2 => {
+            Format::Qcow2 if !read_only => match Qcow2Top::open(path)? {
+                Some(top) => Ok(Disk::Overlay {
+                    top: Box::new(top),
+                    backing: BackingChain::of(path)?,
+                }),
+                None => Self::open_qcow2(path, read_only),
+            },
+            Format::Qcow2 => Self::open_qcow2(path, read_only),
+        }
+    }
+
+    /// Opens a qcow2 image and its chain through qcow2-rs.
+    fn open_qcow2(path: &Path, read_only: bool) -> Result<Disk, DiskError> {
+        {
+            {
                 let q_err = |source| DiskError::Qcow2 {
                     path: path.to_owned(),
                     source,
@@ -224,7 +253,7 @@ impl Disk {
     pub fn raw_file(&self) -> Option<&File> {
         match self {
             Disk::Raw(file) => Some(file),
-            Disk::Qcow2 { .. } => None,
+            Disk::Overlay { .. } | Disk::Qcow2 { .. } => None,
         }
     }
 
@@ -232,6 +261,7 @@ impl Disk {
     pub fn read_at(&mut self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
         match self {
             Disk::Raw(file) => file.read_exact_at(buf, offset).map_err(DiskError::Io),
+            Disk::Overlay { top, backing } => top.read_at(buf, offset, backing),
             Disk::Qcow2 { dev, rt, .. } => {
                 let n = rt
                     .block_on(dev.read_at(buf, offset))
@@ -252,6 +282,7 @@ impl Disk {
     pub fn write_at(&mut self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
         match self {
             Disk::Raw(file) => file.write_all_at(buf, offset).map_err(DiskError::Io),
+            Disk::Overlay { top, backing } => top.write_at(buf, offset, backing),
             Disk::Qcow2 { dev, rt, .. } => rt
                 .block_on(dev.write_at(buf, offset))
                 .map_err(DiskError::Qcow2Io),
@@ -262,6 +293,7 @@ impl Disk {
     pub fn flush_metadata(&mut self) -> Result<(), DiskError> {
         match self {
             Disk::Raw(_) => Ok(()),
+            Disk::Overlay { top, .. } => top.flush_metadata(),
             Disk::Qcow2 { dev, rt, .. } => {
                 if dev.need_flush_meta() {
                     rt.block_on(dev.flush_meta()).map_err(DiskError::Qcow2Io)?;
@@ -276,6 +308,7 @@ impl Disk {
         self.flush_metadata()?;
         match self {
             Disk::Raw(file) => file.sync_data().map_err(DiskError::Io),
+            Disk::Overlay { top, .. } => top.flush(),
             Disk::Qcow2 {
                 dev,
                 rt,
@@ -286,6 +319,90 @@ impl Disk {
                 guest_flush.set(false);
                 synced.map_err(DiskError::Qcow2Io)
             }
+        }
+    }
+}
+
+/// The read-only images under an overlay, through qcow2-rs.
+pub struct BackingChain {
+    dev: Box<Qcow2Dev<ImageFile>>,
+    rt: tokio::runtime::Runtime,
+    /// The chain's virtual size: below an overlay, it may end before the overlay does.
+    size: u64,
+}
+
+impl BackingChain {
+    /// The backing chain the qcow2 image `path` names, if it names one.
+    fn of(path: &Path) -> Result<Option<Self>, DiskError> {
+        let file = File::open(path).map_err(|source| DiskError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let Some(Header {
+            backing: Some(name),
+            ..
+        }) = qcow2_header(&file, path)?
+        else {
+            return Ok(None);
+        };
+        let base = PathBuf::from(name);
+        let base_file = File::open(&base).map_err(|source| DiskError::Open {
+            path: base.clone(),
+            source,
+        })?;
+        let Some(header) = qcow2_header(&base_file, &base)? else {
+            return Err(DiskError::BackingNotQcow2 {
+                path: path.to_owned(),
+                backing: base,
+            });
+        };
+        let q_err = |source| DiskError::Qcow2 {
+            path: base.clone(),
+            source,
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .map_err(DiskError::Io)?;
+        let dev = setup_qcow2(&base, true, true, &Rc::new(Cell::new(false))).map_err(q_err)?;
+        rt.block_on(dev.qcow2_prep_io()).map_err(q_err)?;
+        Ok(Some(BackingChain {
+            dev: Box::new(dev),
+            rt,
+            size: header.size,
+        }))
+    }
+}
+
+/// Without a backing chain, what the overlay does not hold reads as zeros.
+impl Below for Option<BackingChain> {
+    fn read_below(&mut self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        let Some(chain) = self else {
+            buf.fill(0);
+            return Ok(());
+        };
+        chain.read_below(buf, offset)
+    }
+}
+
+impl BackingChain {
+    fn read_below(&mut self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        let avail = self.size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        let (inside, past) = buf.split_at_mut(avail);
+        past.fill(0);
+        if inside.is_empty() {
+            return Ok(());
+        }
+        let n = self
+            .rt
+            .block_on(self.dev.read_at(inside, offset))
+            .map_err(DiskError::Qcow2Io)?;
+        if n == inside.len() {
+            Ok(())
+        } else {
+            Err(DiskError::ShortRead {
+                got: n,
+                want: inside.len(),
+            })
         }
     }
 }

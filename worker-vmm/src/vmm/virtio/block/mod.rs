@@ -2,6 +2,7 @@
 
 mod disk;
 mod qcow2_file;
+mod qcow2_top;
 mod request;
 mod vectored;
 
