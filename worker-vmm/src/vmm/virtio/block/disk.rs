@@ -1,5 +1,8 @@
-//! Disk images behind virtio-blk: raw files and qcow2 (through qcow2-rs, whose futures are not
-//! Send: a disk lives on its device's own thread and drives them on a current-thread runtime).
+//! Disk images behind virtio-blk: raw files, and qcow2. A writable qcow2 image of the usual
+//! kind (a job's overlay) goes to vmfarm's own engine ([`Qcow2Top`]), with the read-only chain
+//! below it through qcow2-rs; any other qcow2 image goes wholly through qcow2-rs. qcow2-rs's
+//! futures are not Send: a disk lives on its device's own thread and drives them on a
+//! current-thread runtime.
 
 use std::cell::Cell;
 use std::fs::{File, OpenOptions};
