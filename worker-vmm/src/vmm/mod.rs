@@ -23,6 +23,7 @@ pub mod layout;
 pub mod legacy;
 pub mod memory;
 pub mod run;
+pub mod thread;
 pub mod timing;
 pub mod vcpu;
 pub mod virtio;

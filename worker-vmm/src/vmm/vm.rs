@@ -33,6 +33,7 @@ use super::legacy::{
     acpi_pm::AcpiPm, i8042::I8042, pvpanic::PvPanic, rtc::Rtc, serial::SerialDevice,
 };
 use super::memory::{GuestRam, MemoryError, create_guest_memory, register_memory};
+use super::thread::{self, Stack};
 use super::vcpu::{VcpuShared, install_kick_handler, kick_signal, run_vcpu};
 use super::virtio::{block::Block, mmio::MmioTransport, rng::Rng, vsock::Vsock};
 
@@ -415,9 +416,7 @@ impl<T: Send + 'static> Helper<T> {
         name: &'static str,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<Self, VmError> {
-        let handle = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(work)
+        let handle = thread::spawn(name, Stack::Small, work)
             .map_err(|source| VmError::Helper { name, source })?;
         Ok(Self { name, handle })
     }
@@ -506,9 +505,9 @@ impl Vm {
                 exit: self.exit.clone(),
                 stop: stop.clone(),
             };
-            let spawned = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || run_vcpu(id, vcpu, &shared));
+            let spawned = thread::spawn(format!("vcpu{id}"), Stack::Small, move || {
+                run_vcpu(id, vcpu, &shared)
+            });
             match spawned {
                 Ok(handle) => threads.push(handle),
                 Err(source) => {

@@ -19,6 +19,7 @@ use self::disk::{Disk, SECTOR_SIZE};
 use self::request::{ID_LEN, Target, execute};
 use super::chain::{Chain, next_chain};
 use super::device::{ActivateError, Interrupt, VirtioDevice};
+use crate::vmm::thread::{self, Stack};
 
 const DEVICE_TYPE_BLOCK: u32 = 2;
 const QUEUE_SIZE: u16 = 256;
@@ -72,9 +73,8 @@ impl Block {
         let (commands, receiver) = mpsc::channel();
         let (opened_tx, opened_rx) = mpsc::channel();
         let owned = path.to_owned();
-        let worker = std::thread::Builder::new()
-            .name("virtio-blk".into())
-            .spawn(move || match Disk::open(&owned, probe.format, read_only) {
+        let worker = thread::spawn("virtio-blk", Stack::Device, move || {
+            match Disk::open(&owned, probe.format, read_only) {
                 Ok(disk) => {
                     let _ = opened_tx.send(Ok(()));
                     let worker = Worker {
@@ -91,8 +91,9 @@ impl Block {
                 Err(err) => {
                     let _ = opened_tx.send(Err(err));
                 }
-            })
-            .map_err(BlockError::Spawn)?;
+            }
+        })
+        .map_err(BlockError::Spawn)?;
         opened_rx.recv().map_err(|_| BlockError::WorkerDied)??;
         tracing::info!(path = %path.display(), format = ?probe.format, size = probe.size, read_only, "virtio-blk disk attached");
         let mut features = F_SEG_MAX | F_BLK_SIZE | F_FLUSH | F_RING_INDIRECT_DESC;

@@ -23,6 +23,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use self::backend::{Backend, Command};
 use super::device::{ActivateError, Interrupt, VirtioDevice};
+use crate::vmm::thread::{self, Stack};
 
 const DEVICE_TYPE_VSOCK: u32 = 19;
 const QUEUE_SIZE: u16 = 256;
@@ -85,9 +86,7 @@ impl Vsock {
         )
         .map_err(VsockError::Setup)?;
         let (commands, receiver) = mpsc::channel();
-        let worker = std::thread::Builder::new()
-            .name("virtio-vsock".into())
-            .spawn(move || backend.run(receiver))
+        let worker = thread::spawn("virtio-vsock", Stack::Device, move || backend.run(receiver))
             .map_err(VsockError::Setup)?;
         Ok(Vsock {
             max_sizes: [QUEUE_SIZE; 3],
