@@ -16,6 +16,9 @@ pub enum VmExit {
     TripleFault {
         /// The vCPU.
         vcpu: u32,
+        /// Its registers when it stopped (instruction and stack pointers, control registers),
+        /// for finding where in the guest it happened; empty if KVM would not say.
+        state: String,
     },
     /// KVM could not run a vCPU (entry failure, internal error, unexpected exit, ioctl error).
     Internal {
@@ -53,7 +56,12 @@ impl std::fmt::Display for VmExit {
             VmExit::Reset => write!(f, "guest rebooted"),
             VmExit::PowerOff => write!(f, "guest powered off"),
             VmExit::Panic => write!(f, "guest kernel panicked"),
-            VmExit::TripleFault { vcpu } => write!(f, "triple fault on vCPU {vcpu}"),
+            VmExit::TripleFault { vcpu, state } if state.is_empty() => {
+                write!(f, "triple fault on vCPU {vcpu}")
+            }
+            VmExit::TripleFault { vcpu, state } => {
+                write!(f, "triple fault on vCPU {vcpu} ({state})")
+            }
             VmExit::Internal { vcpu, reason } => {
                 write!(f, "KVM internal error on vCPU {vcpu}: {reason}")
             }
@@ -153,7 +161,13 @@ mod tests {
             (VmExit::Reset, 0),
             (VmExit::PowerOff, 0),
             (VmExit::Panic, 2),
-            (VmExit::TripleFault { vcpu: 1 }, 3),
+            (
+                VmExit::TripleFault {
+                    vcpu: 1,
+                    state: String::new(),
+                },
+                3,
+            ),
             (
                 VmExit::Internal {
                     vcpu: 0,

@@ -93,7 +93,10 @@ pub fn run_vcpu(id: u32, mut vcpu: VcpuFd, shared: &VcpuShared) {
             }
             // With the in-kernel LAPIC, HLT only exits when the guest halts for good.
             Ok(VcpuExit::Hlt) => Some(VmExit::PowerOff),
-            Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault { vcpu: id }),
+            Ok(VcpuExit::Shutdown) => Some(VmExit::TripleFault {
+                vcpu: id,
+                state: String::new(),
+            }),
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
                 KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
@@ -118,9 +121,24 @@ pub fn run_vcpu(id: u32, mut vcpu: VcpuFd, shared: &VcpuShared) {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             Err(e) => Some(internal(format!("KVM_RUN failed: {e}"))),
         };
-        if let Some(exit) = ended {
+        if let Some(mut exit) = ended {
+            if let VmExit::TripleFault { state, .. } = &mut exit {
+                *state = fault_state(&vcpu);
+            }
             shared.exit.report(exit);
             break;
         }
+    }
+}
+
+/// Where a vCPU stood when it stopped on a triple fault, as one line; empty if KVM would not
+/// give its registers.
+fn fault_state(vcpu: &VcpuFd) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(regs), Ok(sregs)) => format!(
+            "rip {:#x}, rsp {:#x}, cr0 {:#x}, cr2 {:#x}, cr3 {:#x}, cr4 {:#x}, efer {:#x}",
+            regs.rip, regs.rsp, sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer
+        ),
+        _ => String::new(),
     }
 }

@@ -185,6 +185,13 @@ fn qcow2_header(file: &File, path: &Path) -> Result<Option<Header>, DiskError> {
     }))
 }
 
+/// Where the bytes of a write that skips the bounce buffer go.
+pub struct DirectWrite<'a> {
+    pub file: &'a File,
+    /// (offset in the file, length), in the order of the write's bytes.
+    pub runs: Vec<(u64, u64)>,
+}
+
 /// An open image, usable only on the thread that opened it.
 pub enum Disk {
     Raw(File),
@@ -252,11 +259,31 @@ impl Disk {
         }
     }
 
-    /// The image file, when guest buffers can move straight to and from it (raw images).
-    pub fn raw_file(&self) -> Option<&File> {
+    /// Where a read of `len` bytes at `offset` can move straight from the file into guest
+    /// buffers: the file and the offset in it, when all of it lies there in one piece.
+    pub fn direct_read(&self, offset: u64, len: u64) -> Option<(&File, u64)> {
         match self {
-            Disk::Raw(file) => Some(file),
-            Disk::Overlay { .. } | Disk::Qcow2 { .. } => None,
+            Disk::Raw(file) => Some((file, offset)),
+            Disk::Overlay { top, .. } => top.direct_read(offset, len),
+            Disk::Qcow2 { .. } => None,
+        }
+    }
+
+    /// Where a write of `len` bytes at `offset` can move straight from guest buffers into the
+    /// file: the file and the runs (offset in the file, length) its bytes go to, in order. The
+    /// caller writes every run. `None` when it needs the bounce buffer ([`Disk::write_at`]).
+    pub fn direct_write(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<DirectWrite<'_>>, DiskError> {
+        match self {
+            Disk::Raw(file) => Ok(Some(DirectWrite {
+                file,
+                runs: vec![(offset, len)],
+            })),
+            Disk::Overlay { top, .. } => top.direct_write(offset, len),
+            Disk::Qcow2 { .. } => Ok(None),
         }
     }
 

@@ -8,6 +8,8 @@
 //! as QEMU's. Here:
 //! - new clusters are appended to the file, so a write over whole clusters is one pwrite;
 //! - the backing image is read only for the part of a cluster the write leaves uncovered;
+//! - a request whose bytes lie in the file (or fill whole new clusters) moves straight between
+//!   guest buffers and the file, without the bounce buffer;
 //! - the L1, L2 and refcount tables live in memory and are written back when the queue goes
 //!   idle, on FLUSH, reset and shutdown (refcounts first, then L2 tables, then L1), as the
 //!   qcow2-rs path did for its own cache.
@@ -26,7 +28,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::disk::DiskError;
+use super::disk::{DirectWrite, DiskError};
 
 const MAGIC: [u8; 4] = *b"QFI\xfb";
 /// The L1 or L2 entry's cluster is referenced only from here (refcount 1).
@@ -321,6 +323,70 @@ impl Qcow2Top {
         Ok(())
     }
 
+    /// The file offset of `len` bytes at virtual `offset`, when they lie in the file in one
+    /// piece.
+    pub fn direct_read(&self, offset: u64, len: u64) -> Option<(&File, u64)> {
+        match self.extent(offset, len) {
+            (Mapping::Data(host), run) if run == len => {
+                Some((&self.file, host + offset % self.cluster_size()))
+            }
+            _ => None,
+        }
+    }
+
+    /// Maps the clusters of a write of `len` bytes at virtual `offset` and says where its bytes
+    /// go in the file, when the write needs nothing from below: each cluster it touches is data
+    /// already or is covered whole. `None` otherwise, or when the image might run out of room
+    /// midway (then [`Qcow2Top::write_at`] serves it).
+    pub fn direct_write(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<DirectWrite<'_>>, DiskError> {
+        let cluster = self.cluster_size();
+        let pieces = |offset: u64| {
+            let mut at = offset;
+            std::iter::from_fn(move || {
+                (at < offset + len).then(|| {
+                    let piece = (at, (cluster - at % cluster).min(offset + len - at));
+                    at += piece.1;
+                    piece
+                })
+            })
+        };
+        let mut new_clusters = 0;
+        for (at, n) in pieces(offset) {
+            if !matches!(self.mapping(at), Mapping::Data(_)) {
+                if n < cluster {
+                    return Ok(None);
+                }
+                new_clusters += 1;
+            }
+        }
+        // Each new data cluster may bring a new L2 table or refcount block with it.
+        let capacity = self.refcount_table.entries.len() as u64 * (cluster / 2);
+        if self.next_free + 2 * new_clusters + 2 > capacity {
+            return Ok(None);
+        }
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (at, n) in pieces(offset) {
+            let host = match self.mapping(at) {
+                Mapping::Data(host) | Mapping::Zero(Some(host)) => host,
+                Mapping::Zero(None) | Mapping::Below => self.allocate_data(at)?,
+            };
+            self.set_data(at, host);
+            let file_at = host + at % cluster;
+            match runs.last_mut() {
+                Some((start, run)) if *start + *run == file_at => *run += n,
+                _ => runs.push((file_at, n)),
+            }
+        }
+        Ok(Some(DirectWrite {
+            file: &self.file,
+            runs,
+        }))
+    }
+
     /// Writes `buf` at virtual `offset` (inside the disk).
     pub fn write_at(
         &mut self,
@@ -563,6 +629,16 @@ impl Qcow2Top {
     }
 }
 
+/// Tables still only in memory are written when the engine goes away, so that no mapping of
+/// data already in the file is lost with it.
+impl Drop for Qcow2Top {
+    fn drop(&mut self) {
+        if let Err(err) = self.flush_metadata() {
+            tracing::error!(%err, "writing qcow2 tables on close failed");
+        }
+    }
+}
+
 fn read_u64s(file: &File, offset: u64, count: u64) -> std::io::Result<Vec<u64>> {
     let mut bytes = vec![0u8; (count * 8) as usize];
     file.read_exact_at(&mut bytes, offset)?;
@@ -578,7 +654,7 @@ fn write_u64s(file: &File, offset: u64, entries: &[u64]) -> std::io::Result<()> 
 mod tests {
     use std::path::Path;
 
-    use super::super::disk::{Disk, Format};
+    use super::super::disk::{DirectWrite, Disk, Format};
     use super::*;
     use crate::vmm::virtio::qcow2_overlay::create_overlay;
     use crate::vmm::virtio::test_utils::{
@@ -614,27 +690,54 @@ mod tests {
         let size = model.len() as u64;
         let mut rng = Rng(seed);
         let mut disk = open_overlay(overlay);
+        let mut direct = 0;
         for round in 0..400 {
-            let sectors = 1 + rng.below(if round % 5 == 0 { 1024 } else { 160 });
-            let start = rng.below(size / 512 - sectors + 1) * 512;
-            let len = (sectors * 512) as usize;
+            let (start, len) = if round % 4 == 0 {
+                // Whole clusters (of the 64 KiB overlays), which may go the direct way.
+                let clusters = 1 + rng.below(8);
+                let start = rng.below(size / (64 << 10) - clusters + 1) * (64 << 10);
+                (start, (clusters * (64 << 10)) as usize)
+            } else {
+                let sectors = 1 + rng.below(if round % 5 == 0 { 1024 } else { 160 });
+                (
+                    rng.below(size / 512 - sectors + 1) * 512,
+                    (sectors * 512) as usize,
+                )
+            };
             let range = start as usize..start as usize + len;
             if rng.below(3) == 0 {
                 let mut got = vec![0u8; len];
-                disk.read_at(&mut got, start).unwrap();
+                match disk.direct_read(start, len as u64) {
+                    Some((file, at)) => file.read_exact_at(&mut got, at).unwrap(),
+                    None => disk.read_at(&mut got, start).unwrap(),
+                }
                 assert!(
                     got == model[range],
                     "round {round}: read of {len} at {start}"
                 );
             } else {
                 let data = pattern(len, round as u8);
-                disk.write_at(&data, start).unwrap();
+                // As the device does: straight to the file when the engine says where.
+                match disk.direct_write(start, len as u64).unwrap() {
+                    Some(DirectWrite { file, runs }) => {
+                        direct += 1;
+                        let mut done = 0;
+                        for (at, n) in runs {
+                            file.write_all_at(&data[done..done + n as usize], at)
+                                .unwrap();
+                            done += n as usize;
+                        }
+                        assert_eq!(done, len);
+                    }
+                    None => disk.write_at(&data, start).unwrap(),
+                }
                 model[range].copy_from_slice(&data);
             }
             if rng.below(40) == 0 {
                 disk.flush_metadata().unwrap();
             }
         }
+        assert!(direct > 20, "only {direct} direct writes");
         disk.flush().unwrap();
         drop(disk);
         assert!(

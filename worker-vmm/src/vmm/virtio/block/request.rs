@@ -2,7 +2,7 @@
 
 use vm_memory::GuestMemoryMmap;
 
-use super::disk::{Disk, DiskError, SECTOR_SIZE};
+use super::disk::{DirectWrite, Disk, DiskError, SECTOR_SIZE};
 use super::vectored;
 use crate::vmm::virtio::chain::Chain;
 
@@ -16,8 +16,9 @@ pub const S_UNSUPP: u8 = 2;
 /// Length of the GET_ID answer.
 pub const ID_LEN: usize = 20;
 const HEADER_LEN: u64 = 16;
-/// Data of images that cannot take guest buffers directly (qcow2) moves through a bounce
-/// buffer of at most this size.
+/// Data that cannot move straight between guest buffers and the image file (any qcow2-rs image;
+/// for vmfarm's overlay engine, data from the backing chain or for part of a new cluster) moves
+/// through a bounce buffer of at most this size.
 const CHUNK: usize = 256 << 10;
 
 /// What the device serves requests from.
@@ -107,13 +108,13 @@ fn serve(
                 return Err(Failure::Malformed("read request with device-readable data"));
             }
             let offset = check_range(sector, data_len_in, t.size)?;
-            if let Some(file) = t.disk.raw_file() {
+            if let Some((file, at)) = t.disk.direct_read(offset, data_len_in) {
                 let mut iovecs = chain
                     .writable_iovecs(mem, 0, data_len_in as usize)
                     .map_err(Failure::Chain)?;
                 // SAFETY: the iovecs come from `mem`'s mappings, which `mem` (borrowed for this
                 // call) keeps mapped; they lie inside the chain's device-writable buffers.
-                unsafe { vectored::read_all_at(file, &mut iovecs, offset) }
+                unsafe { vectored::read_all_at(file, &mut iovecs, at) }
                     .map_err(|e| Failure::Disk(DiskError::Io(e)))?;
                 return Ok(data_len_in as u32);
             }
@@ -141,13 +142,21 @@ fn serve(
                 return Err(Failure::ReadOnly);
             }
             let offset = check_range(sector, data_len_out, t.size)?;
-            if let Some(file) = t.disk.raw_file() {
-                let mut iovecs = chain
-                    .readable_iovecs(mem, HEADER_LEN, data_len_out as usize)
-                    .map_err(Failure::Chain)?;
-                // SAFETY: as for reads; these are the chain's device-readable buffers.
-                unsafe { vectored::write_all_at(file, &mut iovecs, offset) }
-                    .map_err(|e| Failure::Disk(DiskError::Io(e)))?;
+            if let Some(DirectWrite { file, runs }) = t
+                .disk
+                .direct_write(offset, data_len_out)
+                .map_err(Failure::Disk)?
+            {
+                let mut done = 0;
+                for (at, len) in runs {
+                    let mut iovecs = chain
+                        .readable_iovecs(mem, HEADER_LEN + done, len as usize)
+                        .map_err(Failure::Chain)?;
+                    // SAFETY: as for reads; these are the chain's device-readable buffers.
+                    unsafe { vectored::write_all_at(file, &mut iovecs, at) }
+                        .map_err(|e| Failure::Disk(DiskError::Io(e)))?;
+                    done += len;
+                }
                 return Ok(0);
             }
             let buf = bounce(t.bounce, data_len_out);

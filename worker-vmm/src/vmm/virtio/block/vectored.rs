@@ -1,5 +1,6 @@
-//! Positioned vectored I/O between a raw image and guest buffers: one system call for all of a
-//! request's buffers, and no copy through a bounce buffer.
+//! Positioned vectored I/O between an image file (raw, or the data clusters of a qcow2 overlay)
+//! and guest buffers: one system call for all of a request's buffers (per contiguous run in the
+//! file), and no copy through a bounce buffer.
 
 use std::fs::File;
 use std::io;
