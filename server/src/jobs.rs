@@ -331,7 +331,7 @@ pub async fn cancel(state: &AppState, id: i64) -> AppResult<JobView> {
         .await?;
     state.events.job_changed(id);
     if was == JobState::Queued {
-        crate::triggers::job_ended(state, id).await;
+        crate::triggers::wake(state);
     }
     get(state, id).await
 }
@@ -369,6 +369,7 @@ async fn cancel_in(tx: &mut WriteTx, id: i64, now: i64) -> AppResult<JobState> {
                     ],
                 )
                 .await?;
+                crate::triggers::queue_in(tx, id, JobState::Cancelled, now).await?;
             }
         }
         s if s.is_terminal() => {

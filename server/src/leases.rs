@@ -451,7 +451,7 @@ async fn apply_update(
     )
     .await?;
     if next.is_terminal() {
-        finish_tasks(tx, job_id, next, now).await?;
+        finish_job(tx, job_id, next, now).await?;
     }
     Ok((job_id, Some(next)))
 }
@@ -490,7 +490,7 @@ async fn move_job(
     };
     let job_id = row.int(0)?;
     if next.is_terminal() {
-        finish_tasks(tx, job_id, next, now).await?;
+        finish_job(tx, job_id, next, now).await?;
     }
     Ok(Some(job_id))
 }
@@ -515,9 +515,10 @@ fn move_sql(next: JobState) -> Option<String> {
     ))
 }
 
-/// When a job ends as `end`: tasks that never ran are skipped (cancelled when the job is), and
-/// a running one was cut short.
-async fn finish_tasks(tx: &mut WriteTx, job_id: i64, end: JobState, now: i64) -> AppResult<()> {
+/// The rest of a job's end as `end`, in its transaction: tasks that never ran are skipped
+/// (cancelled when the job is), a running one was cut short, and its triggers' deliveries are
+/// queued.
+async fn finish_job(tx: &mut WriteTx, job_id: i64, end: JobState, now: i64) -> AppResult<()> {
     let leftover = if end == JobState::Cancelled {
         TaskState::Cancelled
     } else {
@@ -530,7 +531,7 @@ async fn finish_tasks(tx: &mut WriteTx, job_id: i64, end: JobState, now: i64) ->
         &[leftover.as_str().into(), now.into(), job_id.into()],
     )
     .await?;
-    Ok(())
+    crate::triggers::queue_in(tx, job_id, end, now).await
 }
 
 /// What follows a job's move: waking readers, and for an ending, metrics, waiting workers and
@@ -539,7 +540,7 @@ async fn job_moved(state: &AppState, job_id: i64, next: JobState) {
     if next.is_terminal() {
         state.metrics.job_finished(next);
         state.events.work.notify_waiters();
-        crate::triggers::job_ended(state, job_id).await;
+        crate::triggers::wake(state);
     }
     state.events.job_changed(job_id);
 }
@@ -637,7 +638,7 @@ pub async fn reap_expired(state: &AppState) -> AppResult<usize> {
         tracing::warn!(job = id, attempt, "{reason}");
         state.events.job_changed(id);
         if next != JobState::Queued {
-            crate::triggers::job_ended(state, id).await;
+            crate::triggers::wake(state);
         }
         moved += 1;
     }
@@ -704,6 +705,7 @@ impl Expired {
                 &[task_state.as_str().into(), id.into()],
             )
             .await?;
+            crate::triggers::queue_in(tx, id, self.next, now).await?;
         }
         crate::logs::append_farm_line(tx, id, &self.reason).await?;
         Ok(true)

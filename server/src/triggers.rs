@@ -3,7 +3,7 @@
 //! exponential backoff until it is answered 2xx or its attempts are used. Deliveries live in the
 //! database, so a restart goes on with them, and the job page shows their status.
 
-use crate::db::now_ms;
+use crate::db::{WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
 use crate::state::AppState;
 use serde::Serialize;
@@ -22,66 +22,46 @@ pub struct DeliveryView {
     pub next_attempt_at: i64,
 }
 
-/// Called where a job ends (worker state update, lease reaper, cancel): queues its webhooks.
-/// Never fails its caller: the job has ended either way; a problem here is logged.
-pub async fn job_ended(state: &AppState, job_id: i64) {
-    if let Err(e) = queue(state, job_id).await {
-        tracing::error!(job = job_id, error = %e, "cannot queue the job's triggers");
-    }
-}
-
-async fn queue(state: &AppState, job_id: i64) -> AppResult<()> {
-    let row: Option<(String, String)> =
-        sqlx::query_as("SELECT state, manifest FROM jobs WHERE id = $1")
-            .bind(job_id)
-            .fetch_optional(&state.db.pool)
-            .await?;
-    let Some((job_state, text)) = row else {
+/// Queues the deliveries of the triggers that fire for job `job_id` ending in `end`, in the
+/// transaction that ends it (worker state update, lease reaper, cancel): they commit together
+/// with the job's end, or not at all. [`wake`] the delivery loop once it has committed.
+pub async fn queue_in(tx: &mut WriteTx, job_id: i64, end: JobState, now: i64) -> AppResult<()> {
+    let Some(row) = tx
+        .fetch_optional("SELECT manifest FROM jobs WHERE id = $1", &[job_id.into()])
+        .await?
+    else {
         return Ok(());
     };
-    let job_state: JobState = job_state.parse().map_err(AppError::internal)?;
-    if !job_state.is_terminal() {
+    let text = row.text(0)?;
+    // Most manifests have no triggers: they are not parsed again inside the write.
+    if !text.contains("triggers") {
         return Ok(());
     }
     // A manifest was valid when it was queued; one that no longer parses has no triggers.
     let Ok(manifest) = Manifest::parse(&text) else {
         return Ok(());
     };
-    let succeeded = job_state == JobState::Succeeded;
-    let firing: Vec<_> = manifest
-        .triggers
-        .iter()
-        .filter(|t| t.on.fires(succeeded))
-        .collect();
-    if firing.is_empty() {
-        return Ok(());
-    }
-    let now = now_ms();
-    let mut tx = state.db.pool.begin().await?;
-    let (already,): (i64,) =
-        sqlx::query_as("SELECT COUNT(*) FROM trigger_deliveries WHERE job_id = $1")
-            .bind(job_id)
-            .fetch_one(&mut *tx)
-            .await?;
-    if already > 0 {
-        return Ok(());
-    }
-    for trigger in firing {
+    let succeeded = end == JobState::Succeeded;
+    for trigger in manifest.triggers.iter().filter(|t| t.on.fires(succeeded)) {
         let on = serde_json::to_value(trigger.on).map_err(AppError::internal)?;
-        sqlx::query(
+        tx.execute(
             "INSERT INTO trigger_deliveries (job_id, trigger_on, url, state, attempts, next_attempt_at, created_at) \
              VALUES ($1, $2, $3, 'pending', 0, $4, $4)",
+            &[
+                job_id.into(),
+                on.as_str().unwrap_or("always").into(),
+                trigger.webhook.as_str().into(),
+                now.into(),
+            ],
         )
-        .bind(job_id)
-        .bind(on.as_str().unwrap_or("always"))
-        .bind(&trigger.webhook)
-        .bind(now)
-        .execute(&mut *tx)
         .await?;
     }
-    tx.commit().await?;
-    state.events.triggers.notify_one();
     Ok(())
+}
+
+/// After a job's end has committed: the delivery loop looks for deliveries to make.
+pub fn wake(state: &AppState) {
+    state.events.triggers.notify_one();
 }
 
 /// The deliveries of a job, oldest first.

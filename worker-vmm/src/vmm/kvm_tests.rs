@@ -199,7 +199,11 @@ fn test_tiny_guest_ends_the_vm_each_way() {
         // A triple fault says where the vCPU stood; the rest of the exit must match exactly.
         let exit = match exit {
             VmExit::TripleFault { vcpu, state } => {
-                assert!(state.starts_with("rip 0x"), "{name}: {state}");
+                // Empty where KVM resets the vCPU on the shutdown (AMD).
+                assert!(
+                    state.is_empty() || state.starts_with("rip 0x1000"),
+                    "{name}: {state}"
+                );
                 VmExit::TripleFault {
                     vcpu,
                     state: String::new(),

@@ -132,9 +132,15 @@ pub fn run_vcpu(id: u32, mut vcpu: VcpuFd, shared: &VcpuShared) {
 }
 
 /// Where a vCPU stood when it stopped on a triple fault, as one line; empty if KVM would not
-/// give its registers.
+/// give its registers, or gives the reset state instead (on AMD, KVM reinitializes the vCPU when
+/// it intercepts the shutdown: real mode at the reset vector).
 fn fault_state(vcpu: &VcpuFd) -> String {
+    const RESET_VECTOR: u64 = 0xfff0;
+    const CR0_PE: u64 = 1;
     match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(regs), Ok(sregs)) if regs.rip == RESET_VECTOR && sregs.cr0 & CR0_PE == 0 => {
+            String::new()
+        }
         (Ok(regs), Ok(sregs)) => format!(
             "rip {:#x}, rsp {:#x}, cr0 {:#x}, cr2 {:#x}, cr3 {:#x}, cr4 {:#x}, efer {:#x}",
             regs.rip, regs.rsp, sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer
