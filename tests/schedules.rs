@@ -20,6 +20,7 @@ use vmfarm_server::state::AppState;
 on_both_databases!(
     schedule_runs_on_time_and_once_after_downtime,
     webhook_is_retried_until_delivered_and_shown,
+    cancelling_a_queued_job_fires_its_failure_hook,
 );
 
 fn ms(text: &str) -> i64 {
@@ -286,6 +287,40 @@ async fn webhook_is_retried_until_delivered_and_shown(backend: Backend) {
     assert!(
         row.contains("<td class=\"num\">3</td><td>200 OK</td>"),
         "{row}"
+    );
+}
+
+/// A job cancelled before any worker took it ends there and then: its failure hook fires (queued
+/// in the same transaction as the cancel), its success hook does not.
+async fn cancelling_a_queued_job_fires_its_failure_hook(backend: Backend) {
+    let server = TestServer::start_with(backend, "[triggers]\nfirst_retry = \"1s\"\n");
+    let (on_success, mut never) = receiver(vec![]).await;
+    let (on_failure, mut hits) = receiver(vec![]).await;
+    let manifest = format!(
+        "image = \"debian-12\"\n[[tasks]]\nname = \"build\"\nscript = \"make\"\n\
+         [[triggers]]\non = \"success\"\nwebhook = \"{on_success}\"\n\
+         [[triggers]]\non = \"failure\"\nwebhook = \"{on_failure}\"\n"
+    );
+    let api = server.admin();
+    let submitted = api.submit(&manifest).await;
+    let id = submitted.jobs[0].id.as_str();
+    let cancelled = api
+        .req(reqwest::Method::POST, &format!("/api/jobs/{id}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert!(cancelled.status().is_success(), "{}", cancelled.status());
+    let (status, body) = tokio::time::timeout(Duration::from_secs(20), hits.recv())
+        .await
+        .expect("the failure hook is called")
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body["id"], id);
+    assert_eq!(body["state"], "cancelled");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        never.try_recv().is_err(),
+        "the success hook fired for a cancel"
     );
 }
 
