@@ -238,25 +238,13 @@ impl Disk {
 
     /// Opens a qcow2 image and its chain through qcow2-rs.
     fn open_qcow2(path: &Path, read_only: bool) -> Result<Disk, DiskError> {
-        {
-            {
-                let q_err = |source| DiskError::Qcow2 {
-                    path: path.to_owned(),
-                    source,
-                };
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .build()
-                    .map_err(DiskError::Io)?;
-                let guest_flush = Rc::new(Cell::new(false));
-                let dev = setup_qcow2(path, read_only, false, &guest_flush).map_err(q_err)?;
-                rt.block_on(dev.qcow2_prep_io()).map_err(q_err)?;
-                Ok(Disk::Qcow2 {
-                    dev: Box::new(dev),
-                    rt,
-                    guest_flush,
-                })
-            }
-        }
+        let guest_flush = Rc::new(Cell::new(false));
+        let (dev, rt) = open_chain(path, read_only, false, &guest_flush)?;
+        Ok(Disk::Qcow2 {
+            dev: Box::new(dev),
+            rt,
+            guest_flush,
+        })
     }
 
     /// Where a read of `len` bytes at `offset` can move straight from the file into guest
@@ -292,19 +280,7 @@ impl Disk {
         match self {
             Disk::Raw(file) => file.read_exact_at(buf, offset).map_err(DiskError::Io),
             Disk::Overlay { top, backing } => top.read_at(buf, offset, backing),
-            Disk::Qcow2 { dev, rt, .. } => {
-                let n = rt
-                    .block_on(dev.read_at(buf, offset))
-                    .map_err(DiskError::Qcow2Io)?;
-                if n == buf.len() {
-                    Ok(())
-                } else {
-                    Err(DiskError::ShortRead {
-                        got: n,
-                        want: buf.len(),
-                    })
-                }
-            }
+            Disk::Qcow2 { dev, rt, .. } => read_exact(dev, rt, buf, offset),
         }
     }
 
@@ -386,15 +362,7 @@ impl BackingChain {
                 backing: base,
             });
         };
-        let q_err = |source| DiskError::Qcow2 {
-            path: base.clone(),
-            source,
-        };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .map_err(DiskError::Io)?;
-        let dev = setup_qcow2(&base, true, true, &Rc::new(Cell::new(false))).map_err(q_err)?;
-        rt.block_on(dev.qcow2_prep_io()).map_err(q_err)?;
+        let (dev, rt) = open_chain(&base, true, true, &Rc::new(Cell::new(false)))?;
         Ok(Some(BackingChain {
             dev: Box::new(dev),
             rt,
@@ -422,19 +390,48 @@ impl BackingChain {
         if inside.is_empty() {
             return Ok(());
         }
-        let n = self
-            .rt
-            .block_on(self.dev.read_at(inside, offset))
-            .map_err(DiskError::Qcow2Io)?;
-        if n == inside.len() {
-            Ok(())
-        } else {
-            Err(DiskError::ShortRead {
-                got: n,
-                want: inside.len(),
-            })
-        }
+        read_exact(&self.dev, &self.rt, inside, offset)
     }
+}
+
+/// Fills `buf` from the qcow2-rs image `dev` at virtual `offset`.
+fn read_exact(
+    dev: &Qcow2Dev<ImageFile>,
+    rt: &tokio::runtime::Runtime,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), DiskError> {
+    let n = rt
+        .block_on(dev.read_at(buf, offset))
+        .map_err(DiskError::Qcow2Io)?;
+    if n == buf.len() {
+        Ok(())
+    } else {
+        Err(DiskError::ShortRead {
+            got: n,
+            want: buf.len(),
+        })
+    }
+}
+
+/// Opens a qcow2 image and its backing chain through qcow2-rs, ready for I/O on the returned
+/// current-thread runtime.
+fn open_chain(
+    path: &Path,
+    read_only: bool,
+    backing: bool,
+    guest_flush: &Rc<Cell<bool>>,
+) -> Result<(Qcow2Dev<ImageFile>, tokio::runtime::Runtime), DiskError> {
+    let q_err = |source| DiskError::Qcow2 {
+        path: path.to_owned(),
+        source,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(DiskError::Io)?;
+    let dev = setup_qcow2(path, read_only, backing, guest_flush).map_err(q_err)?;
+    rt.block_on(dev.qcow2_prep_io()).map_err(q_err)?;
+    Ok((dev, rt))
 }
 
 /// Open a qcow2 image and its backing chain; backing files are opened read-only.

@@ -775,33 +775,16 @@ mod tests {
         let base = qcow2_from(dir.path(), "base.qcow2", &pattern(2 << 20, 5));
         let overlay = dir.path().join("small.qcow2");
         let (b, o) = (base.to_str().unwrap(), overlay.to_str().unwrap());
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            "-b",
-            b,
-            "-F",
-            "qcow2",
-            o,
-        ]);
+        let small = |rest: &[&str]| {
+            let args = ["create", "-q", "-f", "qcow2", "-o", "cluster_size=512"];
+            qemu_img(&[&args[..], rest].concat());
+        };
+        small(&["-b", b, "-F", "qcow2", o]);
         random_workload(dir.path(), &overlay, pattern(2 << 20, 5), 7);
 
         let big = dir.path().join("big.qcow2");
         let g = big.to_str().unwrap();
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            g,
-            "16M",
-        ]);
+        small(&[g, "16M"]);
         let mut disk = open_overlay(&big);
         let chunk = pattern(1 << 20, 3);
         let failed = (0..16u64).find_map(|i| disk.write_at(&chunk, i << 20).err());
