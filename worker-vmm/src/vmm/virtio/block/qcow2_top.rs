@@ -877,4 +877,55 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn test_corrupted_tables_give_errors_not_panics() {
+        // An overlay with data, then words of its tables overwritten at random: opening it,
+        // reading all of it and writing all over it may fail, but never panics or hangs.
+        let dir = TempDir::new("top");
+        let base = qcow2_from(dir.path(), "base.qcow2", &pattern(1 << 20, 8));
+        let good = dir.path().join("good.qcow2");
+        create_overlay(&base, &good).unwrap();
+        let mut disk = open_overlay(&good);
+        for i in 0..8u64 {
+            disk.write_at(&pattern(96 << 10, i as u8), i * (128 << 10) + 4096)
+                .unwrap();
+        }
+        disk.flush().unwrap();
+        drop(disk);
+        let bytes = std::fs::read(&good).unwrap();
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let image = dir.path().join("bad.qcow2");
+        let mut opened = 0;
+        for round in 0..60 {
+            let mut bad = bytes.clone();
+            for _ in 0..1 + rng.below(4) {
+                // Header fields past the magic, the refcount table and block, L1, an L2 table.
+                let at = (rng.below(bad.len() as u64 / 8) * 8) as usize;
+                let at = if round % 2 == 0 { at % (5 << 16) } else { at };
+                let word = match rng.below(4) {
+                    0 => u64::MAX,
+                    1 => rng.below(u64::MAX),
+                    2 => (1 << 63) | (rng.below(1 << 20) << 16),
+                    _ => 0,
+                };
+                bad[at.max(8)..at.max(8) + 8].copy_from_slice(&word.to_be_bytes());
+            }
+            std::fs::write(&image, &bad).unwrap();
+            let Ok(Some(mut top)) = Qcow2Top::open(&image) else {
+                continue;
+            };
+            opened += 1;
+            let mut below: Option<super::super::disk::BackingChain> = None;
+            let size = top.size.min(4 << 20);
+            let mut buf = vec![0u8; 64 << 10];
+            for at in (0..size).step_by(64 << 10) {
+                let _ = top.read_at(&mut buf, at, &mut below);
+                let _ = top.write_at(&pattern(4096, 1), at + 512, &mut below);
+                let _ = top.direct_write(at, 64 << 10);
+            }
+            let _ = top.flush();
+        }
+        assert!(opened >= 15, "only {opened} corrupted images got past open");
+    }
 }
