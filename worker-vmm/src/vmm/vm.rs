@@ -324,7 +324,6 @@ impl VmBuilder {
         Ok(kernel.entry)
     }
 
-    /// Creates and sets up the vCPUs; the first starts at `entry`, the others wait for SIPI.
     /// Hands guest RAM to KVM on a thread of its own: on some hosts the ioctl takes milliseconds,
     /// which the devices and vCPUs are set up in. The thread holds the VM and the RAM until done.
     fn register_memory_in_background(&self) -> Result<Helper<Result<(), MemoryError>>, VmError> {
@@ -332,8 +331,9 @@ impl VmBuilder {
         Helper::spawn("memory", move || register_memory(&vm_fd, ram.memory()))
     }
 
-    /// Creates the vCPUs with their CPUID, MSRs, FPU and LAPIC; the boot vCPU's registers are
-    /// set once the kernel's entry point is known ([`cpu::setup_boot_vcpu`]).
+    /// Creates the vCPUs with their CPUID, MSRs, FPU and LAPIC. The boot vCPU's registers are
+    /// set once the kernel's entry point is known ([`cpu::setup_boot_vcpu`]); the others wait
+    /// for SIPI.
     fn create_vcpus(&self, cpus: u8) -> Result<Vec<VcpuFd>, VmError> {
         let supported = self
             .kvm

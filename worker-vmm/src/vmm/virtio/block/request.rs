@@ -142,6 +142,10 @@ fn serve(
                 return Err(Failure::ReadOnly);
             }
             let offset = check_range(sector, data_len_out, t.size)?;
+            // The guest's buffers are resolved before the disk maps any new cluster for them.
+            let mut iovecs = chain
+                .readable_iovecs(mem, HEADER_LEN, data_len_out as usize)
+                .map_err(Failure::Chain)?;
             if let Some(DirectWrite { file, runs }) = t
                 .disk
                 .direct_write(offset, data_len_out)
@@ -149,9 +153,11 @@ fn serve(
             {
                 let mut done = 0;
                 for (at, len) in runs {
-                    let mut iovecs = chain
-                        .readable_iovecs(mem, HEADER_LEN + done, len as usize)
-                        .map_err(Failure::Chain)?;
+                    if len != data_len_out {
+                        iovecs = chain
+                            .readable_iovecs(mem, HEADER_LEN + done, len as usize)
+                            .map_err(Failure::Chain)?;
+                    }
                     // SAFETY: as for reads; these are the chain's device-readable buffers.
                     unsafe { vectored::write_all_at(file, &mut iovecs, at) }
                         .map_err(|e| Failure::Disk(DiskError::Io(e)))?;
