@@ -232,6 +232,8 @@ pub enum BenchKind {
     /// `vmfarm vm run` beside QEMU microvm: boot times and memory overhead (needs hardware KVM;
     /// here, run it in the KVM lab: tests/kvm-lab/lab.sh bench-boot).
     Boot(Box<crate::bench::boot::BootBenchArgs>),
+    /// The disk engines of `vm run` (raw file, qcow2 overlay) beside `qemu-img bench`, on this host.
+    Disk(crate::bench::disk::DiskBenchArgs),
     /// The job queue on SQLite and PostgreSQL: cycles, submits and leases per second, lease latency.
     Queue {
         /// Also measure this PostgreSQL server (default: $VMFARM_TEST_POSTGRES).

@@ -60,6 +60,13 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            cli::BenchKind::Disk(args) => match bench::disk::run(&args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vmfarm bench disk: {e:#}");
+                    ExitCode::FAILURE
+                }
+            },
             cli::BenchKind::Queue { postgres } => block_on(async {
                 let postgres = postgres.or_else(|| std::env::var("VMFARM_TEST_POSTGRES").ok());
                 bench::queue::run(postgres).await?;

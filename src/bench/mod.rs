@@ -1,6 +1,7 @@
 //! `vmfarm bench ...`: each benchmark prints its figures beside a reference measured in the same run.
 
 pub mod boot;
+pub mod disk;
 pub mod job_start;
 pub mod queue;
 pub mod rss;

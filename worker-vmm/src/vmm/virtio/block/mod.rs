@@ -4,6 +4,7 @@ mod disk;
 mod qcow2_file;
 mod qcow2_top;
 mod request;
+pub mod throughput;
 mod vectored;
 
 use std::path::Path;
