@@ -1,6 +1,7 @@
 //! `vmfarm bench disk`: on this host, the throughput of the engines `vmfarm vm run` serves a
 //! guest's disk with — a raw file, and a qcow2 overlay over a qcow2 base as a job's disk is —
-//! beside `qemu-img bench` (QEMU's block layer) on identical fresh images in the same run.
+//! beside `qemu-img bench` (QEMU's block layer) on identical fresh images in the same run, and
+//! for the overlay, qcow2-rs serving the whole chain (what vmfarm's own engine replaced).
 //! Sequential passes in guest-sized requests, one at a time, through the page cache.
 
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use vmfarm_worker::vmm::virtio::block::throughput::{Passes, engine_name, measure};
+use vmfarm_worker::vmm::virtio::block::throughput::{Engine, Passes, engine_name, measure};
 use vmfarm_worker::vmm::virtio::qcow2_overlay::create_overlay;
 
 #[derive(Debug, clap::Args)]
@@ -82,12 +83,17 @@ pub fn run(args: &DiskBenchArgs) -> anyhow::Result<()> {
     );
     for kind in [Kind::Raw, Kind::Overlay] {
         let mut ours = Vec::new();
+        let mut qcow2_rs = Vec::new();
         let mut reference = Vec::new();
         let mut engine = "";
         for run in 0..args.runs {
             let image = fresh_image(kind, dir.path(), total, run, &args.qemu_img)?;
             engine = engine_name(&image)?;
-            ours.push(measure(&image, total, request as usize)?);
+            ours.push(measure(&image, total, request as usize, Engine::AsVm)?);
+            if matches!(kind, Kind::Overlay) {
+                let image = fresh_image(kind, dir.path(), total, run, &args.qemu_img)?;
+                qcow2_rs.push(measure(&image, total, request as usize, Engine::Qcow2Rs)?);
+            }
             let image = fresh_image(kind, dir.path(), total, run, &args.qemu_img)?;
             reference.push(qemu_img_passes(
                 &args.qemu_img,
@@ -99,14 +105,19 @@ pub fn run(args: &DiskBenchArgs) -> anyhow::Result<()> {
         }
         println!("\n{} (vmfarm: {engine})", kind.label());
         println!(
-            "  {:<14} {:>14} {:>22} {:>7}",
-            "pass", "vmfarm", "qemu-img bench", "ratio"
+            "  {:<14} {:>14} {:>16} {:>20} {:>7}",
+            "pass", "vmfarm", "qcow2-rs alone", "qemu-img bench", "ratio"
         );
         for (name, pick) in PASSES {
             let a = median_rate(&ours, pick, total);
             let b = median_rate(&reference, pick, total);
+            let alone = if qcow2_rs.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{:.0} MiB/s", median_rate(&qcow2_rs, pick, total))
+            };
             println!(
-                "  {name:<14} {:>9.0} MiB/s {:>17.0} MiB/s {:>7.2}",
+                "  {name:<14} {:>9.0} MiB/s {alone:>16} {:>15.0} MiB/s {:>7.2}",
                 a,
                 b,
                 a / b.max(f64::EPSILON)

@@ -237,7 +237,7 @@ impl Disk {
     }
 
     /// Opens a qcow2 image and its chain through qcow2-rs.
-    fn open_qcow2(path: &Path, read_only: bool) -> Result<Disk, DiskError> {
+    pub(super) fn open_qcow2(path: &Path, read_only: bool) -> Result<Disk, DiskError> {
         let guest_flush = Rc::new(Cell::new(false));
         let (dev, rt) = open_chain(path, read_only, false, &guest_flush)?;
         Ok(Disk::Qcow2 {
