@@ -4,5 +4,5 @@ pub mod backend;
 pub mod config;
 pub mod guest;
 pub mod images;
-pub mod vmm;
+pub use vmfarm_vmm as vmm;
 pub mod worker;
