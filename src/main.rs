@@ -14,14 +14,16 @@ use cli::{Cli, Command};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // The worker starts one `vm run` process per guest: it parses only its own flags, so a VMM
+    // process never builds the rest of the command tree (nor faults in its code and help texts).
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|a| a == "vm") && args.next().is_some_and(|a| a == "run") {
+        let vm = vmfarm_worker::vmm::cli::VmRunCli::parse_rest(args);
+        init_logging();
+        return vm_run(&vm.args);
+    }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VMFARM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging();
     match cli.command {
         Command::Validate(args) => validate::run(&args),
         Command::Server(args) => {
@@ -37,13 +39,7 @@ fn main() -> ExitCode {
         Command::Up(args) => {
             block_on(async { up_cmd::run(args).await.map(|()| ExitCode::SUCCESS) })
         }
-        Command::Vm(cli::VmCommand::Run(args)) => match vmfarm_worker::vmm::run::run(&args) {
-            Ok(code) => code,
-            Err(e) => {
-                eprintln!("vmfarm vm run: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Command::Vm(cli::VmCommand::Run(args)) => vm_run(&args),
         Command::Worker(args) => {
             block_on(async { worker_cmd::run(args).await.map(|()| ExitCode::SUCCESS) })
         }
@@ -77,6 +73,30 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }),
         },
+    }
+}
+
+/// Log lines go to stderr, filtered by `VMFARM_LOG` (default `info`): a level (`warn`), or
+/// `tracing` directives (`info,vmfarm_vmm=debug`). A bare level skips compiling the directive
+/// parser's regular expressions, which every VMM process would otherwise pay for at start.
+fn init_logging() {
+    let spec = std::env::var("VMFARM_LOG").unwrap_or_else(|_| "info".to_owned());
+    let logger = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    match spec.parse::<tracing_subscriber::filter::LevelFilter>() {
+        Ok(level) => logger.with_max_level(level).init(),
+        Err(_) => logger
+            .with_env_filter(tracing_subscriber::EnvFilter::new(spec))
+            .init(),
+    }
+}
+
+fn vm_run(args: &vmfarm_worker::vmm::cli::VmRunArgs) -> ExitCode {
+    match vmfarm_worker::vmm::run::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vmfarm vm run: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

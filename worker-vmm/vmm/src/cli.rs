@@ -2,6 +2,27 @@
 
 use std::path::PathBuf;
 
+/// `vmfarm vm run` parsed on its own, by `vmfarm`'s `main` before it builds its whole command tree
+/// (the worker starts one such process per guest); help and errors read as the subcommand's.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "vmfarm vm run",
+    bin_name = "vmfarm vm run",
+    about = "Boot one guest in this process; the console goes to stdout"
+)]
+pub struct VmRunCli {
+    #[command(flatten)]
+    pub args: VmRunArgs,
+}
+
+impl VmRunCli {
+    /// Parses the arguments after `vmfarm vm run`; on an error or `--help`, prints and exits as
+    /// clap does.
+    pub fn parse_rest(args: std::env::ArgsOs) -> Self {
+        <Self as clap::Parser>::parse_from(std::iter::once("vmfarm vm run".into()).chain(args))
+    }
+}
+
 /// Run one guest in this process until it reboots, powers off, panics or times out.
 #[derive(Debug, Clone, clap::Args)]
 pub struct VmRunArgs {

@@ -1,0 +1,77 @@
+//! `vmfarm vm run`'s command line, which `main` parses on its own (without the rest of the CLI):
+//! help, usage errors and bad values read as the subcommand's, and the whole CLI still lists it.
+
+use std::process::{Command, Output};
+
+fn vmfarm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+        .args(args)
+        .output()
+        .expect("run vmfarm")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn test_help_is_the_subcommands() {
+    let out = vmfarm(&["vm", "run", "--help"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("Usage: vmfarm vm run [OPTIONS] --kernel <PATH>"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("--vsock <SOCKET>"), "{stdout}");
+}
+
+#[test]
+fn test_missing_kernel_is_a_usage_error_naming_the_flag() {
+    let out = vmfarm(&["vm", "run", "--cpus", "2"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--kernel <PATH>"), "{stderr}");
+    assert!(stderr.contains("Usage: vmfarm vm run"), "{stderr}");
+}
+
+#[test]
+fn test_bad_values_name_the_flag_and_the_value() {
+    let out = vmfarm(&["vm", "run", "--kernel", "/k", "--cpus", "many"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--cpus"), "{stderr}");
+    assert!(stderr.contains("many"), "{stderr}");
+
+    let out = vmfarm(&["vm", "run", "--kernel", "/k", "--memory", "lots"]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("vmfarm vm run: --memory \"lots\""),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn test_a_missing_kernel_file_fails_the_run_with_its_path() {
+    let out = vmfarm(&["vm", "run", "--kernel", "/nonexistent/vmlinuz"]);
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("vmfarm vm run:"), "{stderr}");
+    assert!(stderr.contains("/nonexistent/vmlinuz"), "{stderr}");
+}
+
+#[test]
+fn test_the_whole_cli_still_lists_vm_run() {
+    let out = vmfarm(&["vm", "--help"]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("run"), "{stdout}");
+    assert!(
+        stdout.contains("Boot one guest in this process"),
+        "{stdout}"
+    );
+}
