@@ -6,7 +6,7 @@
 
 use crate::auth::Caller;
 use crate::config::Scope;
-use crate::db::now_ms;
+use crate::db::{DbFailure, now_ms};
 use crate::error::{AppError, AppResult};
 use crate::state::AppState;
 use axum::Json;
@@ -129,19 +129,35 @@ pub async fn save(state: &AppState, new: &NewSchedule, source: Source, now: i64)
         Source::Config => "config",
         Source::Ui => "ui",
     };
-    sqlx::query(
-        "INSERT INTO schedules (name, cron, timezone, manifest, source, created_at, last_run_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, \
-         timezone = excluded.timezone, manifest = excluded.manifest, source = excluded.source",
-    )
-    .bind(&new.name)
-    .bind(new.cron.trim())
-    .bind(spec.tz.name())
-    .bind(&new.manifest)
-    .bind(source)
-    .bind(now)
-    .execute(&state.db.pool)
-    .await?;
+    let row = (
+        new.name.clone(),
+        new.cron.trim().to_owned(),
+        spec.tz.name().to_owned(),
+        new.manifest.clone(),
+    );
+    state
+        .db
+        .write(move |tx| {
+            Box::pin(async move {
+                let (name, cron, timezone, manifest) = &row;
+                tx.execute(
+                    "INSERT INTO schedules (name, cron, timezone, manifest, source, created_at, \
+                     last_run_at) VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (name) DO UPDATE \
+                     SET cron = excluded.cron, timezone = excluded.timezone, \
+                     manifest = excluded.manifest, source = excluded.source",
+                    &[
+                        name.into(),
+                        cron.into(),
+                        timezone.into(),
+                        manifest.into(),
+                        source.into(),
+                        now.into(),
+                    ],
+                )
+                .await
+            })
+        })
+        .await?;
     Ok(())
 }
 
@@ -157,7 +173,7 @@ pub enum ScheduleError {
     #[error("schedule `{name}` in the server config: {message}")]
     Invalid { name: String, message: String },
     #[error("cannot read or write the schedules")]
-    Db(#[source] sqlx::Error),
+    Db(#[source] DbFailure),
 }
 
 /// Stores the config's schedules (at start), and drops those the config no longer has.
@@ -166,12 +182,21 @@ pub async fn load_config(state: &AppState) -> Result<(), ScheduleError> {
         sqlx::query_as("SELECT name FROM schedules WHERE source = 'config'")
             .fetch_all(&state.db.pool)
             .await
-            .map_err(ScheduleError::Db)?;
+            .map_err(|e| ScheduleError::Db(e.into()))?;
     for (name,) in stored {
         if !state.config.schedules.iter().any(|s| s.name == name) {
-            sqlx::query("DELETE FROM schedules WHERE name = $1 AND source = 'config'")
-                .bind(&name)
-                .execute(&state.db.pool)
+            let dropped = name.clone();
+            state
+                .db
+                .write(move |tx| {
+                    Box::pin(async move {
+                        tx.execute(
+                            "DELETE FROM schedules WHERE name = $1 AND source = 'config'",
+                            &[(&dropped).into()],
+                        )
+                        .await
+                    })
+                })
                 .await
                 .map_err(ScheduleError::Db)?;
             tracing::info!(schedule = %name, "schedule removed from the config: dropped");
@@ -282,15 +307,20 @@ pub async fn tick(state: &AppState, now: i64) -> AppResult<Vec<String>> {
         let Some(due) = spec.latest_due(last_run_at, now) else {
             continue;
         };
-        let claimed = sqlx::query(
-            "UPDATE schedules SET last_run_at = $1 WHERE name = $2 AND last_run_at = $3",
-        )
-        .bind(due)
-        .bind(&name)
-        .bind(last_run_at)
-        .execute(&state.db.pool)
-        .await?;
-        if claimed.rows_affected() != 1 {
+        let claiming = name.clone();
+        let claimed = state
+            .db
+            .write(move |tx| {
+                Box::pin(async move {
+                    tx.execute(
+                        "UPDATE schedules SET last_run_at = $1 WHERE name = $2 AND last_run_at = $3",
+                        &[due.into(), (&claiming).into(), last_run_at.into()],
+                    )
+                    .await
+                })
+            })
+            .await?;
+        if claimed != 1 {
             continue;
         }
         match crate::jobs::submit(state, &manifest, Some(&name)).await {

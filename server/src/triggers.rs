@@ -111,16 +111,21 @@ pub async fn deliver_due(state: &AppState, http: &reqwest::Client, now: i64) -> 
     let mut tried = 0;
     for (id, job_id, url, attempts, next_at) in due {
         // Claim it (another replica may be delivering too) until well after this try's timeout.
-        let claimed = sqlx::query(
-            "UPDATE trigger_deliveries SET next_attempt_at = $1 WHERE id = $2 AND state = 'pending' \
-             AND next_attempt_at = $3",
-        )
-        .bind(now.saturating_add(2 * ms(config.timeout.0)))
-        .bind(id)
-        .bind(next_at)
-        .execute(&state.db.pool)
-        .await?;
-        if claimed.rows_affected() != 1 {
+        let until = now.saturating_add(2 * ms(config.timeout.0));
+        let claimed = state
+            .db
+            .write(move |tx| {
+                Box::pin(async move {
+                    tx.execute(
+                        "UPDATE trigger_deliveries SET next_attempt_at = $1 WHERE id = $2 \
+                         AND state = 'pending' AND next_attempt_at = $3",
+                        &[until.into(), id.into(), next_at.into()],
+                    )
+                    .await
+                })
+            })
+            .await?;
+        if claimed != 1 {
             continue;
         }
         tried += 1;
@@ -152,18 +157,27 @@ pub async fn deliver_due(state: &AppState, http: &reqwest::Client, now: i64) -> 
             )
         };
         tracing::info!(job = job_id, %url, attempts, %status, "webhook {next_state}");
-        sqlx::query(
-            "UPDATE trigger_deliveries SET state = $1, attempts = $2, last_status = $3, \
-             next_attempt_at = $4, finished_at = $5 WHERE id = $6",
-        )
-        .bind(next_state)
-        .bind(attempts)
-        .bind(&status)
-        .bind(next_at)
-        .bind((next_state != "pending").then_some(finished))
-        .bind(id)
-        .execute(&state.db.pool)
-        .await?;
+        let finished_at = (next_state != "pending").then_some(finished);
+        state
+            .db
+            .write(move |tx| {
+                Box::pin(async move {
+                    tx.execute(
+                        "UPDATE trigger_deliveries SET state = $1, attempts = $2, last_status = $3, \
+                         next_attempt_at = $4, finished_at = $5 WHERE id = $6",
+                        &[
+                            next_state.into(),
+                            attempts.into(),
+                            (&status).into(),
+                            next_at.into(),
+                            finished_at.into(),
+                            id.into(),
+                        ],
+                    )
+                    .await
+                })
+            })
+            .await?;
         state.events.job_changed(job_id);
     }
     Ok(tried)

@@ -162,14 +162,17 @@ pub async fn add_user(db: &Db, name: &str, password: &str) -> Result<(), AppErro
         ));
     }
     let hash = hash_password(password)?;
-    sqlx::query(
-        "INSERT INTO users (name, password_hash, created_at) VALUES ($1, $2, $3) \
-         ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash",
-    )
-    .bind(name)
-    .bind(hash)
-    .bind(now_ms())
-    .execute(&db.pool)
+    let name = name.to_owned();
+    db.write(move |tx| {
+        Box::pin(async move {
+            tx.execute(
+                "INSERT INTO users (name, password_hash, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash",
+                &[(&name).into(), (&hash).into(), now_ms().into()],
+            )
+            .await
+        })
+    })
     .await?;
     Ok(())
 }
@@ -261,22 +264,35 @@ pub async fn login(
     let csrf = crate::random::random_hex(16).map_err(AppError::internal)?;
     let ttl = state.config.web.session_ttl.0;
     let now = now_ms();
-    sqlx::query("DELETE FROM web_sessions WHERE expires_at < $1")
-        .bind(now)
-        .execute(&state.db.pool)
-        .await?;
-    sqlx::query(
-        "INSERT INTO web_sessions (hash, user_name, scopes, csrf, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(hash_token(&id))
-    .bind(&name)
-    .bind(&scopes)
-    .bind(&csrf)
-    .bind(now)
-    .bind(now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)))
-    .execute(&state.db.pool)
-    .await?;
+    let expires = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+    let session = (hash_token(&id), name.clone(), scopes, csrf);
+    state
+        .db
+        .write(move |tx| {
+            Box::pin(async move {
+                let (hash, name, scopes, csrf) = &session;
+                tx.execute(
+                    "DELETE FROM web_sessions WHERE expires_at < $1",
+                    &[now.into()],
+                )
+                .await?;
+                tx.execute(
+                    "INSERT INTO web_sessions (hash, user_name, scopes, csrf, created_at, \
+                     expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[
+                        hash.into(),
+                        name.into(),
+                        scopes.into(),
+                        csrf.into(),
+                        now.into(),
+                        expires.into(),
+                    ],
+                )
+                .await
+            })
+        })
+        .await
+        .map_err(AppError::from)?;
     tracing::info!(user = %name, "web login");
     let mut response = see_other("/");
     let headers = response.headers_mut();
@@ -304,10 +320,20 @@ pub async fn logout(
 ) -> WebResult<Response> {
     user.check_csrf(&form.csrf)?;
     if let Some(id) = cookie(&headers, SESSION_COOKIE) {
-        sqlx::query("DELETE FROM web_sessions WHERE hash = $1")
-            .bind(hash_token(id))
-            .execute(&state.db.pool)
-            .await?;
+        let hash = hash_token(id);
+        state
+            .db
+            .write(move |tx| {
+                Box::pin(async move {
+                    tx.execute(
+                        "DELETE FROM web_sessions WHERE hash = $1",
+                        &[(&hash).into()],
+                    )
+                    .await
+                })
+            })
+            .await
+            .map_err(AppError::from)?;
     }
     let mut response = see_other("/login");
     if let Ok(v) = set_cookie(&state, SESSION_COOKIE, "", 0).parse() {
