@@ -126,7 +126,8 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("{css} never showed {want:?}; it shows {last:?}");
+        let url = self.client.current_url().await.map(|u| u.to_string());
+        panic!("{css} never showed {want:?}; it shows {last:?} (page {url:?})");
     }
 
     /// Clicks the element; the page's live updates may replace it between finding and
@@ -183,12 +184,24 @@ impl Browser {
         let path = self.downloads.join(name);
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(20) {
-            if let Ok(data) = std::fs::read(&path) {
+            // Chromium reserves the final name with an empty file as soon as a download starts
+            // and writes into a `.crdownload` beside it, renamed over the name at the end.
+            if !self.download_in_progress()
+                && let Ok(data) = std::fs::read(&path)
+            {
                 return data;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("{} was never downloaded", path.display());
+    }
+
+    fn download_in_progress(&self) -> bool {
+        std::fs::read_dir(&self.downloads).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "crdownload"))
+        })
     }
 
     pub async fn close(mut self) {

@@ -145,7 +145,11 @@ function setUpLog() {
     const end = JSON.parse(event.data);
     status.textContent = `Ended: ${end.state} · ${lines} lines.`;
     // The job ended while the page was open: show its final state, tasks and artifacts.
-    if (log.dataset.terminal !== "true") window.setTimeout(() => window.location.reload(), 300);
+    if (log.dataset.terminal !== "true") {
+      const reload = window.setTimeout(() => window.location.reload(), 300);
+      // A navigation the user starts meanwhile (a link, the address bar) goes ahead, not this.
+      window.addEventListener("beforeunload", () => window.clearTimeout(reload));
+    }
   });
   source.addEventListener("error", () => {
     if (source.readyState === EventSource.CONNECTING) status.textContent = "Reconnecting…";
