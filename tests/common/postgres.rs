@@ -14,8 +14,12 @@ pub fn fresh_database() -> String {
              `eval $(bash scripts/test-postgres.sh start)`"
         )
     });
+    // The clock too: a process id comes back in a later run against the same server.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
     let name = format!(
-        "vmfarm_test_{}_{}",
+        "vmfarm_test_{}_{}_{nanos}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::SeqCst)
     );
