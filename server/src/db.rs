@@ -6,7 +6,7 @@ mod sqlite_writer;
 mod tx;
 
 pub use sqlite_writer::SqliteWriter;
-pub use tx::{Arg, DbFailure, Row, WriteTx};
+pub use tx::{Arg, DbFailure, Param, Row, WriteTx};
 
 use futures_util::future::BoxFuture;
 use sqlx::AnyPool;
@@ -133,6 +133,17 @@ impl Db {
                 result
             }
         }
+    }
+
+    /// Runs one statement as a write of its own; returns how many rows it changed.
+    pub async fn execute(&self, sql: &'static str, params: Vec<Param>) -> Result<u64, DbFailure> {
+        self.write(move |tx| {
+            Box::pin(async move {
+                let args: Vec<Arg<'_>> = params.iter().map(Param::arg).collect();
+                tx.execute(sql, &args).await
+            })
+        })
+        .await
     }
 
     pub fn backend(&self) -> Backend {

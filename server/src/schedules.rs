@@ -129,34 +129,21 @@ pub async fn save(state: &AppState, new: &NewSchedule, source: Source, now: i64)
         Source::Config => "config",
         Source::Ui => "ui",
     };
-    let row = (
-        new.name.clone(),
-        new.cron.trim().to_owned(),
-        spec.tz.name().to_owned(),
-        new.manifest.clone(),
-    );
     state
         .db
-        .write(move |tx| {
-            Box::pin(async move {
-                let (name, cron, timezone, manifest) = &row;
-                tx.execute(
-                    "INSERT INTO schedules (name, cron, timezone, manifest, source, created_at, \
-                     last_run_at) VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (name) DO UPDATE \
-                     SET cron = excluded.cron, timezone = excluded.timezone, \
-                     manifest = excluded.manifest, source = excluded.source",
-                    &[
-                        name.into(),
-                        cron.into(),
-                        timezone.into(),
-                        manifest.into(),
-                        source.into(),
-                        now.into(),
-                    ],
-                )
-                .await
-            })
-        })
+        .execute(
+            "INSERT INTO schedules (name, cron, timezone, manifest, source, created_at, last_run_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, \
+             timezone = excluded.timezone, manifest = excluded.manifest, source = excluded.source",
+            vec![
+                new.name.as_str().into(),
+                new.cron.trim().into(),
+                spec.tz.name().into(),
+                new.manifest.as_str().into(),
+                source.into(),
+                now.into(),
+            ],
+        )
         .await?;
     Ok(())
 }
@@ -185,18 +172,12 @@ pub async fn load_config(state: &AppState) -> Result<(), ScheduleError> {
             .map_err(|e| ScheduleError::Db(e.into()))?;
     for (name,) in stored {
         if !state.config.schedules.iter().any(|s| s.name == name) {
-            let dropped = name.clone();
             state
                 .db
-                .write(move |tx| {
-                    Box::pin(async move {
-                        tx.execute(
-                            "DELETE FROM schedules WHERE name = $1 AND source = 'config'",
-                            &[(&dropped).into()],
-                        )
-                        .await
-                    })
-                })
+                .execute(
+                    "DELETE FROM schedules WHERE name = $1 AND source = 'config'",
+                    vec![name.as_str().into()],
+                )
                 .await
                 .map_err(ScheduleError::Db)?;
             tracing::info!(schedule = %name, "schedule removed from the config: dropped");
@@ -307,18 +288,12 @@ pub async fn tick(state: &AppState, now: i64) -> AppResult<Vec<String>> {
         let Some(due) = spec.latest_due(last_run_at, now) else {
             continue;
         };
-        let claiming = name.clone();
         let claimed = state
             .db
-            .write(move |tx| {
-                Box::pin(async move {
-                    tx.execute(
-                        "UPDATE schedules SET last_run_at = $1 WHERE name = $2 AND last_run_at = $3",
-                        &[due.into(), (&claiming).into(), last_run_at.into()],
-                    )
-                    .await
-                })
-            })
+            .execute(
+                "UPDATE schedules SET last_run_at = $1 WHERE name = $2 AND last_run_at = $3",
+                vec![due.into(), name.as_str().into(), last_run_at.into()],
+            )
             .await?;
         if claimed != 1 {
             continue;

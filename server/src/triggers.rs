@@ -114,16 +114,11 @@ pub async fn deliver_due(state: &AppState, http: &reqwest::Client, now: i64) -> 
         let until = now.saturating_add(2 * ms(config.timeout.0));
         let claimed = state
             .db
-            .write(move |tx| {
-                Box::pin(async move {
-                    tx.execute(
-                        "UPDATE trigger_deliveries SET next_attempt_at = $1 WHERE id = $2 \
-                         AND state = 'pending' AND next_attempt_at = $3",
-                        &[until.into(), id.into(), next_at.into()],
-                    )
-                    .await
-                })
-            })
+            .execute(
+                "UPDATE trigger_deliveries SET next_attempt_at = $1 WHERE id = $2 \
+                 AND state = 'pending' AND next_attempt_at = $3",
+                vec![until.into(), id.into(), next_at.into()],
+            )
             .await?;
         if claimed != 1 {
             continue;
@@ -157,26 +152,20 @@ pub async fn deliver_due(state: &AppState, http: &reqwest::Client, now: i64) -> 
             )
         };
         tracing::info!(job = job_id, %url, attempts, %status, "webhook {next_state}");
-        let finished_at = (next_state != "pending").then_some(finished);
         state
             .db
-            .write(move |tx| {
-                Box::pin(async move {
-                    tx.execute(
-                        "UPDATE trigger_deliveries SET state = $1, attempts = $2, last_status = $3, \
-                         next_attempt_at = $4, finished_at = $5 WHERE id = $6",
-                        &[
-                            next_state.into(),
-                            attempts.into(),
-                            (&status).into(),
-                            next_at.into(),
-                            finished_at.into(),
-                            id.into(),
-                        ],
-                    )
-                    .await
-                })
-            })
+            .execute(
+                "UPDATE trigger_deliveries SET state = $1, attempts = $2, last_status = $3, \
+                 next_attempt_at = $4, finished_at = $5 WHERE id = $6",
+                vec![
+                    next_state.into(),
+                    attempts.into(),
+                    status.into(),
+                    next_at.into(),
+                    (next_state != "pending").then_some(finished).into(),
+                    id.into(),
+                ],
+            )
             .await?;
         state.events.job_changed(job_id);
     }

@@ -75,6 +75,46 @@ impl<'a> From<&'a [u8]> for Arg<'a> {
     }
 }
 
+/// An owned [`Arg`], for a statement that is a write of its own ([`super::Db::execute`]).
+#[derive(Debug, Clone)]
+pub enum Param {
+    Int(Option<i64>),
+    Text(Option<String>),
+}
+
+impl Param {
+    pub fn arg(&self) -> Arg<'_> {
+        match self {
+            Param::Int(v) => Arg::Int(*v),
+            Param::Text(v) => Arg::Text(v.as_deref()),
+        }
+    }
+}
+
+impl From<i64> for Param {
+    fn from(v: i64) -> Self {
+        Param::Int(Some(v))
+    }
+}
+
+impl From<Option<i64>> for Param {
+    fn from(v: Option<i64>) -> Self {
+        Param::Int(v)
+    }
+}
+
+impl From<String> for Param {
+    fn from(v: String) -> Self {
+        Param::Text(Some(v))
+    }
+}
+
+impl From<&str> for Param {
+    fn from(v: &str) -> Self {
+        Param::Text(Some(v.to_owned()))
+    }
+}
+
 /// A row a write read back.
 pub enum Row {
     Sqlite(Vec<rusqlite::types::Value>),

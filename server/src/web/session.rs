@@ -162,17 +162,11 @@ pub async fn add_user(db: &Db, name: &str, password: &str) -> Result<(), AppErro
         ));
     }
     let hash = hash_password(password)?;
-    let name = name.to_owned();
-    db.write(move |tx| {
-        Box::pin(async move {
-            tx.execute(
-                "INSERT INTO users (name, password_hash, created_at) VALUES ($1, $2, $3) \
-                 ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash",
-                &[(&name).into(), (&hash).into(), now_ms().into()],
-            )
-            .await
-        })
-    })
+    db.execute(
+        "INSERT INTO users (name, password_hash, created_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash",
+        vec![name.into(), hash.into(), now_ms().into()],
+    )
     .await?;
     Ok(())
 }
@@ -320,18 +314,12 @@ pub async fn logout(
 ) -> WebResult<Response> {
     user.check_csrf(&form.csrf)?;
     if let Some(id) = cookie(&headers, SESSION_COOKIE) {
-        let hash = hash_token(id);
         state
             .db
-            .write(move |tx| {
-                Box::pin(async move {
-                    tx.execute(
-                        "DELETE FROM web_sessions WHERE hash = $1",
-                        &[(&hash).into()],
-                    )
-                    .await
-                })
-            })
+            .execute(
+                "DELETE FROM web_sessions WHERE hash = $1",
+                vec![hash_token(id).into()],
+            )
             .await
             .map_err(AppError::from)?;
     }
