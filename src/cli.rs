@@ -217,7 +217,7 @@ pub struct ValidateArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum VmCommand {
-    /// Boot one guest in this process; the console goes to stdout.
+    #[command(about = vmfarm_worker::vmm::cli::ABOUT)]
     Run(vmfarm_worker::vmm::cli::VmRunArgs),
 }
 

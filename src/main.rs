@@ -80,14 +80,21 @@ fn main() -> ExitCode {
 /// `tracing` directives (`info,vmfarm_vmm=debug`). A bare level skips compiling the directive
 /// parser's regular expressions, which every VMM process would otherwise pay for at start.
 fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::LevelFilter;
     let spec = std::env::var("VMFARM_LOG").unwrap_or_else(|_| "info".to_owned());
     let logger = tracing_subscriber::fmt().with_writer(std::io::stderr);
-    match spec.parse::<tracing_subscriber::filter::LevelFilter>() {
-        Ok(level) => logger.with_max_level(level).init(),
-        Err(_) => logger
-            .with_env_filter(tracing_subscriber::EnvFilter::new(spec))
-            .init(),
+    if let Ok(level) = spec.parse::<LevelFilter>() {
+        return logger.with_max_level(level).init();
     }
+    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+        eprintln!(
+            "vmfarm: VMFARM_LOG={spec:?} is neither a level (error, warn, info, debug, trace, off) \
+             nor tracing directives ({e}); logging at info"
+        );
+        EnvFilter::new("info")
+    });
+    logger.with_env_filter(filter).init();
 }
 
 fn vm_run(args: &vmfarm_worker::vmm::cli::VmRunArgs) -> ExitCode {

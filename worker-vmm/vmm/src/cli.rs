@@ -2,13 +2,16 @@
 
 use std::path::PathBuf;
 
+/// What `vmfarm vm run` does, in the whole CLI's list and in its own help.
+pub const ABOUT: &str = "Boot one guest in this process; the console goes to stdout";
+
 /// `vmfarm vm run` parsed on its own, by `vmfarm`'s `main` before it builds its whole command tree
 /// (the worker starts one such process per guest); help and errors read as the subcommand's.
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "vmfarm vm run",
     bin_name = "vmfarm vm run",
-    about = "Boot one guest in this process; the console goes to stdout"
+    about = ABOUT
 )]
 pub struct VmRunCli {
     #[command(flatten)]

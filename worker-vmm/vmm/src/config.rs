@@ -177,16 +177,11 @@ impl TryFrom<&VmRunArgs> for VmConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::VmRunCli;
     use clap::Parser;
 
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: VmRunArgs,
-    }
-
     fn config(argv: &[&str]) -> Result<VmConfig, ConfigError> {
-        let cli = Cli::try_parse_from(std::iter::once("vm-run").chain(argv.iter().copied()))
+        let cli = VmRunCli::try_parse_from(std::iter::once("vm-run").chain(argv.iter().copied()))
             .expect("clap accepts the arguments");
         VmConfig::try_from(&cli.args)
     }
