@@ -36,6 +36,9 @@ pub struct LeasedJob {
     pub manifest: String,
     /// 1 on the first try; each expired lease adds one.
     pub attempt: u32,
+    /// How long the whole job may take, from the lease on, in milliseconds: the manifest's
+    /// `timeout`, else the server's `limits.default_job_timeout`.
+    pub timeout_ms: u64,
 }
 
 /// `200` answer to a lease request.
@@ -139,6 +142,7 @@ mod tests {
                 image: "debian-12".into(),
                 manifest: "image = \"debian-12\"\n".into(),
                 attempt: 1,
+                timeout_ms: 1_200_000,
             },
             secrets: BTreeMap::from([("deploy-key".into(), "c2VjcmV0".into())]),
         };
@@ -150,6 +154,7 @@ mod tests {
             "group_id",
             "manifest",
             "attempt",
+            "timeout_ms",
             "secrets",
         ] {
             assert!(json.contains(&format!("\"{key}\"")), "{key} in {json}");

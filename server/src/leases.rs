@@ -140,7 +140,7 @@ pub async fn try_lease(
         "UPDATE jobs SET state = $1, lease_id = $2, fence = fence + 1, lease_expires_at = $3, \
          leased_at = $4, worker = $5, log_seq = 0 \
          WHERE id = (SELECT id FROM ({}) AS best ORDER BY priority DESC, id LIMIT 1) AND state = 'queued' \
-         RETURNING id, group_id, image, manifest, secrets, attempt, fence",
+         RETURNING id, group_id, image, manifest, secrets, attempt, fence, timeout_ms",
         per_image.join(" UNION ALL ")
     );
     let worker = worker.to_owned();
@@ -174,6 +174,7 @@ pub async fn try_lease(
                         image: row.text(2)?,
                         manifest: row.text(3)?,
                         attempt: u32::try_from(row.int(5)?).unwrap_or(u32::MAX),
+                        timeout_ms: u64::try_from(row.int(7)?).unwrap_or(0),
                     },
                     secrets,
                     lease_id,
