@@ -82,7 +82,7 @@ async fn schedule_runs_on_time_and_once_after_downtime(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(made.len(), 1);
-    let group = vmfarm_server::jobs::group(&state, made[0].parse().unwrap())
+    let group = vmfarm_server::job_views::group(&state.db, made[0].parse().unwrap())
         .await
         .unwrap();
     let images: Vec<_> = group.jobs.iter().map(|j| j.image.as_str()).collect();

@@ -1,6 +1,6 @@
 //! The router: every route of the API, and the middleware that times them.
 
-use crate::routes::{artifacts, jobs, leases, logs, meta};
+use crate::routes::{artifacts, jobs, leases, logs, meta, schedules};
 use crate::state::AppState;
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
@@ -30,7 +30,7 @@ pub fn app(state: AppState) -> Router {
         )
         .route(
             "/api/schedules",
-            get(crate::schedules::api_list).post(crate::schedules::api_create),
+            get(schedules::list).post(schedules::create),
         )
         .route("/api/openapi.json", get(meta::openapi))
         .route("/metrics", get(meta::metrics))

@@ -2,11 +2,8 @@
 //! token. Only sha256 hashes of tokens are stored.
 
 use crate::config::{Scope, ServerConfig};
-use crate::db::{Db, DbFailure, WriteTx, now_ms};
+use crate::db::{Db, DbFailure, Query, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
-use crate::state::AppState;
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::path::Path;
@@ -57,13 +54,16 @@ pub fn scope_name(scope: Scope) -> &'static str {
     }
 }
 
-fn parse_scope(s: &str) -> Option<Scope> {
-    match s {
-        "submit" => Some(Scope::Submit),
-        "read" => Some(Scope::Read),
-        "admin" => Some(Scope::Admin),
-        _ => None,
-    }
+/// The scopes of a comma-separated list as stored; unknown words are dropped.
+pub fn parse_scopes(text: &str) -> Vec<Scope> {
+    text.split(',')
+        .filter_map(|s| match s {
+            "submit" => Some(Scope::Submit),
+            "read" => Some(Scope::Read),
+            "admin" => Some(Scope::Admin),
+            _ => None,
+        })
+        .collect()
 }
 
 pub fn hash_token(token: &str) -> String {
@@ -80,11 +80,11 @@ pub fn new_token() -> Result<String, getrandom::Error> {
 pub struct TokenCache(RwLock<HashMap<String, Caller>>);
 
 impl TokenCache {
-    fn get(&self, hash: &str) -> Option<Caller> {
+    pub fn get(&self, hash: &str) -> Option<Caller> {
         self.0.read().ok()?.get(hash).cloned()
     }
 
-    fn put(&self, hash: String, caller: Caller) {
+    pub fn put(&self, hash: String, caller: Caller) {
         if let Ok(mut map) = self.0.write() {
             map.insert(hash, caller);
         }
@@ -133,17 +133,24 @@ pub async fn store_token_in(
     Ok(())
 }
 
-async fn lookup(db: &Db, hash: &str) -> Result<Option<Caller>, sqlx::Error> {
-    let row: Option<(String, String, String)> =
-        sqlx::query_as("SELECT name, kind, scopes FROM tokens WHERE hash = $1")
-            .bind(hash)
-            .fetch_optional(&db.pool)
-            .await?;
-    Ok(row.map(|(name, kind, scopes)| match kind.as_str() {
+/// The caller a token's hash stands for, if it is on record.
+pub async fn lookup(db: &Db, hash: &str) -> Result<Option<Caller>, DbFailure> {
+    let Some(row) = db
+        .read()
+        .fetch_optional(
+            "SELECT name, kind, scopes FROM tokens WHERE hash = $1",
+            &[hash.into()],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let (name, kind) = (row.text(0)?, row.text(1)?);
+    Ok(Some(match kind.as_str() {
         "worker" => Caller::Worker { name },
         _ => Caller::Api {
             name,
-            scopes: scopes.split(',').filter_map(parse_scope).collect(),
+            scopes: parse_scopes(&row.text(2)?),
         },
     }))
 }
@@ -205,33 +212,4 @@ pub fn write_secret_file(path: &Path, text: &str) -> std::io::Result<()> {
     file.write_all(format!("{text}\n").as_bytes())?;
     file.sync_all()?;
     std::fs::rename(tmp, path)
-}
-
-impl FromRequestParts<AppState> for Caller {
-    type Rejection = AppError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(AppError::Unauthorized)?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .ok_or(AppError::Unauthorized)?;
-        let hash = hash_token(token);
-        if let Some(caller) = state.tokens.get(&hash) {
-            return Ok(caller);
-        }
-        let caller = lookup(&state.db, &hash)
-            .await?
-            .ok_or(AppError::Unauthorized)?;
-        state.tokens.put(hash, caller.clone());
-        Ok(caller)
-    }
 }

@@ -1,12 +1,19 @@
 //! The database: SQLite (one file, WAL) by default, PostgreSQL for several replicas.
-//! Queries are written once, in the subset both understand: reads through sqlx's `Any`
-//! driver, writes as [`WriteTx`] transactions.
+//! Queries are written once, in the subset both understand, and run through [`Query`] with
+//! [`Arg`]s and [`Row`]s: reads on the pool ([`Db::read`]), writes in a transaction
+//! ([`Db::write`]).
 
+mod args;
+mod query;
+mod row;
 mod sqlite_writer;
-mod tx;
 
+pub use args::Arg;
+pub use query::{DbFailure, Query, Reads, WriteTx};
+pub use row::Row;
 pub use sqlite_writer::SqliteWriter;
-pub use tx::{Arg, DbFailure, Param, Row, WriteTx};
+
+use args::OwnedArg;
 
 use futures_util::future::BoxFuture;
 use sqlx::AnyPool;
@@ -36,10 +43,10 @@ pub enum DbError {
     Migrate(#[source] sqlx::migrate::MigrateError),
 }
 
-/// The database: reads use `pool`; writes go through [`Db::write`].
+/// The database: reads through [`Db::read`]; writes through [`Db::write`].
 #[derive(Clone)]
 pub struct Db {
-    pub pool: AnyPool,
+    pool: AnyPool,
     writes: Writes,
 }
 
@@ -135,11 +142,23 @@ impl Db {
         }
     }
 
+    /// Reads outside any write: each statement sees what is committed.
+    pub fn read(&self) -> Reads<'_> {
+        Reads(&self.pool)
+    }
+
+    /// The pool itself, for references measured beside the server's own paths (`vmfarm bench
+    /// queue` times bare sqlx transactions on it); the server reads through [`Db::read`].
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// Runs one statement as a write of its own; returns how many rows it changed.
-    pub async fn execute(&self, sql: &'static str, params: Vec<Param>) -> Result<u64, DbFailure> {
+    pub async fn execute(&self, sql: &'static str, args: &[Arg<'_>]) -> Result<u64, DbFailure> {
+        let owned: Vec<OwnedArg> = args.iter().map(OwnedArg::new).collect();
         self.write(move |tx| {
             Box::pin(async move {
-                let args: Vec<Arg<'_>> = params.iter().map(Param::arg).collect();
+                let args: Vec<Arg<'_>> = owned.iter().map(OwnedArg::arg).collect();
                 tx.execute(sql, &args).await
             })
         })

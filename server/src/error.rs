@@ -45,12 +45,6 @@ impl AppError {
     }
 }
 
-impl From<sqlx::Error> for AppError {
-    fn from(e: sqlx::Error) -> Self {
-        AppError::internal(e)
-    }
-}
-
 impl From<crate::db::DbFailure> for AppError {
     fn from(e: crate::db::DbFailure) -> Self {
         AppError::internal(e)

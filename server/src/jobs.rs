@@ -1,21 +1,11 @@
-//! Jobs as users see them: submit, read, list, cancel.
+//! What users do to jobs: submit them and cancel them. Reading them is [`crate::job_views`].
 
-use crate::db::{WriteTx, now_ms};
+use crate::db::{Query, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
+use crate::job_end::{End, EndedBy, Seen, end_job};
 use crate::state::AppState;
-use sqlx::Row;
-use sqlx::any::AnyRow;
-use std::collections::HashMap;
-use vmfarm_proto::api::{GroupView, JobList, JobView, SubmitResponse, SubmittedJob, TaskView};
+use vmfarm_proto::api::{JobView, SubmitResponse, SubmittedJob};
 use vmfarm_proto::{JobState, Manifest, TaskState};
-
-/// Parses a job or group id from a path.
-pub fn parse_id(text: &str, what: &str) -> AppResult<i64> {
-    text.parse::<i64>()
-        .ok()
-        .filter(|id| *id > 0)
-        .ok_or_else(|| AppError::NotFound(format!("no {what} `{text}`: ids are positive numbers")))
-}
 
 /// Validates and enqueues a manifest: one job per image, in one group.
 pub async fn submit(
@@ -44,8 +34,10 @@ pub async fn submit(
         text: text.to_owned(),
         schedule: schedule.map(str::to_owned),
         tags_json: serde_json::to_string(&manifest.tags).map_err(AppError::internal)?,
-        // The secrets' names are kept beside the manifest so that a lease need not parse it again.
+        // The secrets' names and the triggers are kept beside the manifest, so that a lease and
+        // the job's end need not parse it again.
         secrets_json: serde_json::to_string(&manifest.secrets).map_err(AppError::internal)?,
+        triggers_json: serde_json::to_string(&manifest.triggers).map_err(AppError::internal)?,
         timeout_ms: i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX),
         manifest,
     };
@@ -65,6 +57,7 @@ struct NewGroup {
     manifest: Manifest,
     tags_json: String,
     secrets_json: String,
+    triggers_json: String,
     timeout_ms: i64,
 }
 
@@ -93,8 +86,8 @@ impl NewGroup {
         for image in &self.manifest.images {
             let id = tx
                 .fetch_optional(
-                    "INSERT INTO jobs (group_id, image, state, priority, manifest, tags, secrets, timeout_ms, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                    "INSERT INTO jobs (group_id, image, state, priority, manifest, tags, secrets, triggers, \
+                     timeout_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
                     &[
                         group_id.into(),
                         image.into(),
@@ -103,6 +96,7 @@ impl NewGroup {
                         (&self.text).into(),
                         (&self.tags_json).into(),
                         (&self.secrets_json).into(),
+                        (&self.triggers_json).into(),
                         self.timeout_ms.into(),
                         now.into(),
                     ],
@@ -141,249 +135,44 @@ impl NewGroup {
     }
 }
 
-const JOB_COLUMNS: &str = "id, group_id, image, state, attempt, priority, tags, created_at, started_at, \
-                           finished_at, image_version, reason";
-
-fn job_from_row(row: &AnyRow) -> AppResult<JobView> {
-    let state: String = row.try_get("state")?;
-    let tags: String = row.try_get("tags")?;
-    Ok(JobView {
-        id: row.try_get::<i64, _>("id")?.to_string(),
-        group_id: row.try_get::<i64, _>("group_id")?.to_string(),
-        image: row.try_get("image")?,
-        state: state.parse().map_err(AppError::internal)?,
-        attempt: u32::try_from(row.try_get::<i64, _>("attempt")?).unwrap_or(u32::MAX),
-        priority: row.try_get("priority")?,
-        tags: serde_json::from_str(&tags).map_err(AppError::internal)?,
-        created_at: row.try_get("created_at")?,
-        started_at: row.try_get("started_at")?,
-        finished_at: row.try_get("finished_at")?,
-        image_version: row.try_get("image_version")?,
-        reason: row.try_get("reason")?,
-        tasks: Vec::new(),
-    })
-}
-
-/// Fills in the tasks of `jobs` with one query.
-async fn attach_tasks(state: &AppState, jobs: &mut [JobView]) -> AppResult<()> {
-    if jobs.is_empty() {
-        return Ok(());
-    }
-    let placeholders: Vec<String> = (1..=jobs.len()).map(|i| format!("${i}")).collect();
-    let sql = format!(
-        "SELECT job_id, name, state, exit_code FROM tasks WHERE job_id IN ({}) ORDER BY job_id, idx",
-        placeholders.join(", ")
-    );
-    let mut query = sqlx::query(&sql);
-    for job in jobs.iter() {
-        query = query.bind(job.id.parse::<i64>().map_err(AppError::internal)?);
-    }
-    let rows = query.fetch_all(&state.db.pool).await?;
-    let mut by_job: HashMap<String, Vec<TaskView>> = HashMap::new();
-    for row in rows {
-        let state: String = row.try_get("state")?;
-        by_job
-            .entry(row.try_get::<i64, _>("job_id")?.to_string())
-            .or_default()
-            .push(TaskView {
-                name: row.try_get("name")?,
-                state: state.parse().map_err(AppError::internal)?,
-                exit_code: row
-                    .try_get::<Option<i64>, _>("exit_code")?
-                    .and_then(|c| i32::try_from(c).ok()),
-            });
-    }
-    for job in jobs.iter_mut() {
-        job.tasks = by_job.remove(&job.id).unwrap_or_default();
-    }
-    Ok(())
-}
-
-pub async fn get(state: &AppState, id: i64) -> AppResult<JobView> {
-    let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
-        .bind(id)
-        .fetch_optional(&state.db.pool)
-        .await?
-        .ok_or_else(|| AppError::NotFound(format!("no job {id}")))?;
-    let mut jobs = vec![job_from_row(&row)?];
-    attach_tasks(state, &mut jobs).await?;
-    Ok(jobs.remove(0))
-}
-
-/// Filters of `GET /api/jobs`.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    pub state: Option<String>,
-    pub image: Option<String>,
-    pub tag: Option<String>,
-    /// Only jobs with a smaller id (the `next_before` of the previous page).
-    pub before: Option<String>,
-    pub limit: Option<u32>,
-}
-
-pub const MAX_PAGE: u32 = 200;
-
-pub async fn list(state: &AppState, q: &ListQuery) -> AppResult<JobList> {
-    let limit = q.limit.unwrap_or(50);
-    if limit == 0 || limit > MAX_PAGE {
-        return Err(AppError::BadRequest(format!(
-            "limit must be between 1 and {MAX_PAGE}"
-        )));
-    }
-    let mut clauses = Vec::new();
-    let mut binds: Vec<Bind> = Vec::new();
-    if let Some(s) = &q.state {
-        let parsed: JobState = s
-            .parse()
-            .map_err(|e: vmfarm_proto::state::UnknownState| AppError::BadRequest(e.to_string()))?;
-        binds.push(Bind::Text(parsed.as_str().to_owned()));
-        clauses.push(format!("state = ${}", binds.len()));
-    }
-    if let Some(image) = &q.image {
-        binds.push(Bind::Text(image.clone()));
-        clauses.push(format!("image = ${}", binds.len()));
-    }
-    if let Some(tag) = &q.tag {
-        binds.push(Bind::Text(tag.clone()));
-        clauses.push(format!(
-            "id IN (SELECT job_id FROM job_tags WHERE tag = ${})",
-            binds.len()
-        ));
-    }
-    if let Some(before) = &q.before {
-        let id = before
-            .parse::<i64>()
-            .map_err(|_| AppError::BadRequest(format!("before `{before}` is not a job id")))?;
-        binds.push(Bind::Int(id));
-        clauses.push(format!("id < ${}", binds.len()));
-    }
-    let filter = if clauses.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", clauses.join(" AND "))
-    };
-    binds.push(Bind::Int(i64::from(limit) + 1));
-    let sql = format!(
-        "SELECT {JOB_COLUMNS} FROM jobs {filter} ORDER BY id DESC LIMIT ${}",
-        binds.len()
-    );
-    let mut query = sqlx::query(&sql);
-    for b in binds {
-        query = match b {
-            Bind::Text(t) => query.bind(t),
-            Bind::Int(i) => query.bind(i),
-        };
-    }
-    let rows = query.fetch_all(&state.db.pool).await?;
-    let mut jobs = rows
-        .iter()
-        .map(job_from_row)
-        .collect::<AppResult<Vec<_>>>()?;
-    let next_before = if jobs.len() > limit as usize {
-        jobs.truncate(limit as usize);
-        jobs.last().map(|j| j.id.clone())
-    } else {
-        None
-    };
-    attach_tasks(state, &mut jobs).await?;
-    Ok(JobList { jobs, next_before })
-}
-
-enum Bind {
-    Text(String),
-    Int(i64),
-}
-
-pub async fn group(state: &AppState, id: i64) -> AppResult<GroupView> {
-    let row: Option<(i64, Option<String>)> =
-        sqlx::query_as("SELECT created_at, schedule FROM job_groups WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&state.db.pool)
-            .await?;
-    let (created_at, schedule) = row.ok_or_else(|| AppError::NotFound(format!("no group {id}")))?;
-    let rows = sqlx::query(&format!(
-        "SELECT {JOB_COLUMNS} FROM jobs WHERE group_id = $1 ORDER BY id"
-    ))
-    .bind(id)
-    .fetch_all(&state.db.pool)
-    .await?;
-    let mut jobs = rows
-        .iter()
-        .map(job_from_row)
-        .collect::<AppResult<Vec<_>>>()?;
-    attach_tasks(state, &mut jobs).await?;
-    Ok(GroupView {
-        id: id.to_string(),
-        created_at,
-        schedule,
-        jobs,
-    })
-}
-
 /// Cancels a job: a queued one ends at once; a leased or running one is told at its worker's
 /// next heartbeat; a finished one cannot be cancelled.
 pub async fn cancel(state: &AppState, id: i64) -> AppResult<JobView> {
     let now = now_ms();
-    let was = state
+    let ended = state
         .db
         .write(move |tx| Box::pin(async move { cancel_in(tx, id, now).await }))
         .await?;
-    state.events.job_changed(id);
-    if was == JobState::Queued {
-        crate::triggers::wake(state);
+    if ended {
+        crate::job_end::ended(state, JobState::Cancelled);
     }
-    get(state, id).await
+    state.events.job_changed(id);
+    crate::job_views::get(&state.db, id).await
 }
 
-/// [`cancel`] in its transaction: the state the job was in.
-async fn cancel_in(tx: &mut WriteTx, id: i64, now: i64) -> AppResult<JobState> {
-    let current: JobState = tx
-        .fetch_optional("SELECT state FROM jobs WHERE id = $1", &[id.into()])
-        .await?
-        .ok_or_else(|| AppError::NotFound(format!("no job {id}")))?
-        .text(0)?
-        .parse()
-        .map_err(AppError::internal)?;
-    match current {
+/// [`cancel`] in its transaction: whether the job ended now (it was queued).
+async fn cancel_in(tx: &mut WriteTx, id: i64, now: i64) -> AppResult<bool> {
+    let seen = Seen::read(tx, id).await?;
+    match seen.state {
         JobState::Queued => {
-            let done = tx
-                .execute(
-                    "UPDATE jobs SET state = $1, finished_at = $2, reason = $3 WHERE id = $4 AND state = $5",
-                    &[
-                        JobState::Cancelled.as_str().into(),
-                        now.into(),
-                        "cancelled before it started".into(),
-                        id.into(),
-                        JobState::Queued.as_str().into(),
-                    ],
-                )
-                .await?;
-            if done == 1 {
-                tx.execute(
-                    "UPDATE tasks SET state = $1 WHERE job_id = $2 AND state = $3",
-                    &[
-                        TaskState::Skipped.as_str().into(),
-                        id.into(),
-                        TaskState::Pending.as_str().into(),
-                    ],
-                )
-                .await?;
-                crate::triggers::queue_in(tx, id, JobState::Cancelled, now).await?;
-            }
+            let end = End {
+                state: JobState::Cancelled,
+                reason: Some("cancelled before it started"),
+                by: EndedBy::User,
+                now,
+            };
+            end_job(tx, &seen, &end).await
         }
-        s if s.is_terminal() => {
-            return Err(AppError::Conflict(format!(
-                "job {id} has already ended ({s})"
-            )));
-        }
+        s if s.is_terminal() => Err(AppError::Conflict(format!(
+            "job {id} has already ended ({s})"
+        ))),
         _ => {
             tx.execute(
                 "UPDATE jobs SET cancel_requested = 1 WHERE id = $1",
                 &[id.into()],
             )
             .await?;
+            Ok(false)
         }
     }
-    Ok(current)
 }

@@ -1,11 +1,13 @@
 //! A job's log: chunks appended by its worker (deduplicated by sequence number), read whole,
 //! from a byte offset, or live.
 
-use crate::db::{WriteTx, now_ms};
+use crate::db::{Db, Query, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
-use crate::leases::{LeaseRef, live_job_in, refusal_in};
+use crate::extract::LeaseCall;
+use crate::fence::{LeaseRef, live_job, refusal};
 use crate::state::AppState;
 use serde::Serialize;
+use vmfarm_proto::JobState;
 use vmfarm_proto::wire::{LogAppend, LogStream};
 
 /// Most chunks in one append call.
@@ -39,10 +41,10 @@ pub struct AppendAck {
     pub log_size: i64,
 }
 
+/// Stores a worker's append under its lease.
 pub async fn append(
     state: &AppState,
-    worker: &str,
-    lease: &LeaseRef,
+    call: &LeaseCall,
     append: &LogAppend,
 ) -> AppResult<AppendAck> {
     if append.chunks.len() > MAX_CHUNKS {
@@ -68,15 +70,15 @@ pub async fn append(
         "\n[vmfarm: log cut at the server's limit of {}]\n",
         state.config.limits.max_log_size
     );
-    let worker = worker.to_owned();
-    let lease = lease.clone();
+    let call = call.clone();
     let append = append.clone();
     let (job_id, ack) = state
         .db
         .write(move |tx| {
             Box::pin(async move {
-                let (job_id, _) = live_job_in(tx, &worker, &lease).await?;
-                let ack = store_chunks(tx, job_id, &lease, &append, seq, limit, &cut_note).await?;
+                let job_id = live_job(tx, &call.worker, &call.lease).await?.id;
+                let ack =
+                    store_chunks(tx, job_id, &call.lease, &append, seq, limit, &cut_note).await?;
                 Ok::<_, AppError>((job_id, ack))
             })
         })
@@ -119,7 +121,7 @@ async fn store_chunks(
             )
             .await?;
         let Some(current) = current else {
-            return Err(refusal_in(tx, lease).await);
+            return Err(refusal(tx, lease).await);
         };
         let (last, log_size) = (current.int(0)?, current.int(1)?);
         return if seq <= last {
@@ -211,9 +213,20 @@ impl Chunk<'_> {
     }
 }
 
-/// Appends a line of the farm's own to a job's log, inside the caller's transaction.
+/// Appends a line of the farm's own to a job's log, inside the caller's transaction. It starts
+/// a line of its own even when the log so far ends in the middle of one.
 pub async fn append_farm_line(tx: &mut WriteTx, job_id: i64, line: &str) -> AppResult<()> {
-    let text = format!("[vmfarm] {line}\n");
+    let last = tx
+        .fetch_optional(
+            "SELECT data FROM log_chunks WHERE job_id = $1 ORDER BY off DESC LIMIT 1",
+            &[job_id.into()],
+        )
+        .await?;
+    let mid_line = match last {
+        Some(row) => !row.text(0)?.ends_with('\n'),
+        None => false,
+    };
+    let text = format!("{}[vmfarm] {line}\n", if mid_line { "\n" } else { "" });
     let row = tx
         .fetch_optional(
             "UPDATE jobs SET log_size = log_size + $1 WHERE id = $2 RETURNING log_size",
@@ -233,22 +246,20 @@ pub async fn append_farm_line(tx: &mut WriteTx, job_id: i64, line: &str) -> AppR
 
 /// Chunks of a job's log from byte `from` on (the first one cut to start exactly there),
 /// at most `max_bytes` of them (at least one chunk when any is there).
-pub async fn read(
-    state: &AppState,
-    job_id: i64,
-    from: i64,
-    max_bytes: i64,
-) -> AppResult<Vec<StoredChunk>> {
-    let rows: Vec<(i64, String, Option<String>, i64, String)> = sqlx::query_as(
-        "SELECT off, stream, task, ts_ms, data FROM log_chunks WHERE job_id = $1 AND off + len > $2 ORDER BY off LIMIT 512",
-    )
-    .bind(job_id)
-    .bind(from)
-    .fetch_all(&state.db.pool)
-    .await?;
+pub async fn read(db: &Db, job_id: i64, from: i64, max_bytes: i64) -> AppResult<Vec<StoredChunk>> {
+    let rows = db
+        .read()
+        .fetch_all(
+            "SELECT off, stream, task, ts_ms, data FROM log_chunks WHERE job_id = $1 AND off + len > $2 \
+             ORDER BY off LIMIT 512",
+            &[job_id.into(), from.into()],
+        )
+        .await?;
     let mut out = Vec::new();
     let mut total = 0;
-    for (offset, stream, task, ts_ms, data) in rows {
+    for row in rows {
+        let (offset, stream, task) = (row.int(0)?, row.text(1)?, row.opt_text(2)?);
+        let (ts_ms, data) = (row.int(3)?, row.text(4)?);
         let (offset, data) = if offset < from {
             let skip = usize::try_from(from - offset).unwrap_or(0).min(data.len());
             // An offset inside a character starts at the next whole one.
@@ -276,11 +287,14 @@ pub async fn read(
 }
 
 /// The job's log size and state, to know when a reader has it all.
-pub async fn progress(state: &AppState, job_id: i64) -> AppResult<(i64, String)> {
-    let row: Option<(i64, String)> =
-        sqlx::query_as("SELECT log_size, state FROM jobs WHERE id = $1")
-            .bind(job_id)
-            .fetch_optional(&state.db.pool)
-            .await?;
-    row.ok_or_else(|| AppError::NotFound(format!("no job {job_id}")))
+pub async fn progress(db: &Db, job_id: i64) -> AppResult<(i64, JobState)> {
+    let row = db
+        .read()
+        .fetch_optional(
+            "SELECT log_size, state FROM jobs WHERE id = $1",
+            &[job_id.into()],
+        )
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no job {job_id}")))?;
+    Ok((row.int(0)?, row.parsed(1)?))
 }

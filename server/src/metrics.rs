@@ -1,8 +1,6 @@
-//! Prometheus text at /metrics: jobs by state and queue depth per image (from the database),
-//! lease and HTTP latency histograms and counters (from this process).
+//! Prometheus text at /metrics: jobs by state and queue depth per image (read from the
+//! database by the caller), lease and HTTP latency histograms and counters (from this process).
 
-use crate::error::AppResult;
-use crate::state::AppState;
 use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -106,50 +104,42 @@ impl Metrics {
             h.observe(d.as_secs_f64());
         });
     }
-}
 
-pub async fn render(state: &AppState) -> AppResult<String> {
-    let by_state: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, COUNT(*) FROM jobs GROUP BY state")
-            .fetch_all(&state.db.pool)
-            .await?;
-    let depth: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT image, COUNT(*) FROM jobs WHERE state = 'queued' GROUP BY image ORDER BY image",
-    )
-    .fetch_all(&state.db.pool)
-    .await?;
-    let mut out = String::new();
-    out.push_str("# HELP vmfarm_jobs Jobs by state.\n# TYPE vmfarm_jobs gauge\n");
-    for s in JobState::ALL {
-        let n = by_state
-            .iter()
-            .find(|(name, _)| name == s.as_str())
-            .map_or(0, |(_, n)| *n);
-        let _ = writeln!(out, "vmfarm_jobs{{state=\"{s}\"}} {n}");
-    }
-    out.push_str(
-        "# HELP vmfarm_queue_depth Queued jobs per image.\n# TYPE vmfarm_queue_depth gauge\n",
-    );
-    for (image, n) in depth {
-        let _ = writeln!(out, "vmfarm_queue_depth{{image=\"{image}\"}} {n}");
-    }
-    if let Ok(m) = state.metrics.0.lock() {
-        out.push_str("# HELP vmfarm_jobs_submitted_total Jobs submitted to this process.\n# TYPE vmfarm_jobs_submitted_total counter\n");
-        let _ = writeln!(out, "vmfarm_jobs_submitted_total {}", m.submitted);
-        out.push_str("# HELP vmfarm_jobs_finished_total Jobs that ended, by final state.\n# TYPE vmfarm_jobs_finished_total counter\n");
-        for (s, n) in &m.finished {
-            let _ = writeln!(out, "vmfarm_jobs_finished_total{{state=\"{s}\"}} {n}");
+    /// The metrics text, with the database's figures: `(state, jobs)` and `(image, queued jobs)`.
+    pub fn render(&self, by_state: &[(String, i64)], depth: &[(String, i64)]) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP vmfarm_jobs Jobs by state.\n# TYPE vmfarm_jobs gauge\n");
+        for s in JobState::ALL {
+            let n = by_state
+                .iter()
+                .find(|(name, _)| name == s.as_str())
+                .map_or(0, |(_, n)| *n);
+            let _ = writeln!(out, "vmfarm_jobs{{state=\"{s}\"}} {n}");
         }
-        out.push_str("# HELP vmfarm_lease_seconds Time to find and lease a job.\n# TYPE vmfarm_lease_seconds histogram\n");
-        m.lease.render(&mut out, "vmfarm_lease_seconds", "");
-        out.push_str("# HELP vmfarm_http_request_seconds HTTP latency by route and status.\n# TYPE vmfarm_http_request_seconds histogram\n");
-        for (route, status, h) in &m.http {
-            h.render(
-                &mut out,
-                "vmfarm_http_request_seconds",
-                &format!("route=\"{route}\",status=\"{status}\""),
-            );
+        out.push_str(
+            "# HELP vmfarm_queue_depth Queued jobs per image.\n# TYPE vmfarm_queue_depth gauge\n",
+        );
+        for (image, n) in depth {
+            let _ = writeln!(out, "vmfarm_queue_depth{{image=\"{image}\"}} {n}");
         }
+        if let Ok(m) = self.0.lock() {
+            out.push_str("# HELP vmfarm_jobs_submitted_total Jobs submitted to this process.\n# TYPE vmfarm_jobs_submitted_total counter\n");
+            let _ = writeln!(out, "vmfarm_jobs_submitted_total {}", m.submitted);
+            out.push_str("# HELP vmfarm_jobs_finished_total Jobs that ended, by final state.\n# TYPE vmfarm_jobs_finished_total counter\n");
+            for (s, n) in &m.finished {
+                let _ = writeln!(out, "vmfarm_jobs_finished_total{{state=\"{s}\"}} {n}");
+            }
+            out.push_str("# HELP vmfarm_lease_seconds Time to find and lease a job.\n# TYPE vmfarm_lease_seconds histogram\n");
+            m.lease.render(&mut out, "vmfarm_lease_seconds", "");
+            out.push_str("# HELP vmfarm_http_request_seconds HTTP latency by route and status.\n# TYPE vmfarm_http_request_seconds histogram\n");
+            for (route, status, h) in &m.http {
+                h.render(
+                    &mut out,
+                    "vmfarm_http_request_seconds",
+                    &format!("route=\"{route}\",status=\"{status}\""),
+                );
+            }
+        }
+        out
     }
-    Ok(out)
 }

@@ -4,14 +4,9 @@
 //! was down are made up by one run, not one per missed time. `tick` takes the time, so tests
 //! drive it with any clock.
 
-use crate::auth::Caller;
-use crate::config::Scope;
-use crate::db::{DbFailure, now_ms};
+use crate::db::{DbFailure, Query, now_ms};
 use crate::error::{AppError, AppResult};
 use crate::state::AppState;
-use axum::Json;
-use axum::extract::State;
-use axum::http::StatusCode;
 use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
@@ -135,7 +130,7 @@ pub async fn save(state: &AppState, new: &NewSchedule, source: Source, now: i64)
             "INSERT INTO schedules (name, cron, timezone, manifest, source, created_at, last_run_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, \
              timezone = excluded.timezone, manifest = excluded.manifest, source = excluded.source",
-            vec![
+            &[
                 new.name.as_str().into(),
                 new.cron.trim().into(),
                 spec.tz.name().into(),
@@ -165,18 +160,20 @@ pub enum ScheduleError {
 
 /// Stores the config's schedules (at start), and drops those the config no longer has.
 pub async fn load_config(state: &AppState) -> Result<(), ScheduleError> {
-    let stored: Vec<(String,)> =
-        sqlx::query_as("SELECT name FROM schedules WHERE source = 'config'")
-            .fetch_all(&state.db.pool)
-            .await
-            .map_err(|e| ScheduleError::Db(e.into()))?;
-    for (name,) in stored {
+    let stored = state
+        .db
+        .read()
+        .fetch_all("SELECT name FROM schedules WHERE source = 'config'", &[])
+        .await
+        .map_err(ScheduleError::Db)?;
+    for row in stored {
+        let name = row.text(0).map_err(ScheduleError::Db)?;
         if !state.config.schedules.iter().any(|s| s.name == name) {
             state
                 .db
                 .execute(
                     "DELETE FROM schedules WHERE name = $1 AND source = 'config'",
-                    vec![name.as_str().into()],
+                    &[name.as_str().into()],
                 )
                 .await
                 .map_err(ScheduleError::Db)?;
@@ -209,66 +206,60 @@ pub async fn load_config(state: &AppState) -> Result<(), ScheduleError> {
     Ok(())
 }
 
-type Row = (String, String, String, String, String, i64);
-
-async fn rows(state: &AppState, name: Option<&str>) -> AppResult<Vec<Row>> {
+/// The schedules (the one named `name`, when given), by name.
+async fn read(state: &AppState, name: Option<&str>) -> AppResult<Vec<ScheduleView>> {
     let sql = "SELECT name, cron, timezone, manifest, source, last_run_at FROM schedules";
     let rows = match name {
         Some(name) => {
-            sqlx::query_as(&format!("{sql} WHERE name = $1"))
-                .bind(name)
-                .fetch_all(&state.db.pool)
+            state
+                .db
+                .read()
+                .fetch_all(&format!("{sql} WHERE name = $1"), &[name.into()])
                 .await?
         }
         None => {
-            sqlx::query_as(&format!("{sql} ORDER BY name"))
-                .fetch_all(&state.db.pool)
+            state
+                .db
+                .read()
+                .fetch_all(&format!("{sql} ORDER BY name"), &[])
                 .await?
         }
     };
-    Ok(rows)
-}
-
-fn view(row: Row) -> ScheduleView {
-    let (name, cron, timezone, manifest, source, last_run_at) = row;
-    let next_run_at = CronSpec::parse(&cron, Some(&timezone))
-        .ok()
-        .and_then(|spec| spec.next_after(last_run_at));
-    ScheduleView {
-        name,
-        cron,
-        timezone,
-        source,
-        manifest,
-        last_run_at,
-        next_run_at,
-    }
+    rows.iter()
+        .map(|row| {
+            let (cron, timezone, last_run_at) = (row.text(1)?, row.text(2)?, row.int(5)?);
+            let next_run_at = CronSpec::parse(&cron, Some(&timezone))
+                .ok()
+                .and_then(|spec| spec.next_after(last_run_at));
+            Ok(ScheduleView {
+                name: row.text(0)?,
+                cron,
+                timezone,
+                manifest: row.text(3)?,
+                source: row.text(4)?,
+                last_run_at,
+                next_run_at,
+            })
+        })
+        .collect()
 }
 
 pub async fn list(state: &AppState) -> AppResult<Vec<ScheduleView>> {
-    Ok(rows(state, None).await?.into_iter().map(view).collect())
+    read(state, None).await
 }
 
 pub async fn get(state: &AppState, name: &str) -> AppResult<ScheduleView> {
-    rows(state, Some(name))
+    read(state, Some(name))
         .await?
-        .into_iter()
-        .next()
-        .map(view)
+        .pop()
         .ok_or_else(|| AppError::NotFound(format!("no schedule `{name}`")))
 }
 
 /// The newest runs of a schedule, each a group with its jobs.
 pub async fn runs(state: &AppState, name: &str, limit: i64) -> AppResult<Vec<GroupView>> {
-    let ids: Vec<(i64,)> =
-        sqlx::query_as("SELECT id FROM job_groups WHERE schedule = $1 ORDER BY id DESC LIMIT $2")
-            .bind(name)
-            .bind(limit)
-            .fetch_all(&state.db.pool)
-            .await?;
-    let mut out = Vec::with_capacity(ids.len());
-    for (id,) in ids {
-        out.push(crate::jobs::group(state, id).await?);
+    let mut out = Vec::new();
+    for id in crate::job_views::newest_groups(&state.db, Some(name), limit).await? {
+        out.push(crate::job_views::group(&state.db, id).await?);
     }
     Ok(out)
 }
@@ -277,7 +268,15 @@ pub async fn runs(state: &AppState, name: &str, limit: i64) -> AppResult<Vec<Gro
 /// groups made. Replicas may tick together: the claim on `last_run_at` lets one of them win.
 pub async fn tick(state: &AppState, now: i64) -> AppResult<Vec<String>> {
     let mut made = Vec::new();
-    for (name, cron, timezone, manifest, _, last_run_at) in rows(state, None).await? {
+    for schedule in list(state).await? {
+        let ScheduleView {
+            name,
+            cron,
+            timezone,
+            manifest,
+            last_run_at,
+            ..
+        } = schedule;
         let spec = match CronSpec::parse(&cron, Some(&timezone)) {
             Ok(spec) => spec,
             Err(e) => {
@@ -292,7 +291,7 @@ pub async fn tick(state: &AppState, now: i64) -> AppResult<Vec<String>> {
             .db
             .execute(
                 "UPDATE schedules SET last_run_at = $1 WHERE name = $2 AND last_run_at = $3",
-                vec![due.into(), name.as_str().into(), last_run_at.into()],
+                &[due.into(), name.as_str().into(), last_run_at.into()],
             )
             .await?;
         if claimed != 1 {
@@ -317,26 +316,6 @@ pub async fn run(state: AppState) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-}
-
-/// `GET /api/schedules`
-pub async fn api_list(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> AppResult<Json<Vec<ScheduleView>>> {
-    caller.require(Scope::Read)?;
-    Ok(Json(list(&state).await?))
-}
-
-/// `POST /api/schedules`: `{name, cron, timezone?, manifest}`.
-pub async fn api_create(
-    State(state): State<AppState>,
-    caller: Caller,
-    Json(new): Json<NewSchedule>,
-) -> AppResult<(StatusCode, Json<ScheduleView>)> {
-    caller.require(Scope::Submit)?;
-    save(&state, &new, Source::Ui, now_ms()).await?;
-    Ok((StatusCode::CREATED, Json(get(&state, &new.name).await?)))
 }
 
 #[cfg(test)]

@@ -4,11 +4,9 @@ use crate::app::app;
 use crate::auth::bootstrap;
 use crate::config::ServerConfig;
 use crate::db::{Db, DbError};
-use crate::leases::reap_expired;
 use crate::state::AppState;
 use crate::store::ArtifactStore;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -73,17 +71,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
         .local_addr()
         .map_err(|e| ServeError::Listen(config.listen, e))?;
     let state = AppState::new(db, config, ArtifactStore::new(artifacts));
-    let reaper_state = state.clone();
-    let reaper = tokio::spawn(async move {
-        let every = (reaper_state.config.leases.ttl.0 / 4)
-            .clamp(Duration::from_millis(100), Duration::from_secs(1));
-        loop {
-            if let Err(e) = reap_expired(&reaper_state).await {
-                tracing::error!(error = %e, "lease reaper failed; trying again");
-            }
-            tokio::time::sleep(every).await;
-        }
-    });
+    let reaper = tokio::spawn(crate::leases::reaper::run(state.clone()));
     crate::schedules::load_config(&state).await?;
     let background = [
         tokio::spawn(crate::schedules::run(state.clone())),

@@ -1,8 +1,10 @@
-//! The artifact store: a directory, one folder per job, files at their artifact paths.
-//! An upload streams to a temporary file while it is hashed; only a complete file whose size
-//! and sha256 check out is renamed into place and recorded.
+//! The artifact store: a directory, one folder per job and attempt, files at their artifact
+//! paths (`<job>/<attempt>/<name>`; files stored before attempts had folders are directly under
+//! `<job>/`). An upload streams to a temporary file while it is hashed; only a complete file
+//! whose size and sha256 check out is renamed into place, and it counts once its row is
+//! recorded ([`record`]) under a live lease.
 
-use crate::db::{Db, now_ms};
+use crate::db::{Db, Query, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
 use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
@@ -16,24 +18,38 @@ pub struct ArtifactStore {
     root: PathBuf,
 }
 
+/// Checks an artifact's name: it must stay in its job's folder.
+pub fn check_name(name: &str) -> AppResult<()> {
+    check_artifact_path(name)
+        .map_err(|e| AppError::BadRequest(format!("artifact name `{}` {e}", name.escape_debug())))
+}
+
 impl ArtifactStore {
     pub fn new(root: PathBuf) -> Self {
         ArtifactStore { root }
     }
 
-    /// Where artifact `name` of `job` lives; `name` is checked to stay in the job's folder.
-    pub fn path(&self, job: i64, name: &str) -> AppResult<PathBuf> {
-        check_artifact_path(name).map_err(|e| {
-            AppError::BadRequest(format!("artifact name `{}` {e}", name.escape_debug()))
-        })?;
-        Ok(self.root.join(job.to_string()).join(name))
+    /// The folder of `job`'s attempt (`None`: files stored before attempts had folders).
+    fn folder(&self, job: i64, attempt: Option<i64>) -> PathBuf {
+        let dir = self.root.join(job.to_string());
+        match attempt {
+            Some(attempt) => dir.join(attempt.to_string()),
+            None => dir,
+        }
     }
 
-    /// Streams `body` into the store, checking `max` bytes and the announced sha256.
-    pub async fn put<S, E>(
+    /// Where artifact `name` of `job`'s `attempt` lives; `name` is checked to stay in its folder.
+    fn file(&self, job: i64, attempt: Option<i64>, name: &str) -> AppResult<PathBuf> {
+        check_name(name)?;
+        Ok(self.folder(job, attempt).join(name))
+    }
+
+    /// Streams `body` into the place of artifact `name` of `job`'s `attempt`, checking `max`
+    /// bytes and the announced sha256. The caller then [`record`]s it, or [`Self::discard`]s it.
+    pub async fn receive<S, E>(
         &self,
-        db: &Db,
         job: i64,
+        attempt: i64,
         name: &str,
         sha256: &str,
         max: u64,
@@ -49,16 +65,15 @@ impl ArtifactStore {
                 "X-Vmfarm-Sha256 must be 64 hex digits".into(),
             ));
         }
-        let dest = self.path(job, name)?;
-        let job_dir = self.root.join(job.to_string());
-        let parent = dest.parent().unwrap_or(&job_dir).to_owned();
+        let dest = self.file(job, Some(attempt), name)?;
+        let folder = self.folder(job, Some(attempt));
+        let parent = dest.parent().unwrap_or(&folder).to_owned();
         tokio::fs::create_dir_all(&parent).await?;
-        let tmp = job_dir.join(format!(
+        let tmp = folder.join(format!(
             ".upload-{}",
             crate::random::random_hex(8).map_err(AppError::internal)?
         ));
-        let result = write_checked(&tmp, &mut body, max, &wanted).await;
-        let size = match result {
+        let size = match write_checked(&tmp, &mut body, max, &wanted).await {
             Ok(size) => size,
             Err(e) => {
                 let _ = tokio::fs::remove_file(&tmp).await;
@@ -72,27 +87,25 @@ impl ArtifactStore {
             )));
         }
         tokio::fs::rename(&tmp, &dest).await?;
-        let (row_name, row_sha) = (name.to_owned(), wanted.clone());
-        let row_size = i64::try_from(size).unwrap_or(i64::MAX);
-        db.write(move |tx| {
-            Box::pin(async move {
-                let key = [job.into(), (&row_name).into()];
-                tx.execute("DELETE FROM artifacts WHERE job_id = $1 AND name = $2", &key)
-                    .await?;
-                tx.execute(
-                    "INSERT INTO artifacts (job_id, name, size, sha256, created_at) VALUES ($1, $2, $3, $4, $5)",
-                    &[key[0], key[1], row_size.into(), (&row_sha).into(), now_ms().into()],
-                )
-                .await?;
-                Ok::<_, AppError>(())
-            })
-        })
-        .await?;
         Ok(ArtifactView {
             name: name.to_owned(),
             size,
             sha256: wanted,
         })
+    }
+
+    /// Removes a received artifact whose row was refused.
+    pub async fn discard(&self, job: i64, attempt: i64, name: &str) -> AppResult<()> {
+        tokio::fs::remove_file(self.file(job, Some(attempt), name)?).await?;
+        Ok(())
+    }
+
+    /// Removes every file of `job`'s `attempt` (a lost attempt's, once its rows are gone).
+    pub async fn remove_attempt(&self, job: i64, attempt: i64) -> std::io::Result<()> {
+        match tokio::fs::remove_dir_all(self.folder(job, Some(attempt))).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -110,8 +123,7 @@ where
         size += piece.len() as u64;
         if size > max {
             return Err(AppError::TooLarge(format!(
-                "the artifact is over the server's limit of {} bytes",
-                max
+                "the artifact is over the server's limit of {max} bytes"
             )));
         }
         hasher.update(&piece);
@@ -127,34 +139,74 @@ where
     Ok(size)
 }
 
-pub async fn list(db: &Db, job: i64) -> AppResult<Vec<ArtifactView>> {
-    let rows: Vec<(String, i64, String)> =
-        sqlx::query_as("SELECT name, size, sha256 FROM artifacts WHERE job_id = $1 ORDER BY name")
-            .bind(job)
-            .fetch_all(&db.pool)
-            .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(name, size, sha256)| ArtifactView {
-            name,
-            size: u64::try_from(size).unwrap_or(0),
-            sha256,
-        })
-        .collect())
+/// Records a received artifact of `job`'s `attempt`, replacing one of the same name.
+pub async fn record(
+    tx: &mut WriteTx,
+    job: i64,
+    attempt: i64,
+    artifact: &ArtifactView,
+) -> AppResult<()> {
+    let key = [job.into(), (&artifact.name).into()];
+    tx.execute(
+        "DELETE FROM artifacts WHERE job_id = $1 AND name = $2",
+        &key,
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO artifacts (job_id, name, size, sha256, created_at, attempt) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[
+            key[0],
+            key[1],
+            i64::try_from(artifact.size).unwrap_or(i64::MAX).into(),
+            (&artifact.sha256).into(),
+            now_ms().into(),
+            attempt.into(),
+        ],
+    )
+    .await?;
+    Ok(())
 }
 
-pub async fn find(db: &Db, job: i64, name: &str) -> AppResult<ArtifactView> {
-    let row: Option<(i64, String)> =
-        sqlx::query_as("SELECT size, sha256 FROM artifacts WHERE job_id = $1 AND name = $2")
-            .bind(job)
-            .bind(name)
-            .fetch_optional(&db.pool)
-            .await?;
-    let (size, sha256) =
-        row.ok_or_else(|| AppError::NotFound(format!("job {job} has no artifact `{name}`")))?;
-    Ok(ArtifactView {
+pub async fn list(db: &Db, job: i64) -> AppResult<Vec<ArtifactView>> {
+    let rows = db
+        .read()
+        .fetch_all(
+            "SELECT name, size, sha256 FROM artifacts WHERE job_id = $1 ORDER BY name",
+            &[job.into()],
+        )
+        .await?;
+    rows.iter()
+        .map(|row| {
+            Ok(ArtifactView {
+                name: row.text(0)?,
+                size: u64::try_from(row.int(1)?).unwrap_or(0),
+                sha256: row.text(2)?,
+            })
+        })
+        .collect()
+}
+
+/// Artifact `name` of `job`, and where its file is.
+pub async fn find(
+    db: &Db,
+    store: &ArtifactStore,
+    job: i64,
+    name: &str,
+) -> AppResult<(ArtifactView, PathBuf)> {
+    check_name(name)?;
+    let row = db
+        .read()
+        .fetch_optional(
+            "SELECT size, sha256, attempt FROM artifacts WHERE job_id = $1 AND name = $2",
+            &[job.into(), name.into()],
+        )
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("job {job} has no artifact `{name}`")))?;
+    let view = ArtifactView {
         name: name.to_owned(),
-        size: u64::try_from(size).unwrap_or(0),
-        sha256,
-    })
+        size: u64::try_from(row.int(0)?).unwrap_or(0),
+        sha256: row.text(1)?,
+    };
+    Ok((view, store.file(job, row.opt_int(2)?, name)?))
 }

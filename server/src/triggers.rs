@@ -3,12 +3,13 @@
 //! exponential backoff until it is answered 2xx or its attempts are used. Deliveries live in the
 //! database, so a restart goes on with them, and the job page shows their status.
 
-use crate::db::{WriteTx, now_ms};
+use crate::db::{DbFailure, Query, Row, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
 use crate::state::AppState;
 use serde::Serialize;
 use std::time::Duration;
-use vmfarm_proto::{JobState, Manifest};
+use vmfarm_proto::JobState;
+use vmfarm_proto::manifest::Trigger;
 
 /// A delivery as the job page shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -23,26 +24,18 @@ pub struct DeliveryView {
 }
 
 /// Queues the deliveries of the triggers that fire for job `job_id` ending in `end`, in the
-/// transaction that ends it (worker state update, lease reaper, cancel): they commit together
-/// with the job's end, or not at all. [`wake`] the delivery loop once it has committed.
+/// transaction that ends it ([`crate::job_end::end_job`]): they commit together with the job's
+/// end, or not at all. [`wake`] the delivery loop once it has committed.
 pub async fn queue_in(tx: &mut WriteTx, job_id: i64, end: JobState, now: i64) -> AppResult<()> {
     let Some(row) = tx
-        .fetch_optional("SELECT manifest FROM jobs WHERE id = $1", &[job_id.into()])
+        .fetch_optional("SELECT triggers FROM jobs WHERE id = $1", &[job_id.into()])
         .await?
     else {
         return Ok(());
     };
-    let text = row.text(0)?;
-    // Most manifests have no triggers: they are not parsed again inside the write.
-    if !text.contains("triggers") {
-        return Ok(());
-    }
-    // A manifest was valid when it was queued; one that no longer parses has no triggers.
-    let Ok(manifest) = Manifest::parse(&text) else {
-        return Ok(());
-    };
+    let triggers: Vec<Trigger> = serde_json::from_str(&row.text(0)?).map_err(AppError::internal)?;
     let succeeded = end == JobState::Succeeded;
-    for trigger in manifest.triggers.iter().filter(|t| t.on.fires(succeeded)) {
+    for trigger in triggers.iter().filter(|t| t.on.fires(succeeded)) {
         let on = serde_json::to_value(trigger.on).map_err(AppError::internal)?;
         tx.execute(
             "INSERT INTO trigger_deliveries (job_id, trigger_on, url, state, attempts, next_attempt_at, created_at) \
@@ -66,26 +59,26 @@ pub fn wake(state: &AppState) {
 
 /// The deliveries of a job, oldest first.
 pub async fn for_job(state: &AppState, job_id: i64) -> AppResult<Vec<DeliveryView>> {
-    let rows: Vec<(String, String, String, i64, Option<String>, i64)> = sqlx::query_as(
-        "SELECT trigger_on, url, state, attempts, last_status, next_attempt_at \
-         FROM trigger_deliveries WHERE job_id = $1 ORDER BY id",
-    )
-    .bind(job_id)
-    .fetch_all(&state.db.pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(on, url, state, attempts, last_status, next_attempt_at)| DeliveryView {
-                on,
-                url,
-                state,
-                attempts,
-                last_status,
-                next_attempt_at,
-            },
+    let rows = state
+        .db
+        .read()
+        .fetch_all(
+            "SELECT trigger_on, url, state, attempts, last_status, next_attempt_at \
+             FROM trigger_deliveries WHERE job_id = $1 ORDER BY id",
+            &[job_id.into()],
         )
-        .collect())
+        .await?;
+    let view = |row: &Row| -> Result<DeliveryView, DbFailure> {
+        Ok(DeliveryView {
+            on: row.text(0)?,
+            url: row.text(1)?,
+            state: row.text(2)?,
+            attempts: row.int(3)?,
+            last_status: row.opt_text(4)?,
+            next_attempt_at: row.int(5)?,
+        })
+    };
+    Ok(rows.iter().map(view).collect::<Result<_, _>>()?)
 }
 
 /// The wait before retry `n` (1 = the first retry): `first * 2^(n-1)`, at most an hour.
@@ -100,16 +93,20 @@ fn ms(d: Duration) -> i64 {
 
 /// Makes every delivery that is due at `now`. Returns how many were tried.
 pub async fn deliver_due(state: &AppState, http: &reqwest::Client, now: i64) -> AppResult<usize> {
-    let due: Vec<(i64, i64, String, i64, i64)> = sqlx::query_as(
-        "SELECT id, job_id, url, attempts, next_attempt_at FROM trigger_deliveries \
-         WHERE state = 'pending' AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT 32",
-    )
-    .bind(now)
-    .fetch_all(&state.db.pool)
-    .await?;
+    let due = state
+        .db
+        .read()
+        .fetch_all(
+            "SELECT id, job_id, url, attempts, next_attempt_at FROM trigger_deliveries \
+             WHERE state = 'pending' AND next_attempt_at <= $1 ORDER BY next_attempt_at LIMIT 32",
+            &[now.into()],
+        )
+        .await?;
     let config = &state.config.triggers;
     let mut tried = 0;
-    for (id, job_id, url, attempts, next_at) in due {
+    for row in due {
+        let (id, job_id, url) = (row.int(0)?, row.int(1)?, row.text(2)?);
+        let (attempts, next_at) = (row.int(3)?, row.int(4)?);
         // Claim it (another replica may be delivering too) until well after this try's timeout.
         let until = now.saturating_add(2 * ms(config.timeout.0));
         let claimed = state
@@ -117,14 +114,14 @@ pub async fn deliver_due(state: &AppState, http: &reqwest::Client, now: i64) -> 
             .execute(
                 "UPDATE trigger_deliveries SET next_attempt_at = $1 WHERE id = $2 \
                  AND state = 'pending' AND next_attempt_at = $3",
-                vec![until.into(), id.into(), next_at.into()],
+                &[until.into(), id.into(), next_at.into()],
             )
             .await?;
         if claimed != 1 {
             continue;
         }
         tried += 1;
-        let job = crate::jobs::get(state, job_id).await?;
+        let job = crate::job_views::get(&state.db, job_id).await?;
         let outcome = http
             .post(&url)
             .header("X-Vmfarm-Event", "job.finished")
@@ -157,10 +154,10 @@ pub async fn deliver_due(state: &AppState, http: &reqwest::Client, now: i64) -> 
             .execute(
                 "UPDATE trigger_deliveries SET state = $1, attempts = $2, last_status = $3, \
                  next_attempt_at = $4, finished_at = $5 WHERE id = $6",
-                vec![
+                &[
                     next_state.into(),
                     attempts.into(),
-                    status.into(),
+                    status.as_str().into(),
                     next_at.into(),
                     (next_state != "pending").then_some(finished).into(),
                     id.into(),

@@ -89,19 +89,16 @@ async fn measure(images_dir: &Path, choice: BackendChoice) -> anyhow::Result<Vec
 async fn first_task_line(state: &AppState, id: i64, started: Instant) -> anyhow::Result<Duration> {
     let deadline = started + Duration::from_secs(300);
     loop {
-        let chunks = vmfarm_server::logs::read(state, id, 0, i64::MAX).await?;
+        let chunks = vmfarm_server::logs::read(&state.db, id, 0, i64::MAX).await?;
         if chunks
             .iter()
             .any(|c| c.stream == "task" && c.data.contains("first-line"))
         {
             return Ok(started.elapsed());
         }
-        let (_, job_state) = vmfarm_server::logs::progress(state, id).await?;
+        let (_, job_state) = vmfarm_server::logs::progress(&state.db, id).await?;
         anyhow::ensure!(
-            !matches!(
-                job_state.as_str(),
-                "failed" | "error" | "timed_out" | "cancelled"
-            ),
+            !job_state.is_terminal() || job_state == vmfarm_proto::JobState::Succeeded,
             "job {id} ended {job_state} before its task printed"
         );
         anyhow::ensure!(
@@ -114,11 +111,8 @@ async fn first_task_line(state: &AppState, id: i64, started: Instant) -> anyhow:
 
 async fn wait_ended(state: &AppState, id: i64) -> anyhow::Result<()> {
     loop {
-        let (_, job_state) = vmfarm_server::logs::progress(state, id).await?;
-        if job_state
-            .parse::<vmfarm_proto::JobState>()
-            .is_ok_and(vmfarm_proto::JobState::is_terminal)
-        {
+        let (_, job_state) = vmfarm_server::logs::progress(&state.db, id).await?;
+        if job_state.is_terminal() {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

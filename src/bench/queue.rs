@@ -12,8 +12,11 @@ use vmfarm_proto::JobState;
 use vmfarm_proto::wire::{FENCE_HEADER, LeaseRequest, LeaseResponse, StateUpdate, WorkerImage};
 use vmfarm_server::config::{ApiToken, Scope, ServerConfig, WorkerToken};
 use vmfarm_server::db::DbFailure;
+use vmfarm_server::extract::LeaseCall;
+use vmfarm_server::fence::LeaseRef;
+use vmfarm_server::jobs;
+use vmfarm_server::leases::{take, update};
 use vmfarm_server::state::AppState;
-use vmfarm_server::{jobs, leases};
 
 const CLIENTS: usize = 8;
 const CYCLES: usize = 4000;
@@ -180,12 +183,12 @@ async fn reference_rate(state: &AppState) -> anyhow::Result<f64> {
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS bench_reference (id BIGINT PRIMARY KEY, v BIGINT NOT NULL)",
     )
-    .execute(&state.db.pool)
+    .execute(state.db.pool())
     .await?;
     let started = Instant::now();
     let mut set = JoinSet::new();
     for client in 0..CLIENTS {
-        let pool = state.db.pool.clone();
+        let pool = state.db.pool().clone();
         set.spawn(async move {
             for i in 0..REFERENCE_TXNS / CLIENTS {
                 let id = (client * REFERENCE_TXNS + i) as i64;
@@ -302,19 +305,22 @@ async fn cycle_rate(state: &AppState) -> anyhow::Result<f64> {
             let req = request(&worker, std::slice::from_ref(&image));
             for _ in 0..CYCLES / CLIENTS {
                 jobs::submit(&state, &manifest(&image), None).await?;
-                let lease = leases::try_lease(&state, &worker, &req)
+                let lease = take::try_lease(&state, &worker, &req)
                     .await?
                     .ok_or_else(|| anyhow::anyhow!("no job to lease"))?;
-                let lease_ref = leases::LeaseRef {
-                    lease_id: lease.lease_id.clone(),
-                    fence: i64::try_from(lease.fence)?,
+                let call = LeaseCall {
+                    worker: worker.clone(),
+                    lease: LeaseRef {
+                        lease_id: lease.lease_id.clone(),
+                        fence: i64::try_from(lease.fence)?,
+                    },
                 };
                 for next in [JobState::Booting, JobState::Running, JobState::Succeeded] {
                     let update = StateUpdate {
                         job_state: Some(next),
                         ..StateUpdate::default()
                     };
-                    leases::update_state(&state, &worker, &lease_ref, &update).await?;
+                    update::update_state(&state, &call, &update).await?;
                 }
             }
             Ok::<_, anyhow::Error>(())
@@ -415,7 +421,7 @@ async fn lease_rate(state: &AppState) -> anyhow::Result<(f64, Vec<Duration>, f64
             let mut latencies = Vec::new();
             loop {
                 let t = Instant::now();
-                let lease = leases::try_lease(&state, &worker, &req).await?;
+                let lease = take::try_lease(&state, &worker, &req).await?;
                 latencies.push(t.elapsed());
                 if lease.is_none() {
                     latencies.pop();

@@ -9,7 +9,7 @@ pub use parse::is_env_name;
 mod reader;
 
 use crate::units::ByteSize;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
@@ -65,7 +65,7 @@ pub struct Artifact {
 }
 
 /// When a trigger fires.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TriggerOn {
     Success,
@@ -84,7 +84,7 @@ impl TriggerOn {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Trigger {
     pub on: TriggerOn,
     pub webhook: String,

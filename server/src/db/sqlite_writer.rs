@@ -5,7 +5,7 @@
 //! statements run on the thread with their prepared statements cached: no thread round trip
 //! per statement, one per write, and one commit per batch.
 
-use super::tx::{DbFailure, WriteTx};
+use super::query::{DbFailure, WriteTx};
 use futures_util::future::BoxFuture;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -176,6 +176,7 @@ fn connection(tx: &WriteTx) -> &rusqlite::Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::Query;
 
     async fn insert(writer: &SqliteWriter, id: i64) -> Result<u64, DbFailure> {
         writer

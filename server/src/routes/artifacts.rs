@@ -3,7 +3,7 @@
 use crate::auth::Caller;
 use crate::config::Scope;
 use crate::error::{AppError, AppResult};
-use crate::jobs::parse_id;
+use crate::job_views::{self, parse_id};
 use crate::state::AppState;
 use crate::store;
 use axum::Json;
@@ -22,7 +22,7 @@ pub async fn list(
 ) -> AppResult<Json<Vec<ArtifactView>>> {
     caller.require(Scope::Read)?;
     let job = parse_id(&id, "job")?;
-    crate::jobs::get(&state, job).await?;
+    job_views::get(&state.db, job).await?;
     Ok(Json(store::list(&state.db, job).await?))
 }
 
@@ -79,8 +79,7 @@ pub async fn download(
 ) -> AppResult<Response> {
     caller.require(Scope::Read)?;
     let job = parse_id(&id, "job")?;
-    let path = state.store.path(job, &name)?;
-    let artifact = store::find(&state.db, job, &name).await?;
+    let (artifact, path) = store::find(&state.db, &state.store, job, &name).await?;
     let etag = format!("\"{}\"", artifact.sha256);
     let etag_value = HeaderValue::from_str(&etag).map_err(AppError::internal)?;
     let if_none_match = headers

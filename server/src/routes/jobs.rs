@@ -3,7 +3,8 @@
 use crate::auth::Caller;
 use crate::config::Scope;
 use crate::error::{AppError, AppResult};
-use crate::jobs::{self, ListQuery, parse_id};
+use crate::job_views::{self, ListQuery, parse_id};
+use crate::jobs;
 use crate::state::AppState;
 use axum::Json;
 use axum::body::Body;
@@ -41,7 +42,7 @@ pub async fn list(
     Query(q): Query<ListQuery>,
 ) -> AppResult<Json<JobList>> {
     caller.require(Scope::Read)?;
-    Ok(Json(jobs::list(&state, &q).await?))
+    Ok(Json(job_views::list(&state.db, &q).await?))
 }
 
 pub async fn get(
@@ -50,7 +51,9 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> AppResult<Json<JobView>> {
     caller.require(Scope::Read)?;
-    Ok(Json(jobs::get(&state, parse_id(&id, "job")?).await?))
+    Ok(Json(
+        job_views::get(&state.db, parse_id(&id, "job")?).await?,
+    ))
 }
 
 pub async fn cancel(
@@ -68,5 +71,7 @@ pub async fn group(
     Path(id): Path<String>,
 ) -> AppResult<Json<GroupView>> {
     caller.require(Scope::Read)?;
-    Ok(Json(jobs::group(&state, parse_id(&id, "group")?).await?))
+    Ok(Json(
+        job_views::group(&state.db, parse_id(&id, "group")?).await?,
+    ))
 }

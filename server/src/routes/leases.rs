@@ -1,10 +1,14 @@
-//! The worker side: lease (long poll), heartbeat, log, state, artifact upload.
+//! The worker side: lease (long poll), heartbeat, log, state, artifact upload. Every route
+//! but the lease itself speaks for a lease ([`LeaseCall`]) and is fenced.
 
 use crate::auth::Caller;
 use crate::error::{AppError, AppResult};
-use crate::leases::{self, LeaseRef, live_job};
+use crate::extract::LeaseCall;
+use crate::fence::live_job;
+use crate::leases::{take, update};
 use crate::logs::{self, AppendAck};
 use crate::state::AppState;
+use crate::store;
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -13,9 +17,7 @@ use axum::response::{IntoResponse, Response};
 use std::time::Duration;
 use tokio::time::Instant;
 use vmfarm_proto::api::ArtifactView;
-use vmfarm_proto::wire::{
-    FENCE_HEADER, HeartbeatResponse, LeaseRequest, LogAppend, SHA256_HEADER, StateUpdate,
-};
+use vmfarm_proto::wire::{HeartbeatResponse, LeaseRequest, LogAppend, SHA256_HEADER, StateUpdate};
 
 /// How often a long-polling worker looks again even without a wake-up (other replicas).
 const POLL: Duration = Duration::from_millis(500);
@@ -31,7 +33,7 @@ pub async fn lease(
         let notified = state.events.work.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        if let Some(lease) = leases::try_lease(&state, &worker, &req).await? {
+        if let Some(lease) = take::try_lease(&state, &worker, &req).await? {
             return Ok(Json(lease).into_response());
         }
         let now = Instant::now();
@@ -43,73 +45,39 @@ pub async fn lease(
     }
 }
 
-fn lease_ref(id: String, headers: &HeaderMap) -> AppResult<LeaseRef> {
-    let fence = headers
-        .get(FENCE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<i64>().ok())
-        .ok_or_else(|| {
-            AppError::BadRequest(format!(
-                "send the lease's fence in the {FENCE_HEADER} header"
-            ))
-        })?;
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(AppError::NotFound(format!(
-            "no lease `{}`",
-            id.escape_debug()
-        )));
-    }
-    Ok(LeaseRef {
-        lease_id: id,
-        fence,
-    })
-}
-
 pub async fn heartbeat(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+    call: LeaseCall,
 ) -> AppResult<Json<HeartbeatResponse>> {
-    let worker = caller.worker()?;
-    let lease = lease_ref(id, &headers)?;
-    Ok(Json(leases::heartbeat(&state, worker, &lease).await?))
+    Ok(Json(update::heartbeat(&state, &call).await?))
 }
 
 pub async fn log(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+    call: LeaseCall,
     Json(append): Json<LogAppend>,
 ) -> AppResult<Json<AppendAck>> {
-    let worker = caller.worker()?;
-    let lease = lease_ref(id, &headers)?;
-    Ok(Json(logs::append(&state, worker, &lease, &append).await?))
+    Ok(Json(logs::append(&state, &call, &append).await?))
 }
 
 pub async fn update_state(
     State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-    headers: HeaderMap,
+    call: LeaseCall,
     Json(update): Json<StateUpdate>,
 ) -> AppResult<StatusCode> {
-    let worker = caller.worker()?;
-    let lease = lease_ref(id, &headers)?;
-    leases::update_state(&state, worker, &lease, &update).await?;
+    update::update_state(&state, &call, &update).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Receives an artifact of the lease's job. It counts only if the lease is still live once the
+/// file is in: a lease lost during the upload leaves nothing behind.
 pub async fn put_artifact(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((id, name)): Path<(String, String)>,
+    call: LeaseCall,
+    Path((_, name)): Path<(String, String)>,
     headers: HeaderMap,
     body: Body,
 ) -> AppResult<(StatusCode, Json<ArtifactView>)> {
-    let worker = caller.worker()?;
-    let lease = lease_ref(id, &headers)?;
     let sha256 = headers
         .get(SHA256_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -119,20 +87,39 @@ pub async fn put_artifact(
             ))
         })?
         .to_owned();
-    state.store.path(0, &name)?;
-    let (job_id, _) = live_job(&state, worker, &lease).await?;
+    store::check_name(&name)?;
+    let job = live_job(&mut state.db.read(), &call.worker, &call.lease).await?;
     let max = state.config.limits.max_artifact_size.0;
     let view = state
         .store
-        .put(
-            &state.db,
-            job_id,
+        .receive(
+            job.id,
+            job.attempt,
             &name,
             &sha256,
             max,
             body.into_data_stream(),
         )
         .await?;
-    state.events.job_changed(job_id);
+    let row = view.clone();
+    let recorded = state
+        .db
+        .write(move |tx| {
+            Box::pin(async move {
+                let live = live_job(tx, &call.worker, &call.lease).await?;
+                if live.attempt != job.attempt {
+                    return Err(crate::fence::refusal(tx, &call.lease).await);
+                }
+                store::record(tx, job.id, job.attempt, &row).await
+            })
+        })
+        .await;
+    if let Err(e) = recorded {
+        if let Err(removing) = state.store.discard(job.id, job.attempt, &name).await {
+            tracing::warn!(job = job.id, error = %removing, "cannot remove a refused artifact");
+        }
+        return Err(e);
+    }
+    state.events.job_changed(job.id);
     Ok((StatusCode::CREATED, Json(view)))
 }

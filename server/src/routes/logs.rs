@@ -3,7 +3,7 @@
 use crate::auth::Caller;
 use crate::config::Scope;
 use crate::error::{AppError, AppResult};
-use crate::jobs::parse_id;
+use crate::job_views::parse_id;
 use crate::logs;
 use crate::state::AppState;
 use axum::Json;
@@ -15,7 +15,6 @@ use futures_util::Stream;
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
-use vmfarm_proto::JobState;
 
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,8 +42,8 @@ pub async fn get(
             "from must be a byte offset, 0 or more".into(),
         ));
     }
-    let (size, _) = logs::progress(&state, job).await?;
-    let chunks = logs::read(&state, job, q.from, PAGE_BYTES).await?;
+    let (size, _) = logs::progress(&state.db, job).await?;
+    let chunks = logs::read(&state.db, job, q.from, PAGE_BYTES).await?;
     match q.format.as_deref() {
         None | Some("text") => {
             let text: String = chunks.iter().map(|c| c.data.as_str()).collect();
@@ -76,18 +75,18 @@ pub async fn stream(
 ) -> AppResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
     caller.require(Scope::Read)?;
     let job = parse_id(&id, "job")?;
-    logs::progress(&state, job).await?;
+    logs::progress(&state.db, job).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     let mut events = state.events.job.subscribe();
     let mut cursor = q.from.max(0);
     tokio::spawn(async move {
         loop {
-            let (size, job_state) = match logs::progress(&state, job).await {
+            let (size, job_state) = match logs::progress(&state.db, job).await {
                 Ok(p) => p,
                 Err(_) => return,
             };
             while cursor < size {
-                let Ok(chunks) = logs::read(&state, job, cursor, 256 * 1024).await else {
+                let Ok(chunks) = logs::read(&state.db, job, cursor, 256 * 1024).await else {
                     return;
                 };
                 let Some(last) = chunks.last() else { break };
@@ -101,10 +100,7 @@ pub async fn stream(
                     }
                 }
             }
-            let ended = job_state
-                .parse::<JobState>()
-                .is_ok_and(JobState::is_terminal);
-            if ended {
+            if job_state.is_terminal() {
                 let data = serde_json::json!({ "state": job_state, "log_size": cursor });
                 if let Ok(event) = Event::default().event("end").json_data(data) {
                     let _ = tx.send(event).await;

@@ -5,3 +5,4 @@ pub mod jobs;
 pub mod leases;
 pub mod logs;
 pub mod meta;
+pub mod schedules;

@@ -161,8 +161,8 @@ impl From<AppError> for WebError {
     }
 }
 
-impl From<sqlx::Error> for WebError {
-    fn from(e: sqlx::Error) -> Self {
+impl From<crate::db::DbFailure> for WebError {
+    fn from(e: crate::db::DbFailure) -> Self {
         WebError(e.into())
     }
 }

@@ -3,12 +3,13 @@
 use super::session::CsrfForm;
 use super::{WebResult, WebUser, render, see_other};
 use crate::config::Scope;
-use crate::db::now_ms;
+use crate::db::{Query as _, now_ms};
 use crate::error::AppError;
-use crate::jobs::{self, ListQuery, parse_id};
+use crate::job_views::{self, ListQuery, parse_id};
+use crate::jobs;
 use crate::schedules::{self, NewSchedule, Source};
 use crate::state::AppState;
-use crate::{store, triggers};
+use crate::{store, triggers, workers};
 use axum::Form;
 use axum::extract::{Multipart, Path, Query, State};
 use axum::http::HeaderMap;
@@ -52,82 +53,49 @@ struct WorkerRow {
     version: String,
 }
 
-/// The workers that have called in, with their images' names.
-async fn workers(state: &AppState) -> WebResult<Vec<WorkerRow>> {
-    let rows: Vec<(String, i64, i64, String, String)> =
-        sqlx::query_as("SELECT name, last_seen, slots, images, version FROM workers ORDER BY name")
-            .fetch_all(&state.db.pool)
-            .await?;
-    Ok(rows
+/// The workers that have called in, each image as `name (version)`.
+async fn worker_rows(state: &AppState) -> WebResult<Vec<WorkerRow>> {
+    Ok(workers::list(&state.db)
+        .await?
         .into_iter()
-        .map(|(name, last_seen, slots, images, version)| {
-            let images: Vec<serde_json::Value> = serde_json::from_str(&images).unwrap_or_default();
-            WorkerRow {
-                name,
-                last_seen,
-                slots,
-                images: images
-                    .iter()
-                    .filter_map(|i| {
-                        let name = i.get("name")?.as_str()?;
-                        let version = i.get("version").and_then(|v| v.as_str()).unwrap_or("");
-                        Some(format!("{name} ({version})"))
-                    })
-                    .collect(),
-                version,
-            }
+        .map(|w| WorkerRow {
+            name: w.name,
+            last_seen: w.last_seen,
+            slots: w.slots,
+            images: w
+                .images
+                .iter()
+                .map(|i| format!("{} ({})", i.name, i.version))
+                .collect(),
+            version: w.version,
         })
         .collect())
 }
 
-async fn known_images(state: &AppState) -> WebResult<Vec<String>> {
-    let rows: Vec<(String,)> = sqlx::query_as("SELECT images FROM workers")
-        .fetch_all(&state.db.pool)
-        .await?;
-    let mut names = BTreeSet::new();
-    for (images,) in rows {
-        let images: Vec<serde_json::Value> = serde_json::from_str(&images).unwrap_or_default();
-        for image in images {
-            if let Some(name) = image.get("name").and_then(|n| n.as_str()) {
-                names.insert(name.to_owned());
-            }
-        }
-    }
-    Ok(names.into_iter().collect())
-}
-
 pub async fn dashboard(State(state): State<AppState>, user: WebUser) -> WebResult<Html<String>> {
-    let queue: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT image, COUNT(*) FROM jobs WHERE state = 'queued' GROUP BY image ORDER BY image",
-    )
-    .fetch_all(&state.db.pool)
-    .await?;
+    let queue = job_views::queue_depth(&state.db).await?;
     let mut running = Vec::new();
     for s in [JobState::Running, JobState::Booting, JobState::Leased] {
-        let page = jobs::list(
-            &state,
+        let page = job_views::list(
+            &state.db,
             &ListQuery {
                 state: Some(s.as_str().to_owned()),
-                limit: Some(jobs::MAX_PAGE),
+                limit: Some(job_views::MAX_PAGE),
                 ..ListQuery::default()
             },
         )
         .await?;
         running.extend(page.jobs);
     }
-    let group_ids: Vec<(i64,)> =
-        sqlx::query_as("SELECT id FROM job_groups ORDER BY id DESC LIMIT 10")
-            .fetch_all(&state.db.pool)
-            .await?;
     let mut groups = Vec::new();
-    for (id,) in group_ids {
-        groups.push(summarize(&jobs::group(&state, id).await?));
+    for id in job_views::newest_groups(&state.db, None, 10).await? {
+        groups.push(summarize(&job_views::group(&state.db, id).await?));
     }
     render(
         "dashboard.html",
         context! {
             user => user.name, csrf => user.csrf, now => now_ms(),
-            queue => queue, running => running, workers => workers(&state).await?, groups => groups,
+            queue => queue, running => running, workers => worker_rows(&state).await?, groups => groups,
         },
     )
 }
@@ -148,7 +116,7 @@ fn submit_form(
 }
 
 pub async fn submit_page(State(state): State<AppState>, user: WebUser) -> WebResult<Html<String>> {
-    let images = known_images(&state).await?;
+    let images = workers::known_images(&state.db).await?;
     submit_form(&user, images, "", Vec::new())
 }
 
@@ -214,18 +182,18 @@ pub async fn submit(
                 .iter()
                 .map(|e| format!("line {}, column {}: {}", e.line, e.column, e.message))
                 .collect();
-            let images = known_images(&state).await?;
+            let images = workers::known_images(&state.db).await?;
             Ok(submit_form(&user, images, &text, lines)?.into_response())
         }
         Err(AppError::BadRequest(message)) => {
-            let images = known_images(&state).await?;
+            let images = workers::known_images(&state.db).await?;
             Ok(submit_form(&user, images, &text, vec![message])?.into_response())
         }
         Err(e) => Err(e.into()),
     }
 }
 
-#[derive(Serialize, sqlx::FromRow)]
+#[derive(Serialize)]
 struct TaskRow {
     name: String,
     state: String,
@@ -240,18 +208,37 @@ pub async fn job(
     Path(id): Path<String>,
 ) -> WebResult<Html<String>> {
     let id = parse_id(&id, "job")?;
-    let job = jobs::get(&state, id).await?;
-    let (leased_at, worker, cancel_requested): (Option<i64>, Option<String>, i64) =
-        sqlx::query_as("SELECT leased_at, worker, cancel_requested FROM jobs WHERE id = $1")
-            .bind(id)
-            .fetch_one(&state.db.pool)
-            .await?;
-    let tasks: Vec<TaskRow> = sqlx::query_as(
-        "SELECT name, state, exit_code, started_at, finished_at FROM tasks WHERE job_id = $1 ORDER BY idx",
-    )
-    .bind(id)
-    .fetch_all(&state.db.pool)
-    .await?;
+    let job = job_views::get(&state.db, id).await?;
+    let lease = state
+        .db
+        .read()
+        .fetch_optional(
+            "SELECT leased_at, worker, cancel_requested FROM jobs WHERE id = $1",
+            &[id.into()],
+        )
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no job {id}")))?;
+    let (leased_at, worker, cancel_requested) =
+        (lease.opt_int(0)?, lease.opt_text(1)?, lease.int(2)?);
+    let tasks = state
+        .db
+        .read()
+        .fetch_all(
+            "SELECT name, state, exit_code, started_at, finished_at FROM tasks WHERE job_id = $1 ORDER BY idx",
+            &[id.into()],
+        )
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(TaskRow {
+                name: row.text(0)?,
+                state: row.text(1)?,
+                exit_code: row.opt_int(2)?,
+                started_at: row.opt_int(3)?,
+                finished_at: row.opt_int(4)?,
+            })
+        })
+        .collect::<Result<Vec<_>, crate::db::DbFailure>>()?;
     let artifacts = store::list(&state.db, id).await?;
     let deliveries = triggers::for_job(&state, id).await?;
     render(
@@ -287,11 +274,13 @@ pub async fn resubmit(
     user.check_csrf(&form.csrf)?;
     user.caller().require(Scope::Submit)?;
     let id = parse_id(&id, "job")?;
-    let row: Option<(String,)> = sqlx::query_as("SELECT manifest FROM jobs WHERE id = $1")
-        .bind(id)
-        .fetch_optional(&state.db.pool)
-        .await?;
-    let (text,) = row.ok_or_else(|| AppError::NotFound(format!("no job {id}")))?;
+    let text = state
+        .db
+        .read()
+        .fetch_optional("SELECT manifest FROM jobs WHERE id = $1", &[id.into()])
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no job {id}")))?
+        .text(0)?;
     let response = jobs::submit(&state, &text, None).await?;
     Ok(see_other(&submitted_location(&response)))
 }
@@ -327,7 +316,7 @@ pub async fn group(
     user: WebUser,
     Path(id): Path<String>,
 ) -> WebResult<Html<String>> {
-    let group = jobs::group(&state, parse_id(&id, "group")?).await?;
+    let group = job_views::group(&state.db, parse_id(&id, "group")?).await?;
     // The matrix: one row per image, one column per state, each cell the jobs in it.
     let images: BTreeSet<&str> = group.jobs.iter().map(|j| j.image.as_str()).collect();
     let states: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
@@ -389,8 +378,8 @@ pub async fn history(
             AppError::BadRequest("filter by a tag or by a schedule, not both".into()).into(),
         );
     }
-    let list = jobs::list(
-        &state,
+    let list = job_views::list(
+        &state.db,
         &ListQuery {
             state: non_empty(&q.state),
             image: non_empty(&q.image),
@@ -429,7 +418,7 @@ pub async fn history(
             first_page => first_page, paged => !q.before.is_empty(), f => context! {
                 state => q.state, image => q.image, tag => q.tag, schedule => q.schedule,
             },
-            states => states, images => known_images(&state).await?, schedules => schedules,
+            states => states, images => workers::known_images(&state.db).await?, schedules => schedules,
         },
     )
 }

@@ -2,9 +2,9 @@
 //! or an API token, a session cookie (HttpOnly, SameSite=Strict, Secure), and CSRF tokens.
 
 use super::{WebError, WebResult, render, see_other};
-use crate::auth::{Caller, hash_token, scope_name};
+use crate::auth::{Caller, hash_token, lookup, parse_scopes, scope_name};
 use crate::config::Scope;
-use crate::db::{Db, now_ms};
+use crate::db::{Db, Query, now_ms};
 use crate::error::AppError;
 use crate::state::AppState;
 use argon2::Argon2;
@@ -72,17 +72,6 @@ fn set_cookie(state: &AppState, name: &str, value: &str, max_age_secs: u64) -> S
     format!("{name}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age_secs}{secure}")
 }
 
-fn parse_scopes(text: &str) -> Vec<Scope> {
-    text.split(',')
-        .filter_map(|s| match s {
-            "submit" => Some(Scope::Submit),
-            "read" => Some(Scope::Read),
-            "admin" => Some(Scope::Admin),
-            _ => None,
-        })
-        .collect()
-}
-
 /// Pages that need a login send the browser to `/login` instead.
 pub struct LoginRedirect;
 
@@ -99,23 +88,31 @@ impl FromRequestParts<AppState> for WebUser {
         let Some(id) = cookie(&parts.headers, SESSION_COOKIE) else {
             return Err(LoginRedirect.into_response());
         };
-        let row: Option<(String, String, String)> = sqlx::query_as(
-            "SELECT user_name, csrf, scopes FROM web_sessions WHERE hash = $1 AND expires_at > $2",
-        )
-        .bind(hash_token(id))
-        .bind(now_ms())
-        .fetch_optional(&state.db.pool)
-        .await
-        .map_err(|e| WebError::from(e).into_response())?;
-        match row {
-            Some((name, csrf, scopes)) => Ok(WebUser {
-                name,
-                csrf,
-                scopes: parse_scopes(&scopes),
-            }),
-            None => Err(LoginRedirect.into_response()),
+        match live_session(&state.db, id).await {
+            Ok(Some(user)) => Ok(user),
+            Ok(None) => Err(LoginRedirect.into_response()),
+            Err(e) => Err(WebError(AppError::from(e)).into_response()),
         }
     }
+}
+
+/// The user of session `id` (its cookie), if the session is live.
+async fn live_session(db: &Db, id: &str) -> Result<Option<WebUser>, crate::db::DbFailure> {
+    let row = db
+        .read()
+        .fetch_optional(
+            "SELECT user_name, csrf, scopes FROM web_sessions WHERE hash = $1 AND expires_at > $2",
+            &[hash_token(id).as_str().into(), now_ms().into()],
+        )
+        .await?;
+    row.map(|row| {
+        Ok(WebUser {
+            name: row.text(0)?,
+            csrf: row.text(1)?,
+            scopes: parse_scopes(&row.text(2)?),
+        })
+    })
+    .transpose()
 }
 
 /// An argon2id hash of `password` in PHC form.
@@ -165,7 +162,7 @@ pub async fn add_user(db: &Db, name: &str, password: &str) -> Result<(), AppErro
     db.execute(
         "INSERT INTO users (name, password_hash, created_at) VALUES ($1, $2, $3) \
          ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash",
-        vec![name.into(), hash.into(), now_ms().into()],
+        &[name.into(), (&hash).into(), now_ms().into()],
     )
     .await?;
     Ok(())
@@ -203,12 +200,18 @@ pub async fn login_page(State(state): State<AppState>) -> WebResult<Response> {
 async fn authenticate(state: &AppState, form: &LoginForm) -> WebResult<Option<(String, String)>> {
     let user = form.user.trim();
     if user.is_empty() {
-        let row: Option<(String, String)> =
-            sqlx::query_as("SELECT name, scopes FROM tokens WHERE hash = $1 AND kind = 'api'")
-                .bind(hash_token(form.password.trim()))
-                .fetch_optional(&state.db.pool)
-                .await?;
-        return Ok(row.map(|(name, scopes)| (format!("token {name}"), scopes)));
+        let hash = hash_token(form.password.trim());
+        return match lookup(&state.db, &hash).await? {
+            Some(Caller::Api { name, scopes }) => Ok(Some((
+                format!("token {name}"),
+                scopes
+                    .iter()
+                    .map(|s| scope_name(*s))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ))),
+            _ => Ok(None),
+        };
     }
     let configured = state
         .config
@@ -218,14 +221,16 @@ async fn authenticate(state: &AppState, form: &LoginForm) -> WebResult<Option<(S
         .map(|u| u.password_hash.clone());
     let hash = match configured {
         Some(hash) => Some(hash),
-        None => {
-            let row: Option<(String,)> =
-                sqlx::query_as("SELECT password_hash FROM users WHERE name = $1")
-                    .bind(user)
-                    .fetch_optional(&state.db.pool)
-                    .await?;
-            row.map(|(h,)| h)
-        }
+        None => state
+            .db
+            .read()
+            .fetch_optional(
+                "SELECT password_hash FROM users WHERE name = $1",
+                &[user.into()],
+            )
+            .await?
+            .map(|row| row.text(0))
+            .transpose()?,
     };
     // People may submit, read and manage schedules; token logins keep their token's scopes.
     let scopes = [Scope::Submit, Scope::Read].map(scope_name).join(",");
@@ -285,8 +290,7 @@ pub async fn login(
                 .await
             })
         })
-        .await
-        .map_err(AppError::from)?;
+        .await?;
     tracing::info!(user = %name, "web login");
     let mut response = see_other("/");
     let headers = response.headers_mut();
@@ -318,10 +322,9 @@ pub async fn logout(
             .db
             .execute(
                 "DELETE FROM web_sessions WHERE hash = $1",
-                vec![hash_token(id).into()],
+                &[hash_token(id).as_str().into()],
             )
-            .await
-            .map_err(AppError::from)?;
+            .await?;
     }
     let mut response = see_other("/login");
     if let Ok(v) = set_cookie(&state, SESSION_COOKIE, "", 0).parse() {

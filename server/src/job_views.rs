@@ -1,0 +1,233 @@
+//! Jobs as they are read: one job, a page of them, a group, and the queue's figures. The API,
+//! the web UI, webhooks and `/metrics` all read them here.
+
+use crate::db::{Arg, Db, Query, Row};
+use crate::error::{AppError, AppResult};
+use std::collections::HashMap;
+use vmfarm_proto::JobState;
+use vmfarm_proto::api::{GroupView, JobList, JobView, TaskView};
+
+/// Parses a job or group id from a path.
+pub fn parse_id(text: &str, what: &str) -> AppResult<i64> {
+    text.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| AppError::NotFound(format!("no {what} `{text}`: ids are positive numbers")))
+}
+
+const JOB_COLUMNS: &str = "id, group_id, image, state, attempt, priority, tags, created_at, started_at, \
+                           finished_at, image_version, reason";
+
+fn job_from_row(row: &Row) -> AppResult<JobView> {
+    Ok(JobView {
+        id: row.int(0)?.to_string(),
+        group_id: row.int(1)?.to_string(),
+        image: row.text(2)?,
+        state: row.parsed(3)?,
+        attempt: u32::try_from(row.int(4)?).unwrap_or(u32::MAX),
+        priority: row.int(5)?,
+        tags: serde_json::from_str(&row.text(6)?).map_err(AppError::internal)?,
+        created_at: row.int(7)?,
+        started_at: row.opt_int(8)?,
+        finished_at: row.opt_int(9)?,
+        image_version: row.opt_text(10)?,
+        reason: row.opt_text(11)?,
+        tasks: Vec::new(),
+    })
+}
+
+/// Fills in the tasks of `jobs` with one query.
+async fn attach_tasks(db: &Db, jobs: &mut [JobView]) -> AppResult<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let ids = jobs
+        .iter()
+        .map(|job| job.id.parse::<i64>().map_err(AppError::internal))
+        .collect::<AppResult<Vec<_>>>()?;
+    let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        "SELECT job_id, name, state, exit_code FROM tasks WHERE job_id IN ({}) ORDER BY job_id, idx",
+        placeholders.join(", ")
+    );
+    let args: Vec<Arg> = ids.iter().map(|id| (*id).into()).collect();
+    let rows = db.read().fetch_all(&sql, &args).await?;
+    let mut by_job: HashMap<String, Vec<TaskView>> = HashMap::new();
+    for row in rows {
+        by_job
+            .entry(row.int(0)?.to_string())
+            .or_default()
+            .push(TaskView {
+                name: row.text(1)?,
+                state: row.parsed(2)?,
+                exit_code: row.opt_int(3)?.and_then(|c| i32::try_from(c).ok()),
+            });
+    }
+    for job in jobs.iter_mut() {
+        job.tasks = by_job.remove(&job.id).unwrap_or_default();
+    }
+    Ok(())
+}
+
+/// Reads jobs with `sql` (which selects [`JOB_COLUMNS`]) and their tasks.
+async fn jobs_where(db: &Db, sql: &str, args: &[Arg<'_>]) -> AppResult<Vec<JobView>> {
+    let rows = db.read().fetch_all(sql, args).await?;
+    let mut jobs = rows
+        .iter()
+        .map(job_from_row)
+        .collect::<AppResult<Vec<_>>>()?;
+    attach_tasks(db, &mut jobs).await?;
+    Ok(jobs)
+}
+
+pub async fn get(db: &Db, id: i64) -> AppResult<JobView> {
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
+    jobs_where(db, &sql, &[id.into()])
+        .await?
+        .pop()
+        .ok_or_else(|| AppError::NotFound(format!("no job {id}")))
+}
+
+/// Filters of `GET /api/jobs`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    pub state: Option<String>,
+    pub image: Option<String>,
+    pub tag: Option<String>,
+    /// Only jobs with a smaller id (the `next_before` of the previous page).
+    pub before: Option<String>,
+    pub limit: Option<u32>,
+}
+
+pub const MAX_PAGE: u32 = 200;
+
+pub async fn list(db: &Db, q: &ListQuery) -> AppResult<JobList> {
+    let limit = q.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(AppError::BadRequest(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let state = q
+        .state
+        .as_deref()
+        .map(|s| s.parse::<JobState>())
+        .transpose()
+        .map_err(|e| AppError::BadRequest(e.to_string()))?;
+    let before = q
+        .before
+        .as_deref()
+        .map(|b| {
+            b.parse::<i64>()
+                .map_err(|_| AppError::BadRequest(format!("before `{b}` is not a job id")))
+        })
+        .transpose()?;
+    let mut clauses = Vec::new();
+    let mut args: Vec<Arg> = Vec::new();
+    if let Some(state) = state {
+        args.push(state.as_str().into());
+        clauses.push(format!("state = ${}", args.len()));
+    }
+    if let Some(image) = &q.image {
+        args.push(image.into());
+        clauses.push(format!("image = ${}", args.len()));
+    }
+    if let Some(tag) = &q.tag {
+        args.push(tag.into());
+        clauses.push(format!(
+            "id IN (SELECT job_id FROM job_tags WHERE tag = ${})",
+            args.len()
+        ));
+    }
+    if let Some(before) = before {
+        args.push(before.into());
+        clauses.push(format!("id < ${}", args.len()));
+    }
+    let filter = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
+    };
+    args.push((i64::from(limit) + 1).into());
+    let sql = format!(
+        "SELECT {JOB_COLUMNS} FROM jobs {filter} ORDER BY id DESC LIMIT ${}",
+        args.len()
+    );
+    let rows = db.read().fetch_all(&sql, &args).await?;
+    let mut jobs = rows
+        .iter()
+        .map(job_from_row)
+        .collect::<AppResult<Vec<_>>>()?;
+    let next_before = if jobs.len() > limit as usize {
+        jobs.truncate(limit as usize);
+        jobs.last().map(|j| j.id.clone())
+    } else {
+        None
+    };
+    attach_tasks(db, &mut jobs).await?;
+    Ok(JobList { jobs, next_before })
+}
+
+pub async fn group(db: &Db, id: i64) -> AppResult<GroupView> {
+    let row = db
+        .read()
+        .fetch_optional(
+            "SELECT created_at, schedule FROM job_groups WHERE id = $1",
+            &[id.into()],
+        )
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no group {id}")))?;
+    let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE group_id = $1 ORDER BY id");
+    Ok(GroupView {
+        id: id.to_string(),
+        created_at: row.int(0)?,
+        schedule: row.opt_text(1)?,
+        jobs: jobs_where(db, &sql, &[id.into()]).await?,
+    })
+}
+
+/// The ids of the newest groups (of `schedule` when given), newest first.
+pub async fn newest_groups(db: &Db, schedule: Option<&str>, limit: i64) -> AppResult<Vec<i64>> {
+    let rows = match schedule {
+        Some(name) => {
+            db.read()
+                .fetch_all(
+                    "SELECT id FROM job_groups WHERE schedule = $1 ORDER BY id DESC LIMIT $2",
+                    &[name.into(), limit.into()],
+                )
+                .await?
+        }
+        None => {
+            db.read()
+                .fetch_all(
+                    "SELECT id FROM job_groups ORDER BY id DESC LIMIT $1",
+                    &[limit.into()],
+                )
+                .await?
+        }
+    };
+    Ok(rows.iter().map(|r| r.int(0)).collect::<Result<_, _>>()?)
+}
+
+/// How many jobs are queued for each image that has any, by image name.
+pub async fn queue_depth(db: &Db) -> AppResult<Vec<(String, i64)>> {
+    count_by(
+        db,
+        "SELECT image, COUNT(*) FROM jobs WHERE state = 'queued' GROUP BY image ORDER BY image",
+    )
+    .await
+}
+
+/// How many jobs are in each state that has any.
+pub async fn jobs_by_state(db: &Db) -> AppResult<Vec<(String, i64)>> {
+    count_by(db, "SELECT state, COUNT(*) FROM jobs GROUP BY state").await
+}
+
+async fn count_by(db: &Db, sql: &str) -> AppResult<Vec<(String, i64)>> {
+    let rows = db.read().fetch_all(sql, &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.int(1)?)))
+        .collect::<Result<_, crate::db::DbFailure>>()?)
+}

@@ -1,0 +1,352 @@
+//! The server in-process for its own tests: the router of [`crate::app::app`] called with
+//! `oneshot` on a fresh database (a temporary SQLite file, or a new database on the test
+//! PostgreSQL server of `VMFARM_TEST_POSTGRES`), with an admin, a reader and two workers.
+
+use crate::app::app;
+use crate::auth::{Caller, store_token};
+use crate::config::{Scope, ServerConfig};
+use crate::db::{Db, now_ms};
+use crate::state::AppState;
+use crate::store::ArtifactStore;
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tower::ServiceExt;
+use vmfarm_proto::wire::{FENCE_HEADER, LeaseResponse, SHA256_HEADER, StateUpdate, TaskUpdate};
+use vmfarm_proto::{JobState, TaskState};
+
+pub const ADMIN: &str = "admin-token";
+pub const READER: &str = "reader-token";
+pub const WORKERS: [&str; 2] = ["w0", "w1"];
+
+pub fn worker_token(worker: &str) -> String {
+    format!("{worker}-token")
+}
+
+/// Runs each named async scenario `fn(Database)` once per database, as tests `NAME::sqlite`
+/// and `NAME::postgres`.
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::test_utils::Database::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::test_utils::Database::Postgres).await
+            }
+        }
+    )*};
+}
+pub(crate) use on_both_databases;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    Sqlite,
+    Postgres,
+}
+
+/// An answer: its status and its body as JSON (`Null` when empty, a string when not JSON).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: Value,
+}
+
+impl Answer {
+    /// The error message of a refusal.
+    pub fn error(&self) -> &str {
+        self.body["error"].as_str().unwrap_or("")
+    }
+}
+
+pub struct TestApp {
+    pub state: AppState,
+    router: Router,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestApp {
+    pub async fn new(database: Database) -> TestApp {
+        Self::with_config(database, |_| {}).await
+    }
+
+    /// A server whose config `adjust` changes first.
+    pub async fn with_config(
+        database: Database,
+        adjust: impl FnOnce(&mut ServerConfig),
+    ) -> TestApp {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = match database {
+            Database::Sqlite => format!("sqlite://{}/vmfarm.db", dir.path().display()),
+            Database::Postgres => fresh_postgres_database().await,
+        };
+        let mut config = ServerConfig {
+            data_dir: dir.path().to_owned(),
+            database_url: url.clone(),
+            ..ServerConfig::default()
+        };
+        adjust(&mut config);
+        let db = Db::open(&url).await.expect("the test database opens");
+        let callers = [
+            (
+                ADMIN.to_owned(),
+                Caller::Api {
+                    name: "admin".into(),
+                    scopes: vec![Scope::Admin],
+                },
+            ),
+            (
+                READER.to_owned(),
+                Caller::Api {
+                    name: "reader".into(),
+                    scopes: vec![Scope::Read],
+                },
+            ),
+        ]
+        .into_iter()
+        .chain(WORKERS.map(|w| (worker_token(w), Caller::Worker { name: w.into() })));
+        for (token, caller) in callers {
+            store_token(&db, &token, &caller)
+                .await
+                .expect("a test token is stored");
+        }
+        let state = AppState::new(db, config, ArtifactStore::new(dir.path().join("artifacts")));
+        TestApp {
+            router: app(state.clone()),
+            state,
+            dir,
+        }
+    }
+
+    /// Calls the router with `token` (if any), `headers`, and `body`.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, String)],
+        body: Body,
+    ) -> Answer {
+        let mut request = Request::builder().method(method).uri(path);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let response = self
+            .router
+            .clone()
+            .oneshot(request.body(body).expect("a valid request"))
+            .await
+            .expect("the router answers");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("the body is read");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
+        };
+        Answer { status, body }
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Answer {
+        self.call(Method::GET, path, Some(token), &[], Body::empty())
+            .await
+    }
+
+    /// POSTs `json` as a worker under `lease` (with its fence).
+    pub async fn lease_post(
+        &self,
+        worker: &str,
+        lease: &LeaseResponse,
+        route: &str,
+        json: &Value,
+    ) -> Answer {
+        self.call(
+            Method::POST,
+            &format!("/api/leases/{}/{route}", lease.lease_id),
+            Some(&worker_token(worker)),
+            &[
+                (FENCE_HEADER, lease.fence.to_string()),
+                ("content-type", "application/json".into()),
+            ],
+            Body::from(json.to_string()),
+        )
+        .await
+    }
+
+    /// Submits `manifest` as the admin; the ids of its jobs.
+    pub async fn submit(&self, manifest: &str) -> Vec<i64> {
+        let answer = self
+            .call(
+                Method::POST,
+                "/api/jobs",
+                Some(ADMIN),
+                &[],
+                Body::from(manifest.to_owned()),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{:?}", answer.body);
+        answer.body["jobs"]
+            .as_array()
+            .expect("jobs")
+            .iter()
+            .map(|j| {
+                j["id"]
+                    .as_str()
+                    .and_then(|id| id.parse().ok())
+                    .expect("an id")
+            })
+            .collect()
+    }
+
+    /// A lease for `worker` on image `image`, which must have queued work.
+    pub async fn lease(&self, worker: &str, image: &str) -> LeaseResponse {
+        let request = serde_json::json!({
+            "name": worker, "images": [{"name": image, "version": "v1"}], "slots": 1, "version": "test",
+        });
+        let answer = self
+            .call(
+                Method::POST,
+                "/api/workers/lease",
+                Some(&worker_token(worker)),
+                &[("content-type", "application/json".into())],
+                Body::from(request.to_string()),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+        serde_json::from_value(answer.body).expect("a lease")
+    }
+
+    /// Reports `update` under `lease`; the answer's status.
+    pub async fn report(
+        &self,
+        worker: &str,
+        lease: &LeaseResponse,
+        update: &StateUpdate,
+    ) -> Answer {
+        let json = serde_json::to_value(update).expect("an update");
+        self.lease_post(worker, lease, "state", &json).await
+    }
+
+    /// Moves the job of `lease` to `state`; asserts it was accepted.
+    pub async fn move_job(&self, worker: &str, lease: &LeaseResponse, state: JobState) {
+        let update = StateUpdate {
+            job_state: Some(state),
+            ..StateUpdate::default()
+        };
+        let answer = self.report(worker, lease, &update).await;
+        assert_eq!(answer.status, StatusCode::NO_CONTENT, "{:?}", answer.body);
+    }
+
+    /// Moves the job of `lease` through `booting` to `running`.
+    pub async fn start(&self, worker: &str, lease: &LeaseResponse) {
+        self.move_job(worker, lease, JobState::Booting).await;
+        self.move_job(worker, lease, JobState::Running).await;
+    }
+
+    /// Moves task `name` of the job of `lease` to `state`; asserts it was accepted.
+    pub async fn move_task(
+        &self,
+        worker: &str,
+        lease: &LeaseResponse,
+        name: &str,
+        state: TaskState,
+        exit_code: Option<i32>,
+    ) {
+        let update = StateUpdate {
+            task: Some(TaskUpdate {
+                name: name.into(),
+                state,
+                exit_code,
+            }),
+            ..StateUpdate::default()
+        };
+        let answer = self.report(worker, lease, &update).await;
+        assert_eq!(answer.status, StatusCode::NO_CONTENT, "{:?}", answer.body);
+    }
+
+    /// Uploads `data` as artifact `name` under `lease`.
+    pub async fn upload(
+        &self,
+        worker: &str,
+        lease: &LeaseResponse,
+        name: &str,
+        data: &[u8],
+    ) -> Answer {
+        self.call(
+            Method::PUT,
+            &format!("/api/leases/{}/artifacts/{name}", lease.lease_id),
+            Some(&worker_token(worker)),
+            &[
+                (FENCE_HEADER, lease.fence.to_string()),
+                (SHA256_HEADER, hex::encode(Sha256::digest(data))),
+            ],
+            Body::from(data.to_vec()),
+        )
+        .await
+    }
+
+    /// Job `id` as the API shows it.
+    pub async fn job(&self, id: i64) -> Value {
+        let answer = self.get(&format!("/api/jobs/{id}"), ADMIN).await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+        answer.body
+    }
+
+    /// Job `id`'s whole log as text.
+    pub async fn log(&self, id: i64) -> String {
+        let answer = self.get(&format!("/api/jobs/{id}/log"), ADMIN).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        answer.body.as_str().map(str::to_owned).unwrap_or_default()
+    }
+
+    /// Makes job `id`'s lease expire now, as if its worker had stopped renewing it long ago.
+    pub async fn expire(&self, id: i64) {
+        self.state
+            .db
+            .execute(
+                "UPDATE jobs SET lease_expires_at = $1 WHERE id = $2",
+                &[(now_ms() - 1).into(), id.into()],
+            )
+            .await
+            .expect("the lease is made to expire");
+    }
+}
+
+/// A new, empty database on the test PostgreSQL server; its URL.
+async fn fresh_postgres_database() -> String {
+    use sqlx::Connection;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let base = std::env::var("VMFARM_TEST_POSTGRES").unwrap_or_else(|_| {
+        panic!(
+            "VMFARM_TEST_POSTGRES is not set: run the tests with scripts/test.sh, or start a server with \
+             `eval $(bash scripts/test-postgres.sh start)`"
+        )
+    });
+    sqlx::any::install_default_drivers();
+    let name = format!(
+        "vmfarm_unit_{}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst),
+        now_ms()
+    );
+    let mut conn = sqlx::AnyConnection::connect(&base)
+        .await
+        .expect("the test PostgreSQL server answers");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("a test database is created");
+    let (prefix, _) = base.rsplit_once('/').expect("a postgres URL ends with /DB");
+    format!("{prefix}/{name}")
+}
