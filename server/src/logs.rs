@@ -3,8 +3,7 @@
 
 use crate::db::{Db, Query, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
-use crate::extract::LeaseCall;
-use crate::fence::{LeaseRef, live_job, refusal};
+use crate::fence::{LeaseCall, live_job, refusal};
 use crate::state::AppState;
 use serde::Serialize;
 use vmfarm_proto::JobState;
@@ -76,9 +75,8 @@ pub async fn append(
         .db
         .write(move |tx| {
             Box::pin(async move {
-                let job_id = live_job(tx, &call.worker, &call.lease).await?.id;
-                let ack =
-                    store_chunks(tx, job_id, &call.lease, &append, seq, limit, &cut_note).await?;
+                let job_id = live_job(tx, &call).await?.id;
+                let ack = store_chunks(tx, job_id, &call, &append, seq, limit, &cut_note).await?;
                 Ok::<_, AppError>((job_id, ack))
             })
         })
@@ -94,7 +92,7 @@ pub async fn append(
 async fn store_chunks(
     tx: &mut WriteTx,
     job_id: i64,
-    lease: &LeaseRef,
+    call: &LeaseCall,
     append: &LogAppend,
     seq: i64,
     limit: i64,
@@ -107,8 +105,8 @@ async fn store_chunks(
             &[
                 seq.into(),
                 job_id.into(),
-                (&lease.lease_id).into(),
-                lease.fence.into(),
+                (&call.lease_id).into(),
+                call.fence.into(),
                 (seq - 1).into(),
             ],
         )
@@ -117,11 +115,11 @@ async fn store_chunks(
         let current = tx
             .fetch_optional(
                 "SELECT log_seq, log_size FROM jobs WHERE id = $1 AND lease_id = $2 AND fence = $3",
-                &[job_id.into(), (&lease.lease_id).into(), lease.fence.into()],
+                &[job_id.into(), (&call.lease_id).into(), call.fence.into()],
             )
             .await?;
         let Some(current) = current else {
-            return Err(refusal(tx, lease).await);
+            return Err(refusal(tx, call).await);
         };
         let (last, log_size) = (current.int(0)?, current.int(1)?);
         return if seq <= last {

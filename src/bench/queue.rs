@@ -12,8 +12,7 @@ use vmfarm_proto::JobState;
 use vmfarm_proto::wire::{FENCE_HEADER, LeaseRequest, LeaseResponse, StateUpdate, WorkerImage};
 use vmfarm_server::config::{ApiToken, Scope, ServerConfig, WorkerToken};
 use vmfarm_server::db::DbFailure;
-use vmfarm_server::extract::LeaseCall;
-use vmfarm_server::fence::LeaseRef;
+use vmfarm_server::fence::LeaseCall;
 use vmfarm_server::jobs;
 use vmfarm_server::leases::{take, update};
 use vmfarm_server::state::AppState;
@@ -310,10 +309,8 @@ async fn cycle_rate(state: &AppState) -> anyhow::Result<f64> {
                     .ok_or_else(|| anyhow::anyhow!("no job to lease"))?;
                 let call = LeaseCall {
                     worker: worker.clone(),
-                    lease: LeaseRef {
-                        lease_id: lease.lease_id.clone(),
-                        fence: i64::try_from(lease.fence)?,
-                    },
+                    lease_id: lease.lease_id.clone(),
+                    fence: i64::try_from(lease.fence)?,
                 };
                 for next in [JobState::Booting, JobState::Running, JobState::Succeeded] {
                     let update = StateUpdate {

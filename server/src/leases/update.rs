@@ -3,8 +3,7 @@
 
 use crate::db::{Query, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
-use crate::extract::LeaseCall;
-use crate::fence::{live_job, refusal};
+use crate::fence::{LeaseCall, live_job, refusal};
 use crate::job_end::{End, EndedBy, Seen, end_job};
 use crate::state::AppState;
 use vmfarm_proto::wire::{HeartbeatResponse, StateUpdate, TaskUpdate};
@@ -28,8 +27,8 @@ pub async fn heartbeat(state: &AppState, call: &LeaseCall) -> AppResult<Heartbea
                          AND lease_expires_at >= $5 AND state IN ('leased', 'booting', 'running') RETURNING cancel_requested",
                         &[
                             expires_at.into(),
-                            (&call.lease.lease_id).into(),
-                            call.lease.fence.into(),
+                            (&call.lease_id).into(),
+                            call.fence.into(),
                             (&call.worker).into(),
                             now.into(),
                         ],
@@ -40,7 +39,7 @@ pub async fn heartbeat(state: &AppState, call: &LeaseCall) -> AppResult<Heartbea
                         expires_at,
                         cancel: row.int(0)? != 0,
                     }),
-                    None => Err(refusal(tx, &call.lease).await),
+                    None => Err(refusal(tx, &call).await),
                 }
             })
         })
@@ -88,7 +87,7 @@ async fn apply_update(
     update: &StateUpdate,
     now: i64,
 ) -> AppResult<(i64, Option<JobState>)> {
-    let job = live_job(tx, &call.worker, &call.lease).await?;
+    let job = live_job(tx, call).await?;
     if update.image_version.is_some() || update.reason.is_some() {
         tx.execute(
             "UPDATE jobs SET image_version = COALESCE($1, image_version), reason = COALESCE($2, reason) \
@@ -110,7 +109,7 @@ async fn apply_update(
     let seen = Seen {
         id: job.id,
         state: job.state,
-        fence: call.lease.fence,
+        fence: call.fence,
     };
     if next.is_terminal() {
         let end = End {
@@ -122,7 +121,7 @@ async fn apply_update(
         return if end_job(tx, &seen, &end).await? {
             Ok((job.id, Some(next)))
         } else {
-            Err(refusal(tx, &call.lease).await)
+            Err(refusal(tx, call).await)
         };
     }
     if !job.state.can_become(next) || next == JobState::Queued {
@@ -146,7 +145,7 @@ async fn apply_update(
         )
         .await?;
     if moved != 1 {
-        return Err(refusal(tx, &call.lease).await);
+        return Err(refusal(tx, call).await);
     }
     Ok((job.id, None))
 }

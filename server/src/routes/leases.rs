@@ -3,8 +3,7 @@
 
 use crate::auth::Caller;
 use crate::error::{AppError, AppResult};
-use crate::extract::LeaseCall;
-use crate::fence::live_job;
+use crate::fence::{LeaseCall, live_job};
 use crate::leases::{take, update};
 use crate::logs::{self, AppendAck};
 use crate::state::AppState;
@@ -88,7 +87,7 @@ pub async fn put_artifact(
         })?
         .to_owned();
     store::check_name(&name)?;
-    let job = live_job(&mut state.db.read(), &call.worker, &call.lease).await?;
+    let job = live_job(&mut state.db.read(), &call).await?;
     let max = state.config.limits.max_artifact_size.0;
     let view = state
         .store
@@ -106,9 +105,9 @@ pub async fn put_artifact(
         .db
         .write(move |tx| {
             Box::pin(async move {
-                let live = live_job(tx, &call.worker, &call.lease).await?;
+                let live = live_job(tx, &call).await?;
                 if live.attempt != job.attempt {
-                    return Err(crate::fence::refusal(tx, &call.lease).await);
+                    return Err(crate::fence::refusal(tx, &call).await);
                 }
                 store::record(tx, job.id, job.attempt, &row).await
             })
