@@ -182,10 +182,11 @@ pub fn ended(state: &AppState, end: JobState) {
 #[cfg(test)]
 mod tests {
     use crate::leases::reaper::reap_expired;
-    use crate::test_utils::{ADMIN, Database, TestApp, on_both_databases};
+    use crate::test_utils::{ADMIN, Answer, Database, TestApp, on_both_databases};
     use axum::body::Body;
     use axum::http::{Method, StatusCode};
     use serde_json::{Value, json};
+    use vmfarm_proto::wire::LeaseResponse;
     use vmfarm_proto::{JobState, TaskState};
 
     on_both_databases!(
@@ -223,6 +224,12 @@ mod tests {
             .collect()
     }
 
+    /// A job of [`TWO_TASKS`] leased by `w0`, running its first task.
+    async fn running_job(app: &TestApp) -> (i64, LeaseResponse) {
+        let (id, lease) = running_job(&app).await;
+        (id, lease)
+    }
+
     async fn deliveries(app: &TestApp, id: i64) -> usize {
         crate::triggers::for_job(&app.state, id)
             .await
@@ -230,24 +237,21 @@ mod tests {
             .len()
     }
 
-    async fn cancel(app: &TestApp, id: i64) -> Value {
-        let answer = app
-            .call(
-                Method::POST,
-                &format!("/api/jobs/{id}/cancel"),
-                Some(ADMIN),
-                &[],
-                Body::empty(),
-            )
-            .await;
-        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
-        answer.body
+    async fn cancel(app: &TestApp, id: i64) -> Answer {
+        app.call(
+            Method::POST,
+            &format!("/api/jobs/{id}/cancel"),
+            Some(ADMIN),
+            &[],
+            Body::empty(),
+        )
+        .await
     }
 
     async fn test_cancel_of_a_queued_job_skips_every_task(db: Database) {
         let app = TestApp::new(db).await;
         let id = app.submit(TWO_TASKS).await[0];
-        let job = cancel(&app, id).await;
+        let job = cancel(&app, id).await.body;
         assert_eq!(job["state"], "cancelled");
         assert_eq!(job["reason"], "cancelled before it started");
         assert!(job["finished_at"].is_i64());
@@ -264,26 +268,15 @@ mod tests {
             1,
             "a cancel is a failure for triggers"
         );
-        let again = app
-            .call(
-                Method::POST,
-                &format!("/api/jobs/{id}/cancel"),
-                Some(ADMIN),
-                &[],
-                Body::empty(),
-            )
-            .await;
+        let again = cancel(&app, id).await;
         assert_eq!(again.status, StatusCode::CONFLICT);
+        assert!(again.error().contains("has already ended (cancelled)"));
     }
 
     async fn test_cancel_of_a_running_job_cuts_its_task_and_skips_the_rest(db: Database) {
         let app = TestApp::new(db).await;
-        let id = app.submit(TWO_TASKS).await[0];
-        let lease = app.lease("w0", "a").await;
-        app.start("w0", &lease).await;
-        app.move_task("w0", &lease, "x", TaskState::Running, None)
-            .await;
-        let job = cancel(&app, id).await;
+        let (id, lease) = running_job(&app).await;
+        let job = cancel(&app, id).await.body;
         assert_eq!(
             job["state"], "running",
             "it stops when its worker hears of it"
@@ -306,11 +299,7 @@ mod tests {
 
     async fn test_a_failed_task_skips_the_rest(db: Database) {
         let app = TestApp::new(db).await;
-        let id = app.submit(TWO_TASKS).await[0];
-        let lease = app.lease("w0", "a").await;
-        app.start("w0", &lease).await;
-        app.move_task("w0", &lease, "x", TaskState::Running, None)
-            .await;
+        let (id, lease) = running_job(&app).await;
         app.move_task("w0", &lease, "x", TaskState::Failed, Some(2))
             .await;
         app.move_job("w0", &lease, JobState::Failed).await;
@@ -338,11 +327,7 @@ mod tests {
 
     async fn test_a_timed_out_job_times_its_running_task_out(db: Database) {
         let app = TestApp::new(db).await;
-        let id = app.submit(TWO_TASKS).await[0];
-        let lease = app.lease("w0", "a").await;
-        app.start("w0", &lease).await;
-        app.move_task("w0", &lease, "x", TaskState::Running, None)
-            .await;
+        let (id, lease) = running_job(&app).await;
         app.move_job("w0", &lease, JobState::TimedOut).await;
         let job = app.job(id).await;
         assert_eq!(job["state"], "timed_out");
@@ -353,11 +338,7 @@ mod tests {
 
     async fn test_a_lost_attempt_is_requeued_clean(db: Database) {
         let app = TestApp::new(db).await;
-        let id = app.submit(TWO_TASKS).await[0];
-        let lease = app.lease("w0", "a").await;
-        app.start("w0", &lease).await;
-        app.move_task("w0", &lease, "x", TaskState::Running, None)
-            .await;
+        let (id, lease) = running_job(&app).await;
         let log = json!({"seq": 1, "chunks": [{"stream": "task", "task": "x", "ts_ms": 1, "data": "half a li"}]});
         assert_eq!(
             app.lease_post("w0", &lease, "log", &log).await.status,
@@ -426,11 +407,7 @@ mod tests {
 
     async fn test_a_lost_last_attempt_ends_in_error(db: Database) {
         let app = TestApp::with_config(db, |c| c.leases.max_attempts = 1).await;
-        let id = app.submit(TWO_TASKS).await[0];
-        let lease = app.lease("w0", "a").await;
-        app.start("w0", &lease).await;
-        app.move_task("w0", &lease, "x", TaskState::Running, None)
-            .await;
+        let (id, lease) = running_job(&app).await;
         app.expire(id).await;
         assert_eq!(reap_expired(&app.state).await.unwrap(), 1);
         let job = app.job(id).await;
@@ -473,7 +450,7 @@ mod tests {
         let id = app.submit(TWO_TASKS).await[0];
         let lease = app.lease("w0", "a").await;
         app.move_job("w0", &lease, JobState::Booting).await;
-        cancel(&app, id).await;
+        assert_eq!(cancel(&app, id).await.status, StatusCode::OK);
         app.expire(id).await;
         assert_eq!(reap_expired(&app.state).await.unwrap(), 1);
         let job = app.job(id).await;
