@@ -13,7 +13,7 @@ use super::{
     AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, ProcessVm, RunDir, Vm,
     die_with_parent,
 };
-use crate::vmm::virtio::qcow2_overlay::create_overlay;
+use crate::vmm::qcow2::overlay::create_overlay;
 
 /// The guest port the agent serves SSH on.
 pub const SSH_PORT: u32 = 22;
