@@ -177,6 +177,29 @@ mod tests {
         Header::read(&File::open(path).unwrap())
     }
 
+    /// A version 3 header of a 1 MiB image with 64 KiB clusters, without tables.
+    fn v3() -> Header {
+        Header {
+            version: 3,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            cluster_bits: 16,
+            size: 1 << 20,
+            crypt_method: 0,
+            l1_size: 1,
+            l1_table_offset: 0,
+            refcount_table_offset: 0,
+            refcount_table_clusters: 0,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: 104,
+        }
+    }
+
     #[test]
     fn test_reads_what_qemu_img_writes() {
         let dir = TempDir::new("header");
@@ -210,23 +233,15 @@ mod tests {
     fn test_bytes_read_back_as_the_same_header() {
         let dir = TempDir::new("header");
         let header = Header {
-            version: 3,
             backing_file_offset: 512,
             backing_file_size: 5,
-            cluster_bits: 16,
             size: 7 << 30,
-            crypt_method: 0,
             l1_size: 14,
             l1_table_offset: 3 << 16,
             refcount_table_offset: 1 << 16,
             refcount_table_clusters: 1,
-            nb_snapshots: 0,
-            snapshots_offset: 0,
-            incompatible_features: 0,
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: 4,
             header_length: 112,
+            ..v3()
         };
         let mut bytes = header.to_bytes();
         assert_eq!(bytes.len(), 112);
@@ -246,14 +261,14 @@ mod tests {
     fn test_other_files_and_malformed_headers() {
         let dir = TempDir::new("header");
         let path = dir.path().join("f");
-        let mut v3 = MAGIC.to_vec();
-        v3.extend_from_slice(&3u32.to_be_bytes());
+        let mut truncated = MAGIC.to_vec();
+        truncated.extend_from_slice(&3u32.to_be_bytes());
         for (bytes, want) in [
             (&b""[..], "none"),
             (b"QFI", "none"),
             (&[0u8; 4096][..], "none"),
             (b"QFI\xfb\0\0\0\x04", "malformed"),
-            (&v3[..], "malformed"),
+            (&truncated[..], "malformed"),
         ] {
             std::fs::write(&path, bytes).unwrap();
             match (read(&path), want) {
@@ -262,25 +277,7 @@ mod tests {
             }
         }
         // A backing name past the end of the file, too long, not UTF-8.
-        let mut header = Header {
-            version: 3,
-            backing_file_offset: 4096,
-            backing_file_size: 10,
-            cluster_bits: 16,
-            size: 1 << 20,
-            crypt_method: 0,
-            l1_size: 1,
-            l1_table_offset: 0,
-            refcount_table_offset: 0,
-            refcount_table_clusters: 0,
-            nb_snapshots: 0,
-            snapshots_offset: 0,
-            incompatible_features: 0,
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: 4,
-            header_length: 104,
-        };
+        let mut header = v3();
         for (offset, size) in [(4096, 10), (104, 2000), (104, 2)] {
             header.backing_file_offset = offset;
             header.backing_file_size = size;
