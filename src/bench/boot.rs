@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use vmfarm_proto::units::parse_size;
+use vmfarm_worker::vmm::qcow2::header::Header;
 use vmfarm_worker::vmm::timing::{monotonic_ns, parse_vcpus_start};
 use vmfarm_worker::worker::backend_choice::{KvmHost, probe_kvm};
 
@@ -243,12 +244,12 @@ fn qemu_command(args: &BootBenchArgs, disk: Option<&Path>, memory: u64) -> Comma
 
 /// `qcow2` or `raw`, as QEMU is to read the disk (vmfarm finds out by itself).
 fn disk_format(disk: &Path) -> &'static str {
-    let mut magic = [0u8; 4];
-    let is_qcow2 = std::fs::File::open(disk)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"QFI\xfb";
-    if is_qcow2 { "qcow2" } else { "raw" }
+    let header = std::fs::File::open(disk).map(|file| Header::read(&file));
+    if matches!(header, Ok(Ok(Some(_)))) {
+        "qcow2"
+    } else {
+        "raw"
+    }
 }
 
 /// One console line and when it arrived.

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use vmfarm_worker::vmm::qcow2::overlay::create_overlay;
 use vmfarm_worker::vmm::virtio::block::throughput::{Engine, Passes, engine_name, measure};
-use vmfarm_worker::vmm::virtio::qcow2_overlay::create_overlay;
 
 #[derive(Debug, clap::Args)]
 pub struct DiskBenchArgs {

@@ -13,7 +13,7 @@ use super::{
     AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, ProcessVm, RunDir, Vm,
     die_with_parent,
 };
-use crate::vmm::virtio::qcow2_overlay::create_overlay;
+use crate::vmm::qcow2::overlay::create_overlay;
 
 /// The guest port the agent serves SSH on.
 pub const SSH_PORT: u32 = 22;
@@ -71,13 +71,11 @@ impl Backend for KvmBackend {
 
     fn boot<'a>(&'a self, spec: &'a BootSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>> {
         Box::pin(async move {
-            std::fs::create_dir_all(&spec.run_dir).map_err(BackendError::Overlay)?;
+            std::fs::create_dir_all(&spec.run_dir).map_err(BackendError::RunDir)?;
             let dir = RunDir(spec.run_dir.clone());
             let overlay = dir.0.join("overlay.qcow2");
             let vsock = dir.0.join("vsock.sock");
-            let base = std::path::absolute(&spec.base_disk).map_err(BackendError::Overlay)?;
-            create_overlay(&base, &overlay)
-                .map_err(|e| BackendError::Overlay(std::io::Error::other(e)))?;
+            create_overlay(&spec.base_disk, &overlay).map_err(BackendError::Overlay)?;
             let mut command = Command::new(&self.vmm);
             command
                 .args(Self::args(spec, &overlay, &vsock))

@@ -18,6 +18,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use cmdline::{ChannelKind, GuestCmdline};
 
+use crate::vmm::qcow2::overlay::OverlayError;
+
 /// A boxed future, so that backends can be chosen at run time (`dyn Backend`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -51,10 +53,10 @@ pub enum BackendError {
         tool: &'static str,
         package: &'static str,
     },
+    #[error("creating the guest's folder")]
+    RunDir(#[source] std::io::Error),
     #[error("creating the guest's overlay disk")]
-    Overlay(#[source] std::io::Error),
-    #[error("qemu-img could not create the overlay: {0}")]
-    OverlayTool(String),
+    Overlay(#[source] OverlayError),
     #[error("starting the VMM")]
     Spawn(#[source] std::io::Error),
     #[error("connecting to the guest's SSH channel at {path}")]

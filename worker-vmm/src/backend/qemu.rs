@@ -1,5 +1,6 @@
 //! The `qemu` backend: qemu-system-x86_64 `-M microvm`, the agent's SSH over a virtio-serial
-//! port on a Unix socket, the console on QEMU's stdout, a qcow2 overlay per guest.
+//! port on a Unix socket, the console on QEMU's stdout, a qcow2 overlay per guest (made as the
+//! `kvm` backend makes it, by [`create_overlay`]).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -10,9 +11,9 @@ use super::{
     AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, ProcessVm, RunDir, Vm,
     die_with_parent,
 };
+use crate::vmm::qcow2::overlay::create_overlay;
 
 const QEMU: &str = "qemu-system-x86_64";
-const QEMU_IMG: &str = "qemu-img";
 
 /// How QEMU runs guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,32 +92,6 @@ impl QemuBackend {
     }
 }
 
-/// A folder of this guest's files, removed when dropped.
-/// Makes `overlay`, a qcow2 file whose backing file is `base` (nothing is copied).
-pub async fn create_overlay(base: &Path, overlay: &Path) -> Result<(), BackendError> {
-    let base = std::path::absolute(base).map_err(BackendError::Overlay)?;
-    let output = Command::new(QEMU_IMG)
-        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-        .arg(&base)
-        .arg(overlay)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => BackendError::MissingTool {
-                tool: QEMU_IMG,
-                package: "qemu-utils",
-            },
-            _ => BackendError::Overlay(e),
-        })?;
-    if !output.status.success() {
-        return Err(BackendError::OverlayTool(
-            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-        ));
-    }
-    Ok(())
-}
-
 impl Backend for QemuBackend {
     fn name(&self) -> &'static str {
         "qemu"
@@ -132,11 +107,11 @@ impl Backend for QemuBackend {
 
     fn boot<'a>(&'a self, spec: &'a BootSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>> {
         Box::pin(async move {
-            std::fs::create_dir_all(&spec.run_dir).map_err(BackendError::Overlay)?;
+            std::fs::create_dir_all(&spec.run_dir).map_err(BackendError::RunDir)?;
             let dir = RunDir(spec.run_dir.clone());
             let overlay = dir.0.join("overlay.qcow2");
             let socket = dir.0.join("ssh.sock");
-            create_overlay(&spec.base_disk, &overlay).await?;
+            create_overlay(&spec.base_disk, &overlay).map_err(BackendError::Overlay)?;
             let mut command = Command::new(QEMU);
             command
                 .args(self.args(spec, &overlay, &socket))

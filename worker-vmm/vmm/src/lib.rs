@@ -22,7 +22,10 @@ mod kvm_tests;
 pub mod layout;
 pub mod legacy;
 pub mod memory;
+pub mod qcow2;
 pub mod run;
+#[cfg(test)]
+mod test_utils;
 pub mod thread;
 pub mod timing;
 pub mod vcpu;

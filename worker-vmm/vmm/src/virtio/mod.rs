@@ -13,8 +13,8 @@
 //! mmio_bus.insert(base, MMIO_WINDOW_SIZE, Arc::new(Mutex::new(transport)))?;
 //! ```
 //!
-//! Overlays: [`qcow2_overlay::create_overlay`]`(base, overlay)` writes a copy-on-write qcow2
-//! over a qcow2 base (absolute path); attach the overlay with `Block::open(overlay, false)`.
+//! Overlays: [`create_overlay`](crate::qcow2::overlay::create_overlay)`(base, overlay)` writes
+//! a copy-on-write qcow2 over a qcow2 base; attach the overlay with `Block::open(overlay, false)`.
 //!
 //! - **Register accesses** arrive through [`BusDevice`](crate::bus::BusDevice) on the
 //!   vCPU thread that exited, under the bus's lock of that transport. Registers are 32-bit and
@@ -42,7 +42,6 @@ pub mod block;
 pub mod chain;
 pub mod device;
 pub mod mmio;
-pub mod qcow2_overlay;
 pub mod rng;
 pub mod vsock;
 

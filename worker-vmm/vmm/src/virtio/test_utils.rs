@@ -2,7 +2,6 @@
 //! minimal guest driver that sets a device up through its MMIO registers and drives split queues.
 
 use std::io;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -34,30 +33,6 @@ impl IrqLine for CountingIrq {
 /// 64 MiB of guest memory at guest address 0.
 pub fn guest_memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
-}
-
-/// A directory removed when dropped.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("vmfarm-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        TempDir(dir)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// The driver's view of one split queue in guest memory.
@@ -274,60 +249,4 @@ impl TestDriver {
     pub fn write_mem(&self, addr: u64, data: &[u8]) {
         self.mem.write_slice(data, GuestAddress(addr)).unwrap();
     }
-}
-
-/// Run qemu-img; panics with its stderr when it fails.
-pub fn qemu_img(args: &[&str]) -> String {
-    let out = std::process::Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img runs");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A qcow2 image named `name` in `dir` holding `data`, made by `qemu-img convert` (the reference).
-pub fn qcow2_from(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
-    let raw = dir.join(format!("{name}.raw"));
-    std::fs::write(&raw, data).expect("write the raw seed");
-    let image = dir.join(name);
-    qemu_img(&[
-        "convert",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        path_str(&raw),
-        path_str(&image),
-    ]);
-    image
-}
-
-/// What `image` holds, as `qemu-img` reads it, after `qemu-img check` accepts it.
-pub fn checked_contents(dir: &Path, image: &Path) -> Vec<u8> {
-    qemu_img(&["check", path_str(image)]);
-    let out = dir.join("contents.raw");
-    qemu_img(&["convert", "-O", "raw", path_str(image), path_str(&out)]);
-    std::fs::read(&out).expect("read the converted image")
-}
-
-fn path_str(path: &Path) -> &str {
-    path.to_str().expect("test paths are UTF-8")
-}
-
-/// A deterministic byte pattern, different for each `seed`.
-pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            (i as u8)
-                .wrapping_mul(31)
-                .wrapping_add(seed)
-                .wrapping_add((i >> 9) as u8)
-        })
-        .collect()
 }

@@ -1,8 +1,6 @@
 //! virtio-blk over raw and qcow2 images, served on the device's own thread.
 
 mod disk;
-mod qcow2_file;
-mod qcow2_top;
 mod request;
 pub mod throughput;
 mod vectored;
@@ -343,11 +341,11 @@ impl Worker {
 mod tests {
     use super::request::{S_IOERR, S_OK, S_UNSUPP, T_FLUSH, T_GET_ID, T_IN, T_OUT};
     use super::*;
-    use crate::virtio::qcow2_overlay::create_overlay;
-    use crate::virtio::test_utils::{
-        DATA_BASE, DESC_F_NEXT, TempDir, TestDriver, checked_contents, pattern, qcow2_from,
-        qemu_img,
-    };
+    use crate::qcow2::ImageError;
+    use crate::qcow2::overlay::create_overlay;
+    use crate::qcow2::test_utils::{checked_contents, qcow2_from, qemu_img};
+    use crate::test_utils::{TempDir, pattern};
+    use crate::virtio::test_utils::{DATA_BASE, DESC_F_NEXT, TestDriver};
 
     const HDR: u64 = DATA_BASE;
     const DATA: u64 = DATA_BASE + 0x1000;
@@ -554,7 +552,9 @@ mod tests {
         qemu_img(&["create", "-q", "-f", "qcow2", "-b", r, "-F", "raw", t]);
         assert!(matches!(
             Block::open(&top, false),
-            Err(BlockError::Disk(DiskError::BackingNotQcow2 { .. }))
+            Err(BlockError::Disk(DiskError::Qcow2(
+                ImageError::BackingNotQcow2 { .. }
+            )))
         ));
         std::fs::remove_file(&top).unwrap();
         let base = dir.path().join("base.qcow2");
@@ -572,7 +572,9 @@ mod tests {
         ]);
         assert!(matches!(
             Block::open(&top, false),
-            Err(BlockError::Disk(DiskError::RelativeBacking { .. }))
+            Err(BlockError::Disk(DiskError::Qcow2(
+                ImageError::RelativeBacking { .. }
+            )))
         ));
         assert!(matches!(
             Block::open(&dir.path().join("missing"), false),

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::disk::{self, DirectWrite, Disk, DiskError};
+use crate::qcow2::chain::Chain;
 
 /// How long each pass over the image took.
 #[derive(Debug, Clone, Copy)]
@@ -26,7 +27,7 @@ pub fn engine_name(path: &Path) -> Result<&'static str, DiskError> {
     Ok(match Disk::open(path, probe.format, false)? {
         Disk::Raw(_) => "raw file",
         Disk::Overlay { .. } => "vmfarm's qcow2 engine",
-        Disk::Qcow2 { .. } => "qcow2-rs",
+        Disk::Qcow2(_) => "qcow2-rs",
     })
 }
 
@@ -52,7 +53,7 @@ pub fn measure(
     let probe = disk::probe(path, false)?;
     let mut disk = match engine {
         Engine::AsVm => Disk::open(path, probe.format, false)?,
-        Engine::Qcow2Rs => Disk::open_qcow2(path, false)?,
+        Engine::Qcow2Rs => Disk::Qcow2(Chain::open(path, false)?),
     };
     let mut data: Vec<u8> = (0..request).map(|i| (i % 251) as u8).collect();
     let first_write = timed(total, request, |offset| write(&mut disk, &data, offset))?;
@@ -104,8 +105,9 @@ fn read(disk: &mut Disk, data: &mut [u8], offset: u64) -> Result<(), DiskError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::qcow2_overlay::create_overlay;
-    use crate::virtio::test_utils::{TempDir, checked_contents, qemu_img};
+    use crate::qcow2::overlay::create_overlay;
+    use crate::qcow2::test_utils::{checked_contents, qemu_img};
+    use crate::test_utils::TempDir;
 
     #[test]
     fn test_passes_leave_the_image_written_and_consistent() {

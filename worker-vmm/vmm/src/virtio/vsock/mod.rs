@@ -184,7 +184,8 @@ mod tests {
 
     use super::packet::*;
     use super::*;
-    use crate::virtio::test_utils::{TempDir, TestDriver, pattern};
+    use crate::test_utils::{TempDir, pattern};
+    use crate::virtio::test_utils::TestDriver;
 
     const CID: u64 = 3;
     const TX_AREA: u64 = 0x10_0000;

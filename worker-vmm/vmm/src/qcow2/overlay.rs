@@ -1,13 +1,16 @@
 //! Copy-on-write qcow2 overlays over a qcow2 base, written directly (no qemu-img): a v3
 //! header naming the base and its format, an empty L1 table and one refcount block. Its
 //! size depends only on the base's virtual size through the L1 table (8 bytes per 512 MiB).
+//! Both backends boot a guest from such an overlay: QEMU, and vmfarm's own engine
+//! ([`super::top`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 4] = b"QFI\xfb";
+use super::header::{Header, HeaderError, MAX_BACKING_NAME};
+
 const CLUSTER_BITS: u32 = 16;
 const CLUSTER_SIZE: u64 = 1 << CLUSTER_BITS;
 const REFCOUNT_ORDER: u32 = 4; // 16-bit refcounts
@@ -18,8 +21,12 @@ const EXT_END: u32 = 0;
 /// Why an overlay cannot be created.
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
-    #[error("the base {0} must be an absolute path")]
-    RelativeBase(PathBuf),
+    #[error("cannot make the base path {path} absolute")]
+    BasePath {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the base path {0} is longer than qcow2 allows")]
     BaseNameTooLong(PathBuf),
     #[error("cannot read the base {path}")]
@@ -27,6 +34,12 @@ pub enum OverlayError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("the base {path} has a bad qcow2 header")]
+    BaseHeader {
+        path: PathBuf,
+        #[source]
+        source: HeaderError,
     },
     #[error("the base {0} is not a qcow2 image")]
     BaseNotQcow2(PathBuf),
@@ -42,15 +55,18 @@ pub enum OverlayError {
 
 /// Create `overlay` (which must not exist) as a copy-on-write qcow2 image over the qcow2 image
 /// `base`, with the base's virtual size; writes go to the overlay, the base is never written.
+/// The overlay names the base by its absolute path (a relative `base` is taken from the
+/// current directory).
 pub fn create_overlay(base: &Path, overlay: &Path) -> Result<(), OverlayError> {
-    if !base.is_absolute() {
-        return Err(OverlayError::RelativeBase(base.to_owned()));
-    }
+    let base = std::path::absolute(base).map_err(|source| OverlayError::BasePath {
+        path: base.to_owned(),
+        source,
+    })?;
     let base_name = base.as_os_str().as_encoded_bytes();
-    if base_name.len() > 1023 {
-        return Err(OverlayError::BaseNameTooLong(base.to_owned()));
+    if base_name.len() > MAX_BACKING_NAME {
+        return Err(OverlayError::BaseNameTooLong(base));
     }
-    let size = base_virtual_size(base)?;
+    let size = base_virtual_size(&base)?;
     let image = layout(size, base_name)?;
     let write_err = |source| OverlayError::Write {
         path: overlay.to_owned(),
@@ -71,21 +87,18 @@ pub fn create_overlay(base: &Path, overlay: &Path) -> Result<(), OverlayError> {
 }
 
 fn base_virtual_size(base: &Path) -> Result<u64, OverlayError> {
-    let read_err = |source| OverlayError::ReadBase {
+    let file = File::open(base).map_err(|source| OverlayError::ReadBase {
         path: base.to_owned(),
         source,
-    };
-    let file = File::open(base).map_err(read_err)?;
-    let mut head = [0u8; 32];
-    file.read_exact_at(&mut head, 0)
-        .map_err(|_| OverlayError::BaseNotQcow2(base.to_owned()))?;
-    let version = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
-    if &head[..4] != MAGIC || !(2..=3).contains(&version) {
-        return Err(OverlayError::BaseNotQcow2(base.to_owned()));
+    })?;
+    match Header::read(&file) {
+        Ok(Some(header)) => Ok(header.size),
+        Ok(None) => Err(OverlayError::BaseNotQcow2(base.to_owned())),
+        Err(source) => Err(OverlayError::BaseHeader {
+            path: base.to_owned(),
+            source,
+        }),
     }
-    let mut size = [0u8; 8];
-    size.copy_from_slice(&head[24..32]);
-    Ok(u64::from_be_bytes(size))
 }
 
 struct Image {
@@ -103,35 +116,35 @@ fn layout(size: u64, base_name: &[u8]) -> Result<Image, OverlayError> {
     let l1_clusters = (l1_entries * 8).div_ceil(CLUSTER_SIZE).max(1);
     let clusters = 3 + l1_clusters;
     // One refcount block of 16-bit entries covers 32768 clusters (2 GiB of overlay file).
-    if l1_entries > u64::from(u32::MAX) || clusters > CLUSTER_SIZE / 2 {
+    let l1_size = u32::try_from(l1_entries).map_err(|_| OverlayError::TooLarge(size))?;
+    if clusters > CLUSTER_SIZE / 2 {
         return Err(OverlayError::TooLarge(size));
     }
 
-    let mut h = Vec::with_capacity(CLUSTER_SIZE as usize);
-    let ext_start = u64::from(HEADER_LENGTH);
     let format = b"qcow2";
     // header extension: backing format, padded to 8 bytes; then the end marker.
-    let backing_offset = ext_start + 8 + 8 + 8;
-    h.extend_from_slice(MAGIC);
-    h.extend_from_slice(&3u32.to_be_bytes()); // version
-    h.extend_from_slice(&backing_offset.to_be_bytes());
-    h.extend_from_slice(&(base_name.len() as u32).to_be_bytes());
-    h.extend_from_slice(&CLUSTER_BITS.to_be_bytes());
-    h.extend_from_slice(&size.to_be_bytes());
-    h.extend_from_slice(&0u32.to_be_bytes()); // crypt_method
-    h.extend_from_slice(&(l1_entries as u32).to_be_bytes());
-    h.extend_from_slice(&(3 * CLUSTER_SIZE).to_be_bytes()); // l1_table_offset
-    h.extend_from_slice(&CLUSTER_SIZE.to_be_bytes()); // refcount_table_offset
-    h.extend_from_slice(&1u32.to_be_bytes()); // refcount_table_clusters
-    h.extend_from_slice(&0u32.to_be_bytes()); // nb_snapshots
-    h.extend_from_slice(&0u64.to_be_bytes()); // snapshots_offset
-    h.extend_from_slice(&0u64.to_be_bytes()); // incompatible_features
-    h.extend_from_slice(&0u64.to_be_bytes()); // compatible_features
-    h.extend_from_slice(&0u64.to_be_bytes()); // autoclear_features
-    h.extend_from_slice(&REFCOUNT_ORDER.to_be_bytes());
-    h.extend_from_slice(&HEADER_LENGTH.to_be_bytes());
-    h.push(0); // compression_type: zlib
-    h.resize(HEADER_LENGTH as usize, 0);
+    let backing_offset = u64::from(HEADER_LENGTH) + 8 + 8 + 8;
+    let header = Header {
+        version: 3,
+        backing_file_offset: backing_offset,
+        // At most MAX_BACKING_NAME (checked by the caller).
+        backing_file_size: base_name.len() as u32,
+        cluster_bits: CLUSTER_BITS,
+        size,
+        crypt_method: 0,
+        l1_size,
+        l1_table_offset: 3 * CLUSTER_SIZE,
+        refcount_table_offset: CLUSTER_SIZE,
+        refcount_table_clusters: 1,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: 0,
+        compatible_features: 0,
+        autoclear_features: 0,
+        refcount_order: REFCOUNT_ORDER,
+        header_length: HEADER_LENGTH,
+    };
+    let mut h = header.to_bytes();
     h.extend_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
     h.extend_from_slice(&(format.len() as u32).to_be_bytes());
     h.extend_from_slice(format);
@@ -158,7 +171,8 @@ fn layout(size: u64, base_name: &[u8]) -> Result<Image, OverlayError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::test_utils::{TempDir, checked_contents, pattern, qcow2_from, qemu_img};
+    use crate::qcow2::test_utils::{checked_contents, qcow2_from, qemu_img};
+    use crate::test_utils::{TempDir, pattern};
 
     fn info(path: &Path) -> serde_json::Value {
         serde_json::from_str(&qemu_img(&[
@@ -220,6 +234,54 @@ mod tests {
     }
 
     #[test]
+    fn test_overlay_reads_back_through_our_header_and_qemu_img_check() {
+        let dir = TempDir::new("overlay");
+        let base = dir.path().join("base.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "5G"]);
+        let overlay = dir.path().join("top.qcow2");
+        create_overlay(&base, &overlay).unwrap();
+        qemu_img(&["check", overlay.to_str().unwrap()]);
+        let file = File::open(&overlay).unwrap();
+        let header = Header::read(&file).unwrap().expect("a qcow2 header");
+        assert_eq!(
+            (header.version, header.size, header.l1_size),
+            (3, 5 << 30, 10)
+        );
+        assert_eq!(
+            (
+                header.cluster_bits,
+                header.refcount_order,
+                header.header_length
+            ),
+            (CLUSTER_BITS, REFCOUNT_ORDER, HEADER_LENGTH)
+        );
+        assert_eq!(
+            header.backing_file(&file).unwrap().as_deref(),
+            base.to_str()
+        );
+    }
+
+    #[test]
+    fn test_overlay_takes_qemus_writes_and_keeps_base() {
+        // The qemu backend's guests write to these overlays through QEMU's block layer.
+        let dir = TempDir::new("overlay");
+        let base = qcow2_from(dir.path(), "base.qcow2", &pattern(2 << 20, 2));
+        let before = std::fs::read(&base).unwrap();
+        let overlay = dir.path().join("top.qcow2");
+        create_overlay(&base, &overlay).unwrap();
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0x5a 65024 70k"])
+            .arg(&overlay)
+            .output()
+            .expect("qemu-io runs");
+        assert!(out.status.success(), "qemu-io: {out:?}");
+        assert_eq!(std::fs::read(&base).unwrap(), before);
+        let mut expect = pattern(2 << 20, 2);
+        expect[65024..65024 + (70 << 10)].fill(0x5a);
+        assert!(checked_contents(dir.path(), &overlay) == expect);
+    }
+
+    #[test]
     fn test_overlay_written_through_qcow2_rs_keeps_base() {
         let dir = TempDir::new("overlay");
         let base = qcow2_from(dir.path(), "base.qcow2", &pattern(2 << 20, 1));
@@ -253,18 +315,38 @@ mod tests {
     }
 
     #[test]
-    fn test_overlay_refuses_relative_or_raw_base() {
+    fn test_overlay_over_a_relative_base_names_it_absolutely() {
+        let dir = TempDir::new("overlay");
+        let base = dir.path().join("base.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"]);
+        // The same base, reached from the current directory by a relative path.
+        let cwd = std::env::current_dir().unwrap();
+        let up = "../".repeat(cwd.components().count());
+        let relative = PathBuf::from(up).join(base.strip_prefix("/").unwrap());
+        assert!(relative.is_relative());
+        let top = dir.path().join("top.qcow2");
+        create_overlay(&relative, &top).unwrap();
+        let file = File::open(&top).unwrap();
+        let header = Header::read(&file).unwrap().expect("a qcow2 header");
+        let named = PathBuf::from(header.backing_file(&file).unwrap().unwrap());
+        assert!(named.is_absolute(), "{}", named.display());
+        assert_eq!(named, std::path::absolute(&relative).unwrap());
+        qemu_img(&["check", top.to_str().unwrap()]);
+    }
+
+    #[test]
+    fn test_overlay_refuses_raw_or_missing_base() {
         let dir = TempDir::new("overlay");
         let raw = dir.path().join("base.raw");
         std::fs::write(&raw, [0u8; 4096]).unwrap();
         let top = dir.path().join("top.qcow2");
         assert!(matches!(
-            create_overlay(Path::new("base.qcow2"), &top),
-            Err(OverlayError::RelativeBase(_))
-        ));
-        assert!(matches!(
             create_overlay(&raw, &top),
             Err(OverlayError::BaseNotQcow2(_))
+        ));
+        assert!(matches!(
+            create_overlay(&dir.path().join("missing.qcow2"), &top),
+            Err(OverlayError::ReadBase { .. })
         ));
         assert!(!top.exists());
     }
