@@ -226,7 +226,11 @@ mod tests {
 
     /// A job of [`TWO_TASKS`] leased by `w0`, running its first task.
     async fn running_job(app: &TestApp) -> (i64, LeaseResponse) {
-        let (id, lease) = running_job(&app).await;
+        let id = app.submit(TWO_TASKS).await[0];
+        let lease = app.lease("w0", "a").await;
+        app.start("w0", &lease).await;
+        app.move_task("w0", &lease, "x", TaskState::Running, None)
+            .await;
         (id, lease)
     }
 
