@@ -328,18 +328,6 @@ async fn exercise(name: &str, expect_os_release: &str, debian: bool) {
         start.elapsed().as_secs_f64()
     );
 
-    // A PTY session.
-    let pty = guest.pty_shell("xterm", 100, 30).await.unwrap();
-    pty.write(b"tty; stty size; echo pty-$((6*7)); exit 3\n")
-        .await
-        .unwrap();
-    let (screen, status) = pty.finish(Duration::from_secs(60)).await.unwrap();
-    let screen = String::from_utf8_lossy(&screen);
-    assert!(screen.contains("/dev/pts/"), "{screen}");
-    assert!(screen.contains("30 100"), "{screen}");
-    assert!(screen.contains("pty-42"), "{screen}");
-    assert_eq!(status, 3);
-
     // A command that outlives its timeout.
     let err = guest
         .exec_collect("sleep 100", ExecLimits::timeout(Duration::from_secs(1)))

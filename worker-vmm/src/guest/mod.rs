@@ -7,4 +7,4 @@ pub mod ssh;
 
 pub use console::{HostFingerprint, ReadyError, wait_ready};
 pub use key::JobKey;
-pub use ssh::{ExecLimits, ExecOutput, Guest, OutputStream, PtySession, SshError, SshOptions};
+pub use ssh::{ExecLimits, ExecOutput, Guest, OutputStream, SshError, SshOptions};

@@ -1,6 +1,6 @@
 //! [`Guest`]: the worker's SSH session with the guest agent, over the backend's byte stream,
 //! authenticated with the job's key, the agent's host key pinned to the fingerprint from its
-//! ready line. Exec with streamed output and exit status, PTY sessions, SFTP, timeouts.
+//! ready line. Exec with streamed output and exit status, SFTP, timeouts.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -204,8 +204,8 @@ impl Guest {
 
     /// Runs `command` (a shell command line) with `env`, handing its output to `output` as it
     /// comes, and returns its exit status. When `limits.timeout` passes or `limits.cancel`
-    /// turns true first, the command's process group is killed and [`SshError::Timeout`] or
-    /// [`SshError::Cancelled`] is returned.
+    /// turns true first (while the session opens, too), the command's process group is killed
+    /// and [`SshError::Timeout`] or [`SshError::Cancelled`] is returned.
     pub async fn exec(
         &self,
         command: &str,
@@ -213,50 +213,39 @@ impl Guest {
         output: &mut (dyn FnMut(OutputStream, &[u8]) + Send),
         limits: ExecLimits,
     ) -> Result<u32, SshError> {
-        let mut channel = self.session(env).await?;
-        channel.exec(true, command).await?;
         let timeout = limits.timeout;
-        let stop = async move {
-            let timed_out = async {
-                match timeout {
-                    Some(limit) => tokio::time::sleep(limit).await,
-                    None => std::future::pending().await,
-                }
-            };
-            let cancelled = async {
-                match limits.cancel {
-                    // A dropped sender never cancels.
-                    Some(mut cancel) => {
-                        if cancel.wait_for(|c| *c).await.is_err() {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = timed_out => Stop::Timeout,
-                () = cancelled => Stop::Cancelled,
-            }
+        let stopped = |why| match why {
+            Stop::Timeout => SshError::Timeout {
+                what: format!("command {command:?}"),
+                limit: timeout.unwrap_or_default(),
+            },
+            Stop::Cancelled => SshError::Cancelled,
         };
-        let outcome = tokio::select! {
-            status = pump(&mut channel, output) => Ok(status),
-            why = stop => Err(why),
+        let stop = stop_signal(limits);
+        tokio::pin!(stop);
+        let mut channel = tokio::select! {
+            opened = self.start(command, env) => opened?,
+            why = &mut stop => return Err(stopped(why)),
         };
-        match outcome {
-            Ok(status) => status,
-            Err(why) => {
+        tokio::select! {
+            status = pump(&mut channel, output) => status,
+            why = &mut stop => {
                 let _ = channel.signal(Sig::KILL).await;
                 let _ = channel.close().await;
-                Err(match why {
-                    Stop::Timeout => SshError::Timeout {
-                        what: format!("command {command:?}"),
-                        limit: timeout.unwrap_or_default(),
-                    },
-                    Stop::Cancelled => SshError::Cancelled,
-                })
+                Err(stopped(why))
             }
         }
+    }
+
+    /// Opens a session with `env` and starts `command` in it.
+    async fn start(
+        &self,
+        command: &str,
+        env: &[(String, String)],
+    ) -> Result<Channel<Msg>, SshError> {
+        let channel = self.session(env).await?;
+        channel.exec(true, command).await?;
+        Ok(channel)
     }
 
     /// Runs `command` and collects its output in memory.
@@ -274,21 +263,6 @@ impl Guest {
         let status = self.exec(command, &[], &mut sink, limits).await?;
         out.exit_status = status;
         Ok(out)
-    }
-
-    /// Opens an interactive login shell on a terminal of `cols` x `rows`.
-    pub async fn pty_shell(
-        &self,
-        term: &str,
-        cols: u32,
-        rows: u32,
-    ) -> Result<PtySession, SshError> {
-        let channel = self.session(&[]).await?;
-        channel
-            .request_pty(true, term, cols, rows, 0, 0, &[])
-            .await?;
-        channel.request_shell(true).await?;
-        Ok(PtySession { channel })
     }
 
     /// An SFTP session (for trees of sources and artifacts).
@@ -371,6 +345,31 @@ impl Guest {
     }
 }
 
+/// Resolves when `limits` say a command must stop: its timeout passed or its cancel flag
+/// turned true (a dropped cancel sender never cancels).
+async fn stop_signal(limits: ExecLimits) -> Stop {
+    let timed_out = async {
+        match limits.timeout {
+            Some(limit) => tokio::time::sleep(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    let cancelled = async {
+        match limits.cancel {
+            Some(mut cancel) => {
+                if cancel.wait_for(|c| *c).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = timed_out => Stop::Timeout,
+        () = cancelled => Stop::Cancelled,
+    }
+}
+
 /// Forwards a channel's output until it closes; returns the exit status.
 async fn pump(
     channel: &mut Channel<Msg>,
@@ -388,33 +387,4 @@ async fn pump(
         }
     }
     status.ok_or(SshError::NoExitStatus)
-}
-
-/// An interactive shell on a terminal.
-pub struct PtySession {
-    channel: Channel<Msg>,
-}
-
-impl PtySession {
-    /// Types `input` into the terminal.
-    pub async fn write(&self, input: &[u8]) -> Result<(), SshError> {
-        Ok(self.channel.data_bytes(input.to_vec()).await?)
-    }
-
-    pub async fn resize(&self, cols: u32, rows: u32) -> Result<(), SshError> {
-        Ok(self.channel.window_change(cols, rows, 0, 0).await?)
-    }
-
-    /// Reads the terminal until the shell exits; returns what it showed and its exit status.
-    pub async fn finish(mut self, timeout: Duration) -> Result<(Vec<u8>, u32), SshError> {
-        let mut screen = Vec::new();
-        let mut sink = |_: OutputStream, data: &[u8]| screen.extend_from_slice(data);
-        let status = tokio::time::timeout(timeout, pump(&mut self.channel, &mut sink))
-            .await
-            .map_err(|_| SshError::Timeout {
-                what: "the terminal session".into(),
-                limit: timeout,
-            })??;
-        Ok((screen, status))
-    }
 }
