@@ -35,7 +35,6 @@ pub struct GuestDefaults {
     pub default_cpus: u32,
     pub default_memory: ByteSize,
     pub boot_timeout: HumanDuration,
-    pub keep_failed: HumanDuration,
 }
 
 /// Which backend boots guests.
@@ -86,7 +85,6 @@ impl Default for GuestDefaults {
             default_cpus: 1,
             default_memory: ByteSize(GIB),
             boot_timeout: HumanDuration(Duration::from_secs(60)),
-            keep_failed: HumanDuration(Duration::ZERO),
         }
     }
 }
