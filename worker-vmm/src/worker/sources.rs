@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use tokio::io::AsyncReadExt as _;
 use tokio::process::Command;
 use vmfarm_proto::manifest::Source;
 
@@ -54,25 +55,68 @@ pub fn is_allowed(path: &Path, allowed: &[PathBuf]) -> bool {
         .any(|a| real.starts_with(a))
 }
 
+/// Runs one tool of a fetch to its end. The tool leads a process group of its own, which is
+/// killed whole when the returned future is dropped before the tool has ended (the job's
+/// deadline or a cancel), so that no `git` (nor its helpers) outlives its job.
 async fn run(url: &str, tool: &'static str, cmd: &mut Command) -> Result<(), SourceError> {
-    let output = cmd
-        .stdin(Stdio::null())
+    let spawn_err = |source| SourceError::Spawn {
+        url: url.to_owned(),
+        tool,
+        source,
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .env("GIT_TERMINAL_PROMPT", "0")
-        .output()
-        .await
-        .map_err(|source| SourceError::Spawn {
-            url: url.to_owned(),
-            tool,
-            source,
-        })?;
-    if output.status.success() {
+        .process_group(0)
+        .kill_on_drop(true);
+    crate::backend::die_with_parent(cmd);
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    // Declared after `child`, so dropped before it: the group is killed while its leader is
+    // still unreaped, hence while its id still names this group.
+    let group = KillGroupOnDrop(child.id());
+    let mut pipe = child.stderr.take();
+    let mut stderr = Vec::new();
+    let read_stderr = async {
+        if let Some(pipe) = pipe.as_mut() {
+            let _ = pipe.read_to_end(&mut stderr).await;
+        }
+    };
+    let ((), status) = tokio::join!(read_stderr, child.wait());
+    let status = status.map_err(spawn_err)?;
+    group.disarm();
+    if status.success() {
         return Ok(());
     }
     Err(SourceError::Tool {
         url: url.to_owned(),
         tool,
-        message: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        message: String::from_utf8_lossy(&stderr).trim().to_owned(),
     })
+}
+
+/// The process group of a tool that has not ended yet; killed when dropped.
+struct KillGroupOnDrop(Option<u32>);
+
+impl KillGroupOnDrop {
+    /// The tool ended and was reaped: nothing is left to kill, and its id may be reused.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        let Some(group) = self.0.and_then(|id| libc::pid_t::try_from(id).ok()) else {
+            return;
+        };
+        // SAFETY: kill(2) takes plain integers and touches no memory. A negative pid names
+        // the process group the tool leads (spawned with `process_group(0)`); that group is
+        // still this tool's, as the tool has not been reaped (see `run`).
+        unsafe {
+            libc::kill(-group, libc::SIGKILL);
+        }
+    }
 }
 
 /// Fetches `source` into `work` (a scratch folder of the job) and packs it.
@@ -139,6 +183,19 @@ pub async fn fetch(
         tar,
         path: source.path.clone(),
     })
+}
+
+/// Fetches each of a job's sources in turn into its scratch folder `work`.
+pub async fn fetch_all(
+    sources: Vec<Source>,
+    work: PathBuf,
+    allowed: Vec<PathBuf>,
+) -> Result<Vec<FetchedSource>, SourceError> {
+    let mut fetched = Vec::with_capacity(sources.len());
+    for (i, source) in sources.iter().enumerate() {
+        fetched.push(fetch(source, i, &work, &allowed).await?);
+    }
+    Ok(fetched)
 }
 
 #[cfg(test)]
@@ -223,5 +280,43 @@ mod tests {
             "one"
         );
         assert_eq!(fetched.path, "project");
+    }
+
+    /// Whether process `pid` has ended (gone, or a zombie waiting to be reaped).
+    fn ended(pid: &str) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z'),
+            Err(_) => true,
+        }
+    }
+
+    #[tokio::test]
+    async fn test_a_fetch_stopped_midway_kills_its_tools_and_their_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let pids = dir.path().join("pids");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("echo $$ > \"$1\"; sleep 300 & echo $! >> \"$1\"; wait")
+            .arg("sh")
+            .arg(&pids);
+        let limit = std::time::Duration::from_millis(500);
+        let ran = tokio::time::timeout(limit, run("test", "sh", &mut cmd)).await;
+        assert!(ran.is_err(), "the tool was still running: {ran:?}");
+        let pids = std::fs::read_to_string(&pids).unwrap();
+        let pids: Vec<&str> = pids.split_whitespace().collect();
+        assert_eq!(pids.len(), 2, "{pids:?}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !pids.iter().all(|pid| ended(pid)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the tool or its child outlived the fetch: {pids:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
