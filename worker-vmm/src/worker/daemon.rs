@@ -2,16 +2,17 @@
 //! job in its own task, and keep going whatever a job or the server does.
 
 use super::backend_choice::{choose, probe_kvm};
-use super::budget::Budget;
-use super::job::{self, JobContext};
-use super::server_client::{ServerClient, ServerError};
-use crate::config::WorkerConfig;
+use super::budget::{Budget, Share};
+use super::job::{self, Job, JobContext};
+use super::server_client::{LeaseHandle, ServerClient, ServerError};
+use crate::backend::Backend;
+use crate::config::{BackendChoice, WorkerConfig};
 use crate::images::manifest::{InstalledImage, list};
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use vmfarm_proto::wire::{LeaseRequest, StateUpdate, WorkerImage};
+use vmfarm_proto::wire::{LeaseRequest, LeaseResponse, StateUpdate, WorkerImage};
 use vmfarm_proto::{JobState, Manifest};
 
 /// The newest version of each image in the images dir.
@@ -31,34 +32,14 @@ fn newest_images(config: &WorkerConfig) -> BTreeMap<String, InstalledImage> {
 
 pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let name = if config.name.is_empty() {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "worker".into())
-    } else {
-        config.name.clone()
-    };
+    let name = worker_name(&config);
     anyhow::ensure!(
         !config.token.is_empty(),
         "the worker has no token: set `token` in its config or VMFARM_TOKEN"
     );
     let client =
         ServerClient::new(&config.server, &config.token).context("making the HTTP client")?;
-    let kvm = probe_kvm();
-    let vmm =
-        std::env::current_exe().context("finding the vmfarm binary for the integrated VMM")?;
-    // One backend per configured choice (the default, and any per-image override), each
-    // decided once and explained.
-    let mut backends = BTreeMap::new();
-    for choice in
-        std::iter::once(config.backend.default).chain(config.backend.images.values().copied())
-    {
-        if let std::collections::btree_map::Entry::Vacant(slot) = backends.entry(choice) {
-            let (backend, why) = choose(choice, kvm, &vmm).map_err(anyhow::Error::msg)?;
-            tracing::info!(worker = %name, backend = backend.name(), "{why}");
-            slot.insert(backend);
-        }
-    }
+    let backends = choose_backends(&config, &name)?;
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("creating {}", config.work_dir.display()))?;
     remove_leftovers(&config.work_dir);
@@ -86,18 +67,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         said_no_images = false;
         // A slot is reserved before asking, so that no job is leased that must then wait.
         let mut share = budget.take(default_size).await;
-        let request = LeaseRequest {
-            name: name.clone(),
-            images: images
-                .values()
-                .map(|i| WorkerImage {
-                    name: i.manifest.name.clone(),
-                    version: i.manifest.version.clone(),
-                })
-                .collect(),
-            slots: 1 + budget.free_slots(default_size),
-            version: env!("CARGO_PKG_VERSION").into(),
-        };
+        let request = lease_request(&name, &images, 1 + budget.free_slots(default_size));
         let lease = match client.lease(&request).await {
             Ok(Some(lease)) => lease,
             Ok(None) => continue,
@@ -108,17 +78,19 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
                 continue;
             }
         };
+        // The job's time counts from here (its deadline), whatever it waits for below.
+        let leased_at = tokio::time::Instant::now();
         let Some(image) = images.get(&lease.job.image).cloned() else {
             tracing::error!(job = %lease.job.id, image = %lease.job.image, "leased a job for an image this worker does not have");
             continue;
         };
-        let size = Manifest::parse(&lease.job.manifest)
-            .map(|m| job::job_size(&m, &config))
-            .unwrap_or(default_size);
-        if !budget.fits_at_all(size) {
-            refuse(&client, &lease, size, &config).await;
-            continue;
-        }
+        let (manifest, size) = match admit(&lease, &config, &budget) {
+            Ok(admitted) => admitted,
+            Err(reason) => {
+                refuse(&client, &lease, reason).await;
+                continue;
+            }
+        };
         if size != default_size {
             // A bigger (or smaller) job: trade the reserved slot for its own size.
             drop(share);
@@ -133,16 +105,98 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             backend,
             image,
         };
-        tokio::spawn(async move {
-            let _share = share;
-            let id = lease.job.id.clone();
-            tracing::info!(job = %id, image = %lease.job.image, "job started");
-            match job::run(&ctx, lease).await {
-                Some(outcome) => tracing::info!(job = %id, state = %outcome.state, "job ended"),
-                None => tracing::warn!(job = %id, "job abandoned: its lease was lost"),
-            }
-        });
+        let job = Job {
+            lease,
+            manifest,
+            leased_at,
+        };
+        spawn_job(ctx, job, share);
     }
+}
+
+/// What the worker asks the server for: a job for one of `images`, with `slots` free.
+fn lease_request(
+    name: &str,
+    images: &BTreeMap<String, InstalledImage>,
+    slots: u32,
+) -> LeaseRequest {
+    LeaseRequest {
+        name: name.to_owned(),
+        images: images
+            .values()
+            .map(|i| WorkerImage {
+                name: i.manifest.name.clone(),
+                version: i.manifest.version.clone(),
+            })
+            .collect(),
+        slots,
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+/// Runs `job` in a task of its own, which holds the job's `share` of the budget to its end.
+fn spawn_job(ctx: JobContext, job: Job, share: Share) {
+    tokio::spawn(async move {
+        let _share = share;
+        let id = job.lease.job.id.clone();
+        tracing::info!(job = %id, image = %job.lease.job.image, "job started");
+        match job::run(&ctx, job).await {
+            Some(outcome) => tracing::info!(job = %id, state = %outcome.state, "job ended"),
+            None => tracing::warn!(job = %id, "job abandoned: its lease was lost"),
+        }
+    });
+}
+
+/// The worker's name: the configured one, else the host's.
+fn worker_name(config: &WorkerConfig) -> String {
+    if !config.name.is_empty() {
+        return config.name.clone();
+    }
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "worker".into())
+}
+
+/// One backend per configured choice (the default, and any per-image override), each decided
+/// once and explained in the log.
+fn choose_backends(
+    config: &WorkerConfig,
+    name: &str,
+) -> anyhow::Result<BTreeMap<BackendChoice, Arc<dyn Backend>>> {
+    let kvm = probe_kvm();
+    let vmm =
+        std::env::current_exe().context("finding the vmfarm binary for the integrated VMM")?;
+    let mut backends = BTreeMap::new();
+    for choice in
+        std::iter::once(config.backend.default).chain(config.backend.images.values().copied())
+    {
+        if let std::collections::btree_map::Entry::Vacant(slot) = backends.entry(choice) {
+            let (backend, why) = choose(choice, kvm, &vmm).map_err(anyhow::Error::msg)?;
+            tracing::info!(worker = %name, backend = backend.name(), "{why}");
+            slot.insert(backend);
+        }
+    }
+    Ok(backends)
+}
+
+/// What the worker makes of a leased job before it runs it: its manifest, parsed here once for
+/// the whole job, and its size; or why the job is refused (a manifest that does not parse, a
+/// job bigger than this whole worker).
+fn admit(
+    lease: &LeaseResponse,
+    config: &WorkerConfig,
+    budget: &Budget,
+) -> Result<(Manifest, (u32, u64)), String> {
+    let manifest = Manifest::parse(&lease.job.manifest)
+        .map_err(|e| format!("the leased manifest is invalid: {e}"))?;
+    let size = job::job_size(&manifest, config);
+    if !budget.fits_at_all(size) {
+        return Err(format!(
+            "the job asks for {} vCPUs and {} MiB; this worker has {} vCPUs and {} in all",
+            size.0, size.1, config.slots.cpus, config.slots.memory
+        ));
+    }
+    Ok((manifest, size))
 }
 
 /// Removes what a previous run of this worker left (it was killed mid-job): its guests died
@@ -164,21 +218,13 @@ fn remove_leftovers(work_dir: &std::path::Path) {
     }
 }
 
-/// A job bigger than this whole worker ends in `error` at once, saying so.
-async fn refuse(
-    client: &ServerClient,
-    lease: &vmfarm_proto::wire::LeaseResponse,
-    size: (u32, u64),
-    config: &WorkerConfig,
-) {
-    let handle = super::server_client::LeaseHandle {
+/// A job the worker cannot run ends in `error` at once, saying why.
+async fn refuse(client: &ServerClient, lease: &LeaseResponse, reason: String) {
+    let handle = LeaseHandle {
         lease_id: lease.lease_id.clone(),
         fence: lease.fence,
     };
-    let reason = format!(
-        "the job asks for {} vCPUs and {} MiB; this worker has {} vCPUs and {} in all",
-        size.0, size.1, config.slots.cpus, config.slots.memory
-    );
+    tracing::warn!(job = %lease.job.id, "refused: {reason}");
     let update = StateUpdate {
         job_state: Some(JobState::Error),
         reason: Some(reason),
@@ -186,5 +232,62 @@ async fn refuse(
     };
     if let Err(e) = client.state(&handle, &update).await {
         tracing::warn!(job = %lease.job.id, error = %e, "could not refuse the job");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmfarm_proto::wire::LeasedJob;
+
+    fn lease(manifest: &str) -> LeaseResponse {
+        LeaseResponse {
+            lease_id: "l1".into(),
+            fence: 1,
+            expires_at: 0,
+            job: LeasedJob {
+                id: "7".into(),
+                group_id: "g".into(),
+                image: "tiny".into(),
+                manifest: manifest.into(),
+                attempt: 1,
+                timeout_ms: 60_000,
+            },
+            secrets: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn test_admit_parses_the_manifest_once_and_sizes_the_job() {
+        let config = WorkerConfig::default();
+        let budget = Budget::new(2, 4096);
+        let text = "image = \"tiny\"\n[resources]\ncpus = 2\nmemory = \"2GiB\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n";
+        let (manifest, size) = admit(&lease(text), &config, &budget).unwrap();
+        assert_eq!(manifest.tasks[0].name, "t");
+        assert_eq!(size, (2, 2048));
+        let plain = "image = \"tiny\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n";
+        let (_, size) = admit(&lease(plain), &config, &budget).unwrap();
+        assert_eq!(size, (1, 1024), "the worker's defaults");
+    }
+
+    #[test]
+    fn test_admit_refuses_with_the_reason() {
+        let config = WorkerConfig::default();
+        let budget = Budget::new(2, 4096);
+        let cases = [
+            (
+                "image = \"tiny\"\ntasks = 3\n",
+                "the leased manifest is invalid:",
+            ),
+            ("this is not toml", "the leased manifest is invalid:"),
+            (
+                "image = \"tiny\"\n[resources]\ncpus = 4\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n",
+                "asks for 4 vCPUs and 1024 MiB; this worker has 2 vCPUs and 4GiB in all",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = admit(&lease(text), &config, &budget).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
     }
 }
