@@ -527,3 +527,125 @@ async fn test_a_c_project_builds_on_debian_12_and_13_in_one_group() {
         "each release built it with its own gcc"
     );
 }
+
+/// A git server that accepts connections and never answers: a fetch from it hangs. Returns its
+/// URL and the connections it holds, to see them closed.
+fn stuck_git_server() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "git://127.0.0.1:{}/stuck.git",
+        listener.local_addr().unwrap().port()
+    );
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let holder = held.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            holder.lock().unwrap().push(stream);
+        }
+    });
+    (url, held)
+}
+
+/// Whether the peer of `stream` closes it within `limit`.
+fn closed_by_peer(stream: &std::net::TcpStream, limit: Duration) -> bool {
+    use std::io::Read;
+    let deadline = Instant::now() + limit;
+    let mut stream = stream.try_clone().unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            // The client's request, or nothing yet.
+            Ok(_) | Err(_) => {}
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+    }
+}
+
+/// The job's deadline and a cancel stop a job outside its tasks too: here both jobs hang
+/// fetching a source from a git server that never answers. The one without a `timeout` gets
+/// the server's `default_job_timeout` and ends `timed_out`, saying what it was doing; the
+/// other is cancelled. Either way the fetch is stopped (git is killed: its connection closes)
+/// and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_the_deadline_and_a_cancel_stop_a_job_outside_its_tasks() {
+    let dir = images(&["tiny"]);
+    let server =
+        TestServer::start_with(Backend::Sqlite, "[limits]\ndefault_job_timeout = \"25s\"\n");
+    let worker = TestWorker::start(&server, 0, &dir, WORKER);
+    let api = server.admin();
+    let (url, held) = stuck_git_server();
+    let manifest = |timeout: &str| {
+        format!(
+            "image = \"tiny\"\n{timeout}[[sources]]\nurl = \"{url}\"\npath = \"stuck\"\n\
+             [[tasks]]\nname = \"never-runs\"\nscript = \"echo you should not see this\"\n"
+        )
+    };
+    let timed = api.submit(&manifest("")).await.jobs[0].id.clone();
+    let cancelled = api.submit(&manifest("timeout = \"10m\"\n")).await.jobs[0]
+        .id
+        .clone();
+
+    // Once running, the guest is up: the only step left before the tasks is the fetch.
+    let is_end = |j: &Value| {
+        ["succeeded", "failed", "timed_out", "cancelled", "error"]
+            .contains(&j["state"].as_str().unwrap_or(""))
+    };
+    let running_or_ended = |j: &Value| j["state"] == "running" || is_end(j);
+    let limit = Duration::from_secs(300);
+    let first = wait_for(&api, &timed, "running", running_or_ended, limit).await;
+    let seen_running = first["state"] == "running";
+
+    wait_state(&api, &cancelled, "running").await;
+    api.req(Method::POST, &format!("/api/jobs/{cancelled}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    let job = wait_ended(&api, &cancelled).await;
+    assert_eq!(job["state"], "cancelled", "{job}\n{}", worker.log());
+    assert_eq!(
+        job["reason"], "cancelled by a user while fetching the sources",
+        "{job}"
+    );
+    assert_eq!(job["tasks"][0]["state"], "skipped", "it never ran: {job}");
+
+    let job = wait_ended(&api, &timed).await;
+    assert_eq!(job["state"], "timed_out", "{job}\n{}", worker.log());
+    let reason = job["reason"].as_str().unwrap();
+    // On a slow host the deadline may come while the guest still boots: that ends the job too.
+    if seen_running {
+        assert_eq!(
+            reason,
+            "the job ran past its timeout of 25s while fetching the sources"
+        );
+    } else {
+        assert!(
+            reason.starts_with("the job ran past its timeout of 25s while "),
+            "{reason}"
+        );
+    }
+    assert_eq!(job["tasks"][0]["state"], "skipped", "{job}");
+    let log = log_of(&api, &timed).await;
+    assert!(log.contains(reason), "the reason is in the log: {log}");
+    assert!(!log.contains("you should not see this"), "{log}");
+
+    let held = held.lock().unwrap();
+    assert_eq!(held.len(), 2, "one fetch per job");
+    for stream in held.iter() {
+        assert!(
+            closed_by_peer(stream, Duration::from_secs(10)),
+            "a stopped job's git is killed"
+        );
+    }
+    assert!(worker.guest_processes().is_empty());
+    assert!(worker.leftovers().is_empty(), "{:?}", worker.leftovers());
+}
