@@ -46,8 +46,11 @@ pub struct LeasedJob {
 pub struct LeaseResponse {
     pub lease_id: String,
     pub fence: u64,
-    /// Unix time in milliseconds.
+    /// Unix time in milliseconds, by the server's clock.
     pub expires_at: i64,
+    /// How long the lease lives from this answer on, in milliseconds: what a worker times its
+    /// renewals by (its clock may differ from the server's).
+    pub ttl_ms: u64,
     pub job: LeasedJob,
     /// Secret name -> base64 of its value; only those the manifest names.
     #[serde(default)]
@@ -57,8 +60,10 @@ pub struct LeaseResponse {
 /// Answer to `POST /api/leases/{id}/heartbeat`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HeartbeatResponse {
-    /// Unix time in milliseconds.
+    /// Unix time in milliseconds, by the server's clock.
     pub expires_at: i64,
+    /// How long the renewed lease lives from this answer on, in milliseconds.
+    pub ttl_ms: u64,
     /// The job was cancelled: stop it and report `cancelled`.
     pub cancel: bool,
 }
@@ -136,6 +141,7 @@ mod tests {
             lease_id: "l1".into(),
             fence: 7,
             expires_at: 1_700_000_000_000,
+            ttl_ms: 30_000,
             job: LeasedJob {
                 id: "j1".into(),
                 group_id: "g1".into(),
@@ -151,6 +157,7 @@ mod tests {
             "lease_id",
             "fence",
             "expires_at",
+            "ttl_ms",
             "group_id",
             "manifest",
             "attempt",
@@ -172,6 +179,7 @@ mod tests {
         round_trip(&request);
         round_trip(&HeartbeatResponse {
             expires_at: 1,
+            ttl_ms: 30_000,
             cancel: true,
         });
 

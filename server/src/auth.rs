@@ -6,7 +6,6 @@ use crate::db::{Db, DbFailure, Query, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::RwLock;
 
 /// Who is calling.
@@ -194,22 +193,6 @@ pub async fn bootstrap(
         scopes: vec![Scope::Admin],
     };
     store_token(db, &token, &admin).await?;
-    write_secret_file(&path, &token)?;
+    crate::files::write_secret_file(&path, &token)?;
     Ok(Some(token))
-}
-
-/// Writes `text` to `path` readable by its owner only.
-pub fn write_secret_file(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(format!("{text}\n").as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(tmp, path)
 }

@@ -37,6 +37,8 @@ pub enum DbError {
     Scheme(String),
     #[error("cannot open the database")]
     Connect(#[source] sqlx::Error),
+    #[error("cannot create the database file {0}")]
+    File(String, #[source] std::io::Error),
     #[error("cannot open the database for writing")]
     Writer(#[source] DbFailure),
     #[error("cannot migrate the database")]
@@ -64,7 +66,11 @@ impl Db {
     pub async fn open(url: &str) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
         let db = if let Some(path) = url.strip_prefix("sqlite://") {
-            // The writer first: it creates the file and switches it to WAL.
+            // Readable by its owner only; SQLite gives its WAL and shared-memory files the
+            // database file's mode.
+            crate::files::private_file(std::path::Path::new(path))
+                .map_err(|e| DbError::File(path.to_owned(), e))?;
+            // The writer first: it switches the file to WAL.
             let writer = SqliteWriter::open(path).map_err(DbError::Writer)?;
             let url = format!("sqlite://{path}?mode=rwc");
             let options = AnyConnectOptions::from_str(&url).map_err(DbError::Connect)?;

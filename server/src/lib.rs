@@ -9,6 +9,7 @@ pub mod db;
 pub mod error;
 pub mod extract;
 pub mod fence;
+pub mod files;
 pub mod job_end;
 pub mod job_views;
 pub mod jobs;

@@ -52,10 +52,14 @@ impl Running {
 
 /// Opens everything and starts listening.
 pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
-    std::fs::create_dir_all(&config.data_dir)
+    crate::files::private_dir(&config.data_dir)
         .map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
     let artifacts = config.data_dir.join("artifacts");
-    std::fs::create_dir_all(&artifacts).map_err(|e| ServeError::DataDir(artifacts.clone(), e))?;
+    crate::files::private_dir(&artifacts).map_err(|e| ServeError::DataDir(artifacts.clone(), e))?;
+    let store = ArtifactStore::new(artifacts.clone());
+    store
+        .remove_partial_uploads()
+        .map_err(|e| ServeError::DataDir(artifacts, e))?;
     let db = Db::open(&config.database_url()).await?;
     let created = bootstrap(&db, &config).await.map_err(ServeError::Tokens)?;
     if created.is_some() {
@@ -70,7 +74,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
     let addr = listener
         .local_addr()
         .map_err(|e| ServeError::Listen(config.listen, e))?;
-    let state = AppState::new(db, config, ArtifactStore::new(artifacts));
+    let state = AppState::new(db, config, store);
     let reaper = tokio::spawn(crate::leases::reaper::run(state.clone()));
     crate::schedules::load_config(&state).await?;
     let background = [
@@ -88,4 +92,36 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
         reaper,
         background,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &std::path::Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn test_the_data_is_the_servers_own_and_half_uploads_are_gone_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let leftover = data.join("artifacts/.uploads/0123abcd");
+        std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
+        std::fs::write(&leftover, b"half an upload").unwrap();
+        let config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: data.clone(),
+            ..ServerConfig::default()
+        };
+        let running = start(config).await.unwrap();
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&data.join("artifacts")), 0o700);
+        for file in ["vmfarm.db", "vmfarm.db-wal", "admin-token"] {
+            assert_eq!(mode(&data.join(file)), 0o600, "{file}");
+        }
+        assert!(!leftover.exists());
+        drop(running);
+    }
 }

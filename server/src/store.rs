@@ -1,8 +1,8 @@
 //! The artifact store: a directory, one folder per job and attempt, files at their artifact
 //! paths (`<job>/<attempt>/<name>`; files stored before attempts had folders are directly under
-//! `<job>/`). An upload streams to a temporary file while it is hashed; only a complete file
-//! whose size and sha256 check out is renamed into place, and it counts once its row is
-//! recorded ([`record`]) under a live lease.
+//! `<job>/`). An upload streams to a temporary file (in `.uploads/`, emptied at start) while it
+//! is hashed; only a complete file whose size and sha256 check out is renamed into place (its
+//! folder synced), and it counts once its row is recorded ([`record`]) under a live lease.
 
 use crate::db::{Db, Query, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
@@ -69,10 +69,10 @@ impl ArtifactStore {
         let folder = self.folder(job, Some(attempt));
         let parent = dest.parent().unwrap_or(&folder).to_owned();
         tokio::fs::create_dir_all(&parent).await?;
-        let tmp = folder.join(format!(
-            ".upload-{}",
-            crate::random::random_hex(8).map_err(AppError::internal)?
-        ));
+        tokio::fs::create_dir_all(self.uploads()).await?;
+        let tmp = self
+            .uploads()
+            .join(crate::random::random_hex(8).map_err(AppError::internal)?);
         let size = match write_checked(&tmp, &mut body, max, &wanted).await {
             Ok(size) => size,
             Err(e) => {
@@ -87,11 +87,27 @@ impl ArtifactStore {
             )));
         }
         tokio::fs::rename(&tmp, &dest).await?;
+        tokio::task::spawn_blocking(move || crate::files::sync_dir(&parent))
+            .await
+            .map_err(AppError::internal)??;
         Ok(ArtifactView {
             name: name.to_owned(),
             size,
             sha256: wanted,
         })
+    }
+
+    /// The folder of uploads still being received (job folders are numbers: no clash).
+    fn uploads(&self) -> PathBuf {
+        self.root.join(".uploads")
+    }
+
+    /// Removes the uploads that a stopped server left half-received.
+    pub fn remove_partial_uploads(&self) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(self.uploads()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => std::fs::create_dir_all(self.uploads()),
+        }
     }
 
     /// Removes a received artifact whose row was refused.

@@ -9,6 +9,11 @@ pub mod update;
 use crate::state::AppState;
 
 /// A lease's time to live, in milliseconds.
-fn ttl_ms(state: &AppState) -> i64 {
-    i64::try_from(state.config.leases.ttl.0.as_millis()).unwrap_or(i64::MAX)
+fn ttl_ms(state: &AppState) -> u64 {
+    u64::try_from(state.config.leases.ttl.0.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// When a lease renewed at `now` expires, by the server's clock.
+fn expiry(state: &AppState, now: i64) -> i64 {
+    now.saturating_add(i64::try_from(ttl_ms(state)).unwrap_or(i64::MAX))
 }

@@ -110,7 +110,8 @@ pub async fn try_lease(
     }
     let started = Instant::now();
     let now = now_ms();
-    let expires_at = now.saturating_add(super::ttl_ms(state));
+    let expires_at = super::expiry(state, now);
+    let ttl_ms = super::ttl_ms(state);
     let lease_id = crate::random::random_hex(16).map_err(AppError::internal)?;
     let sql = lease_sql(req.images.len(), state.db.skip_locked());
     let worker = worker.to_owned();
@@ -138,6 +139,7 @@ pub async fn try_lease(
                 let lease = LeaseResponse {
                     fence: u64::try_from(row.int(6)?).unwrap_or(0),
                     expires_at,
+                    ttl_ms,
                     job: LeasedJob {
                         id: job_id.to_string(),
                         group_id: row.int(1)?.to_string(),

@@ -15,7 +15,8 @@ const MAX_REASON: usize = 4096;
 /// Renews the lease; the answer says whether a user asked to cancel the job.
 pub async fn heartbeat(state: &AppState, call: &LeaseCall) -> AppResult<HeartbeatResponse> {
     let now = now_ms();
-    let expires_at = now.saturating_add(super::ttl_ms(state));
+    let expires_at = super::expiry(state, now);
+    let ttl_ms = super::ttl_ms(state);
     let call = call.clone();
     state
         .db
@@ -37,6 +38,7 @@ pub async fn heartbeat(state: &AppState, call: &LeaseCall) -> AppResult<Heartbea
                 match row {
                     Some(row) => Ok(HeartbeatResponse {
                         expires_at,
+                        ttl_ms,
                         cancel: row.int(0)? != 0,
                     }),
                     None => Err(refusal(tx, &call).await),
