@@ -351,6 +351,35 @@ async fn test_two_slots_run_two_jobs_and_the_third_waits() {
     }
 }
 
+/// A job leased while the worker has no room for it yet keeps its lease while it waits, however
+/// long that is beside the lease's time to live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_job_that_waits_for_room_keeps_its_lease() {
+    let dir = images(&["tiny"]);
+    let server = TestServer::start_with(Backend::Sqlite, FAST_LEASES);
+    let _worker = TestWorker::start(&server, 0, &dir, WORKER);
+    let api = server.admin();
+    let first = api
+        .submit("image = \"tiny\"\n[[tasks]]\nname = \"t\"\nscript = \"sleep 15\"\n")
+        .await
+        .jobs[0]
+        .id
+        .clone();
+    wait_task_running(&api, &first).await;
+    let whole = api
+        .submit(
+            "image = \"tiny\"\n[resources]\ncpus = 2\n[[tasks]]\nname = \"t\"\nscript = \"echo whole\"\n",
+        )
+        .await
+        .jobs[0]
+        .id
+        .clone();
+    assert_eq!(wait_ended(&api, &first).await["state"], "succeeded");
+    let job = wait_ended(&api, &whole).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 1, "its first lease lasted through the wait: {job}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_a_killed_worker_loses_nothing() {
     let dir = images(&["tiny"]);

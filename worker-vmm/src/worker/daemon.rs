@@ -3,6 +3,7 @@
 
 use super::backend_choice::{choose, probe_kvm};
 use super::budget::{Budget, Share};
+use super::heartbeat;
 use super::job::{self, Job, JobContext};
 use super::server_client::{LeaseHandle, ServerClient, ServerError};
 use crate::backend::Backend;
@@ -91,6 +92,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
                 continue;
             }
         };
+        // The lease is renewed from here on, also while the job waits for room below.
+        let heartbeat = heartbeat::start(client.clone(), LeaseHandle::of(&lease), lease.ttl_ms);
         if size != default_size {
             // A bigger (or smaller) job: trade the reserved slot for its own size.
             drop(share);
@@ -109,6 +112,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             lease,
             manifest,
             leased_at,
+            heartbeat,
         };
         spawn_job(ctx, job, share);
     }
@@ -220,10 +224,7 @@ fn remove_leftovers(work_dir: &std::path::Path) {
 
 /// A job the worker cannot run ends in `error` at once, saying why.
 async fn refuse(client: &ServerClient, lease: &LeaseResponse, reason: String) {
-    let handle = LeaseHandle {
-        lease_id: lease.lease_id.clone(),
-        fence: lease.fence,
-    };
+    let handle = LeaseHandle::of(lease);
     tracing::warn!(job = %lease.job.id, "refused: {reason}");
     let update = StateUpdate {
         job_state: Some(JobState::Error),
@@ -245,6 +246,7 @@ mod tests {
             lease_id: "l1".into(),
             fence: 1,
             expires_at: 0,
+            ttl_ms: 30_000,
             job: LeasedJob {
                 id: "7".into(),
                 group_id: "g".into(),

@@ -17,7 +17,7 @@
 //! and reported as `timed_out` or `cancelled`.
 
 use super::guest_paths::{BUILD_DIR, FARM_DIR, SECRETS_DIR, quote, task_command, unpack_command};
-use super::heartbeat::{self, Heartbeat, Stop};
+use super::heartbeat::{Heartbeat, Stop};
 use super::log_shipper::{self, LogSink};
 use super::server_client::{LeaseHandle, ServerClient, ServerError};
 use super::sources::{self, FetchedSource, SourceError};
@@ -57,6 +57,8 @@ pub struct Job {
     pub lease: LeaseResponse,
     pub manifest: Manifest,
     pub leased_at: Instant,
+    /// Renewing the lease since it was taken, so that a job waiting for room keeps it.
+    pub heartbeat: Heartbeat,
 }
 
 /// How a job ended, as reported to the server.
@@ -317,15 +319,12 @@ pub async fn run(ctx: &JobContext, job: Job) -> Option<Outcome> {
         lease,
         manifest,
         leased_at,
+        heartbeat,
     } = job;
-    let handle = LeaseHandle {
-        lease_id: lease.lease_id.clone(),
-        fence: lease.fence,
-    };
+    let handle = LeaseHandle::of(&lease);
     let secrets = decode_secrets(&lease.secrets);
     let masks: Vec<Vec<u8>> = secrets.iter().map(|(_, v)| v.clone()).collect();
     let (log, shipper) = log_shipper::start(ctx.client.clone(), handle.clone(), masks);
-    let heartbeat = heartbeat::start(ctx.client.clone(), handle.clone(), lease.expires_at);
     let limits = JobLimits {
         deadline: Deadline::new(leased_at, lease.job.timeout_ms),
         stopping: heartbeat.stopping.clone(),

@@ -46,6 +46,15 @@ pub struct LeaseHandle {
     pub fence: u64,
 }
 
+impl LeaseHandle {
+    pub fn of(lease: &vmfarm_proto::wire::LeaseResponse) -> LeaseHandle {
+        LeaseHandle {
+            lease_id: lease.lease_id.clone(),
+            fence: lease.fence,
+        }
+    }
+}
+
 impl ServerClient {
     pub fn new(base: &str, token: &str) -> Result<ServerClient, reqwest::Error> {
         Ok(ServerClient {
