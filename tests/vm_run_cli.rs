@@ -56,6 +56,26 @@ fn test_bad_values_name_the_flag_and_the_value() {
 }
 
 #[test]
+fn test_sizes_and_durations_are_written_as_in_a_manifest() {
+    for (flag, value, reason) in [
+        ("--memory", "512M", "write \"512MiB\""),
+        ("--memory", "512", "has no unit"),
+        ("--memory", "8MiB", "16MiB to 1TiB"),
+        ("--timeout", "60", "has no unit"),
+        ("--timeout", "250ms", "unknown unit `ms`"),
+    ] {
+        let out = vmfarm(&["vm", "run", "--kernel", "/k", flag, value]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{flag} {value}: {stderr}");
+        assert!(
+            stderr.contains(&format!("vmfarm vm run: {flag} \"{value}\""))
+                && stderr.contains(reason),
+            "{flag} {value}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn test_the_whole_cli_still_lists_vm_run() {
     let out = vmfarm(&["vm", "--help"]);
     let (stdout, stderr) = text(&out);

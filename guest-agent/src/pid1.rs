@@ -17,13 +17,9 @@ pub fn run() -> Result<()> {
     unsafe { std::env::set_var("PATH", PATH) };
     mount_system().context("mounting the system folders")?;
     let config = read_config()?;
-    if let Some(name) = &config.hostname {
-        sys::sethostname(name).context("setting the hostname")?;
-    }
-    if let Some(time) = config.time {
-        sys::set_clock(time).context("setting the clock")?;
-    }
-    user::ensure(&config.user, config.hostname.as_deref()).context("creating the build user")?;
+    sys::sethostname(&config.hostname).context("setting the hostname")?;
+    sys::set_clock(config.time).context("setting the clock")?;
+    user::ensure(&config.user, &config.hostname).context("creating the build user")?;
     supervise()
 }
 

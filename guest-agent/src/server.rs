@@ -10,9 +10,10 @@ use russh::keys::{HashAlg, PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
 use tokio::io::{AsyncRead, AsyncWrite};
+use vmfarm_proto::guest::ReadyLine;
 
 use crate::channel::{self, Vport, VsockListener};
-use crate::cmdline::{BootConfig, Channel as HostChannel};
+use crate::cmdline::{BootConfig, ChannelKind};
 use crate::{session, sys};
 
 pub async fn serve(config: BootConfig) -> Result<()> {
@@ -32,7 +33,7 @@ pub async fn serve(config: BootConfig) -> Result<()> {
         user: config.user,
     });
     match config.channel {
-        HostChannel::Vport(name) => {
+        ChannelKind::Vport(name) => {
             let path = channel::find_vport(&name, Duration::from_secs(20))?;
             let port = Vport::open(&path).with_context(|| format!("opening {}", path.display()))?;
             announce(&fingerprint);
@@ -41,7 +42,7 @@ pub async fn serve(config: BootConfig) -> Result<()> {
                 run_session(ssh.clone(), stream, policy.clone()).await;
             }
         }
-        HostChannel::Vsock(port) => {
+        ChannelKind::Vsock(port) => {
             let listener = VsockListener::bind(port)
                 .with_context(|| format!("listening on vsock port {port}"))?;
             announce(&fingerprint);
@@ -56,8 +57,12 @@ pub async fn serve(config: BootConfig) -> Result<()> {
     }
 }
 
+/// The ready line on the console (CONTRACTS.md): the worker pins this fingerprint.
 fn announce(fingerprint: &impl std::fmt::Display) {
-    println!("vmfarm-agent ready {fingerprint}");
+    let ready = ReadyLine {
+        fingerprint: fingerprint.to_string(),
+    };
+    println!("{ready}");
 }
 
 async fn run_session<S>(ssh: Arc<russh::server::Config>, stream: S, policy: Arc<Policy>)

@@ -24,7 +24,7 @@ pub fn shell() -> &'static str {
 
 /// Creates the user (if missing), its home and build directory, its sudo rule, and names
 /// the host in /etc/hosts.
-pub fn ensure(user: &str, hostname: Option<&str>) -> io::Result<()> {
+pub fn ensure(user: &str, hostname: &str) -> io::Result<()> {
     let home = home(user);
     let shell = shell();
     append_line_unless(
@@ -63,14 +63,12 @@ pub fn ensure(user: &str, hostname: Option<&str>) -> io::Result<()> {
         std::fs::write(rule, format!("{user} ALL=(ALL) NOPASSWD:ALL\n"))?;
         std::fs::set_permissions(rule, std::fs::Permissions::from_mode(0o440))?;
     }
-    if let Some(name) = hostname {
-        append_line_unless(
-            Path::new("/etc/hosts"),
-            "127.0.1.1",
-            &format!("127.0.1.1\t{name}"),
-            Some("127.0.0.1\tlocalhost"),
-        )?;
-    }
+    append_line_unless(
+        Path::new("/etc/hosts"),
+        "127.0.1.1",
+        &format!("127.0.1.1\t{hostname}"),
+        Some("127.0.0.1\tlocalhost"),
+    )?;
     Ok(())
 }
 

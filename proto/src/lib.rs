@@ -4,6 +4,7 @@
 //! `CONTRACTS.md` (beside `DESIGN.md`) is the prose form of what this crate fixes in types.
 
 pub mod api;
+pub mod guest;
 pub mod manifest;
 pub mod names;
 pub mod state;

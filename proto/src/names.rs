@@ -1,7 +1,5 @@
 //! The character rules for names (CONTRACTS.md "Names").
 
-use std::fmt;
-
 /// What a name names; each kind has its own rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NameKind {
@@ -41,26 +39,13 @@ impl NameKind {
 }
 
 /// Why a name was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{} `{}` {reason}", kind.noun(), name.escape_debug())]
 pub struct NameError {
     pub kind: NameKind,
     pub name: String,
     pub reason: String,
 }
-
-impl fmt::Display for NameError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} `{}` {}",
-            self.kind.noun(),
-            self.name.escape_debug(),
-            self.reason
-        )
-    }
-}
-
-impl std::error::Error for NameError {}
 
 /// Checks `name` against the rule of `kind`: `[a-z0-9][a-z0-9_-]{0,63}` for images, tasks and
 /// secrets, `[a-z0-9][a-z0-9_.:-]{0,63}` for tags.
@@ -100,44 +85,61 @@ pub fn check_name(kind: NameKind, name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// Why a path relative to a folder (`root`) was refused; the message follows the path, as in
+/// "artifact name `x` contains `..`: ...".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("is empty: give a path relative to {root}")]
+    Empty { root: String },
+    #[error("is {len} bytes long; the limit is {PATH_MAX}")]
+    TooLong { len: usize },
+    #[error("contains a NUL byte")]
+    Nul,
+    #[error("starts with '/': write it relative to {root}, e.g. `{relative}`")]
+    Absolute { root: String, relative: String },
+    #[error("contains `..`: it may not leave {root}")]
+    Parent { root: String },
+    #[error("has an empty or `.` component: write it without `//` or `/./`, like `{cleaned}`")]
+    EmptyComponent { cleaned: String },
+}
+
+/// Longest path accepted, in bytes.
+pub const PATH_MAX: usize = 4096;
+
 /// Checks an artifact path (relative to the guest's build directory): not empty, no leading
 /// `/`, no `..` or `.` component, no empty component, no NUL, at most 4096 bytes.
-pub fn check_artifact_path(path: &str) -> Result<(), String> {
+pub fn check_artifact_path(path: &str) -> Result<(), PathError> {
     check_relative_path(path, "the build directory")
 }
 
 /// Where sources land and artifacts are taken from must stay under `root`.
-pub fn check_relative_path(path: &str, root: &str) -> Result<(), String> {
-    const PATH_MAX: usize = 4096;
+pub fn check_relative_path(path: &str, root: &str) -> Result<(), PathError> {
     if path.is_empty() {
-        return Err(format!("is empty: give a path relative to {root}"));
+        return Err(PathError::Empty { root: root.into() });
     }
     if path.len() > PATH_MAX {
-        return Err(format!(
-            "is {} bytes long; the limit is {PATH_MAX}",
-            path.len()
-        ));
+        return Err(PathError::TooLong { len: path.len() });
     }
     if path.contains('\0') {
-        return Err("contains a NUL byte".into());
+        return Err(PathError::Nul);
     }
     if path.starts_with('/') {
-        return Err(format!(
-            "starts with '/': write it relative to {root}, e.g. `{}`",
-            path.trim_start_matches('/')
-        ));
+        return Err(PathError::Absolute {
+            root: root.into(),
+            relative: path.trim_start_matches('/').into(),
+        });
     }
     for part in path.split('/') {
         match part {
-            ".." => return Err(format!("contains `..`: it may not leave {root}")),
+            ".." => return Err(PathError::Parent { root: root.into() }),
             "." | "" => {
-                return Err(format!(
-                    "has an empty or `.` component: write it without `//` or `/./`, like `{}`",
-                    path.split('/')
+                return Err(PathError::EmptyComponent {
+                    cleaned: path
+                        .split('/')
                         .filter(|p| !p.is_empty() && *p != ".")
                         .collect::<Vec<_>>()
-                        .join("/")
-                ));
+                        .join("/"),
+                });
             }
             _ => {}
         }
@@ -225,7 +227,7 @@ mod tests {
             ("a\0b", "NUL"),
         ];
         for (path, want) in cases {
-            let err = check_artifact_path(path).unwrap_err();
+            let err = check_artifact_path(path).unwrap_err().to_string();
             assert!(err.contains(want), "{path:?}: {err}");
         }
         assert!(check_artifact_path(&"a".repeat(5000)).is_err());

@@ -3,13 +3,34 @@
 use std::fmt;
 use std::time::Duration;
 
+const DURATION_EXAMPLE: &str =
+    "write a number and a unit, like \"90s\", \"30m\", \"2h\" or \"1h30m\"";
+
+/// Why a text is not a duration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("the duration is empty: {DURATION_EXAMPLE}")]
+    Empty,
+    #[error("`{0}` is not a duration: {DURATION_EXAMPLE}")]
+    NotADuration(String),
+    #[error("`{0}` has no unit: {DURATION_EXAMPLE} (s, m, h or d)")]
+    NoUnit(String),
+    #[error("`{text}` has the unknown unit `{unit}`: use s, m, h or d, like \"90s\" or \"2h\"")]
+    UnknownUnit { text: String, unit: String },
+    #[error(
+        "`{0}` repeats a unit or puts a smaller one first: write the largest unit first, like \"1h30m\""
+    )]
+    UnitOrder(String),
+    #[error("`{0}` is too large to be a duration")]
+    TooLarge(String),
+}
+
 /// Parses a duration: one or more `<integer><unit>` groups, units `s`, `m`, `h`, `d`, largest first
 /// (`1h30m`). Zero is allowed here; callers that need a positive value check for it.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    const EXAMPLE: &str = "write a number and a unit, like \"90s\", \"30m\", \"2h\" or \"1h30m\"";
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let trimmed = text.trim();
     if trimmed.is_empty() {
-        return Err(format!("the duration is empty: {EXAMPLE}"));
+        return Err(DurationError::Empty);
     }
     let mut total: u64 = 0;
     let mut last_unit_secs = u64::MAX;
@@ -19,7 +40,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             .find(|c: char| !c.is_ascii_digit())
             .unwrap_or(rest.len());
         if digits == 0 {
-            return Err(format!("`{text}` is not a duration: {EXAMPLE}"));
+            return Err(DurationError::NotADuration(text.to_owned()));
         }
         let (number, after) = rest.split_at(digits);
         let unit_len = after
@@ -31,28 +52,24 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "m" => 60,
             "h" => 3600,
             "d" => 86_400,
-            "" => {
-                return Err(format!("`{text}` has no unit: {EXAMPLE} (s, m, h or d)"));
-            }
+            "" => return Err(DurationError::NoUnit(text.to_owned())),
             other => {
-                return Err(format!(
-                    "`{text}` has the unknown unit `{other}`: use s, m, h or d, like \"90s\" or \"2h\""
-                ));
+                return Err(DurationError::UnknownUnit {
+                    text: text.to_owned(),
+                    unit: other.to_owned(),
+                });
             }
         };
         if unit_secs >= last_unit_secs {
-            return Err(format!(
-                "`{text}` repeats a unit or puts a smaller one first: write the largest unit first, like \"1h30m\""
-            ));
+            return Err(DurationError::UnitOrder(text.to_owned()));
         }
         last_unit_secs = unit_secs;
-        let value: u64 = number
-            .parse()
-            .map_err(|_| format!("`{text}` is too large to be a duration"))?;
+        let too_large = || DurationError::TooLarge(text.to_owned());
+        let value: u64 = number.parse().map_err(|_| too_large())?;
         total = value
             .checked_mul(unit_secs)
             .and_then(|v| total.checked_add(v))
-            .ok_or_else(|| format!("`{text}` is too large to be a duration"))?;
+            .ok_or_else(too_large)?;
         rest = next;
     }
     Ok(Duration::from_secs(total))
@@ -79,7 +96,7 @@ pub fn format_duration(duration: Duration) -> String {
 pub struct ByteSize(pub u64);
 
 impl std::str::FromStr for ByteSize {
-    type Err = String;
+    type Err = SizeError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         parse_size(s)
     }
@@ -90,7 +107,7 @@ impl std::str::FromStr for ByteSize {
 pub struct HumanDuration(pub Duration);
 
 impl std::str::FromStr for HumanDuration {
-    type Err = String;
+    type Err = DurationError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         parse_duration(s).map(HumanDuration)
     }
@@ -118,15 +135,36 @@ impl fmt::Display for ByteSize {
     }
 }
 
+const SIZE_EXAMPLE: &str = "write an integer and a unit, like \"512MiB\" or \"2GiB\"";
+
+/// Why a text is not a size.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("`{0}` is not a size: {SIZE_EXAMPLE}")]
+    NotASize(String),
+    #[error("`{0}` has no unit: {SIZE_EXAMPLE}")]
+    NoUnit(String),
+    /// A decimal-looking unit (`M`, `GB`): sizes are binary, `binary` is the text to write.
+    #[error("`{text}` uses the ambiguous unit `{unit}`: sizes are binary here, write \"{binary}\"")]
+    AmbiguousUnit {
+        text: String,
+        unit: String,
+        binary: String,
+    },
+    #[error("`{text}` has the unknown unit `{unit}`: use B, KiB, MiB, GiB or TiB, like \"512MiB\"")]
+    UnknownUnit { text: String, unit: String },
+    #[error("`{0}` is too large")]
+    TooLarge(String),
+}
+
 /// Parses a size: an integer and a binary unit (`B`, `KiB`, `MiB`, `GiB`, `TiB`), like "512MiB".
-pub fn parse_size(text: &str) -> Result<ByteSize, String> {
-    const EXAMPLE: &str = "write an integer and a unit, like \"512MiB\" or \"2GiB\"";
+pub fn parse_size(text: &str) -> Result<ByteSize, SizeError> {
     let trimmed = text.trim();
     let digits = trimmed
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(trimmed.len());
     if digits == 0 {
-        return Err(format!("`{text}` is not a size: {EXAMPLE}"));
+        return Err(SizeError::NotASize(text.to_owned()));
     }
     let (number, unit) = trimmed.split_at(digits);
     let unit = unit.trim_start();
@@ -136,26 +174,27 @@ pub fn parse_size(text: &str) -> Result<ByteSize, String> {
         "MiB" => MIB,
         "GiB" => GIB,
         "TiB" => TIB,
-        "" => return Err(format!("`{text}` has no unit: {EXAMPLE}")),
+        "" => return Err(SizeError::NoUnit(text.to_owned())),
         "K" | "KB" | "k" | "kB" | "M" | "MB" | "G" | "GB" | "T" | "TB" => {
-            let binary = format!("{}iB", &unit[..1].to_ascii_uppercase());
-            return Err(format!(
-                "`{text}` uses the ambiguous unit `{unit}`: sizes are binary here, write \"{number}{binary}\""
-            ));
+            return Err(SizeError::AmbiguousUnit {
+                text: text.to_owned(),
+                unit: unit.to_owned(),
+                binary: format!("{number}{}iB", &unit[..1].to_ascii_uppercase()),
+            });
         }
         other => {
-            return Err(format!(
-                "`{text}` has the unknown unit `{other}`: use B, KiB, MiB, GiB or TiB, like \"512MiB\""
-            ));
+            return Err(SizeError::UnknownUnit {
+                text: text.to_owned(),
+                unit: other.to_owned(),
+            });
         }
     };
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is too large"))?;
+    let too_large = || SizeError::TooLarge(text.to_owned());
+    let value: u64 = number.parse().map_err(|_| too_large())?;
     value
         .checked_mul(multiplier)
         .map(ByteSize)
-        .ok_or_else(|| format!("`{text}` is too large"))
+        .ok_or_else(too_large)
 }
 
 /// Serde as text: `Display` out, `FromStr` in, the parse error kept as the message.
@@ -218,7 +257,7 @@ mod tests {
             ("999999999999999999d", "too large"),
         ];
         for (text, want) in cases {
-            let err = parse_duration(text).unwrap_err();
+            let err = parse_duration(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: {err}");
         }
     }
@@ -259,7 +298,7 @@ mod tests {
             ("99999999999TiB", "too large"),
         ];
         for (text, want) in cases {
-            let err = parse_size(text).unwrap_err();
+            let err = parse_size(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: {err}");
         }
     }

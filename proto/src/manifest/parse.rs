@@ -449,21 +449,33 @@ fn sources(r: &mut Reader<'_>, value: &Value<'_>) -> Vec<Source> {
     out
 }
 
+/// Why a source URL was refused; the message follows "source url `URL`".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum SourceUrlError {
+    #[error("is {0} bytes; the limit is {MAX_URL_BYTES}")]
+    TooLong(usize),
+    #[error("must not start with '-' or contain spaces")]
+    Unsafe,
+    #[error("has nothing after the scheme")]
+    SchemeOnly,
+    #[error(
+        "is neither a git URL (https://, ssh://, git://, file://, user@host:path) nor an absolute path"
+    )]
+    Unknown,
+}
+
 /// Git URLs the worker can clone, or local paths (which the worker checks against its allow-list).
-fn check_source_url(url: &str) -> Result<(), String> {
+fn check_source_url(url: &str) -> Result<(), SourceUrlError> {
     if url.len() > MAX_URL_BYTES {
-        return Err(format!(
-            "is {} bytes; the limit is {MAX_URL_BYTES}",
-            url.len()
-        ));
+        return Err(SourceUrlError::TooLong(url.len()));
     }
     if url.starts_with('-') || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err("must not start with '-' or contain spaces".into());
+        return Err(SourceUrlError::Unsafe);
     }
     let schemes = ["https://", "http://", "git://", "ssh://", "file://"];
     if let Some(scheme) = schemes.iter().find(|s| url.starts_with(*s)) {
         if url.len() == scheme.len() {
-            return Err("has nothing after the scheme".into());
+            return Err(SourceUrlError::SchemeOnly);
         }
         return Ok(());
     }
@@ -478,7 +490,7 @@ fn check_source_url(url: &str) -> Result<(), String> {
     {
         return Ok(());
     }
-    Err("is neither a git URL (https://, ssh://, git://, file://, user@host:path) nor an absolute path".into())
+    Err(SourceUrlError::Unknown)
 }
 
 /// `https://host/group/project.git` lands at `project`.

@@ -125,30 +125,69 @@ pub async fn connect_vsock(socket: &Path, port: u32) -> std::io::Result<UnixStre
 
 #[cfg(test)]
 mod tests {
+    use super::super::GuestCmdline;
     use super::*;
 
+    /// The argv goes through `vmfarm vm run`'s own parser (what `main` does with it) and comes
+    /// back as the VM the spec asked for.
     #[test]
-    fn test_args_name_every_device() {
-        let spec = BootSpec {
-            kernel: "/img/kernel".into(),
-            initrd: Some("/img/initrd".into()),
-            base_disk: "/img/rootfs.qcow2".into(),
-            vcpus: 2,
-            memory_mib: 512,
-            cmdline: "console=ttyS0 vmfarm.channel=vsock:22".into(),
-            run_dir: "/run/g".into(),
-        };
-        let args = KvmBackend::args(
-            &spec,
-            Path::new("/run/g/o.qcow2"),
-            Path::new("/run/g/v.sock"),
-        )
-        .join(" ");
-        assert_eq!(
-            args,
-            "vm run --kernel /img/kernel --initrd /img/initrd --disk /run/g/o.qcow2 --vsock /run/g/v.sock \
-             --cpus 2 --memory 512MiB --cmdline console=ttyS0 vmfarm.channel=vsock:22"
-        );
+    fn test_args_are_what_vm_run_parses_back() {
+        use crate::vmm::cli::VmRunCli;
+        use crate::vmm::config::{ConsoleConfig, DiskConfig, VmConfig};
+        use clap::Parser as _;
+
+        let cmdline = GuestCmdline {
+            channel: ChannelKind::Vsock(SSH_PORT),
+            key_blob: "AAAAC3NzaC1lZDI1NTE5AAAAIOv+/w==".into(),
+            hostname: "job-7".into(),
+            time: 1_795_000_000,
+            user: "build".into(),
+            emulated: false,
+        }
+        .compose();
+        for (initrd, vcpus, memory_mib) in [
+            (Some(PathBuf::from("/img/initrd")), 2, 512),
+            (None, 1, 4096),
+        ] {
+            let spec = BootSpec {
+                kernel: "/img/kernel".into(),
+                initrd: initrd.clone(),
+                base_disk: "/img/rootfs.qcow2".into(),
+                vcpus,
+                memory_mib,
+                cmdline: cmdline.clone(),
+                run_dir: "/run/g".into(),
+            };
+            let args = KvmBackend::args(
+                &spec,
+                Path::new("/run/g/o.qcow2"),
+                Path::new("/run/g/v.sock"),
+            );
+            let (subcommand, rest) = args.split_at(2);
+            assert_eq!(subcommand, ["vm", "run"]);
+            let cli = VmRunCli::try_parse_from(
+                std::iter::once("vmfarm vm run").chain(rest.iter().map(String::as_str)),
+            )
+            .unwrap_or_else(|e| panic!("vm run refuses {args:?}: {e}"));
+            let vm = VmConfig::try_from(&cli.args)
+                .unwrap_or_else(|e| panic!("vm run refuses {args:?}: {e}"));
+            assert_eq!(vm.kernel, spec.kernel);
+            assert_eq!(vm.initrd, initrd);
+            assert_eq!(
+                vm.disks,
+                [DiskConfig {
+                    path: "/run/g/o.qcow2".into(),
+                    read_only: false
+                }]
+            );
+            assert_eq!(vm.vsock, Some(PathBuf::from("/run/g/v.sock")));
+            assert_eq!(u32::from(vm.cpus), vcpus);
+            assert_eq!(vm.memory, u64::from(memory_mib) << 20);
+            assert_eq!(vm.cmdline, cmdline);
+            assert_eq!(vm.timeout, None);
+            // The backend reads the console from the process's stdout.
+            assert_eq!(vm.console, ConsoleConfig::Stdout);
+        }
     }
 
     #[tokio::test]

@@ -1,11 +1,11 @@
 //! Backends: what boots a guest for the worker's job logic (DESIGN.md, "Backends").
 //!
 //! A backend boots a guest from an image with a command line composed by the worker
-//! ([`GuestCmdline`]) and hands back a [`Vm`]: the guest's console, a byte stream to the agent's
+//! ([`GuestCmdline`], the boot contract, which lives in `vmfarm_proto::guest` beside the agent's
+//! side of it) and hands back a [`Vm`]: the guest's console, a byte stream to the agent's
 //! SSH server, a wait and a kill. `qemu` is here; the integrated `kvm` VMM implements the same
 //! trait.
 
-pub mod cmdline;
 pub mod kvm;
 pub mod qemu;
 
@@ -16,7 +16,7 @@ use std::process::ExitStatus;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-pub use cmdline::{ChannelKind, GuestCmdline};
+pub use vmfarm_proto::guest::{ChannelKind, GuestCmdline};
 
 use crate::vmm::qcow2::overlay::OverlayError;
 

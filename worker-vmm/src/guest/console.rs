@@ -1,11 +1,10 @@
-//! The agent's readiness line on the guest console:
-//! `vmfarm-agent ready SHA256:<base64>` (CONTRACTS.md).
+//! Waiting for the agent's readiness line on the guest console:
+//! `vmfarm-agent ready SHA256:<base64>` (CONTRACTS.md; its form is [`ReadyLine`]).
 
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _};
-
-const READY: &[u8] = b"vmfarm-agent ready ";
+use vmfarm_proto::guest::{ReadyLine, ReadyLineError};
 
 /// The host key fingerprint the agent announced, as OpenSSH prints it (`SHA256:...`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,8 +24,8 @@ pub enum ReadyError {
     Closed,
     #[error("reading the guest's console")]
     Read(#[source] std::io::Error),
-    #[error("the ready line carries no SHA256 fingerprint: {0:?}")]
-    BadLine(String),
+    #[error(transparent)]
+    BadLine(#[from] ReadyLineError),
 }
 
 /// Reads the console until the ready line, handing every byte read to `sink` (the console log),
@@ -73,24 +72,8 @@ async fn scan<R: AsyncRead + Unpin>(
 
 /// `Some(fingerprint)` when `line` is the ready line.
 fn ready_line(line: &[u8]) -> Result<Option<HostFingerprint>, ReadyError> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let Some(at) = line.windows(READY.len()).position(|w| w == READY) else {
-        return Ok(None);
-    };
-    let rest = String::from_utf8_lossy(&line[at + READY.len()..])
-        .trim()
-        .to_owned();
-    let valid = rest.strip_prefix("SHA256:").is_some_and(|b64| {
-        !b64.is_empty()
-            && b64
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
-    });
-    if valid {
-        Ok(Some(HostFingerprint(rest)))
-    } else {
-        Err(ReadyError::BadLine(rest))
-    }
+    let found = ReadyLine::find(&String::from_utf8_lossy(line))?;
+    Ok(found.map(|ready| HostFingerprint(ready.fingerprint)))
 }
 
 #[cfg(test)]

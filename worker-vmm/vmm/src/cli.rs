@@ -46,7 +46,7 @@ pub struct VmRunArgs {
     /// Number of vCPUs (1 to 32).
     #[arg(long, default_value_t = 1)]
     pub cpus: u8,
-    /// Guest RAM, e.g. 512MiB, 2GiB (a bare number means MiB).
+    /// Guest RAM, 16MiB to 1TiB, written as in a job manifest: 512MiB, 2GiB.
     #[arg(long, default_value = "512MiB")]
     pub memory: String,
     /// The kernel command line, passed as is.
@@ -55,7 +55,7 @@ pub struct VmRunArgs {
     /// Write the guest console (COM1) to this file instead of stdout.
     #[arg(long, value_name = "FILE")]
     pub console: Option<PathBuf>,
-    /// Stop the guest and fail after this long, e.g. 60s, 5m (a bare number means seconds).
+    /// Stop the guest and fail after this long, written as in a job manifest: 90s, 5m, 1h30m.
     #[arg(long)]
     pub timeout: Option<String>,
     /// Also declare the virtio-mmio devices on the command line (`virtio_mmio.device=`), for

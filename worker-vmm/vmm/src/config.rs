@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use vmfarm_proto::units::{ByteSize, DurationError, SizeError, parse_duration, parse_size};
+
 use super::cli::VmRunArgs;
 
 /// Most vCPUs a VM may have (the MP table must fit the EBDA; APIC ids are one byte).
@@ -65,52 +67,25 @@ pub enum ConfigError {
     /// Bad `--cpus`.
     #[error("--cpus {0}: a VM has 1 to {MAX_CPUS} vCPUs")]
     Cpus(u8),
-    /// Bad `--memory`.
-    #[error("--memory {0:?}: give a size such as 512MiB or 2GiB, between 16MiB and 1TiB")]
-    Memory(String),
-    /// Bad `--timeout`.
-    #[error("--timeout {0:?}: give a duration such as 60s, 5m or 1h")]
-    Timeout(String),
+    /// `--memory` is not a size (the grammar of the job manifest's, `vmfarm_proto::units`).
+    #[error("--memory {0:?}: give a size such as 512MiB or 2GiB")]
+    Memory(String, #[source] SizeError),
+    /// `--memory` is too small or too large.
+    #[error(
+        "--memory {0:?}: a VM has {min} to {max} of RAM",
+        min = ByteSize(MIN_MEMORY),
+        max = ByteSize(MAX_MEMORY)
+    )]
+    MemoryRange(String),
+    /// `--timeout` is not a duration (the grammar of the job manifest's, `vmfarm_proto::units`).
+    #[error("--timeout {0:?}: give a duration such as 90s, 5m or 1h30m")]
+    Timeout(String, #[source] DurationError),
+    /// `--timeout` is zero.
+    #[error("--timeout {0:?}: give a positive duration such as 90s, 5m or 1h30m")]
+    TimeoutZero(String),
     /// Bad `--disk`.
     #[error("--disk {0:?}: give PATH or PATH,ro")]
     Disk(String),
-}
-
-/// Parses a size: a number with an optional binary suffix (K, KiB, M, MiB, G, GiB, T, TiB;
-/// B for bytes); a bare number means MiB.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "" | "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return None,
-    };
-    number.checked_mul(1 << shift)
-}
-
-/// Parses a duration: a number with ms, s, m or h; a bare number means seconds.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().ok()?;
-    match unit.trim() {
-        "ms" => Some(Duration::from_millis(number)),
-        "" | "s" => Some(Duration::from_secs(number)),
-        "m" | "min" => number.checked_mul(60).map(Duration::from_secs),
-        "h" => number.checked_mul(3600).map(Duration::from_secs),
-        _ => None,
-    }
 }
 
 fn parse_disk(text: &str) -> Result<DiskConfig, ConfigError> {
@@ -136,18 +111,20 @@ impl TryFrom<&VmRunArgs> for VmConfig {
         if args.cpus == 0 || args.cpus > MAX_CPUS {
             return Err(ConfigError::Cpus(args.cpus));
         }
-        let memory = parse_size(&args.memory)
-            .filter(|m| (MIN_MEMORY..=MAX_MEMORY).contains(m))
-            .ok_or_else(|| ConfigError::Memory(args.memory.clone()))?;
+        let ByteSize(memory) =
+            parse_size(&args.memory).map_err(|e| ConfigError::Memory(args.memory.clone(), e))?;
+        if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) {
+            return Err(ConfigError::MemoryRange(args.memory.clone()));
+        }
         // Whole pages only.
         let memory = memory & !0xfff;
         let timeout = args
             .timeout
             .as_deref()
-            .map(|t| {
-                parse_duration(t)
-                    .filter(|d| !d.is_zero())
-                    .ok_or_else(|| ConfigError::Timeout(t.to_owned()))
+            .map(|t| match parse_duration(t) {
+                Ok(d) if d.is_zero() => Err(ConfigError::TimeoutZero(t.to_owned())),
+                Ok(d) => Ok(d),
+                Err(e) => Err(ConfigError::Timeout(t.to_owned(), e)),
             })
             .transpose()?;
         let disks = args
@@ -259,30 +236,61 @@ mod tests {
         }
     }
 
+    /// `--memory` and `--timeout` take the job manifest's grammar: the forms it refuses
+    /// (`512M`, a bare number, `250ms`) are refused here too, with its reason as the cause.
     #[test]
-    fn test_sizes_and_durations() {
+    fn test_sizes_and_durations_have_the_manifests_grammar() {
         for (text, bytes) in [
             ("512MiB", 512 << 20),
-            ("512M", 512 << 20),
-            ("512", 512 << 20),
             ("2GiB", 2 << 30),
-            ("2 G", 2 << 30),
-            ("4096KiB", 4 << 20),
-            ("1048576B", 1 << 20),
+            ("2 GiB", 2 << 30),
+            ("65536KiB", 64 << 20),
+            ("16777216B", 16 << 20),
+            ("1TiB", 1 << 40),
         ] {
-            assert_eq!(parse_size(text), Some(bytes), "{text}");
+            let c = config(&["--kernel", "/k", "--memory", text]).unwrap();
+            assert_eq!(c.memory, bytes, "{text}");
         }
-        assert_eq!(parse_size("99999999999999TiB"), None);
-        assert_eq!(parse_size("1.5G"), None);
-        for (text, d) in [
-            ("60s", Duration::from_secs(60)),
-            ("60", Duration::from_secs(60)),
-            ("5m", Duration::from_secs(300)),
-            ("1h", Duration::from_secs(3600)),
-            ("250ms", Duration::from_millis(250)),
+        for (text, reason) in [
+            ("512M", "write \"512MiB\""),
+            ("512", "has no unit"),
+            ("2 G", "write \"2GiB\""),
+            ("1.5GiB", "unknown unit"),
+            ("99999999999999TiB", "too large"),
         ] {
-            assert_eq!(parse_duration(text), Some(d), "{text}");
+            let err = config(&["--kernel", "/k", "--memory", text]).unwrap_err();
+            let cause = std::error::Error::source(&err).map(ToString::to_string);
+            assert!(
+                matches!(err, ConfigError::Memory(..))
+                    && cause.as_ref().is_some_and(|c| c.contains(reason)),
+                "{text}: {err}: {cause:?}"
+            );
         }
-        assert_eq!(parse_duration("1d"), None);
+        for text in ["1MiB", "2TiB"] {
+            let err = config(&["--kernel", "/k", "--memory", text]).unwrap_err();
+            assert_eq!(err, ConfigError::MemoryRange(text.into()));
+            assert!(err.to_string().contains("16MiB to 1TiB"), "{err}");
+        }
+        for (text, secs) in [("90s", 90), ("5m", 300), ("1h30m", 5400), ("1d", 86_400)] {
+            let c = config(&["--kernel", "/k", "--timeout", text]).unwrap();
+            assert_eq!(c.timeout, Some(Duration::from_secs(secs)), "{text}");
+        }
+        for (text, reason) in [
+            ("60", "has no unit"),
+            ("250ms", "unknown unit `ms`"),
+            ("30m1h", "largest unit first"),
+        ] {
+            let err = config(&["--kernel", "/k", "--timeout", text]).unwrap_err();
+            let cause = std::error::Error::source(&err).map(ToString::to_string);
+            assert!(
+                matches!(err, ConfigError::Timeout(..))
+                    && cause.as_ref().is_some_and(|c| c.contains(reason)),
+                "{text}: {err}: {cause:?}"
+            );
+        }
+        assert_eq!(
+            config(&["--kernel", "/k", "--timeout", "0s"]).unwrap_err(),
+            ConfigError::TimeoutZero("0s".into())
+        );
     }
 }

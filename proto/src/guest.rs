@@ -1,0 +1,416 @@
+//! The boot contract between the worker and the guest agent (CONTRACTS.md, "Worker <-> guest"):
+//! the kernel command line the worker composes and the agent parses ([`GuestCmdline`]), the host
+//! channel it names ([`ChannelKind`]), and the console line with which the agent announces that
+//! it is ready ([`ReadyLine`]).
+//!
+//! The agent links this module too, so it stays free of anything that would keep the agent from
+//! building static for musl.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// The words before the `vmfarm.*` ones: the serial console, a reboot the VMM sees (`reboot=k`
+/// through the i8042) and a panic that reboots at once.
+const BASE: &str = "console=ttyS0 reboot=k panic=-1";
+/// Under TCG the TSC calibration can hang without this word; its presence is what
+/// [`GuestCmdline::emulated`] stands for.
+const TCG_WORD: &str = "tsc_early_khz=2000000";
+
+const CHANNEL: &str = "vmfarm.channel";
+const KEY: &str = "vmfarm.key";
+const HOSTNAME: &str = "vmfarm.hostname";
+const TIME: &str = "vmfarm.time";
+const USER: &str = "vmfarm.user";
+/// The `vmfarm.*` words, in the order `compose` writes them.
+const WORDS: [&str; 5] = [CHANNEL, KEY, HOSTNAME, TIME, USER];
+
+/// Where the agent serves SSH (`vmfarm.channel=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// A virtio-serial port of this name (QEMU): `vport:NAME`. The guest finds it under
+    /// /sys/class/virtio-ports/*/name.
+    Vport(String),
+    /// AF_VSOCK on this port (the integrated VMM): `vsock:PORT`.
+    Vsock(u32),
+}
+
+impl ChannelKind {
+    /// The name the QEMU backend gives its virtio-serial port.
+    pub const QEMU_PORT: &str = "org.vmfarm.ssh";
+}
+
+impl fmt::Display for ChannelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChannelKind::Vport(name) => write!(f, "vport:{name}"),
+            ChannelKind::Vsock(port) => write!(f, "vsock:{port}"),
+        }
+    }
+}
+
+impl FromStr for ChannelKind {
+    type Err = CmdlineError;
+
+    fn from_str(value: &str) -> Result<Self, CmdlineError> {
+        let bad = || CmdlineError::BadChannel(value.to_owned());
+        match value.split_once(':') {
+            Some(("vport", name))
+                if !name.is_empty()
+                    && name.is_ascii()
+                    && !name.contains('/')
+                    && !name.contains(char::is_whitespace) =>
+            {
+                Ok(ChannelKind::Vport(name.to_owned()))
+            }
+            Some(("vsock", port)) => port.parse().map(ChannelKind::Vsock).map_err(|_| bad()),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// Everything the worker tells the guest on the kernel command line. The VMM or QEMU adds
+/// nothing of its own: [`GuestCmdline::compose`] is the whole line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestCmdline {
+    pub channel: ChannelKind,
+    /// The job's ssh-ed25519 public key: base64 of its OpenSSH wire blob. Only its alphabet is
+    /// checked here; the agent decodes it and accepts nothing but an ed25519 key.
+    pub key_blob: String,
+    /// The guest's hostname (`job-<id>`): 1 to 63 of `[a-zA-Z0-9-]`, not starting with `-`.
+    pub hostname: String,
+    /// Unix seconds to set the guest's clock to.
+    pub time: u64,
+    /// The build user's name: `[a-z_][a-z0-9_-]{0,31}`, never `root`.
+    pub user: String,
+    /// The guest runs under emulation (TCG): adds `tsc_early_khz=2000000`.
+    pub emulated: bool,
+}
+
+/// Why the kernel command line does not carry a valid boot contract.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CmdlineError {
+    #[error("the kernel command line has no {0}=")]
+    Missing(&'static str),
+    #[error("{0} is given twice on the kernel command line")]
+    Repeated(&'static str),
+    #[error("vmfarm.channel={0:?}: expected vport:NAME or vsock:PORT")]
+    BadChannel(String),
+    #[error("vmfarm.key={0:?}: expected base64 of an SSH public key blob")]
+    BadKey(String),
+    #[error("vmfarm.hostname={0:?}: expected 1-63 characters of [a-zA-Z0-9-]")]
+    BadHostname(String),
+    #[error("vmfarm.time={0:?}: expected unix seconds")]
+    BadTime(String),
+    #[error("vmfarm.user={0:?}: expected [a-z_][a-z0-9_-]{{0,31}}")]
+    BadUser(String),
+}
+
+impl GuestCmdline {
+    /// The kernel command line: `console=ttyS0 reboot=k panic=-1`, `tsc_early_khz=2000000`
+    /// under TCG, then the `vmfarm.*` words.
+    pub fn compose(&self) -> String {
+        let mut line = String::from(BASE);
+        if self.emulated {
+            line.push(' ');
+            line.push_str(TCG_WORD);
+        }
+        let values = [
+            self.channel.to_string(),
+            self.key_blob.clone(),
+            self.hostname.clone(),
+            self.time.to_string(),
+            self.user.clone(),
+        ];
+        for (name, value) in WORDS.iter().zip(values) {
+            line.push_str(&format!(" {name}={value}"));
+        }
+        line
+    }
+
+    /// Parses a kernel command line (the text of /proc/cmdline). Every `vmfarm.*` word of the
+    /// contract must be there once; the other words are the kernel's, except that
+    /// `tsc_early_khz=2000000` sets `emulated`.
+    pub fn parse(cmdline: &str) -> Result<Self, CmdlineError> {
+        let mut found: [Option<&str>; WORDS.len()] = [None; WORDS.len()];
+        let mut emulated = false;
+        for word in cmdline.split_ascii_whitespace() {
+            emulated |= word == TCG_WORD;
+            let Some((name, value)) = word.split_once('=') else {
+                continue;
+            };
+            if let Some(i) = WORDS.iter().position(|n| *n == name)
+                && found[i].replace(value).is_some()
+            {
+                return Err(CmdlineError::Repeated(WORDS[i]));
+            }
+        }
+        let [channel, key, hostname, time, user] = found;
+        Ok(GuestCmdline {
+            channel: channel.ok_or(CmdlineError::Missing(CHANNEL))?.parse()?,
+            key_blob: check_key_blob(key.ok_or(CmdlineError::Missing(KEY))?)?,
+            hostname: check_hostname(hostname.ok_or(CmdlineError::Missing(HOSTNAME))?)?,
+            time: parse_time(time.ok_or(CmdlineError::Missing(TIME))?)?,
+            user: check_user(user.ok_or(CmdlineError::Missing(USER))?)?,
+            emulated,
+        })
+    }
+}
+
+fn check_key_blob(value: &str) -> Result<String, CmdlineError> {
+    let ok = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(CmdlineError::BadKey(value.to_owned()))
+    }
+}
+
+fn check_hostname(value: &str) -> Result<String, CmdlineError> {
+    let ok = (1..=63).contains(&value.len())
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !value.starts_with('-');
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err(CmdlineError::BadHostname(value.to_owned()))
+    }
+}
+
+/// Unix seconds that also fit a signed `time_t`.
+fn parse_time(value: &str) -> Result<u64, CmdlineError> {
+    value
+        .parse::<u64>()
+        .ok()
+        .filter(|t| i64::try_from(*t).is_ok())
+        .ok_or_else(|| CmdlineError::BadTime(value.to_owned()))
+}
+
+fn check_user(value: &str) -> Result<String, CmdlineError> {
+    let mut bytes = value.bytes();
+    let first_ok = bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
+    let rest_ok =
+        bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if first_ok && rest_ok && value.len() <= 32 && value != "root" {
+        Ok(value.to_owned())
+    } else {
+        Err(CmdlineError::BadUser(value.to_owned()))
+    }
+}
+
+/// The agent's readiness announcement on the guest console, one line:
+/// `vmfarm-agent ready SHA256:<base64>`, the host key's fingerprint as OpenSSH prints it. The
+/// worker pins that fingerprint for the SSH session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadyLine {
+    /// `SHA256:` and the unpadded base64 of the host key's SHA-256.
+    pub fingerprint: String,
+}
+
+/// A console line that announces readiness without a fingerprint the worker can pin.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the ready line carries no SHA256 fingerprint: {0:?}")]
+pub struct ReadyLineError(pub String);
+
+impl ReadyLine {
+    /// What starts the announcement.
+    pub const PREFIX: &str = "vmfarm-agent ready ";
+
+    /// Looks for the announcement in one console line (without its line end; a trailing `\r` is
+    /// allowed). Kernel messages can run into the agent's output on the same line, so the
+    /// announcement may start anywhere in it. `Ok(None)` when the line announces nothing.
+    pub fn find(line: &str) -> Result<Option<ReadyLine>, ReadyLineError> {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        let Some(at) = line.find(Self::PREFIX) else {
+            return Ok(None);
+        };
+        let rest = line[at + Self::PREFIX.len()..].trim();
+        let valid = rest.strip_prefix("SHA256:").is_some_and(|b64| {
+            !b64.is_empty()
+                && b64
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
+        });
+        if valid {
+            Ok(Some(ReadyLine {
+                fingerprint: rest.to_owned(),
+            }))
+        } else {
+            Err(ReadyLineError(rest.to_owned()))
+        }
+    }
+}
+
+/// The line the agent prints (without its line end).
+impl fmt::Display for ReadyLine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", Self::PREFIX, self.fingerprint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmdline(channel: ChannelKind, emulated: bool) -> GuestCmdline {
+        GuestCmdline {
+            channel,
+            key_blob: "AAAAC3NzaC1lZDI1NTE5AAAAIOv+/w==".into(),
+            hostname: "job-7".into(),
+            time: 1_795_000_000,
+            user: "build".into(),
+            emulated,
+        }
+    }
+
+    /// A command line with the contract's words and `extra` after them.
+    fn line(extra: &str) -> String {
+        format!(
+            "{} {extra}",
+            cmdline(ChannelKind::Vsock(22), false).compose()
+        )
+    }
+
+    #[test]
+    fn test_compose_then_parse_gives_back_the_same_values() {
+        for channel in [
+            ChannelKind::Vport(ChannelKind::QEMU_PORT.into()),
+            ChannelKind::Vsock(22),
+        ] {
+            for emulated in [false, true] {
+                let c = cmdline(channel.clone(), emulated);
+                assert_eq!(GuestCmdline::parse(&c.compose()), Ok(c.clone()), "{c:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn test_compose_follows_the_boot_contract() {
+        let c = cmdline(ChannelKind::Vport(ChannelKind::QEMU_PORT.into()), true);
+        assert_eq!(
+            c.compose(),
+            "console=ttyS0 reboot=k panic=-1 tsc_early_khz=2000000 vmfarm.channel=vport:org.vmfarm.ssh \
+             vmfarm.key=AAAAC3NzaC1lZDI1NTE5AAAAIOv+/w== vmfarm.hostname=job-7 vmfarm.time=1795000000 \
+             vmfarm.user=build"
+        );
+        let c = cmdline(ChannelKind::Vsock(22), false);
+        assert!(
+            c.compose()
+                .starts_with("console=ttyS0 reboot=k panic=-1 vmfarm.channel=vsock:22 "),
+            "{}",
+            c.compose()
+        );
+    }
+
+    #[test]
+    fn test_parse_leaves_the_kernels_words_alone() {
+        let c = GuestCmdline::parse(&format!("quiet {} loglevel=3 init=/x", line(""))).unwrap();
+        assert_eq!(c, cmdline(ChannelKind::Vsock(22), false));
+    }
+
+    #[test]
+    fn test_parse_refuses_missing_words() {
+        let full = cmdline(ChannelKind::Vsock(22), false).compose();
+        for name in WORDS {
+            let without: Vec<&str> = full
+                .split(' ')
+                .filter(|w| !w.starts_with(&format!("{name}=")))
+                .collect();
+            assert_eq!(
+                GuestCmdline::parse(&without.join(" ")),
+                Err(CmdlineError::Missing(name)),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            GuestCmdline::parse("console=ttyS0"),
+            Err(CmdlineError::Missing(CHANNEL))
+        );
+    }
+
+    #[test]
+    fn test_parse_refuses_repeated_words() {
+        assert_eq!(
+            GuestCmdline::parse(&line("vmfarm.channel=vsock:23")),
+            Err(CmdlineError::Repeated(CHANNEL))
+        );
+    }
+
+    #[test]
+    fn test_parse_refuses_bad_values() {
+        type Case = (&'static str, fn(String) -> CmdlineError, &'static str);
+        let cases: [Case; 15] = [
+            (CHANNEL, CmdlineError::BadChannel, "vport:"),
+            (CHANNEL, CmdlineError::BadChannel, "vport:a/b"),
+            (CHANNEL, CmdlineError::BadChannel, "vsock:x"),
+            (CHANNEL, CmdlineError::BadChannel, "vsock:"),
+            (CHANNEL, CmdlineError::BadChannel, "tcp:22"),
+            (CHANNEL, CmdlineError::BadChannel, "vport"),
+            (KEY, CmdlineError::BadKey, ""),
+            (KEY, CmdlineError::BadKey, "!!!"),
+            (HOSTNAME, CmdlineError::BadHostname, "a_b"),
+            (HOSTNAME, CmdlineError::BadHostname, "-x"),
+            (TIME, CmdlineError::BadTime, "-5"),
+            (TIME, CmdlineError::BadTime, "soon"),
+            (TIME, CmdlineError::BadTime, "18446744073709551615"),
+            (USER, CmdlineError::BadUser, "root"),
+            (USER, CmdlineError::BadUser, "Build"),
+        ];
+        let full = cmdline(ChannelKind::Vsock(22), false).compose();
+        for (name, err, value) in cases {
+            let text = full
+                .split(' ')
+                .map(|w| {
+                    if w.starts_with(&format!("{name}=")) {
+                        format!("{name}={value}")
+                    } else {
+                        w.to_owned()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            assert_eq!(
+                GuestCmdline::parse(&text),
+                Err(err(value.into())),
+                "{name}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_ready_line_round_trips_and_is_found_after_other_output() {
+        let ready = ReadyLine {
+            fingerprint: "SHA256:abc+/9".into(),
+        };
+        let text = ready.to_string();
+        assert_eq!(text, "vmfarm-agent ready SHA256:abc+/9");
+        assert_eq!(ReadyLine::find(&text), Ok(Some(ready.clone())));
+        assert_eq!(
+            ReadyLine::find(&format!("{text}\r")),
+            Ok(Some(ready.clone()))
+        );
+        assert_eq!(
+            ReadyLine::find(&format!("[    1.5] random: crng init done{text}")),
+            Ok(Some(ready))
+        );
+        assert_eq!(ReadyLine::find("[    1.0] booting"), Ok(None));
+    }
+
+    #[test]
+    fn test_ready_line_without_a_sha256_fingerprint_is_refused() {
+        for bad in ["MD5:xx", "SHA256:", "SHA256:a b", ""] {
+            let line = format!("{}{bad}", ReadyLine::PREFIX);
+            assert_eq!(
+                ReadyLine::find(&line),
+                Err(ReadyLineError(bad.trim().to_owned())),
+                "{line:?}"
+            );
+        }
+    }
+}
