@@ -377,7 +377,10 @@ async fn test_a_job_that_waits_for_room_keeps_its_lease() {
     assert_eq!(wait_ended(&api, &first).await["state"], "succeeded");
     let job = wait_ended(&api, &whole).await;
     assert_eq!(job["state"], "succeeded", "{job}");
-    assert_eq!(job["attempt"], 1, "its first lease lasted through the wait: {job}");
+    assert_eq!(
+        job["attempt"], 1,
+        "its first lease lasted through the wait: {job}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
