@@ -161,9 +161,19 @@ impl russh_sftp::server::Handler for Sftp {
         pflags: OpenFlags,
         attrs: FileAttributes,
     ) -> Result<Handle, Self::Error> {
+        let read_only = pflags.contains(OpenFlags::READ) && !pflags.contains(OpenFlags::WRITE);
         let mut options: OpenOptions = pflags.into();
         options.mode(attrs.permissions.map_or(0o644, |m| m & 0o7777));
+        if read_only {
+            // What the worker reads (artifacts) is a regular file: not a link to elsewhere, and
+            // a FIFO must not hold the open until some writer comes.
+            options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        }
         let file = options.open(&filename).map_err(|e| status_of(&e))?;
+        if read_only && !file.metadata().map_err(|e| status_of(&e))?.is_file() {
+            return Err(StatusCode::Failure
+                .with_message(format!("{filename} is not a regular file: it is not read")));
+        }
         let handle = self.add(Open::File(file))?;
         Ok(Handle { id, handle })
     }

@@ -41,6 +41,17 @@ pub struct LeasedJob {
     pub timeout_ms: u64,
 }
 
+/// The server's limits on what a job sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseLimits {
+    /// Log bytes kept for the job.
+    pub max_log_bytes: u64,
+    /// Bytes of one artifact.
+    pub max_artifact_bytes: u64,
+    /// Bytes of all of the job's artifacts together.
+    pub max_artifacts_total_bytes: u64,
+}
+
 /// `200` answer to a lease request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseResponse {
@@ -52,6 +63,8 @@ pub struct LeaseResponse {
     /// renewals by (its clock may differ from the server's).
     pub ttl_ms: u64,
     pub job: LeasedJob,
+    /// What the server keeps of the job: the worker stops at these itself, with a message.
+    pub limits: LeaseLimits,
     /// Secret name -> base64 of its value; only those the manifest names.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
@@ -142,6 +155,11 @@ mod tests {
             fence: 7,
             expires_at: 1_700_000_000_000,
             ttl_ms: 30_000,
+            limits: LeaseLimits {
+                max_log_bytes: 1 << 26,
+                max_artifact_bytes: 1 << 31,
+                max_artifacts_total_bytes: 1 << 32,
+            },
             job: LeasedJob {
                 id: "j1".into(),
                 group_id: "g1".into(),
@@ -158,6 +176,7 @@ mod tests {
             "fence",
             "expires_at",
             "ttl_ms",
+            "max_artifacts_total_bytes",
             "group_id",
             "manifest",
             "attempt",

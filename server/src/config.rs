@@ -28,6 +28,7 @@ pub struct ServerConfig {
 pub struct Limits {
     pub max_manifest_size: ByteSize,
     pub max_artifact_size: ByteSize,
+    pub max_artifacts_per_job: ByteSize,
     pub max_log_size: ByteSize,
     pub default_job_timeout: HumanDuration,
 }
@@ -146,6 +147,7 @@ impl Default for Limits {
         Limits {
             max_manifest_size: ByteSize(256 * KIB),
             max_artifact_size: ByteSize(2 * GIB),
+            max_artifacts_per_job: ByteSize(4 * GIB),
             max_log_size: ByteSize(64 * MIB),
             default_job_timeout: HumanDuration(Duration::from_secs(3600)),
         }

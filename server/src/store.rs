@@ -44,15 +44,15 @@ impl ArtifactStore {
         Ok(self.folder(job, attempt).join(name))
     }
 
-    /// Streams `body` into the place of artifact `name` of `job`'s `attempt`, checking `max`
-    /// bytes and the announced sha256. The caller then [`record`]s it, or [`Self::discard`]s it.
+    /// Streams `body` into the place of artifact `name` of `job`'s `attempt`, checking it is at
+    /// most `room` bytes and has the announced sha256. The caller then [`record`]s it, or [`Self::discard`]s it.
     pub async fn receive<S, E>(
         &self,
         job: i64,
         attempt: i64,
         name: &str,
         sha256: &str,
-        max: u64,
+        room: Room,
         mut body: S,
     ) -> AppResult<ArtifactView>
     where
@@ -73,7 +73,7 @@ impl ArtifactStore {
         let tmp = self
             .uploads()
             .join(crate::random::random_hex(8).map_err(AppError::internal)?);
-        let size = match write_checked(&tmp, &mut body, max, &wanted).await {
+        let size = match write_checked(&tmp, &mut body, room, &wanted).await {
             Ok(size) => size,
             Err(e) => {
                 let _ = tokio::fs::remove_file(&tmp).await;
@@ -125,7 +125,7 @@ impl ArtifactStore {
     }
 }
 
-async fn write_checked<S, E>(tmp: &Path, body: &mut S, max: u64, wanted: &str) -> AppResult<u64>
+async fn write_checked<S, E>(tmp: &Path, body: &mut S, room: Room, wanted: &str) -> AppResult<u64>
 where
     S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
     E: std::fmt::Display,
@@ -137,10 +137,8 @@ where
         let piece =
             piece.map_err(|e| AppError::BadRequest(format!("the upload broke off: {e}")))?;
         size += piece.len() as u64;
-        if size > max {
-            return Err(AppError::TooLarge(format!(
-                "the artifact is over the server's limit of {max} bytes"
-            )));
+        if size > room.bytes {
+            return Err(room.refusal());
         }
         hasher.update(&piece);
         file.write_all(&piece).await?;
@@ -153,6 +151,58 @@ where
         )));
     }
     Ok(size)
+}
+
+/// How many bytes an artifact may have: the server's limit for one, or what is left of its
+/// job's total.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    pub bytes: u64,
+    /// Whether the job's total, not the limit for one artifact, is what binds.
+    pub by_total: bool,
+}
+
+impl Room {
+    /// The room for an artifact of a job whose other artifacts hold `used` bytes.
+    pub fn new(limits: &crate::config::Limits, used: u64) -> Room {
+        let one = limits.max_artifact_size.0;
+        let left = limits.max_artifacts_per_job.0.saturating_sub(used);
+        Room {
+            bytes: one.min(left),
+            by_total: left < one,
+        }
+    }
+
+    pub fn refusal(self) -> AppError {
+        AppError::TooLarge(if self.by_total {
+            format!(
+                "the artifact is over what is left of the job's artifact limit: {} bytes",
+                self.bytes
+            )
+        } else {
+            format!(
+                "the artifact is over the server's limit of {} bytes",
+                self.bytes
+            )
+        })
+    }
+}
+
+/// Bytes held by the artifacts of `job`'s `attempt` other than `name`.
+pub async fn used_by_others(
+    q: &mut impl Query,
+    job: i64,
+    attempt: i64,
+    name: &str,
+) -> AppResult<u64> {
+    let row = q
+        .fetch_optional(
+            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM artifacts \
+             WHERE job_id = $1 AND attempt = $2 AND name <> $3",
+            &[job.into(), attempt.into(), name.into()],
+        )
+        .await?;
+    Ok(row.map_or(Ok(0), |r| r.int(0))?.try_into().unwrap_or(0))
 }
 
 /// Records a received artifact of `job`'s `attempt`, replacing one of the same name.
@@ -225,4 +275,72 @@ pub async fn find(
         sha256: row.text(1)?,
     };
     Ok((view, store.file(job, row.opt_int(2)?, name)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_utils::{ADMIN, Database, TestApp, on_both_databases};
+    use axum::http::StatusCode;
+    use vmfarm_proto::units::ByteSize;
+
+    on_both_databases!(test_artifacts_are_held_to_their_limits);
+
+    async fn test_artifacts_are_held_to_their_limits(db: Database) {
+        let app = TestApp::with_config(db, |c| {
+            c.limits.max_artifact_size = ByteSize(100);
+            c.limits.max_artifacts_per_job = ByteSize(150);
+        })
+        .await;
+        let id = app
+            .submit("image = \"a\"\n[[tasks]]\nname = \"x\"\nscript = \"true\"\n")
+            .await[0];
+        let lease = app.lease("w0", "a").await;
+        let one = app.upload("w0", &lease, "big", &[1; 101]).await;
+        assert_eq!(one.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(
+            one.error().contains("the server's limit of 100 bytes"),
+            "{:?}",
+            one.body
+        );
+        assert_eq!(
+            app.upload("w0", &lease, "a", &[1; 100]).await.status,
+            StatusCode::CREATED
+        );
+        let total = app.upload("w0", &lease, "b", &[2; 60]).await;
+        assert_eq!(total.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(
+            total
+                .error()
+                .contains("left of the job's artifact limit: 50 bytes"),
+            "{:?}",
+            total.body
+        );
+        assert_eq!(
+            app.upload("w0", &lease, "b", &[2; 50]).await.status,
+            StatusCode::CREATED
+        );
+        // Replacing an artifact counts its new size, not both.
+        assert_eq!(
+            app.upload("w0", &lease, "a", &[3; 90]).await.status,
+            StatusCode::CREATED
+        );
+        let list = app
+            .get(&format!("/api/jobs/{id}/artifacts"), ADMIN)
+            .await
+            .body;
+        let sizes: Vec<_> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| (a["name"].clone(), a["size"].clone()))
+            .collect();
+        assert_eq!(sizes, [("a".into(), 90.into()), ("b".into(), 50.into())]);
+        assert!(
+            std::fs::read_dir(app.dir.path().join("artifacts/.uploads"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "no upload is left half-way"
+        );
+    }
 }

@@ -241,7 +241,7 @@ async fn exercise(name: &str, expect_os_release: &str, debian: bool) {
         .exec(
             "echo \"$GREETING\"; echo oops >&2; exit 7",
             &env,
-            &mut |s, d| seen.push((s, d.to_vec())),
+            &mut |s: OutputStream, d: &[u8]| seen.push((s, d.to_vec())),
             ExecLimits::default(),
         )
         .await
@@ -282,7 +282,7 @@ async fn exercise(name: &str, expect_os_release: &str, debian: bool) {
         .exec(
             "head -c 52428800 /dev/zero",
             &[],
-            &mut |_, d| {
+            &mut |_: OutputStream, d: &[u8]| {
                 count += d.len();
                 hash.update(d);
             },
@@ -318,10 +318,10 @@ async fn exercise(name: &str, expect_os_release: &str, debian: bool) {
     );
     let back = run_dir.join("download.bin");
     let got = guest
-        .download("/home/build/work/upload.bin", &back)
+        .download("/home/build/work/upload.bin", &back, 1 << 30)
         .await
         .unwrap();
-    assert_eq!(got, sent);
+    assert_eq!(got.sha256, sent);
     assert_eq!(std::fs::read(&back).unwrap(), data);
     eprintln!(
         "[{name}] 10 MiB SFTP round trip in {:.1} s",

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use vmfarm_proto::JobState;
 use vmfarm_proto::names::{NameKind, check_name};
-use vmfarm_proto::wire::{LeaseRequest, LeaseResponse, LeasedJob};
+use vmfarm_proto::wire::{LeaseLimits, LeaseRequest, LeaseResponse, LeasedJob};
 
 /// Most images one worker may announce.
 pub const MAX_WORKER_IMAGES: usize = 256;
@@ -112,6 +112,12 @@ pub async fn try_lease(
     let now = now_ms();
     let expires_at = super::expiry(state, now);
     let ttl_ms = super::ttl_ms(state);
+    let config = &state.config.limits;
+    let limits = LeaseLimits {
+        max_log_bytes: config.max_log_size.0,
+        max_artifact_bytes: config.max_artifact_size.0,
+        max_artifacts_total_bytes: config.max_artifacts_per_job.0,
+    };
     let lease_id = crate::random::random_hex(16).map_err(AppError::internal)?;
     let sql = lease_sql(req.images.len(), state.db.skip_locked());
     let worker = worker.to_owned();
@@ -140,6 +146,7 @@ pub async fn try_lease(
                     fence: u64::try_from(row.int(6)?).unwrap_or(0),
                     expires_at,
                     ttl_ms,
+                    limits,
                     job: LeasedJob {
                         id: job_id.to_string(),
                         group_id: row.int(1)?.to_string(),

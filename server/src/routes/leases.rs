@@ -88,7 +88,8 @@ pub async fn put_artifact(
         .to_owned();
     store::check_name(&name)?;
     let job = live_job(&mut state.db.read(), &call).await?;
-    let max = state.config.limits.max_artifact_size.0;
+    let used = store::used_by_others(&mut state.db.read(), job.id, job.attempt, &name).await?;
+    let room = store::Room::new(&state.config.limits, used);
     let view = state
         .store
         .receive(
@@ -96,10 +97,11 @@ pub async fn put_artifact(
             job.attempt,
             &name,
             &sha256,
-            max,
+            room,
             body.into_data_stream(),
         )
         .await?;
+    let limits = state.config.limits.clone();
     let row = view.clone();
     let recorded = state
         .db
@@ -108,6 +110,12 @@ pub async fn put_artifact(
                 let live = live_job(tx, &call).await?;
                 if live.attempt != job.attempt {
                     return Err(crate::fence::refusal(tx, &call).await);
+                }
+                // Uploads in parallel may have used the room meanwhile.
+                let used = store::used_by_others(tx, job.id, job.attempt, &row.name).await?;
+                let room = store::Room::new(&limits, used);
+                if row.size > room.bytes {
+                    return Err(room.refusal());
                 }
                 store::record(tx, job.id, job.attempt, &row).await
             })

@@ -7,4 +7,6 @@ pub mod ssh;
 
 pub use console::{HostFingerprint, ReadyError, wait_ready};
 pub use key::JobKey;
-pub use ssh::{ExecLimits, ExecOutput, Guest, OutputStream, SshError, SshOptions};
+pub use ssh::{
+    Downloaded, ExecLimits, ExecOutput, Guest, Output, OutputStream, SshError, SshOptions,
+};

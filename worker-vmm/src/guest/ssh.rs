@@ -10,8 +10,10 @@ use russh::client::{self, Handle, Msg};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::{Channel, ChannelMsg, Disconnect, Sig};
 use russh_sftp::client::SftpSession;
+use russh_sftp::protocol::FileType;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use vmfarm_proto::units::ByteSize;
 
 use super::{HostFingerprint, JobKey};
 use crate::backend::GuestIo;
@@ -46,6 +48,10 @@ pub enum SshError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is {kind}: only regular files are collected")]
+    NotAFile { path: String, kind: &'static str },
+    #[error("{path} is over the limit of {limit}")]
+    TooLarge { path: String, limit: ByteSize },
 }
 
 /// Limits of one SSH connection.
@@ -94,6 +100,31 @@ pub enum OutputStream {
     Stdout,
     Stderr,
 }
+
+/// Where a command's output goes. `put` may wait: the command's output is held back meanwhile
+/// (SSH's flow control reaches the guest), so a fast writer cannot grow the worker's memory.
+pub trait Output: Send {
+    fn put(&mut self, stream: OutputStream, data: &[u8]) -> impl Future<Output = ()> + Send;
+}
+
+/// A closure takes output at once.
+impl<F: FnMut(OutputStream, &[u8]) + Send> Output for F {
+    fn put(&mut self, stream: OutputStream, data: &[u8]) -> impl Future<Output = ()> + Send {
+        self(stream, data);
+        std::future::ready(())
+    }
+}
+
+/// A file copied from the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downloaded {
+    /// Hex.
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// How much of each stream [`Guest::exec_collect`] keeps.
+pub const COLLECT_BYTES: usize = 64 * 1024;
 
 /// What a command printed and how it ended, when collected in memory.
 #[derive(Debug, Clone, Default)]
@@ -210,7 +241,7 @@ impl Guest {
         &self,
         command: &str,
         env: &[(String, String)],
-        output: &mut (dyn FnMut(OutputStream, &[u8]) + Send),
+        output: &mut impl Output,
         limits: ExecLimits,
     ) -> Result<u32, SshError> {
         let timeout = limits.timeout;
@@ -248,7 +279,8 @@ impl Guest {
         Ok(channel)
     }
 
-    /// Runs `command` and collects its output in memory.
+    /// Runs `command` and collects the first [`COLLECT_BYTES`] of each of its streams in
+    /// memory (the rest is read and dropped).
     pub async fn exec_collect(
         &self,
         command: &str,
@@ -256,9 +288,13 @@ impl Guest {
     ) -> Result<ExecOutput, SshError> {
         let mut out = ExecOutput::default();
         let (stdout, stderr) = (&mut out.stdout, &mut out.stderr);
-        let mut sink = |stream: OutputStream, data: &[u8]| match stream {
-            OutputStream::Stdout => stdout.extend_from_slice(data),
-            OutputStream::Stderr => stderr.extend_from_slice(data),
+        let mut sink = |stream: OutputStream, data: &[u8]| {
+            let kept = match stream {
+                OutputStream::Stdout => &mut *stdout,
+                OutputStream::Stderr => &mut *stderr,
+            };
+            let room = COLLECT_BYTES.saturating_sub(kept.len());
+            kept.extend_from_slice(&data[..data.len().min(room)]);
         };
         let status = self.exec(command, &[], &mut sink, limits).await?;
         out.exit_status = status;
@@ -300,8 +336,14 @@ impl Guest {
         Ok(hex::encode(hash.finalize()))
     }
 
-    /// Copies `remote` from the guest to the local file `local`; returns its sha256 (hex).
-    pub async fn download(&self, remote: &str, local: &Path) -> Result<String, SshError> {
+    /// Copies the regular file `remote` from the guest to the local file `local`, refusing
+    /// anything else (a link, a FIFO, a device) and anything over `max_bytes`.
+    pub async fn download(
+        &self,
+        remote: &str,
+        local: &Path,
+        max_bytes: u64,
+    ) -> Result<Downloaded, SshError> {
         let local_err = |source| SshError::Local {
             path: local.display().to_string(),
             source,
@@ -310,22 +352,51 @@ impl Guest {
             path: remote.to_owned(),
             source,
         };
+        let too_large = || SshError::TooLarge {
+            path: remote.to_owned(),
+            limit: ByteSize(max_bytes),
+        };
         let sftp = self.sftp().await?;
+        let meta = sftp.symlink_metadata(remote).await?;
+        let kind = match meta.file_type() {
+            FileType::File => None,
+            FileType::Symlink => Some("a symbolic link"),
+            FileType::Dir => Some("a directory"),
+            FileType::Other => Some("a FIFO, device or socket"),
+        };
+        if let Some(kind) = kind {
+            return Err(SshError::NotAFile {
+                path: remote.to_owned(),
+                kind,
+            });
+        }
+        if meta.len() > max_bytes {
+            return Err(too_large());
+        }
         let mut from = sftp.open(remote).await?;
         let mut to = tokio::fs::File::create(local).await.map_err(local_err)?;
         let mut hash = Sha256::new();
+        let mut size = 0u64;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = from.read(&mut buf).await.map_err(remote_err)?;
             if n == 0 {
                 break;
             }
+            // It may grow while it is read.
+            size += n as u64;
+            if size > max_bytes {
+                return Err(too_large());
+            }
             hash.update(&buf[..n]);
             to.write_all(&buf[..n]).await.map_err(local_err)?;
         }
         to.flush().await.map_err(local_err)?;
         sftp.close().await?;
-        Ok(hex::encode(hash.finalize()))
+        Ok(Downloaded {
+            sha256: hex::encode(hash.finalize()),
+            size,
+        })
     }
 
     /// Asks the agent to end the guest (sync, unmount, reboot); the caller then waits for the
@@ -371,15 +442,14 @@ async fn stop_signal(limits: ExecLimits) -> Stop {
 }
 
 /// Forwards a channel's output until it closes; returns the exit status.
-async fn pump(
-    channel: &mut Channel<Msg>,
-    output: &mut (dyn FnMut(OutputStream, &[u8]) + Send),
-) -> Result<u32, SshError> {
+async fn pump(channel: &mut Channel<Msg>, output: &mut impl Output) -> Result<u32, SshError> {
     let mut status = None;
     while let Some(msg) = channel.wait().await {
         match msg {
-            ChannelMsg::Data { data } => output(OutputStream::Stdout, &data),
-            ChannelMsg::ExtendedData { data, ext: 1 } => output(OutputStream::Stderr, &data),
+            ChannelMsg::Data { data } => output.put(OutputStream::Stdout, &data).await,
+            ChannelMsg::ExtendedData { data, ext: 1 } => {
+                output.put(OutputStream::Stderr, &data).await
+            }
             ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
             ChannelMsg::ExitSignal { .. } => status = status.or(Some(255)),
             ChannelMsg::Close => break,

@@ -247,6 +247,11 @@ mod tests {
             fence: 1,
             expires_at: 0,
             ttl_ms: 30_000,
+            limits: vmfarm_proto::wire::LeaseLimits {
+                max_log_bytes: 1 << 26,
+                max_artifact_bytes: 1 << 31,
+                max_artifacts_total_bytes: 1 << 32,
+            },
             job: LeasedJob {
                 id: "7".into(),
                 group_id: "g".into(),

@@ -24,7 +24,8 @@ use super::sources::{self, FetchedSource, SourceError};
 use crate::backend::{Backend, BootSpec, GuestCmdline, Vm};
 use crate::config::WorkerConfig;
 use crate::guest::{
-    ExecLimits, Guest, HostFingerprint, JobKey, OutputStream, SshError, SshOptions, wait_ready,
+    ExecLimits, Guest, HostFingerprint, JobKey, Output, OutputStream, SshError, SshOptions,
+    wait_ready,
 };
 use crate::images::manifest::InstalledImage;
 use anyhow::Context;
@@ -324,7 +325,12 @@ pub async fn run(ctx: &JobContext, job: Job) -> Option<Outcome> {
     let handle = LeaseHandle::of(&lease);
     let secrets = decode_secrets(&lease.secrets);
     let masks: Vec<Vec<u8>> = secrets.iter().map(|(_, v)| v.clone()).collect();
-    let (log, shipper) = log_shipper::start(ctx.client.clone(), handle.clone(), masks);
+    let (log, shipper) = log_shipper::start(
+        ctx.client.clone(),
+        handle.clone(),
+        masks,
+        lease.limits.max_log_bytes,
+    );
     let limits = JobLimits {
         deadline: Deadline::new(leased_at, lease.job.timeout_ms),
         stopping: heartbeat.stopping.clone(),
@@ -373,9 +379,13 @@ async fn report_end(
     outcome: Option<Outcome>,
 ) -> Option<Outcome> {
     let shipped = shipper.await;
-    let outcome = outcome?;
-    if let Ok(Err(ServerError::LeaseLost(_))) = shipped {
-        return None;
+    let mut outcome = outcome?;
+    match shipped {
+        Ok(Ok(())) => {}
+        Ok(Err(ServerError::LeaseLost(_))) => return None,
+        // A log the server did not take whole is not the job's log: the farm failed.
+        Ok(Err(e)) => outcome = log_lost(&outcome, &e),
+        Err(e) => outcome = log_lost(&outcome, &e),
     }
     let update = StateUpdate {
         job_state: Some(outcome.state),
@@ -389,6 +399,30 @@ async fn report_end(
             None
         }
     }
+}
+
+/// A task's output, into the job's log (waiting for room there: see [`LogSink::write`]).
+struct TaskOutput<'a> {
+    log: &'a LogSink,
+    task: &'a str,
+}
+
+impl Output for TaskOutput<'_> {
+    fn put(&mut self, _: OutputStream, data: &[u8]) -> impl Future<Output = ()> + Send {
+        self.log.write(LogStream::Task, Some(self.task), data)
+    }
+}
+
+/// The end of a job whose log did not all reach the server, which refused it (`why`).
+fn log_lost(outcome: &Outcome, why: &dyn std::fmt::Display) -> Outcome {
+    tracing::error!(%why, "the server refused a part of a job's log");
+    Outcome::new(
+        JobState::Error,
+        format!(
+            "the server refused a part of the job's log ({why}); the job itself ended {}",
+            outcome.state
+        ),
+    )
 }
 
 /// What the steps of one job share.
@@ -539,7 +573,7 @@ impl JobRun<'_> {
             .context("the guest's console")
             .map_err(Halt::Failed)?;
         let console_log = self.log.clone();
-        let mut sink = move |data: &[u8]| console_log.write(LogStream::Console, None, data);
+        let mut sink = move |data: &[u8]| console_log.write_now(LogStream::Console, None, data);
         let boot_timeout = self.ctx.config.guest.boot_timeout.0;
         let booted = Instant::now();
         let ready = async {
@@ -560,7 +594,7 @@ impl JobRun<'_> {
                 if n == 0 {
                     break;
                 }
-                console_log.write(LogStream::Console, None, &buf[..n]);
+                console_log.write(LogStream::Console, None, &buf[..n]).await;
             }
         }));
         Ok(fingerprint)
@@ -649,10 +683,10 @@ impl JobRun<'_> {
             .await?;
         self.log.farm(&format!("task {}", task.name));
         let (limit, exec_limits) = self.limits.for_task(task);
-        let task_log = self.log.clone();
-        let name = task.name.clone();
-        let mut output =
-            move |_: OutputStream, data: &[u8]| task_log.write(LogStream::Task, Some(&name), data);
+        let mut output = TaskOutput {
+            log: &self.log,
+            task: &task.name,
+        };
         let ran = guest
             .exec(&task_command(&script), env, &mut output, exec_limits)
             .await;
@@ -710,43 +744,59 @@ impl JobRun<'_> {
 
     /// Collects each declared artifact; one that cannot be collected fails the job.
     async fn artifacts(&self, guest: &Guest) -> Result<Outcome, Halt> {
+        let limits = &self.lease.limits;
+        let mut room = limits.max_artifacts_total_bytes;
         for artifact in &self.manifest.artifacts {
             let path = &artifact.path;
             let step = format!("collecting artifact {path}");
-            let collected = self.collect_artifact(guest, path);
-            if let Err(e) = self.limits.bounded(&step, collected).await? {
-                self.log.farm(&format!("artifact {path}: {e:#}"));
-                return Ok(Outcome::new(
-                    JobState::Failed,
-                    format!("artifact {path} could not be collected: {e:#}"),
-                ));
+            let max_bytes = limits.max_artifact_bytes.min(room);
+            let collected = self.collect_artifact(guest, path, max_bytes);
+            match self.limits.bounded(&step, collected).await? {
+                Ok(size) => room -= size,
+                Err(e) => {
+                    self.log.farm(&format!("artifact {path}: {e:#}"));
+                    return Ok(Outcome::new(
+                        JobState::Failed,
+                        format!("artifact {path} could not be collected: {e:#}"),
+                    ));
+                }
             }
         }
         Ok(Outcome::succeeded())
     }
 
-    /// Downloads one artifact from the guest and uploads it to the server.
-    async fn collect_artifact(&self, guest: &Guest, path: &str) -> anyhow::Result<()> {
+    /// Downloads one artifact of at most `max_bytes` from the guest and uploads it to the
+    /// server; its size.
+    async fn collect_artifact(
+        &self,
+        guest: &Guest,
+        path: &str,
+        max_bytes: u64,
+    ) -> anyhow::Result<u64> {
         vmfarm_proto::names::check_artifact_path(path).map_err(|e| anyhow::anyhow!("{e}"))?;
         let local = self.run_dir.join("artifact");
         let remote = format!("{BUILD_DIR}/{path}");
-        let sha256 = guest
-            .download(&remote, &local)
+        let got = guest
+            .download(&remote, &local, max_bytes)
             .await
-            .context("downloading it from the guest")?;
-        let size = tokio::fs::metadata(&local)
-            .await
-            .map(|m| m.len())
-            .unwrap_or(0);
-        self.ctx
-            .client
-            .upload_artifact(&self.handle, path, &local, &sha256)
-            .await
-            .context("uploading it to the server")?;
+            .context("downloading it from the guest");
+        let uploaded = match got {
+            Ok(got) => self
+                .ctx
+                .client
+                .upload_artifact(&self.handle, path, &local, &got.sha256)
+                .await
+                .context("uploading it to the server")
+                .map(|()| got),
+            Err(e) => Err(e),
+        };
         let _ = tokio::fs::remove_file(&local).await;
-        self.log
-            .farm(&format!("artifact {path}: {size} bytes, sha256 {sha256}"));
-        Ok(())
+        let got = uploaded?;
+        self.log.farm(&format!(
+            "artifact {path}: {} bytes, sha256 {}",
+            got.size, got.sha256
+        ));
+        Ok(got.size)
     }
 
     /// Teardown, 1: asks the agent to shut the guest down, and gives the guest 10 s to end
