@@ -458,3 +458,45 @@ async fn pump(channel: &mut Channel<Msg>, output: &mut impl Output) -> Result<u3
     }
     status.ok_or(SshError::NoExitStatus)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest whose channel sends garbage instead of SSH: the connection is refused with a
+    /// clear error, quickly, and what it sends is not kept.
+    #[tokio::test]
+    async fn test_garbage_on_the_agents_channel_is_refused() {
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let flood = tokio::spawn(async move {
+            let mut garbage = vec![0u8; 64 * 1024];
+            let mut sent = 0usize;
+            for round in 0..1024u32 {
+                for (i, b) in garbage.iter_mut().enumerate() {
+                    *b = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(round) as u8;
+                }
+                if theirs.write_all(&garbage).await.is_err() {
+                    break;
+                }
+                sent += garbage.len();
+            }
+            sent
+        });
+        let key = JobKey::generate().unwrap();
+        let fingerprint = HostFingerprint("SHA256:nothing".into());
+        let options = SshOptions {
+            connect_timeout: Duration::from_secs(20),
+            ..SshOptions::default()
+        };
+        let started = std::time::Instant::now();
+        let refused = Guest::ssh(Box::new(ours), &key, &fingerprint, &options).await;
+        assert!(
+            matches!(refused, Err(SshError::Handshake(_))),
+            "{:?}",
+            refused.err()
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // The worker stopped reading: the flood could not send its 64 MiB.
+        assert!(flood.await.unwrap() < 64 << 20);
+    }
+}
