@@ -226,7 +226,8 @@ async fn receiver(
 async fn webhook_is_retried_until_delivered_and_shown(backend: Backend) {
     let server = TestServer::start_with(
         backend,
-        "[leases]\nlong_poll = \"1s\"\n[triggers]\nfirst_retry = \"1s\"\nmax_attempts = 4\n",
+        "[leases]\nlong_poll = \"1s\"\n[triggers]\nfirst_retry = \"1s\"\nmax_attempts = 4\n\
+         allow_private = [\"127.0.0.0/8\"]\n",
     );
     let (on_success, mut hits) = receiver(vec![500, 503]).await;
     let (on_failure, mut never) = receiver(vec![]).await;
@@ -293,7 +294,10 @@ async fn webhook_is_retried_until_delivered_and_shown(backend: Backend) {
 /// A job cancelled before any worker took it ends there and then: its failure hook fires (queued
 /// in the same transaction as the cancel), its success hook does not.
 async fn cancelling_a_queued_job_fires_its_failure_hook(backend: Backend) {
-    let server = TestServer::start_with(backend, "[triggers]\nfirst_retry = \"1s\"\n");
+    let server = TestServer::start_with(
+        backend,
+        "[triggers]\nfirst_retry = \"1s\"\nallow_private = [\"127.0.0.0/8\"]\n",
+    );
     let (on_success, mut never) = receiver(vec![]).await;
     let (on_failure, mut hits) = receiver(vec![]).await;
     let manifest = format!(

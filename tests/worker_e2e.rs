@@ -4,7 +4,7 @@
 mod common;
 
 use common::farm::{TestWorker, images};
-use common::{Api, Backend, TestServer};
+use common::{Backend, TestServer, log_of, wait_ended, wait_for, wait_state, wait_task_running};
 use reqwest::Method;
 use serde_json::Value;
 use std::path::Path;
@@ -13,68 +13,6 @@ use std::time::{Duration, Instant};
 
 const WORKER: &str = "[slots]\ncpus = 2\nmemory = \"2GiB\"\n[guest]\ndefault_cpus = 1\ndefault_memory = \"512MiB\"\nboot_timeout = \"120s\"\n";
 const FAST_LEASES: &str = "[leases]\nttl = \"4s\"\nmax_attempts = 3\nlong_poll = \"2s\"\n";
-
-async fn wait_for(
-    api: &Api,
-    id: &str,
-    what: &str,
-    ok: impl Fn(&Value) -> bool,
-    limit: Duration,
-) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let job = api.get_json(&format!("/api/jobs/{id}")).await;
-        if ok(&job) {
-            return job;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {id} never got {what}: {job}"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
-
-async fn wait_task_running(api: &Api, id: &str) -> Value {
-    let running = |j: &Value| j["tasks"][0]["state"] == "running";
-    wait_for(
-        api,
-        id,
-        "its first task running",
-        running,
-        Duration::from_secs(300),
-    )
-    .await
-}
-
-async fn wait_state(api: &Api, id: &str, state: &str) -> Value {
-    wait_for(
-        api,
-        id,
-        state,
-        |j| j["state"] == state,
-        Duration::from_secs(300),
-    )
-    .await
-}
-
-async fn wait_ended(api: &Api, id: &str) -> Value {
-    let ended = |j: &Value| {
-        ["succeeded", "failed", "timed_out", "cancelled", "error"]
-            .contains(&j["state"].as_str().unwrap_or(""))
-    };
-    wait_for(api, id, "to an end", ended, Duration::from_secs(300)).await
-}
-
-async fn log_of(api: &Api, id: &str) -> String {
-    api.req(Method::GET, &format!("/api/jobs/{id}/log"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
 
 fn cli(server: &TestServer, args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_vmfarm"))

@@ -9,6 +9,7 @@
 
 mod channel;
 mod cmdline;
+mod forward;
 mod init;
 mod pid1;
 mod pty;

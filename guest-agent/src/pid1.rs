@@ -19,6 +19,7 @@ pub fn run() -> Result<()> {
     let config = read_config()?;
     sys::sethostname(&config.hostname).context("setting the hostname")?;
     sys::set_clock(config.time).context("setting the clock")?;
+    sys::loopback_up().context("bringing the loopback interface up")?;
     user::ensure(&config.user, &config.hostname).context("creating the build user")?;
     supervise()
 }

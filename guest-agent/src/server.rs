@@ -14,6 +14,7 @@ use vmfarm_proto::guest::ReadyLine;
 
 use crate::channel::{self, Vport, VsockListener};
 use crate::cmdline::{BootConfig, ChannelKind};
+use crate::forward::Forwards;
 use crate::{session, sys};
 
 pub async fn serve(config: BootConfig) -> Result<()> {
@@ -69,7 +70,10 @@ async fn run_session<S>(ssh: Arc<russh::server::Config>, stream: S, policy: Arc<
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let handler = Agent { policy };
+    let handler = Agent {
+        policy,
+        forwards: Forwards::default(),
+    };
     match russh::server::run_stream(ssh, stream, handler).await {
         Ok(running) => {
             if let Err(e) = running.await {
@@ -101,6 +105,7 @@ impl Policy {
 
 struct Agent {
     policy: Arc<Policy>,
+    forwards: Forwards,
 }
 
 impl russh::server::Handler for Agent {
@@ -184,6 +189,30 @@ impl russh::server::Handler for Agent {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         session.channel_success(channel)
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        match self.forwards.listen(address, *port, session.handle()).await {
+            Some(bound) => {
+                *port = u32::from(bound);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        _address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.forwards.cancel(port))
     }
 
     async fn subsystem_request(

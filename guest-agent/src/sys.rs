@@ -2,7 +2,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::AsRawFd as _;
+use std::os::fd::{AsRawFd as _, FromRawFd as _};
 use std::path::Path;
 
 fn cstr(path: &Path) -> io::Result<CString> {
@@ -76,6 +76,29 @@ pub fn load_module(path: &Path) -> io::Result<()> {
 pub fn sethostname(name: &str) -> io::Result<()> {
     // SAFETY: the pointer and length describe `name`'s bytes.
     check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })
+}
+
+/// Brings the loopback interface up (the guest has no other: builds that serve and reach
+/// `localhost`, and the worker's forwarded proxy port, need it).
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: plain socket(2) call; the descriptor is owned by `sock` below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    check(fd)?;
+    // SAFETY: `fd` is a descriptor just opened and owned by nothing else.
+    let sock = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid ifreq naming "lo"; SIOCGIFFLAGS fills its flags. (The
+    // request's type differs between libcs: `as _`.)
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req) })?;
+    // SAFETY: SIOCGIFFLAGS just set the flags member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+    // SAFETY: `req` is a valid ifreq naming "lo" with the flags to set.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &req) })
 }
 
 pub fn set_clock(unix_seconds: i64) -> io::Result<()> {

@@ -7,6 +7,7 @@ pub mod api;
 pub mod guest;
 pub mod manifest;
 pub mod names;
+pub mod network;
 pub mod state;
 pub mod units;
 pub mod wire;

@@ -4,6 +4,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vmfarm_proto::network::AddressRange;
 use vmfarm_proto::units::{ByteSize, GIB, HumanDuration, KIB, MIB};
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -103,6 +104,8 @@ pub struct Triggers {
     pub first_retry: HumanDuration,
     /// How long one POST may take.
     pub timeout: HumanDuration,
+    /// Non-public address ranges webhooks may reach nonetheless (none by default).
+    pub allow_private: Vec<AddressRange>,
 }
 
 impl Default for Web {
@@ -120,6 +123,7 @@ impl Default for Triggers {
             max_attempts: 5,
             first_retry: HumanDuration(Duration::from_secs(2)),
             timeout: HumanDuration(Duration::from_secs(10)),
+            allow_private: Vec::new(),
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod leases;
 pub mod logs;
 pub mod metrics;
+pub mod outbound;
 pub mod random;
 pub mod routes;
 pub mod schedules;

@@ -5,11 +5,14 @@
 
 use crate::db::{DbFailure, Query, Row, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
+use crate::outbound::{OutboundError, Reach};
 use crate::state::AppState;
 use serde::Serialize;
 use std::time::Duration;
 use vmfarm_proto::JobState;
+use vmfarm_proto::api::JobView;
 use vmfarm_proto::manifest::Trigger;
+use vmfarm_proto::units::HumanDuration;
 
 /// A delivery as the job page shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -92,7 +95,7 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// Makes every delivery that is due at `now`. Returns how many were tried.
-pub async fn deliver_due(state: &AppState, http: &reqwest::Client, now: i64) -> AppResult<usize> {
+pub async fn deliver_due(state: &AppState, reach: &Deliverer, now: i64) -> AppResult<usize> {
     let due = state
         .db
         .read()
@@ -122,20 +125,8 @@ pub async fn deliver_due(state: &AppState, http: &reqwest::Client, now: i64) -> 
         }
         tried += 1;
         let job = crate::job_views::get(&state.db, job_id).await?;
-        let outcome = http
-            .post(&url)
-            .header("X-Vmfarm-Event", "job.finished")
-            .timeout(config.timeout.0)
-            .json(&job)
-            .send()
-            .await;
         let attempts = attempts + 1;
-        let (ok, status) = match outcome {
-            Ok(r) => (r.status().is_success(), r.status().to_string()),
-            Err(e) if e.is_timeout() => (false, format!("no answer in {}", config.timeout)),
-            Err(e) if e.is_connect() => (false, "cannot connect".to_owned()),
-            Err(_) => (false, "request failed".to_owned()),
-        };
+        let (ok, status) = reach.post(&url, &job, config.timeout).await;
         let finished = now_ms();
         let (next_state, next_at) = if ok {
             ("delivered", finished)
@@ -169,12 +160,75 @@ pub async fn deliver_due(state: &AppState, http: &reqwest::Client, now: i64) -> 
     Ok(tried)
 }
 
+/// Makes webhook POSTs through [`Reach`]'s checks.
+pub struct Deliverer {
+    reach: Reach,
+    http: reqwest::Client,
+}
+
+impl Deliverer {
+    pub fn new(config: &crate::config::Triggers) -> reqwest::Result<Deliverer> {
+        let reach = Reach::new(config.allow_private.clone());
+        Ok(Deliverer {
+            http: reach.client(config.timeout.0)?,
+            reach,
+        })
+    }
+
+    /// POSTs `job` to `url`: whether it was answered 2xx, and what to show of the answer.
+    async fn post(&self, url: &str, job: &JobView, timeout: HumanDuration) -> (bool, String) {
+        let checked = reqwest::Url::parse(url)
+            .map_err(|e| e.to_string())
+            .and_then(|u| self.reach.check_url(&u).map_err(|e| e.to_string()));
+        if let Err(refused) = checked {
+            return (false, format!("refused: {refused}"));
+        }
+        let outcome = self
+            .http
+            .post(url)
+            .header("X-Vmfarm-Event", "job.finished")
+            .json(job)
+            .send()
+            .await;
+        match outcome {
+            Ok(r) if r.status().is_redirection() => {
+                (false, format!("{}: redirects are not followed", r.status()))
+            }
+            Ok(r) => (r.status().is_success(), r.status().to_string()),
+            Err(e) if e.is_timeout() => (false, format!("no answer in {timeout}")),
+            Err(e) if e.is_connect() => match refusal_in(&e) {
+                Some(refused) => (false, format!("refused: {refused}")),
+                None => (false, "cannot connect".to_owned()),
+            },
+            Err(_) => (false, "request failed".to_owned()),
+        }
+    }
+}
+
+/// The refusal of [`Reach`]'s resolver among the causes of a failed call, if it is one.
+fn refusal_in(e: &reqwest::Error) -> Option<&OutboundError> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(refused) = c.downcast_ref::<OutboundError>() {
+            return Some(refused);
+        }
+        cause = c.source();
+    }
+    None
+}
+
 /// Delivers webhooks for as long as the server runs: at once when a job ends, and every
 /// half second for retries that come due.
 pub async fn run(state: AppState) {
-    let http = reqwest::Client::new();
+    let deliverer = match Deliverer::new(&state.config.triggers) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot make the webhook client: no webhook is delivered");
+            return;
+        }
+    };
     loop {
-        if let Err(e) = deliver_due(&state, &http, now_ms()).await {
+        if let Err(e) = deliver_due(&state, &deliverer, now_ms()).await {
             tracing::error!(error = %e, "webhook delivery failed; trying again");
         }
         tokio::select! {
@@ -187,6 +241,97 @@ pub async fn run(state: AppState) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_utils::{ADMIN, Database, TestApp};
+    use axum::http::Method;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A webhook receiver on loopback answering `status` (with a `Location` elsewhere);
+    /// its URL and how many calls it got.
+    async fn receiver(status: u16) -> (String, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let app = axum::Router::new().fallback(move || {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                (
+                    axum::http::StatusCode::from_u16(status).unwrap(),
+                    [("location", "http://127.0.0.1:9/elsewhere")],
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://HOST:{port}/hook"), calls)
+    }
+
+    /// Ends a job whose failure trigger calls `url`, delivers, and says what the delivery shows.
+    async fn deliver_to(app: &TestApp, url: &str) -> DeliveryView {
+        let manifest = format!(
+            "image = \"a\"\n[[tasks]]\nname = \"x\"\nscript = \"true\"\n\
+             [[triggers]]\non = \"failure\"\nwebhook = \"{url}\"\n"
+        );
+        let id = app.submit(&manifest).await[0];
+        let cancel = format!("/api/jobs/{id}/cancel");
+        app.call(
+            Method::POST,
+            &cancel,
+            Some(ADMIN),
+            &[],
+            axum::body::Body::empty(),
+        )
+        .await;
+        let deliverer = Deliverer::new(&app.state.config.triggers).unwrap();
+        assert_eq!(
+            deliver_due(&app.state, &deliverer, now_ms()).await.unwrap(),
+            1
+        );
+        for_job(&app.state, id).await.unwrap().remove(0)
+    }
+
+    #[tokio::test]
+    async fn test_webhooks_reach_only_public_addresses_unless_allowed() {
+        let (url, calls) = receiver(200).await;
+        let app = TestApp::new(Database::Sqlite).await;
+        for host in ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]"] {
+            let delivery = deliver_to(&app, &url.replace("HOST", host)).await;
+            let status = delivery.last_status.unwrap_or_default();
+            assert!(
+                status.starts_with("refused: ") && status.contains("is loopback"),
+                "{host}: {status}"
+            );
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            0,
+            "nothing reached the receiver"
+        );
+        let allowed = TestApp::with_config(Database::Sqlite, |c| {
+            c.triggers.allow_private = vec!["127.0.0.0/8".parse().unwrap()];
+        })
+        .await;
+        let delivery = deliver_to(&allowed, &url.replace("HOST", "localhost")).await;
+        assert_eq!(delivery.state, "delivered", "{delivery:?}");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn test_webhooks_follow_no_redirect() {
+        let (url, calls) = receiver(302).await;
+        let app = TestApp::with_config(Database::Sqlite, |c| {
+            c.triggers.allow_private = vec!["127.0.0.0/8".parse().unwrap()];
+        })
+        .await;
+        let delivery = deliver_to(&app, &url.replace("HOST", "127.0.0.1")).await;
+        assert_eq!(
+            delivery.last_status.as_deref(),
+            Some("302 Found: redirects are not followed")
+        );
+        assert_eq!(delivery.state, "pending", "it is tried again later");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn test_backoff_doubles_and_is_capped() {

@@ -111,6 +111,38 @@ impl TestWorker {
         }
     }
 
+    /// The worker process's peak resident memory so far, in MiB (VmHWM).
+    pub fn peak_rss_mib(&self) -> u64 {
+        let pid = self.child.as_ref().expect("the worker runs").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/PID/status");
+        kib / 1024
+    }
+
+    /// Bytes the worker's scratch folder holds on disk now (sparse files count what they use).
+    pub fn disk_use(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let mut total = 0;
+        let mut stack = vec![self.work_dir.path().join("work")];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let Ok(meta) = entry.path().symlink_metadata() else {
+                    continue;
+                };
+                if meta.is_dir() {
+                    stack.push(entry.path());
+                } else {
+                    total += meta.blocks() * 512;
+                }
+            }
+        }
+        total
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.work_dir.path().join("worker.log")).unwrap_or_default()
     }

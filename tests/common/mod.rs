@@ -223,3 +223,91 @@ pub fn manifest(image: &str, tasks: &[&str]) -> String {
     }
     text
 }
+
+/// Waits until job `id` is as `ok` says (`what`, for the message), for at most `limit`.
+pub async fn wait_for(
+    api: &Api,
+    id: &str,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+    limit: std::time::Duration,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let job = api.get_json(&format!("/api/jobs/{id}")).await;
+        if ok(&job) {
+            return job;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {id} never got {what}: {job}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// Waits until job `id`'s first task runs.
+pub async fn wait_task_running(api: &Api, id: &str) -> serde_json::Value {
+    let running = |j: &serde_json::Value| j["tasks"][0]["state"] == "running";
+    wait_for(
+        api,
+        id,
+        "its first task running",
+        running,
+        std::time::Duration::from_secs(300),
+    )
+    .await
+}
+
+/// Waits until job `id` is in `state`.
+pub async fn wait_state(api: &Api, id: &str, state: &str) -> serde_json::Value {
+    wait_for(
+        api,
+        id,
+        state,
+        |j| j["state"] == state,
+        std::time::Duration::from_secs(300),
+    )
+    .await
+}
+
+/// Waits until job `id` has ended, in whatever state.
+pub async fn wait_ended(api: &Api, id: &str) -> serde_json::Value {
+    let ended = |j: &serde_json::Value| {
+        ["succeeded", "failed", "timed_out", "cancelled", "error"]
+            .contains(&j["state"].as_str().unwrap_or(""))
+    };
+    wait_for(
+        api,
+        id,
+        "to an end",
+        ended,
+        std::time::Duration::from_secs(300),
+    )
+    .await
+}
+
+/// Job `id`'s whole log as text (read page by page).
+pub async fn log_of(api: &Api, id: &str) -> String {
+    let mut log = String::new();
+    loop {
+        let page = api
+            .req(
+                reqwest::Method::GET,
+                &format!("/api/jobs/{id}/log?from={}", log.len()),
+            )
+            .send()
+            .await
+            .unwrap();
+        let size: usize = page.headers()["x-vmfarm-log-size"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let text = page.text().await.unwrap();
+        log.push_str(&text);
+        if log.len() >= size || text.is_empty() {
+            return log;
+        }
+    }
+}

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use sha2::{Digest as _, Sha256};
 use vmfarm_worker::backend::qemu::{Accel, QemuBackend};
@@ -356,6 +357,25 @@ async fn exercise(name: &str, expect_os_release: &str, debian: bool) {
         !left.contains("sleep 10"),
         "killed commands leave no process: {left}"
     );
+
+    // A port forwarded to the worker (the network proxy's way in): a connection made in the
+    // guest arrives here, over the same SSH connection.
+    let (port, mut forwarded) = guest.forward().await.unwrap();
+    let answered = tokio::spawn(async move {
+        let mut stream = forwarded.recv().await.expect("a forwarded connection");
+        let mut got = [0u8; 5];
+        stream.read_exact(&mut got).await.unwrap();
+        stream.write_all(b"pong\n").await.unwrap();
+        stream.shutdown().await.unwrap();
+        got
+    });
+    let dial = format!(
+        "if command -v nc >/dev/null 2>&1; then printf 'ping\\n' | nc 127.0.0.1 {port}; \
+         else bash -c 'exec 3<>/dev/tcp/127.0.0.1/{port}; printf \"ping\\n\" >&3; cat <&3'; fi"
+    );
+    let (reply, err, status) = run(&guest, &dial).await;
+    assert_eq!((status, reply.as_str()), (0, "pong\n"), "stderr: {err}");
+    assert_eq!(&answered.await.unwrap(), b"ping\n");
 
     guest.shutdown().await.unwrap();
     let exit = tokio::time::timeout(Duration::from_secs(30), booted.vm.wait()).await;

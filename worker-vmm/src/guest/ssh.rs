@@ -6,13 +6,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use russh::client::ChannelOpenHandle;
 use russh::client::{self, Handle, Msg};
 use russh::keys::{HashAlg, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
-use russh::{Channel, ChannelMsg, Disconnect, Sig};
+use russh::{Channel, ChannelMsg, ChannelOpenFailure, ChannelStream, Disconnect, Sig};
 use russh_sftp::client::SftpSession;
 use russh_sftp::protocol::FileType;
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::mpsc;
 use vmfarm_proto::units::ByteSize;
 
 use super::{HostFingerprint, JobKey};
@@ -48,6 +50,8 @@ pub enum SshError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the guest agent did not forward a port for the network proxy")]
+    ForwardRefused,
     #[error("{path} is {kind}: only regular files are collected")]
     NotAFile { path: String, kind: &'static str },
     #[error("{path} is over the limit of {limit}")]
@@ -138,6 +142,8 @@ struct Pinned {
     expected: HostFingerprint,
     /// The fingerprint a refused server offered, for the error message.
     offered: Arc<std::sync::Mutex<Option<String>>>,
+    /// Where connections to the forwarded port go, once [`Guest::forward`] asked for one.
+    forwarded: Arc<std::sync::Mutex<Option<mpsc::Sender<ForwardedStream>>>>,
 }
 
 impl client::Handler for Pinned {
@@ -157,11 +163,40 @@ impl client::Handler for Pinned {
         }
         Ok(matches)
     }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        _connected_address: &str,
+        _connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let sender = self.forwarded.lock().ok().and_then(|s| s.clone());
+        // Refused when nothing asked for it, or when the taker is that far behind.
+        match sender.map(|s| s.try_reserve_owned()) {
+            Some(Ok(slot)) => {
+                reply.accept().await;
+                slot.send(channel.into_stream());
+            }
+            _ => reply.reject(ChannelOpenFailure::ResourceShortage).await,
+        }
+        Ok(())
+    }
 }
+
+/// A connection the guest made to the port the worker forwards.
+pub type ForwardedStream = ChannelStream<Msg>;
+
+/// Connections the guest made to a forwarded port, not yet taken: more wait in the guest.
+const FORWARDED_QUEUE: usize = 16;
 
 /// An authenticated SSH connection to a guest's agent.
 pub struct Guest {
     handle: Handle<Pinned>,
+    forwarded: Arc<std::sync::Mutex<Option<mpsc::Sender<ForwardedStream>>>>,
 }
 
 impl Guest {
@@ -197,9 +232,11 @@ impl Guest {
             ..Default::default()
         });
         let offered = Arc::new(std::sync::Mutex::new(None));
+        let forwarded = Arc::default();
         let pinned = Pinned {
             expected: fingerprint.clone(),
             offered: offered.clone(),
+            forwarded: Arc::clone(&forwarded),
         };
         let mut handle = match client::connect_stream(config, stream, pinned).await {
             Ok(handle) => handle,
@@ -220,7 +257,22 @@ impl Guest {
         if !auth.success() {
             return Err(SshError::AuthRefused(user.to_owned()));
         }
-        Ok(Guest { handle })
+        Ok(Guest { handle, forwarded })
+    }
+
+    /// Asks the agent to listen on a free loopback port in the guest; each connection to it
+    /// arrives on the returned receiver. Returns the port (one forwarded port per guest).
+    pub async fn forward(&self) -> Result<(u16, mpsc::Receiver<ForwardedStream>), SshError> {
+        let (sender, receiver) = mpsc::channel(FORWARDED_QUEUE);
+        if let Ok(mut slot) = self.forwarded.lock() {
+            *slot = Some(sender);
+        }
+        let port = self.handle.tcpip_forward("127.0.0.1", 0).await?;
+        let port = u16::try_from(port).map_err(|_| SshError::ForwardRefused)?;
+        if port == 0 {
+            return Err(SshError::ForwardRefused);
+        }
+        Ok((port, receiver))
     }
 
     async fn session(&self, env: &[(String, String)]) -> Result<Channel<Msg>, SshError> {
@@ -457,4 +509,46 @@ async fn pump(channel: &mut Channel<Msg>, output: &mut impl Output) -> Result<u3
         }
     }
     status.ok_or(SshError::NoExitStatus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest whose channel sends garbage instead of SSH: the connection is refused with a
+    /// clear error, quickly, and what it sends is not kept.
+    #[tokio::test]
+    async fn test_garbage_on_the_agents_channel_is_refused() {
+        let (ours, mut theirs) = tokio::io::duplex(64 * 1024);
+        let flood = tokio::spawn(async move {
+            let mut garbage = vec![0u8; 64 * 1024];
+            let mut sent = 0usize;
+            for round in 0..1024u32 {
+                for (i, b) in garbage.iter_mut().enumerate() {
+                    *b = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(round) as u8;
+                }
+                if theirs.write_all(&garbage).await.is_err() {
+                    break;
+                }
+                sent += garbage.len();
+            }
+            sent
+        });
+        let key = JobKey::generate().unwrap();
+        let fingerprint = HostFingerprint("SHA256:nothing".into());
+        let options = SshOptions {
+            connect_timeout: Duration::from_secs(20),
+            ..SshOptions::default()
+        };
+        let started = std::time::Instant::now();
+        let refused = Guest::ssh(Box::new(ours), &key, &fingerprint, &options).await;
+        assert!(
+            matches!(refused, Err(SshError::Handshake(_))),
+            "{:?}",
+            refused.err()
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // The worker stopped reading: the flood could not send its 64 MiB.
+        assert!(flood.await.unwrap() < 64 << 20);
+    }
 }
