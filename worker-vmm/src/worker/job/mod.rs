@@ -1,0 +1,534 @@
+//! One job, top down ([`JobRun::steps`]):
+//!
+//! 1. prepare: report `booting`, make the scratch folder, start fetching the sources on the host
+//!    (they are needed only once the guest is up);
+//! 2. boot the guest (from here on its teardown is guaranteed);
+//! 3. settle: wait for the agent's ready line, open SSH pinned to its host key, report `running`;
+//! 4. make the build directory; 5. upload the sources; 6. the environment; 7. send the secrets;
+//! 8. each task in turn; 9. collect the artifacts;
+//! 10. teardown: shut the guest down (killed if it does not end), stop what still runs on the
+//!     host, remove the scratch folder.
+//!
+//! Each step is one function, says what it does in one line of the job's log and names itself
+//! in its error. The whole job runs under its deadline (the lease's `timeout_ms`, counted from
+//! when the worker got the lease) and under cancel: a step they interrupt ends the job
+//! `timed_out` or `cancelled`, the reason saying what it was doing ([`JobLimits::step`]). A task
+//! is the exception: it runs under the same limits itself, so that it can be killed in the guest
+//! and reported as `timed_out` or `cancelled`.
+
+mod artifacts;
+mod limits;
+mod outcome;
+mod tasks;
+mod teardown;
+
+use limits::Deadline;
+pub use outcome::Outcome;
+
+use super::guest_paths::{BUILD_DIR, FARM_DIR, SECRETS_DIR, quote, unpack_command};
+use super::heartbeat::Heartbeat;
+use super::log_shipper::{self, LogSink};
+use super::server_client::{LeaseHandle, ServerClient, ServerError};
+use super::sources::{self, FetchedSource, SourceError};
+use crate::backend::{Backend, BootSpec, GuestCmdline, Vm};
+use crate::config::WorkerConfig;
+use crate::guest::{ExecLimits, Guest, HostFingerprint, JobKey, SshOptions, wait_ready};
+use crate::images::manifest::InstalledImage;
+use anyhow::Context;
+use base64::Engine;
+use limits::{Halt, JobLimits};
+use outcome::ending;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use vmfarm_proto::wire::{LeaseResponse, LogStream, StateUpdate};
+use vmfarm_proto::{JobState, Manifest};
+
+/// What a job needs from its worker.
+pub struct JobContext {
+    pub client: ServerClient,
+    pub config: Arc<WorkerConfig>,
+    pub backend: Arc<dyn Backend>,
+    pub image: InstalledImage,
+}
+
+/// A leased job as the daemon hands it over: its manifest, parsed once (by the daemon), and
+/// when the worker got the lease, from which the job's timeout counts.
+pub struct Job {
+    pub lease: LeaseResponse,
+    pub manifest: Manifest,
+    pub leased_at: Instant,
+    /// Renewing the lease since it was taken, so that a job waiting for room keeps it.
+    pub heartbeat: Heartbeat,
+}
+
+/// The vCPUs and memory (MiB) a job gets: its manifest's, else the worker's defaults.
+pub fn job_size(manifest: &Manifest, config: &WorkerConfig) -> (u32, u64) {
+    let cpus = manifest.resources.cpus.unwrap_or(config.guest.default_cpus);
+    let memory = manifest
+        .resources
+        .memory
+        .unwrap_or(config.guest.default_memory);
+    (cpus, memory.0 / (1024 * 1024))
+}
+
+/// The tasks' environment: the manifest's variables, then the job's own.
+fn environment(manifest: &Manifest, lease: &LeaseResponse) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = manifest
+        .environment
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    env.push(("VMFARM_JOB_ID".into(), lease.job.id.clone()));
+    env.push(("VMFARM_IMAGE".into(), lease.job.image.clone()));
+    env
+}
+
+/// The variable a secret also becomes (CONTRACTS.md "Secrets"): its name in upper case, when
+/// that is a valid variable name.
+fn secret_variable(name: &str, value: &[u8]) -> Option<(String, String)> {
+    let var = name.to_ascii_uppercase();
+    (vmfarm_proto::manifest::is_env_name(&var) && !name.contains('-'))
+        .then(|| (var, String::from_utf8_lossy(value).into_owned()))
+}
+
+/// The lease's secrets, decoded (one that is not base64 is left out).
+fn decode_secrets(secrets: &BTreeMap<String, String>) -> Vec<(String, Vec<u8>)> {
+    secrets
+        .iter()
+        .filter_map(|(name, b64)| {
+            let value = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+            Some((name.clone(), value))
+        })
+        .collect()
+}
+
+/// The host's fetch of the job's sources, running while the guest boots.
+type SourcesFetch = JoinHandle<Result<Vec<FetchedSource>, SourceError>>;
+
+/// Runs the leased job to its end and reports it; returns how it ended (`None` if the lease
+/// was lost, when nothing more may be written).
+pub async fn run(ctx: &JobContext, job: Job) -> Option<Outcome> {
+    let Job {
+        lease,
+        manifest,
+        leased_at,
+        heartbeat,
+    } = job;
+    let handle = LeaseHandle::of(&lease);
+    let secrets = decode_secrets(&lease.secrets);
+    let masks: Vec<Vec<u8>> = secrets.iter().map(|(_, v)| v.clone()).collect();
+    let (log, shipper) = log_shipper::start(
+        ctx.client.clone(),
+        handle.clone(),
+        masks,
+        lease.limits.max_log_bytes,
+    );
+    let limits = JobLimits {
+        deadline: Deadline::new(leased_at, lease.job.timeout_ms),
+        stopping: heartbeat.stopping.clone(),
+    };
+    let mut job = JobRun {
+        ctx,
+        lease: &lease,
+        manifest: &manifest,
+        handle: handle.clone(),
+        secrets,
+        log,
+        heartbeat,
+        limits,
+        run_dir: ctx
+            .config
+            .work_dir
+            .join(format!("job-{}-{}", lease.job.id, lease.job.attempt)),
+        fetch: None,
+        console: None,
+    };
+    let steps = job.steps().await;
+    job.clean_up().await;
+    let halted = steps.is_err();
+    let outcome = ending(steps, job.heartbeat.stopped(), job.limits.deadline.timeout);
+    if let Some(Outcome {
+        state,
+        reason: Some(reason),
+    }) = &outcome
+        && halted
+    {
+        match state {
+            JobState::Error => job.log.farm(&format!("error: {reason}")),
+            _ => job.log.farm(reason),
+        }
+    }
+    drop(job);
+    report_end(ctx, &handle, &lease.job.id, shipper, outcome).await
+}
+
+/// Tells the server how the job ended, once its log is all sent.
+async fn report_end(
+    ctx: &JobContext,
+    handle: &LeaseHandle,
+    job_id: &str,
+    shipper: JoinHandle<Result<(), ServerError>>,
+    outcome: Option<Outcome>,
+) -> Option<Outcome> {
+    let shipped = shipper.await;
+    let mut outcome = outcome?;
+    match shipped {
+        Ok(Ok(())) => {}
+        Ok(Err(ServerError::LeaseLost(_))) => return None,
+        // A log the server did not take whole is not the job's log: the farm failed.
+        Ok(Err(e)) => outcome = log_lost(&outcome, &e),
+        Err(e) => outcome = log_lost(&outcome, &e),
+    }
+    let update = StateUpdate {
+        job_state: Some(outcome.state),
+        reason: outcome.reason.clone(),
+        ..StateUpdate::default()
+    };
+    match ctx.client.state(handle, &update).await {
+        Ok(()) => Some(outcome),
+        Err(e) => {
+            tracing::warn!(job = %job_id, error = %e, "could not report the job's end");
+            None
+        }
+    }
+}
+
+/// The end of a job whose log did not all reach the server, which refused it (`why`).
+fn log_lost(outcome: &Outcome, why: &dyn std::fmt::Display) -> Outcome {
+    tracing::error!(%why, "the server refused a part of a job's log");
+    Outcome::new(
+        JobState::Error,
+        format!(
+            "the server refused a part of the job's log ({why}); the job itself ended {}",
+            outcome.state
+        ),
+    )
+}
+
+/// What the steps of one job share.
+struct JobRun<'a> {
+    ctx: &'a JobContext,
+    lease: &'a LeaseResponse,
+    manifest: &'a Manifest,
+    handle: LeaseHandle,
+    secrets: Vec<(String, Vec<u8>)>,
+    log: LogSink,
+    heartbeat: Heartbeat,
+    limits: JobLimits,
+    /// The job's scratch folder on the host.
+    run_dir: PathBuf,
+    /// The sources being fetched, until the sources step has them.
+    fetch: Option<SourcesFetch>,
+    /// The copy of the guest's console to the log, once the agent is ready.
+    console: Option<JoinHandle<()>>,
+}
+
+impl JobRun<'_> {
+    /// The job's steps, in order; the guest is torn down whatever step ends them.
+    async fn steps(&mut self) -> Result<Outcome, Halt> {
+        self.prepare().await?;
+        let key = JobKey::generate()
+            .context("making the job's SSH key")
+            .map_err(Halt::Failed)?;
+        let mut vm = self.boot(&key).await?;
+        let outcome = self.with_guest(vm.as_mut(), &key).await;
+        self.kill(vm).await;
+        outcome
+    }
+
+    /// The steps that need the guest; shuts it down after them if SSH was up.
+    async fn with_guest(&mut self, vm: &mut dyn Vm, key: &JobKey) -> Result<Outcome, Halt> {
+        let guest = self.settle(vm, key).await?;
+        let outcome = self.in_guest(&guest).await;
+        self.shut_down(guest, vm).await;
+        outcome
+    }
+
+    /// Sources, environment, secrets, tasks and artifacts, over SSH.
+    async fn in_guest(&mut self, guest: &Guest) -> Result<Outcome, Halt> {
+        self.make_build_dir(guest).await?;
+        self.sources(guest).await?;
+        let mut env = self.environment();
+        self.send_secrets(guest, &mut env).await?;
+        let manifest = self.manifest;
+        for task in &manifest.tasks {
+            if let Some(end) = self.task(guest, task, &env).await? {
+                return Ok(end);
+            }
+        }
+        self.artifacts(guest).await
+    }
+
+    /// Reports `booting` with the image's version, makes the scratch folder, and starts
+    /// fetching the sources on the host.
+    async fn prepare(&mut self) -> Result<(), Halt> {
+        self.report(StateUpdate {
+            job_state: Some(JobState::Booting),
+            image_version: Some(self.ctx.image.manifest.version.clone()),
+            ..StateUpdate::default()
+        })
+        .await?;
+        let made = async {
+            create_private_dir(&self.run_dir)
+                .await
+                .context("creating the job's scratch folder")
+        };
+        self.limits.step("preparing the job", made).await?;
+        let sources = self.manifest.sources.clone();
+        if !sources.is_empty() {
+            self.log.farm(&format!(
+                "fetching {} on the host while the guest boots",
+                plural(sources.len(), "source")
+            ));
+            let dir = self.run_dir.clone();
+            let allowed = self.ctx.config.allowed_local_sources.clone();
+            self.fetch = Some(tokio::spawn(sources::fetch_all(sources, dir, allowed)));
+        }
+        Ok(())
+    }
+
+    /// Boots the guest of the job's size, with the boot contract's command line.
+    async fn boot(&self, key: &JobKey) -> Result<Box<dyn Vm>, Halt> {
+        let JobRun {
+            ctx, lease, log, ..
+        } = self;
+        let image = &ctx.image.manifest;
+        log.farm(&format!(
+            "booting {} {} ({}) with the {} backend",
+            image.name,
+            image.version,
+            image.system.pretty_name,
+            ctx.backend.name()
+        ));
+        let (cpus, memory_mib) = job_size(self.manifest, &ctx.config);
+        let cmdline = GuestCmdline {
+            channel: ctx.backend.channel(),
+            key_blob: key.public_blob_base64(),
+            hostname: format!("job-{}", lease.job.id),
+            time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            user: "build".into(),
+            emulated: ctx.backend.emulated(),
+        };
+        let spec = BootSpec {
+            kernel: ctx.image.kernel(),
+            initrd: Some(ctx.image.initrd()),
+            base_disk: ctx.image.rootfs(),
+            vcpus: cpus,
+            memory_mib: u32::try_from(memory_mib).unwrap_or(u32::MAX),
+            cmdline: cmdline.compose(),
+            run_dir: self.run_dir.join("vm"),
+        };
+        let boot = async { Ok::<_, anyhow::Error>(ctx.backend.boot(&spec).await?) };
+        self.limits.step("booting the guest", boot).await
+    }
+
+    /// Waits for the agent's ready line, opens SSH pinned to the host key it announced, and
+    /// reports `running`.
+    async fn settle(&mut self, vm: &mut dyn Vm, key: &JobKey) -> Result<Guest, Halt> {
+        let fingerprint = self.wait_for_agent(vm).await?;
+        let ssh = async {
+            let stream = vm
+                .connect()
+                .await
+                .context("connecting to the guest agent")?;
+            Ok::<_, anyhow::Error>(
+                Guest::ssh(stream, key, &fingerprint, &SshOptions::default()).await?,
+            )
+        };
+        let guest = self.limits.step("opening SSH to the guest", ssh).await?;
+        self.report(StateUpdate {
+            job_state: Some(JobState::Running),
+            ..StateUpdate::default()
+        })
+        .await?;
+        Ok(guest)
+    }
+
+    /// Copies the console to the log until the agent's ready line, and on in the background.
+    async fn wait_for_agent(&mut self, vm: &mut dyn Vm) -> Result<HostFingerprint, Halt> {
+        let mut console = vm
+            .take_console()
+            .context("the guest's console")
+            .map_err(Halt::Failed)?;
+        let console_log = self.log.clone();
+        let mut sink = move |data: &[u8]| console_log.write_now(LogStream::Console, None, data);
+        let boot_timeout = self.ctx.config.guest.boot_timeout.0;
+        let booted = Instant::now();
+        let ready = async {
+            Ok::<_, anyhow::Error>(wait_ready(&mut console, &mut sink, boot_timeout).await?)
+        };
+        let fingerprint = self
+            .limits
+            .step("waiting for the guest agent", ready)
+            .await?;
+        self.log.farm(&format!(
+            "guest ready in {:.1}s (host key {fingerprint})",
+            booted.elapsed().as_secs_f64()
+        ));
+        let console_log = self.log.clone();
+        self.console = Some(tokio::spawn(async move {
+            let mut buf = vec![0u8; 8192];
+            while let Ok(n) = console.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                console_log.write(LogStream::Console, None, &buf[..n]).await;
+            }
+        }));
+        Ok(fingerprint)
+    }
+
+    async fn make_build_dir(&self, guest: &Guest) -> Result<(), Halt> {
+        let setup =
+            format!("mkdir -p {BUILD_DIR} {FARM_DIR}/tasks && mkdir -p -m 0700 {SECRETS_DIR}");
+        let made = run_checked(guest, &setup);
+        self.limits
+            .step("preparing the build directory", made)
+            .await
+    }
+
+    /// Waits for the host's fetch, then uploads each source and unpacks it at its path.
+    async fn sources(&mut self, guest: &Guest) -> Result<(), Halt> {
+        let fetched = self
+            .limits
+            .step("fetching the sources", finish_fetch(&mut self.fetch))
+            .await?;
+        for (i, source) in fetched.iter().enumerate() {
+            self.log
+                .farm(&format!("uploading source to {}", source.path));
+            let remote = format!("{FARM_DIR}/source-{i}.tar");
+            let upload =
+                async { Ok::<_, anyhow::Error>(guest.upload(&source.tar, &remote).await?) };
+            self.limits.step("uploading the sources", upload).await?;
+            let unpack = unpack_command(&remote, &source.path);
+            let unpacked = run_checked(guest, &unpack);
+            self.limits.step("unpacking the sources", unpacked).await?;
+        }
+        Ok(())
+    }
+
+    /// The tasks' variables (the secrets add theirs); sent with each task's command.
+    fn environment(&self) -> Vec<(String, String)> {
+        let env = environment(self.manifest, self.lease);
+        let names: Vec<&str> = env.iter().map(|(name, _)| name.as_str()).collect();
+        self.log.farm(&format!("environment: {}", names.join(" ")));
+        env
+    }
+
+    /// Uploads each secret to its file; those with a variable's name go into `env` too.
+    async fn send_secrets(
+        &self,
+        guest: &Guest,
+        env: &mut Vec<(String, String)>,
+    ) -> Result<(), Halt> {
+        if self.secrets.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = self.secrets.iter().map(|(name, _)| name.as_str()).collect();
+        self.log
+            .farm(&format!("sending secrets: {}", names.join(" ")));
+        for (name, value) in &self.secrets {
+            let send = self.send_secret(guest, name, value);
+            self.limits.step("sending the secrets", send).await?;
+            env.extend(secret_variable(name, value));
+        }
+        Ok(())
+    }
+
+    async fn send_secret(&self, guest: &Guest, name: &str, value: &[u8]) -> anyhow::Result<()> {
+        let local = self.run_dir.join(format!("secret-{name}"));
+        write_private(&local, value)
+            .await
+            .context("staging a secret")?;
+        let remote = format!("{SECRETS_DIR}/{name}");
+        let sent = guest.upload(&local, &remote).await;
+        let _ = tokio::fs::remove_file(&local).await;
+        sent?;
+        run_checked(guest, &format!("chmod 0600 {}", quote(&remote))).await
+    }
+}
+
+/// Waits for the host's fetch to end (none: no sources); the fetch stays with the job until
+/// it has ended, so that a step interrupted here still leaves it to teardown to stop.
+async fn finish_fetch(fetch: &mut Option<SourcesFetch>) -> anyhow::Result<Vec<FetchedSource>> {
+    let Some(running) = fetch.as_mut() else {
+        return Ok(Vec::new());
+    };
+    let ended = running.await;
+    *fetch = None;
+    Ok(ended.context("the fetch stopped")??)
+}
+
+/// Runs a short command of the worker's own in the guest; a non-zero status is an error.
+async fn run_checked(guest: &Guest, command: &str) -> anyhow::Result<()> {
+    let out = guest
+        .exec_collect(command, ExecLimits::timeout(Duration::from_secs(60)))
+        .await?;
+    if out.exit_status != 0 {
+        anyhow::bail!(
+            "`{command}` exited with status {}: {}",
+            out.exit_status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+async fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir: PathBuf = dir.to_owned();
+    tokio::task::spawn_blocking(move || {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+async fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_secret_variables() {
+        let cases = [
+            ("token", Some("TOKEN")),
+            ("deploy_key", Some("DEPLOY_KEY")),
+            ("db-password", None),
+            ("1st", None),
+        ];
+        for (name, want) in cases {
+            let got = secret_variable(name, b"v");
+            assert_eq!(got.as_ref().map(|(var, _)| var.as_str()), want, "{name}");
+        }
+    }
+}
