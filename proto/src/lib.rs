@@ -6,6 +6,7 @@
 pub mod api;
 pub mod manifest;
 pub mod names;
+pub mod network;
 pub mod state;
 pub mod units;
 pub mod wire;
