@@ -271,6 +271,21 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn test_an_oversized_request_head_is_refused() {
+        let job = Job::new(&["*"], &[]).await;
+        let padding = "x".repeat(super::MAX_HEAD_BYTES);
+        let answer = job
+            .raw(&format!(
+                "GET http://example.org/ HTTP/1.1\r\nHost: example.org\r\nX-Padding: {padding}\r\n\r\n"
+            ))
+            .await;
+        assert!(
+            answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+            "{answer}"
+        );
+    }
+
+    #[tokio::test]
     async fn test_a_host_outside_the_allow_list_gets_a_403_and_a_log_line() {
         let job = Job::new(&["pypi.org", "*.crates.io"], &[]).await;
         let cases = [
