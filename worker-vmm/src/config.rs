@@ -19,6 +19,19 @@ pub struct WorkerConfig {
     pub slots: Slots,
     pub guest: GuestDefaults,
     pub backend: BackendConfig,
+    pub network: NetworkConfig,
+}
+
+/// The jobs' network proxy (issue 14) and its cache of package files.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    pub cache_dir: PathBuf,
+    pub cache_max_size: ByteSize,
+    pub max_connections_per_job: u32,
+    pub max_bytes_per_job: ByteSize,
+    pub idle_timeout: HumanDuration,
+    pub connect_timeout: HumanDuration,
 }
 
 /// The budget running guests share.
@@ -66,6 +79,20 @@ impl Default for WorkerConfig {
             slots: Slots::default(),
             guest: GuestDefaults::default(),
             backend: BackendConfig::default(),
+            network: NetworkConfig::default(),
+        }
+    }
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            cache_dir: PathBuf::from("./vmfarm-data/proxy-cache"),
+            cache_max_size: ByteSize(10 * GIB),
+            max_connections_per_job: 64,
+            max_bytes_per_job: ByteSize(8 * GIB),
+            idle_timeout: HumanDuration(Duration::from_secs(120)),
+            connect_timeout: HumanDuration(Duration::from_secs(15)),
         }
     }
 }
@@ -140,6 +167,28 @@ impl WorkerConfig {
                 g.default_memory, config.slots.memory
             ));
         }
+        let n = &config.network;
+        if n.max_connections_per_job == 0 {
+            return Err(
+                "network.max_connections_per_job is 0: a job with network could never connect"
+                    .into(),
+            );
+        }
+        if n.max_bytes_per_job.0 == 0 {
+            return Err(
+                "network.max_bytes_per_job is 0B: a job with network could not move a byte".into(),
+            );
+        }
+        for (key, value) in [
+            ("network.idle_timeout", n.idle_timeout),
+            ("network.connect_timeout", n.connect_timeout),
+        ] {
+            if value.0.is_zero() {
+                return Err(format!(
+                    "{key} is 0s: give it a positive duration, like \"30s\""
+                ));
+            }
+        }
         Ok(config)
     }
 
@@ -188,6 +237,23 @@ mod tests {
             ),
             ("[backend]\ndefault = \"xen\"\n", "unknown variant `xen`"),
             ("[guest]\nboot_timeout = \"soon\"\n", "not a duration"),
+            (
+                "[network]\nmax_connections_per_job = 0\n",
+                "could never connect",
+            ),
+            (
+                "[network]\nmax_bytes_per_job = \"0B\"\n",
+                "could not move a byte",
+            ),
+            (
+                "[network]\nidle_timeout = \"0s\"\n",
+                "network.idle_timeout is 0s",
+            ),
+            (
+                "[network]\nconnect_timeout = \"0s\"\n",
+                "network.connect_timeout is 0s",
+            ),
+            ("[network]\ncache_max_size = \"10G\"\n", "write \"10GiB\""),
         ];
         for (text, want) in cases {
             let err = WorkerConfig::parse(text).unwrap_err();

@@ -4,5 +4,6 @@ pub mod backend;
 pub mod config;
 pub mod guest;
 pub mod images;
+pub mod network;
 pub use vmfarm_vmm as vmm;
 pub mod worker;
