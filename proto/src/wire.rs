@@ -17,6 +17,30 @@ pub struct WorkerImage {
     pub version: String,
 }
 
+/// A worker's proxy cache: its counters since the worker started, and its contents now. Each
+/// lease request carries them, for the server's `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CacheStats {
+    /// Cacheable requests answered from the cache.
+    pub hits: u64,
+    /// Cacheable requests that went to the origin.
+    pub misses: u64,
+    /// Bytes sent to guests from the cache.
+    pub bytes_from_cache: u64,
+    /// Bytes of cacheable answers fetched from origins.
+    pub bytes_fetched: u64,
+    /// Entries checked and kept.
+    pub stored: u64,
+    /// Entries given up: incomplete, too long, a hash that did not match, or a write that failed.
+    pub discarded: u64,
+    /// Entries removed to stay under the size cap.
+    pub evicted: u64,
+    /// Entries in the cache now.
+    pub entries: u64,
+    /// Their size, in bytes.
+    pub size: u64,
+}
+
 /// `POST /api/workers/lease`: the worker names itself, its images and free slots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseRequest {
@@ -24,6 +48,9 @@ pub struct LeaseRequest {
     pub images: Vec<WorkerImage>,
     pub slots: u32,
     pub version: String,
+    /// Its proxy cache's figures.
+    #[serde(default)]
+    pub cache: CacheStats,
 }
 
 /// The job inside a lease.
@@ -194,6 +221,11 @@ mod tests {
             }],
             slots: 2,
             version: "0.1.0".into(),
+            cache: CacheStats {
+                hits: 3,
+                bytes_from_cache: 1 << 20,
+                ..CacheStats::default()
+            },
         };
         round_trip(&request);
         round_trip(&HeartbeatResponse {

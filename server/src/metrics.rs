@@ -5,6 +5,7 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 use vmfarm_proto::JobState;
+use vmfarm_proto::wire::CacheStats;
 
 const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -63,6 +64,72 @@ struct Inner {
 #[derive(Default)]
 pub struct Metrics(Mutex<Inner>);
 
+/// What `/metrics` reads from the database.
+pub struct Figures {
+    /// `(state, jobs)`.
+    pub by_state: Vec<(String, i64)>,
+    /// `(image, queued jobs)`.
+    pub queue_depth: Vec<(String, i64)>,
+    /// Each worker's network proxy cache, as it last called in.
+    pub proxy_caches: Vec<(String, CacheStats)>,
+}
+
+/// A metric of a worker's proxy cache: its name, type, help, and how to read it.
+type CacheSeries = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&CacheStats) -> u64,
+);
+
+/// The workers' proxy caches, each a labelled series per figure.
+fn render_caches(out: &mut String, caches: &[(String, CacheStats)]) {
+    let series: [CacheSeries; 6] = [
+        (
+            "vmfarm_proxy_cache_hits_total",
+            "counter",
+            "Cacheable requests answered from the worker's proxy cache.",
+            |c| c.hits,
+        ),
+        (
+            "vmfarm_proxy_cache_misses_total",
+            "counter",
+            "Cacheable requests the worker's proxy fetched from their origin.",
+            |c| c.misses,
+        ),
+        (
+            "vmfarm_proxy_cache_served_bytes_total",
+            "counter",
+            "Bytes the worker's proxy served from its cache.",
+            |c| c.bytes_from_cache,
+        ),
+        (
+            "vmfarm_proxy_cache_fetched_bytes_total",
+            "counter",
+            "Bytes of cacheable answers the worker's proxy fetched.",
+            |c| c.bytes_fetched,
+        ),
+        (
+            "vmfarm_proxy_cache_entries",
+            "gauge",
+            "Files in the worker's proxy cache.",
+            |c| c.entries,
+        ),
+        (
+            "vmfarm_proxy_cache_bytes",
+            "gauge",
+            "Size of the worker's proxy cache.",
+            |c| c.size,
+        ),
+    ];
+    for (name, kind, help, value) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (worker, cache) in caches {
+            let _ = writeln!(out, "{name}{{worker=\"{worker}\"}} {}", value(cache));
+        }
+    }
+}
+
 impl Metrics {
     fn with(&self, f: impl FnOnce(&mut Inner)) {
         if let Ok(mut inner) = self.0.lock() {
@@ -105,8 +172,13 @@ impl Metrics {
         });
     }
 
-    /// The metrics text, with the database's figures: `(state, jobs)` and `(image, queued jobs)`.
-    pub fn render(&self, by_state: &[(String, i64)], depth: &[(String, i64)]) -> String {
+    /// The metrics text, with the database's figures.
+    pub fn render(&self, figures: &Figures) -> String {
+        let Figures {
+            by_state,
+            queue_depth: depth,
+            proxy_caches,
+        } = figures;
         let mut out = String::new();
         out.push_str("# HELP vmfarm_jobs Jobs by state.\n# TYPE vmfarm_jobs gauge\n");
         for s in JobState::ALL {
@@ -122,6 +194,7 @@ impl Metrics {
         for (image, n) in depth {
             let _ = writeln!(out, "vmfarm_queue_depth{{image=\"{image}\"}} {n}");
         }
+        render_caches(&mut out, proxy_caches);
         if let Ok(m) = self.0.lock() {
             out.push_str("# HELP vmfarm_jobs_submitted_total Jobs submitted to this process.\n# TYPE vmfarm_jobs_submitted_total counter\n");
             let _ = writeln!(out, "vmfarm_jobs_submitted_total {}", m.submitted);

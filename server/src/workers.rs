@@ -4,7 +4,7 @@
 use crate::db::{Db, Query, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
 use serde::Serialize;
-use vmfarm_proto::wire::WorkerImage;
+use vmfarm_proto::wire::{CacheStats, WorkerImage};
 
 /// A worker as it last called in.
 #[derive(Debug, Clone, Serialize)]
@@ -15,21 +15,25 @@ pub struct WorkerView {
     pub slots: i64,
     pub images: Vec<WorkerImage>,
     pub version: String,
+    /// Its network proxy's cache.
+    pub cache: CacheStats,
 }
 
 /// Records that `worker` called in.
 pub async fn record(tx: &mut WriteTx, worker: &WorkerView) -> AppResult<()> {
     let images = serde_json::to_string(&worker.images).map_err(AppError::internal)?;
+    let cache = serde_json::to_string(&worker.cache).map_err(AppError::internal)?;
     tx.execute(
-        "INSERT INTO workers (name, last_seen, slots, images, version) VALUES ($1, $2, $3, $4, $5) \
+        "INSERT INTO workers (name, last_seen, slots, images, version, cache) VALUES ($1, $2, $3, $4, $5, $6) \
          ON CONFLICT (name) DO UPDATE SET last_seen = excluded.last_seen, slots = excluded.slots, \
-         images = excluded.images, version = excluded.version",
+         images = excluded.images, version = excluded.version, cache = excluded.cache",
         &[
             (&worker.name).into(),
             now_ms().into(),
             worker.slots.into(),
             (&images).into(),
             (&worker.version).into(),
+            (&cache).into(),
         ],
     )
     .await?;
@@ -41,7 +45,7 @@ pub async fn list(db: &Db) -> AppResult<Vec<WorkerView>> {
     let rows = db
         .read()
         .fetch_all(
-            "SELECT name, last_seen, slots, images, version FROM workers ORDER BY name",
+            "SELECT name, last_seen, slots, images, version, cache FROM workers ORDER BY name",
             &[],
         )
         .await?;
@@ -53,6 +57,7 @@ pub async fn list(db: &Db) -> AppResult<Vec<WorkerView>> {
                 slots: row.int(2)?,
                 images: serde_json::from_str(&row.text(3)?).map_err(AppError::internal)?,
                 version: row.text(4)?,
+                cache: serde_json::from_str(&row.text(5)?).map_err(AppError::internal)?,
             })
         })
         .collect()

@@ -285,6 +285,7 @@ fn request(worker: &str, images: &[String]) -> LeaseRequest {
             .collect(),
         slots: 1,
         version: "bench".into(),
+        cache: Default::default(),
     }
 }
 

@@ -34,6 +34,7 @@ impl FakeWorker {
                 .collect(),
             slots: 1,
             version: "test".into(),
+            cache: Default::default(),
         };
         let r = self
             .api

@@ -5,3 +5,6 @@ ALTER TABLE jobs ADD COLUMN triggers TEXT NOT NULL DEFAULT '[]';
 -- The attempt an artifact belongs to: its file is stored under <job>/<attempt>/. NULL: stored
 -- before attempts had folders of their own, directly under <job>/.
 ALTER TABLE artifacts ADD COLUMN attempt BIGINT;
+
+-- Each worker's proxy cache figures, as its last lease call gave them (JSON), for /metrics.
+ALTER TABLE workers ADD COLUMN cache TEXT NOT NULL DEFAULT '{}';

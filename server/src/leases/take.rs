@@ -66,6 +66,7 @@ fn worker_seen(state: &AppState, req: &LeaseRequest) -> Option<WorkerView> {
         slots: i64::from(req.slots),
         images: req.images.clone(),
         version: req.version.clone(),
+        cache: req.cache,
     })
 }
 

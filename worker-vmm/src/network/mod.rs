@@ -39,8 +39,9 @@ mod proxy;
 mod refusal;
 mod tunnel;
 
-pub use cache::{CacheError, CacheStats, ProxyCache};
+pub use cache::{CacheError, ProxyCache};
 pub use limits::NetworkLimits;
 pub use proxy::{FarmLog, JobNetwork};
+pub use vmfarm_proto::wire::CacheStats;
 #[cfg(test)]
 mod test_utils;

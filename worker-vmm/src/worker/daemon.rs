@@ -9,6 +9,7 @@ use super::server_client::{LeaseHandle, ServerClient, ServerError};
 use crate::backend::Backend;
 use crate::config::{BackendChoice, WorkerConfig};
 use crate::images::manifest::{InstalledImage, list};
+use crate::network::{CacheStats, ProxyCache};
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -44,6 +45,9 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("creating {}", config.work_dir.display()))?;
     remove_leftovers(&config.work_dir);
+    let cache = ProxyCache::open(&config.network.cache_dir, config.network.cache_max_size.0)
+        .await
+        .context("opening the network proxy's cache")?;
 
     let budget = Arc::new(Budget::new(
         config.slots.cpus,
@@ -68,7 +72,12 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         said_no_images = false;
         // A slot is reserved before asking, so that no job is leased that must then wait.
         let mut share = budget.take(default_size).await;
-        let request = lease_request(&name, &images, 1 + budget.free_slots(default_size));
+        let request = lease_request(
+            &name,
+            &images,
+            1 + budget.free_slots(default_size),
+            cache.stats(),
+        );
         let lease = match client.lease(&request).await {
             Ok(Some(lease)) => lease,
             Ok(None) => continue,
@@ -123,6 +132,7 @@ fn lease_request(
     name: &str,
     images: &BTreeMap<String, InstalledImage>,
     slots: u32,
+    cache: CacheStats,
 ) -> LeaseRequest {
     LeaseRequest {
         name: name.to_owned(),
@@ -135,6 +145,7 @@ fn lease_request(
             .collect(),
         slots,
         version: env!("CARGO_PKG_VERSION").into(),
+        cache,
     }
 }
 

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 use tokio_util::io::ReaderStream;
+use vmfarm_proto::wire::CacheStats;
 
 use super::body::{BoxError, ProxyBody};
 use super::policy::Target;
@@ -61,29 +62,6 @@ struct Counters {
     stored: AtomicU64,
     discarded: AtomicU64,
     evicted: AtomicU64,
-}
-
-/// The cache's counters since it was opened, and its contents now (for `/metrics`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct CacheStats {
-    /// Cacheable requests answered from the cache.
-    pub hits: u64,
-    /// Cacheable requests that went to the origin.
-    pub misses: u64,
-    /// Bytes sent to guests from the cache.
-    pub bytes_from_cache: u64,
-    /// Bytes of cacheable answers fetched from origins.
-    pub bytes_fetched: u64,
-    /// Entries checked and kept.
-    pub stored: u64,
-    /// Entries given up: incomplete, too long, a hash that did not match, or a write that failed.
-    pub discarded: u64,
-    /// Entries removed to stay under the size cap.
-    pub evicted: u64,
-    /// Entries in the cache now.
-    pub entries: u64,
-    /// Their size, in bytes.
-    pub size: u64,
 }
 
 /// Why the cache directory could not be opened.
