@@ -68,6 +68,48 @@ fn test_each_invalid_example_is_refused_with_a_position_and_a_fix() {
     }
 }
 
+/// The line `# expect: LINE:COL: message` of an invalid example: the first error
+/// `vmfarm validate` must print for it.
+fn expected_error(file: &Path) -> String {
+    let text = std::fs::read_to_string(file).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("# expect: "))
+        .unwrap_or_else(|| {
+            panic!(
+                "{} has no `# expect: LINE:COL: message` line",
+                file.display()
+            )
+        })
+        .to_owned()
+}
+
+#[test]
+fn test_each_invalid_example_gets_the_error_it_expects() {
+    let files = manifests("configs/examples/invalid");
+    for file in &files {
+        let out = vmfarm(&[file]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let first = stderr.lines().next().unwrap_or_default();
+        let want = format!("{}:{}", file.display(), expected_error(file));
+        assert_eq!(first, want, "{}", file.display());
+    }
+    for name in [
+        "network-glued-wildcard",
+        "network-url",
+        "network-bad-port",
+        "network-unknown-key",
+        "network-allow-private",
+        "packages-not-a-list",
+        "packages-bad-name",
+        "task-named-packages",
+    ] {
+        assert!(
+            files.iter().any(|f| f.ends_with(format!("{name}.toml"))),
+            "no invalid example {name}.toml"
+        );
+    }
+}
+
 #[test]
 fn test_mixed_files_fail_but_report_each() {
     let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/examples/artifacts.toml");

@@ -1,6 +1,7 @@
 //! The server <-> worker payloads (CONTRACTS.md "Server <-> worker"). JSON over HTTP, with
 //! `Authorization: Bearer <worker token>`; every lease-scoped call carries [`FENCE_HEADER`].
 
+use crate::network::AddressRange;
 use crate::state::{JobState, TaskState};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -95,6 +96,21 @@ pub struct LeaseResponse {
     /// Secret name -> base64 of its value; only those the manifest names.
     #[serde(default)]
     pub secrets: BTreeMap<String, String>,
+    /// What the operator grants the job's network beyond its manifest's `[network] allow`
+    /// (which the worker reads from the manifest).
+    #[serde(default)]
+    pub network: NetworkGrant,
+}
+
+/// The operator's part of a job's network policy, handed in its lease (the server's
+/// `[network]` config); the job's own allow-list is its manifest's, already checked against
+/// the operator's `allow` at submit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkGrant {
+    /// Non-public address ranges the job's connections may reach nonetheless (`allow_private`);
+    /// every other non-public address is refused.
+    #[serde(default)]
+    pub allow_private: Vec<AddressRange>,
 }
 
 /// Answer to `POST /api/leases/{id}/heartbeat`.
@@ -196,6 +212,9 @@ mod tests {
                 timeout_ms: 1_200_000,
             },
             secrets: BTreeMap::from([("deploy-key".into(), "c2VjcmV0".into())]),
+            network: NetworkGrant {
+                allow_private: vec!["127.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
+            },
         };
         let json = round_trip(&lease);
         for key in [
@@ -212,6 +231,15 @@ mod tests {
         ] {
             assert!(json.contains(&format!("\"{key}\"")), "{key} in {json}");
         }
+        assert!(
+            json.contains(r#""network":{"allow_private":["127.0.0.0/8","fd00::/8"]}"#),
+            "{json}"
+        );
+        // A lease from a server that knows no network grants none.
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        old.as_object_mut().unwrap().remove("network");
+        let old: LeaseResponse = serde_json::from_value(old).unwrap();
+        assert_eq!(old.network, NetworkGrant::default());
 
         let request = LeaseRequest {
             name: "w1".into(),

@@ -4,7 +4,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use vmfarm_proto::network::AddressRange;
+use vmfarm_proto::network::{AddressRange, HostPattern};
 use vmfarm_proto::units::{ByteSize, GIB, HumanDuration, KIB, MIB};
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -22,6 +22,7 @@ pub struct ServerConfig {
     pub users: Vec<User>,
     pub web: Web,
     pub triggers: Triggers,
+    pub network: NetworkPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -108,6 +109,28 @@ pub struct Triggers {
     pub allow_private: Vec<AddressRange>,
 }
 
+/// The operator's policy for jobs' network (`[network]`, issue 14).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkPolicy {
+    /// Host patterns a job's `[network] allow` may ask for: each of the job's patterns must be
+    /// covered by one of these ([`HostPattern::covers`]), or the job is refused at submit.
+    pub allow: Vec<HostPattern>,
+    /// Non-public address ranges a job's traffic may reach nonetheless (none by default); handed
+    /// to the worker in each lease.
+    pub allow_private: Vec<AddressRange>,
+}
+
+impl Default for NetworkPolicy {
+    fn default() -> Self {
+        NetworkPolicy {
+            // Any public host, on ports 80 and 443.
+            allow: vec!["*".parse().expect("`*` is a host pattern")],
+            allow_private: Vec::new(),
+        }
+    }
+}
+
 impl Default for Web {
     fn default() -> Self {
         Web {
@@ -142,6 +165,7 @@ impl Default for ServerConfig {
             users: Vec::new(),
             web: Web::default(),
             triggers: Triggers::default(),
+            network: NetworkPolicy::default(),
         }
     }
 }
@@ -253,6 +277,25 @@ mod tests {
     }
 
     #[test]
+    fn test_network_policy_parses() {
+        let config = ServerConfig::parse(
+            "[network]\nallow = [\"*.internal.example\", \"pypi.org:8443\"]\nallow_private = [\"127.0.0.0/8\", \"fd00::/8\"]\n",
+        )
+        .unwrap();
+        let allow: Vec<String> = config.network.allow.iter().map(|p| p.to_string()).collect();
+        assert_eq!(allow, ["*.internal.example", "pypi.org:8443"]);
+        assert_eq!(config.network.allow_private.len(), 2);
+        let default = ServerConfig::parse("").unwrap().network;
+        assert_eq!(default.allow, ["*".parse::<HostPattern>().unwrap()]);
+        assert!(default.allow_private.is_empty());
+        let closed = ServerConfig::parse("[network]\nallow = []\n").unwrap();
+        assert!(
+            closed.network.allow.is_empty(),
+            "no job may ask for network"
+        );
+    }
+
+    #[test]
     fn test_bad_configs_are_refused_with_the_key() {
         let cases = [
             ("listn = \"127.0.0.1:1\"\n", "unknown field `listn`"),
@@ -264,6 +307,18 @@ mod tests {
                 "unknown variant `root`",
             ),
             ("listen = \"nowhere\"\n", "invalid socket address"),
+            (
+                "[network]\nallow = [\"*example.org\"]\n",
+                "write `*.example.org` for the hosts under example.org",
+            ),
+            (
+                "[network]\nallow_private = [\"10.1.2.3/8\"]\n",
+                "write `10.0.0.0/8`",
+            ),
+            (
+                "[network]\nallow_privat = []\n",
+                "unknown field `allow_privat`",
+            ),
         ];
         for (text, want) in cases {
             let err = ServerConfig::parse(text).unwrap_err();

@@ -5,7 +5,9 @@ use crate::error::{AppError, AppResult};
 use crate::job_end::{End, EndedBy, Seen, end_job};
 use crate::state::AppState;
 use vmfarm_proto::api::{JobView, SubmitResponse, SubmittedJob};
-use vmfarm_proto::{JobState, Manifest, TaskState};
+use vmfarm_proto::manifest::PACKAGES_TASK;
+use vmfarm_proto::network::HostPattern;
+use vmfarm_proto::{JobState, Manifest, ManifestError, ManifestErrors, TaskState};
 
 /// Validates and enqueues a manifest: one job per image, in one group.
 pub async fn submit(
@@ -20,7 +22,7 @@ pub async fn submit(
             text.len()
         )));
     }
-    let mut manifest = Manifest::parse(text).map_err(AppError::Manifest)?;
+    let mut manifest = parse_manifest(state, text)?;
     if let Some(name) = schedule {
         let tag = format!("scheduled:{name}");
         if !manifest.tags.contains(&tag) {
@@ -50,6 +52,47 @@ pub async fn submit(
     Ok(response)
 }
 
+/// Parses and validates a manifest, and checks it against this server's policy (its `[network]
+/// allow`): what submit and a schedule's creation accept.
+pub fn parse_manifest(state: &AppState, text: &str) -> AppResult<Manifest> {
+    let manifest = Manifest::parse(text).map_err(AppError::Manifest)?;
+    check_network_policy(&manifest, &state.config.network.allow).map_err(AppError::Manifest)?;
+    Ok(manifest)
+}
+
+/// Refuses each `[network] allow` pattern of `manifest` that no pattern of the operator's
+/// `policy` covers, at the pattern's line and column.
+fn check_network_policy(manifest: &Manifest, policy: &[HostPattern]) -> Result<(), ManifestErrors> {
+    let Some(network) = &manifest.network else {
+        return Ok(());
+    };
+    let errors: Vec<ManifestError> = network
+        .allow
+        .iter()
+        .filter(|wanted| !policy.iter().any(|p| p.covers(&wanted.pattern)))
+        .map(|wanted| ManifestError {
+            line: wanted.line,
+            column: wanted.column,
+            message: format!(
+                "`{}` is not allowed by this server's network policy (allow = {}): ask the operator or remove it",
+                wanted.pattern,
+                policy_text(policy)
+            ),
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ManifestErrors(errors))
+    }
+}
+
+/// The operator's `allow` as written in the server's config: `["*.internal.example"]`.
+fn policy_text(policy: &[HostPattern]) -> String {
+    let quoted: Vec<String> = policy.iter().map(|p| format!("\"{p}\"")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
 /// A valid manifest about to be queued: one job per image, in one group.
 struct NewGroup {
     text: String,
@@ -62,6 +105,15 @@ struct NewGroup {
 }
 
 impl NewGroup {
+    /// The names of each job's task rows, in order: the packages step first when the manifest
+    /// has `packages` (the worker reports it like a task), then the manifest's tasks.
+    fn task_rows(&self) -> impl Iterator<Item = &str> {
+        let packages = (!self.manifest.packages.is_empty()).then_some(PACKAGES_TASK);
+        packages
+            .into_iter()
+            .chain(self.manifest.tasks.iter().map(|t| t.name.as_str()))
+    }
+
     async fn insert(&self, tx: &mut WriteTx) -> AppResult<SubmitResponse> {
         for name in &self.manifest.secrets {
             let found = tx
@@ -111,13 +163,13 @@ impl NewGroup {
                 )
                 .await?;
             }
-            for (idx, task) in self.manifest.tasks.iter().enumerate() {
+            for (idx, name) in self.task_rows().enumerate() {
                 tx.execute(
                     "INSERT INTO tasks (job_id, idx, name, state) VALUES ($1, $2, $3, $4)",
                     &[
                         id.into(),
                         (idx as i64).into(),
-                        (&task.name).into(),
+                        name.into(),
                         TaskState::Pending.as_str().into(),
                     ],
                 )
@@ -174,5 +226,227 @@ async fn cancel_in(tx: &mut WriteTx, id: i64, now: i64) -> AppResult<bool> {
             .await?;
             Ok(false)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::schedules::{NewSchedule, Source};
+    use crate::test_utils::{ADMIN, Answer, Database, TestApp, on_both_databases};
+    use axum::body::Body;
+    use axum::http::{Method, StatusCode};
+    use serde_json::{Value, json};
+    use vmfarm_proto::network::AddressRange;
+    use vmfarm_proto::{JobState, TaskState};
+
+    on_both_databases!(
+        test_a_pattern_outside_the_policy_is_refused_where_it_is_written,
+        test_the_default_policy_allows_public_hosts_on_80_and_443,
+        test_a_schedule_outside_the_policy_is_refused,
+        test_packages_are_the_first_task_row,
+        test_a_failed_packages_step_skips_the_tasks,
+        test_the_lease_carries_the_operators_private_ranges,
+    );
+
+    /// A manifest asking for `pypi.org` (line 4, column 10) and `build.internal.example` (line 4,
+    /// column 22), with packages.
+    const NETWORK: &str = "image = \"a\"\npackages = [\"zlib1g-dev\"]\n[network]\n\
+                           allow = [\"pypi.org\", \"build.internal.example\"]\n\
+                           [[tasks]]\nname = \"build\"\nscript = \"true\"\n\
+                           [[tasks]]\nname = \"test\"\nscript = \"true\"\n";
+
+    async fn post(app: &TestApp, manifest: &str) -> Answer {
+        app.call(
+            Method::POST,
+            "/api/jobs",
+            Some(ADMIN),
+            &[],
+            Body::from(manifest.to_owned()),
+        )
+        .await
+    }
+
+    fn task_names(job: &Value) -> Vec<(String, String)> {
+        job["tasks"]
+            .as_array()
+            .expect("tasks")
+            .iter()
+            .map(|t| {
+                (
+                    t["name"].as_str().unwrap_or_default().to_owned(),
+                    t["state"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    async fn test_a_pattern_outside_the_policy_is_refused_where_it_is_written(db: Database) {
+        let app = TestApp::with_config(db, |c| {
+            c.network.allow = vec!["*.internal.example".parse().unwrap()];
+        })
+        .await;
+        let answer = post(&app, NETWORK).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{:?}", answer.body);
+        assert_eq!(answer.error(), "invalid manifest");
+        assert_eq!(
+            answer.body["manifest_errors"],
+            json!([{
+                "line": 4,
+                "column": 10,
+                "message": "`pypi.org` is not allowed by this server's network policy \
+                            (allow = [\"*.internal.example\"]): ask the operator or remove it",
+            }]),
+            "only pypi.org is outside; build.internal.example is under *.internal.example"
+        );
+        let listed = app.get("/api/jobs", ADMIN).await;
+        assert_eq!(listed.body["jobs"], json!([]), "nothing was queued");
+
+        let allowed = NETWORK.replace("\"pypi.org\", ", "");
+        assert_eq!(app.submit(&allowed).await.len(), 1);
+
+        let closed = TestApp::with_config(db, |c| c.network.allow = Vec::new()).await;
+        let answer = post(&closed, NETWORK).await;
+        let errors = answer.body["manifest_errors"].as_array().unwrap().clone();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(
+            (&errors[1]["line"], &errors[1]["column"]),
+            (&json!(4), &json!(22))
+        );
+        assert!(
+            errors[1]["message"]
+                .as_str()
+                .unwrap()
+                .contains("`build.internal.example` is not allowed by this server's network policy (allow = [])"),
+            "{errors:?}"
+        );
+        let no_network = "image = \"a\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n";
+        assert_eq!(
+            closed.submit(no_network).await.len(),
+            1,
+            "a job without [network] needs no policy"
+        );
+    }
+
+    async fn test_the_default_policy_allows_public_hosts_on_80_and_443(db: Database) {
+        let app = TestApp::new(db).await;
+        let any = "image = \"a\"\n[network]\nallow = [\"*\", \"pypi.org\", \"*.crates.io:443\"]\n\
+                   [[tasks]]\nname = \"t\"\nscript = \"true\"\n";
+        assert_eq!(app.submit(any).await.len(), 1);
+        let port = "image = \"a\"\n[network]\nallow = [\"git.example.org:8080\"]\n\
+                    [[tasks]]\nname = \"t\"\nscript = \"true\"\n";
+        let answer = post(&app, port).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+        let error = &answer.body["manifest_errors"][0];
+        assert_eq!((&error["line"], &error["column"]), (&json!(3), &json!(10)));
+        assert!(
+            error["message"]
+                .as_str()
+                .unwrap()
+                .contains("`git.example.org:8080` is not allowed by this server's network policy (allow = [\"*\"])"),
+            "{error}"
+        );
+    }
+
+    async fn test_a_schedule_outside_the_policy_is_refused(db: Database) {
+        let app = TestApp::with_config(db, |c| {
+            c.network.allow = vec!["*.internal.example".parse().unwrap()];
+        })
+        .await;
+        let schedule = NewSchedule {
+            name: "nightly".into(),
+            cron: "0 3 * * *".into(),
+            timezone: None,
+            manifest: NETWORK.into(),
+        };
+        let err = crate::schedules::save(&app.state, &schedule, Source::Ui, 0)
+            .await
+            .unwrap_err();
+        match err {
+            crate::error::AppError::Manifest(errors) => {
+                assert_eq!((errors.0[0].line, errors.0[0].column), (4, 10));
+            }
+            other => panic!("expected a manifest error, got {other:?}"),
+        }
+    }
+
+    async fn test_packages_are_the_first_task_row(db: Database) {
+        let app = TestApp::new(db).await;
+        let id = app.submit(NETWORK).await[0];
+        let pending = |names: &[&str]| -> Vec<(String, String)> {
+            names
+                .iter()
+                .map(|n| (n.to_string(), "pending".to_owned()))
+                .collect()
+        };
+        assert_eq!(
+            task_names(&app.job(id).await),
+            pending(&["packages", "build", "test"])
+        );
+        let lease = app.lease("w0", "a").await;
+        app.start("w0", &lease).await;
+        for name in ["packages", "build", "test"] {
+            app.move_task("w0", &lease, name, TaskState::Running, None)
+                .await;
+            app.move_task("w0", &lease, name, TaskState::Succeeded, Some(0))
+                .await;
+        }
+        app.move_job("w0", &lease, JobState::Succeeded).await;
+        let job = app.job(id).await;
+        assert_eq!(job["state"], "succeeded");
+        assert_eq!(task_names(&job)[0], ("packages".into(), "succeeded".into()));
+
+        let plain = app
+            .submit("image = \"a\"\npackages = []\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n")
+            .await[0];
+        assert_eq!(
+            task_names(&app.job(plain).await),
+            pending(&["t"]),
+            "no packages, no packages step"
+        );
+    }
+
+    async fn test_a_failed_packages_step_skips_the_tasks(db: Database) {
+        let app = TestApp::new(db).await;
+        let id = app.submit(NETWORK).await[0];
+        let lease = app.lease("w0", "a").await;
+        app.start("w0", &lease).await;
+        app.move_task("w0", &lease, "packages", TaskState::Running, None)
+            .await;
+        app.move_task("w0", &lease, "packages", TaskState::Failed, Some(100))
+            .await;
+        app.move_job("w0", &lease, JobState::Failed).await;
+        let job = app.job(id).await;
+        assert_eq!(job["state"], "failed");
+        assert_eq!(
+            task_names(&job),
+            [
+                ("packages".to_owned(), "failed".to_owned()),
+                ("build".to_owned(), "skipped".to_owned()),
+                ("test".to_owned(), "skipped".to_owned()),
+            ]
+        );
+        assert_eq!(job["tasks"][0]["exit_code"], 100);
+    }
+
+    async fn test_the_lease_carries_the_operators_private_ranges(db: Database) {
+        let app = TestApp::with_config(db, |c| {
+            c.network.allow_private =
+                vec!["127.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        })
+        .await;
+        app.submit(NETWORK).await;
+        let lease = app.lease("w0", "a").await;
+        let want: Vec<AddressRange> =
+            vec!["127.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        assert_eq!(lease.network.allow_private, want);
+
+        let plain = TestApp::new(db).await;
+        plain.submit(NETWORK).await;
+        let lease = plain.lease("w0", "a").await;
+        assert!(
+            lease.network.allow_private.is_empty(),
+            "none by default: {:?}",
+            lease.network
+        );
     }
 }

@@ -11,7 +11,6 @@ use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use vmfarm_proto::Manifest;
 use vmfarm_proto::api::GroupView;
 
 /// The longest schedule name (so that `scheduled:<name>` is a valid tag).
@@ -119,7 +118,7 @@ pub enum Source {
 pub async fn save(state: &AppState, new: &NewSchedule, source: Source, now: i64) -> AppResult<()> {
     check_schedule_name(&new.name).map_err(AppError::BadRequest)?;
     let spec = CronSpec::parse(&new.cron, new.timezone.as_deref()).map_err(AppError::BadRequest)?;
-    Manifest::parse(&new.manifest).map_err(AppError::Manifest)?;
+    crate::jobs::parse_manifest(state, &new.manifest)?;
     let source = match source {
         Source::Config => "config",
         Source::Ui => "ui",

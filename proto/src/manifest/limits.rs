@@ -12,6 +12,10 @@ pub const MAX_SOURCES: usize = 16;
 pub const MAX_TASKS: usize = 64;
 pub const MAX_ARTIFACTS: usize = 64;
 pub const MAX_TRIGGERS: usize = 8;
+/// Entries of `packages`.
+pub const MAX_PACKAGES: usize = 256;
+/// Patterns of `[network] allow`.
+pub const MAX_ALLOW: usize = 64;
 pub const MAX_ENV_VARS: usize = 128;
 pub const MAX_ENV_VALUE_BYTES: usize = 4096;
 pub const MAX_SCRIPT_BYTES: usize = 64 * 1024;

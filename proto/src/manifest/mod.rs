@@ -2,12 +2,25 @@
 //!
 //! Every error carries a line and column and says what to write instead; see [`limits`] for
 //! the sizes and counts enforced.
+//!
+//! The guest network (issue 14) adds two keys:
+//! - `packages = ["zlib1g-dev", "python3-venv=3.11.2-1+b1"]` at the top: installed as root by the
+//!   image's package manager before the first task, as a step shown like a task named
+//!   [`PACKAGES_TASK`] (so no task may take that name). Each entry is `NAME` or `NAME=VERSION`
+//!   ([`crate::names::check_package`]), at most [`limits::MAX_PACKAGES`], no name twice. An empty
+//!   list is the same as none: no packages step.
+//! - `[network]` with `allow = ["pypi.org", "*.crates.io", "static.rust-lang.org:443", "*"]`: the
+//!   host patterns the tasks may reach ([`HostPattern`]; without a port, 80 and 443; `*` any
+//!   public host). `allow` is required and not empty, at most [`limits::MAX_ALLOW`] patterns, no
+//!   pattern twice. No `[network]`: the tasks reach nothing. Each pattern keeps its line and
+//!   column, so that the server's policy check can refuse it where it is written.
 
 pub mod limits;
 mod parse;
 pub use parse::is_env_name;
 mod reader;
 
+use crate::network::HostPattern;
 use crate::units::ByteSize;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -32,6 +45,37 @@ pub struct Manifest {
     pub tasks: Vec<Task>,
     pub artifacts: Vec<Artifact>,
     pub triggers: Vec<Trigger>,
+    /// Packages installed before the first task (`NAME` or `NAME=VERSION`), in the manifest's
+    /// order; empty: no packages step.
+    pub packages: Vec<String>,
+    /// What the tasks may reach; `None`: no network.
+    pub network: Option<Network>,
+}
+
+/// The name of the step that installs a manifest's `packages`: the job's first task row, which
+/// no task of the manifest may take.
+pub const PACKAGES_TASK: &str = "packages";
+
+/// `[network]`: the hosts a job's tasks may reach.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Network {
+    /// The `allow` patterns in the manifest's order; never empty, no repeats.
+    pub allow: Vec<AllowedHost>,
+}
+
+impl Network {
+    /// The patterns alone.
+    pub fn patterns(&self) -> Vec<HostPattern> {
+        self.allow.iter().map(|a| a.pattern.clone()).collect()
+    }
+}
+
+/// One pattern of `[network] allow`, with the 1-based line and column where it is written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AllowedHost {
+    pub pattern: HostPattern,
+    pub line: usize,
+    pub column: usize,
 }
 
 /// vCPUs and memory asked for; `None` takes the worker's default.
@@ -110,6 +154,24 @@ impl Manifest {
         }
         if !self.artifacts.is_empty() {
             out.push_str(&format!(", {}", plural(self.artifacts.len(), "artifact")));
+        }
+        if !self.packages.is_empty() {
+            out.push_str(&format!(", {}", plural(self.packages.len(), "package")));
+        }
+        if let Some(network) = &self.network {
+            let patterns: Vec<String> = network
+                .allow
+                .iter()
+                .map(|a| a.pattern.to_string())
+                .collect();
+            if patterns.len() <= 3 {
+                out.push_str(&format!(", network to {}", patterns.join(", ")));
+            } else {
+                out.push_str(&format!(
+                    ", network to {}",
+                    plural(patterns.len(), "host pattern")
+                ));
+            }
         }
         if let Some(timeout) = self.timeout {
             out.push_str(&format!(

@@ -3,9 +3,13 @@
 use super::limits::*;
 use super::reader::{Reader, Value};
 use super::{
-    Artifact, Manifest, ManifestError, ManifestErrors, Resources, Source, Task, Trigger, TriggerOn,
+    AllowedHost, Artifact, Manifest, ManifestError, ManifestErrors, Network, PACKAGES_TASK,
+    Resources, Source, Task, Trigger, TriggerOn,
 };
-use crate::names::{NameKind, check_artifact_path, check_name, check_relative_path};
+use crate::names::{
+    NameKind, check_artifact_path, check_name, check_package, check_relative_path, package_name,
+};
+use crate::network::HostPattern;
 use crate::units::{ByteSize, format_duration, parse_duration, parse_size};
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
@@ -25,12 +29,15 @@ const TOP_KEYS: &[&str] = &[
     "tasks",
     "artifacts",
     "triggers",
+    "packages",
+    "network",
 ];
 const RESOURCE_KEYS: &[&str] = &["cpus", "memory"];
 const SOURCE_KEYS: &[&str] = &["url", "ref", "path"];
 const TASK_KEYS: &[&str] = &["name", "timeout", "script"];
 const ARTIFACT_KEYS: &[&str] = &["path"];
 const TRIGGER_KEYS: &[&str] = &["on", "webhook"];
+const NETWORK_KEYS: &[&str] = &["allow"];
 
 pub(super) fn parse(text: &str) -> Result<Manifest, ManifestErrors> {
     if text.len() > MAX_MANIFEST_BYTES {
@@ -111,6 +118,11 @@ pub(super) fn parse(text: &str) -> Result<Manifest, ManifestErrors> {
             .get("triggers")
             .map(|v| triggers(&mut r, v))
             .unwrap_or_default(),
+        packages: table
+            .get("packages")
+            .map(|v| packages(&mut r, v))
+            .unwrap_or_default(),
+        network: table.get("network").and_then(|v| network(&mut r, v)),
     };
     check_task_timeouts(&mut r, &manifest, table);
     r.finish(manifest)
@@ -130,6 +142,8 @@ impl Manifest {
             tasks: Vec::new(),
             artifacts: Vec::new(),
             triggers: Vec::new(),
+            packages: Vec::new(),
+            network: None,
         }
     }
 }
@@ -520,6 +534,15 @@ fn tasks(r: &mut Reader<'_>, table: &DeTable<'_>) -> Vec<Task> {
                 r.error(v.span(), e.to_string());
                 return None;
             }
+            if n == PACKAGES_TASK {
+                r.error(
+                    v.span(),
+                    format!(
+                        "a task may not be named `{PACKAGES_TASK}`: that is the step that installs the manifest's `packages`; give it another name, like `setup`"
+                    ),
+                );
+                return None;
+            }
             if !seen.insert(n.clone()) {
                 r.error(
                     v.span(),
@@ -671,4 +694,83 @@ fn triggers(r: &mut Reader<'_>, value: &Value<'_>) -> Vec<Trigger> {
         }
     }
     out
+}
+
+/// `packages`: each entry `NAME` or `NAME=VERSION`, no name twice.
+fn packages(r: &mut Reader<'_>, value: &Value<'_>) -> Vec<String> {
+    const EXAMPLE: &str = "packages = [\"zlib1g-dev\", \"python3-venv\"]";
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (spec, span) in r.strings(value, "packages", EXAMPLE, MAX_PACKAGES) {
+        if let Err(e) = check_package(&spec) {
+            r.error(span, e.to_string());
+        } else if !seen.insert(package_name(&spec).to_owned()) {
+            r.error(
+                span,
+                format!(
+                    "the package `{}` appears twice in `packages`: keep one",
+                    package_name(&spec)
+                ),
+            );
+        } else {
+            out.push(spec);
+        }
+    }
+    out
+}
+
+/// `[network]`: `allow`, a non-empty list of host patterns, each kept with its position.
+fn network(r: &mut Reader<'_>, value: &Value<'_>) -> Option<Network> {
+    const EXAMPLE: &str = "allow = [\"pypi.org\", \"*.crates.io\"]";
+    let table = r.table(value, "network", "[network] with `allow = [\"pypi.org\"]`")?;
+    // `allow_private` is the server's key: refused with a message that says so.
+    r.check_keys_but(table, NETWORK_KEYS, &["allow_private"], "in [network]");
+    if let Some(key) = table.keys().find(|k| {
+        let name: &str = k.get_ref();
+        name == "allow_private"
+    }) {
+        r.error(
+            key.span(),
+            "`allow_private` is the server's setting, not a job's: a job's traffic reaches public addresses only, unless the operator adds the range to the server's [network] allow_private; remove it here",
+        );
+    }
+    let Some(allow) = table.get("allow") else {
+        r.error(
+            value.span(),
+            format!(
+                "[network] has no `allow`: add {EXAMPLE} (the hosts the tasks may reach), or remove [network] for no network"
+            ),
+        );
+        return None;
+    };
+    let entries = r.strings(allow, "allow", EXAMPLE, MAX_ALLOW);
+    if entries.is_empty() && matches!(allow.get_ref(), DeValue::Array(a) if a.is_empty()) {
+        r.error(
+            allow.span(),
+            format!(
+                "`allow` is empty: list the hosts the tasks may reach, like {EXAMPLE}, or remove [network] for no network"
+            ),
+        );
+        return None;
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for (text, span) in entries {
+        match text.parse::<HostPattern>() {
+            Err(e) => r.error(span, format!("[network] allow: {e}")),
+            Ok(pattern) if !seen.insert(pattern.clone()) => r.error(
+                span,
+                format!("`{pattern}` appears twice in `allow`: remove one"),
+            ),
+            Ok(pattern) => {
+                let (line, column) = r.position(span.start);
+                out.push(AllowedHost {
+                    pattern,
+                    line,
+                    column,
+                });
+            }
+        }
+    }
+    Some(Network { allow: out })
 }

@@ -30,6 +30,11 @@ impl<'s> Reader<'s> {
         });
     }
 
+    /// The 1-based line and column of a byte offset of the manifest.
+    pub(super) fn position(&self, offset: usize) -> (usize, usize) {
+        line_column(self.source, offset)
+    }
+
     pub(super) fn finish<T>(mut self, value: T) -> Result<T, ManifestErrors> {
         if self.errors.is_empty() {
             return Ok(value);
@@ -40,9 +45,21 @@ impl<'s> Reader<'s> {
 
     /// Refuses keys of `table` that are not in `allowed`, suggesting the nearest allowed one.
     pub(super) fn check_keys(&mut self, table: &DeTable<'_>, allowed: &[&str], place: &str) {
+        self.check_keys_but(table, allowed, &[], place);
+    }
+
+    /// [`Self::check_keys`], leaving alone the keys in `refused_elsewhere` (refused by the
+    /// caller with a message of their own).
+    pub(super) fn check_keys_but(
+        &mut self,
+        table: &DeTable<'_>,
+        allowed: &[&str],
+        refused_elsewhere: &[&str],
+        place: &str,
+    ) {
         for key in table.keys() {
             let name: &str = key.get_ref();
-            if allowed.contains(&name) {
+            if allowed.contains(&name) || refused_elsewhere.contains(&name) {
                 continue;
             }
             let message = match nearest(name, allowed) {

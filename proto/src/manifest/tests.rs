@@ -547,3 +547,254 @@ fn test_every_error_is_reported_in_order() {
     assert!(rendered.starts_with("job.toml:1:1: "), "{rendered}");
     assert_eq!(rendered.lines().count(), 4);
 }
+
+#[test]
+fn test_packages_and_network_parse() {
+    let m = Manifest::parse(
+        "image = \"debian-13\"\npackages = [\"zlib1g-dev\", \"python3-venv=3.11.2-1+b1\"]\n\n[network]\nallow = [\"pypi.org\", \"*.crates.io\",\n  \"static.rust-lang.org:443\", \"*\"]\n\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n",
+    )
+    .unwrap();
+    assert_eq!(m.packages, ["zlib1g-dev", "python3-venv=3.11.2-1+b1"]);
+    let network = m.network.as_ref().expect("a [network]");
+    let shown: Vec<(String, usize, usize)> = network
+        .allow
+        .iter()
+        .map(|a| (a.pattern.to_string(), a.line, a.column))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("pypi.org".to_owned(), 5, 10),
+            ("*.crates.io".to_owned(), 5, 22),
+            ("static.rust-lang.org:443".to_owned(), 6, 3),
+            ("*".to_owned(), 6, 31),
+        ]
+    );
+    assert!(network.patterns()[2].matches("static.rust-lang.org", 443));
+    assert_eq!(
+        m.summary(),
+        "1 image (debian-13), 1 task, 2 packages, network to 4 host patterns"
+    );
+    let few = Manifest::parse(&with("[network]\nallow = [\"PyPI.org\"]\n")).unwrap();
+    assert_eq!(
+        few.network.unwrap().allow[0].pattern.to_string(),
+        "pypi.org"
+    );
+}
+
+#[test]
+fn test_no_network_and_no_packages_by_default() {
+    let m = Manifest::parse(MINIMAL).unwrap();
+    assert!(m.packages.is_empty());
+    assert_eq!(m.network, None);
+    assert_eq!(m.summary(), "1 image (tiny), 1 task");
+    let empty = Manifest::parse(&with("packages = []\n")).unwrap();
+    assert!(empty.packages.is_empty(), "an empty list asks for nothing");
+}
+
+#[test]
+fn test_bad_packages_say_where_and_what_to_write() {
+    assert_error(
+        &with("packages = \"zlib1g-dev\"\n"),
+        2,
+        12,
+        &[
+            "`packages` must be an array, not a string",
+            "packages = [\"zlib1g-dev\", \"python3-venv\"]",
+        ],
+    );
+    assert_error(
+        &with("packages = [\"git\", 3]\n"),
+        2,
+        20,
+        &["each entry of `packages` must be a string, not an integer"],
+    );
+    assert_error(
+        &with("packages = [\"git\", \"Zlib1g-dev\"]\n"),
+        2,
+        20,
+        &["package `Zlib1g-dev`", "write `zlib1g-dev`"],
+    );
+    assert_error(
+        &with("packages = [\"-o=APT::Get::Force=1\"]\n"),
+        2,
+        13,
+        &["must start with a lowercase letter or a digit, not '-'"],
+    );
+    assert_error(
+        &with("packages = [\"libc6:i386\"]\n"),
+        2,
+        13,
+        &["contains ':'", "like \"zlib1g-dev\""],
+    );
+    assert_error(
+        &with("packages = [\"git=\"]\n"),
+        2,
+        13,
+        &["write `git` for any version, or `git=VERSION`"],
+    );
+    assert_error(
+        &with("packages = [\"git\", \"git=1:2.39\"]\n"),
+        2,
+        20,
+        &["the package `git` appears twice in `packages`: keep one"],
+    );
+    let many: Vec<String> = (0..257).map(|i| format!("\"p{i}\"")).collect();
+    assert_error(
+        &with(&format!("packages = [{}]\n", many.join(","))),
+        2,
+        12,
+        &["257 entries; the limit is 256: remove 1"],
+    );
+}
+
+#[test]
+fn test_no_task_may_be_named_packages() {
+    for manifest in [
+        "image = \"tiny\"\n[[tasks]]\nname = \"packages\"\nscript = \"true\"\n",
+        "image = \"tiny\"\npackages = [\"git\"]\n[[tasks]]\nname = \"packages\"\nscript = \"true\"\n",
+    ] {
+        let line = manifest
+            .lines()
+            .position(|l| l.starts_with("name"))
+            .unwrap()
+            + 1;
+        assert_error(
+            manifest,
+            line,
+            8,
+            &[
+                "a task may not be named `packages`",
+                "installs the manifest's `packages`",
+                "like `setup`",
+            ],
+        );
+    }
+}
+
+#[test]
+fn test_bad_network_says_where_and_what_to_write() {
+    let cases: &[(&str, usize, usize, &[&str])] = &[
+        (
+            "[network]\nallow = [\"*example.org\"]\n",
+            3,
+            10,
+            &["[network] allow: `*example.org`: write `*.example.org`"],
+        ),
+        (
+            "[network]\nallow = [\"pypi.org\", \"https://pypi.org/simple\"]\n",
+            3,
+            22,
+            &["`https://pypi.org/simple` is a URL: write the host alone, like `pypi.org`"],
+        ),
+        (
+            "[network]\nallow = [\"pypi.org:70000\"]\n",
+            3,
+            10,
+            &["the port `70000`", "a number from 1 to 65535"],
+        ),
+        (
+            "[network]\nallow = [\"10.0.0.1\"]\n",
+            3,
+            10,
+            &["is an IP address", "`allow_private`"],
+        ),
+        (
+            "[network]\nallow = [\"pypi.org\", \"PyPI.org\"]\n",
+            3,
+            22,
+            &["`pypi.org` appears twice in `allow`: remove one"],
+        ),
+        (
+            "[network]\nallow = \"pypi.org\"\n",
+            3,
+            9,
+            &[
+                "`allow` must be an array, not a string",
+                "allow = [\"pypi.org\", \"*.crates.io\"]",
+            ],
+        ),
+        (
+            "[network]\nallow = [443]\n",
+            3,
+            10,
+            &["each entry of `allow` must be a string, not an integer"],
+        ),
+        (
+            "[network]\nallow = []\n",
+            3,
+            9,
+            &["`allow` is empty", "or remove [network] for no network"],
+        ),
+        (
+            "[network]\nallow = [\"pypi.org\"]\nhosts = [\"pypi.org\"]\n",
+            4,
+            1,
+            &[
+                "unknown key `hosts` in [network]",
+                "the keys allowed there are `allow`",
+            ],
+        ),
+        (
+            "[network]\nallow = [\"pypi.org\"]\nallow_private = [\"10.0.0.0/8\"]\n",
+            4,
+            1,
+            &[
+                "`allow_private` is the server's setting, not a job's",
+                "server's [network] allow_private; remove it here",
+            ],
+        ),
+        (
+            "[network]\nalow = [\"pypi.org\"]\nallow = [\"pypi.org\"]\n",
+            3,
+            1,
+            &["unknown key `alow` in [network]: did you mean `allow`?"],
+        ),
+        (
+            "network = \"pypi.org\"\n",
+            2,
+            11,
+            &[
+                "`network` must be a table, not a string",
+                "[network] with `allow",
+            ],
+        ),
+        (
+            "network = true\n",
+            2,
+            11,
+            &["`network` must be a table, not a boolean"],
+        ),
+    ];
+    for &(extra, line, column, want) in cases {
+        assert_error(&with(extra), line, column, want);
+    }
+    let errors = Manifest::parse(&with("[network]\nallow = [\"pypi.org\"]\nhosts = []\n"))
+        .unwrap_err()
+        .0;
+    assert_eq!(
+        errors[0].message, "unknown key `hosts` in [network]: the keys allowed there are `allow`",
+        "the server's `allow_private` is not offered"
+    );
+    let many: Vec<String> = (0..65).map(|i| format!("\"h{i}.org\"")).collect();
+    assert_error(
+        &with(&format!("[network]\nallow = [{}]\n", many.join(","))),
+        3,
+        9,
+        &["65 entries; the limit is 64"],
+    );
+}
+
+#[test]
+fn test_network_without_allow_points_at_the_table() {
+    let errors = Manifest::parse(&with("[network]\n")).unwrap_err().0;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]
+            .message
+            .contains("[network] has no `allow`: add allow = ["),
+        "{}",
+        errors[0].message
+    );
+    assert!(errors[0].line <= 3, "{errors:?}");
+}

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use vmfarm_proto::JobState;
 use vmfarm_proto::names::{NameKind, check_name};
-use vmfarm_proto::wire::{LeaseLimits, LeaseRequest, LeaseResponse, LeasedJob};
+use vmfarm_proto::wire::{LeaseLimits, LeaseRequest, LeaseResponse, LeasedJob, NetworkGrant};
 
 /// Most images one worker may announce.
 pub const MAX_WORKER_IMAGES: usize = 256;
@@ -119,6 +119,9 @@ pub async fn try_lease(
         max_artifact_bytes: config.max_artifact_size.0,
         max_artifacts_total_bytes: config.max_artifacts_per_job.0,
     };
+    let network = NetworkGrant {
+        allow_private: state.config.network.allow_private.clone(),
+    };
     let lease_id = crate::random::random_hex(16).map_err(AppError::internal)?;
     let sql = lease_sql(req.images.len(), state.db.skip_locked());
     let worker = worker.to_owned();
@@ -157,6 +160,7 @@ pub async fn try_lease(
                         timeout_ms: u64::try_from(row.int(7)?).unwrap_or(0),
                     },
                     secrets,
+                    network,
                     lease_id,
                 };
                 Ok::<_, AppError>(Some((job_id, lease)))

@@ -101,6 +101,24 @@ fn key(parts: &[&str]) -> String {
     hex::encode(hash.finalize())
 }
 
+/// The root filesystem stage's key (the recipe without `[package_manager]`), the initramfs
+/// stage's (that and the agent) and the image's version (both, and the recipe's
+/// `[package_manager]` when it has one, which the installed image's manifest carries).
+fn keys(recipe: &Recipe, agent_sha256: &str) -> Result<(String, String, String), ImageError> {
+    let encoding = |e: toml::ser::Error| ImageError::Rootfs(format!("encoding the recipe: {e}"));
+    let recipe_text = toml::to_string(&recipe.rootfs_inputs()).map_err(encoding)?;
+    let rootfs_key = key(&[ROOTFS_FORMAT, &recipe_text]);
+    let initrd_key = key(&[INITRD_FORMAT, &rootfs_key, agent_sha256]);
+    let version = match &recipe.package_manager {
+        None => key(&[&rootfs_key, &initrd_key]),
+        Some(manager) => {
+            let manager_text = toml::to_string(manager).map_err(encoding)?;
+            key(&[&rootfs_key, &initrd_key, &manager_text])
+        }
+    };
+    Ok((rootfs_key, initrd_key, version[..12].to_owned()))
+}
+
 /// Removes a folder when dropped, unless disarmed.
 struct Scratch(Option<PathBuf>);
 
@@ -181,12 +199,8 @@ pub fn build(
         return Err(ImageError::NotRoot);
     }
     initrd::check_agent(&options.agent)?;
-    let recipe_text = toml::to_string(recipe)
-        .map_err(|e| ImageError::Rootfs(format!("encoding the recipe: {e}")))?;
-    let rootfs_key = key(&[ROOTFS_FORMAT, &recipe_text]);
     let agent = sha256_file(&options.agent)?;
-    let initrd_key = key(&[INITRD_FORMAT, &rootfs_key, &agent.sha256]);
-    let version = key(&[&rootfs_key, &initrd_key])[..12].to_owned();
+    let (rootfs_key, initrd_key, version) = keys(recipe, &agent.sha256)?;
 
     let image_dir = options.images_dir.join(&recipe.name);
     let final_dir = image_dir.join(&version);
@@ -258,6 +272,7 @@ pub fn build(
         built_at,
         system,
         files,
+        package_manager: recipe.package_manager.clone(),
     };
     let text = toml::to_string(&manifest)
         .map_err(|e| ImageError::Rootfs(format!("encoding image.toml: {e}")))?;
@@ -340,5 +355,27 @@ mod tests {
     fn test_keys_depend_on_every_part() {
         assert_ne!(key(&["a", "bc"]), key(&["ab", "c"]));
         assert_eq!(key(&["a"]), key(&["a"]));
+    }
+
+    #[test]
+    fn test_a_package_manager_changes_the_version_not_the_stages() {
+        let recipes = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/images");
+        let debian = Recipe::load("debian-12", &recipes).unwrap();
+        let bare = Recipe {
+            package_manager: None,
+            ..debian.clone()
+        };
+        let (rootfs, initrd, version) = keys(&debian, "agent").unwrap();
+        let (bare_rootfs, bare_initrd, bare_version) = keys(&bare, "agent").unwrap();
+        assert_eq!(
+            (&rootfs, &initrd),
+            (&bare_rootfs, &bare_initrd),
+            "the stages are reused"
+        );
+        assert_ne!(version, bare_version, "the image's manifest differs");
+        // Without [package_manager] the version is what it always was.
+        assert_eq!(bare_version, key(&[&bare_rootfs, &bare_initrd])[..12]);
+        let text = toml::to_string(&bare).unwrap();
+        assert_eq!(bare_rootfs, key(&[ROOTFS_FORMAT, &text]));
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::ImageError;
-use super::recipe::BootMethod;
+use super::recipe::{BootMethod, PackageManager};
 
 pub const MANIFEST: &str = "image.toml";
 pub const KERNEL: &str = "kernel";
@@ -44,6 +44,11 @@ pub struct ImageManifest {
     pub system: SystemInfo,
     /// kernel, initrd, rootfs.qcow2.
     pub files: BTreeMap<String, FileEntry>,
+    /// The recipe's `[package_manager]`: how a job's `packages` are installed in this image and
+    /// which hosts that step may reach. `None` (also in images built before the key existed):
+    /// the image has no package manager.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_manager: Option<PackageManager>,
 }
 
 /// An image in an images directory: `<dir>/<name>/<version>/`.
@@ -62,6 +67,19 @@ impl InstalledImage {
     }
     pub fn rootfs(&self) -> PathBuf {
         self.dir.join(ROOTFS)
+    }
+
+    /// How a job's `packages` are installed in this image, or why they cannot be: a message for
+    /// the job's log that names the image.
+    pub fn package_manager(&self) -> Result<&PackageManager, String> {
+        self.manifest.package_manager.as_ref().ok_or_else(|| {
+            format!(
+                "image {} ({}) has no package manager, so it cannot install the manifest's `packages`: \
+                 run the job on an image whose recipe has [package_manager] (like debian-12), \
+                 or remove `packages`",
+                self.manifest.name, self.manifest.version
+            )
+        })
     }
 
     pub fn read(dir: &Path) -> Result<InstalledImage, ImageError> {
@@ -120,6 +138,7 @@ pub fn newest(images_dir: &Path, name: &str) -> Result<Option<InstalledImage>, I
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::images::recipe::PackageManagerKind;
 
     fn manifest(name: &str, version: &str, built_at: u64) -> ImageManifest {
         ImageManifest {
@@ -141,6 +160,7 @@ mod tests {
                     size: 1,
                 },
             )]),
+            package_manager: None,
         }
     }
 
@@ -166,6 +186,46 @@ mod tests {
         );
         assert!(newest(&dir, "tiny").unwrap().is_none());
         assert!(list(&dir.join("missing")).unwrap().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_the_package_manager_is_carried_and_optional() {
+        let dir = std::env::temp_dir().join(format!("vmfarm-images-pm-{}", std::process::id()));
+        let old = dir.join("debian-12/old");
+        let new = dir.join("debian-12/new");
+        for d in [&old, &new] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        // An image built before [package_manager] existed: still valid, with none.
+        let before = manifest("debian-12", "old", 10);
+        let text = toml::to_string(&before).unwrap();
+        assert!(!text.contains("package_manager"), "{text}");
+        std::fs::write(old.join(MANIFEST), &text).unwrap();
+        let image = InstalledImage::read(&old).unwrap();
+        assert_eq!(image.manifest, before);
+        let err = image.package_manager().unwrap_err();
+        assert!(
+            err.contains("image debian-12 (old) has no package manager")
+                && err.contains("or remove `packages`"),
+            "{err}"
+        );
+
+        let mut after = manifest("debian-12", "new", 20);
+        after.package_manager = Some(PackageManager {
+            kind: PackageManagerKind::Apt,
+            mirrors: vec!["deb.debian.org".parse().unwrap()],
+        });
+        let text = toml::to_string(&after).unwrap();
+        assert!(
+            text.contains("[package_manager]\nkind = \"apt\"\nmirrors = [\"deb.debian.org\"]"),
+            "{text}"
+        );
+        std::fs::write(new.join(MANIFEST), &text).unwrap();
+        let image = newest(&dir, "debian-12").unwrap().unwrap();
+        assert_eq!(image.manifest, after);
+        let manager = image.package_manager().unwrap();
+        assert!(manager.allows("deb.debian.org", 80));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

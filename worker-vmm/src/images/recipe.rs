@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use vmfarm_proto::network::HostPattern;
 
 /// How a guest of this image boots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +31,62 @@ pub struct Recipe {
     pub boot: BootMethod,
     pub rootfs: RootfsRecipe,
     pub kernel: KernelRecipe,
+    /// How jobs' `packages` are installed in its guests; `None`: the image has no package
+    /// manager (a job with `packages` cannot run on it). Last, and left out when `None`, so that
+    /// the recipe's text (which keys the root filesystem stage) is what it was before this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package_manager: Option<PackageManager>,
+}
+
+/// `[package_manager]`: how a job's `packages` are installed in a guest of the image, and the
+/// hosts that step may reach. Carried into the installed image's `image.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackageManager {
+    pub kind: PackageManagerKind,
+    /// The package mirrors (host patterns, as in a manifest's `[network] allow`): the packages
+    /// step may reach them whatever the job's `[network] allow` says. Never empty.
+    pub mirrors: Vec<HostPattern>,
+}
+
+/// Which package manager the guest has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PackageManagerKind {
+    /// Debian's apt (`apt-get update`, then `apt-get install`).
+    Apt,
+}
+
+impl PackageManager {
+    /// The commands that install `packages` (each `NAME` or `NAME=VERSION`, as a manifest's
+    /// `packages` are checked), as argv lists to run as root in the guest, in order, each to
+    /// succeed before the next. They read nothing from a terminal.
+    pub fn install_commands(&self, packages: &[String]) -> Vec<Vec<String>> {
+        let argv = |words: &[&str]| words.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>();
+        match self.kind {
+            PackageManagerKind::Apt => {
+                let apt = [
+                    "env",
+                    "DEBIAN_FRONTEND=noninteractive",
+                    "apt-get",
+                    "-q",
+                    "-y",
+                    "-o",
+                    "Dpkg::Use-Pty=0",
+                ];
+                let update = [&apt[..], &["update"]].concat();
+                let mut install =
+                    argv(&[&apt[..], &["install", "--no-install-recommends"]].concat());
+                install.extend(packages.iter().cloned());
+                vec![argv(&update), install]
+            }
+        }
+    }
+
+    /// Whether the packages step may reach `host:port` (one of the mirrors matches it).
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        self.mirrors.iter().any(|m| m.matches(host, port))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,7 +185,19 @@ impl Recipe {
                 "a busybox root filesystem takes no variant or packages".into(),
             ));
         }
+        if let Some(manager) = &recipe.package_manager {
+            check_package_manager(&recipe, manager).map_err(invalid)?;
+        }
         Ok(recipe)
+    }
+
+    /// The recipe as it keys the root filesystem stage: without `[package_manager]`, which only
+    /// tells the worker how to use the image, so that adding it reuses a built root filesystem.
+    pub fn rootfs_inputs(&self) -> Recipe {
+        Recipe {
+            package_manager: None,
+            ..self.clone()
+        }
     }
 
     /// `name_or_path` is a path to a .toml file, or a recipe name in `dir`.
@@ -152,6 +221,50 @@ impl Recipe {
             Err(source) => return Err(RecipeError::Read { path, source }),
         };
         Recipe::parse(&text, &path)
+    }
+}
+
+/// `[package_manager]` fits the image: a Debian root filesystem for apt, at least one mirror,
+/// and the recipe's own `rootfs.mirror` (when it is an http(s) URL) among the mirrors.
+fn check_package_manager(recipe: &Recipe, manager: &PackageManager) -> Result<(), String> {
+    match (manager.kind, recipe.rootfs.builder) {
+        (PackageManagerKind::Apt, RootfsBuilder::Mmdebstrap) => {}
+        (PackageManagerKind::Apt, RootfsBuilder::Busybox) => {
+            return Err(
+                "package_manager: a busybox root filesystem has no apt: remove [package_manager]"
+                    .into(),
+            );
+        }
+    }
+    if manager.mirrors.is_empty() {
+        return Err(
+            "package_manager.mirrors is empty: name the hosts the packages come from, like mirrors = [\"deb.debian.org\"]"
+                .into(),
+        );
+    }
+    if let Some(url) = &recipe.rootfs.mirror
+        && let Some((host, port)) = url_host(url)
+        && !manager.allows(&host, port)
+    {
+        return Err(format!(
+            "rootfs.mirror {url:?} is not among package_manager.mirrors: add \"{host}\" to them"
+        ));
+    }
+    Ok(())
+}
+
+/// The host and port of an `http://` or `https://` URL (`None` for anything else).
+fn url_host(url: &str) -> Option<(String, u16)> {
+    let (rest, default_port) = if let Some(rest) = url.strip_prefix("http://") {
+        (rest, 80)
+    } else {
+        (url.strip_prefix("https://")?, 443)
+    };
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => Some((host.to_owned(), port.parse().ok()?)),
+        _ => Some((authority.to_owned(), default_port)),
     }
 }
 
@@ -207,5 +320,119 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("debian-12, debian-13, tiny"), "{err}");
+    }
+
+    #[test]
+    fn test_the_debian_recipes_name_apt_and_its_mirrors() {
+        for name in ["debian-12", "debian-13"] {
+            let recipe = Recipe::load(name, &recipes_dir()).unwrap();
+            let manager = recipe.package_manager.expect("a [package_manager]");
+            assert_eq!(manager.kind, PackageManagerKind::Apt);
+            assert!(manager.allows("deb.debian.org", 80), "{name}");
+            assert!(manager.allows("deb.debian.org", 443), "{name}");
+            assert!(!manager.allows("pypi.org", 443), "{name}");
+        }
+        let tiny = Recipe::load("tiny", &recipes_dir()).unwrap();
+        assert_eq!(tiny.package_manager, None, "busybox has no package manager");
+    }
+
+    #[test]
+    fn test_the_package_manager_leaves_the_rootfs_inputs_alone() {
+        let text = std::fs::read_to_string(recipes_dir().join("debian-13.toml")).unwrap();
+        let with = Recipe::parse(&text, Path::new("x.toml")).unwrap();
+        let start = text.find("\n# How a job's `packages`").unwrap();
+        let without = Recipe::parse(&text[..start], Path::new("x.toml")).unwrap();
+        assert_eq!(without.package_manager, None);
+        assert_eq!(
+            toml::to_string(&with.rootfs_inputs()).unwrap(),
+            toml::to_string(&without).unwrap(),
+            "a recipe's root filesystem is keyed as it was before [package_manager]"
+        );
+    }
+
+    #[test]
+    fn test_bad_package_managers_are_refused() {
+        let debian = std::fs::read_to_string(recipes_dir().join("debian-12.toml")).unwrap();
+        let tiny = std::fs::read_to_string(recipes_dir().join("tiny.toml")).unwrap();
+        let section = "[package_manager]\nkind = \"apt\"\nmirrors = [\"deb.debian.org\", \"security.debian.org\"]";
+        assert!(debian.contains(section));
+        let cases = [
+            (
+                debian.replace("kind = \"apt\"", "kind = \"yum\""),
+                "unknown variant `yum`",
+            ),
+            (
+                debian.replace(section, "[package_manager]\nkind = \"apt\"\nmirrors = []"),
+                "mirrors is empty",
+            ),
+            (
+                debian.replace("\"deb.debian.org\", ", "\"http://deb.debian.org/debian\", "),
+                "write the host alone, like `deb.debian.org`",
+            ),
+            (
+                debian.replace(section, &format!("{section}\nproxy = \"x\"")),
+                "unknown field `proxy`",
+            ),
+            (
+                debian.replace(section, "[package_manager]\nkind = \"apt\""),
+                "missing field `mirrors`",
+            ),
+            (
+                debian.replace(
+                    "free_mib",
+                    "mirror = \"http://ftp.fr.debian.org/debian\"\nfree_mib",
+                ),
+                "rootfs.mirror \"http://ftp.fr.debian.org/debian\" is not among package_manager.mirrors: add \"ftp.fr.debian.org\"",
+            ),
+            (
+                format!("{tiny}\n{section}\n"),
+                "a busybox root filesystem has no apt",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Recipe::parse(&text, Path::new("x.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{want:?}: {err}");
+        }
+        let covered = debian.replace(
+            "free_mib",
+            "mirror = \"http://deb.debian.org/debian\"\nfree_mib",
+        );
+        assert!(Recipe::parse(&covered, Path::new("x.toml")).is_ok());
+    }
+
+    #[test]
+    fn test_url_hosts() {
+        assert_eq!(
+            url_host("http://deb.debian.org/debian"),
+            Some(("deb.debian.org".into(), 80))
+        );
+        assert_eq!(
+            url_host("https://u:p@mirror.example.org:8443/debian"),
+            Some(("mirror.example.org".into(), 8443))
+        );
+        assert_eq!(url_host("http://[::1]/x"), Some(("[::1]".into(), 80)));
+        assert_eq!(url_host("http://[::1]:8080"), Some(("[::1]".into(), 8080)));
+        assert_eq!(url_host("deb http://x/ bookworm main"), None);
+        assert_eq!(url_host("http://h:port/"), None);
+    }
+
+    #[test]
+    fn test_apt_installs_noninteractively_with_argv_lists() {
+        let manager = PackageManager {
+            kind: PackageManagerKind::Apt,
+            mirrors: vec!["deb.debian.org".parse().unwrap()],
+        };
+        let commands = manager.install_commands(&["zlib1g-dev".into(), "git=1:2.39".into()]);
+        let joined: Vec<String> = commands.iter().map(|c| c.join(" ")).collect();
+        assert_eq!(
+            joined,
+            [
+                "env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0 update",
+                "env DEBIAN_FRONTEND=noninteractive apt-get -q -y -o Dpkg::Use-Pty=0 install \
+                 --no-install-recommends zlib1g-dev git=1:2.39",
+            ]
+        );
     }
 }

@@ -272,6 +272,7 @@ mod tests {
                 timeout_ms: 60_000,
             },
             secrets: BTreeMap::new(),
+            network: Default::default(),
         }
     }
 
