@@ -48,6 +48,9 @@ pub struct GuestDefaults {
     pub default_cpus: u32,
     pub default_memory: ByteSize,
     pub boot_timeout: HumanDuration,
+    /// Certificate authorities (PEM files, or folders of `*.crt` files) every guest trusts
+    /// besides its image's own.
+    pub ca_certificates: Vec<PathBuf>,
 }
 
 /// Which backend boots guests.
@@ -112,6 +115,7 @@ impl Default for GuestDefaults {
             default_cpus: 1,
             default_memory: ByteSize(GIB),
             boot_timeout: HumanDuration(Duration::from_secs(60)),
+            ca_certificates: vec![PathBuf::from("/usr/local/share/ca-certificates")],
         }
     }
 }

@@ -116,6 +116,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             config: config.clone(),
             backend,
             image,
+            cache: cache.clone(),
         };
         let job = Job {
             lease,

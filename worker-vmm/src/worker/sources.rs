@@ -1,12 +1,18 @@
 //! A manifest's sources, fetched on the worker host: git repositories are cloned, local paths
 //! (only under the worker's `allowed_local_sources`) are copied; each becomes a tar archive to
 //! upload into the guest's build directory.
+//!
+//! A clone goes through the same gate as the tasks' traffic ([`Gate`]): only over https or
+//! http, through the job's proxy (which lets the sources' hosts through, refuses non-public
+//! addresses, and caps the bytes), with none of the worker's own credentials: an empty
+//! environment and HOME, no system or user git config, no credential helper, no ssh agent.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use tokio::io::AsyncReadExt as _;
 use tokio::process::Command;
 use vmfarm_proto::manifest::Source;
+use vmfarm_proto::units::ByteSize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -20,6 +26,12 @@ pub enum SourceError {
         tool: &'static str,
         message: String,
     },
+    #[error(
+        "source {url}: the worker fetches sources over https or http, or from allowed local paths"
+    )]
+    Protocol { url: String },
+    #[error("source {url} is larger than the job's limit of {limit}")]
+    TooLarge { url: String, limit: ByteSize },
     #[error("source {url}: cannot run {tool}")]
     Spawn {
         url: String,
@@ -67,7 +79,6 @@ async fn run(url: &str, tool: &'static str, cmd: &mut Command) -> Result<(), Sou
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
-        .env("GIT_TERMINAL_PROMPT", "0")
         .process_group(0)
         .kill_on_drop(true);
     crate::backend::die_with_parent(cmd);
@@ -119,12 +130,62 @@ impl Drop for KillGroupOnDrop {
     }
 }
 
-/// Fetches `source` into `work` (a scratch folder of the job) and packs it.
+/// How a job's fetches reach the network, and how much they may bring.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    /// The job's proxy for its sources, as `http://127.0.0.1:PORT`.
+    pub proxy: String,
+    /// An empty folder that is the tools' HOME.
+    pub home: PathBuf,
+    /// The most a source's tree may hold.
+    pub max_bytes: u64,
+}
+
+impl Gate {
+    /// `cmd` with only what a fetch may use: no variable of the worker's, no config or
+    /// credential of its user, git's protocols limited to `protocols`.
+    fn confine<'c>(&self, cmd: &'c mut Command, protocols: &str) -> &'c mut Command {
+        cmd.env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", &self.home)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_ALLOW_PROTOCOL", protocols)
+            .env("http_proxy", &self.proxy)
+            .env("https_proxy", &self.proxy)
+            .env("no_proxy", "")
+    }
+}
+
+/// The hosts (as `host:port`) the remote sources of a manifest fetch from.
+pub fn hosts(sources: &[Source]) -> Vec<String> {
+    sources.iter().filter_map(|s| remote_host(&s.url)).collect()
+}
+
+/// `host:port` of an http(s) URL.
+fn remote_host(url: &str) -> Option<String> {
+    let (rest, port) = if let Some(rest) = url.strip_prefix("https://") {
+        (rest, 443)
+    } else {
+        (url.strip_prefix("http://")?, 80)
+    };
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit('@').next()?;
+    if host_port.contains(':') {
+        Some(host_port.to_ascii_lowercase())
+    } else {
+        Some(format!("{}:{port}", host_port.to_ascii_lowercase()))
+    }
+}
+
+/// Fetches `source` into `work` (a scratch folder of the job) through `gate`, and packs it.
 pub async fn fetch(
     source: &Source,
     index: usize,
     work: &Path,
     allowed: &[PathBuf],
+    gate: &Gate,
 ) -> Result<FetchedSource, SourceError> {
     let url = source.url.as_str();
     let tree = work.join(format!("source-{index}"));
@@ -149,9 +210,27 @@ pub async fn fetch(
         Some(path) => path.join(".git").exists() || path.join("HEAD").is_file(),
         None => true,
     };
+    if local.is_none() && remote_host(url).is_none() {
+        return Err(SourceError::Protocol {
+            url: url.to_owned(),
+        });
+    }
     if is_git_repo {
+        let protocols = if local.is_some() {
+            "file"
+        } else {
+            "http:https"
+        };
         let mut clone = Command::new("git");
-        clone.args(["clone", "--quiet"]);
+        gate.confine(&mut clone, protocols);
+        clone.args([
+            "-c",
+            "credential.helper=",
+            "-c",
+            "core.askPass=",
+            "clone",
+            "--quiet",
+        ]);
         if local.is_some() {
             clone.arg("--no-hardlinks");
         }
@@ -159,6 +238,7 @@ pub async fn fetch(
         run(url, "git clone", &mut clone).await?;
         if let Some(git_ref) = &source.git_ref {
             let mut checkout = Command::new("git");
+            gate.confine(&mut checkout, protocols);
             checkout.arg("-C").arg(&tree).args([
                 "checkout",
                 "--quiet",
@@ -173,6 +253,13 @@ pub async fn fetch(
         let mut copy = Command::new("cp");
         copy.arg("-a").arg("--").arg(path).arg(&tree);
         run(url, "cp", &mut copy).await?;
+    }
+    if tree_bytes(&tree) > gate.max_bytes {
+        let _ = tokio::fs::remove_dir_all(&tree).await;
+        return Err(SourceError::TooLarge {
+            url: url.to_owned(),
+            limit: ByteSize(gate.max_bytes),
+        });
     }
     let tar = work.join(format!("source-{index}.tar"));
     let mut pack = Command::new("tar");
@@ -190,17 +277,137 @@ pub async fn fetch_all(
     sources: Vec<Source>,
     work: PathBuf,
     allowed: Vec<PathBuf>,
+    gate: Gate,
 ) -> Result<Vec<FetchedSource>, SourceError> {
     let mut fetched = Vec::with_capacity(sources.len());
     for (i, source) in sources.iter().enumerate() {
-        fetched.push(fetch(source, i, &work, &allowed).await?);
+        fetched.push(fetch(source, i, &work, &allowed, &gate).await?);
     }
     Ok(fetched)
+}
+
+/// Bytes the files under `dir` hold (links not followed).
+fn tree_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            match entry.metadata() {
+                Ok(meta) if meta.is_dir() => stack.push(entry.path()),
+                Ok(meta) => total += meta.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gate whose proxy answers nothing.
+    fn gate(home: &Path) -> Gate {
+        Gate {
+            proxy: "http://127.0.0.1:9".into(),
+            home: home.to_owned(),
+            max_bytes: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn test_remote_hosts_of_sources() {
+        let cases = [
+            ("https://github.com/a/b.git", Some("github.com:443")),
+            ("http://Example.org:8080/x", Some("example.org:8080")),
+            ("https://user@host.example/x", Some("host.example:443")),
+            ("ssh://git@host/x", None),
+            ("git@host:x.git", None),
+            ("/srv/repo", None),
+        ];
+        for (url, want) in cases {
+            assert_eq!(remote_host(url).as_deref(), want, "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn test_only_https_http_and_local_paths_are_fetched() {
+        let work = tempfile::tempdir().unwrap();
+        for url in ["ssh://git@host/x.git", "git://host/x.git", "git@host:x.git"] {
+            let source = Source {
+                url: url.into(),
+                git_ref: None,
+                path: "x".into(),
+            };
+            let err = fetch(&source, 0, work.path(), &[], &gate(work.path()))
+                .await
+                .unwrap_err();
+            assert!(matches!(err, SourceError::Protocol { .. }), "{url}: {err}");
+        }
+    }
+
+    /// The worker's user's git config (here: a rewrite of an unreachable URL to a local
+    /// repository) is not read by a fetch.
+    #[tokio::test]
+    async fn test_a_fetch_uses_nothing_of_the_workers_home() {
+        let repo = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("git")
+            .args(["init", "--quiet"])
+            .arg(repo.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let home = tempfile::tempdir().unwrap();
+        std::fs::write(
+            home.path().join(".gitconfig"),
+            format!(
+                "[url \"file://{}\"]\n\tinsteadOf = https://example.invalid/\n[credential]\n\thelper = store\n",
+                repo.path().display()
+            ),
+        )
+        .unwrap();
+        // SAFETY: this test runs in a process of its own (nextest); nothing else reads the
+        // environment meanwhile.
+        unsafe { std::env::set_var("HOME", home.path()) };
+        let work = tempfile::tempdir().unwrap();
+        let empty = tempfile::tempdir().unwrap();
+        let source = Source {
+            url: "https://example.invalid/repo.git".into(),
+            git_ref: None,
+            path: "repo".into(),
+        };
+        let err = fetch(&source, 0, work.path(), &[], &gate(empty.path()))
+            .await
+            .unwrap_err();
+        // Through the (dead) proxy, not rewritten to the local repository.
+        assert!(
+            matches!(&err, SourceError::Tool { message, .. } if message.contains("127.0.0.1")),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn test_a_source_over_the_limit_is_refused() {
+        let repo = tempfile::tempdir().unwrap();
+        std::fs::write(repo.path().join("big"), vec![0u8; 4096]).unwrap();
+        let work = tempfile::tempdir().unwrap();
+        let source = Source {
+            url: repo.path().display().to_string(),
+            git_ref: None,
+            path: "r".into(),
+        };
+        let mut small = gate(work.path());
+        small.max_bytes = 1024;
+        let err = fetch(&source, 0, work.path(), &[repo.path().to_owned()], &small)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("larger than the job's limit of 1KiB"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn test_local_paths_and_allow_list() {
@@ -225,7 +432,7 @@ mod tests {
             git_ref: None,
             path: "etc".into(),
         };
-        let err = fetch(&source, 0, work.path(), &[])
+        let err = fetch(&source, 0, work.path(), &[], &gate(work.path()))
             .await
             .unwrap_err()
             .to_string();
@@ -262,9 +469,15 @@ mod tests {
             git_ref: Some("v1".into()),
             path: "project".into(),
         };
-        let fetched = fetch(&source, 0, work.path(), &[repo.path().to_owned()])
-            .await
-            .unwrap();
+        let fetched = fetch(
+            &source,
+            0,
+            work.path(),
+            &[repo.path().to_owned()],
+            &gate(work.path()),
+        )
+        .await
+        .unwrap();
         let out = tempfile::tempdir().unwrap();
         let ok = std::process::Command::new("tar")
             .arg("-C")

@@ -77,7 +77,13 @@ impl JobLimits {
     /// The limits of a task's command in the guest: the nearer of its own timeout and the
     /// job's deadline, and the job's stop flag.
     pub(super) fn for_task(&self, task: &Task) -> (TaskLimit, ExecLimits) {
-        let limit = TaskLimit::new(task.timeout, &self.deadline, Instant::now());
+        self.for_command(task.timeout)
+    }
+
+    /// The limits of a command in the guest with its `own` timeout, if any (see
+    /// [`Self::for_task`]).
+    pub(super) fn for_command(&self, own: Option<Duration>) -> (TaskLimit, ExecLimits) {
+        let limit = TaskLimit::new(own, &self.deadline, Instant::now());
         let exec = ExecLimits {
             timeout: Some(limit.duration()),
             cancel: Some(self.stopping.clone()),

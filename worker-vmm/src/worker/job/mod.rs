@@ -18,7 +18,9 @@
 
 mod artifacts;
 mod limits;
+mod network;
 mod outcome;
+mod packages;
 mod tasks;
 mod teardown;
 
@@ -34,6 +36,7 @@ use crate::backend::{Backend, BootSpec, GuestCmdline, Vm};
 use crate::config::WorkerConfig;
 use crate::guest::{ExecLimits, Guest, HostFingerprint, JobKey, SshOptions, wait_ready};
 use crate::images::manifest::InstalledImage;
+use crate::network::{JobNetwork, ProxyCache};
 use anyhow::Context;
 use base64::Engine;
 use limits::{Halt, JobLimits};
@@ -54,6 +57,8 @@ pub struct JobContext {
     pub config: Arc<WorkerConfig>,
     pub backend: Arc<dyn Backend>,
     pub image: InstalledImage,
+    /// The worker's proxy cache, which every job's network shares.
+    pub cache: ProxyCache,
 }
 
 /// A leased job as the daemon hands it over: its manifest, parsed once (by the daemon), and
@@ -147,6 +152,10 @@ pub async fn run(ctx: &JobContext, job: Job) -> Option<Outcome> {
             .join(format!("job-{}-{}", lease.job.id, lease.job.attempt)),
         fetch: None,
         console: None,
+        network: None,
+        proxy: None,
+        source_network: None,
+        source_proxy: None,
     };
     let steps = job.steps().await;
     job.clean_up().await;
@@ -226,6 +235,12 @@ struct JobRun<'a> {
     fetch: Option<SourcesFetch>,
     /// The copy of the guest's console to the log, once the agent is ready.
     console: Option<JoinHandle<()>>,
+    /// The job's proxy, once the guest is up, and what hands it the guest's connections.
+    network: Option<JobNetwork>,
+    proxy: Option<JoinHandle<()>>,
+    /// The proxy of the host's fetch of the sources, while it runs, and its listener.
+    source_network: Option<JobNetwork>,
+    source_proxy: Option<JoinHandle<()>>,
 }
 
 impl JobRun<'_> {
@@ -252,9 +267,14 @@ impl JobRun<'_> {
     /// Sources, environment, secrets, tasks and artifacts, over SSH.
     async fn in_guest(&mut self, guest: &Guest) -> Result<Outcome, Halt> {
         self.make_build_dir(guest).await?;
+        let proxy = self.network(guest).await?;
         self.sources(guest).await?;
         let mut env = self.environment();
+        env.extend(proxy);
         self.send_secrets(guest, &mut env).await?;
+        if let Some(end) = self.packages(guest, &env).await? {
+            return Ok(end);
+        }
         let manifest = self.manifest;
         for task in &manifest.tasks {
             if let Some(end) = self.task(guest, task, &env).await? {
@@ -285,9 +305,16 @@ impl JobRun<'_> {
                 "fetching {} on the host while the guest boots",
                 plural(sources.len(), "source")
             ));
+            let gate = self
+                .sources_gate()
+                .await
+                .context("opening the sources' gate")
+                .map_err(Halt::Failed)?;
             let dir = self.run_dir.clone();
             let allowed = self.ctx.config.allowed_local_sources.clone();
-            self.fetch = Some(tokio::spawn(sources::fetch_all(sources, dir, allowed)));
+            self.fetch = Some(tokio::spawn(sources::fetch_all(
+                sources, dir, allowed, gate,
+            )));
         }
         Ok(())
     }
@@ -399,7 +426,9 @@ impl JobRun<'_> {
         let fetched = self
             .limits
             .step("fetching the sources", finish_fetch(&mut self.fetch))
-            .await?;
+            .await;
+        self.close_sources_gate();
+        let fetched = fetched?;
         for (i, source) in fetched.iter().enumerate() {
             self.log
                 .farm(&format!("uploading source to {}", source.path));

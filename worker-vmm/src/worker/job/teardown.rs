@@ -39,6 +39,13 @@ impl JobRun<'_> {
         if let Some(console) = self.console.take() {
             console.abort();
         }
+        if let Some(proxy) = self.proxy.take() {
+            proxy.abort();
+        }
+        if let Some(network) = self.network.take() {
+            network.close();
+        }
+        self.close_sources_gate();
         if let Some(fetch) = self.fetch.take() {
             fetch.abort();
             // The runtime drops an aborted task (and so kills its tools) soon after: wait for
