@@ -34,13 +34,20 @@ fn registry_gateways() -> Vec<String> {
     ranges
 }
 
-/// A server whose network policy allows `extra_private` besides the registries' gateways.
-fn server(extra_private: &[&str]) -> TestServer {
+/// A server whose network policy allows any public host on 80 and 443 (and on `ports`), and
+/// the non-public `extra_private` besides the registries' gateways.
+fn server(ports: &[u16], extra_private: &[&str]) -> TestServer {
     let mut private = registry_gateways();
     private.extend(extra_private.iter().map(|r| format!("\"{r}\"")));
+    let mut allow = vec!["\"*\"".to_owned()];
+    allow.extend(ports.iter().map(|p| format!("\"*:{p}\"")));
     TestServer::start_with(
         Backend::Sqlite,
-        &format!("[network]\nallow_private = [{}]\n", private.join(", ")),
+        &format!(
+            "[network]\nallow = [{}]\nallow_private = [{}]\n",
+            allow.join(", "),
+            private.join(", ")
+        ),
     )
 }
 
@@ -62,13 +69,26 @@ fn metric(text: &str, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_packages_install_and_the_second_run_is_served_from_the_cache() {
     let dir = images(&["debian-13"]);
-    let server = server(&[]);
+    let server = server(&[], &[]);
     let worker = TestWorker::start(&server, 0, &dir, WORKER);
     let api = server.admin();
-    let manifest = "image = \"debian-13\"\ntimeout = \"20m\"\npackages = [\"zlib1g-dev\"]\n\
-        [[tasks]]\nname = \"build\"\nscript = '''\n\
-        printf '#include <zlib.h>\\n#include <stdio.h>\\nint main(void) { printf(\"zlib %s\\\\n\", zlibVersion()); return 0; }\\n' > z.c\n\
-        cc -o z z.c -lz\n./z\n'''\n[[artifacts]]\npath = \"z\"\n";
+    let manifest = r#"image = "debian-13"
+timeout = "20m"
+packages = ["zlib1g-dev"]
+[[tasks]]
+name = "build"
+script = '''
+cat > z.c <<'C'
+#include <zlib.h>
+#include <stdio.h>
+int main(void) { printf("zlib %s\n", zlibVersion()); return 0; }
+C
+cc -o z z.c -lz
+./z
+'''
+[[artifacts]]
+path = "z"
+"#;
     let (job, log) = run(&api, manifest).await;
     assert_eq!(job["state"], "succeeded", "{job}\n{log}\n{}", worker.log());
     assert_eq!(job["tasks"][0]["name"], "packages");
@@ -123,7 +143,7 @@ async fn test_packages_install_and_the_second_run_is_served_from_the_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_a_venv_installs_from_pypi_and_nothing_else_is_reached() {
     let dir = images(&["debian-12"]);
-    let server = server(&[]);
+    let server = server(&[], &[]);
     let worker = TestWorker::start(&server, 0, &dir, WORKER);
     let api = server.admin();
     let manifest = "image = \"debian-12\"\ntimeout = \"20m\"\npackages = [\"python3-venv\"]\n\
@@ -185,7 +205,7 @@ async fn test_private_addresses_are_refused_unless_the_operator_allows_them() {
          cat <&3\n'''\n"
     );
     {
-        let server = server(&[]);
+        let server = server(&[port], &[]);
         let _worker = TestWorker::start(&server, 0, &dir, WORKER);
         let (job, log) = run(&server.admin(), &manifest).await;
         assert_eq!(job["state"], "succeeded", "{job}");
@@ -214,7 +234,7 @@ async fn test_private_addresses_are_refused_unless_the_operator_allows_them() {
             "{log}"
         );
     }
-    let server = server(&["127.0.0.0/8"]);
+    let server = server(&[port], &["127.0.0.0/8"]);
     let _worker = TestWorker::start(&server, 0, &dir, WORKER);
     let (job, log) = run(&server.admin(), &manifest).await;
     assert_eq!(job["state"], "succeeded", "{job}");
