@@ -42,7 +42,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let worker = WorkerConfig {
+    let mut worker = WorkerConfig {
         server: format!("http://{}", running.addr),
         name: "local".into(),
         token: worker_token,
@@ -50,6 +50,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         work_dir: data.join("work"),
         ..WorkerConfig::default()
     };
+    worker.network.cache_dir = data.join("proxy-cache");
     let worker = tokio::spawn(vmfarm_worker::worker::daemon::run(worker));
     tokio::select! {
         served = running.wait() => served.context("the server stopped")?,
