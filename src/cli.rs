@@ -240,6 +240,17 @@ pub enum BenchKind {
         #[arg(long)]
         postgres: Option<String>,
     },
+    /// A 64 MiB download in a guest through the job's proxy beside the same on the host, and
+    /// the packages step with the proxy's cache cold, then warm (qemu backend, debian-13).
+    Network {
+        /// The images dir holding the `debian-13` image.
+        #[arg(
+            long,
+            env = "VMFARM_IMAGES_DIR",
+            default_value = "./vmfarm-data/images"
+        )]
+        images_dir: PathBuf,
+    },
     /// Submit -> first line of the first task, per backend usable on this host.
     JobStart {
         /// The images dir holding the `tiny` image.

@@ -68,6 +68,10 @@ fn main() -> ExitCode {
                 bench::queue::run(postgres).await?;
                 Ok(ExitCode::SUCCESS)
             }),
+            cli::BenchKind::Network { images_dir } => block_on(async {
+                bench::network::run(images_dir).await?;
+                Ok(ExitCode::SUCCESS)
+            }),
             cli::BenchKind::JobStart { images_dir } => block_on(async {
                 bench::job_start::run(images_dir).await?;
                 Ok(ExitCode::SUCCESS)

@@ -2,14 +2,13 @@
 //! over 20 jobs, for each backend usable on this host, side by side. In-process server and
 //! worker, the `tiny` image.
 
+use super::farm::Farm;
 use super::stats::{ms, quantile};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use vmfarm_server::auth::Caller;
-use vmfarm_server::config::ServerConfig;
 use vmfarm_server::state::AppState;
-use vmfarm_worker::config::{BackendChoice, WorkerConfig};
+use vmfarm_worker::config::BackendChoice;
 use vmfarm_worker::worker::backend_choice::{KvmHost, probe_kvm};
 
 const JOBS: usize = 20;
@@ -48,40 +47,14 @@ pub async fn run(images_dir: PathBuf) -> anyhow::Result<()> {
 }
 
 async fn measure(images_dir: &Path, choice: BackendChoice) -> anyhow::Result<Vec<Duration>> {
-    let dir = tempfile::tempdir()?;
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_owned(),
-        ..ServerConfig::default()
-    };
-    let running = vmfarm_server::serve::start(config).await?;
-    let state = running.state.clone();
-    let token = vmfarm_server::admin::create_token(
-        &state.db,
-        &Caller::Worker {
-            name: "bench".into(),
-        },
-    )
-    .await?;
-    let mut worker = WorkerConfig {
-        server: format!("http://{}", running.addr),
-        name: "bench".into(),
-        token,
-        images_dir: images_dir.to_owned(),
-        work_dir: dir.path().join("work"),
-        ..WorkerConfig::default()
-    };
-    worker.backend.default = choice;
-    let daemon = tokio::spawn(vmfarm_worker::worker::daemon::run(worker));
+    let farm = Farm::start(images_dir, choice, |_| {}, |_| {}).await?;
     let mut samples = Vec::with_capacity(JOBS);
     for _ in 0..JOBS {
         let started = Instant::now();
-        let submitted = vmfarm_server::jobs::submit(&state, MANIFEST, None).await?;
-        let id: i64 = submitted.jobs[0].id.parse()?;
-        samples.push(first_task_line(&state, id, started).await?);
-        wait_ended(&state, id).await?;
+        let id = farm.submit(MANIFEST).await?;
+        samples.push(first_task_line(&farm.state, id, started).await?);
+        farm.ended(id).await?;
     }
-    daemon.abort();
     Ok(samples)
 }
 
@@ -106,15 +79,5 @@ async fn first_task_line(state: &AppState, id: i64, started: Instant) -> anyhow:
             "job {id} printed nothing in 300 s"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-async fn wait_ended(state: &AppState, id: i64) -> anyhow::Result<()> {
-    loop {
-        let (_, job_state) = vmfarm_server::logs::progress(&state.db, id).await?;
-        if job_state.is_terminal() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

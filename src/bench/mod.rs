@@ -2,7 +2,9 @@
 
 pub mod boot;
 pub mod disk;
+pub mod farm;
 pub mod job_start;
+pub mod network;
 pub mod queue;
 pub mod rss;
 pub mod stats;

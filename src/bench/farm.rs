@@ -1,0 +1,84 @@
+//! A farm in this process for the benchmarks that run jobs: a server on loopback and one worker
+//! with its own data, on a given images dir and backend.
+
+use std::path::Path;
+use std::time::Duration;
+use vmfarm_server::auth::Caller;
+use vmfarm_server::config::ServerConfig;
+use vmfarm_server::state::AppState;
+use vmfarm_worker::config::{BackendChoice, WorkerConfig};
+
+pub struct Farm {
+    pub state: AppState,
+    daemon: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The server's and the worker's data; removed with the farm (after the worker stopped).
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Farm {
+    fn drop(&mut self) {
+        self.daemon.abort();
+    }
+}
+
+impl Farm {
+    /// Starts a server (its config changed by `server`) and a worker on `images_dir` booting
+    /// with `backend` (its config changed by `worker`).
+    pub async fn start(
+        images_dir: &Path,
+        backend: BackendChoice,
+        server: impl FnOnce(&mut ServerConfig),
+        worker: impl FnOnce(&mut WorkerConfig),
+    ) -> anyhow::Result<Farm> {
+        let dir = tempfile::tempdir()?;
+        let mut config = ServerConfig {
+            listen: "127.0.0.1:0".parse()?,
+            data_dir: dir.path().to_owned(),
+            ..ServerConfig::default()
+        };
+        server(&mut config);
+        let running = vmfarm_server::serve::start(config).await?;
+        let state = running.state.clone();
+        let token = vmfarm_server::admin::create_token(
+            &state.db,
+            &Caller::Worker {
+                name: "bench".into(),
+            },
+        )
+        .await?;
+        let mut config = WorkerConfig {
+            server: format!("http://{}", running.addr),
+            name: "bench".into(),
+            token,
+            images_dir: images_dir.to_owned(),
+            work_dir: dir.path().join("work"),
+            ..WorkerConfig::default()
+        };
+        config.backend.default = backend;
+        config.network.cache_dir = dir.path().join("proxy-cache");
+        worker(&mut config);
+        let daemon = tokio::spawn(vmfarm_worker::worker::daemon::run(config));
+        Ok(Farm {
+            state,
+            daemon,
+            _dir: dir,
+        })
+    }
+
+    /// Submits `manifest`; its job's id.
+    pub async fn submit(&self, manifest: &str) -> anyhow::Result<i64> {
+        let submitted = vmfarm_server::jobs::submit(&self.state, manifest, None).await?;
+        Ok(submitted.jobs[0].id.parse()?)
+    }
+
+    /// Waits until job `id` has ended; its view.
+    pub async fn ended(&self, id: i64) -> anyhow::Result<vmfarm_proto::api::JobView> {
+        loop {
+            let job = vmfarm_server::job_views::get(&self.state.db, id).await?;
+            if job.state.is_terminal() {
+                return Ok(job);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
