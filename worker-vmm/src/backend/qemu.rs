@@ -4,12 +4,14 @@
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, OnceLock};
 
 use tokio::process::Command;
 
+use super::jail::{GuestJail, Jailer};
 use super::{
     AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, ProcessVm, RunDir, Vm,
-    die_with_parent,
+    clear_environment, die_with_parent,
 };
 use crate::vmm::qcow2::overlay::create_overlay;
 
@@ -27,11 +29,80 @@ pub enum Accel {
 #[derive(Debug, Clone)]
 pub struct QemuBackend {
     pub accel: Accel,
+    /// Jails each QEMU as it can be (see [`QemuBackend::jail_args`]) when set.
+    pub jail: Option<Arc<Jailer>>,
+}
+
+/// How this host's QEMU is told to change user and root (QEMU 9.1 moved `-runas` and
+/// `-chroot` into `-run-with`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunWith {
+    /// `-run-with chroot=DIR,user=UID:GID`.
+    RunWith,
+    /// `-chroot DIR -runas UID:GID`.
+    Separate,
+}
+
+impl RunWith {
+    /// What this host's QEMU takes, read once from its `-help`.
+    fn of_host() -> RunWith {
+        static FOUND: OnceLock<RunWith> = OnceLock::new();
+        *FOUND.get_or_init(|| {
+            let help = std::process::Command::new(QEMU)
+                .arg("-help")
+                .env_clear()
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            RunWith::from_help(&help)
+        })
+    }
+
+    fn from_help(help: &str) -> RunWith {
+        let run_with_user = help
+            .lines()
+            .any(|l| l.starts_with("-run-with") && l.contains("user="));
+        if run_with_user {
+            RunWith::RunWith
+        } else {
+            RunWith::Separate
+        }
+    }
 }
 
 impl QemuBackend {
     pub fn new(accel: Accel) -> Self {
-        QemuBackend { accel }
+        QemuBackend { accel, jail: None }
+    }
+
+    pub fn with_jail(accel: Accel, jail: Option<Arc<Jailer>>) -> Self {
+        QemuBackend { accel, jail }
+    }
+
+    /// What QEMU offers of a jail: its seccomp sandbox (no obsolete calls, no new processes, no
+    /// scheduler or resource changes), and once it has opened its files, `run_dir` as its root
+    /// and `jail`'s user. `elevateprivileges` stays `allow`: QEMU installs its filter before it
+    /// changes user, so `deny` would kill it at its own setuid; once it has, it has no
+    /// capability left to regain.
+    pub fn jail_args(run_with: RunWith, run_dir: &Path, jail: &GuestJail) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "-sandbox".into(),
+            "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny".into(),
+        ];
+        let user = format!("{}:{}", jail.uid, jail.gid);
+        match run_with {
+            RunWith::RunWith => args.extend([
+                "-run-with".into(),
+                format!("chroot={},user={user}", run_dir.display()),
+            ]),
+            RunWith::Separate => args.extend([
+                "-chroot".into(),
+                run_dir.display().to_string(),
+                "-runas".into(),
+                user,
+            ]),
+        }
+        args
     }
 
     /// QEMU's arguments for `spec`, booting `overlay` and serving SSH on `socket`.
@@ -112,9 +183,19 @@ impl Backend for QemuBackend {
             let overlay = dir.0.join("overlay.qcow2");
             let socket = dir.0.join("ssh.sock");
             create_overlay(&spec.base_disk, &overlay).map_err(BackendError::Overlay)?;
+            let jail = self
+                .jail
+                .as_ref()
+                .map(|j| j.guest(spec.vcpus, spec.memory_mib))
+                .transpose()?;
             let mut command = Command::new(QEMU);
+            command.args(self.args(spec, &overlay, &socket));
+            if let Some(jail) = &jail {
+                command.args(Self::jail_args(RunWith::of_host(), &dir.0, jail));
+                confine_before_exec(&mut command, jail).map_err(BackendError::Spawn)?;
+            }
+            clear_environment(&mut command);
             command
-                .args(self.args(spec, &overlay, &socket))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -130,10 +211,68 @@ impl Backend for QemuBackend {
             Ok(Box::new(ProcessVm::new(
                 child,
                 AgentChannel::SerialSocket(socket),
+                jail,
                 dir,
             )) as Box<dyn Vm>)
         })
     }
+}
+
+/// Between fork and exec: joins the guest's cgroups, unshares the IPC, UTS and network
+/// namespaces (QEMU's guest has no network; its sockets are files in its folder), and lowers
+/// the resource limits as `vm run --jail` does.
+fn confine_before_exec(command: &mut Command, jail: &GuestJail) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    use vmfarm_vmm::jail::{MAX_OPEN_FILES, MAX_PROCESSES};
+    // Made here: the child may not allocate.
+    let procs: Vec<std::ffi::CString> = jail
+        .cgroups
+        .iter()
+        .map(|c| std::ffi::CString::new(c.join("cgroup.procs").as_os_str().as_bytes()))
+        .collect::<Result<_, _>>()?;
+    let err = std::io::Error::last_os_error;
+    // SAFETY: the closure runs in the child between fork and exec and only makes system calls
+    // (open, write, close, unshare, setrlimit) on memory made before the fork; it allocates
+    // nothing and takes no lock.
+    unsafe {
+        command.pre_exec(move || {
+            for path in &procs {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(err());
+                }
+                // "0" is the writing process.
+                let written = libc::write(fd, c"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(err());
+                }
+            }
+            if libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET) != 0 {
+                return Err(err());
+            }
+            for (resource, value) in [
+                (libc::RLIMIT_NOFILE, MAX_OPEN_FILES),
+                (libc::RLIMIT_NPROC, MAX_PROCESSES * 2),
+                (libc::RLIMIT_CORE, 0),
+            ] {
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(resource, &mut limit) != 0 {
+                    return Err(err());
+                }
+                limit.rlim_cur = limit.rlim_cur.min(value);
+                limit.rlim_max = limit.rlim_max.min(value);
+                if libc::setrlimit(resource, &limit) != 0 {
+                    return Err(err());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -172,5 +311,35 @@ mod tests {
             assert!(text.contains(part), "{part} missing from {text}");
         }
         assert!(!text.contains("netdev"), "guests have no network");
+    }
+
+    #[test]
+    fn test_jail_args_fit_the_hosts_qemu() {
+        let old = "-chroot dir     chroot to dir just before starting the VM\n\
+                   -runas user     change to user id user just before starting the VM\n";
+        let new = "-run-with [async-teardown=on|off][,chroot=dir][,user=username|uid:gid]\n";
+        assert_eq!(RunWith::from_help(old), RunWith::Separate);
+        assert_eq!(RunWith::from_help(new), RunWith::RunWith);
+        // 8.x: -run-with without user= still needs -runas.
+        assert_eq!(
+            RunWith::from_help("-run-with [async-teardown=on|off][,chroot=dir]\n"),
+            RunWith::Separate
+        );
+        let (jailer, _) = super::super::jail::tests::jailer_without_cgroups();
+        let jail = jailer.guest(1, 256).unwrap();
+        let dir = Path::new("/run/g");
+        let text = QemuBackend::jail_args(RunWith::Separate, dir, &jail).join(" ");
+        let user = format!("{}:{}", jail.uid, jail.gid);
+        assert!(text.starts_with("-sandbox on,obsolete=deny,"), "{text}");
+        assert!(text.contains("spawn=deny,resourcecontrol=deny"), "{text}");
+        assert!(
+            text.ends_with(&format!("-chroot /run/g -runas {user}")),
+            "{text}"
+        );
+        let text = QemuBackend::jail_args(RunWith::RunWith, dir, &jail).join(" ");
+        assert!(
+            text.ends_with(&format!("-run-with chroot=/run/g,user={user}")),
+            "{text}"
+        );
     }
 }
