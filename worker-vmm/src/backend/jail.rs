@@ -188,17 +188,16 @@ impl Cgroups {
     }
 
     /// Makes the parent cgroups, enables the controllers below them (v2), and removes guest
-    /// cgroups a previous worker left (a busy one stays, and is said in the log).
+    /// cgroups a previous worker left, killing what still runs in them: a VMM whose worker was
+    /// killed outright (QEMU, having changed user, no longer gets the parent-death signal).
     fn prepare(&self) -> io::Result<()> {
         for parent in self.parents() {
             std::fs::create_dir_all(parent)?;
             for entry in std::fs::read_dir(parent)?.flatten() {
                 let path = entry.path();
-                if path.is_dir()
-                    && entry.file_name().to_string_lossy().starts_with("guest-")
-                    && let Err(e) = std::fs::remove_dir(&path)
-                {
-                    tracing::warn!(cgroup = %path.display(), error = %e, "a guest cgroup left by an earlier worker is still busy");
+                if path.is_dir() && entry.file_name().to_string_lossy().starts_with("guest-") {
+                    kill_all_in(&path);
+                    remove_cgroups(std::slice::from_ref(&path));
                 }
             }
         }
@@ -270,6 +269,19 @@ impl Cgroups {
                 Err(JailError::Cgroup { path, source })
             }
         }
+    }
+}
+
+/// Kills (SIGKILL) every process in the cgroup `dir`.
+fn kill_all_in(dir: &Path) {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+    {
+        tracing::warn!(cgroup = %dir.display(), pid, "killing a VMM left by an earlier worker");
+        // SAFETY: kill takes no pointers.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 

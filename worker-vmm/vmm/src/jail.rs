@@ -10,12 +10,14 @@
 //!    memory, CPU and pids limits), then unshares its mount, PID, IPC, UTS and network
 //!    namespaces and forks: the child is PID 1 of the new PID namespace (when it ends, every
 //!    process in it ends); the parent only waits for it and exits as it did, and the child dies
-//!    with the parent (`PR_SET_PDEATHSIG`), so a worker that kills `vm run` kills the VMM.
+//!    with the parent (`PR_SET_PDEATHSIG`, set once the child has its user, as a change of user
+//!    clears it), so a worker that kills `vm run` kills the VMM.
 //! 3. In the child: mounts stop propagating to the host; DIR is bind-mounted on itself
 //!    (nosuid, nodev, noexec) and given to the jail's uid with the writable disks; a small tmpfs
 //!    on DIR/dev holds one node, `kvm`, owned by the jail's uid; the outside files are
 //!    bind-mounted read-only (nosuid, nodev, noexec); then `pivot_root` makes DIR the root and the
-//!    old root is detached: nothing else of the host is reachable.
+//!    old root is detached: nothing else of the host is reachable. (Where the host's root is an
+//!    initramfs, which cannot be pivoted, DIR is moved over `/` and chrooted into instead.)
 //! 4. Resource limits (open files, processes, no core dumps), then the jail's uid and gid with
 //!    no supplementary groups (every capability goes with uid 0), `no_new_privs`, and an empty
 //!    environment.
@@ -277,13 +279,7 @@ pub fn enter(spec: &JailSpec, config: &VmConfig) -> Result<VmConfig, JailError> 
             drop(alive_r);
             std::process::exit(wait_for_vmm(child));
         }
-        sys::Forked::Child => {
-            drop(alive_w);
-            sys::die_with_parent().map_err(step("PR_SET_PDEATHSIG"))?;
-            if sys::pipe_closed(&alive_r) {
-                std::process::exit(1);
-            }
-        }
+        sys::Forked::Child => drop(alive_w),
     }
     build_root(&root, &plan, spec)?;
     sys::lower_rlimit(libc::RLIMIT_NOFILE, MAX_OPEN_FILES).map_err(step("RLIMIT_NOFILE"))?;
@@ -291,6 +287,13 @@ pub fn enter(spec: &JailSpec, config: &VmConfig) -> Result<VmConfig, JailError> 
     sys::lower_rlimit(libc::RLIMIT_CORE, 0).map_err(step("RLIMIT_CORE"))?;
     sys::become_user(spec.uid, spec.gid)
         .map_err(step(format!("becoming uid {} gid {}", spec.uid, spec.gid)))?;
+    // Set only now: a change of user clears it. Then the pipe says whether the parent died
+    // before it was set.
+    sys::die_with_parent().map_err(step("PR_SET_PDEATHSIG"))?;
+    if sys::pipe_closed(&alive_r) {
+        std::process::exit(1);
+    }
+    drop(alive_r);
     sys::no_new_privs().map_err(step("PR_SET_NO_NEW_PRIVS"))?;
     for (key, _) in std::env::vars_os() {
         // SAFETY: the process is single-threaded here (the VM's threads start later), so no
@@ -352,8 +355,14 @@ fn build_root(root: &Path, plan: &Plan, spec: &JailSpec) -> Result<(), JailError
     }
     let pivot = || step(format!("pivot_root into {}", root.display()));
     std::env::set_current_dir(root).map_err(pivot())?;
-    sys::pivot_root_here().map_err(pivot())?;
-    sys::umount(Path::new("."), libc::MNT_DETACH).map_err(pivot())?;
+    match sys::pivot_root_here() {
+        Ok(()) => sys::umount(Path::new("."), libc::MNT_DETACH).map_err(pivot())?,
+        // The root is the initramfs (as in the KVM lab's L1): move and chroot instead.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            sys::move_root_here().map_err(pivot())?;
+        }
+        Err(e) => return Err(pivot()(e)),
+    }
     std::env::set_current_dir("/").map_err(pivot())?;
     Ok(())
 }

@@ -9,7 +9,7 @@
 //!   end); port and MMIO exits are handled in the process: the serial console
 //!   `write`s to stdout or its file, interrupts are `write`s to irqfd eventfds, the buses are
 //!   behind mutexes (`futex`); the kick that stops a vCPU is a signal (`tgkill` to this process
-//!   only, `rt_sigreturn`, `rt_sigprocmask`).
+//!   only; musl uses `tkill`, see below; `rt_sigreturn`, `rt_sigprocmask`).
 //! - virtio-blk: `pread64`/`pwrite64`/`preadv`/`pwritev`, `fsync`/`fdatasync`, `fallocate` (discard
 //!   and write-zeroes), `lseek`, `fstat`/`statx`/`newfstatat`, `ftruncate` (a qcow2 overlay grows).
 //! - virtio-vsock: its epoll loop (`epoll_wait`/`epoll_pwait`/`epoll_ctl`, eventfd `read`s),
@@ -140,6 +140,9 @@ const ALLOWED: &[libc::c_long] = &[
     libc::SYS_sched_yield,
     libc::SYS_gettid,
     libc::SYS_getpid,
+    // musl's pthread_kill (the vCPU kick) signals a thread by its id alone; jailed, only this
+    // process's threads are in its PID namespace.
+    libc::SYS_tkill,
     libc::SYS_exit,
     libc::SYS_exit_group,
     libc::SYS_restart_syscall,

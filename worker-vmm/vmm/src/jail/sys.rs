@@ -60,6 +60,23 @@ pub fn pivot_root_here() -> io::Result<()> {
     check(if ret < 0 { -1 } else { 0 })
 }
 
+/// Makes the current directory the root where `pivot_root` cannot: when the root is the
+/// initramfs (rootfs), which can never be unmounted. The current directory's mount is moved
+/// over `/` and the process chroots into it; the old root is left below, out of reach of a
+/// process without capabilities (what runc does there too).
+pub fn move_root_here() -> io::Result<()> {
+    mount(
+        Some(Path::new(".")),
+        Path::new("/"),
+        None,
+        libc::MS_MOVE,
+        None,
+    )?;
+    let dot = c".";
+    // SAFETY: the path is a NUL-terminated string that outlives the call.
+    check(unsafe { libc::chroot(dot.as_ptr()) })
+}
+
 /// unshare(2).
 pub fn unshare(flags: libc::c_int) -> io::Result<()> {
     // SAFETY: unshare takes no pointers.
