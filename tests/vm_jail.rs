@@ -243,14 +243,15 @@ async fn test_jailed_vmm_seen_from_proc() {
         assert_eq!(soft, value, "{line}");
     }
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let guest = format!("/{parent}/guest-{uid}");
+    let mine = format!("{parent}/worker-{}", std::process::id());
+    let guest = format!("/{mine}/guest-{uid}");
     let in_guest_cgroup = cgroups.lines().filter(|l| l.ends_with(&guest)).count();
     assert!(in_guest_cgroup >= 1, "{cgroups}");
     let memory_limit = (64u64 << 20) + config.memory_overhead.0;
     let cg_root = &config.cgroup_root;
     let limit_file = [
-        cg_root.join(format!("{parent}/guest-{uid}/memory.max")),
-        cg_root.join(format!("memory/{parent}/guest-{uid}/memory.limit_in_bytes")),
+        cg_root.join(format!("{mine}/guest-{uid}/memory.max")),
+        cg_root.join(format!("memory/{mine}/guest-{uid}/memory.limit_in_bytes")),
     ]
     .into_iter()
     .find(|p| p.exists())
@@ -267,13 +268,9 @@ async fn test_jailed_vmm_seen_from_proc() {
         "the guest's cgroup is removed with it"
     );
     assert!(!run_dir.exists(), "the run folder is removed with it");
-    for hierarchy in [
-        cg_root.join(&parent),
-        cg_root.join("memory").join(&parent),
-        cg_root.join("cpu").join(&parent),
-        cg_root.join("pids").join(&parent),
-    ] {
-        let _ = std::fs::remove_dir(hierarchy);
+    for hierarchy in ["", "memory", "cpu", "pids"] {
+        let _ = std::fs::remove_dir(cg_root.join(hierarchy).join(&mine));
+        let _ = std::fs::remove_dir(cg_root.join(hierarchy).join(&parent));
     }
 }
 

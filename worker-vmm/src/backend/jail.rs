@@ -117,11 +117,17 @@ fn choose_jail_as(config: &JailConfig, root: bool) -> Result<JailChoice, String>
 }
 
 impl Cgroups {
-    /// The hierarchies under `root` (where cgroup file systems are mounted), with the
-    /// guests' parent cgroup `parent` made in each and stale guest cgroups under it removed.
-    /// cgroup v2 when `root` is a v2 hierarchy with memory, cpu and pids; else v1 with those
-    /// three controllers mounted at `root/memory`, `root/cpu` and `root/pids`.
+    /// The hierarchies under `root` (where cgroup file systems are mounted), with this worker's
+    /// cgroup `parent/worker-<pid>` made in each (several workers may share a host), and what
+    /// workers that are gone left under `parent` removed. cgroup v2 when `root` is a v2
+    /// hierarchy with memory, cpu and pids; else v1 with those three controllers mounted at
+    /// `root/memory`, `root/cpu` and `root/pids`.
     pub fn find(root: &Path, parent: &str) -> Result<Cgroups, String> {
+        Self::find_for(root, parent, std::process::id())
+    }
+
+    fn find_for(root: &Path, parent: &str, worker: u32) -> Result<Cgroups, String> {
+        let parent = Path::new(parent).join(format!("worker-{worker}"));
         let v2_controllers = std::fs::read_to_string(root.join("cgroup.controllers"));
         let cgroups = match v2_controllers {
             Ok(list) => {
@@ -137,13 +143,13 @@ impl Cgroups {
                         missing.join(", ")
                     ));
                 }
-                Cgroups::V2(root.join(parent))
+                Cgroups::V2(root.join(&parent))
             }
             Err(_) => {
                 let dir = |c: &str| -> Result<PathBuf, String> {
                     let mount = root.join(c);
                     if mount.join("cgroup.procs").exists() {
-                        Ok(mount.join(parent))
+                        Ok(mount.join(&parent))
                     } else {
                         Err(format!(
                             "no cgroup v2 hierarchy at {} and no cgroup v1 {c} controller at {}",
@@ -187,26 +193,26 @@ impl Cgroups {
         }
     }
 
-    /// Makes the parent cgroups, enables the controllers below them (v2), and removes guest
-    /// cgroups a previous worker left, killing what still runs in them: a VMM whose worker was
-    /// killed outright (QEMU, having changed user, no longer gets the parent-death signal).
+    /// Makes this worker's cgroups and enables the controllers down to them (v2); removes the
+    /// cgroups of workers that are gone (`worker-<pid>` with no such process), killing what
+    /// still runs in them: a VMM whose worker was killed outright (QEMU, having changed user, no
+    /// longer gets the parent-death signal).
     fn prepare(&self) -> io::Result<()> {
-        for parent in self.parents() {
-            std::fs::create_dir_all(parent)?;
-            for entry in std::fs::read_dir(parent)?.flatten() {
-                let path = entry.path();
-                if path.is_dir() && entry.file_name().to_string_lossy().starts_with("guest-") {
-                    kill_all_in(&path);
-                    remove_cgroups(std::slice::from_ref(&path));
-                }
+        for mine in self.parents() {
+            if let Some(shared) = mine.parent() {
+                std::fs::create_dir_all(shared)?;
+                remove_gone_workers(shared);
             }
+            std::fs::create_dir_all(mine)?;
         }
-        if let Cgroups::V2(parent) = self {
+        if let Cgroups::V2(mine) = self {
             let enable = "+memory +cpu +pids";
-            if let Some(above) = parent.parent() {
+            let shared = mine.parent().unwrap_or(mine);
+            if let Some(above) = shared.parent() {
                 std::fs::write(above.join("cgroup.subtree_control"), enable)?;
             }
-            std::fs::write(parent.join("cgroup.subtree_control"), enable)?;
+            std::fs::write(shared.join("cgroup.subtree_control"), enable)?;
+            std::fs::write(mine.join("cgroup.subtree_control"), enable)?;
         }
         Ok(())
     }
@@ -269,6 +275,29 @@ impl Cgroups {
                 Err(JailError::Cgroup { path, source })
             }
         }
+    }
+}
+
+/// Removes the `worker-<pid>` cgroups under `shared` whose worker is gone, with the guest
+/// cgroups in them and what still runs there.
+fn remove_gone_workers(shared: &Path) {
+    for entry in std::fs::read_dir(shared).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("worker-") else {
+            continue;
+        };
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let worker = entry.path();
+        for guest in std::fs::read_dir(&worker).into_iter().flatten().flatten() {
+            let path = guest.path();
+            if path.is_dir() {
+                kill_all_in(&path);
+                remove_cgroups(std::slice::from_ref(&path));
+            }
+        }
+        remove_cgroups(std::slice::from_ref(&worker));
     }
 }
 
@@ -389,16 +418,20 @@ pub(crate) mod tests {
         let v2 = dir.path().join("v2");
         std::fs::create_dir_all(&v2).unwrap();
         std::fs::write(v2.join("cgroup.controllers"), "cpuset cpu io memory pids\n").unwrap();
-        let cgroups = Cgroups::find(&v2, "vmfarm").unwrap();
-        assert_eq!(cgroups, Cgroups::V2(v2.join("vmfarm")));
+        // A worker that is gone (no process 4000000000) left a cgroup: it goes.
+        std::fs::create_dir_all(v2.join("vmfarm/worker-4000000000/guest-1")).unwrap();
+        let cgroups = Cgroups::find_for(&v2, "vmfarm", 42).unwrap();
+        assert_eq!(cgroups, Cgroups::V2(v2.join("vmfarm/worker-42")));
+        assert!(!v2.join("vmfarm/worker-4000000000").exists());
         let made = cgroups.make("guest-7", 2, 600 << 20, 99).unwrap();
-        assert_eq!(made, [v2.join("vmfarm/guest-7")]);
-        let read = |p: &str| std::fs::read_to_string(v2.join("vmfarm/guest-7").join(p)).unwrap();
+        assert_eq!(made, [v2.join("vmfarm/worker-42/guest-7")]);
+        let read =
+            |p: &str| std::fs::read_to_string(v2.join("vmfarm/worker-42/guest-7").join(p)).unwrap();
         assert_eq!(read("memory.max"), (600u64 << 20).to_string());
         assert_eq!(read("cpu.max"), "200000 100000");
         assert_eq!(read("pids.max"), "99");
         assert_eq!(
-            std::fs::read_to_string(v2.join("vmfarm/cgroup.subtree_control")).unwrap(),
+            std::fs::read_to_string(v2.join("vmfarm/worker-42/cgroup.subtree_control")).unwrap(),
             "+memory +cpu +pids"
         );
 
@@ -407,16 +440,19 @@ pub(crate) mod tests {
             std::fs::create_dir_all(v1.join(c)).unwrap();
             std::fs::write(v1.join(c).join("cgroup.procs"), "").unwrap();
         }
-        let cgroups = Cgroups::find(&v1, "vmfarm").unwrap();
+        let cgroups = Cgroups::find_for(&v1, "vmfarm", 42).unwrap();
         let made = cgroups.make("guest-8", 1, 300 << 20, 50).unwrap();
         assert_eq!(made.len(), 3);
         let read = |p: &str| std::fs::read_to_string(v1.join(p)).unwrap();
         assert_eq!(
-            read("memory/vmfarm/guest-8/memory.limit_in_bytes"),
+            read("memory/vmfarm/worker-42/guest-8/memory.limit_in_bytes"),
             (300u64 << 20).to_string()
         );
-        assert_eq!(read("cpu/vmfarm/guest-8/cpu.cfs_quota_us"), "100000");
-        assert_eq!(read("pids/vmfarm/guest-8/pids.max"), "50");
+        assert_eq!(
+            read("cpu/vmfarm/worker-42/guest-8/cpu.cfs_quota_us"),
+            "100000"
+        );
+        assert_eq!(read("pids/vmfarm/worker-42/guest-8/pids.max"), "50");
 
         let err = Cgroups::find(&dir.path().join("none"), "vmfarm").unwrap_err();
         assert!(err.contains("no cgroup v1 memory controller"), "{err}");

@@ -190,6 +190,8 @@ impl Backend for QemuBackend {
                 .transpose()?;
             let mut command = Command::new(QEMU);
             command.args(self.args(spec, &overlay, &socket));
+            // First: the confinement's forks must leave a process that dies with the worker.
+            die_with_parent(&mut command);
             if let Some(jail) = &jail {
                 command.args(Self::jail_args(RunWith::of_host(), &dir.0, jail));
                 confine_before_exec(&mut command, jail).map_err(BackendError::Spawn)?;
@@ -200,7 +202,6 @@ impl Backend for QemuBackend {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .kill_on_drop(true);
-            die_with_parent(&mut command);
             let child = command.spawn().map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => BackendError::MissingTool {
                     tool: QEMU,
@@ -218,9 +219,43 @@ impl Backend for QemuBackend {
     }
 }
 
-/// Between fork and exec: joins the guest's cgroups, unshares the IPC, UTS and network
-/// namespaces (QEMU's guest has no network; its sockets are files in its folder), and lowers
-/// the resource limits as `vm run --jail` does.
+/// Closes every descriptor of the calling process (async-signal-safe).
+fn close_all() {
+    // SAFETY: close_range takes no pointers; closing descriptors this process owns.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) };
+    if ret != 0 {
+        for fd in 0..4096 {
+            // SAFETY: as above; an fd that is not open gives EBADF.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// How the process `pid` ended, as an exit status (128 + the signal that killed it); for the
+/// waiting processes between fork and exec (async-signal-safe: waitpid only).
+fn wait_status(pid: libc::pid_t) -> libc::c_int {
+    let mut status = 0;
+    loop {
+        // SAFETY: `status` is a valid int for the kernel to fill.
+        let ret = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if ret == pid {
+            break;
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return 127;
+        }
+    }
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    }
+}
+
+/// Between fork and exec: joins the guest's cgroups, unshares the IPC, UTS, network and PID
+/// namespaces (QEMU's guest has no network; its sockets are files in its folder), lowers the
+/// resource limits as `vm run --jail` does, and forks twice so that QEMU runs below a PID 1
+/// that dies with the worker.
 fn confine_before_exec(command: &mut Command, jail: &GuestJail) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
     use vmfarm_vmm::jail::{MAX_OPEN_FILES, MAX_PROCESSES};
@@ -232,8 +267,8 @@ fn confine_before_exec(command: &mut Command, jail: &GuestJail) -> std::io::Resu
         .collect::<Result<_, _>>()?;
     let err = std::io::Error::last_os_error;
     // SAFETY: the closure runs in the child between fork and exec and only makes system calls
-    // (open, write, close, unshare, setrlimit) on memory made before the fork; it allocates
-    // nothing and takes no lock.
+    // (open, write, close, unshare, setrlimit, fork, prctl, waitpid, _exit) on memory made before
+    // the fork; it allocates nothing and takes no lock.
     unsafe {
         command.pre_exec(move || {
             for path in &procs {
@@ -248,7 +283,10 @@ fn confine_before_exec(command: &mut Command, jail: &GuestJail) -> std::io::Resu
                     return Err(err());
                 }
             }
-            if libc::unshare(libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET) != 0 {
+            if libc::unshare(
+                libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET | libc::CLONE_NEWPID,
+            ) != 0
+            {
                 return Err(err());
             }
             for (resource, value) in [
@@ -269,7 +307,31 @@ fn confine_before_exec(command: &mut Command, jail: &GuestJail) -> std::io::Resu
                     return Err(err());
                 }
             }
-            Ok(())
+            // This process only waits and passes on how QEMU ended; its child is PID 1 of the
+            // new PID namespace and dies with it (PR_SET_PDEATHSIG); QEMU is that one's child,
+            // so it goes when either goes, although its change of user clears its own
+            // parent-death signal.
+            // The waiting processes close every descriptor: the console pipe must end with
+            // QEMU, and the pipe through which exec reports to the spawner must close at exec.
+            match libc::fork() {
+                -1 => return Err(err()),
+                0 => {}
+                child => {
+                    close_all();
+                    libc::_exit(wait_status(child))
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                libc::_exit(127);
+            }
+            match libc::fork() {
+                -1 => libc::_exit(127),
+                0 => Ok(()),
+                qemu => {
+                    close_all();
+                    libc::_exit(wait_status(qemu))
+                }
+            }
         });
     }
     Ok(())
@@ -341,5 +403,53 @@ mod tests {
             text.ends_with(&format!("-run-with chroot=/run/g,user={user}")),
             "{text}"
         );
+    }
+
+    /// What runs with QEMU's confinement (here a shell in QEMU's place) runs as PID 2 of a PID
+    /// namespace of its own, in new IPC, UTS and network namespaces, with the limits, and its
+    /// output and exit status come through.
+    #[tokio::test]
+    async fn test_confinement_before_exec() {
+        // SAFETY: geteuid takes no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: namespaces need root");
+            return;
+        }
+        let (jailer, _) = super::super::jail::tests::jailer_without_cgroups();
+        let jail = jailer.guest(1, 256).unwrap();
+        let mut command = Command::new("/bin/sh");
+        command
+            .args([
+                "-c",
+                "echo $$; readlink /proc/self/ns/net; ulimit -n; exit 3",
+            ])
+            .stdout(Stdio::piped());
+        confine_before_exec(&mut command, &jail).unwrap();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(10), command.output())
+            .await
+            .expect("the confined shell ends")
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        let our_net = std::fs::read_link("/proc/self/ns/net").unwrap();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[0], "2", "PID 2 of its own namespace: {text}");
+        assert_ne!(lines[1], our_net.to_string_lossy(), "{text}");
+        assert_eq!(lines[2], "1024", "{text}");
+        assert_eq!(out.status.code(), Some(3));
+
+        // Spawning returns at once, and the program goes on running.
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", "sleep 1; echo done"])
+            .stdout(Stdio::piped())
+            .env_clear();
+        confine_before_exec(&mut command, &jail).unwrap();
+        let started = std::time::Instant::now();
+        let child = command.spawn().unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
+        let out = child.wait_with_output().await.unwrap();
+        assert_eq!(out.stdout, b"done\n");
+        assert!(started.elapsed() >= std::time::Duration::from_secs(1));
     }
 }
