@@ -29,7 +29,9 @@
 //!
 //! Nothing that opens a file by name (`open`, `openat`), executes (`execve`), makes another
 //! process, changes identity, namespaces or mounts, traces, or opens a network socket is
-//! allowed: the running VMM has every file it needs open already.
+//! allowed: the running VMM has every file it needs open already. (glibc's malloc opens
+//! /proc/sys/vm/overcommit_memory when a thread's own arena shrinks: `vm run` keeps one arena,
+//! `run::one_malloc_arena`.)
 
 use std::collections::BTreeMap;
 
