@@ -9,7 +9,8 @@
 //!   end); port and MMIO exits are handled in the process: the serial console
 //!   `write`s to stdout or its file, interrupts are `write`s to irqfd eventfds, the buses are
 //!   behind mutexes (`futex`); the kick that stops a vCPU is a signal (`tgkill` to this process
-//!   only; musl uses `tkill`, see below; `rt_sigreturn`, `rt_sigprocmask`).
+//!   only; musl's pthread_kill uses `tkill`, which names a thread alone: jailed, only this
+//!   process's threads are in its PID namespace), `rt_sigreturn`, `rt_sigprocmask`.
 //! - virtio-blk: `pread64`/`pwrite64`/`preadv`/`pwritev`, `fsync`/`fdatasync`, `fallocate` (discard
 //!   and write-zeroes), `lseek`, `fstat`/`statx`/`newfstatat`, `ftruncate` (a qcow2 overlay grows).
 //! - virtio-vsock: its epoll loop (`epoll_wait`/`epoll_pwait`/`epoll_ctl`, eventfd `read`s),
@@ -18,6 +19,8 @@
 //!   streams, `ioctl` FIONBIO/FIOCLEX and `fcntl` on them, `close`, and `unlink` of the socket
 //!   file when the device goes.
 //! - virtio-rng: `getrandom`.
+//! - Its own end: `Vm::run` returns, the devices are dropped (`KVM_IRQFD` deassign, `unlink`,
+//!   `close`), guest memory unmapped, `exit_group`; the log lines are `write`s to stderr.
 //! - Threads and memory as Rust's std and the C library do them: `mmap`/`munmap`/`mprotect`/
 //!   `madvise`/`mremap`/`brk`, `clone` of threads only (CLONE_THREAD; `clone3`, whose flags a
 //!   filter cannot see, fails with ENOSYS so that the C library falls back to `clone`),
