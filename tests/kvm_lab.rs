@@ -486,6 +486,8 @@ fn farm_runs_a_job_through_the_integrated_vmm() {
         "job-log-streamed",
         "artifact-intact",
         "guest-cleaned-up",
+        "jail-on",
+        "vmm-jailed",
     ]);
     assert_eq!(run.status, 0, "run.sh status");
 }

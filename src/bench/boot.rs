@@ -66,11 +66,19 @@ pub struct BootBenchArgs {
     /// Longest a single run may take.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// Also boot vmfarm jailed (`vm run --jail`, as the worker starts it; needs root) in each
+    /// round, and set the jail's cost beside the unjailed VMM.
+    #[arg(long)]
+    pub jail: bool,
 }
+
+/// The user the jailed runs take.
+const BENCH_JAIL_UID: u32 = 969_999;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Vmm {
     Vmfarm,
+    VmfarmJailed,
     Qemu,
 }
 
@@ -78,6 +86,7 @@ impl Vmm {
     fn label(self) -> &'static str {
         match self {
             Vmm::Vmfarm => "vmfarm",
+            Vmm::VmfarmJailed => "vmfarm jailed",
             Vmm::Qemu => "qemu microvm",
         }
     }
@@ -96,6 +105,9 @@ struct Sample {
     exit: Option<Duration>,
     /// The most resident memory outside guest RAM seen (sampled every 50 ms).
     outside: Option<Outside>,
+    /// Jailed runs: the most anonymous memory of the jail's waiting process (the parent of the
+    /// VMM), in KiB; its file pages are the VMM's own.
+    jailer_anon_kib: Option<u64>,
     figures: BTreeMap<String, f64>,
 }
 
@@ -135,14 +147,41 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
     );
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
     let mut failed: BTreeMap<&str, usize> = BTreeMap::new();
+    let vmms: &[Vmm] = if args.jail {
+        &[Vmm::Vmfarm, Vmm::VmfarmJailed, Vmm::Qemu]
+    } else {
+        &[Vmm::Vmfarm, Vmm::Qemu]
+    };
     for i in 1..=args.runs {
-        for vmm in [Vmm::Vmfarm, Vmm::Qemu] {
+        for &vmm in vmms {
+            // A jailed run's folder: its root, where its writable disk must be.
+            let jail = (vmm == Vmm::VmfarmJailed)
+                .then(|| JailDir::new(&args.kernel))
+                .transpose()?;
             // Each run gets the disk as it was at the start: a run after another must not find
             // its clusters (qcow2) or its pages (a sparse file) already allocated.
-            let disk = args.disk.as_deref().map(FreshCopy::of).transpose()?;
+            let disk = args
+                .disk
+                .as_deref()
+                .map(|d| FreshCopy::of(d, jail.as_ref().map(|j| j.0.as_path())))
+                .transpose()?;
             let disk_path = disk.as_ref().map(|d| d.0.as_path());
             let command = match vmm {
                 Vmm::Vmfarm => vmfarm_command(&vmfarm, args, disk_path, memory),
+                Vmm::VmfarmJailed => {
+                    let mut command = vmfarm_command(&vmfarm, args, disk_path, memory);
+                    let dir = jail
+                        .as_ref()
+                        .map(|j| j.0.as_path())
+                        .unwrap_or(Path::new("."));
+                    command
+                        .arg("--jail")
+                        .arg(dir)
+                        .args(["--jail-uid", &BENCH_JAIL_UID.to_string()])
+                        .env_clear()
+                        .env("VMFARM_LOG", "warn");
+                    command
+                }
                 Vmm::Qemu => qemu_command(args, disk_path, memory),
             };
             // A failed boot is reported and left out of the medians; the others still count.
@@ -160,20 +199,44 @@ pub fn run(args: &BootBenchArgs) -> anyhow::Result<()> {
     }
     let runs = |vmm: Vmm| samples.get(vmm.label()).map_or(&[][..], Vec::as_slice);
     report(runs(Vmm::Vmfarm), runs(Vmm::Qemu));
+    if args.jail {
+        report_jail(runs(Vmm::Vmfarm), runs(Vmm::VmfarmJailed));
+    }
     if !failed.is_empty() {
         bail!("failed runs (left out of the medians): {failed:?}");
     }
     Ok(())
 }
 
-/// A copy of the benchmark's disk beside it, removed on drop.
+/// A jailed run's folder, beside the kernel; removed on drop.
+struct JailDir(PathBuf);
+
+impl JailDir {
+    fn new(kernel: &Path) -> anyhow::Result<JailDir> {
+        let dir = kernel.with_file_name("bench-jail");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).with_context(|| format!("making {}", dir.display()))?;
+        Ok(JailDir(dir))
+    }
+}
+
+impl Drop for JailDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A copy of the benchmark's disk beside it (or in `dir`), removed on drop.
 struct FreshCopy(PathBuf);
 
 impl FreshCopy {
-    fn of(disk: &Path) -> anyhow::Result<FreshCopy> {
+    fn of(disk: &Path, dir: Option<&Path>) -> anyhow::Result<FreshCopy> {
         let mut name = disk.file_name().unwrap_or_default().to_owned();
         name.push(".bench-run");
-        let copy = disk.with_file_name(name);
+        let copy = match dir {
+            Some(dir) => dir.join(name),
+            None => disk.with_file_name(name),
+        };
         std::fs::copy(disk, &copy)
             .with_context(|| format!("copying {} for a run", disk.display()))?;
         Ok(FreshCopy(copy))
@@ -280,7 +343,18 @@ fn boot_once(
     while !ended {
         if sampled.elapsed() >= RSS_EVERY {
             sampled = Instant::now();
-            if let Ok(now) = outside_guest_ram(child.id(), memory) {
+            // Jailed, the VMM is the child of the process spawned, which only waits.
+            let vmm_pid = match vmm {
+                Vmm::VmfarmJailed => {
+                    if let Some(anon) = anon_kib(child.id()) {
+                        let most = sample.jailer_anon_kib.unwrap_or_default().max(anon);
+                        sample.jailer_anon_kib = Some(most);
+                    }
+                    first_child(child.id())
+                }
+                _ => Some(child.id()),
+            };
+            if let Some(Ok(now)) = vmm_pid.map(|pid| outside_guest_ram(pid, memory)) {
                 sample.outside = Some(sample.outside.unwrap_or_default().max(now));
             }
         }
@@ -315,7 +389,7 @@ fn boot_once(
     sample.exit = exit;
     sample.status = status;
     let stderr = stderr.join().unwrap_or_default();
-    if vmm == Vmm::Vmfarm {
+    if vmm != Vmm::Qemu {
         sample.vcpus_start = stderr
             .lines()
             .find_map(parse_vcpus_start)
@@ -339,6 +413,29 @@ fn boot_once(
         );
     }
     Ok(sample)
+}
+
+/// The first child of process `pid`.
+fn first_child(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Process `pid`'s anonymous resident memory (RssAnon), in KiB.
+fn anon_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Lines of `out` with the moment each arrived, on a channel that closes at EOF.
@@ -406,6 +503,12 @@ fn describe(s: &Sample) -> String {
             ", RSS outside guest RAM {:.1} MiB ({:.1} MiB anonymous)",
             o.rss_kib as f64 / 1024.0,
             o.anon_kib as f64 / 1024.0
+        );
+    }
+    if let Some(kib) = s.jailer_anon_kib {
+        text += &format!(
+            ", jail's waiting process {:.1} MiB anonymous",
+            kib as f64 / 1024.0
         );
     }
     for (key, value) in &s.figures {
@@ -493,6 +596,56 @@ fn report(vmfarm: &[Sample], qemu: &[Sample]) {
     }
 }
 
+/// The jail's cost: the jailed VMM beside the unjailed one of the same rounds.
+fn report_jail(plain: &[Sample], jailed: &[Sample]) {
+    println!();
+    println!(
+        "the jail's cost ({} + {} runs)     {:>14} {:>14} {:>10}",
+        plain.len(),
+        jailed.len(),
+        "vmfarm",
+        "jailed",
+        "jailed - vmfarm"
+    );
+    let row = |what: &str, a: Option<f64>, b: Option<f64>, unit: &str| {
+        let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3} {unit}"));
+        let diff = match (a, b) {
+            (Some(a), Some(b)) => format!("{:+.3} {unit}", b - a),
+            _ => "-".into(),
+        };
+        println!("{what:<32} {:>14} {:>14} {diff:>10}", cell(a), cell(b));
+    };
+    let ms = |runs: &[Sample], pick: Pick| median_of(runs, pick).map(|d| d.as_secs_f64() * 1e3);
+    let times: [(&str, Pick); 4] = [
+        ("start -> vCPUs in KVM_RUN", |x| x.vcpus_start),
+        ("start -> first kernel line", |x| x.first_kernel_line),
+        ("start -> marker", |x| x.marker),
+        ("start -> exit", |x| x.exit),
+    ];
+    for (what, pick) in times {
+        row(what, ms(plain, pick), ms(jailed, pick), "ms");
+    }
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    row(
+        "peak RSS outside guest RAM",
+        median_f64(plain, |x| x.outside.map(|o| mib(o.rss_kib))),
+        median_f64(jailed, |x| x.outside.map(|o| mib(o.rss_kib))),
+        "MiB",
+    );
+    row(
+        "  of which anonymous",
+        median_f64(plain, |x| x.outside.map(|o| mib(o.anon_kib))),
+        median_f64(jailed, |x| x.outside.map(|o| mib(o.anon_kib))),
+        "MiB",
+    );
+    row(
+        "jail's waiting process, anon",
+        Some(0.0),
+        median_f64(jailed, |x| x.jailer_anon_kib.map(mib)),
+        "MiB",
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,6 +692,7 @@ mod tests {
             qemu: "qemu-system-x86_64".into(),
             qemu_args: vec!["-L".into(), "/fw".into()],
             timeout_secs: 10,
+            jail: false,
         };
         let words = |c: &Command| {
             c.get_args()

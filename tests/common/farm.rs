@@ -66,12 +66,15 @@ impl TestWorker {
         std::fs::write(
             &config,
             format!(
-                "server = \"{}\"\nname = \"{}\"\ntoken = \"{}\"\nimages_dir = \"{}\"\nwork_dir = \"{}\"\n{extra}",
+                "server = \"{}\"\nname = \"{}\"\ntoken = \"{}\"\nimages_dir = \"{}\"\nwork_dir = \"{}\"\n{extra}\n\
+                 # Workers of tests running at once each get users of their own.\n\
+                 [jail]\nfirst_uid = {}\nuid_count = 4\n",
                 server.url,
                 worker_name(i),
                 worker_token(i),
                 images_dir.display(),
-                work_dir.path().join("work").display()
+                work_dir.path().join("work").display(),
+                2_000_000 + (std::process::id() % 100_000) * 128 + i as u32 * 4,
             ),
         )
         .unwrap();

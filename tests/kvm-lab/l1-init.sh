@@ -9,6 +9,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+# cgroup v2, for the VMM jail's per-guest cgroups (memory, cpu, pids).
+mount -t cgroup2 cgroup2 /sys/fs/cgroup || echo "LAB-L1 no cgroup2"
 up() { cut -d' ' -f1 /proc/uptime; }
 echo "LAB-L1-INIT uptime=$(up) kernel=$(uname -r) cpus=$(nproc) mem_kb=$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
 flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "

@@ -4,7 +4,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use vmfarm_proto::units::{ByteSize, GIB, HumanDuration};
+use vmfarm_proto::units::{ByteSize, GIB, HumanDuration, MIB};
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -20,6 +20,7 @@ pub struct WorkerConfig {
     pub guest: GuestDefaults,
     pub backend: BackendConfig,
     pub network: NetworkConfig,
+    pub jail: JailConfig,
 }
 
 /// The jobs' network proxy (issue 14) and its cache of package files.
@@ -70,6 +71,51 @@ pub struct BackendConfig {
     pub images: BTreeMap<String, BackendChoice>,
 }
 
+/// Whether each VMM process is jailed (see `backend::jail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JailMode {
+    /// Jailed when the worker runs as root; otherwise unjailed, said once in the log.
+    Auto,
+    /// Always jailed: the worker refuses to start without root or cgroups.
+    On,
+    /// Never jailed.
+    Off,
+}
+
+/// The VMM jail: its users and the cgroup limits of each guest.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JailConfig {
+    pub mode: JailMode,
+    /// The first of the users VMMs run as, one per running guest.
+    pub first_uid: u32,
+    /// How many users, from `first_uid` on: at least the most guests that run at once.
+    pub uid_count: u32,
+    /// Where the cgroup file systems are mounted (v2 there, or v1's memory, cpu and pids).
+    pub cgroup_root: PathBuf,
+    /// The cgroup, in each hierarchy, that guests' cgroups are made under.
+    pub cgroup_parent: String,
+    /// A guest's memory limit is its RAM plus this (the VMM's own memory; QEMU's TCG code cache).
+    pub memory_overhead: ByteSize,
+    /// Most tasks (threads) a guest's VMM may have.
+    pub pids: u32,
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        JailConfig {
+            mode: JailMode::Auto,
+            first_uid: 960_000,
+            uid_count: 1000,
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            cgroup_parent: "vmfarm".into(),
+            memory_overhead: ByteSize(256 * MIB),
+            pids: 256,
+        }
+    }
+}
+
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
@@ -83,6 +129,7 @@ impl Default for WorkerConfig {
             guest: GuestDefaults::default(),
             backend: BackendConfig::default(),
             network: NetworkConfig::default(),
+            jail: JailConfig::default(),
         }
     }
 }
@@ -193,6 +240,20 @@ impl WorkerConfig {
                 ));
             }
         }
+        let jail = &config.jail;
+        if jail.uid_count == 0
+            || jail.first_uid == 0
+            || jail.first_uid.checked_add(jail.uid_count).is_none()
+        {
+            return Err(format!(
+                "jail.first_uid ({}) and jail.uid_count ({}): give a range of users above 0 \
+                 with room for every guest that runs at once",
+                jail.first_uid, jail.uid_count
+            ));
+        }
+        if jail.pids == 0 {
+            return Err("jail.pids is 0: no VMM could start".into());
+        }
         Ok(config)
     }
 
@@ -258,6 +319,13 @@ mod tests {
                 "network.connect_timeout is 0s",
             ),
             ("[network]\ncache_max_size = \"10G\"\n", "write \"10GiB\""),
+            ("[jail]\nmode = \"maybe\"\n", "unknown variant `maybe`"),
+            ("[jail]\nuid_count = 0\n", "a range of users above 0"),
+            (
+                "[jail]\nfirst_uid = 4294967000\n",
+                "a range of users above 0",
+            ),
+            ("[jail]\npids = 0\n", "no VMM could start"),
         ];
         for (text, want) in cases {
             let err = WorkerConfig::parse(text).unwrap_err();

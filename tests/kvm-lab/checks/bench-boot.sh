@@ -14,4 +14,5 @@ fi
 vmfarm bench boot --kernel /payload/l2/vmlinuz --initrd /payload/l2/initrd.cpio --disk "$disk" \
   --cpus 2 --memory 512MiB --runs "${BENCH_RUNS:-5}" --marker L2-INIT --end L2-LAB-INIT-EXIT \
   --cmdline "$(cat /payload/cmdline) LAB_L2_END=poweroff BENCH_BLK_MIB=128" \
-  --timeout-secs 90 --qemu /payload/bin/qemu-system-x86_64 --qemu-arg=-L --qemu-arg=/payload/share/qemu
+  --timeout-secs 90 --qemu /payload/bin/qemu-system-x86_64 --qemu-arg=-L --qemu-arg=/payload/share/qemu \
+  --jail

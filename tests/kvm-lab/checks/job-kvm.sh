@@ -1,7 +1,9 @@
 #!/bin/sh
 # Lab check of the worker's kvm backend (run in L1 as /payload/run.sh; see tests/kvm_lab.rs):
 # `vmfarm up` on the tiny image in /payload/images, one job (kvm-job.toml) through the integrated
-# VMM with the agent's SSH over vsock, its artifacts back through the CLI.
+# VMM with the agent's SSH over vsock, its artifacts back through the CLI; while it runs, the
+# jailed VMM's user, capabilities, seccomp mode, namespaces, root, environment and cgroup are read
+# from /proc.
 # Prints "LAB-CHECK <name> ok|FAIL <detail>" lines and "LAB-TIME <what> <seconds>" figures.
 up() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(up)" 'BEGIN { printf "%.2f", b - a }'; }
@@ -24,9 +26,46 @@ while ! grep -q "vmfarm is up" /tmp/up.log && [ $i -lt 600 ] && kill -0 $farm 2>
 done
 grep -q "vmfarm is up" /tmp/up.log; check farm-up $? "in $(since "$t0") s"
 
+# The jailed VMM, read from /proc while the job runs: the `vm run` process whose NSpid ends in 1
+# (PID 1 of its own PID namespace; its parent is the jail's waiting process).
+jail_check() {
+  i=0; pid=
+  while [ -z "$pid" ] && [ $i -lt 1200 ]; do
+    for p in /proc/[0-9]*; do
+      tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q "^[^ ]* vm run .*--jail " || continue
+      ns=$(awk '/^NSpid:/ {print $NF}' "$p/status" 2>/dev/null)
+      [ "$ns" = 1 ] && [ "$(awk '/^Seccomp:/ {print $2}' "$p/status")" = 2 ] && pid=${p#/proc/} && break
+    done
+    [ -z "$pid" ] && sleep 0.1; i=$((i + 1))
+  done
+  [ -n "$pid" ] || { echo "LAB-CHECK vmm-jailed FAIL no jailed vm run process with its filter on within 120 s"; return 1; }
+  st=/proc/$pid/status
+  uid=$(awk '/^Uid:/ {print $2 "," $3 "," $4 "," $5}' $st)
+  caps=$(awk '/^CapEff:/ {print $2}' $st)
+  seccomp=$(awk '/^Seccomp:/ {print $2}' $st)
+  nnp=$(awk '/^NoNewPrivs:/ {print $2}' $st)
+  nss=; for n in mnt pid ipc uts net; do [ "$(readlink /proc/$pid/ns/$n)" != "$(readlink /proc/self/ns/$n)" ] && nss="$nss $n"; done
+  root=$(ls /proc/$pid/root | tr '\n' ' ')
+  dev=$(ls /proc/$pid/root/dev | tr '\n' ' ')
+  env=$(wc -c < /proc/$pid/environ)
+  cg=$(cat /proc/$pid/cgroup)
+  mem=$(cat /sys/fs/cgroup${cg#0::}/memory.max 2>/dev/null)
+  detail="pid=$pid uid=$uid caps=$caps seccomp=$seccomp nnp=$nnp own-ns=[$nss ] root=[$root] dev=[$dev] environ=${env}B cgroup=${cg#0::} memory.max=$mem"
+  u=${uid%%,*}
+  [ "$u" -ge 960000 ] && [ "$uid" = "$u,$u,$u,$u" ] && [ "$caps" = 0000000000000000 ] && [ "$seccomp" = 2 ] \
+    && [ "$nnp" = 1 ] && [ "$nss" = " mnt pid ipc uts net" ] && [ "$dev" = "kvm " ] && [ "$env" = 0 ] \
+    && ! echo "$root" | grep -qw -e etc -e usr -e proc -e payload \
+    && echo "$root" | grep -qw overlay.qcow2 && echo "$cg" | grep -q "/vmfarm/worker-[0-9]*/guest-$u$" && [ -n "$mem" ]
+  check vmm-jailed $? "$detail"
+  return $fail
+}
+
 t1=$(up)
+jail_check &
+jailer=$!
 timeout 240 vmfarm submit --follow /payload/kvm-job.toml > /tmp/submit.out 2> /tmp/submit.err
 rc=$?
+wait $jailer || fail=1
 echo "LAB-TIME submit-to-end $(since "$t1")"
 sed 's/^/[submit] /' /tmp/submit.out /tmp/submit.err
 id=$(head -1 /tmp/submit.out | cut -f1)
@@ -44,6 +83,7 @@ size=$(wc -c < /tmp/arts/out/random.bin 2>/dev/null)
 check artifact-intact $? "size=$size guest=$want here=$got"
 
 grep -q "integrated VMM" /tmp/up.log; check backend-kvm $? "$(grep -m1 -o 'backend=[a-z]*.*VMM[^"]*' /tmp/up.log)"
+grep -q "each VMM runs jailed as its own user .* (v2)" /tmp/up.log; check jail-on $? "$(grep -m1 -o 'each VMM runs jailed[^"]*' /tmp/up.log)"
 
 # The guest and its overlay are gone once the job ended.
 sleep 1

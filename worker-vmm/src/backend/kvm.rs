@@ -4,14 +4,16 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::process::Command;
 
+use super::jail::{GuestJail, Jailer};
 use super::{
     AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, ProcessVm, RunDir, Vm,
-    die_with_parent,
+    clear_environment, die_with_parent,
 };
 use crate::vmm::qcow2::overlay::create_overlay;
 
@@ -22,11 +24,29 @@ pub const SSH_PORT: u32 = 22;
 pub struct KvmBackend {
     /// The `vmfarm` binary that runs `vm run` (this process's own executable).
     pub vmm: PathBuf,
+    /// Jails each `vm run` (`--jail`) when set.
+    pub jail: Option<Arc<Jailer>>,
 }
 
 impl KvmBackend {
-    pub fn new(vmm: PathBuf) -> Self {
-        KvmBackend { vmm }
+    pub fn new(vmm: PathBuf, jail: Option<Arc<Jailer>>) -> Self {
+        KvmBackend { vmm, jail }
+    }
+
+    /// The `vm run` arguments that jail the VMM in `run_dir` as `jail` says.
+    pub fn jail_args(run_dir: &Path, jail: &GuestJail) -> Vec<String> {
+        let mut args = vec![
+            "--jail".to_owned(),
+            run_dir.display().to_string(),
+            "--jail-uid".to_owned(),
+            jail.uid.to_string(),
+            "--jail-gid".to_owned(),
+            jail.gid.to_string(),
+        ];
+        for cgroup in &jail.cgroups {
+            args.extend(["--jail-cgroup".to_owned(), cgroup.display().to_string()]);
+        }
+        args
     }
 
     /// The `vm run` arguments for `spec`.
@@ -76,9 +96,18 @@ impl Backend for KvmBackend {
             let overlay = dir.0.join("overlay.qcow2");
             let vsock = dir.0.join("vsock.sock");
             create_overlay(&spec.base_disk, &overlay).map_err(BackendError::Overlay)?;
+            let jail = self
+                .jail
+                .as_ref()
+                .map(|j| j.guest(spec.vcpus, spec.memory_mib))
+                .transpose()?;
             let mut command = Command::new(&self.vmm);
+            command.args(Self::args(spec, &overlay, &vsock));
+            if let Some(jail) = &jail {
+                command.args(Self::jail_args(&dir.0, jail));
+            }
+            clear_environment(&mut command);
             command
-                .args(Self::args(spec, &overlay, &vsock))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -89,7 +118,7 @@ impl Backend for KvmBackend {
                 socket: vsock,
                 port: SSH_PORT,
             };
-            Ok(Box::new(ProcessVm::new(child, channel, dir)) as Box<dyn Vm>)
+            Ok(Box::new(ProcessVm::new(child, channel, jail, dir)) as Box<dyn Vm>)
         })
     }
 }
@@ -188,6 +217,38 @@ mod tests {
             // The backend reads the console from the process's stdout.
             assert_eq!(vm.console, ConsoleConfig::Stdout);
         }
+    }
+
+    /// The jail's flags parse back into the jail `vm run` enters.
+    #[test]
+    fn test_jail_args_are_what_vm_run_parses_back() {
+        use crate::vmm::cli::VmRunCli;
+        use crate::vmm::jail::JailSpec;
+        use clap::Parser as _;
+
+        let (jailer, _) = super::super::jail::tests::jailer_without_cgroups();
+        let mut jail = jailer.guest(2, 512).unwrap();
+        jail.cgroups = vec!["/cg/memory/vmfarm/guest-5000".into(), "/cg/pids/x".into()];
+        let args = KvmBackend::jail_args(Path::new("/run/g"), &jail);
+        let cli = VmRunCli::try_parse_from(
+            ["vmfarm vm run", "--kernel", "/k"]
+                .into_iter()
+                .chain(args.iter().map(String::as_str)),
+        )
+        .unwrap_or_else(|e| panic!("vm run refuses {args:?}: {e}"));
+        assert_eq!(
+            cli.args.jail_spec(),
+            Some(JailSpec {
+                root: "/run/g".into(),
+                uid: jail.uid,
+                gid: jail.gid,
+                cgroups: jail.cgroups.clone(),
+            })
+        );
+        // Without --jail, no jail; --jail-uid alone is a usage error.
+        let plain = VmRunCli::try_parse_from(["vmfarm vm run", "--kernel", "/k"]).unwrap();
+        assert_eq!(plain.args.jail_spec(), None);
+        assert!(VmRunCli::try_parse_from(["vm", "--kernel", "/k", "--jail-uid", "5"]).is_err());
     }
 
     #[tokio::test]

@@ -6,6 +6,7 @@
 //! SSH server, a wait and a kill. `qemu` is here; the integrated `kvm` VMM implements the same
 //! trait.
 
+pub mod jail;
 pub mod kvm;
 pub mod qemu;
 
@@ -69,6 +70,8 @@ pub enum BackendError {
     Wait(#[source] std::io::Error),
     #[error("stopping the VMM")]
     Kill(#[source] std::io::Error),
+    #[error("jailing the VMM")]
+    Jail(#[from] jail::JailError),
 }
 
 /// A guest's folder (overlay, sockets), removed when dropped, after its VMM has been killed.
@@ -97,6 +100,15 @@ pub(crate) fn die_with_parent(command: &mut tokio::process::Command) {
     }
 }
 
+/// Starts the VMM with an empty environment (the worker's holds its token), but for
+/// `VMFARM_LOG`, the integrated VMM's log level.
+pub(crate) fn clear_environment(command: &mut tokio::process::Command) {
+    command.env_clear();
+    if let Some(level) = std::env::var_os("VMFARM_LOG") {
+        command.env("VMFARM_LOG", level);
+    }
+}
+
 /// How the agent's SSH stream is reached on the host.
 pub(crate) enum AgentChannel {
     /// QEMU's virtio-serial port, served on this Unix socket.
@@ -111,6 +123,8 @@ pub(crate) struct ProcessVm {
     child: tokio::process::Child,
     console: Option<Console>,
     channel: AgentChannel,
+    // After the process: its cgroups go once it is gone, and its user is free again.
+    _jail: Option<jail::GuestJail>,
     // Last: the folder goes after the process is killed.
     _dir: RunDir,
 }
@@ -120,6 +134,7 @@ impl ProcessVm {
     pub(crate) fn new(
         mut child: tokio::process::Child,
         channel: AgentChannel,
+        jail: Option<jail::GuestJail>,
         dir: RunDir,
     ) -> ProcessVm {
         let console = child.stdout.take().map(|c| Box::new(c) as Console);
@@ -127,6 +142,7 @@ impl ProcessVm {
             child,
             console,
             channel,
+            _jail: jail,
             _dir: dir,
         }
     }

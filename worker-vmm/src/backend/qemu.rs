@@ -4,12 +4,14 @@
 
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, OnceLock};
 
 use tokio::process::Command;
 
+use super::jail::{GuestJail, Jailer};
 use super::{
     AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, ProcessVm, RunDir, Vm,
-    die_with_parent,
+    clear_environment, die_with_parent,
 };
 use crate::vmm::qcow2::overlay::create_overlay;
 
@@ -27,11 +29,80 @@ pub enum Accel {
 #[derive(Debug, Clone)]
 pub struct QemuBackend {
     pub accel: Accel,
+    /// Jails each QEMU as it can be (see [`QemuBackend::jail_args`]) when set.
+    pub jail: Option<Arc<Jailer>>,
+}
+
+/// How this host's QEMU is told to change user and root (QEMU 9.1 moved `-runas` and
+/// `-chroot` into `-run-with`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunWith {
+    /// `-run-with chroot=DIR,user=UID:GID`.
+    RunWith,
+    /// `-chroot DIR -runas UID:GID`.
+    Separate,
+}
+
+impl RunWith {
+    /// What this host's QEMU takes, read once from its `-help`.
+    fn of_host() -> RunWith {
+        static FOUND: OnceLock<RunWith> = OnceLock::new();
+        *FOUND.get_or_init(|| {
+            let help = std::process::Command::new(QEMU)
+                .arg("-help")
+                .env_clear()
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            RunWith::from_help(&help)
+        })
+    }
+
+    fn from_help(help: &str) -> RunWith {
+        let run_with_user = help
+            .lines()
+            .any(|l| l.starts_with("-run-with") && l.contains("user="));
+        if run_with_user {
+            RunWith::RunWith
+        } else {
+            RunWith::Separate
+        }
+    }
 }
 
 impl QemuBackend {
     pub fn new(accel: Accel) -> Self {
-        QemuBackend { accel }
+        QemuBackend { accel, jail: None }
+    }
+
+    pub fn with_jail(accel: Accel, jail: Option<Arc<Jailer>>) -> Self {
+        QemuBackend { accel, jail }
+    }
+
+    /// What QEMU offers of a jail: its seccomp sandbox (no obsolete calls, no new processes, no
+    /// scheduler or resource changes), and once it has opened its files, `run_dir` as its root
+    /// and `jail`'s user. `elevateprivileges` stays `allow`: QEMU installs its filter before it
+    /// changes user, so `deny` would kill it at its own setuid; once it has, it has no
+    /// capability left to regain.
+    pub fn jail_args(run_with: RunWith, run_dir: &Path, jail: &GuestJail) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "-sandbox".into(),
+            "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny".into(),
+        ];
+        let user = format!("{}:{}", jail.uid, jail.gid);
+        match run_with {
+            RunWith::RunWith => args.extend([
+                "-run-with".into(),
+                format!("chroot={},user={user}", run_dir.display()),
+            ]),
+            RunWith::Separate => args.extend([
+                "-chroot".into(),
+                run_dir.display().to_string(),
+                "-runas".into(),
+                user,
+            ]),
+        }
+        args
     }
 
     /// QEMU's arguments for `spec`, booting `overlay` and serving SSH on `socket`.
@@ -112,14 +183,25 @@ impl Backend for QemuBackend {
             let overlay = dir.0.join("overlay.qcow2");
             let socket = dir.0.join("ssh.sock");
             create_overlay(&spec.base_disk, &overlay).map_err(BackendError::Overlay)?;
+            let jail = self
+                .jail
+                .as_ref()
+                .map(|j| j.guest(spec.vcpus, spec.memory_mib))
+                .transpose()?;
             let mut command = Command::new(QEMU);
+            command.args(self.args(spec, &overlay, &socket));
+            // First: the confinement's forks must leave a process that dies with the worker.
+            die_with_parent(&mut command);
+            if let Some(jail) = &jail {
+                command.args(Self::jail_args(RunWith::of_host(), &dir.0, jail));
+                confine_before_exec(&mut command, jail).map_err(BackendError::Spawn)?;
+            }
+            clear_environment(&mut command);
             command
-                .args(self.args(spec, &overlay, &socket))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .kill_on_drop(true);
-            die_with_parent(&mut command);
             let child = command.spawn().map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => BackendError::MissingTool {
                     tool: QEMU,
@@ -130,10 +212,129 @@ impl Backend for QemuBackend {
             Ok(Box::new(ProcessVm::new(
                 child,
                 AgentChannel::SerialSocket(socket),
+                jail,
                 dir,
             )) as Box<dyn Vm>)
         })
     }
+}
+
+/// Closes every descriptor of the calling process (async-signal-safe).
+fn close_all() {
+    // SAFETY: close_range takes no pointers; closing descriptors this process owns.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) };
+    if ret != 0 {
+        for fd in 0..4096 {
+            // SAFETY: as above; an fd that is not open gives EBADF.
+            unsafe { libc::close(fd) };
+        }
+    }
+}
+
+/// How the process `pid` ended, as an exit status (128 + the signal that killed it); for the
+/// waiting processes between fork and exec (async-signal-safe: waitpid only).
+fn wait_status(pid: libc::pid_t) -> libc::c_int {
+    let mut status = 0;
+    loop {
+        // SAFETY: `status` is a valid int for the kernel to fill.
+        let ret = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if ret == pid {
+            break;
+        }
+        if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return 127;
+        }
+    }
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        128 + libc::WTERMSIG(status)
+    }
+}
+
+/// Between fork and exec: joins the guest's cgroups, unshares the IPC, UTS, network and PID
+/// namespaces (QEMU's guest has no network; its sockets are files in its folder), lowers the
+/// resource limits as `vm run --jail` does, and forks twice so that QEMU runs below a PID 1
+/// that dies with the worker.
+fn confine_before_exec(command: &mut Command, jail: &GuestJail) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    use vmfarm_vmm::jail::{MAX_OPEN_FILES, MAX_PROCESSES};
+    // Made here: the child may not allocate.
+    let procs: Vec<std::ffi::CString> = jail
+        .cgroups
+        .iter()
+        .map(|c| std::ffi::CString::new(c.join("cgroup.procs").as_os_str().as_bytes()))
+        .collect::<Result<_, _>>()?;
+    let err = std::io::Error::last_os_error;
+    // SAFETY: the closure runs in the child between fork and exec and only makes system calls
+    // (open, write, close, unshare, setrlimit, fork, prctl, waitpid, _exit) on memory made before
+    // the fork; it allocates nothing and takes no lock.
+    unsafe {
+        command.pre_exec(move || {
+            for path in &procs {
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(err());
+                }
+                // "0" is the writing process.
+                let written = libc::write(fd, c"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if written != 1 {
+                    return Err(err());
+                }
+            }
+            if libc::unshare(
+                libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET | libc::CLONE_NEWPID,
+            ) != 0
+            {
+                return Err(err());
+            }
+            for (resource, value) in [
+                (libc::RLIMIT_NOFILE, MAX_OPEN_FILES),
+                (libc::RLIMIT_NPROC, MAX_PROCESSES * 2),
+                (libc::RLIMIT_CORE, 0),
+            ] {
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(resource, &mut limit) != 0 {
+                    return Err(err());
+                }
+                limit.rlim_cur = limit.rlim_cur.min(value);
+                limit.rlim_max = limit.rlim_max.min(value);
+                if libc::setrlimit(resource, &limit) != 0 {
+                    return Err(err());
+                }
+            }
+            // This process only waits and passes on how QEMU ended; its child is PID 1 of the
+            // new PID namespace and dies with it (PR_SET_PDEATHSIG); QEMU is that one's child,
+            // so it goes when either goes, although its change of user clears its own
+            // parent-death signal.
+            // The waiting processes close every descriptor: the console pipe must end with
+            // QEMU, and the pipe through which exec reports to the spawner must close at exec.
+            match libc::fork() {
+                -1 => return Err(err()),
+                0 => {}
+                child => {
+                    close_all();
+                    libc::_exit(wait_status(child))
+                }
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                libc::_exit(127);
+            }
+            match libc::fork() {
+                -1 => libc::_exit(127),
+                0 => Ok(()),
+                qemu => {
+                    close_all();
+                    libc::_exit(wait_status(qemu))
+                }
+            }
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -172,5 +373,83 @@ mod tests {
             assert!(text.contains(part), "{part} missing from {text}");
         }
         assert!(!text.contains("netdev"), "guests have no network");
+    }
+
+    #[test]
+    fn test_jail_args_fit_the_hosts_qemu() {
+        let old = "-chroot dir     chroot to dir just before starting the VM\n\
+                   -runas user     change to user id user just before starting the VM\n";
+        let new = "-run-with [async-teardown=on|off][,chroot=dir][,user=username|uid:gid]\n";
+        assert_eq!(RunWith::from_help(old), RunWith::Separate);
+        assert_eq!(RunWith::from_help(new), RunWith::RunWith);
+        // 8.x: -run-with without user= still needs -runas.
+        assert_eq!(
+            RunWith::from_help("-run-with [async-teardown=on|off][,chroot=dir]\n"),
+            RunWith::Separate
+        );
+        let (jailer, _) = super::super::jail::tests::jailer_without_cgroups();
+        let jail = jailer.guest(1, 256).unwrap();
+        let dir = Path::new("/run/g");
+        let text = QemuBackend::jail_args(RunWith::Separate, dir, &jail).join(" ");
+        let user = format!("{}:{}", jail.uid, jail.gid);
+        assert!(text.starts_with("-sandbox on,obsolete=deny,"), "{text}");
+        assert!(text.contains("spawn=deny,resourcecontrol=deny"), "{text}");
+        assert!(
+            text.ends_with(&format!("-chroot /run/g -runas {user}")),
+            "{text}"
+        );
+        let text = QemuBackend::jail_args(RunWith::RunWith, dir, &jail).join(" ");
+        assert!(
+            text.ends_with(&format!("-run-with chroot=/run/g,user={user}")),
+            "{text}"
+        );
+    }
+
+    /// What runs with QEMU's confinement (here a shell in QEMU's place) runs as PID 2 of a PID
+    /// namespace of its own, in new IPC, UTS and network namespaces, with the limits, and its
+    /// output and exit status come through.
+    #[tokio::test]
+    async fn test_confinement_before_exec() {
+        // SAFETY: geteuid takes no arguments and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: namespaces need root");
+            return;
+        }
+        let (jailer, _) = super::super::jail::tests::jailer_without_cgroups();
+        let jail = jailer.guest(1, 256).unwrap();
+        let mut command = Command::new("/bin/sh");
+        command
+            .args([
+                "-c",
+                "echo $$; readlink /proc/self/ns/net; ulimit -n; exit 3",
+            ])
+            .stdout(Stdio::piped());
+        confine_before_exec(&mut command, &jail).unwrap();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(10), command.output())
+            .await
+            .expect("the confined shell ends")
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        let our_net = std::fs::read_link("/proc/self/ns/net").unwrap();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(lines[0], "2", "PID 2 of its own namespace: {text}");
+        assert_ne!(lines[1], our_net.to_string_lossy(), "{text}");
+        assert_eq!(lines[2], "1024", "{text}");
+        assert_eq!(out.status.code(), Some(3));
+
+        // Spawning returns at once, and the program goes on running.
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", "sleep 1; echo done"])
+            .stdout(Stdio::piped())
+            .env_clear();
+        confine_before_exec(&mut command, &jail).unwrap();
+        let started = std::time::Instant::now();
+        let child = command.spawn().unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
+        let out = child.wait_with_output().await.unwrap();
+        assert_eq!(out.stdout, b"done\n");
+        assert!(started.elapsed() >= std::time::Duration::from_secs(1));
     }
 }

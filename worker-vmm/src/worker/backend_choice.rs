@@ -1,6 +1,7 @@
 //! Which backend boots guests on this host, decided once at start and explained in the log.
 
 use crate::backend::Backend;
+use crate::backend::jail::Jailer;
 use crate::backend::kvm::KvmBackend;
 use crate::backend::qemu::{Accel, QemuBackend};
 use crate::config::BackendChoice;
@@ -35,13 +36,17 @@ pub fn probe_kvm() -> KvmHost {
 
 /// The backend for `choice` on a host with `kvm`, and why. `vmm` is the `vmfarm` binary that
 /// runs `vm run` for the integrated VMM.
+/// `jail` jails each guest's VMM process (see `backend::jail`).
 pub fn choose(
     choice: BackendChoice,
     kvm: KvmHost,
     vmm: &Path,
+    jail: Option<Arc<Jailer>>,
 ) -> Result<(Arc<dyn Backend>, String), String> {
-    let qemu = |accel| -> Arc<dyn Backend> { Arc::new(QemuBackend::new(accel)) };
-    let integrated = || -> Arc<dyn Backend> { Arc::new(KvmBackend::new(vmm.to_owned())) };
+    let qemu =
+        |accel| -> Arc<dyn Backend> { Arc::new(QemuBackend::with_jail(accel, jail.clone())) };
+    let integrated =
+        || -> Arc<dyn Backend> { Arc::new(KvmBackend::new(vmm.to_owned(), jail.clone())) };
     match (choice, kvm) {
         (BackendChoice::Kvm, KvmHost::Absent) => Err("backend \"kvm\" needs /dev/kvm, which this host does not have".into()),
         (BackendChoice::Kvm, KvmHost::Pvm) => Err(
@@ -72,18 +77,20 @@ mod tests {
     #[test]
     fn test_auto_picks_tcg_on_pvm_and_says_why() {
         let vmm = Path::new("/usr/bin/vmfarm");
-        let (backend, why) = choose(BackendChoice::Auto, KvmHost::Pvm, vmm).unwrap();
+        let (backend, why) = choose(BackendChoice::Auto, KvmHost::Pvm, vmm, None).unwrap();
         assert_eq!(backend.name(), "qemu");
         assert!(backend.emulated());
         assert!(why.contains("PVM"), "{why}");
-        let (backend, _) = choose(BackendChoice::Auto, KvmHost::Hardware, vmm).unwrap();
+        let (backend, _) = choose(BackendChoice::Auto, KvmHost::Hardware, vmm, None).unwrap();
         assert_eq!(backend.name(), "kvm");
         assert!(!backend.emulated());
-        let (backend, _) = choose(BackendChoice::Qemu, KvmHost::Hardware, vmm).unwrap();
+        let (backend, _) = choose(BackendChoice::Qemu, KvmHost::Hardware, vmm, None).unwrap();
         assert_eq!((backend.name(), backend.emulated()), ("qemu", false));
-        let (backend, why) = choose(BackendChoice::Qemu, KvmHost::Absent, vmm).unwrap();
+        let (backend, why) = choose(BackendChoice::Qemu, KvmHost::Absent, vmm, None).unwrap();
         assert!(backend.emulated() && why.contains("no usable /dev/kvm"));
-        let err = choose(BackendChoice::Kvm, KvmHost::Pvm, vmm).err().unwrap();
+        let err = choose(BackendChoice::Kvm, KvmHost::Pvm, vmm, None)
+            .err()
+            .unwrap();
         assert!(err.contains("PVM"), "{err}");
     }
 }

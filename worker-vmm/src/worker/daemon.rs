@@ -7,6 +7,8 @@ use super::heartbeat;
 use super::job::{self, Job, JobContext};
 use super::server_client::{LeaseHandle, ServerClient, ServerError};
 use crate::backend::Backend;
+use crate::backend::jail::choose_jail;
+use crate::config::JailMode;
 use crate::config::{BackendChoice, WorkerConfig};
 use crate::images::manifest::{InstalledImage, list};
 use crate::network::{CacheStats, ProxyCache};
@@ -182,12 +184,19 @@ fn choose_backends(
     let kvm = probe_kvm();
     let vmm =
         std::env::current_exe().context("finding the vmfarm binary for the integrated VMM")?;
+    let (jail, why) = choose_jail(&config.jail).map_err(anyhow::Error::msg)?;
+    if jail.is_some() || config.jail.mode == JailMode::Off {
+        tracing::info!(worker = %name, "{why}");
+    } else {
+        tracing::warn!(worker = %name, "{why}");
+    }
     let mut backends = BTreeMap::new();
     for choice in
         std::iter::once(config.backend.default).chain(config.backend.images.values().copied())
     {
         if let std::collections::btree_map::Entry::Vacant(slot) = backends.entry(choice) {
-            let (backend, why) = choose(choice, kvm, &vmm).map_err(anyhow::Error::msg)?;
+            let (backend, why) =
+                choose(choice, kvm, &vmm, jail.clone()).map_err(anyhow::Error::msg)?;
             tracing::info!(worker = %name, backend = backend.name(), "{why}");
             slot.insert(backend);
         }

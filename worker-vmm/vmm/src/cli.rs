@@ -2,6 +2,9 @@
 
 use std::path::PathBuf;
 
+use super::jail::JailSpec;
+use super::seccomp::SeccompMode;
+
 /// What `vmfarm vm run` does, in the whole CLI's list and in its own help.
 pub const ABOUT: &str = "Boot one guest in this process; the console goes to stdout";
 
@@ -66,4 +69,39 @@ pub struct VmRunArgs {
     /// Print on stderr when the vCPUs start (CLOCK_MONOTONIC), for `vmfarm bench boot`.
     #[arg(long)]
     pub timings: bool,
+    /// Jail the VMM (root only): its own mount, PID, IPC, UTS and network namespaces, DIR as its
+    /// root (the files it reads from elsewhere shown read-only at their paths), --jail-uid's user,
+    /// resource limits and no environment. What it writes (the disk, the vsock socket, a console
+    /// file) must be in DIR.
+    #[arg(long, value_name = "DIR", requires = "jail_uid")]
+    pub jail: Option<PathBuf>,
+    /// The unprivileged user the jailed VMM runs as.
+    #[arg(long, value_name = "UID", requires = "jail")]
+    pub jail_uid: Option<u32>,
+    /// Its group (default: the same number as the uid).
+    #[arg(long, value_name = "GID", requires = "jail")]
+    pub jail_gid: Option<u32>,
+    /// A cgroup directory the jailed VMM joins (repeat for each cgroup v1 hierarchy).
+    #[arg(long = "jail-cgroup", value_name = "DIR", requires = "jail")]
+    pub jail_cgroups: Vec<PathBuf>,
+    /// What a system call outside the VMM's seccomp filter does once the VM is built: kill the
+    /// process (SIGSYS), log it (dmesg) and go on, or no filter at all.
+    #[arg(long, value_enum, default_value = "kill")]
+    pub seccomp: SeccompMode,
+    /// Tests only: once the filter is in place, make a system call it forbids (open a file).
+    #[arg(long, hide = true)]
+    pub test_forbidden_syscall: bool,
+}
+
+impl VmRunArgs {
+    /// The jail asked for, if any.
+    pub fn jail_spec(&self) -> Option<JailSpec> {
+        let (root, uid) = (self.jail.clone()?, self.jail_uid?);
+        Some(JailSpec {
+            root,
+            uid,
+            gid: self.jail_gid.unwrap_or(uid),
+            cgroups: self.jail_cgroups.clone(),
+        })
+    }
 }

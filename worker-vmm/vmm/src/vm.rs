@@ -33,6 +33,7 @@ use super::legacy::{
     acpi_pm::AcpiPm, i8042::I8042, pvpanic::PvPanic, rtc::Rtc, serial::SerialDevice,
 };
 use super::memory::{GuestRam, MemoryError, create_guest_memory, register_memory};
+use super::seccomp::{self, SeccompError};
 use super::thread::{self, Stack};
 use super::vcpu::{VcpuShared, install_kick_handler, kick_signal, run_vcpu};
 use super::virtio::{block::Block, mmio::MmioTransport, rng::Rng, vsock::Vsock};
@@ -113,6 +114,9 @@ pub enum VmError {
     /// The kernel command line.
     #[error("kernel command line")]
     Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The seccomp filter.
+    #[error("seccomp")]
+    Seccomp(#[from] SeccompError),
     /// The kick signal handler.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
@@ -487,7 +491,19 @@ impl Vm {
     /// Runs the vCPUs until the guest ends or `timeout` passes, then stops every vCPU thread
     /// and returns why the VM ended.
     pub fn run(self, timeout: Option<Duration>) -> Result<VmExit, VmError> {
+        self.run_filtered(timeout, &[])
+    }
+
+    /// [`Vm::run`], with the seccomp `filters` ([`crate::seccomp::filters`]) installed on every
+    /// thread before the first vCPU starts: from then on, nothing the guest does can make this
+    /// process call outside them.
+    pub fn run_filtered(
+        self,
+        timeout: Option<Duration>,
+        filters: &[seccompiler::BpfProgram],
+    ) -> Result<VmExit, VmError> {
         install_kick_handler().map_err(VmError::Signal)?;
+        seccomp::install(filters)?;
         let started = Instant::now();
         tracing::info!(
             build_ms = self.built_in.as_secs_f64() * 1e3,
