@@ -18,6 +18,8 @@ use super::conn::{Conn, Key, State};
 use super::packet::*;
 use crate::virtio::device::Interrupt;
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzz;
 mod guest;
 mod host;
 
