@@ -43,7 +43,9 @@ start=$(date +%s)
 # `cargo fuzz build` builds one target, or all of them when none is named.
 single=
 [ ${#targets[@]} -eq 1 ] && single=${targets[0]}
-if ! cargo +nightly fuzz build ${single:+"$single"} >logs/build.log 2>&1; then
+# -a: with debug assertions and overflow checks, so that arithmetic that would wrap in a
+# release build is a finding too.
+if ! cargo +nightly fuzz build -a ${single:+"$single"} >logs/build.log 2>&1; then
   tail -n 40 logs/build.log >&2
   exit 1
 fi
@@ -56,7 +58,7 @@ for t in "${targets[@]}"; do
   # -timeout: one input running longer than that is a finding (a hang), as is one above
   # -rss_limit_mb. Inputs that add coverage go to corpus-new; the seeds stay as committed.
   set +e
-  cargo +nightly fuzz run "$t" "corpus-new/$t" "corpus/$t" -- \
+  cargo +nightly fuzz run -a "$t" "corpus-new/$t" "corpus/$t" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
     "$@" >"$log" 2>&1
   status=$?
