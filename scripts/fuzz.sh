@@ -5,6 +5,8 @@
 #
 # Usage: scripts/fuzz.sh TARGET|all SECONDS [LIBFUZZER_FLAG...]
 #   TARGET: manifest guest_cmdline ready_line virtio_blk vsock qcow2
+#   FUZZ_DEV=1: build the targets unoptimized (cargo fuzz --dev): a clean build takes under half
+#   the CPU time of the optimized one, the targets run several times slower. For smoke runs.
 #
 # Each target starts from its seed corpus in fuzz/corpus/TARGET (read only) and what earlier
 # runs found in fuzz/corpus-new/TARGET (not committed); logs go to fuzz/logs/TARGET.log and
@@ -44,8 +46,10 @@ start=$(date +%s)
 single=
 [ ${#targets[@]} -eq 1 ] && single=${targets[0]}
 # -a: with debug assertions and overflow checks, so that arithmetic that would wrap in a
-# release build is a finding too.
-if ! cargo +nightly fuzz build -a ${single:+"$single"} >logs/build.log 2>&1; then
+# release build is a finding too (the dev profile has them anyway).
+profile=-a
+[ "${FUZZ_DEV:-0}" = 1 ] && profile=--dev
+if ! cargo +nightly fuzz build $profile ${single:+"$single"} >logs/build.log 2>&1; then
   tail -n 40 logs/build.log >&2
   exit 1
 fi
@@ -58,7 +62,7 @@ for t in "${targets[@]}"; do
   # -timeout: one input running longer than that is a finding (a hang), as is one above
   # -rss_limit_mb. Inputs that add coverage go to corpus-new; the seeds stay as committed.
   set +e
-  cargo +nightly fuzz run -a "$t" "corpus-new/$t" "corpus/$t" -- \
+  cargo +nightly fuzz run $profile "$t" "corpus-new/$t" "corpus/$t" -- \
     -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
     "$@" >"$log" 2>&1
   status=$?
@@ -66,7 +70,7 @@ for t in "${targets[@]}"; do
   runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
   rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
   rss=$(sed -n 's/^stat::peak_rss_mb: *//p' "$log" | tail -n 1)
-  last=$(grep -E '^#[0-9]+' "$log" | tail -n 1 || true)
+  last=$(grep -aE '^#[0-9]+' "$log" | tail -n 1 || true)
   cov=$(sed -n 's/.* cov: \([0-9]*\).*/\1/p' <<<"$last")
   ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
   corp=$(sed -n 's/.* corp: \([0-9]*\/[0-9a-zA-Z]*\).*/\1/p' <<<"$last")
@@ -74,7 +78,7 @@ for t in "${targets[@]}"; do
   if [ $status -ne 0 ]; then
     crash=$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -n 1)
     echo "$line: FAILED (exit $status)" >&2
-    grep -m 5 -E 'panicked at|ERROR: (libFuzzer|AddressSanitizer)|SUMMARY' "$log" >&2 || true
+    grep -a -m 5 -E 'panicked at|ERROR: (libFuzzer|AddressSanitizer)|SUMMARY' "$log" >&2 || true
     echo "fuzz: $t: input: fuzz/${crash:-?}, log: fuzz/$log" >&2
     failed+=("$t")
   else
