@@ -20,6 +20,11 @@ for image in tiny debian-12 debian-13; do
   "$target/debug/vmfarm" images build "$image" --images-dir "$VMFARM_CACHE/test-images"
 done
 
+# A smoke run of every fuzz target (fuzz/, nightly): its seeds and a few seconds of fuzzing each,
+# built unoptimized (the optimized build costs twice the CPU time). The long runs are
+# `scripts/fuzz.sh all SECONDS`, by hand.
+FUZZ_DEV=1 bash scripts/fuzz.sh all 3
+
 # A real PostgreSQL server for the server's tests, stopped whatever happens.
 eval "$(bash scripts/test-postgres.sh start)"
 trap 'bash scripts/test-postgres.sh stop' EXIT

@@ -18,6 +18,8 @@ pub mod bus;
 pub mod cli;
 pub mod config;
 pub mod exit;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod irq;
 pub mod irqfd;
 pub mod jail;

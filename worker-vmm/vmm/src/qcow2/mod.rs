@@ -12,6 +12,8 @@
 //! for an image and uses these modules; nothing here uses virtio.
 
 pub mod chain;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz;
 pub mod header;
 mod image_file;
 pub mod overlay;

@@ -45,5 +45,6 @@ pub mod mmio;
 pub mod rng;
 pub mod vsock;
 
-#[cfg(test)]
+/// Guest memory and a guest driver held in the test (or the fuzz target: feature `fuzzing`).
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod test_utils;

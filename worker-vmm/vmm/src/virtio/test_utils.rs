@@ -49,15 +49,36 @@ pub struct TestQueue {
 impl TestQueue {
     fn new(index: usize, size: u16) -> TestQueue {
         let base = 0x1_0000 * (index as u64 + 1);
+        TestQueue::at(base, base + 0x4000, base + 0x8000, size)
+    }
+
+    /// A queue of `size` entries with its descriptor table, avail ring and used ring at these
+    /// guest addresses.
+    pub fn at(desc: u64, avail: u64, used: u64, size: u16) -> TestQueue {
         TestQueue {
             size,
-            desc: base,
-            avail: base + 0x4000,
-            used: base + 0x8000,
+            desc,
+            avail,
+            used,
             next_desc: 0,
             avail_idx: 0,
             last_used: 0,
         }
+    }
+
+    /// The device's view of this queue: ready, at this queue's addresses.
+    pub fn device_queue(&self) -> virtio_queue::Queue {
+        use virtio_queue::QueueT;
+        let mut q = virtio_queue::Queue::new(self.size).expect("a power-of-two queue size");
+        let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
+        let (lo, hi) = split(self.desc);
+        q.set_desc_table_address(lo, hi);
+        let (lo, hi) = split(self.avail);
+        q.set_avail_ring_address(lo, hi);
+        let (lo, hi) = split(self.used);
+        q.set_used_ring_address(lo, hi);
+        q.set_ready(true);
+        q
     }
 
     /// Publish a chain of `(addr, len, device-writable)` buffers; returns its head index.

@@ -1,6 +1,8 @@
 //! virtio-blk over raw and qcow2 images, served on the device's own thread.
 
 mod disk;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz;
 mod request;
 pub mod throughput;
 mod vectored;

@@ -18,6 +18,8 @@ use super::conn::{Conn, Key, State};
 use super::packet::*;
 use crate::virtio::device::Interrupt;
 
+#[cfg(feature = "fuzzing")]
+pub mod fuzz;
 mod guest;
 mod host;
 
@@ -73,6 +75,8 @@ pub struct Backend {
     control: VecDeque<(Key, u16, u32)>,
     next_token: u64,
     next_local_port: u32,
+    /// Stream data on its way to an RX buffer ([`MAX_PAYLOAD`] bytes, kept from turn to turn).
+    payload: Vec<u8>,
 }
 
 impl Backend {
@@ -105,6 +109,7 @@ impl Backend {
             control: VecDeque::new(),
             next_token: 2,
             next_local_port: FIRST_LOCAL_PORT,
+            payload: vec![0u8; MAX_PAYLOAD],
         })
     }
 

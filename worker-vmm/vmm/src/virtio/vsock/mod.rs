@@ -10,6 +10,9 @@ mod backend;
 mod conn;
 mod packet;
 
+#[cfg(feature = "fuzzing")]
+pub use self::backend::fuzz;
+
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};

@@ -176,7 +176,7 @@ impl Backend {
             .filter(|(_, c)| c.has_data_for_guest())
             .map(|(k, _)| *k)
             .collect();
-        let mut payload = vec![0u8; MAX_PAYLOAD];
+        let payload = &mut self.payload;
         let mut broken = Vec::new();
         loop {
             let from_control = !self.control.is_empty();
