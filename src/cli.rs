@@ -71,6 +71,10 @@ pub struct UpArgs {
     /// the image tools, e.g. when the images were built elsewhere and copied in).
     #[arg(long)]
     pub no_build: bool,
+    /// An address range (CIDR, e.g. 127.0.0.0/8 or 10.1.0.0/16) that jobs' network may reach
+    /// although it is not public: the server's `[network] allow_private`. Repeat for more.
+    #[arg(long, value_name = "RANGE")]
+    pub allow_private: Vec<vmfarm_proto::network::AddressRange>,
 }
 
 #[derive(Debug, Args)]

@@ -14,11 +14,12 @@ const IMAGES: [&str; 2] = ["tiny", "debian-12"];
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let data = std::path::absolute(&args.data).context("resolving the data dir")?;
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         listen: args.listen,
         data_dir: data.clone(),
         ..ServerConfig::default()
     };
+    config.network.allow_private = args.allow_private;
     let running = vmfarm_server::serve::start(config).await?;
     let worker_token = vmfarm_server::admin::create_token(
         &running.state.db,

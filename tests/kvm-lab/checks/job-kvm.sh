@@ -1,7 +1,8 @@
 #!/bin/sh
 # Lab check of the worker's kvm backend (run in L1 as /payload/run.sh; see tests/kvm_lab.rs):
 # `vmfarm up` on the tiny image in /payload/images, one job (kvm-job.toml) through the integrated
-# VMM with the agent's SSH over vsock, its artifacts back through the CLI; while it runs, the
+# VMM with the agent's SSH over vsock, fetching from an HTTP server in L1 through the worker's
+# proxy (the guest network), its artifacts back through the CLI; while it runs, the
 # jailed VMM's user, capabilities, seccomp mode, namespaces, root, environment and cgroup are read
 # from /proc.
 # Prints "LAB-CHECK <name> ok|FAIL <detail>" lines and "LAB-TIME <what> <seconds>" figures.
@@ -17,8 +18,12 @@ export VMFARM_DATA=/tmp/farm
 mkdir -p "$VMFARM_DATA/images"
 cp -a /payload/images/. "$VMFARM_DATA/images/"
 
+# A host-side HTTP server the job fetches from through the worker's proxy.
+mkdir -p /tmp/www && echo "hello-from-L1" > /tmp/www/hello.txt
+busybox httpd -p 127.0.0.1:8099 -h /tmp/www
+
 t0=$(up)
-vmfarm up --data "$VMFARM_DATA" --no-build > /tmp/up.log 2>&1 &
+vmfarm up --data "$VMFARM_DATA" --no-build --allow-private 127.0.0.0/8 > /tmp/up.log 2>&1 &
 farm=$!
 i=0
 while ! grep -q "vmfarm is up" /tmp/up.log && [ $i -lt 600 ] && kill -0 $farm 2>/dev/null; do
@@ -71,6 +76,8 @@ sed 's/^/[submit] /' /tmp/submit.out /tmp/submit.err
 id=$(head -1 /tmp/submit.out | cut -f1)
 [ $rc = 0 ] && grep -q "succeeded" /tmp/submit.err; check job-succeeded $? "job $id rc=$rc: $(tail -1 /tmp/submit.err)"
 grep -q "LAB-JOB kernel .* vcpus 1" /tmp/submit.out; check job-log-streamed $? "$(grep -m1 'LAB-JOB kernel' /tmp/submit.out)"
+grep -q "LAB-JOB fetched hello-from-L1" /tmp/submit.out && grep -q "127.0.0.1:8099" /tmp/submit.out /tmp/submit.err
+check job-network $? "$(grep -m1 'LAB-JOB fetched' /tmp/submit.out); $(grep -h -m1 '127.0.0.1:8099' /tmp/submit.out /tmp/submit.err)"
 
 mkdir -p /tmp/arts
 vmfarm artifacts "$id" --out /tmp/arts > /tmp/arts.log 2>&1
