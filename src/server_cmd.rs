@@ -50,7 +50,7 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
 async fn admin(config: ServerConfig, action: ServerAction) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
-    let db = Db::open(&config.database_url()).await?;
+    let db = Db::open(&config.database_url(), config.sqlite_synchronous).await?;
     match action {
         ServerAction::Token(TokenAction::Create {
             worker,

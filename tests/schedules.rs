@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use vmfarm_proto::JobState;
 use vmfarm_server::config::ServerConfig;
-use vmfarm_server::db::Db;
+use vmfarm_server::db::{Db, SqliteSync};
 use vmfarm_server::schedules::{self, NewSchedule, Source};
 use vmfarm_server::state::AppState;
 
@@ -41,7 +41,7 @@ async fn state(backend: Backend, dir: &std::path::Path) -> AppState {
         ..ServerConfig::default()
     };
     AppState::new(
-        Db::open(&url).await.unwrap(),
+        Db::open(&url, SqliteSync::default()).await.unwrap(),
         config,
         vmfarm_server::store::ArtifactStore::new(dir.join("artifacts")),
     )

@@ -1,5 +1,6 @@
 //! The server's configuration file (configs/server.toml documents every key).
 
+use crate::db::SqliteSync;
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Empty: a SQLite file in `data_dir`.
     pub database_url: String,
+    pub sqlite_synchronous: SqliteSync,
     pub limits: Limits,
     pub leases: Leases,
     pub workers: Vec<WorkerToken>,
@@ -157,6 +159,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             data_dir: PathBuf::from("./vmfarm-data"),
             database_url: String::new(),
+            sqlite_synchronous: SqliteSync::default(),
             limits: Limits::default(),
             leases: Leases::default(),
             workers: Vec::new(),
@@ -264,6 +267,18 @@ mod tests {
         assert_eq!(config.database_url(), "sqlite:///srv/farm/vmfarm.db");
         let pg = ServerConfig::parse("database_url = \"postgres://u@h/db\"\n").unwrap();
         assert_eq!(pg.database_url(), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn test_sqlite_commits_are_synced_unless_the_operator_says_normal() {
+        assert_eq!(
+            ServerConfig::parse("").unwrap().sqlite_synchronous,
+            SqliteSync::Full
+        );
+        let normal = ServerConfig::parse("sqlite_synchronous = \"normal\"\n").unwrap();
+        assert_eq!(normal.sqlite_synchronous, SqliteSync::Normal);
+        let err = ServerConfig::parse("sqlite_synchronous = \"off\"\n").unwrap_err();
+        assert!(err.to_string().contains("unknown variant `off`"), "{err}");
     }
 
     #[test]

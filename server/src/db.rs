@@ -24,6 +24,27 @@ use std::str::FromStr;
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
 
+/// How a SQLite commit is made durable (`PRAGMA synchronous`, the server's `sqlite_synchronous`).
+/// `Full`: the WAL is synced at every commit (one sync per group of writes the writer commits
+/// together), so an acknowledged write survives power loss. `Normal`: synced at checkpoints only,
+/// so it survives the process being killed but not the machine losing power.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSync {
+    #[default]
+    Full,
+    Normal,
+}
+
+impl SqliteSync {
+    fn pragma(self) -> &'static str {
+        match self {
+            SqliteSync::Full => "PRAGMA synchronous = FULL",
+            SqliteSync::Normal => "PRAGMA synchronous = NORMAL",
+        }
+    }
+}
+
 /// Which database is behind the pool; a few statements differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -62,8 +83,9 @@ enum Writes {
 }
 
 impl Db {
-    /// Opens (creating a SQLite file if needed) and migrates.
-    pub async fn open(url: &str) -> Result<Db, DbError> {
+    /// Opens (creating a SQLite file if needed, its commits made durable as `sync` says) and
+    /// migrates.
+    pub async fn open(url: &str, sync: SqliteSync) -> Result<Db, DbError> {
         sqlx::any::install_default_drivers();
         let db = if let Some(path) = url.strip_prefix("sqlite://") {
             // Readable by its owner only; SQLite gives its WAL and shared-memory files the
@@ -71,7 +93,7 @@ impl Db {
             crate::files::private_file(std::path::Path::new(path))
                 .map_err(|e| DbError::File(path.to_owned(), e))?;
             // The writer first: it switches the file to WAL.
-            let writer = SqliteWriter::open(path).map_err(DbError::Writer)?;
+            let writer = SqliteWriter::open(path, sync).map_err(DbError::Writer)?;
             let url = format!("sqlite://{path}?mode=rwc");
             let options = AnyConnectOptions::from_str(&url).map_err(DbError::Connect)?;
             let pool = AnyPoolOptions::new()
@@ -79,11 +101,11 @@ impl Db {
                 // A local file has no connection that silently dies: a ping before each use
                 // would only cost a round trip to the connection's thread.
                 .test_before_acquire(false)
-                .after_connect(|conn, _| {
+                .after_connect(move |conn, _| {
                     Box::pin(async move {
                         for pragma in [
                             "PRAGMA journal_mode = WAL",
-                            "PRAGMA synchronous = NORMAL",
+                            sync.pragma(),
                             "PRAGMA busy_timeout = 10000",
                             "PRAGMA foreign_keys = ON",
                         ] {

@@ -60,7 +60,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
     store
         .remove_partial_uploads()
         .map_err(|e| ServeError::DataDir(artifacts, e))?;
-    let db = Db::open(&config.database_url()).await?;
+    let db = Db::open(&config.database_url(), config.sqlite_synchronous).await?;
     let created = bootstrap(&db, &config).await.map_err(ServeError::Tokens)?;
     if created.is_some() {
         tracing::info!(

@@ -5,7 +5,7 @@
 use crate::app::app;
 use crate::auth::{Caller, store_token};
 use crate::config::{Scope, ServerConfig};
-use crate::db::{Db, now_ms};
+use crate::db::{Db, SqliteSync, now_ms};
 use crate::state::AppState;
 use crate::store::ArtifactStore;
 use axum::Router;
@@ -90,7 +90,9 @@ impl TestApp {
             ..ServerConfig::default()
         };
         adjust(&mut config);
-        let db = Db::open(&url).await.expect("the test database opens");
+        let db = Db::open(&url, SqliteSync::default())
+            .await
+            .expect("the test database opens");
         let callers = [
             (
                 ADMIN.to_owned(),

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use vmfarm_proto::JobState;
 use vmfarm_proto::wire::{FENCE_HEADER, LeaseRequest, LeaseResponse, StateUpdate, WorkerImage};
 use vmfarm_server::config::{ApiToken, Scope, ServerConfig, WorkerToken};
-use vmfarm_server::db::DbFailure;
+use vmfarm_server::db::{DbFailure, SqliteSync};
 use vmfarm_server::fence::LeaseCall;
 use vmfarm_server::jobs;
 use vmfarm_server::leases::{take, update};
@@ -28,14 +28,29 @@ pub async fn run(postgres: Option<String>) -> anyhow::Result<()> {
         "vmfarm bench queue: {CLIENTS} concurrent clients, a server on loopback in this process (the CPU figures include the clients'), real databases"
     );
     let dir = tempfile::tempdir()?;
-    let sqlite = format!("sqlite://{}/bench.db", dir.path().display());
-    report("SQLite (WAL, synchronous=NORMAL)", &sqlite, dir.path()).await?;
+    // The server's choice (sqlite_synchronous) beside the other one, on the same disk.
+    for (label, sync, tag) in [
+        (
+            "SQLite (WAL, synchronous=FULL: the default)",
+            SqliteSync::Full,
+            "sqlite-full",
+        ),
+        (
+            "SQLite (WAL, synchronous=NORMAL)",
+            SqliteSync::Normal,
+            "sqlite-normal",
+        ),
+    ] {
+        let url = format!("sqlite://{}/{tag}.db", dir.path().display());
+        report(label, &url, sync, &dir.path().join(tag)).await?;
+    }
     match postgres {
         Some(url) => {
             report(
                 "PostgreSQL",
                 &fresh_postgres_database(&url).await?,
-                dir.path(),
+                SqliteSync::default(),
+                &dir.path().join("postgresql"),
             )
             .await?
         }
@@ -73,11 +88,16 @@ fn worker_token(client: usize) -> String {
 const SUBMIT_TOKEN: &str = "vmf_bench_submit";
 
 /// A server listening on loopback; its state and its base URL.
-async fn start(url: &str, dir: &std::path::Path, tag: &str) -> anyhow::Result<(AppState, String)> {
+async fn start(
+    url: &str,
+    sync: SqliteSync,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(AppState, String)> {
     let mut config = ServerConfig {
         listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.join(tag),
+        data_dir: data_dir.to_owned(),
         database_url: url.to_owned(),
+        sqlite_synchronous: sync,
         workers: (0..CLIENTS)
             .map(|client| WorkerToken {
                 name: format!("bench-{client}"),
@@ -97,18 +117,14 @@ async fn start(url: &str, dir: &std::path::Path, tag: &str) -> anyhow::Result<(A
     Ok((running.state, format!("http://{}", running.addr)))
 }
 
-async fn report(label: &str, url: &str, dir: &std::path::Path) -> anyhow::Result<()> {
+async fn report(
+    label: &str,
+    url: &str,
+    sync: SqliteSync,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<()> {
     println!("\n== {label} ==");
-    let (state, base) = start(
-        url,
-        dir,
-        &label
-            .split_whitespace()
-            .next()
-            .unwrap_or("db")
-            .to_lowercase(),
-    )
-    .await?;
+    let (state, base) = start(url, sync, data_dir).await?;
     let reference = reference_rate(&state).await?;
     let writer_reference = writer_reference_rate(&state).await?;
     let (cycles, cycle_cpu) = measure_cpu(cycle_rate(&state)).await?;

@@ -5,6 +5,7 @@
 //! statements run on the thread with their prepared statements cached: no thread round trip
 //! per statement, one per write, and one commit per batch.
 
+use super::SqliteSync;
 use super::query::{DbFailure, WriteTx};
 use futures_util::future::BoxFuture;
 use std::panic::AssertUnwindSafe;
@@ -16,10 +17,9 @@ use std::time::Duration;
 /// Most writes committed together: bounds how long the first of them waits.
 const MAX_BATCH: usize = 128;
 
-/// What the connection is set to: WAL, so that readers never block the writer; NORMAL sync,
-/// so that a committed write survives the process being killed (the WAL is in the OS).
-const PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                       PRAGMA foreign_keys = ON;";
+/// What the connection is set to besides `synchronous`: WAL, so that readers never block the
+/// writer.
+const PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA foreign_keys = ON;";
 
 #[derive(Clone)]
 pub struct SqliteWriter {
@@ -27,12 +27,13 @@ pub struct SqliteWriter {
 }
 
 impl SqliteWriter {
-    /// Opens (creating) the file at `path` and starts the thread; it ends when the last
-    /// handle is dropped.
-    pub fn open(path: &str) -> Result<SqliteWriter, DbFailure> {
+    /// Opens (creating) the file at `path`, its commits made durable as `sync` says, and starts
+    /// the thread; it ends when the last handle is dropped.
+    pub fn open(path: &str, sync: SqliteSync) -> Result<SqliteWriter, DbFailure> {
         let conn = rusqlite::Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(10))?;
         conn.execute_batch(PRAGMAS)?;
+        conn.execute_batch(sync.pragma())?;
         conn.set_prepared_statement_cache_capacity(256);
         let (jobs, queue) = mpsc::channel();
         std::thread::Builder::new()
@@ -205,7 +206,7 @@ mod tests {
     async fn test_a_failed_write_among_many_is_undone_alone() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db").display().to_string();
-        let writer = SqliteWriter::open(&path).unwrap();
+        let writer = SqliteWriter::open(&path, SqliteSync::Full).unwrap();
         writer
             .write(|tx| {
                 Box::pin(async move {
@@ -242,7 +243,11 @@ mod tests {
     #[tokio::test]
     async fn test_a_panicking_write_fails_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let writer = SqliteWriter::open(&dir.path().join("w.db").display().to_string()).unwrap();
+        let writer = SqliteWriter::open(
+            &dir.path().join("w.db").display().to_string(),
+            SqliteSync::Full,
+        )
+        .unwrap();
         let panicked: Result<(), DbFailure> = writer
             .write(|_| Box::pin(async move { panic!("a bug in a write") }))
             .await;
