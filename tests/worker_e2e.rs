@@ -498,15 +498,15 @@ async fn test_a_c_project_builds_on_debian_12_and_13_in_one_group() {
     );
 }
 
-/// A git server that accepts connections and never answers: a fetch from it hangs. Returns its
-/// URL and the connections it holds, to see them closed.
+/// A git server over http that accepts connections and never answers: a fetch from it (through
+/// the job's proxy) hangs. Returns its URL and the connections it holds, to see them closed.
 fn stuck_git_server() -> (
     String,
     std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
 ) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!(
-        "git://127.0.0.1:{}/stuck.git",
+        "http://127.0.0.1:{}/stuck.git",
         listener.local_addr().unwrap().port()
     );
     let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -549,8 +549,11 @@ fn closed_by_peer(stream: &std::net::TcpStream, limit: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_the_deadline_and_a_cancel_stop_a_job_outside_its_tasks() {
     let dir = images(&["tiny"]);
-    let server =
-        TestServer::start_with(Backend::Sqlite, "[limits]\ndefault_job_timeout = \"25s\"\n");
+    // The git server is on loopback, which sources reach only where the operator allows it.
+    let server = TestServer::start_with(
+        Backend::Sqlite,
+        "[limits]\ndefault_job_timeout = \"25s\"\n[network]\nallow_private = [\"127.0.0.0/8\"]\n",
+    );
     let worker = TestWorker::start(&server, 0, &dir, WORKER);
     let api = server.admin();
     let (url, held) = stuck_git_server();
@@ -613,7 +616,7 @@ async fn test_the_deadline_and_a_cancel_stop_a_job_outside_its_tasks() {
     for stream in held.iter() {
         assert!(
             closed_by_peer(stream, Duration::from_secs(10)),
-            "a stopped job's git is killed"
+            "a stopped job's fetch is ended"
         );
     }
     assert!(worker.guest_processes().is_empty());

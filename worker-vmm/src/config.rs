@@ -110,7 +110,7 @@ impl Default for JailConfig {
             uid_count: 1000,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             cgroup_parent: "vmfarm".into(),
-            memory_overhead: ByteSize(256 * MIB),
+            memory_overhead: ByteSize(512 * MIB),
             pids: 256,
         }
     }

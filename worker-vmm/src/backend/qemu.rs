@@ -16,6 +16,9 @@ use super::{
 use crate::vmm::qcow2::overlay::create_overlay;
 
 const QEMU: &str = "qemu-system-x86_64";
+/// QEMU's TCG translation cache, in MiB. QEMU's own default is up to 1 GiB, which would be
+/// resident beside the guest's RAM; this bound is part of what `[jail] memory_overhead` covers.
+const TCG_CODE_CACHE_MIB: u32 = 256;
 
 /// How QEMU runs guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,14 +111,17 @@ impl QemuBackend {
     /// QEMU's arguments for `spec`, booting `overlay` and serving SSH on `socket`.
     pub fn args(&self, spec: &BootSpec, overlay: &Path, socket: &Path) -> Vec<String> {
         let (accel, cpu) = match self.accel {
-            Accel::Tcg => ("tcg,thread=multi", "max"),
-            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg => (
+                format!("tcg,thread=multi,tb-size={TCG_CODE_CACHE_MIB}"),
+                "max",
+            ),
+            Accel::Kvm => ("kvm".to_owned(), "host"),
         };
         let mut args: Vec<String> = vec![
             "-M".into(),
             "microvm,rtc=on".into(),
             "-accel".into(),
-            accel.into(),
+            accel,
             "-cpu".into(),
             cpu.into(),
             "-smp".into(),
@@ -359,7 +365,7 @@ mod tests {
         );
         let text = args.join(" ");
         for part in [
-            "-M microvm,rtc=on -accel tcg,thread=multi",
+            "-M microvm,rtc=on -accel tcg,thread=multi,tb-size=256",
             "-smp 2 -m 1024M",
             "-nodefaults -no-user-config -nographic",
             "-kernel /img/kernel -append console=ttyS0 -initrd /img/initrd",
