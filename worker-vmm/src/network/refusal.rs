@@ -82,7 +82,12 @@ impl Refusal {
     /// `target` is outside the allow-list; the message says which pattern to add.
     pub(super) fn not_allowed(target: &Target) -> Refusal {
         let suggestion = if target.ip.is_some() {
-            "\"*\" (any public host), or name the host instead of its address".to_owned()
+            let any = if vmfarm_proto::network::DEFAULT_PORTS.contains(&target.port) {
+                "*".to_owned()
+            } else {
+                format!("*:{}", target.port)
+            };
+            format!("\"{any}\" (any public host), or name the host instead of its address")
         } else if vmfarm_proto::network::DEFAULT_PORTS.contains(&target.port) {
             format!("\"{}\"", target.host)
         } else {
@@ -132,6 +137,7 @@ mod tests {
                 "add \"example.org:8080\" to [network] allow",
             ),
             ("93.184.216.34", 443, "add \"*\" (any public host)"),
+            ("93.184.216.34", 8080, "add \"*:8080\" (any public host)"),
         ];
         for (host, port, want) in cases {
             let target = Target::parse(host, port).unwrap();

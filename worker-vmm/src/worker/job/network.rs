@@ -70,9 +70,14 @@ impl JobRun<'_> {
     pub(super) async fn sources_gate(&mut self) -> anyhow::Result<Gate> {
         let allow = sources::hosts(&self.manifest.sources)
             .iter()
-            // An address (not a name) cannot be a pattern: any public host on its port is let
-            // through for the fetch; non-public addresses stay refused.
-            .map(|host| host.parse().or_else(|_| "*".parse()))
+            // An address (not a name) cannot be a pattern: any host on its port is let through
+            // for the fetch; non-public addresses stay refused unless allow_private covers them.
+            .map(|host| {
+                host.parse().or_else(|_| {
+                    let port = host.rsplit_once(':').map_or("", |(_, port)| port);
+                    format!("*:{port}").parse()
+                })
+            })
             .collect::<Result<Vec<HostPattern>, _>>()?;
         let log = self.log.clone();
         let farm: FarmLog = Arc::new(move |line: &str| log.farm(line));
