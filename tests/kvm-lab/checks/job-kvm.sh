@@ -20,7 +20,7 @@ cp -a /payload/images/. "$VMFARM_DATA/images/"
 
 # A host-side HTTP server the job fetches from through the worker's proxy.
 mkdir -p /tmp/www && echo "hello-from-L1" > /tmp/www/hello.txt
-busybox httpd -p 127.0.0.1:8099 -h /tmp/www
+busybox httpd -p 127.0.0.1:80 -h /tmp/www
 
 t0=$(up)
 vmfarm up --data "$VMFARM_DATA" --no-build --allow-private 127.0.0.0/8 > /tmp/up.log 2>&1 &
@@ -35,7 +35,7 @@ grep -q "vmfarm is up" /tmp/up.log; check farm-up $? "in $(since "$t0") s"
 # (PID 1 of its own PID namespace; its parent is the jail's waiting process).
 jail_check() {
   i=0; pid=
-  while [ -z "$pid" ] && [ $i -lt 1200 ]; do
+  while [ -z "$pid" ] && [ $i -lt 1200 ] && [ ! -e /tmp/submit.done ]; do
     for p in /proc/[0-9]*; do
       tr '\0' ' ' < "$p/cmdline" 2>/dev/null | grep -q "^[^ ]* vm run .*--jail " || continue
       ns=$(awk '/^NSpid:/ {print $NF}' "$p/status" 2>/dev/null)
@@ -43,7 +43,7 @@ jail_check() {
     done
     [ -z "$pid" ] && sleep 0.1; i=$((i + 1))
   done
-  [ -n "$pid" ] || { echo "LAB-CHECK vmm-jailed FAIL no jailed vm run process with its filter on within 120 s"; return 1; }
+  [ -n "$pid" ] || { echo "LAB-CHECK vmm-jailed FAIL no jailed vm run process with its filter on while the job ran"; return 1; }
   st=/proc/$pid/status
   uid=$(awk '/^Uid:/ {print $2 "," $3 "," $4 "," $5}' $st)
   caps=$(awk '/^CapEff:/ {print $2}' $st)
@@ -70,14 +70,15 @@ jail_check &
 jailer=$!
 timeout 240 vmfarm submit --follow /payload/kvm-job.toml > /tmp/submit.out 2> /tmp/submit.err
 rc=$?
+touch /tmp/submit.done
 wait $jailer || fail=1
 echo "LAB-TIME submit-to-end $(since "$t1")"
 sed 's/^/[submit] /' /tmp/submit.out /tmp/submit.err
 id=$(head -1 /tmp/submit.out | cut -f1)
 [ $rc = 0 ] && grep -q "succeeded" /tmp/submit.err; check job-succeeded $? "job $id rc=$rc: $(tail -1 /tmp/submit.err)"
 grep -q "LAB-JOB kernel .* vcpus 1" /tmp/submit.out; check job-log-streamed $? "$(grep -m1 'LAB-JOB kernel' /tmp/submit.out)"
-grep -q "LAB-JOB fetched hello-from-L1" /tmp/submit.out && grep -q "127.0.0.1:8099" /tmp/submit.out /tmp/submit.err
-check job-network $? "$(grep -m1 'LAB-JOB fetched' /tmp/submit.out); $(grep -h -m1 '127.0.0.1:8099' /tmp/submit.out /tmp/submit.err)"
+grep -q "LAB-JOB fetched hello-from-L1" /tmp/submit.out && grep -q "network 127.0.0.1:80: " /tmp/submit.out
+check job-network $? "$(grep -m1 'LAB-JOB fetched' /tmp/submit.out); $(grep -m1 'network 127.0.0.1:80' /tmp/submit.out)"
 
 mkdir -p /tmp/arts
 vmfarm artifacts "$id" --out /tmp/arts > /tmp/arts.log 2>&1

@@ -86,6 +86,14 @@ vmm_sys_util::ioctl_iow_nr!(
     kvm_bindings::kvm_irqfd
 );
 
+// The ioctl requests on sockets and the console: `c_ulong` in glibc's headers, `c_int` in musl's.
+#[allow(clippy::unnecessary_cast)]
+const FIONBIO: u64 = libc::FIONBIO as u64;
+#[allow(clippy::unnecessary_cast)]
+const FIOCLEX: u64 = libc::FIOCLEX as u64;
+#[allow(clippy::unnecessary_cast)]
+const TCGETS: u64 = libc::TCGETS as u64;
+
 /// The system calls allowed whatever their arguments.
 const ALLOWED: &[libc::c_long] = &[
     // I/O on descriptors the VMM holds.
@@ -185,9 +193,9 @@ fn allow_rules(pid: libc::pid_t) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Secc
                 KVM_GET_REGS(),
                 KVM_GET_SREGS(),
                 KVM_IRQFD(),
-                libc::FIONBIO,
-                libc::FIOCLEX,
-                libc::TCGETS,
+                FIONBIO,
+                FIOCLEX,
+                TCGETS,
             ],
         )?,
     );
