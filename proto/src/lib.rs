@@ -3,6 +3,25 @@
 //!
 //! `CONTRACTS.md` (beside `DESIGN.md`) is the prose form of what this crate fixes in types.
 
+// Defined before the modules that use it.
+/// Serde as text: `Display` out, `FromStr` in, the parse error kept as the message.
+macro_rules! serde_as_text {
+    ($ty:ty) => {
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
 pub mod api;
 pub mod guest;
 pub mod manifest;

@@ -197,24 +197,6 @@ pub fn parse_size(text: &str) -> Result<ByteSize, SizeError> {
         .ok_or_else(too_large)
 }
 
-/// Serde as text: `Display` out, `FromStr` in, the parse error kept as the message.
-macro_rules! serde_as_text {
-    ($ty:ty) => {
-        impl serde::Serialize for $ty {
-            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.collect_str(self)
-            }
-        }
-
-        impl<'de> serde::Deserialize<'de> for $ty {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let text = String::deserialize(d)?;
-                text.parse().map_err(serde::de::Error::custom)
-            }
-        }
-    };
-}
-
 serde_as_text!(ByteSize);
 serde_as_text!(HumanDuration);
 

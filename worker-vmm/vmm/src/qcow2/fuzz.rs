@@ -190,25 +190,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let base = dir.join("base.qcow2");
     let overlay = dir.join("overlay.qcow2");
     let _ = std::fs::remove_file(&overlay);
-    let mut header = Header {
-        version: 3,
-        backing_file_offset: 0,
-        backing_file_size: 0,
-        cluster_bits: 16,
-        size: 64 << 20,
-        crypt_method: 0,
-        l1_size: 1,
-        l1_table_offset: 0,
-        refcount_table_offset: 0,
-        refcount_table_clusters: 0,
-        nb_snapshots: 0,
-        snapshots_offset: 0,
-        incompatible_features: 0,
-        compatible_features: 0,
-        autoclear_features: 0,
-        refcount_order: 4,
-        header_length: 104,
-    };
+    let mut header = Header::empty_v3(64 << 20);
     std::fs::write(&base, header.to_bytes()).expect("write the base");
     super::overlay::create_overlay(&base, &overlay).expect("make the overlay");
     let bytes = std::fs::read(&overlay).expect("read the overlay");

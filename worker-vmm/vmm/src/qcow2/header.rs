@@ -65,6 +65,31 @@ fn be64(bytes: &[u8], at: usize) -> u64 {
 }
 
 impl Header {
+    /// A version 3 header of an image of `size` bytes with 64 KiB clusters and no tables yet:
+    /// the start of the base images that tests and fuzz seeds make.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub fn empty_v3(size: u64) -> Header {
+        Header {
+            version: 3,
+            backing_file_offset: 0,
+            backing_file_size: 0,
+            cluster_bits: 16,
+            size,
+            crypt_method: 0,
+            l1_size: 1,
+            l1_table_offset: 0,
+            refcount_table_offset: 0,
+            refcount_table_clusters: 0,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: 104,
+        }
+    }
+
     /// The header of the image `file`; `None` when the file does not start with the qcow2
     /// magic (a raw image, for instance).
     pub fn read(file: &File) -> Result<Option<Header>, HeaderError> {
@@ -179,25 +204,7 @@ mod tests {
 
     /// A version 3 header of a 1 MiB image with 64 KiB clusters, without tables.
     fn v3() -> Header {
-        Header {
-            version: 3,
-            backing_file_offset: 0,
-            backing_file_size: 0,
-            cluster_bits: 16,
-            size: 1 << 20,
-            crypt_method: 0,
-            l1_size: 1,
-            l1_table_offset: 0,
-            refcount_table_offset: 0,
-            refcount_table_clusters: 0,
-            nb_snapshots: 0,
-            snapshots_offset: 0,
-            incompatible_features: 0,
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: 4,
-            header_length: 104,
-        }
+        Header::empty_v3(1 << 20)
     }
 
     #[test]

@@ -62,25 +62,7 @@ fn overlay_template() -> &'static Sparse {
     static TEMPLATE: OnceLock<Sparse> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
         let base = unnamed_file();
-        let header = Header {
-            version: 3,
-            backing_file_offset: 0,
-            backing_file_size: 0,
-            cluster_bits: 16,
-            size: DISK_SIZE,
-            crypt_method: 0,
-            l1_size: 1,
-            l1_table_offset: 0,
-            refcount_table_offset: 0,
-            refcount_table_clusters: 0,
-            nb_snapshots: 0,
-            snapshots_offset: 0,
-            incompatible_features: 0,
-            compatible_features: 0,
-            autoclear_features: 0,
-            refcount_order: 4,
-            header_length: 104,
-        };
+        let header = Header::empty_v3(DISK_SIZE);
         base.write_all_at(&header.to_bytes(), 0)
             .expect("write the base");
         let dir = scratch_dir().join(format!("vmfarm-fuzz-blk-{}", std::process::id()));
