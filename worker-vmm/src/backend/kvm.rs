@@ -12,10 +12,9 @@ use tokio::process::Command;
 
 use super::jail::{GuestJail, Jailer};
 use super::{
-    AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, ProcessVm, RunDir, Vm,
-    clear_environment, die_with_parent,
+    AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, Prepared, ProcessVm, Vm,
+    clear_environment, die_with_parent, prepare,
 };
-use crate::vmm::qcow2::overlay::create_overlay;
 
 /// The guest port the agent serves SSH on.
 pub const SSH_PORT: u32 = 22;
@@ -91,16 +90,8 @@ impl Backend for KvmBackend {
 
     fn boot<'a>(&'a self, spec: &'a BootSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>> {
         Box::pin(async move {
-            std::fs::create_dir_all(&spec.run_dir).map_err(BackendError::RunDir)?;
-            let dir = RunDir(spec.run_dir.clone());
-            let overlay = dir.0.join("overlay.qcow2");
+            let Prepared { dir, overlay, jail } = prepare(spec, self.jail.as_ref())?;
             let vsock = dir.0.join("vsock.sock");
-            create_overlay(&spec.base_disk, &overlay).map_err(BackendError::Overlay)?;
-            let jail = self
-                .jail
-                .as_ref()
-                .map(|j| j.guest(spec.vcpus, spec.memory_mib))
-                .transpose()?;
             let mut command = Command::new(&self.vmm);
             command.args(Self::args(spec, &overlay, &vsock));
             if let Some(jail) = &jail {

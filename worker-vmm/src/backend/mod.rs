@@ -77,6 +77,30 @@ pub enum BackendError {
 /// A guest's folder (overlay, sockets), removed when dropped, after its VMM has been killed.
 pub(crate) struct RunDir(pub(crate) PathBuf);
 
+/// What a guest starts from, made before its VMM: its run folder, the job's overlay over the
+/// image's disk in it, and the VMM's user and cgroup when VMMs are jailed.
+pub(crate) struct Prepared {
+    pub(crate) dir: RunDir,
+    pub(crate) overlay: PathBuf,
+    pub(crate) jail: Option<jail::GuestJail>,
+}
+
+/// Makes what `spec`'s guest starts from (both backends, before they start their VMM).
+pub(crate) fn prepare(
+    spec: &BootSpec,
+    jailer: Option<&std::sync::Arc<jail::Jailer>>,
+) -> Result<Prepared, BackendError> {
+    std::fs::create_dir_all(&spec.run_dir).map_err(BackendError::RunDir)?;
+    let dir = RunDir(spec.run_dir.clone());
+    let overlay = dir.0.join("overlay.qcow2");
+    crate::vmm::qcow2::overlay::create_overlay(&spec.base_disk, &overlay)
+        .map_err(BackendError::Overlay)?;
+    let jail = jailer
+        .map(|j| j.guest(spec.vcpus, spec.memory_mib))
+        .transpose()?;
+    Ok(Prepared { dir, overlay, jail })
+}
+
 impl Drop for RunDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);

@@ -1,6 +1,6 @@
 //! The `qemu` backend: qemu-system-x86_64 `-M microvm`, the agent's SSH over a virtio-serial
 //! port on a Unix socket, the console on QEMU's stdout, a qcow2 overlay per guest (made as the
-//! `kvm` backend makes it, by [`create_overlay`]).
+//! `kvm` backend makes it, by [`prepare`]).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -10,10 +10,9 @@ use tokio::process::Command;
 
 use super::jail::{GuestJail, Jailer};
 use super::{
-    AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, ProcessVm, RunDir, Vm,
-    clear_environment, die_with_parent,
+    AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, Prepared, ProcessVm, Vm,
+    clear_environment, die_with_parent, prepare,
 };
-use crate::vmm::qcow2::overlay::create_overlay;
 
 const QEMU: &str = "qemu-system-x86_64";
 /// QEMU's TCG translation cache, in MiB. QEMU's own default is up to 1 GiB, which would be
@@ -184,16 +183,8 @@ impl Backend for QemuBackend {
 
     fn boot<'a>(&'a self, spec: &'a BootSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>> {
         Box::pin(async move {
-            std::fs::create_dir_all(&spec.run_dir).map_err(BackendError::RunDir)?;
-            let dir = RunDir(spec.run_dir.clone());
-            let overlay = dir.0.join("overlay.qcow2");
+            let Prepared { dir, overlay, jail } = prepare(spec, self.jail.as_ref())?;
             let socket = dir.0.join("ssh.sock");
-            create_overlay(&spec.base_disk, &overlay).map_err(BackendError::Overlay)?;
-            let jail = self
-                .jail
-                .as_ref()
-                .map(|j| j.guest(spec.vcpus, spec.memory_mib))
-                .transpose()?;
             let mut command = Command::new(QEMU);
             command.args(self.args(spec, &overlay, &socket));
             // First: the confinement's forks must leave a process that dies with the worker.
