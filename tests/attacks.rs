@@ -32,6 +32,14 @@ async fn attack(script: &str, extra: &str, timeout: &str) -> Outcome {
     let server = TestServer::start_with(Backend::Sqlite, SERVER);
     let worker = TestWorker::start(&server, 0, &dir, WORKER);
     let api = server.admin();
+    // The reference: the worker's peak after a quiet job, alone.
+    let quiet = api
+        .submit("image = \"tiny\"\n[[tasks]]\nname = \"t\"\nscript = \"echo quiet\"\n")
+        .await
+        .jobs[0]
+        .id
+        .clone();
+    assert_eq!(wait_ended(&api, &quiet).await["state"], "succeeded");
     let quiet_rss = worker.peak_rss_mib();
     let manifest = format!(
         "image = \"tiny\"\ntimeout = \"{timeout}\"\n{extra}[[tasks]]\nname = \"attack\"\nscript = '''\n{script}\n'''\n"
@@ -65,7 +73,7 @@ async fn attack(script: &str, extra: &str, timeout: &str) -> Outcome {
     );
     let rss = worker.peak_rss_mib();
     eprintln!(
-        "worker peak RSS {rss} MiB (at start {quiet_rss} MiB), scratch folder peak {} MiB",
+        "worker peak RSS {rss} MiB (after a quiet job alone: {quiet_rss} MiB), scratch folder peak {} MiB",
         peak_disk >> 20
     );
     assert!(rss < RSS_BOUND_MIB, "the worker grew to {rss} MiB");
