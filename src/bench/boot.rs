@@ -105,9 +105,10 @@ struct Sample {
     exit: Option<Duration>,
     /// The most resident memory outside guest RAM seen (sampled every 50 ms).
     outside: Option<Outside>,
-    /// Jailed runs: the most anonymous memory of the jail's waiting process (the parent of the
-    /// VMM), in KiB; its file pages are the VMM's own.
-    jailer_anon_kib: Option<u64>,
+    /// Jailed runs: the most memory the jail's waiting process (the parent of the VMM) holds
+    /// alone, in KiB: its private pages. The pages it shares with the VMM (copy-on-write since
+    /// the fork, and the binary) are counted once, in the VMM's figure.
+    jailer_private_kib: Option<u64>,
     figures: BTreeMap<String, f64>,
 }
 
@@ -346,9 +347,9 @@ fn boot_once(
             // Jailed, the VMM is the child of the process spawned, which only waits.
             let vmm_pid = match vmm {
                 Vmm::VmfarmJailed => {
-                    if let Some(anon) = anon_kib(child.id()) {
-                        let most = sample.jailer_anon_kib.unwrap_or_default().max(anon);
-                        sample.jailer_anon_kib = Some(most);
+                    if let Some(private) = private_kib(child.id()) {
+                        let most = sample.jailer_private_kib.unwrap_or_default().max(private);
+                        sample.jailer_private_kib = Some(most);
                     }
                     first_child(child.id())
                 }
@@ -425,17 +426,20 @@ fn first_child(pid: u32) -> Option<u32> {
         .ok()
 }
 
-/// Process `pid`'s anonymous resident memory (RssAnon), in KiB.
-fn anon_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("RssAnon:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
+/// The memory process `pid` holds alone (private clean and dirty pages), in KiB.
+fn private_kib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        rollup
+            .lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(field("Private_Clean:")? + field("Private_Dirty:")?)
 }
 
 /// Lines of `out` with the moment each arrived, on a channel that closes at EOF.
@@ -505,9 +509,9 @@ fn describe(s: &Sample) -> String {
             o.anon_kib as f64 / 1024.0
         );
     }
-    if let Some(kib) = s.jailer_anon_kib {
+    if let Some(kib) = s.jailer_private_kib {
         text += &format!(
-            ", jail's waiting process {:.1} MiB anonymous",
+            ", jail's waiting process {:.1} MiB of its own",
             kib as f64 / 1024.0
         );
     }
@@ -639,9 +643,9 @@ fn report_jail(plain: &[Sample], jailed: &[Sample]) {
         "MiB",
     );
     row(
-        "jail's waiting process, anon",
+        "jail's waiting process, private",
         Some(0.0),
-        median_f64(jailed, |x| x.jailer_anon_kib.map(mib)),
+        median_f64(jailed, |x| x.jailer_private_kib.map(mib)),
         "MiB",
     );
 }
