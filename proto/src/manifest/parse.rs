@@ -473,12 +473,18 @@ enum SourceUrlError {
     #[error("has nothing after the scheme")]
     SchemeOnly,
     #[error(
-        "is neither a git URL (https://, ssh://, git://, file://, user@host:path) nor an absolute path"
+        "is {0}, which the worker does not fetch: sources come over https:// or http://, through \
+         the job's network gate and with no credentials; write the repository's https:// URL"
+    )]
+    NotFetched(&'static str),
+    #[error(
+        "is neither a git URL (https://, http://) nor a local path (file://, or an absolute path)"
     )]
     Unknown,
 }
 
-/// Git URLs the worker can clone, or local paths (which the worker checks against its allow-list).
+/// Git URLs over http(s), which the worker fetches through the job's network gate, or local
+/// paths (which the worker checks against its allow-list).
 fn check_source_url(url: &str) -> Result<(), SourceUrlError> {
     if url.len() > MAX_URL_BYTES {
         return Err(SourceUrlError::TooLong(url.len()));
@@ -486,7 +492,12 @@ fn check_source_url(url: &str) -> Result<(), SourceUrlError> {
     if url.starts_with('-') || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(SourceUrlError::Unsafe);
     }
-    let schemes = ["https://", "http://", "git://", "ssh://", "file://"];
+    for (scheme, what) in [("git://", "a git:// URL"), ("ssh://", "an ssh:// URL")] {
+        if url.starts_with(scheme) {
+            return Err(SourceUrlError::NotFetched(what));
+        }
+    }
+    let schemes = ["https://", "http://", "file://"];
     if let Some(scheme) = schemes.iter().find(|s| url.starts_with(*s)) {
         if url.len() == scheme.len() {
             return Err(SourceUrlError::SchemeOnly);
@@ -496,13 +507,15 @@ fn check_source_url(url: &str) -> Result<(), SourceUrlError> {
     if url.starts_with('/') {
         return Ok(());
     }
-    // scp-like `user@host:path`.
+    // scp-like `user@host:path`, which is ssh.
     if let Some((host, path)) = url.split_once(':')
         && !host.is_empty()
         && !host.contains('/')
         && !path.is_empty()
     {
-        return Ok(());
+        return Err(SourceUrlError::NotFetched(
+            "an ssh address (user@host:path)",
+        ));
     }
     Err(SourceUrlError::Unknown)
 }

@@ -352,7 +352,7 @@ fn test_environment() {
 #[test]
 fn test_sources() {
     let m = Manifest::parse(&with(
-        "[[sources]]\nurl = \"https://h/g/proj.git\"\n[[sources]]\nurl = \"/srv/lib\"\nref = \"v1.0\"\n[[sources]]\nurl = \"git@host:x/y\"\npath = \"deps/y\"\n",
+        "[[sources]]\nurl = \"https://h/g/proj.git\"\n[[sources]]\nurl = \"/srv/lib\"\nref = \"v1.0\"\n[[sources]]\nurl = \"http://host/x/y\"\npath = \"deps/y\"\n",
     ))
     .unwrap();
     let paths: Vec<_> = m.sources.iter().map(|s| s.path.as_str()).collect();
@@ -370,6 +370,18 @@ fn test_sources() {
         7,
         &["neither a git URL"],
     );
+    for (url, what) in [
+        ("git@host:x/y", "is an ssh address (user@host:path)"),
+        ("ssh://git@host/x", "is an ssh:// URL"),
+        ("git://host/x", "is a git:// URL"),
+    ] {
+        assert_error(
+            &with(&format!("[[sources]]\nurl = \"{url}\"\n")),
+            3,
+            7,
+            &[what, "write the repository's https:// URL"],
+        );
+    }
     assert_error(
         &with("[[sources]]\nurl = \"--upload-pack=x\"\n"),
         3,
