@@ -1,7 +1,8 @@
 //! `vmfarm bench network`: a 64 MiB file served on this host's loopback, downloaded in a guest
 //! through the job's proxy (its time from the proxy's own log line) beside the same download
-//! made directly on the host in the same run; and the packages step of a few packages with the
-//! proxy's cache cold, then warm. The qemu backend, the debian-13 image.
+//! made directly on the host in the same run, and beside the same bytes through a pipe inside the
+//! guest (what the guest's emulated CPU can move at all); and the packages step of a few packages
+//! with the proxy's cache cold, then warm. The qemu backend, the debian-13 image.
 
 use super::farm::Farm;
 use anyhow::Context;
@@ -14,6 +15,8 @@ use vmfarm_proto::network::non_public;
 use vmfarm_worker::config::BackendChoice;
 
 const FILE_BYTES: usize = 64 << 20;
+/// The line the download job's `pipe` task prints with its seconds.
+const PIPE_LINE: &str = "bench-pipe-seconds";
 const PACKAGES: &str = "[\"zlib1g-dev\", \"libssl-dev\", \"pkg-config\"]";
 
 pub async fn run(images_dir: PathBuf) -> anyhow::Result<()> {
@@ -42,7 +45,11 @@ pub async fn run(images_dir: PathBuf) -> anyhow::Result<()> {
          [[tasks]]\nname = \"get\"\nscript = '''\n\
          exec 3<>/dev/tcp/127.0.0.1/${{http_proxy##*:}}\n\
          printf 'GET http://localhost:{port}/file HTTP/1.1\\r\\nHost: localhost:{port}\\r\\nConnection: close\\r\\n\\r\\n' >&3\n\
-         cat <&3 | wc -c\n'''\n"
+         cat <&3 | wc -c\n'''\n\
+         [[tasks]]\nname = \"pipe\"\nscript = '''\n\
+         start=$(date +%s.%N)\n\
+         head -c {FILE_BYTES} /dev/zero | cat | wc -c\n\
+         awk -v a=$start -v b=$(date +%s.%N) 'BEGIN {{ printf \"{PIPE_LINE} %.3f\\n\", b - a }}'\n'''\n"
     );
     let id = farm.submit(&download).await?;
     let job = farm.ended(id).await?;
@@ -53,6 +60,7 @@ pub async fn run(images_dir: PathBuf) -> anyhow::Result<()> {
         job.state
     );
     let guest = proxied_seconds(&log, port).context("the proxy's line for the download")?;
+    let pipe = pipe_seconds(&log).context("the guest's pipe line")?;
     let mib = FILE_BYTES as f64 / f64::from(1 << 20);
     println!("vmfarm bench network: {mib:.0} MiB over loopback, qemu backend, debian-13");
     println!("{:<44} {:>10} {:>12}", "download", "seconds", "MiB/s");
@@ -68,9 +76,19 @@ pub async fn run(images_dir: PathBuf) -> anyhow::Result<()> {
         mib / guest
     );
     println!(
+        "{:<44} {pipe:>10.2} {:>12.1}",
+        "guest, a pipe inside it (its own ceiling)",
+        mib / pipe
+    );
+    println!(
         "{:<44} {:>10.2}",
         "ratio guest/host throughput",
         host / guest
+    );
+    println!(
+        "{:<44} {:>10.2}",
+        "ratio guest through the proxy / its own pipe",
+        pipe / guest
     );
 
     let packages = format!(
@@ -163,6 +181,15 @@ fn proxied_seconds(log: &str, port: u16) -> Option<f64> {
         .ok()
 }
 
+/// The seconds the guest's pipe task printed.
+fn pipe_seconds(log: &str) -> Option<f64> {
+    log.lines()
+        .find_map(|l| l.trim().strip_prefix(PIPE_LINE))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// How long job `id`'s packages step took.
 async fn packages_seconds(farm: &Farm, id: i64) -> anyhow::Result<f64> {
     let row = vmfarm_server::db::Query::fetch_optional(
@@ -186,5 +213,10 @@ mod tests {
                    the guest sent 90 B, received 64.0 MiB in 2.5s\n";
         assert_eq!(proxied_seconds(log, 8080), Some(2.5));
         assert_eq!(proxied_seconds(log, 9090), None);
+        assert_eq!(
+            pipe_seconds("67108864\nbench-pipe-seconds 1.250\n"),
+            Some(1.25)
+        );
+        assert_eq!(pipe_seconds(log), None);
     }
 }
