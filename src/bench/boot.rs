@@ -539,6 +539,33 @@ fn median_f64(samples: &[Sample], pick: impl Fn(&Sample) -> Option<f64>) -> Opti
     Some(all[all.len() / 2])
 }
 
+/// The boot's moments that both VMMs report, as the tables show them.
+const BOOT_TIMES: [(&str, Pick); 3] = [
+    ("start -> first kernel line", |x| x.first_kernel_line),
+    ("start -> marker", |x| x.marker),
+    ("start -> exit", |x| x.exit),
+];
+
+/// A table's row: what, the two figures, their unit.
+type Row<'r> = &'r dyn Fn(&str, Option<f64>, Option<f64>, &str);
+
+/// The VMM's memory outside guest RAM, runs `a` beside runs `b`, in a table's `row`.
+fn memory_rows(row: Row, a: &[Sample], b: &[Sample]) {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    row(
+        "peak RSS outside guest RAM",
+        median_f64(a, |x| x.outside.map(|o| mib(o.rss_kib))),
+        median_f64(b, |x| x.outside.map(|o| mib(o.rss_kib))),
+        "MiB",
+    );
+    row(
+        "  of which anonymous",
+        median_f64(a, |x| x.outside.map(|o| mib(o.anon_kib))),
+        median_f64(b, |x| x.outside.map(|o| mib(o.anon_kib))),
+        "MiB",
+    );
+}
+
 fn report(vmfarm: &[Sample], qemu: &[Sample]) {
     println!();
     println!(
@@ -563,28 +590,11 @@ fn report(vmfarm: &[Sample], qemu: &[Sample]) {
         None,
         "ms",
     );
-    let times: [(&str, Pick); 3] = [
-        ("start -> first kernel line", |x| x.first_kernel_line),
-        ("start -> marker", |x| x.marker),
-        ("start -> exit", |x| x.exit),
-    ];
-    for (what, pick) in times {
+    for (what, pick) in BOOT_TIMES {
         let secs = |runs: &[Sample]| median_of(runs, pick).map(|d| d.as_secs_f64());
         row(what, secs(vmfarm), secs(qemu), "s");
     }
-    let mib = |kib: u64| kib as f64 / 1024.0;
-    row(
-        "peak RSS outside guest RAM",
-        median_f64(vmfarm, |x| x.outside.map(|o| mib(o.rss_kib))),
-        median_f64(qemu, |x| x.outside.map(|o| mib(o.rss_kib))),
-        "MiB",
-    );
-    row(
-        "  of which anonymous",
-        median_f64(vmfarm, |x| x.outside.map(|o| mib(o.anon_kib))),
-        median_f64(qemu, |x| x.outside.map(|o| mib(o.anon_kib))),
-        "MiB",
-    );
+    memory_rows(&row, vmfarm, qemu);
     let keys: std::collections::BTreeSet<&String> = vmfarm
         .iter()
         .chain(qemu)
@@ -620,32 +630,17 @@ fn report_jail(plain: &[Sample], jailed: &[Sample]) {
         println!("{what:<32} {:>14} {:>14} {diff:>10}", cell(a), cell(b));
     };
     let ms = |runs: &[Sample], pick: Pick| median_of(runs, pick).map(|d| d.as_secs_f64() * 1e3);
-    let times: [(&str, Pick); 4] = [
-        ("start -> vCPUs in KVM_RUN", |x| x.vcpus_start),
-        ("start -> first kernel line", |x| x.first_kernel_line),
-        ("start -> marker", |x| x.marker),
-        ("start -> exit", |x| x.exit),
-    ];
-    for (what, pick) in times {
+    let vcpus: (&str, Pick) = ("start -> vCPUs in KVM_RUN", |x| x.vcpus_start);
+    for (what, pick) in std::iter::once(vcpus).chain(BOOT_TIMES) {
         row(what, ms(plain, pick), ms(jailed, pick), "ms");
     }
-    let mib = |kib: u64| kib as f64 / 1024.0;
-    row(
-        "peak RSS outside guest RAM",
-        median_f64(plain, |x| x.outside.map(|o| mib(o.rss_kib))),
-        median_f64(jailed, |x| x.outside.map(|o| mib(o.rss_kib))),
-        "MiB",
-    );
-    row(
-        "  of which anonymous",
-        median_f64(plain, |x| x.outside.map(|o| mib(o.anon_kib))),
-        median_f64(jailed, |x| x.outside.map(|o| mib(o.anon_kib))),
-        "MiB",
-    );
+    memory_rows(&row, plain, jailed);
     row(
         "jail's waiting process, private",
         Some(0.0),
-        median_f64(jailed, |x| x.jailer_private_kib.map(mib)),
+        median_f64(jailed, |x| {
+            x.jailer_private_kib.map(|kib| kib as f64 / 1024.0)
+        }),
         "MiB",
     );
 }
