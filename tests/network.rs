@@ -97,14 +97,7 @@ path = "z"
     assert!(log.contains("[vmfarm] network deb.debian.org:80"), "{log}");
     // The artifact runs here too (the host has zlib).
     let id = job["id"].as_str().unwrap();
-    let bin = api
-        .req(reqwest::Method::GET, &format!("/api/jobs/{id}/artifacts/z"))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let bin = api.get_bytes(&format!("/api/jobs/{id}/artifacts/z")).await;
     let out = tempfile::tempdir().unwrap();
     let path = out.path().join("z");
     std::fs::write(&path, &bin).unwrap();
@@ -113,14 +106,7 @@ path = "z"
     assert!(String::from_utf8_lossy(&ran.stdout).starts_with("zlib 1."));
 
     let metrics = |api: Api| async move {
-        let text = api
-            .req(reqwest::Method::GET, "/metrics")
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = api.get_text("/metrics").await;
         (
             metric(&text, "vmfarm_proxy_cache_served_bytes_total"),
             metric(&text, "vmfarm_proxy_cache_fetched_bytes_total"),

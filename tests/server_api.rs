@@ -756,17 +756,9 @@ async fn crash_loses_nothing_acknowledged(backend: Backend) {
     let want: String = (1..=20).map(|s| format!("line {s}\n")).collect();
     assert_eq!(log, want);
     let got = api
-        .req(
-            Method::GET,
-            &format!("/api/jobs/{}/artifacts/out/result", lease.job.id),
-        )
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(got.as_ref(), artifact.as_slice());
+        .get_bytes(&format!("/api/jobs/{}/artifacts/out/result", lease.job.id))
+        .await;
+    assert_eq!(got, artifact);
     // A retried append after the restart is recognised.
     let replay: Value = w.log(&lease, 20, "line 20\n").await.json().await.unwrap();
     assert_eq!(replay["stored"], false);

@@ -195,9 +195,23 @@ impl Api {
     }
 
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.get_ok(path).await.json().await.unwrap()
+    }
+
+    /// The body of GET `path`; panics unless it succeeds.
+    pub async fn get_bytes(&self, path: &str) -> Vec<u8> {
+        self.get_ok(path).await.bytes().await.unwrap().to_vec()
+    }
+
+    /// The body of GET `path` as text; panics unless it succeeds.
+    pub async fn get_text(&self, path: &str) -> String {
+        self.get_ok(path).await.text().await.unwrap()
+    }
+
+    async fn get_ok(&self, path: &str) -> reqwest::Response {
         let r = self.req(reqwest::Method::GET, path).send().await.unwrap();
         assert!(r.status().is_success(), "GET {path}: {}", r.status());
-        r.json().await.unwrap()
+        r
     }
 
     /// Submits a manifest; panics unless it is accepted.
