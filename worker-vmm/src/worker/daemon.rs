@@ -50,6 +50,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let cache = ProxyCache::open(&config.network.cache_dir, config.network.cache_max_size.0)
         .await
         .context("opening the network proxy's cache")?;
+    let ca_certificates = job::trusted_authorities(&config.guest.ca_certificates)
+        .context("reading guest.ca_certificates")?;
 
     let budget = Arc::new(Budget::new(
         config.slots.cpus,
@@ -119,6 +121,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             backend,
             image,
             cache: cache.clone(),
+            ca_certificates: ca_certificates.clone(),
         };
         let job = Job {
             lease,

@@ -25,6 +25,7 @@ mod tasks;
 mod teardown;
 
 use limits::Deadline;
+pub use network::trusted_authorities;
 pub use outcome::Outcome;
 
 use super::guest_paths::{BUILD_DIR, FARM_DIR, SECRETS_DIR, quote, unpack_command};
@@ -59,6 +60,9 @@ pub struct JobContext {
     pub image: InstalledImage,
     /// The worker's proxy cache, which every job's network shares.
     pub cache: ProxyCache,
+    /// The PEM certificate authorities guests trust besides their own (`guest.ca_certificates`,
+    /// read at start by [`trusted_authorities`]).
+    pub ca_certificates: Arc<str>,
 }
 
 /// A leased job as the daemon hands it over: its manifest, parsed once (by the daemon), and

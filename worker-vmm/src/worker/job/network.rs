@@ -165,7 +165,7 @@ impl JobRun<'_> {
             return Ok(());
         }
         let mut script = root_network_script(port);
-        let authorities = self.ca_certificates().await?;
+        let authorities = &self.ctx.ca_certificates;
         if !authorities.is_empty() {
             let local = self.run_dir.join("ca.crt");
             write_private(&local, authorities.as_bytes())
@@ -188,25 +188,29 @@ impl JobRun<'_> {
         guest.upload(&local, &remote).await?;
         run_checked(guest, &format!("sudo -n sh -e {}", quote(&remote))).await
     }
+}
 
-    /// The certificate authorities the guests of this worker trust besides their own: the
-    /// PEM files of `guest.ca_certificates` (a folder stands for its `*.crt` files).
-    async fn ca_certificates(&self) -> anyhow::Result<String> {
-        let mut pem = String::new();
-        for path in &self.ctx.config.guest.ca_certificates {
-            for file in pem_files(path)? {
-                let text = tokio::fs::read_to_string(&file)
-                    .await
-                    .with_context(|| format!("reading {}", file.display()))?;
-                if !text.contains("-----BEGIN CERTIFICATE-----") {
-                    anyhow::bail!("{} holds no PEM certificate", file.display());
-                }
-                pem.push_str(text.trim_end());
-                pem.push('\n');
+/// The certificate authorities the guests of this worker trust besides their own: the PEM
+/// files of `paths` (`guest.ca_certificates`; a folder stands for its `*.crt` files), read once
+/// when the worker starts.
+pub fn trusted_authorities(paths: &[std::path::PathBuf]) -> anyhow::Result<Arc<str>> {
+    let mut pem = String::new();
+    for path in paths {
+        for file in pem_files(path)? {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            if !text.contains("-----BEGIN CERTIFICATE-----") {
+                anyhow::bail!(
+                    "{} holds no PEM certificate: remove it from guest.ca_certificates, or put \
+                     the authority's PEM file there",
+                    file.display()
+                );
             }
+            pem.push_str(text.trim_end());
+            pem.push('\n');
         }
-        Ok(pem)
     }
+    Ok(pem.into())
 }
 
 /// The PEM files `path` names: itself, or a folder's `*.crt` files in name order (a missing
@@ -289,5 +293,21 @@ mod tests {
             .collect();
         assert_eq!(names, ["a.crt", "b.crt"]);
         assert!(pem_files(&dir.path().join("missing")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn test_authorities_are_gathered_and_a_file_without_pem_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        std::fs::write(dir.path().join("a.crt"), pem).unwrap();
+        let paths = [dir.path().to_owned(), dir.path().join("missing")];
+        assert_eq!(&*trusted_authorities(&paths).unwrap(), pem);
+        std::fs::write(dir.path().join("b.crt"), "not a certificate").unwrap();
+        let err = trusted_authorities(&paths).unwrap_err().to_string();
+        assert!(err.contains("b.crt holds no PEM certificate"), "{err}");
+        assert!(
+            err.contains("remove it from guest.ca_certificates"),
+            "{err}"
+        );
     }
 }
