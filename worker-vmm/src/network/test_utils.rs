@@ -13,6 +13,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
@@ -53,7 +54,9 @@ type OriginBody = UnsyncBoxBody<Bytes, BoxError>;
 /// - `/echo`: the request's body;
 /// - `/bytes/<n>`: `n` bytes of the pattern, with Content-Length;
 /// - `/debian/pool/main/<x>/<src>/<n>_<anything>`: `n` bytes of the pattern; the source `trunc`
-///   announces `n` bytes and sends half, then fails; the source `nostore` says `no-store`;
+///   announces `n` bytes and sends half, then fails; the source `stall` announces `n` bytes,
+///   sends half and then nothing more the first time it is asked, and all of it afterwards; the
+///   source `nostore` says `no-store`;
 /// - `/debian/dists/.../by-hash/SHA256/<hash>`: `INDEX`, whatever the hash.
 pub(super) struct Origin {
     pub(super) addr: SocketAddr,
@@ -75,12 +78,14 @@ impl Origin {
                 let seen = seen.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |request: Request<Incoming>| {
-                        seen.lock().unwrap().push(format!(
-                            "{} {}",
-                            request.method(),
-                            request.uri()
-                        ));
-                        async move { Ok::<_, Infallible>(route(request)) }
+                        let this = format!("{} {}", request.method(), request.uri());
+                        let earlier = {
+                            let mut seen = seen.lock().unwrap();
+                            let earlier = seen.iter().filter(|r| **r == this).count();
+                            seen.push(this);
+                            earlier
+                        };
+                        async move { Ok::<_, Infallible>(route(request, earlier)) }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -131,7 +136,8 @@ fn streamed(len: usize) -> OriginBody {
     StreamBody::new(stream::iter(frames)).boxed_unsync()
 }
 
-fn route(request: Request<Incoming>) -> Response<OriginBody> {
+/// The answer to `request`, asked `earlier` times before.
+fn route(request: Request<Incoming>, earlier: usize) -> Response<OriginBody> {
     let path = request.uri().path().to_owned();
     let segments: Vec<&str> = path.split('/').collect();
     match segments.as_slice() {
@@ -161,6 +167,11 @@ fn route(request: Request<Incoming>) -> Response<OriginBody> {
                     });
                     let body = StreamBody::new(stream::iter(half).chain(failed)).boxed_unsync();
                     with_length(len, body)
+                }
+                "stall" if earlier == 0 => {
+                    let half = pattern(len / 2).map(|c| Ok::<_, BoxError>(Frame::data(c)));
+                    let body = StreamBody::new(stream::iter(half).chain(stream::pending()));
+                    with_length(len, body.boxed_unsync())
                 }
                 "nostore" => {
                     let mut response = with_length(len, streamed(len));
@@ -241,7 +252,10 @@ pub(super) struct Job {
     pub(super) net: JobNetwork,
     pub(super) log: Log,
     pub(super) cache: ProxyCache,
-    pub(super) dir: tempfile::TempDir,
+    /// The cache's directory.
+    pub(super) dir: PathBuf,
+    /// The temporary directory that `dir` is, when the job made it.
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl Job {
@@ -255,8 +269,22 @@ impl Job {
         limits: NetworkLimits,
         cache_max: u64,
     ) -> Job {
-        let dir = tempfile::tempdir().unwrap();
-        let cache = ProxyCache::open(dir.path(), cache_max).await.unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let mut job = Job::at(temp.path(), allow, private, limits, cache_max).await;
+        job._temp = Some(temp);
+        job
+    }
+
+    /// A job whose cache is the one in `dir` (which outlives the job, as a worker's cache
+    /// outlives the worker).
+    pub(super) async fn at(
+        dir: &Path,
+        allow: &[&str],
+        private: &[&str],
+        limits: NetworkLimits,
+        cache_max: u64,
+    ) -> Job {
+        let cache = ProxyCache::open(dir, cache_max).await.unwrap();
         let log = Log::default();
         let net = JobNetwork::new(
             allow.iter().map(|p| p.parse().unwrap()).collect(),
@@ -269,7 +297,8 @@ impl Job {
             net,
             log,
             cache,
-            dir,
+            dir: dir.to_owned(),
+            _temp: None,
         }
     }
 

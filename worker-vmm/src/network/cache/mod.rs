@@ -274,7 +274,7 @@ impl Hit {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::network::test_utils::{INDEX, Job, Origin, by_hash_path, pattern};
+    use crate::network::test_utils::{INDEX, Job, Origin, by_hash_path, limits, pattern};
     use hyper::StatusCode;
     use sha2::{Digest, Sha256};
 
@@ -347,11 +347,83 @@ mod tests {
         assert_eq!(answer.body.len(), 100_000);
         let stats = job.cache.stats();
         assert_eq!((stats.entries, stats.stored, stats.discarded), (0, 0, 1));
-        assert!(files_in(&job.dir.path().join("entries")).is_empty());
-        assert!(files_in(&job.dir.path().join("tmp")).is_empty());
+        assert!(files_in(&job.dir.join("entries")).is_empty());
+        assert!(files_in(&job.dir.join("tmp")).is_empty());
         let again = job.get(&origin.url(path)).await;
         assert!(!again.is_hit());
         assert_eq!(origin.requests_for(path), 2);
+    }
+
+    /// Set in the worker process of the test below: the cache directory it uses.
+    const KILLED_WORKER_CACHE: &str = "VMFARM_TEST_KILLED_WORKER_CACHE";
+    /// Set with it: the origin's port.
+    const KILLED_WORKER_ORIGIN: &str = "VMFARM_TEST_KILLED_WORKER_ORIGIN";
+    const STALLED: &str = "/debian/pool/main/s/stall/3000000_stall_1.0_amd64.deb";
+
+    #[tokio::test]
+    async fn test_a_worker_killed_mid_download_leaves_no_entry_a_later_job_reads() {
+        if let Ok(dir) = std::env::var(KILLED_WORKER_CACHE) {
+            // The worker that is killed: it downloads a file that stops at its half.
+            let port: u16 = std::env::var(KILLED_WORKER_ORIGIN)
+                .unwrap()
+                .parse()
+                .unwrap();
+            let target = format!("localhost:{port}");
+            let job = Job::at(Path::new(&dir), &[&target], &[LOOPBACK], limits(), 1 << 30).await;
+            let answer = job.get(&format!("http://{target}{STALLED}")).await;
+            panic!("the stalled download ended: {answer:?}");
+        }
+        let origin = Origin::start().await;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("cache");
+        let name = "test_a_worker_killed_mid_download_leaves_no_entry_a_later_job_reads";
+        let test = format!("{}::{name}", module_path!().split_once("::").unwrap().1);
+        let mut worker = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([test.as_str(), "--exact", "--nocapture"])
+            .env(KILLED_WORKER_CACHE, &dir)
+            .env(KILLED_WORKER_ORIGIN, origin.port().to_string())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Killed (SIGKILL) once half of the file is in its temporary entry.
+        let half = 1_500_000;
+        let started = std::time::Instant::now();
+        loop {
+            let written: u64 = std::fs::read_dir(dir.join("tmp"))
+                .into_iter()
+                .flatten()
+                .map(|e| e.unwrap().metadata().unwrap().len())
+                .sum();
+            if written >= half {
+                break;
+            }
+            assert!(
+                worker.try_wait().unwrap().is_none(),
+                "the worker ended before it was killed"
+            );
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "the worker wrote {written} bytes of its temporary entry in 60 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        worker.kill().unwrap();
+        worker.wait().unwrap();
+        assert_eq!(files_in(&dir.join("tmp")).len(), 1);
+
+        // The next worker on that cache: no entry, the file fetched again, whole.
+        let target = format!("localhost:{}", origin.port());
+        let job = Job::at(&dir, &[&target], &[LOOPBACK], limits(), 1 << 30).await;
+        assert!(files_in(&dir.join("tmp")).is_empty());
+        assert!(files_in(&dir.join("entries")).is_empty());
+        assert_eq!(job.cache.stats().entries, 0);
+        let fetched = job.get(&origin.url(STALLED)).await;
+        assert!(!fetched.is_hit());
+        assert!(fetched.body == pattern_bytes(3_000_000));
+        let hit = job.get(&origin.url(STALLED)).await;
+        assert!(hit.is_hit());
+        assert!(hit.body == fetched.body);
+        assert_eq!(origin.requests_for(STALLED), 2);
     }
 
     #[tokio::test]
@@ -399,7 +471,7 @@ mod tests {
         assert!(!job.get(&origin.url(&c)).await.is_hit());
         let stats = job.cache.stats();
         assert_eq!((stats.entries, stats.size, stats.evicted), (2, 200_000, 1));
-        assert_eq!(files_in(&job.dir.path().join("entries")).len(), 2);
+        assert_eq!(files_in(&job.dir.join("entries")).len(), 2);
         assert!(job.get(&origin.url(&a)).await.is_hit());
         assert!(job.get(&origin.url(&c)).await.is_hit());
         assert!(
@@ -453,8 +525,8 @@ mod tests {
         assert!(hit.body == want);
         let stats = job.cache.stats();
         assert_eq!((stats.entries, stats.size), (1, 2_000_000));
-        assert_eq!(files_in(&job.dir.path().join("entries")).len(), 1);
-        assert!(files_in(&job.dir.path().join("tmp")).is_empty());
+        assert_eq!(files_in(&job.dir.join("entries")).len(), 1);
+        assert!(files_in(&job.dir.join("tmp")).is_empty());
     }
 
     #[tokio::test]
@@ -495,8 +567,8 @@ mod tests {
         let job = Job::new(&[&format!("localhost:{}", origin.port())], &[LOOPBACK]).await;
         let path = "/debian/pool/main/v/vanish/5000_v.deb";
         assert!(!job.get(&origin.url(path)).await.is_hit());
-        for name in files_in(&job.dir.path().join("entries")) {
-            std::fs::remove_file(job.dir.path().join("entries").join(name)).unwrap();
+        for name in files_in(&job.dir.join("entries")) {
+            std::fs::remove_file(job.dir.join("entries").join(name)).unwrap();
         }
         let again = job.get(&origin.url(path)).await;
         assert!(!again.is_hit());
