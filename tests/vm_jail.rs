@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt as _;
+use vmfarm_proto::units::ByteSize;
 use vmfarm_worker::backend::jail::{Jailer, choose_jail};
 use vmfarm_worker::backend::kvm::KvmBackend;
 use vmfarm_worker::backend::{Backend, BootSpec};
@@ -268,10 +269,52 @@ async fn test_jailed_vmm_seen_from_proc() {
         "the guest's cgroup is removed with it"
     );
     assert!(!run_dir.exists(), "the run folder is removed with it");
+    remove_test_cgroups(&config, &parent);
+}
+
+/// Removes this test process's worker cgroup and the test's parent, in each hierarchy.
+fn remove_test_cgroups(config: &JailConfig, parent: &str) {
+    let mine = format!("{parent}/worker-{}", std::process::id());
     for hierarchy in ["", "memory", "cpu", "pids"] {
-        let _ = std::fs::remove_dir(cg_root.join(hierarchy).join(&mine));
-        let _ = std::fs::remove_dir(cg_root.join(hierarchy).join(&parent));
+        let _ = std::fs::remove_dir(config.cgroup_root.join(hierarchy).join(&mine));
+        let _ = std::fs::remove_dir(config.cgroup_root.join(hierarchy).join(parent));
     }
+}
+
+/// A process of a guest's cgroups that the kernel kills at the cgroup's memory limit (as it
+/// would kill a VMM that outgrew its guest's memory + overhead) is what the jail reports, so
+/// that the job's error says why the guest went away.
+#[test]
+fn test_a_kill_at_the_memory_limit_is_reported() {
+    if !can_jail() {
+        return;
+    }
+    let parent = format!("vmfarm-test-oom-{}", std::process::id());
+    let config = JailConfig {
+        memory_overhead: ByteSize(0),
+        ..test_jail_config(&parent)
+    };
+    let (jailer, why) = choose_jail(&config).unwrap();
+    let jail = jailer.expect(&why).guest(1, 16).unwrap();
+    assert_eq!(jail.memory_exhausted(), None);
+    // Joins the guest's cgroups, then holds 64 MB in a shell variable.
+    let join: String = jail
+        .cgroups
+        .iter()
+        .map(|dir| format!("echo $$ > {}/cgroup.procs; ", dir.display()))
+        .collect();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{join}x=$(head -c 64000000 /dev/zero | tr '\\0' a); echo ${{#x}}"
+        ))
+        .status()
+        .unwrap();
+    assert!(!status.success(), "{status:?}");
+    let why = jail.memory_exhausted().expect("the kill is counted");
+    assert!(why.contains("memory limit of 16MiB"), "{why}");
+    drop(jail);
+    remove_test_cgroups(&config, &parent);
 }
 
 /// A system call outside the filter kills the VMM with SIGSYS: unjailed (the filter alone) and

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::config::{JailConfig, JailMode};
+use vmfarm_proto::units::ByteSize;
 
 /// How a worker jails its VMMs: the user range, the cgroups and their limits.
 #[derive(Debug)]
@@ -48,7 +49,33 @@ pub struct GuestJail {
     pub gid: u32,
     /// One directory with cgroup v2, one per controller with v1.
     pub cgroups: Vec<PathBuf>,
+    /// The memory limit of the cgroup, in bytes (the guest's RAM + `memory_overhead`).
+    pub memory: u64,
     jailer: Arc<Jailer>,
+}
+
+impl GuestJail {
+    /// Why the VMM ended, when its cgroup says the kernel killed a process of it for want of
+    /// memory (`oom_kill` in v2's `memory.events` or v1's `memory.oom_control`).
+    pub fn memory_exhausted(&self) -> Option<String> {
+        let kills: u64 = self
+            .cgroups
+            .iter()
+            .flat_map(|dir| ["memory.events", "memory.oom_control"].map(|file| dir.join(file)))
+            .filter_map(|path| std::fs::read_to_string(path).ok())
+            .filter_map(|text| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix("oom_kill ")?.trim().parse::<u64>().ok())
+            })
+            .sum();
+        (kills > 0).then(|| {
+            format!(
+                "the guest's VMM reached its memory limit of {} (the guest's memory + [jail] \
+                 memory_overhead in the worker's config) and the kernel killed it",
+                ByteSize(self.memory)
+            )
+        })
+    }
 }
 
 /// The jail of a guest could not be made.
@@ -352,12 +379,16 @@ impl Jailer {
             uid,
             gid: uid,
             cgroups: Vec::new(),
+            memory: (u64::from(memory_mib) << 20) + self.config.memory_overhead.0,
             jailer: self.clone(),
         };
         if let Some(cgroups) = &self.cgroups {
-            let memory = (u64::from(memory_mib) << 20) + self.config.memory_overhead.0;
-            jail.cgroups =
-                cgroups.make(&format!("guest-{uid}"), vcpus, memory, self.config.pids)?;
+            jail.cgroups = cgroups.make(
+                &format!("guest-{uid}"),
+                vcpus,
+                jail.memory,
+                self.config.pids,
+            )?;
         }
         Ok(jail)
     }
@@ -459,6 +490,23 @@ pub(crate) mod tests {
         std::fs::write(v2.join("cgroup.controllers"), "cpu memory\n").unwrap();
         let err = Cgroups::find(&v2, "vmfarm").unwrap_err();
         assert!(err.contains("lacks the pids controller"), "{err}");
+    }
+
+    /// cgroup v2's counter (v1's is read from the kernel in tests/vm_jail.rs).
+    #[test]
+    fn test_a_kill_at_the_memory_limit_is_read_from_memory_events() {
+        let (jailer, _) = jailer_without_cgroups();
+        let mut jail = jailer.guest(1, 256).unwrap();
+        assert_eq!(jail.memory_exhausted(), None);
+        let dir = tempfile::tempdir().unwrap();
+        jail.cgroups = vec![dir.path().to_owned()];
+        let events = |kills: u32| format!("low 0\nhigh 0\nmax 7\noom 1\noom_kill {kills}\n");
+        std::fs::write(dir.path().join("memory.events"), events(0)).unwrap();
+        assert_eq!(jail.memory_exhausted(), None);
+        std::fs::write(dir.path().join("memory.events"), events(1)).unwrap();
+        let why = jail.memory_exhausted().unwrap();
+        assert!(why.contains("memory limit of 768MiB"), "{why}");
+        jail.cgroups.clear();
     }
 
     #[test]

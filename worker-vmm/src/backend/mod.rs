@@ -148,7 +148,7 @@ pub(crate) struct ProcessVm {
     console: Option<Console>,
     channel: AgentChannel,
     // After the process: its cgroups go once it is gone, and its user is free again.
-    _jail: Option<jail::GuestJail>,
+    jail: Option<jail::GuestJail>,
     // Last: the folder goes after the process is killed.
     _dir: RunDir,
 }
@@ -166,7 +166,7 @@ impl ProcessVm {
             child,
             console,
             channel,
-            _jail: jail,
+            jail,
             _dir: dir,
         }
     }
@@ -199,6 +199,10 @@ impl Vm for ProcessVm {
         Box::pin(async move { self.child.wait().await.map_err(BackendError::Wait) })
     }
 
+    fn memory_exhausted(&self) -> Option<String> {
+        self.jail.as_ref()?.memory_exhausted()
+    }
+
     fn kill(&mut self) -> BoxFuture<'_, Result<(), BackendError>> {
         Box::pin(async move {
             // A VMM that has already exited (the guest shut down) is as killed as it gets.
@@ -229,6 +233,9 @@ pub trait Vm: Send {
     fn connect(&mut self) -> BoxFuture<'_, Result<Box<dyn GuestIo>, BackendError>>;
     /// Waits for the guest to end (a reboot, as `vmfarm-agent shutdown` does, ends it).
     fn wait(&mut self) -> BoxFuture<'_, Result<ExitStatus, BackendError>>;
+    /// Why the host ended the guest's VMM, when it did: the kernel killed it at its memory
+    /// limit. Asked when a step failed, before the guest is killed.
+    fn memory_exhausted(&self) -> Option<String>;
     /// Ends the guest at once; a guest that has already ended is left as it is.
     fn kill(&mut self) -> BoxFuture<'_, Result<(), BackendError>>;
 }

@@ -256,6 +256,11 @@ impl JobRun<'_> {
             .map_err(Halt::Failed)?;
         let mut vm = self.boot(&key).await?;
         let outcome = self.with_guest(vm.as_mut(), &key).await;
+        // A step that failed because the kernel killed the VMM says so first.
+        let outcome = outcome.map_err(|halt| match (halt, vm.memory_exhausted()) {
+            (Halt::Failed(e), Some(why)) => Halt::Failed(e.context(why)),
+            (halt, _) => halt,
+        });
         self.kill(vm).await;
         outcome
     }
