@@ -11,7 +11,8 @@ pub const FENCE_HEADER: &str = "X-Vmfarm-Fence";
 /// Header carrying the hex sha256 of an uploaded artifact.
 pub const SHA256_HEADER: &str = "X-Vmfarm-Sha256";
 
-/// One image a worker can run, at the newest version it has.
+/// One image a worker can run, at the version its jobs run (the one `vmfarm images build` built
+/// or found installed last).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerImage {
     pub name: String,

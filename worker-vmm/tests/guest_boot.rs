@@ -101,6 +101,9 @@ fn image(name: &str) -> InstalledImage {
         "a rebuild of an unchanged recipe reuses the image"
     );
     assert_eq!(again.image.manifest, report.image.manifest);
+    // Whatever else the cache holds, the version just built or found is the one jobs run.
+    let current = images::current(&options.images_dir).unwrap();
+    assert_eq!(current[name].manifest, report.image.manifest);
     *slot = Some(report.image.clone());
     report.image
 }

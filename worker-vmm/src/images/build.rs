@@ -14,6 +14,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::manifest::{
     FileEntry, INITRD, ImageManifest, InstalledImage, KERNEL, MANIFEST, ROOTFS, SystemInfo,
+    make_current,
 };
 use super::recipe::Recipe;
 use super::tools::{self, STRIP};
@@ -207,6 +208,7 @@ pub fn build(
     let _lock = lock(&image_dir.join(".lock"))?;
     if final_dir.join(MANIFEST).is_file() {
         let image = InstalledImage::read(&final_dir)?;
+        make_current(&options.images_dir, &recipe.name, &version)?;
         let seconds = start.elapsed().as_secs_f64();
         return Ok(BuildReport {
             image,
@@ -279,6 +281,7 @@ pub fn build(
     let path = scratch.path().join(MANIFEST);
     std::fs::write(&path, text).map_err(|e| ImageError::io(&path, e))?;
     scratch.keep_as(&final_dir)?;
+    make_current(&options.images_dir, &recipe.name, &version)?;
     Ok(BuildReport {
         image: InstalledImage {
             dir: final_dir,

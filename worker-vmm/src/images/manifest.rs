@@ -128,11 +128,44 @@ pub fn list(images_dir: &Path) -> Result<Vec<InstalledImage>, ImageError> {
     Ok(images)
 }
 
-/// The newest version of image `name` (the one jobs run, CONTRACTS.md "Names").
-pub fn newest(images_dir: &Path, name: &str) -> Result<Option<InstalledImage>, ImageError> {
-    Ok(list(images_dir)?
-        .into_iter()
-        .rfind(|i| i.manifest.name == name))
+/// The file in an image's folder that names the version jobs run.
+const CURRENT: &str = ".current";
+
+/// The version of each image that jobs run (CONTRACTS.md "Names"): the one `vmfarm images
+/// build` built or found installed last, as its folder's `.current` names it; the one built
+/// last where there is no such file (images installed before it existed, or copied by hand).
+pub fn current(images_dir: &Path) -> Result<BTreeMap<String, InstalledImage>, ImageError> {
+    let mut chosen = BTreeMap::new();
+    // `list` is sorted oldest first: later versions replace earlier ones.
+    for image in list(images_dir)? {
+        chosen.insert(image.manifest.name.clone(), image);
+    }
+    for (name, image) in chosen.iter_mut() {
+        let Ok(text) = std::fs::read_to_string(images_dir.join(name).join(CURRENT)) else {
+            continue;
+        };
+        let version = text.trim();
+        let one_folder = !version.is_empty() && !version.starts_with('.') && !version.contains('/');
+        if one_folder && version != image.manifest.version {
+            match InstalledImage::read(&images_dir.join(name).join(version)) {
+                Ok(named) => *image = named,
+                Err(e) => tracing::warn!(
+                    image = %name, %version, error = %e,
+                    "the version named current is not installed; running the one built last"
+                ),
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+/// Makes `version` of image `name` the one jobs run (written whole or not at all).
+pub fn make_current(images_dir: &Path, name: &str, version: &str) -> Result<(), ImageError> {
+    let dir = images_dir.join(name);
+    let temp = dir.join(".current.tmp");
+    std::fs::write(&temp, format!("{version}\n")).map_err(|e| ImageError::io(&temp, e))?;
+    let path = dir.join(CURRENT);
+    std::fs::rename(&temp, &path).map_err(|e| ImageError::io(&path, e))
 }
 
 #[cfg(test)]
@@ -165,7 +198,7 @@ mod tests {
     }
 
     #[test]
-    fn test_list_and_newest_read_installed_manifests() {
+    fn test_list_and_current_read_installed_manifests() {
         let dir = std::env::temp_dir().join(format!("vmfarm-images-list-{}", std::process::id()));
         for (version, at) in [("aaa", 10), ("bbb", 20)] {
             let d = dir.join("debian-12").join(version);
@@ -180,12 +213,20 @@ mod tests {
         let all = list(&dir).unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].manifest, manifest("debian-12", "aaa", 10));
-        assert_eq!(
-            newest(&dir, "debian-12").unwrap().unwrap().manifest.version,
-            "bbb"
-        );
-        assert!(newest(&dir, "tiny").unwrap().is_none());
-        assert!(list(&dir.join("missing")).unwrap().is_empty());
+        let version = |dir: &Path| current(dir).unwrap()["debian-12"].manifest.version.clone();
+        // Without `.current`, the one built last.
+        assert_eq!(version(&dir), "bbb");
+        assert!(!current(&dir).unwrap().contains_key("tiny"));
+        // An older version built again (found installed) is the one jobs run.
+        make_current(&dir, "debian-12", "aaa").unwrap();
+        assert_eq!(version(&dir), "aaa");
+        assert_eq!(list(&dir).unwrap().len(), 2, "`.current` is no image");
+        // A name that is not an installed version is passed over.
+        for bad in ["gone", "../debian-12/bbb", ".tmp-ccc", ""] {
+            std::fs::write(dir.join("debian-12/.current"), bad).unwrap();
+            assert_eq!(version(&dir), "bbb", "{bad:?}");
+        }
+        assert!(current(&dir.join("missing")).unwrap().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -222,7 +263,7 @@ mod tests {
             "{text}"
         );
         std::fs::write(new.join(MANIFEST), &text).unwrap();
-        let image = newest(&dir, "debian-12").unwrap().unwrap();
+        let image = current(&dir).unwrap().remove("debian-12").unwrap();
         assert_eq!(image.manifest, after);
         let manager = image.package_manager().unwrap();
         assert!(manager.allows("deb.debian.org", 80));

@@ -13,7 +13,7 @@ pub mod tools;
 use std::path::{Path, PathBuf};
 
 pub use build::{BuildOptions, BuildReport, build};
-pub use manifest::{ImageManifest, InstalledImage, list, newest};
+pub use manifest::{ImageManifest, InstalledImage, current, list, make_current};
 pub use recipe::Recipe;
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +175,7 @@ pub fn run(args: ImagesArgs) -> anyhow::Result<()> {
         ImagesCommand::List(args) => {
             let dir = args.dir.resolve();
             let images = list(&dir)?;
+            let current = current(&dir)?;
             if images.is_empty() {
                 println!(
                     "no images in {} (make one with `vmfarm images build RECIPE`)",
@@ -188,14 +189,18 @@ pub fn run(args: ImagesArgs) -> anyhow::Result<()> {
             for image in images {
                 let m = &image.manifest;
                 let size: u64 = m.files.values().map(|f| f.size).sum();
+                let runs = current
+                    .get(&m.name)
+                    .is_some_and(|c| c.manifest.version == m.version);
                 println!(
-                    "{:<16} {:<14} {:<10} {:<8} {:<24} {:>7} MiB",
+                    "{:<16} {:<14} {:<10} {:<8} {:<24} {:>7} MiB{}",
                     m.name,
                     m.version,
                     m.system.os,
                     m.system.release,
                     m.system.kernel_version,
-                    size >> 20
+                    size >> 20,
+                    if runs { "  (jobs run this one)" } else { "" }
                 );
             }
         }

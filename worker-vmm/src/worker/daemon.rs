@@ -10,7 +10,7 @@ use crate::backend::Backend;
 use crate::backend::jail::choose_jail;
 use crate::config::JailMode;
 use crate::config::{BackendChoice, WorkerConfig};
-use crate::images::manifest::{InstalledImage, list};
+use crate::images::manifest::{InstalledImage, current};
 use crate::network::{CacheStats, ProxyCache};
 use anyhow::Context;
 use std::collections::BTreeMap;
@@ -19,19 +19,12 @@ use std::time::Duration;
 use vmfarm_proto::wire::{LeaseRequest, LeaseResponse, StateUpdate, WorkerImage};
 use vmfarm_proto::{JobState, Manifest};
 
-/// The newest version of each image in the images dir.
-fn newest_images(config: &WorkerConfig) -> BTreeMap<String, InstalledImage> {
-    let mut newest = BTreeMap::new();
-    match list(&config.images_dir) {
-        // `list` is sorted oldest first, so later entries replace earlier ones.
-        Ok(images) => {
-            for image in images {
-                newest.insert(image.manifest.name.clone(), image);
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot read the images dir"),
-    }
-    newest
+/// The version of each image in the images dir that jobs run.
+fn current_images(config: &WorkerConfig) -> BTreeMap<String, InstalledImage> {
+    current(&config.images_dir).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read the images dir");
+        BTreeMap::new()
+    })
 }
 
 pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
@@ -64,7 +57,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     // Said once: the dir is looked at again every 2 s until an image is there.
     let mut said_no_images = false;
     loop {
-        let images = newest_images(&config);
+        let images = current_images(&config);
         if images.is_empty() {
             if !said_no_images {
                 tracing::warn!(dir = %config.images_dir.display(), "no images yet; build one with `vmfarm images build tiny`");
