@@ -135,25 +135,22 @@ const CURRENT: &str = ".current";
 /// build` built or found installed last, as its folder's `.current` names it; the one built
 /// last where there is no such file (images installed before it existed, or copied by hand).
 pub fn current(images_dir: &Path) -> Result<BTreeMap<String, InstalledImage>, ImageError> {
-    let mut chosen = BTreeMap::new();
-    // `list` is sorted oldest first: later versions replace earlier ones.
+    let mut chosen: BTreeMap<String, InstalledImage> = BTreeMap::new();
+    let mut named: BTreeMap<String, String> = BTreeMap::new();
+    // `list` is sorted oldest first: a later version replaces an earlier one, unless the
+    // earlier one is named current.
     for image in list(images_dir)? {
-        chosen.insert(image.manifest.name.clone(), image);
-    }
-    for (name, image) in chosen.iter_mut() {
-        let Ok(text) = std::fs::read_to_string(images_dir.join(name).join(CURRENT)) else {
-            continue;
-        };
-        let version = text.trim();
-        let one_folder = !version.is_empty() && !version.starts_with('.') && !version.contains('/');
-        if one_folder && version != image.manifest.version {
-            match InstalledImage::read(&images_dir.join(name).join(version)) {
-                Ok(named) => *image = named,
-                Err(e) => tracing::warn!(
-                    image = %name, %version, error = %e,
-                    "the version named current is not installed; running the one built last"
-                ),
-            }
+        let name = image.manifest.name.clone();
+        let current = named.entry(name.clone()).or_insert_with(|| {
+            std::fs::read_to_string(images_dir.join(&name).join(CURRENT))
+                .map(|text| text.trim().to_owned())
+                .unwrap_or_default()
+        });
+        if chosen
+            .get(&name)
+            .is_none_or(|kept| kept.manifest.version != *current)
+        {
+            chosen.insert(name, image);
         }
     }
     Ok(chosen)
