@@ -100,13 +100,13 @@ pub struct ServerArgs {
 /// Administration of the server's database (works whether the server runs or not).
 #[derive(Debug, Subcommand)]
 pub enum ServerAction {
-    /// Make tokens.
+    /// Make, list and revoke tokens.
     #[command(subcommand)]
     Token(TokenAction),
-    /// Store secrets that manifests may name.
+    /// Store and list secrets that manifests may name.
     #[command(subcommand)]
     Secret(SecretAction),
-    /// Manage the web UI's users.
+    /// Manage users (who log in to the web UI and own jobs, schedules, secrets and tokens).
     #[command(subcommand)]
     User(UserAction),
 }
@@ -114,7 +114,12 @@ pub enum ServerAction {
 #[derive(Debug, Subcommand)]
 pub enum UserAction {
     /// Add a user (or set a user's password); the password is read from standard input.
-    Add { name: String },
+    Add {
+        name: String,
+        /// The user sees and acts on every user's jobs and schedules.
+        #[arg(long)]
+        admin: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,22 +127,41 @@ pub enum TokenAction {
     /// Make a token; it is printed once and stored only as a hash.
     Create {
         /// A worker token for the worker of this name.
-        #[arg(long, conflicts_with_all = ["name", "scopes"])]
+        #[arg(long, conflicts_with_all = ["name", "scopes", "user", "max_priority"])]
         worker: Option<String>,
         /// An API token of this name.
-        #[arg(long, requires = "scopes")]
+        #[arg(long, requires_all = ["scopes", "user"])]
         name: Option<String>,
-        /// Its scopes: submit, read, admin.
+        /// Its scopes: submit, read, admin (admin only for an admin user).
         #[arg(long, value_delimiter = ',')]
         scopes: Vec<String>,
+        /// The user it acts for: its jobs are that user's, it reaches that user's things.
+        #[arg(long)]
+        user: Option<String>,
+        /// The highest priority a manifest submitted with it may ask for.
+        #[arg(long, allow_negative_numbers = true)]
+        max_priority: Option<i64>,
     },
+    /// List the tokens: names, users, scopes, caps, where they came from (never the tokens).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke every token of this name: it stops working at once, and its web sessions end.
+    Revoke { name: String },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum SecretAction {
-    /// Store (or replace) a secret.
+    /// Store (or replace) a secret, owned by a user.
     Set {
         name: String,
+        /// Its owner: that user's jobs and schedules may name it.
+        #[arg(long)]
+        user: String,
+        /// Another user whose jobs may name it too (repeatable).
+        #[arg(long = "share-with")]
+        share_with: Vec<String>,
         /// Read the value from this file.
         #[arg(
             long,
@@ -148,6 +172,11 @@ pub enum SecretAction {
         /// Read the value from standard input.
         #[arg(long)]
         value_stdin: bool,
+    },
+    /// List the secrets: names, owners and who may use them (never the values).
+    List {
+        #[arg(long)]
+        json: bool,
     },
 }
 

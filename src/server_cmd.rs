@@ -1,11 +1,13 @@
-//! `vmfarm server`: run the server, or administer its database (tokens, secrets).
+//! `vmfarm server`: run the server, or administer its database (tokens, secrets, users).
 
 use crate::cli::{SecretAction, ServerAction, ServerArgs, TokenAction, UserAction};
 use anyhow::{Context, bail};
 use std::io::Read;
-use vmfarm_server::auth::Caller;
+use vmfarm_server::admin;
+use vmfarm_server::auth::{ApiCaller, Caller};
 use vmfarm_server::config::{Scope, ServerConfig};
 use vmfarm_server::db::Db;
+use vmfarm_server::secrets::{self, NewSecret, SecretKey};
 
 /// The config file (or the defaults) with the flags laid over it.
 pub fn load_config(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
@@ -52,31 +54,11 @@ async fn admin(config: ServerConfig, action: ServerAction) -> anyhow::Result<()>
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
     let db = Db::open(&config.database_url(), config.sqlite_synchronous).await?;
     match action {
-        ServerAction::Token(TokenAction::Create {
-            worker,
-            name,
-            scopes,
-        }) => {
-            let caller = match (worker, name) {
-                (Some(worker), _) => Caller::Worker { name: worker },
-                (None, Some(name)) => Caller::Api {
-                    name,
-                    scopes: scopes
-                        .iter()
-                        .map(|s| parse_scope(s))
-                        .collect::<anyhow::Result<_>>()?,
-                },
-                (None, None) => bail!(
-                    "say whose token it is: --worker NAME, or --name NAME --scopes submit,read"
-                ),
-            };
-            println!(
-                "{}",
-                vmfarm_server::admin::create_token(&db, &caller).await?
-            );
-        }
+        ServerAction::Token(action) => token(&db, &config, action).await?,
         ServerAction::Secret(SecretAction::Set {
             name,
+            user,
+            share_with,
             file,
             value_stdin,
         }) => {
@@ -93,17 +75,106 @@ async fn admin(config: ServerConfig, action: ServerAction) -> anyhow::Result<()>
                 }
                 (None, false) => bail!("give the value with --file F or --value-stdin"),
             };
-            vmfarm_server::admin::set_secret(&db, &name, &value).await?;
-            println!("secret {name} stored ({} bytes)", value.len());
+            for who in std::iter::once(&user).chain(&share_with) {
+                if vmfarm_server::users::find(&db, &config, who)
+                    .await?
+                    .is_none()
+                {
+                    bail!("there is no user `{who}`: add it with `vmfarm server user add {who}`");
+                }
+            }
+            let key = SecretKey::load(&config.data_dir)?;
+            let new = NewSecret {
+                name: &name,
+                owner: &user,
+                shared_with: &share_with,
+                value: &value,
+            };
+            secrets::set(&db, &key, &new).await?;
+            println!(
+                "secret {name} stored ({} bytes, sealed), owned by {user}",
+                value.len()
+            );
         }
-        ServerAction::User(UserAction::Add { name }) => {
+        ServerAction::Secret(SecretAction::List { json }) => {
+            let list = secrets::list(&db).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<24} {:<16} SHARED WITH", "NAME", "OWNER");
+                for s in list {
+                    println!("{:<24} {:<16} {}", s.name, s.owner, s.shared_with.join(","));
+                }
+            }
+        }
+        ServerAction::User(UserAction::Add { name, admin }) => {
             let mut password = String::new();
             std::io::stdin()
                 .read_line(&mut password)
                 .context("reading the password from stdin")?;
             let password = password.trim_end_matches(['\r', '\n']);
-            vmfarm_server::web::session::add_user(&db, &name, password).await?;
-            println!("user {name} can log in to the web UI");
+            vmfarm_server::users::add(&db, &name, password, admin).await?;
+            let role = if admin { " (an admin)" } else { "" };
+            println!("user {name}{role} can log in to the web UI");
+        }
+    }
+    Ok(())
+}
+
+async fn token(db: &Db, config: &ServerConfig, action: TokenAction) -> anyhow::Result<()> {
+    match action {
+        TokenAction::Create {
+            worker,
+            name,
+            scopes,
+            user,
+            max_priority,
+        } => {
+            let caller = match (worker, name, user) {
+                (Some(worker), _, _) => Caller::Worker { name: worker },
+                (None, Some(name), Some(user)) => Caller::Api(ApiCaller {
+                    name,
+                    user,
+                    admin: false,
+                    scopes: scopes
+                        .iter()
+                        .map(|s| parse_scope(s))
+                        .collect::<anyhow::Result<_>>()?,
+                    max_priority,
+                }),
+                _ => bail!(
+                    "say whose token it is: --worker NAME, or --name NAME --user USER --scopes submit,read"
+                ),
+            };
+            println!("{}", admin::create_token(db, config, &caller).await?);
+        }
+        TokenAction::List { json } => {
+            let list = admin::list_tokens(db).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<20} {:<7} {:<16} {:<18} {:<9} SOURCE",
+                    "NAME", "KIND", "USER", "SCOPES", "MAX PRIO"
+                );
+                for t in list {
+                    let (user, cap) = match t.kind.as_str() {
+                        "worker" => ("-".to_owned(), "-".to_owned()),
+                        _ => (
+                            t.user,
+                            t.max_priority.map_or("-".to_owned(), |p| p.to_string()),
+                        ),
+                    };
+                    println!(
+                        "{:<20} {:<7} {:<16} {:<18} {:<9} {}",
+                        t.name, t.kind, user, t.scopes, cap, t.source
+                    );
+                }
+            }
+        }
+        TokenAction::Revoke { name } => {
+            let removed = admin::revoke_token(db, &name).await?;
+            println!("revoked {removed} token(s) named {name}");
         }
     }
     Ok(())

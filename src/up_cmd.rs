@@ -23,6 +23,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let running = vmfarm_server::serve::start(config).await?;
     let worker_token = vmfarm_server::admin::create_token(
         &running.state.db,
+        &running.state.config,
         &Caller::Worker {
             name: "local".into(),
         },

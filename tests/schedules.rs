@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use vmfarm_proto::JobState;
+use vmfarm_server::access::{Reach, Submitter};
 use vmfarm_server::config::ServerConfig;
 use vmfarm_server::db::{Db, SqliteSync};
 use vmfarm_server::schedules::{self, NewSchedule, Source};
@@ -44,11 +45,20 @@ async fn state(backend: Backend, dir: &std::path::Path) -> AppState {
         Db::open(&url, SqliteSync::default()).await.unwrap(),
         config,
         vmfarm_server::store::ArtifactStore::new(dir.join("artifacts")),
+        vmfarm_server::secrets::SecretKey::load(dir).unwrap(),
     )
 }
 
+/// The built-in admin, whose schedules these are.
+fn admin() -> Submitter {
+    Submitter {
+        user: vmfarm_server::users::ADMIN.into(),
+        max_priority: None,
+    }
+}
+
 async fn group_states(state: &AppState, name: &str) -> Vec<Vec<(String, JobState)>> {
-    schedules::runs(state, name, 100)
+    schedules::runs(state, name, 100, &Reach::All)
         .await
         .unwrap()
         .into_iter()
@@ -69,9 +79,16 @@ async fn schedule_runs_on_time_and_once_after_downtime(backend: Backend) {
         manifest: "images = [\"debian-12\", \"alpine-3\"]\n[[tasks]]\nname = \"build\"\nscript = \"make\"\n"
             .into(),
     };
-    schedules::save(&state, &nightly, Source::Config, ms("2026-11-20T12:00:00Z"))
-        .await
-        .unwrap();
+    schedules::save(
+        &state,
+        &nightly,
+        Source::Config,
+        ms("2026-11-20T12:00:00Z"),
+        &admin(),
+        &Reach::All,
+    )
+    .await
+    .unwrap();
 
     // Not yet; then at 03:00 one group with a job per image, tagged; not again in that minute.
     let made = schedules::tick(&state, ms("2026-11-21T02:59:59Z"))
@@ -82,7 +99,7 @@ async fn schedule_runs_on_time_and_once_after_downtime(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(made.len(), 1);
-    let group = vmfarm_server::job_views::group(&state.db, made[0].parse().unwrap())
+    let group = vmfarm_server::job_views::group(&state.db, made[0].parse().unwrap(), &Reach::All)
         .await
         .unwrap();
     let images: Vec<_> = group.jobs.iter().map(|j| j.image.as_str()).collect();
@@ -105,7 +122,9 @@ async fn schedule_runs_on_time_and_once_after_downtime(backend: Backend) {
         .await
         .unwrap();
     assert!(made.is_empty(), "{made:?}");
-    let view = schedules::get(&state, "nightly").await.unwrap();
+    let view = schedules::get(&state, "nightly", &Reach::All)
+        .await
+        .unwrap();
     assert_eq!(view.last_run_at, ms("2026-11-24T03:00:00Z"));
     assert_eq!(view.next_run_at, Some(ms("2026-11-25T03:00:00Z")));
 
@@ -120,9 +139,16 @@ async fn schedule_runs_on_time_and_once_after_downtime(backend: Backend) {
         timezone: Some("Europe/Paris".into()),
         ..nightly.clone()
     };
-    schedules::save(&state, &paris, Source::Ui, ms("2026-11-24T12:00:00Z"))
-        .await
-        .unwrap();
+    schedules::save(
+        &state,
+        &paris,
+        Source::Ui,
+        ms("2026-11-24T12:00:00Z"),
+        &admin(),
+        &Reach::All,
+    )
+    .await
+    .unwrap();
     assert!(
         schedules::tick(&state, ms("2026-11-25T01:59:00Z"))
             .await
@@ -166,14 +192,24 @@ async fn schedule_runs_on_time_and_once_after_downtime(backend: Backend) {
             "invalid manifest",
         ),
     ] {
-        let err = schedules::save(&state, &bad, Source::Ui, ms("2026-11-25T12:00:00Z"))
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = schedules::save(
+            &state,
+            &bad,
+            Source::Ui,
+            ms("2026-11-25T12:00:00Z"),
+            &admin(),
+            &Reach::All,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
         assert!(err.contains(want), "{err}");
     }
     assert_eq!(
-        schedules::get(&state, "nightly").await.unwrap().cron,
+        schedules::get(&state, "nightly", &Reach::All)
+            .await
+            .unwrap()
+            .cron,
         "0 3 * * *"
     );
 }

@@ -818,14 +818,34 @@ async fn secrets_reach_only_the_lease(backend: Backend) {
         r.text()
             .await
             .unwrap()
-            .contains("vmfarm server secret set deploy-key")
+            .contains("vmfarm server secret set deploy-key --user admin")
     );
 
     let said = server.set_secret("deploy-key", b"s3cr3t-value");
     assert!(
-        said.contains("secret deploy-key stored (12 bytes)"),
+        said.contains("secret deploy-key stored (12 bytes, sealed), owned by admin"),
         "{said}"
     );
+    if backend == Backend::Sqlite {
+        // The database alone reveals no value: not the file, not its write-ahead log.
+        let mut files = 0;
+        for entry in std::fs::read_dir(server.data_dir()).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.starts_with("vmfarm.db") {
+                let bytes = std::fs::read(&path).unwrap();
+                assert!(
+                    !bytes.windows(12).any(|w| w == b"s3cr3t-value"),
+                    "{name} holds the secret's value"
+                );
+                files += 1;
+            }
+        }
+        assert!(
+            files >= 2,
+            "the database and its WAL were read ({files} files)"
+        );
+    }
 
     let id = api.submit(&text).await.jobs[0].id.clone();
     let job = api

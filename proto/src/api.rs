@@ -32,6 +32,8 @@ pub struct JobView {
     pub id: String,
     pub group_id: String,
     pub image: String,
+    /// The user who submitted it (or whose schedule made it).
+    pub owner: String,
     pub state: JobState,
     pub attempt: u32,
     pub priority: i64,
@@ -61,6 +63,7 @@ pub struct JobList {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupView {
     pub id: String,
+    pub owner: String,
     pub created_at: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
@@ -102,6 +105,7 @@ mod tests {
             id: "j1".into(),
             group_id: "g1".into(),
             image: "tiny".into(),
+            owner: "admin".into(),
             state: JobState::Running,
             attempt: 1,
             priority: 0,

@@ -67,6 +67,16 @@ pub struct ApiToken {
     pub name: String,
     pub token: String,
     pub scopes: Vec<Scope>,
+    /// The user whose jobs the token submits and reads: the built-in `admin` when not given.
+    #[serde(default = "admin_user")]
+    pub user: String,
+    /// The highest priority its manifests may ask for.
+    #[serde(default)]
+    pub max_priority: Option<i64>,
+}
+
+fn admin_user() -> String {
+    crate::users::ADMIN.to_owned()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -78,6 +88,9 @@ pub struct Schedule {
     pub timezone: Option<String>,
     /// Path of the manifest to enqueue, relative to the config file's folder.
     pub manifest: PathBuf,
+    /// The user whose jobs its runs are (and whose secrets they may name).
+    #[serde(default = "admin_user")]
+    pub owner: String,
 }
 
 /// A person who logs in to the web UI.
@@ -87,6 +100,9 @@ pub struct User {
     pub name: String,
     /// An argon2 hash in PHC form (`$argon2id$...`), as `vmfarm server user add` makes.
     pub password_hash: String,
+    /// Sees and acts on every user's jobs and schedules.
+    #[serde(default)]
+    pub admin: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -26,15 +26,9 @@ impl FromRequestParts<AppState> for Caller {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or(AppError::Unauthorized)?;
-        let hash = hash_token(token);
-        if let Some(caller) = state.tokens.get(&hash) {
-            return Ok(caller);
-        }
-        let caller = lookup(&state.db, &hash)
+        lookup(&state.db, &state.config, &hash_token(token))
             .await?
-            .ok_or(AppError::Unauthorized)?;
-        state.tokens.put(hash, caller.clone());
-        Ok(caller)
+            .ok_or(AppError::Unauthorized)
     }
 }
 

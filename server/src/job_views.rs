@@ -1,6 +1,7 @@
 //! Jobs as they are read: one job, a page of them, a group, and the queue's figures. The API,
 //! the web UI, webhooks and `/metrics` all read them here.
 
+use crate::access::Reach;
 use crate::db::{Arg, Db, Query, Row};
 use crate::error::{AppError, AppResult};
 use std::collections::HashMap;
@@ -16,13 +17,14 @@ pub fn parse_id(text: &str, what: &str) -> AppResult<i64> {
 }
 
 const JOB_COLUMNS: &str = "id, group_id, image, state, attempt, priority, tags, created_at, started_at, \
-                           finished_at, image_version, reason";
+                           finished_at, image_version, reason, owner";
 
 fn job_from_row(row: &Row) -> AppResult<JobView> {
     Ok(JobView {
         id: row.int(0)?.to_string(),
         group_id: row.int(1)?.to_string(),
         image: row.text(2)?,
+        owner: row.text(12)?,
         state: row.parsed(3)?,
         attempt: u32::try_from(row.int(4)?).unwrap_or(u32::MAX),
         priority: row.int(5)?,
@@ -80,11 +82,13 @@ async fn jobs_where(db: &Db, sql: &str, args: &[Arg<'_>]) -> AppResult<Vec<JobVi
     Ok(jobs)
 }
 
-pub async fn get(db: &Db, id: i64) -> AppResult<JobView> {
+/// Job `id`, when it is within `reach` (otherwise the same `404` as a missing one).
+pub async fn get(db: &Db, id: i64, reach: &Reach) -> AppResult<JobView> {
     let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1");
     jobs_where(db, &sql, &[id.into()])
         .await?
         .pop()
+        .filter(|job| reach.covers(&job.owner))
         .ok_or_else(|| AppError::NotFound(format!("no job {id}")))
 }
 
@@ -102,7 +106,8 @@ pub struct ListQuery {
 
 pub const MAX_PAGE: u32 = 200;
 
-pub async fn list(db: &Db, q: &ListQuery) -> AppResult<JobList> {
+/// A page of the jobs within `reach`, newest first.
+pub async fn list(db: &Db, q: &ListQuery, reach: &Reach) -> AppResult<JobList> {
     let limit = q.limit.unwrap_or(50);
     if limit == 0 || limit > MAX_PAGE {
         return Err(AppError::BadRequest(format!(
@@ -125,6 +130,7 @@ pub async fn list(db: &Db, q: &ListQuery) -> AppResult<JobList> {
         .transpose()?;
     let mut clauses = Vec::new();
     let mut args: Vec<Arg> = Vec::new();
+    clauses.extend(reach.owner_clause("owner", &mut args));
     if let Some(state) = state {
         args.push(state.as_str().into());
         clauses.push(format!("state = ${}", args.len()));
@@ -169,44 +175,51 @@ pub async fn list(db: &Db, q: &ListQuery) -> AppResult<JobList> {
     Ok(JobList { jobs, next_before })
 }
 
-pub async fn group(db: &Db, id: i64) -> AppResult<GroupView> {
+/// Group `id`, when it is within `reach` (otherwise the same `404` as a missing one).
+pub async fn group(db: &Db, id: i64, reach: &Reach) -> AppResult<GroupView> {
     let row = db
         .read()
         .fetch_optional(
-            "SELECT created_at, schedule FROM job_groups WHERE id = $1",
+            "SELECT created_at, schedule, owner FROM job_groups WHERE id = $1",
             &[id.into()],
         )
         .await?
+        .filter(|row| row.text(2).is_ok_and(|owner| reach.covers(&owner)))
         .ok_or_else(|| AppError::NotFound(format!("no group {id}")))?;
     let sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE group_id = $1 ORDER BY id");
     Ok(GroupView {
         id: id.to_string(),
+        owner: row.text(2)?,
         created_at: row.int(0)?,
         schedule: row.opt_text(1)?,
         jobs: jobs_where(db, &sql, &[id.into()]).await?,
     })
 }
 
-/// The ids of the newest groups (of `schedule` when given), newest first.
-pub async fn newest_groups(db: &Db, schedule: Option<&str>, limit: i64) -> AppResult<Vec<i64>> {
-    let rows = match schedule {
-        Some(name) => {
-            db.read()
-                .fetch_all(
-                    "SELECT id FROM job_groups WHERE schedule = $1 ORDER BY id DESC LIMIT $2",
-                    &[name.into(), limit.into()],
-                )
-                .await?
-        }
-        None => {
-            db.read()
-                .fetch_all(
-                    "SELECT id FROM job_groups ORDER BY id DESC LIMIT $1",
-                    &[limit.into()],
-                )
-                .await?
-        }
+/// The ids of the newest groups within `reach` (of `schedule` when given), newest first.
+pub async fn newest_groups(
+    db: &Db,
+    schedule: Option<&str>,
+    limit: i64,
+    reach: &Reach,
+) -> AppResult<Vec<i64>> {
+    let mut args: Vec<Arg> = Vec::new();
+    let mut clauses: Vec<String> = reach.owner_clause("owner", &mut args).into_iter().collect();
+    if let Some(name) = schedule {
+        args.push(name.into());
+        clauses.push(format!("schedule = ${}", args.len()));
+    }
+    let filter = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
     };
+    args.push(limit.into());
+    let sql = format!(
+        "SELECT id FROM job_groups {filter} ORDER BY id DESC LIMIT ${}",
+        args.len()
+    );
+    let rows = db.read().fetch_all(&sql, &args).await?;
     Ok(rows.iter().map(|r| r.int(0)).collect::<Result<_, _>>()?)
 }
 

@@ -1,5 +1,6 @@
 //! What users do to jobs: submit them and cancel them. Reading them is [`crate::job_views`].
 
+use crate::access::{Reach, Submitter};
 use crate::db::{Query, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
 use crate::job_end::{End, EndedBy, Seen, end_job};
@@ -9,11 +10,12 @@ use vmfarm_proto::manifest::PACKAGES_TASK;
 use vmfarm_proto::network::HostPattern;
 use vmfarm_proto::{JobState, Manifest, ManifestError, ManifestErrors, TaskState};
 
-/// Validates and enqueues a manifest: one job per image, in one group.
+/// Validates and enqueues a manifest for `submitter`: one job per image, in one group.
 pub async fn submit(
     state: &AppState,
     text: &str,
     schedule: Option<&str>,
+    submitter: &Submitter,
 ) -> AppResult<SubmitResponse> {
     let limit = state.config.limits.max_manifest_size;
     if text.len() as u64 > limit.0 {
@@ -22,7 +24,7 @@ pub async fn submit(
             text.len()
         )));
     }
-    let mut manifest = parse_manifest(state, text)?;
+    let mut manifest = parse_manifest(state, text, submitter)?;
     if let Some(name) = schedule {
         let tag = format!("scheduled:{name}");
         if !manifest.tags.contains(&tag) {
@@ -34,11 +36,13 @@ pub async fn submit(
         .unwrap_or(state.config.limits.default_job_timeout.0);
     let new = NewGroup {
         text: text.to_owned(),
+        owner: submitter.user.clone(),
         schedule: schedule.map(str::to_owned),
         tags_json: serde_json::to_string(&manifest.tags).map_err(AppError::internal)?,
         // The secrets' names and the triggers are kept beside the manifest, so that a lease and
         // the job's end need not parse it again.
-        secrets_json: serde_json::to_string(&manifest.secrets).map_err(AppError::internal)?,
+        secrets_json: serde_json::to_string(&manifest.secret_names())
+            .map_err(AppError::internal)?,
         triggers_json: serde_json::to_string(&manifest.triggers).map_err(AppError::internal)?,
         timeout_ms: i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX),
         manifest,
@@ -53,11 +57,30 @@ pub async fn submit(
 }
 
 /// Parses and validates a manifest, and checks it against this server's policy (its `[network]
-/// allow`): what submit and a schedule's creation accept.
-pub fn parse_manifest(state: &AppState, text: &str) -> AppResult<Manifest> {
+/// allow`) and what `submitter` may ask for (its priority cap): what submit and a schedule's
+/// creation accept. Whether it may name its secrets is checked where it is stored.
+pub fn parse_manifest(state: &AppState, text: &str, submitter: &Submitter) -> AppResult<Manifest> {
     let manifest = Manifest::parse(text).map_err(AppError::Manifest)?;
     check_network_policy(&manifest, &state.config.network.allow).map_err(AppError::Manifest)?;
+    check_priority_cap(&manifest, submitter.max_priority).map_err(AppError::Manifest)?;
     Ok(manifest)
+}
+
+/// Refuses a priority above the submitter's cap, where the manifest writes it.
+fn check_priority_cap(manifest: &Manifest, cap: Option<i64>) -> Result<(), ManifestErrors> {
+    match (cap, manifest.priority_at) {
+        (Some(cap), Some(at)) if manifest.priority > cap => {
+            Err(ManifestErrors(vec![ManifestError {
+                line: at.line,
+                column: at.column,
+                message: format!(
+                    "`priority` is {}; your token allows at most {cap}: lower it or ask the operator",
+                    manifest.priority
+                ),
+            }]))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Refuses each `[network] allow` pattern of `manifest` that no pattern of the operator's
@@ -96,6 +119,7 @@ fn policy_text(policy: &[HostPattern]) -> String {
 /// A valid manifest about to be queued: one job per image, in one group.
 struct NewGroup {
     text: String,
+    owner: String,
     schedule: Option<String>,
     manifest: Manifest,
     tags_json: String,
@@ -115,21 +139,12 @@ impl NewGroup {
     }
 
     async fn insert(&self, tx: &mut WriteTx) -> AppResult<SubmitResponse> {
-        for name in &self.manifest.secrets {
-            let found = tx
-                .fetch_optional("SELECT name FROM secrets WHERE name = $1", &[name.into()])
-                .await?;
-            if found.is_none() {
-                return Err(AppError::BadRequest(format!(
-                    "the manifest names secret `{name}`, which the server does not have: store it with `vmfarm server secret set {name}`"
-                )));
-            }
-        }
+        crate::secrets::check_usable(tx, &self.manifest.secrets, &self.owner).await?;
         let now = now_ms();
         let group_id = tx
             .fetch_optional(
-                "INSERT INTO job_groups (created_at, schedule) VALUES ($1, $2) RETURNING id",
-                &[now.into(), self.schedule.as_deref().into()],
+                "INSERT INTO job_groups (created_at, schedule, owner) VALUES ($1, $2, $3) RETURNING id",
+                &[now.into(), self.schedule.as_deref().into(), (&self.owner).into()],
             )
             .await?
             .ok_or_else(|| AppError::internal("INSERT ... RETURNING gave no row"))?
@@ -139,7 +154,8 @@ impl NewGroup {
             let id = tx
                 .fetch_optional(
                     "INSERT INTO jobs (group_id, image, state, priority, manifest, tags, secrets, triggers, \
-                     timeout_ms, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) RETURNING id",
+                     timeout_ms, created_at, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                     RETURNING id",
                     &[
                         group_id.into(),
                         image.into(),
@@ -151,6 +167,7 @@ impl NewGroup {
                         (&self.triggers_json).into(),
                         self.timeout_ms.into(),
                         now.into(),
+                        (&self.owner).into(),
                     ],
                 )
                 .await?
@@ -187,9 +204,10 @@ impl NewGroup {
     }
 }
 
-/// Cancels a job: a queued one ends at once; a leased or running one is told at its worker's
-/// next heartbeat; a finished one cannot be cancelled.
-pub async fn cancel(state: &AppState, id: i64) -> AppResult<JobView> {
+/// Cancels a job within `reach`: a queued one ends at once; a leased or running one is told at
+/// its worker's next heartbeat; a finished one cannot be cancelled.
+pub async fn cancel(state: &AppState, id: i64, reach: &Reach) -> AppResult<JobView> {
+    crate::access::job(&state.db, reach, id).await?;
     let now = now_ms();
     let ended = state
         .db
@@ -199,7 +217,7 @@ pub async fn cancel(state: &AppState, id: i64) -> AppResult<JobView> {
         crate::job_end::ended(state, JobState::Cancelled);
     }
     state.events.job_changed(id);
-    crate::job_views::get(&state.db, id).await
+    crate::job_views::get(&state.db, id, reach).await
 }
 
 /// [`cancel`] in its transaction: whether the job ended now (it was queued).
@@ -358,7 +376,12 @@ mod tests {
             timezone: None,
             manifest: NETWORK.into(),
         };
-        let err = crate::schedules::save(&app.state, &schedule, Source::Ui, 0)
+        let admin = crate::access::Submitter {
+            user: "admin".into(),
+            max_priority: None,
+        };
+        let reach = crate::access::Reach::All;
+        let err = crate::schedules::save(&app.state, &schedule, Source::Ui, 0, &admin, &reach)
             .await
             .unwrap_err();
         match err {

@@ -1,6 +1,7 @@
 //! vmfarm's server: the HTTP API, the durable job queue with leases, logs, artifacts,
 //! schedules and the web UI's routes.
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod auth;
@@ -20,11 +21,13 @@ pub mod outbound;
 pub mod random;
 pub mod routes;
 pub mod schedules;
+pub mod secrets;
 pub mod serve;
 pub mod state;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod triggers;
+pub mod users;
 pub mod web;
 pub mod workers;

@@ -4,6 +4,7 @@
 //! was down are made up by one run, not one per missed time. `tick` takes the time, so tests
 //! drive it with any clock.
 
+use crate::access::{Reach, Submitter};
 use crate::db::{DbFailure, Query, now_ms};
 use crate::error::{AppError, AppResult};
 use crate::state::AppState;
@@ -99,6 +100,8 @@ pub struct NewSchedule {
 #[derive(Debug, Clone, Serialize)]
 pub struct ScheduleView {
     pub name: String,
+    /// The user whose jobs its runs are.
+    pub owner: String,
     pub cron: String,
     pub timezone: String,
     pub source: String,
@@ -114,32 +117,69 @@ pub enum Source {
     Ui,
 }
 
-/// Checks and stores a schedule (replacing one of the same name; its run history stays).
-pub async fn save(state: &AppState, new: &NewSchedule, source: Source, now: i64) -> AppResult<()> {
+/// Checks and stores a schedule for `submitter` (replacing one of the same name within `reach`,
+/// which keeps its owner and its run history). Another user's schedule of that name is not
+/// replaced.
+pub async fn save(
+    state: &AppState,
+    new: &NewSchedule,
+    source: Source,
+    now: i64,
+    submitter: &Submitter,
+    reach: &Reach,
+) -> AppResult<()> {
     check_schedule_name(&new.name).map_err(AppError::BadRequest)?;
     let spec = CronSpec::parse(&new.cron, new.timezone.as_deref()).map_err(AppError::BadRequest)?;
-    crate::jobs::parse_manifest(state, &new.manifest)?;
+    let manifest = crate::jobs::parse_manifest(state, &new.manifest, submitter)?;
     let source = match source {
         Source::Config => "config",
         Source::Ui => "ui",
     };
+    let (new, reach, user) = (new.clone(), reach.clone(), submitter.user.clone());
+    let timezone = spec.tz.name().to_owned();
     state
         .db
-        .execute(
-            "INSERT INTO schedules (name, cron, timezone, manifest, source, created_at, last_run_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $6) ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, \
-             timezone = excluded.timezone, manifest = excluded.manifest, source = excluded.source",
-            &[
-                new.name.as_str().into(),
-                new.cron.trim().into(),
-                spec.tz.name().into(),
-                new.manifest.as_str().into(),
-                source.into(),
-                now.into(),
-            ],
-        )
-        .await?;
-    Ok(())
+        .write(move |tx| {
+            Box::pin(async move {
+                let existing = tx
+                    .fetch_optional(
+                        "SELECT owner FROM schedules WHERE name = $1",
+                        &[new.name.as_str().into()],
+                    )
+                    .await?;
+                let owner = match existing {
+                    Some(row) => {
+                        let owner = row.text(0)?;
+                        if !reach.covers(&owner) {
+                            return Err(AppError::Conflict(format!(
+                                "the schedule name `{}` is taken: choose another",
+                                new.name
+                            )));
+                        }
+                        owner
+                    }
+                    None => user,
+                };
+                crate::secrets::check_usable(tx, &manifest.secrets, &owner).await?;
+                tx.execute(
+                    "INSERT INTO schedules (name, cron, timezone, manifest, source, created_at, last_run_at, owner) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $6, $7) ON CONFLICT (name) DO UPDATE SET cron = excluded.cron, \
+                     timezone = excluded.timezone, manifest = excluded.manifest, source = excluded.source",
+                    &[
+                        new.name.as_str().into(),
+                        new.cron.trim().into(),
+                        timezone.as_str().into(),
+                        new.manifest.as_str().into(),
+                        source.into(),
+                        now.into(),
+                        owner.as_str().into(),
+                    ],
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .await
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -192,38 +232,48 @@ pub async fn load_config(state: &AppState) -> Result<(), ScheduleError> {
             timezone: s.timezone.clone(),
             manifest,
         };
-        save(state, &new, Source::Config, now_ms())
-            .await
-            .map_err(|e| ScheduleError::Invalid {
-                name: s.name.clone(),
-                message: match e {
-                    AppError::Manifest(errors) => errors.render(&s.manifest.display().to_string()),
-                    other => other.to_string(),
-                },
-            })?;
+        let submitter = Submitter {
+            user: s.owner.clone(),
+            max_priority: None,
+        };
+        save(
+            state,
+            &new,
+            Source::Config,
+            now_ms(),
+            &submitter,
+            &Reach::All,
+        )
+        .await
+        .map_err(|e| ScheduleError::Invalid {
+            name: s.name.clone(),
+            message: match e {
+                AppError::Manifest(errors) => errors.render(&s.manifest.display().to_string()),
+                other => other.to_string(),
+            },
+        })?;
     }
     Ok(())
 }
 
-/// The schedules (the one named `name`, when given), by name.
-async fn read(state: &AppState, name: Option<&str>) -> AppResult<Vec<ScheduleView>> {
-    let sql = "SELECT name, cron, timezone, manifest, source, last_run_at FROM schedules";
-    let rows = match name {
-        Some(name) => {
-            state
-                .db
-                .read()
-                .fetch_all(&format!("{sql} WHERE name = $1"), &[name.into()])
-                .await?
-        }
-        None => {
-            state
-                .db
-                .read()
-                .fetch_all(&format!("{sql} ORDER BY name"), &[])
-                .await?
-        }
+/// The schedules within `reach` (the one named `name`, when given), by name.
+async fn read(state: &AppState, name: Option<&str>, reach: &Reach) -> AppResult<Vec<ScheduleView>> {
+    let mut args = Vec::new();
+    let mut clauses: Vec<String> = reach.owner_clause("owner", &mut args).into_iter().collect();
+    if let Some(name) = name {
+        args.push(name.into());
+        clauses.push(format!("name = ${}", args.len()));
+    }
+    let filter = if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
     };
+    let sql = format!(
+        "SELECT name, cron, timezone, manifest, source, last_run_at, owner FROM schedules {filter} \
+         ORDER BY name"
+    );
+    let rows = state.db.read().fetch_all(&sql, &args).await?;
     rows.iter()
         .map(|row| {
             let (cron, timezone, last_run_at) = (row.text(1)?, row.text(2)?, row.int(5)?);
@@ -232,6 +282,7 @@ async fn read(state: &AppState, name: Option<&str>) -> AppResult<Vec<ScheduleVie
                 .and_then(|spec| spec.next_after(last_run_at));
             Ok(ScheduleView {
                 name: row.text(0)?,
+                owner: row.text(6)?,
                 cron,
                 timezone,
                 manifest: row.text(3)?,
@@ -243,22 +294,29 @@ async fn read(state: &AppState, name: Option<&str>) -> AppResult<Vec<ScheduleVie
         .collect()
 }
 
-pub async fn list(state: &AppState) -> AppResult<Vec<ScheduleView>> {
-    read(state, None).await
+/// The schedules within `reach`, by name.
+pub async fn list(state: &AppState, reach: &Reach) -> AppResult<Vec<ScheduleView>> {
+    read(state, None, reach).await
 }
 
-pub async fn get(state: &AppState, name: &str) -> AppResult<ScheduleView> {
-    read(state, Some(name))
+/// Schedule `name`, when it is within `reach` (otherwise the same `404` as a missing one).
+pub async fn get(state: &AppState, name: &str, reach: &Reach) -> AppResult<ScheduleView> {
+    read(state, Some(name), reach)
         .await?
         .pop()
         .ok_or_else(|| AppError::NotFound(format!("no schedule `{name}`")))
 }
 
-/// The newest runs of a schedule, each a group with its jobs.
-pub async fn runs(state: &AppState, name: &str, limit: i64) -> AppResult<Vec<GroupView>> {
+/// The newest runs of a schedule within `reach`, each a group with its jobs.
+pub async fn runs(
+    state: &AppState,
+    name: &str,
+    limit: i64,
+    reach: &Reach,
+) -> AppResult<Vec<GroupView>> {
     let mut out = Vec::new();
-    for id in crate::job_views::newest_groups(&state.db, Some(name), limit).await? {
-        out.push(crate::job_views::group(&state.db, id).await?);
+    for id in crate::job_views::newest_groups(&state.db, Some(name), limit, reach).await? {
+        out.push(crate::job_views::group(&state.db, id, reach).await?);
     }
     Ok(out)
 }
@@ -267,9 +325,10 @@ pub async fn runs(state: &AppState, name: &str, limit: i64) -> AppResult<Vec<Gro
 /// groups made. Replicas may tick together: the claim on `last_run_at` lets one of them win.
 pub async fn tick(state: &AppState, now: i64) -> AppResult<Vec<String>> {
     let mut made = Vec::new();
-    for schedule in list(state).await? {
+    for schedule in list(state, &Reach::All).await? {
         let ScheduleView {
             name,
+            owner,
             cron,
             timezone,
             manifest,
@@ -296,7 +355,12 @@ pub async fn tick(state: &AppState, now: i64) -> AppResult<Vec<String>> {
         if claimed != 1 {
             continue;
         }
-        match crate::jobs::submit(state, &manifest, Some(&name)).await {
+        // Its runs are its owner's jobs; the owner's token cap was checked when it was saved.
+        let submitter = Submitter {
+            user: owner,
+            max_priority: None,
+        };
+        match crate::jobs::submit(state, &manifest, Some(&name), &submitter).await {
             Ok(response) => {
                 tracing::info!(schedule = %name, group = %response.group_id, "scheduled run enqueued");
                 made.push(response.group_id);

@@ -4,6 +4,7 @@ use crate::app::app;
 use crate::auth::bootstrap;
 use crate::config::ServerConfig;
 use crate::db::{Db, DbError};
+use crate::secrets::SecretKey;
 use crate::state::AppState;
 use crate::store::ArtifactStore;
 use std::net::SocketAddr;
@@ -14,6 +15,8 @@ pub enum ServeError {
     DataDir(std::path::PathBuf, #[source] std::io::Error),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretError),
     #[error("cannot set up the tokens")]
     Tokens(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot listen on {0}")]
@@ -61,6 +64,14 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
         .remove_partial_uploads()
         .map_err(|e| ServeError::DataDir(artifacts, e))?;
     let db = Db::open(&config.database_url(), config.sqlite_synchronous).await?;
+    let secret_key = SecretKey::load(&config.data_dir)?;
+    let sealed = crate::secrets::seal_stored(&db, &secret_key).await?;
+    if sealed > 0 {
+        tracing::info!(
+            sealed,
+            "sealed the secrets stored before secrets were encrypted"
+        );
+    }
     let created = bootstrap(&db, &config).await.map_err(ServeError::Tokens)?;
     if created.is_some() {
         tracing::info!(
@@ -74,7 +85,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
     let addr = listener
         .local_addr()
         .map_err(|e| ServeError::Listen(config.listen, e))?;
-    let state = AppState::new(db, config, store);
+    let state = AppState::new(db, config, store, secret_key);
     let reaper = tokio::spawn(crate::leases::reaper::run(state.clone()));
     crate::schedules::load_config(&state).await?;
     let background = [

@@ -1,9 +1,9 @@
 //! The application state every handler gets: cheap to clone, shared handles inside.
 
-use crate::auth::TokenCache;
 use crate::config::ServerConfig;
 use crate::db::Db;
 use crate::metrics::Metrics;
+use crate::secrets::SecretKey;
 use crate::store::ArtifactStore;
 use std::sync::Arc;
 use tokio::sync::{Notify, broadcast};
@@ -13,7 +13,8 @@ pub struct AppState {
     pub db: Db,
     pub config: Arc<ServerConfig>,
     pub store: ArtifactStore,
-    pub tokens: Arc<TokenCache>,
+    /// Seals and opens secret values.
+    pub secret_key: SecretKey,
     pub events: Events,
     pub metrics: Arc<Metrics>,
     /// When each worker was last recorded as seen, so that a busy worker's lease calls do not
@@ -22,13 +23,19 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The state of a server on `db` with `config`, artifacts in `store`.
-    pub fn new(db: Db, config: ServerConfig, store: ArtifactStore) -> AppState {
+    /// The state of a server on `db` with `config`, artifacts in `store`, secrets sealed with
+    /// `secret_key`.
+    pub fn new(
+        db: Db,
+        config: ServerConfig,
+        store: ArtifactStore,
+        secret_key: SecretKey,
+    ) -> AppState {
         AppState {
             db,
             config: Arc::new(config),
             store,
-            tokens: Arc::default(),
+            secret_key,
             events: Events::default(),
             metrics: Arc::default(),
             workers_seen: Arc::default(),

@@ -1,11 +1,12 @@
 //! The server in-process for its own tests: the router of [`crate::app::app`] called with
 //! `oneshot` on a fresh database (a temporary SQLite file, or a new database on the test
-//! PostgreSQL server of `VMFARM_TEST_POSTGRES`), with an admin, a reader and two workers.
+//! PostgreSQL server of `VMFARM_TEST_POSTGRES`), with an admin, a reader (the admin user's, read only), two users (alice and bob) and two workers.
 
 use crate::app::app;
-use crate::auth::{Caller, store_token};
+use crate::auth::{ApiCaller, Caller, TokenSource, store_token};
 use crate::config::{Scope, ServerConfig};
 use crate::db::{Db, SqliteSync, now_ms};
+use crate::secrets::SecretKey;
 use crate::state::AppState;
 use crate::store::ArtifactStore;
 use axum::Router;
@@ -18,7 +19,11 @@ use vmfarm_proto::wire::{FENCE_HEADER, LeaseResponse, SHA256_HEADER, StateUpdate
 use vmfarm_proto::{JobState, TaskState};
 
 pub const ADMIN: &str = "admin-token";
+/// The built-in admin user's token with the `read` scope only.
 pub const READER: &str = "reader-token";
+/// Tokens (submit and read) of two users who are not admins.
+pub const ALICE: &str = "alice-token";
+pub const BOB: &str = "bob-token";
 pub const WORKERS: [&str; 2] = ["w0", "w1"];
 
 pub fn worker_token(worker: &str) -> String {
@@ -93,30 +98,41 @@ impl TestApp {
         let db = Db::open(&url, SqliteSync::default())
             .await
             .expect("the test database opens");
+        let api = |name: &str, user: &str, scopes: Vec<Scope>| {
+            Caller::Api(ApiCaller {
+                name: name.into(),
+                user: user.into(),
+                admin: false,
+                scopes,
+                max_priority: None,
+            })
+        };
         let callers = [
+            (ADMIN.to_owned(), api("admin", "admin", vec![Scope::Admin])),
+            (READER.to_owned(), api("reader", "admin", vec![Scope::Read])),
             (
-                ADMIN.to_owned(),
-                Caller::Api {
-                    name: "admin".into(),
-                    scopes: vec![Scope::Admin],
-                },
+                ALICE.to_owned(),
+                api("alice", "alice", vec![Scope::Submit, Scope::Read]),
             ),
             (
-                READER.to_owned(),
-                Caller::Api {
-                    name: "reader".into(),
-                    scopes: vec![Scope::Read],
-                },
+                BOB.to_owned(),
+                api("bob", "bob", vec![Scope::Submit, Scope::Read]),
             ),
         ]
         .into_iter()
         .chain(WORKERS.map(|w| (worker_token(w), Caller::Worker { name: w.into() })));
         for (token, caller) in callers {
-            store_token(&db, &token, &caller)
+            store_token(&db, &token, &caller, TokenSource::Cli)
                 .await
                 .expect("a test token is stored");
         }
-        let state = AppState::new(db, config, ArtifactStore::new(dir.path().join("artifacts")));
+        let key = SecretKey::load(dir.path()).expect("a secret key");
+        let state = AppState::new(
+            db,
+            config,
+            ArtifactStore::new(dir.path().join("artifacts")),
+            key,
+        );
         TestApp {
             router: app(state.clone()),
             state,

@@ -124,7 +124,7 @@ pub async fn deliver_due(state: &AppState, reach: &Deliverer, now: i64) -> AppRe
             continue;
         }
         tried += 1;
-        let job = crate::job_views::get(&state.db, job_id).await?;
+        let job = crate::job_views::get(&state.db, job_id, &crate::access::Reach::All).await?;
         let attempts = attempts + 1;
         let (ok, status) = reach.post(&url, &job, config.timeout).await;
         let finished = now_ms();

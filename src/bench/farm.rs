@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::time::Duration;
+use vmfarm_server::access::{Reach, Submitter};
 use vmfarm_server::auth::Caller;
 use vmfarm_server::config::ServerConfig;
 use vmfarm_server::state::AppState;
@@ -41,6 +42,7 @@ impl Farm {
         let state = running.state.clone();
         let token = vmfarm_server::admin::create_token(
             &state.db,
+            &state.config,
             &Caller::Worker {
                 name: "bench".into(),
             },
@@ -67,18 +69,27 @@ impl Farm {
 
     /// Submits `manifest`; its job's id.
     pub async fn submit(&self, manifest: &str) -> anyhow::Result<i64> {
-        let submitted = vmfarm_server::jobs::submit(&self.state, manifest, None).await?;
+        let submitted =
+            vmfarm_server::jobs::submit(&self.state, manifest, None, &admin_submitter()).await?;
         Ok(submitted.jobs[0].id.parse()?)
     }
 
     /// Waits until job `id` has ended; its view.
     pub async fn ended(&self, id: i64) -> anyhow::Result<vmfarm_proto::api::JobView> {
         loop {
-            let job = vmfarm_server::job_views::get(&self.state.db, id).await?;
+            let job = vmfarm_server::job_views::get(&self.state.db, id, &Reach::All).await?;
             if job.state.is_terminal() {
                 return Ok(job);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// The built-in admin, whose jobs the benchmarks submit.
+pub fn admin_submitter() -> Submitter {
+    Submitter {
+        user: vmfarm_server::users::ADMIN.into(),
+        max_priority: None,
     }
 }

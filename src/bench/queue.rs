@@ -4,6 +4,7 @@
 //! through the server's own write path. Job cycles are measured calling the queue directly and
 //! over HTTP as a worker and a user make them, each with the CPU it cost.
 
+use super::farm::admin_submitter;
 use super::stats::{ms, per_second, quantile};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,6 +109,8 @@ async fn start(
             name: "bench".into(),
             token: SUBMIT_TOKEN.into(),
             scopes: vec![Scope::Submit],
+            user: vmfarm_server::users::ADMIN.into(),
+            max_priority: None,
         }],
         ..ServerConfig::default()
     };
@@ -320,7 +323,7 @@ async fn cycle_rate(state: &AppState) -> anyhow::Result<f64> {
             let worker = format!("bench-{client}");
             let req = request(&worker, std::slice::from_ref(&image));
             for _ in 0..CYCLES / CLIENTS {
-                jobs::submit(&state, &manifest(&image), None).await?;
+                jobs::submit(&state, &manifest(&image), None, &admin_submitter()).await?;
                 let lease = take::try_lease(&state, &worker, &req)
                     .await?
                     .ok_or_else(|| anyhow::anyhow!("no job to lease"))?;
@@ -408,7 +411,13 @@ async fn lease_rate(state: &AppState) -> anyhow::Result<(f64, Vec<Duration>, f64
         let images = images.clone();
         set.spawn(async move {
             for i in (client..QUEUED).step_by(CLIENTS) {
-                jobs::submit(&state, &manifest(&images[i % IMAGES]), None).await?;
+                jobs::submit(
+                    &state,
+                    &manifest(&images[i % IMAGES]),
+                    None,
+                    &admin_submitter(),
+                )
+                .await?;
             }
             Ok::<_, anyhow::Error>(())
         });

@@ -148,7 +148,7 @@ impl TestServer {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vmfarm"))
             .args(["server", "--config"])
             .arg(self.data_dir().join("server.toml"))
-            .args(["secret", "set", name, "--value-stdin"])
+            .args(["secret", "set", name, "--user", "admin", "--value-stdin"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()

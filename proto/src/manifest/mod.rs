@@ -36,9 +36,11 @@ pub struct Manifest {
     pub timeout: Option<Duration>,
     /// Higher runs first.
     pub priority: i64,
+    /// Where `priority` is written (`None`: not written, 0).
+    pub priority_at: Option<At>,
     pub tags: Vec<String>,
-    /// Names of secrets stored on the server.
-    pub secrets: Vec<String>,
+    /// Secrets stored on the server, by name, where the manifest names them.
+    pub secrets: Vec<SecretRef>,
     pub resources: Resources,
     pub environment: BTreeMap<String, String>,
     pub sources: Vec<Source>,
@@ -50,6 +52,27 @@ pub struct Manifest {
     pub packages: Vec<String>,
     /// What the tasks may reach; `None`: no network.
     pub network: Option<Network>,
+}
+
+/// A 1-based line and column in the manifest's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct At {
+    pub line: usize,
+    pub column: usize,
+}
+
+/// One name of `secrets`, and where it is written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SecretRef {
+    pub name: String,
+    pub at: At,
+}
+
+impl Manifest {
+    /// The names of its secrets, in the manifest's order.
+    pub fn secret_names(&self) -> Vec<&str> {
+        self.secrets.iter().map(|s| s.name.as_str()).collect()
+    }
 }
 
 /// The name of the step that installs a manifest's `packages`: the job's first task row, which

@@ -3,8 +3,8 @@
 use super::limits::*;
 use super::reader::{Reader, Value};
 use super::{
-    AllowedHost, Artifact, Manifest, ManifestError, ManifestErrors, Network, PACKAGES_TASK,
-    Resources, Source, Task, Trigger, TriggerOn,
+    AllowedHost, Artifact, At, Manifest, ManifestError, ManifestErrors, Network, PACKAGES_TASK,
+    Resources, SecretRef, Source, Task, Trigger, TriggerOn,
 };
 use crate::names::{
     NameKind, check_artifact_path, check_name, check_package, check_relative_path, package_name,
@@ -71,6 +71,7 @@ pub(super) fn parse(text: &str) -> Result<Manifest, ManifestErrors> {
             .get("timeout")
             .and_then(|v| timeout(&mut r, v, "timeout")),
         priority: table.get("priority").map_or(0, |v| priority(&mut r, v)),
+        priority_at: table.get("priority").map(|v| at(&r, v.span().start)),
         tags: table
             .get("tags")
             .map(|v| {
@@ -87,7 +88,7 @@ pub(super) fn parse(text: &str) -> Result<Manifest, ManifestErrors> {
         secrets: table
             .get("secrets")
             .map(|v| {
-                names(
+                names_at(
                     &mut r,
                     v,
                     "secrets",
@@ -95,6 +96,9 @@ pub(super) fn parse(text: &str) -> Result<Manifest, ManifestErrors> {
                     "secrets = [\"deploy-key\"]",
                     MAX_SECRETS,
                 )
+                .into_iter()
+                .map(|(name, at)| SecretRef { name, at })
+                .collect()
             })
             .unwrap_or_default(),
         resources: table
@@ -134,6 +138,7 @@ impl Manifest {
             images: Vec::new(),
             timeout: None,
             priority: 0,
+            priority_at: None,
             tags: Vec::new(),
             secrets: Vec::new(),
             resources: Resources::default(),
@@ -199,6 +204,27 @@ fn names(
     example: &str,
     max: usize,
 ) -> Vec<String> {
+    names_at(r, value, key, kind, example, max)
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// Where `offset` of the manifest's text is.
+fn at(r: &Reader<'_>, offset: usize) -> At {
+    let (line, column) = r.position(offset);
+    At { line, column }
+}
+
+/// [`names`], each with where it is written.
+fn names_at(
+    r: &mut Reader<'_>,
+    value: &Value<'_>,
+    key: &str,
+    kind: NameKind,
+    example: &str,
+    max: usize,
+) -> Vec<(String, At)> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     for (name, span) in r.strings(value, key, example, max) {
@@ -210,7 +236,7 @@ fn names(
                 format!("`{name}` appears twice in `{key}`: remove one"),
             );
         } else {
-            out.push(name);
+            out.push((name, at(r, span.start)));
         }
     }
     out

@@ -71,8 +71,22 @@ fn test_full_example_parses() {
     assert_eq!(m.images, ["debian-12", "debian-13"]);
     assert_eq!(m.timeout, Some(Duration::from_secs(1800)));
     assert_eq!(m.priority, 5);
+    assert_eq!(
+        m.priority_at,
+        Some(At {
+            line: 3,
+            column: 12
+        })
+    );
     assert_eq!(m.tags, ["nightly", "scheduled:nightly"]);
-    assert_eq!(m.secrets, ["deploy-key"]);
+    assert_eq!(m.secret_names(), ["deploy-key"]);
+    assert_eq!(
+        m.secrets[0].at,
+        At {
+            line: 5,
+            column: 12
+        }
+    );
     assert_eq!(m.resources.cpus, Some(2));
     assert_eq!(m.resources.memory, Some(ByteSize(GIB)));
     assert_eq!(m.environment.get("CC").map(String::as_str), Some("gcc"));

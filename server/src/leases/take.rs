@@ -1,11 +1,9 @@
 //! Taking a lease: the oldest job of the highest priority whose image the worker has.
 
-use crate::db::{Arg, Query, WriteTx, now_ms};
+use crate::db::{Arg, Query, now_ms};
 use crate::error::{AppError, AppResult};
 use crate::state::AppState;
 use crate::workers::{self, WorkerView};
-use base64::Engine;
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use vmfarm_proto::JobState;
 use vmfarm_proto::names::{NameKind, check_name};
@@ -87,7 +85,7 @@ fn lease_sql(images: usize, skip_locked: &str) -> String {
         "UPDATE jobs SET state = $1, lease_id = $2, fence = fence + 1, lease_expires_at = $3, \
          leased_at = $4, worker = $5, log_seq = 0 \
          WHERE id = (SELECT id FROM ({}) AS best ORDER BY priority DESC, id LIMIT 1) AND state = 'queued' \
-         RETURNING id, group_id, image, manifest, secrets, attempt, fence, timeout_ms",
+         RETURNING id, group_id, image, manifest, secrets, attempt, fence, timeout_ms, owner",
         per_image.join(" UNION ALL ")
     )
 }
@@ -126,6 +124,7 @@ pub async fn try_lease(
     let sql = lease_sql(req.images.len(), state.db.skip_locked());
     let worker = worker.to_owned();
     let images: Vec<String> = req.images.iter().map(|i| i.name.clone()).collect();
+    let secret_key = state.secret_key.clone();
     let leased = state
         .db
         .write(move |tx| {
@@ -145,7 +144,12 @@ pub async fn try_lease(
                     return Ok(None);
                 };
                 let job_id = row.int(0)?;
-                let secrets = lease_secrets(tx, &row.text(4)?).await?;
+                let (secrets, left_out) =
+                    crate::secrets::for_lease(tx, &secret_key, &row.text(4)?, &row.text(8)?)
+                        .await?;
+                for line in &left_out {
+                    crate::logs::append_farm_line(tx, job_id, line).await?;
+                }
                 let lease = LeaseResponse {
                     fence: u64::try_from(row.int(6)?).unwrap_or(0),
                     expires_at,
@@ -173,26 +177,4 @@ pub async fn try_lease(
     state.metrics.lease_latency(started.elapsed());
     state.events.job_changed(job_id);
     Ok(Some(lease))
-}
-
-/// The secrets a job names (a JSON array of names, stored at submit), base64-encoded, for its
-/// lease only.
-async fn lease_secrets(tx: &mut WriteTx, names: &str) -> AppResult<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    let names: Vec<String> = serde_json::from_str(names).map_err(AppError::internal)?;
-    for name in names {
-        let row = tx
-            .fetch_optional(
-                "SELECT value FROM secrets WHERE name = $1",
-                &[(&name).into()],
-            )
-            .await?;
-        if let Some(row) = row {
-            out.insert(
-                name,
-                base64::engine::general_purpose::STANDARD.encode(row.blob(0)?),
-            );
-        }
-    }
-    Ok(out)
 }

@@ -1,9 +1,10 @@
 //! Artifacts as users download them: a list, and each file with Range and ETag.
 
+use crate::access;
 use crate::auth::Caller;
 use crate::config::Scope;
 use crate::error::{AppError, AppResult};
-use crate::job_views::{self, parse_id};
+use crate::job_views::parse_id;
 use crate::state::AppState;
 use crate::store;
 use axum::Json;
@@ -20,9 +21,9 @@ pub async fn list(
     caller: Caller,
     Path(id): Path<String>,
 ) -> AppResult<Json<Vec<ArtifactView>>> {
-    caller.require(Scope::Read)?;
+    let reach = caller.require(Scope::Read)?.reach();
     let job = parse_id(&id, "job")?;
-    job_views::get(&state.db, job).await?;
+    access::job(&state.db, &reach, job).await?;
     Ok(Json(store::list(&state.db, job).await?))
 }
 
@@ -77,8 +78,9 @@ pub async fn download(
     Path((id, name)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> AppResult<Response> {
-    caller.require(Scope::Read)?;
+    let reach = caller.require(Scope::Read)?.reach();
     let job = parse_id(&id, "job")?;
+    access::job(&state.db, &reach, job).await?;
     let (artifact, path) = store::find(&state.db, &state.store, job, &name).await?;
     let etag = format!("\"{}\"", artifact.sha256);
     let etag_value = HeaderValue::from_str(&etag).map_err(AppError::internal)?;

@@ -17,7 +17,7 @@ pub async fn submit(
     caller: Caller,
     body: Body,
 ) -> AppResult<(StatusCode, Json<SubmitResponse>)> {
-    caller.require(Scope::Submit)?;
+    let submitter = caller.require(Scope::Submit)?.submitter();
     let limit = state.config.limits.max_manifest_size;
     let bytes = axum::body::to_bytes(body, usize::try_from(limit.0).unwrap_or(usize::MAX))
         .await
@@ -32,7 +32,7 @@ pub async fn submit(
             e.valid_up_to()
         ))
     })?;
-    let response = jobs::submit(&state, text, None).await?;
+    let response = jobs::submit(&state, text, None, &submitter).await?;
     Ok((StatusCode::CREATED, Json(response)))
 }
 
@@ -41,8 +41,8 @@ pub async fn list(
     caller: Caller,
     Query(q): Query<ListQuery>,
 ) -> AppResult<Json<JobList>> {
-    caller.require(Scope::Read)?;
-    Ok(Json(job_views::list(&state.db, &q).await?))
+    let reach = caller.require(Scope::Read)?.reach();
+    Ok(Json(job_views::list(&state.db, &q, &reach).await?))
 }
 
 pub async fn get(
@@ -50,9 +50,9 @@ pub async fn get(
     caller: Caller,
     Path(id): Path<String>,
 ) -> AppResult<Json<JobView>> {
-    caller.require(Scope::Read)?;
+    let reach = caller.require(Scope::Read)?.reach();
     Ok(Json(
-        job_views::get(&state.db, parse_id(&id, "job")?).await?,
+        job_views::get(&state.db, parse_id(&id, "job")?, &reach).await?,
     ))
 }
 
@@ -61,8 +61,10 @@ pub async fn cancel(
     caller: Caller,
     Path(id): Path<String>,
 ) -> AppResult<Json<JobView>> {
-    caller.require(Scope::Submit)?;
-    Ok(Json(jobs::cancel(&state, parse_id(&id, "job")?).await?))
+    let reach = caller.require(Scope::Submit)?.reach();
+    Ok(Json(
+        jobs::cancel(&state, parse_id(&id, "job")?, &reach).await?,
+    ))
 }
 
 pub async fn group(
@@ -70,8 +72,8 @@ pub async fn group(
     caller: Caller,
     Path(id): Path<String>,
 ) -> AppResult<Json<GroupView>> {
-    caller.require(Scope::Read)?;
+    let reach = caller.require(Scope::Read)?.reach();
     Ok(Json(
-        job_views::group(&state.db, parse_id(&id, "group")?).await?,
+        job_views::group(&state.db, parse_id(&id, "group")?, &reach).await?,
     ))
 }

@@ -1,5 +1,6 @@
 //! A job's log: whole or from an offset (text or JSON chunks), and live over Server-Sent Events.
 
+use crate::access;
 use crate::auth::Caller;
 use crate::config::Scope;
 use crate::error::{AppError, AppResult};
@@ -35,8 +36,9 @@ pub async fn get(
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> AppResult<Response> {
-    caller.require(Scope::Read)?;
+    let reach = caller.require(Scope::Read)?.reach();
     let job = parse_id(&id, "job")?;
+    access::job(&state.db, &reach, job).await?;
     if q.from < 0 {
         return Err(AppError::BadRequest(
             "from must be a byte offset, 0 or more".into(),
@@ -73,9 +75,9 @@ pub async fn stream(
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> AppResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    caller.require(Scope::Read)?;
+    let reach = caller.require(Scope::Read)?.reach();
     let job = parse_id(&id, "job")?;
-    logs::progress(&state.db, job).await?;
+    access::job(&state.db, &reach, job).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     let mut events = state.events.job.subscribe();
     let mut cursor = q.from.max(0);

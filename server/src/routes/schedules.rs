@@ -15,8 +15,8 @@ pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
 ) -> AppResult<Json<Vec<ScheduleView>>> {
-    caller.require(Scope::Read)?;
-    Ok(Json(schedules::list(&state).await?))
+    let reach = caller.require(Scope::Read)?.reach();
+    Ok(Json(schedules::list(&state, &reach).await?))
 }
 
 /// `POST /api/schedules`: `{name, cron, timezone?, manifest}`.
@@ -25,10 +25,11 @@ pub async fn create(
     caller: Caller,
     Json(new): Json<NewSchedule>,
 ) -> AppResult<(StatusCode, Json<ScheduleView>)> {
-    caller.require(Scope::Submit)?;
-    schedules::save(&state, &new, Source::Ui, now_ms()).await?;
+    let api = caller.require(Scope::Submit)?;
+    let reach = api.reach();
+    schedules::save(&state, &new, Source::Ui, now_ms(), &api.submitter(), &reach).await?;
     Ok((
         StatusCode::CREATED,
-        Json(schedules::get(&state, &new.name).await?),
+        Json(schedules::get(&state, &new.name, &reach).await?),
     ))
 }

@@ -74,6 +74,7 @@ async fn worker_rows(state: &AppState) -> WebResult<Vec<WorkerRow>> {
 
 pub async fn dashboard(State(state): State<AppState>, user: WebUser) -> WebResult<Html<String>> {
     let queue = job_views::queue_depth(&state.db).await?;
+    let reach = user.api.reach();
     let mut running = Vec::new();
     for s in [JobState::Running, JobState::Booting, JobState::Leased] {
         let page = job_views::list(
@@ -83,13 +84,14 @@ pub async fn dashboard(State(state): State<AppState>, user: WebUser) -> WebResul
                 limit: Some(job_views::MAX_PAGE),
                 ..ListQuery::default()
             },
+            &reach,
         )
         .await?;
         running.extend(page.jobs);
     }
     let mut groups = Vec::new();
-    for id in job_views::newest_groups(&state.db, None, 10).await? {
-        groups.push(summarize(&job_views::group(&state.db, id).await?));
+    for id in job_views::newest_groups(&state.db, None, 10, &reach).await? {
+        groups.push(summarize(&job_views::group(&state.db, id, &reach).await?));
     }
     render(
         "dashboard.html",
@@ -174,7 +176,7 @@ pub async fn submit(
     if !file.trim().is_empty() {
         text = file;
     }
-    match jobs::submit(&state, &text, None).await {
+    match jobs::submit(&state, &text, None, &user.api.submitter()).await {
         Ok(response) => Ok(see_other(&submitted_location(&response))),
         Err(AppError::Manifest(errors)) => {
             let lines = errors
@@ -208,7 +210,7 @@ pub async fn job(
     Path(id): Path<String>,
 ) -> WebResult<Html<String>> {
     let id = parse_id(&id, "job")?;
-    let job = job_views::get(&state.db, id).await?;
+    let job = job_views::get(&state.db, id, &user.api.reach()).await?;
     let lease = state
         .db
         .read()
@@ -259,9 +261,9 @@ pub async fn cancel(
     Form(form): Form<CsrfForm>,
 ) -> WebResult<Response> {
     user.check_csrf(&form.csrf)?;
-    user.caller().require(Scope::Submit)?;
+    let reach = user.caller().require(Scope::Submit)?.reach();
     let id = parse_id(&id, "job")?;
-    jobs::cancel(&state, id).await?;
+    jobs::cancel(&state, id, &reach).await?;
     Ok(see_other(&format!("/jobs/{id}")))
 }
 
@@ -274,6 +276,7 @@ pub async fn resubmit(
     user.check_csrf(&form.csrf)?;
     user.caller().require(Scope::Submit)?;
     let id = parse_id(&id, "job")?;
+    crate::access::job(&state.db, &user.api.reach(), id).await?;
     let text = state
         .db
         .read()
@@ -281,7 +284,7 @@ pub async fn resubmit(
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no job {id}")))?
         .text(0)?;
-    let response = jobs::submit(&state, &text, None).await?;
+    let response = jobs::submit(&state, &text, None, &user.api.submitter()).await?;
     Ok(see_other(&submitted_location(&response)))
 }
 
@@ -316,7 +319,7 @@ pub async fn group(
     user: WebUser,
     Path(id): Path<String>,
 ) -> WebResult<Html<String>> {
-    let group = job_views::group(&state.db, parse_id(&id, "group")?).await?;
+    let group = job_views::group(&state.db, parse_id(&id, "group")?, &user.api.reach()).await?;
     // The matrix: one row per image, one column per state, each cell the jobs in it.
     let images: BTreeSet<&str> = group.jobs.iter().map(|j| j.image.as_str()).collect();
     let states: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
@@ -387,6 +390,7 @@ pub async fn history(
             before: non_empty(&q.before),
             limit: Some(HISTORY_PAGE),
         },
+        &user.api.reach(),
     )
     .await?;
     let filters = [
@@ -405,7 +409,7 @@ pub async fn history(
         query.push(format!("before={before}"));
         format!("/history?{}", query.join("&"))
     });
-    let schedules: Vec<String> = schedules::list(&state)
+    let schedules: Vec<String> = schedules::list(&state, &user.api.reach())
         .await?
         .into_iter()
         .map(|s| s.name)
@@ -471,7 +475,12 @@ pub async fn schedules(State(state): State<AppState>, user: WebUser) -> WebResul
         timezone: "UTC".into(),
         ..NewScheduleForm::default()
     };
-    schedules_page(&user, schedules::list(&state).await?, &form, None)
+    schedules_page(
+        &user,
+        schedules::list(&state, &user.api.reach()).await?,
+        &form,
+        None,
+    )
 }
 
 pub async fn create_schedule(
@@ -480,14 +489,17 @@ pub async fn create_schedule(
     Form(form): Form<NewScheduleForm>,
 ) -> WebResult<Response> {
     user.check_csrf(&form.csrf)?;
-    user.caller().require(Scope::Submit)?;
+    let caller = user.caller();
+    let api = caller.require(Scope::Submit)?;
     let new = NewSchedule {
         name: form.name.trim().to_owned(),
         cron: form.cron.clone(),
         timezone: non_empty(&form.timezone),
         manifest: form.manifest.clone(),
     };
-    let error = match schedules::save(&state, &new, Source::Ui, now_ms()).await {
+    let (submitter, reach) = (api.submitter(), api.reach());
+    let saved = schedules::save(&state, &new, Source::Ui, now_ms(), &submitter, &reach);
+    let error = match saved.await {
         Ok(()) => return Ok(see_other(&format!("/schedules/{}", new.name))),
         Err(AppError::Manifest(errors)) => errors
             .0
@@ -500,10 +512,10 @@ pub async fn create_schedule(
             })
             .collect::<Vec<_>>()
             .join("; "),
-        Err(AppError::BadRequest(message)) => message,
+        Err(AppError::BadRequest(message) | AppError::Conflict(message)) => message,
         Err(e) => return Err(e.into()),
     };
-    let list = schedules::list(&state).await?;
+    let list = schedules::list(&state, &reach).await?;
     Ok(schedules_page(&user, list, &form, Some(error))?.into_response())
 }
 
@@ -512,8 +524,9 @@ pub async fn schedule(
     user: WebUser,
     Path(name): Path<String>,
 ) -> WebResult<Html<String>> {
-    let schedule = schedules::get(&state, &name).await?;
-    let runs: Vec<GroupSummary> = schedules::runs(&state, &name, 50)
+    let reach = user.api.reach();
+    let schedule = schedules::get(&state, &name, &reach).await?;
+    let runs: Vec<GroupSummary> = schedules::runs(&state, &name, 50, &reach)
         .await?
         .iter()
         .map(summarize)

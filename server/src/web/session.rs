@@ -2,11 +2,12 @@
 //! or an API token, a session cookie (HttpOnly, SameSite=Strict, Secure), and CSRF tokens.
 
 use super::{WebError, WebResult, render, see_other};
-use crate::auth::{Caller, hash_token, lookup, parse_scopes, scope_name};
-use crate::config::Scope;
+use crate::auth::{ApiCaller, Caller, hash_token, lookup, parse_scopes, scope_name};
+use crate::config::{Scope, ServerConfig};
 use crate::db::{Db, Query, now_ms};
 use crate::error::AppError;
 use crate::state::AppState;
+use crate::users;
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::Form;
@@ -21,18 +22,16 @@ const LOGIN_COOKIE: &str = "vmfarm_login";
 /// Who is logged in, and the CSRF token their forms must carry.
 #[derive(Debug, Clone)]
 pub struct WebUser {
+    /// What the page header shows: the user, or `token NAME` for a token login.
     pub name: String,
     pub csrf: String,
-    pub scopes: Vec<Scope>,
+    /// The same rights as an API caller: its user, admin flag, scopes and priority cap.
+    pub api: ApiCaller,
 }
 
 impl WebUser {
-    /// The same rights as an API caller.
     pub fn caller(&self) -> Caller {
-        Caller::Api {
-            name: self.name.clone(),
-            scopes: self.scopes.clone(),
-        }
+        Caller::Api(self.api.clone())
     }
 
     /// Refuses a form whose CSRF token is not this session's.
@@ -88,7 +87,7 @@ impl FromRequestParts<AppState> for WebUser {
         let Some(id) = cookie(&parts.headers, SESSION_COOKIE) else {
             return Err(LoginRedirect.into_response());
         };
-        match live_session(&state.db, id).await {
+        match live_session(&state.db, &state.config, id).await {
             Ok(Some(user)) => Ok(user),
             Ok(None) => Err(LoginRedirect.into_response()),
             Err(e) => Err(WebError(AppError::from(e)).into_response()),
@@ -96,20 +95,40 @@ impl FromRequestParts<AppState> for WebUser {
     }
 }
 
-/// The user of session `id` (its cookie), if the session is live.
-async fn live_session(db: &Db, id: &str) -> Result<Option<WebUser>, crate::db::DbFailure> {
+/// The user of session `id` (its cookie), if the session is live: not expired, and the token
+/// it was opened with (if any) not revoked since.
+async fn live_session(
+    db: &Db,
+    config: &ServerConfig,
+    id: &str,
+) -> Result<Option<WebUser>, crate::db::DbFailure> {
     let row = db
         .read()
         .fetch_optional(
-            "SELECT user_name, csrf, scopes FROM web_sessions WHERE hash = $1 AND expires_at > $2",
+            "SELECT s.user_name, s.csrf, s.scopes, t.name, t.max_priority, u.admin \
+             FROM web_sessions s LEFT JOIN tokens t ON t.hash = s.token_hash \
+             LEFT JOIN users u ON u.name = s.user_name \
+             WHERE s.hash = $1 AND s.expires_at > $2 AND (s.token_hash IS NULL OR t.hash IS NOT NULL)",
             &[hash_token(id).as_str().into(), now_ms().into()],
         )
         .await?;
     row.map(|row| {
+        let user = row.text(0)?;
+        let token = row.opt_text(3)?;
         Ok(WebUser {
-            name: row.text(0)?,
+            name: match &token {
+                Some(token) => format!("token {token}"),
+                None => user.clone(),
+            },
             csrf: row.text(1)?,
-            scopes: parse_scopes(&row.text(2)?),
+            api: ApiCaller {
+                name: token.unwrap_or_else(|| user.clone()),
+                admin: row.opt_int(5)?.is_some_and(|a| a != 0)
+                    || users::admin_in_config(config, &user),
+                scopes: parse_scopes(&row.text(2)?),
+                max_priority: row.opt_int(4)?,
+                user,
+            },
         })
     })
     .transpose()
@@ -132,40 +151,6 @@ fn verify_password(password: &str, hash: &str) -> bool {
             .verify_password(password.as_bytes(), &parsed)
             .is_ok()
     })
-}
-
-/// Checks a user name for `vmfarm server user add` and logins.
-pub fn check_user_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "user name `{name}`: use 1 to 64 of letters, digits, `-`, `_`, `.`, `@`"
-        ))
-    }
-}
-
-/// Adds (or replaces the password of) a web UI user.
-pub async fn add_user(db: &Db, name: &str, password: &str) -> Result<(), AppError> {
-    check_user_name(name).map_err(AppError::BadRequest)?;
-    if password.chars().count() < 8 {
-        return Err(AppError::BadRequest(
-            "the password is shorter than 8 characters".into(),
-        ));
-    }
-    let hash = hash_password(password)?;
-    db.execute(
-        "INSERT INTO users (name, password_hash, created_at) VALUES ($1, $2, $3) \
-         ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash",
-        &[name.into(), (&hash).into(), now_ms().into()],
-    )
-    .await?;
-    Ok(())
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -196,47 +181,44 @@ pub async fn login_page(State(state): State<AppState>) -> WebResult<Response> {
     login_form(&state, None, "")
 }
 
+/// A login that checks out: the session's user, its scopes, and the token it used (if any).
+struct Login {
+    user: String,
+    scopes: String,
+    token_hash: Option<String>,
+}
+
 /// Who a name and password (or, with no name, an API token) are.
-async fn authenticate(state: &AppState, form: &LoginForm) -> WebResult<Option<(String, String)>> {
+async fn authenticate(state: &AppState, form: &LoginForm) -> WebResult<Option<Login>> {
     let user = form.user.trim();
     if user.is_empty() {
         let hash = hash_token(form.password.trim());
-        return match lookup(&state.db, &hash).await? {
-            Some(Caller::Api { name, scopes }) => Ok(Some((
-                format!("token {name}"),
-                scopes
+        return match lookup(&state.db, &state.config, &hash).await? {
+            Some(Caller::Api(api)) => Ok(Some(Login {
+                user: api.user,
+                scopes: api
+                    .scopes
                     .iter()
                     .map(|s| scope_name(*s))
                     .collect::<Vec<_>>()
                     .join(","),
-            ))),
+                token_hash: Some(hash),
+            })),
             _ => Ok(None),
         };
     }
-    let configured = state
-        .config
-        .users
-        .iter()
-        .find(|u| u.name == user)
-        .map(|u| u.password_hash.clone());
-    let hash = match configured {
-        Some(hash) => Some(hash),
-        None => state
-            .db
-            .read()
-            .fetch_optional(
-                "SELECT password_hash FROM users WHERE name = $1",
-                &[user.into()],
-            )
-            .await?
-            .map(|row| row.text(0))
-            .transpose()?,
-    };
+    let hash = users::find(&state.db, &state.config, user)
+        .await?
+        .and_then(|known| known.password_hash);
     // People may submit, read and manage schedules; token logins keep their token's scopes.
     let scopes = [Scope::Submit, Scope::Read].map(scope_name).join(",");
     Ok(hash
         .filter(|h| verify_password(&form.password, h))
-        .map(|_| (user.to_owned(), scopes)))
+        .map(|_| Login {
+            user: user.to_owned(),
+            scopes,
+            token_hash: None,
+        }))
 }
 
 pub async fn login(
@@ -252,7 +234,7 @@ pub async fn login(
             &form.user,
         );
     }
-    let Some((name, scopes)) = authenticate(&state, &form).await? else {
+    let Some(login) = authenticate(&state, &form).await? else {
         return login_form(
             &state,
             Some("Unknown user name or wrong password (or token)."),
@@ -264,12 +246,13 @@ pub async fn login(
     let ttl = state.config.web.session_ttl.0;
     let now = now_ms();
     let expires = now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
-    let session = (hash_token(&id), name.clone(), scopes, csrf);
+    let name = login.user.clone();
+    let session = (hash_token(&id), login, csrf);
     state
         .db
         .write(move |tx| {
             Box::pin(async move {
-                let (hash, name, scopes, csrf) = &session;
+                let (hash, login, csrf) = &session;
                 tx.execute(
                     "DELETE FROM web_sessions WHERE expires_at < $1",
                     &[now.into()],
@@ -277,14 +260,15 @@ pub async fn login(
                 .await?;
                 tx.execute(
                     "INSERT INTO web_sessions (hash, user_name, scopes, csrf, created_at, \
-                     expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+                     expires_at, token_hash) VALUES ($1, $2, $3, $4, $5, $6, $7)",
                     &[
                         hash.into(),
-                        name.into(),
-                        scopes.into(),
+                        (&login.user).into(),
+                        (&login.scopes).into(),
                         csrf.into(),
                         now.into(),
                         expires.into(),
+                        login.token_hash.as_deref().into(),
                     ],
                 )
                 .await
