@@ -131,8 +131,8 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<8} {:<16} {:<10} {:<8} TASKS",
-        "ID", "IMAGE", "STATE", "ATTEMPT"
+        "{:<8} {:<16} {:<12} {:<10} {:<8} TASKS",
+        "ID", "IMAGE", "OWNER", "STATE", "ATTEMPT"
     );
     for job in &jobs {
         let tasks: Vec<String> = job
@@ -141,9 +141,10 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             .map(|t| format!("{}:{}", t.name, t.state))
             .collect();
         println!(
-            "{:<8} {:<16} {:<10} {:<8} {}",
+            "{:<8} {:<16} {:<12} {:<10} {:<8} {}",
             job.id,
             job.image,
+            job.owner,
             job.state.as_str(),
             job.attempt,
             tasks.join(" ")

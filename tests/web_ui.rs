@@ -163,9 +163,10 @@ async fn web_login_submit_watch_download_cancel() {
     let downloaded = browser.downloaded("hello.txt").await;
     assert_eq!(sha256_hex(&downloaded), sha256_hex(&artifact));
 
-    // A multi-OS group: one job runs and is cancelled from its page.
+    // A multi-OS group of Alice's (from her API token): one job runs and is cancelled from its
+    // page.
     let submitted = server
-        .admin()
+        .client(&server.create_token("alice-ci", "alice", "submit,read"))
         .submit("images = [\"debian-12\", \"alpine-3\"]\ntags = [\"nightly\"]\n\n[[tasks]]\nname = \"build\"\nscript = \"make\"\n")
         .await;
     let lease = worker.lease(&["debian-12"]).await.expect("leased");
@@ -299,19 +300,22 @@ async fn web_admin_token_logs_in_and_forms_need_csrf(backend: Backend) {
     browser.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn web_user_added_with_the_cli_logs_in() {
+/// `vmfarm server user add NAME [--admin]` with `password` on its standard input; what it printed.
+fn add_user(server: &TestServer, name: &str, password: &str, admin: bool) -> String {
     use std::io::Write;
-    let server = server_with_user(Backend::Sqlite);
+    let mut args = vec![
+        "server",
+        "user",
+        "add",
+        name,
+        "--database-url",
+        &server.database_url,
+    ];
+    if admin {
+        args.push("--admin");
+    }
     let mut add = std::process::Command::new(env!("CARGO_BIN_EXE_vmfarm"))
-        .args([
-            "server",
-            "user",
-            "add",
-            "bob",
-            "--database-url",
-            &server.database_url,
-        ])
+        .args(&args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -319,17 +323,78 @@ async fn web_user_added_with_the_cli_logs_in() {
     add.stdin
         .take()
         .unwrap()
-        .write_all(b"bob-password\n")
+        .write_all(format!("{password}\n").as_bytes())
         .unwrap();
     let out = add.wait_with_output().unwrap();
     assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+// Two users and an admin, each in the browser: each sees only their own jobs and the admin all.
+on_both_databases!(web_users_see_only_their_own_jobs);
+
+async fn web_users_see_only_their_own_jobs(backend: Backend) {
+    let server = server_with_user(backend);
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
+        add_user(&server, "bob", "bob-password", false),
         "user bob can log in to the web UI\n"
     );
+    assert_eq!(
+        add_user(&server, "carol", "carol-password", true),
+        "user carol (an admin) can log in to the web UI\n"
+    );
+    let by_admin = server
+        .admin()
+        .submit("image = \"debian-12\"\n[[tasks]]\nname = \"b\"\nscript = \"true\"\n")
+        .await
+        .jobs[0]
+        .id
+        .clone();
     let browser = Browser::start().await;
+
+    // Alice submits in the page: the job is hers, and says so.
+    log_in(&browser, &server, "alice", "alice-password").await;
+    browser.wait_text(".who", "alice").await;
+    browser.goto(&format!("{}/submit", server.url)).await;
+    browser
+        .set_value(
+            "#manifest",
+            "image = \"debian-12\"\n[[tasks]]\nname = \"mine\"\nscript = \"true\"\n",
+        )
+        .await;
+    browser.click("#submit-button").await;
+    browser.wait_text("#owner", "alice").await;
+    let path = browser.path().await;
+    let hers = path.trim_start_matches("/jobs/").to_owned();
+    assert!(hers.parse::<u64>().is_ok(), "on the job's page: {path}");
+    browser.goto(&format!("{}/history", server.url)).await;
+    let history = browser.wait_text("#history", &format!("#{hers}")).await;
+    assert!(!history.contains(&format!("#{by_admin}")), "{history}");
+    browser
+        .goto(&format!("{}/jobs/{by_admin}", server.url))
+        .await;
+    browser
+        .wait_text("#error", &format!("no job {by_admin}"))
+        .await;
+
+    // Bob sees none of it: her job is a missing one for him.
+    browser.client.delete_all_cookies().await.unwrap();
     log_in(&browser, &server, "bob", "bob-password").await;
     browser.wait_text(".who", "bob").await;
-    browser.wait_text("h1", "Dashboard").await;
+    browser.goto(&format!("{}/jobs/{hers}", server.url)).await;
+    browser.wait_text("#error", &format!("no job {hers}")).await;
+    browser.goto(&format!("{}/history", server.url)).await;
+    browser.wait_text("#history", "No job matches").await;
+
+    // Carol is an admin: she sees both, with their owners.
+    browser.client.delete_all_cookies().await.unwrap();
+    log_in(&browser, &server, "carol", "carol-password").await;
+    browser.wait_text(".who", "carol").await;
+    browser.goto(&format!("{}/history", server.url)).await;
+    let all = browser.wait_text("#history", &format!("#{by_admin}")).await;
+    assert!(all.contains(&format!("#{hers}")), "{all}");
+    assert!(all.contains("alice") && all.contains("admin"), "{all}");
+    browser.goto(&format!("{}/jobs/{hers}", server.url)).await;
+    browser.wait_text("#owner", "alice").await;
     browser.close().await;
 }

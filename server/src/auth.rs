@@ -317,3 +317,89 @@ pub async fn check_token_owner(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ApiToken;
+    use crate::test_utils::{Database, TestApp, on_both_databases};
+
+    on_both_databases!(test_tokens_removed_from_the_config_stop_working_at_start);
+
+    fn config_token(name: &str, user: &str, scopes: Vec<Scope>) -> ApiToken {
+        ApiToken {
+            name: name.into(),
+            token: format!("{name}-secret"),
+            scopes,
+            user: user.into(),
+            max_priority: Some(3),
+        }
+    }
+
+    async fn test_tokens_removed_from_the_config_stop_working_at_start(db: Database) {
+        let app = TestApp::new(db).await;
+        let mut config = (*app.state.config).clone();
+        config.tokens = vec![
+            config_token("ci", "admin", vec![Scope::Submit]),
+            config_token("nightly", "admin", vec![Scope::Read]),
+        ];
+        bootstrap(&app.state.db, &config).await.unwrap();
+        let ci = lookup(&app.state.db, &config, &hash_token("ci-secret"))
+            .await
+            .unwrap();
+        match ci {
+            Some(Caller::Api(api)) => {
+                assert_eq!(
+                    (api.user.as_str(), api.max_priority, api.admin),
+                    ("admin", Some(3), true)
+                );
+            }
+            other => panic!("ci is not an API token: {other:?}"),
+        }
+
+        config.tokens.retain(|t| t.name == "nightly");
+        bootstrap(&app.state.db, &config).await.unwrap();
+        assert_eq!(
+            lookup(&app.state.db, &config, &hash_token("ci-secret"))
+                .await
+                .unwrap(),
+            None,
+            "gone with the config's line"
+        );
+        assert!(
+            lookup(&app.state.db, &config, &hash_token("nightly-secret"))
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            lookup(
+                &app.state.db,
+                &config,
+                &hash_token(crate::test_utils::ADMIN)
+            )
+            .await
+            .unwrap()
+            .is_some(),
+            "tokens made with the CLI stay"
+        );
+
+        config.tokens = vec![config_token("x", "nobody", vec![Scope::Read])];
+        let err = bootstrap(&app.state.db, &config)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("there is no user `nobody`"), "{err}");
+        config.tokens = vec![config_token("x", "alice", vec![Scope::Admin])];
+        config.users = vec![crate::config::User {
+            name: "alice".into(),
+            password_hash: String::new(),
+            admin: false,
+        }];
+        let err = bootstrap(&app.state.db, &config)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("user `alice` is not an admin"), "{err}");
+    }
+}

@@ -215,3 +215,109 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
+
+#[cfg(test)]
+mod upgrade_tests {
+    use crate::db::Query;
+    use crate::test_utils::{
+        ADMIN, ALICE, Database, TestApp, fresh_database_url, on_both_databases,
+    };
+    use axum::http::StatusCode;
+    use sqlx::migrate::Migrator;
+
+    on_both_databases!(test_a_database_from_before_owners_is_upgraded_in_place);
+
+    /// The migrations that made the schema before owners (0001 to 0003), as they were.
+    async fn migrate_before_owners(url: &str, database: Database) {
+        let from = match database {
+            Database::Sqlite => "migrations/sqlite",
+            Database::Postgres => "migrations/postgres",
+        };
+        let old = tempfile::tempdir().unwrap();
+        for entry in
+            std::fs::read_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(from)).unwrap()
+        {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if name.as_str() < "0004" {
+                std::fs::copy(&path, old.path().join(&name)).unwrap();
+            }
+        }
+        sqlx::any::install_default_drivers();
+        let url = match database {
+            Database::Sqlite => format!("{url}?mode=rwc"),
+            Database::Postgres => url.to_owned(),
+        };
+        let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+        Migrator::new(old.path())
+            .await
+            .unwrap()
+            .run(&pool)
+            .await
+            .unwrap();
+        // A job, its group and a secret as the old server stored them.
+        for sql in [
+            "INSERT INTO job_groups (id, created_at) VALUES (7, 1)",
+            "INSERT INTO jobs (id, group_id, image, state, priority, manifest, tags, secrets, \
+             timeout_ms, created_at) VALUES (41, 7, 'a', 'succeeded', 0, 'image = \"a\"', '[]', \
+             '[\"old-key\"]', 60000, 1)",
+        ] {
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
+        sqlx::query("INSERT INTO secrets (name, value, updated_at) VALUES ('old-key', $1, 1)")
+            .bind(b"plain-old-value".to_vec())
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+
+    async fn test_a_database_from_before_owners_is_upgraded_in_place(db: Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = fresh_database_url(db, dir.path()).await;
+        migrate_before_owners(&url, db).await;
+        let app = TestApp::on(dir, url, |_| {}).await;
+        let job = app.job(41).await;
+        assert_eq!(
+            (&job["owner"], &job["state"]),
+            (&"admin".into(), &"succeeded".into())
+        );
+        assert_eq!(
+            app.get("/api/jobs/41", ALICE).await.status,
+            StatusCode::NOT_FOUND
+        );
+        let group = app.get("/api/groups/7", ADMIN).await;
+        assert_eq!(group.body["owner"], "admin", "{:?}", group.body);
+
+        let sealed = crate::secrets::seal_stored(&app.state.db, &app.state.secret_key)
+            .await
+            .unwrap();
+        assert_eq!(sealed, 1, "the value stored in the clear is sealed");
+        let row = app
+            .state
+            .db
+            .read()
+            .fetch_optional(
+                "SELECT value, owner FROM secrets WHERE name = 'old-key'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .unwrap();
+        let value = row.blob(0).unwrap();
+        assert!(!value.windows(15).any(|w| w == b"plain-old-value"));
+        assert_eq!(row.text(1).unwrap(), "admin");
+        let manifest =
+            "secrets = [\"old-key\"]\nimage = \"a\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n";
+        app.submit(manifest).await;
+        let lease = app.lease("w0", "a").await;
+        use base64::Engine;
+        let opened = base64::engine::general_purpose::STANDARD
+            .decode(&lease.secrets["old-key"])
+            .unwrap();
+        assert_eq!(
+            opened, b"plain-old-value",
+            "and it still reaches the admin's jobs"
+        );
+    }
+}

@@ -58,6 +58,7 @@ pub enum Database {
 #[derive(Debug)]
 pub struct Answer {
     pub status: StatusCode,
+    pub headers: axum::http::HeaderMap,
     pub body: Value,
 }
 
@@ -85,10 +86,16 @@ impl TestApp {
         adjust: impl FnOnce(&mut ServerConfig),
     ) -> TestApp {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let url = match database {
-            Database::Sqlite => format!("sqlite://{}/vmfarm.db", dir.path().display()),
-            Database::Postgres => fresh_postgres_database().await,
-        };
+        let url = fresh_database_url(database, dir.path()).await;
+        Self::on(dir, url, adjust).await
+    }
+
+    /// A server on the database at `url` (which may hold data already), its files in `dir`.
+    pub async fn on(
+        dir: tempfile::TempDir,
+        url: String,
+        adjust: impl FnOnce(&mut ServerConfig),
+    ) -> TestApp {
         let mut config = ServerConfig {
             data_dir: dir.path().to_owned(),
             database_url: url.clone(),
@@ -163,6 +170,7 @@ impl TestApp {
             .await
             .expect("the router answers");
         let status = response.status();
+        let headers = response.headers().clone();
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
             .await
             .expect("the body is read");
@@ -172,7 +180,11 @@ impl TestApp {
             serde_json::from_slice(&bytes)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()))
         };
-        Answer { status, body }
+        Answer {
+            status,
+            headers,
+            body,
+        }
     }
 
     pub async fn get(&self, path: &str, token: &str) -> Answer {
@@ -203,15 +215,24 @@ impl TestApp {
 
     /// Submits `manifest` as the admin; the ids of its jobs.
     pub async fn submit(&self, manifest: &str) -> Vec<i64> {
-        let answer = self
-            .call(
-                Method::POST,
-                "/api/jobs",
-                Some(ADMIN),
-                &[],
-                Body::from(manifest.to_owned()),
-            )
-            .await;
+        self.submit_as(ADMIN, manifest).await
+    }
+
+    /// POSTs `body` to `path` with `token`.
+    pub async fn post(&self, path: &str, token: &str, body: impl Into<String>) -> Answer {
+        self.call(
+            Method::POST,
+            path,
+            Some(token),
+            &[("content-type", "application/json".into())],
+            Body::from(body.into()),
+        )
+        .await
+    }
+
+    /// Submits `manifest` with `token`, which must be accepted; the ids of its jobs.
+    pub async fn submit_as(&self, token: &str, manifest: &str) -> Vec<i64> {
+        let answer = self.post("/api/jobs", token, manifest).await;
         assert_eq!(answer.status, StatusCode::CREATED, "{:?}", answer.body);
         answer.body["jobs"]
             .as_array()
@@ -337,6 +358,14 @@ impl TestApp {
             )
             .await
             .expect("the lease is made to expire");
+    }
+}
+
+/// The URL of a new, empty database: a file in `dir`, or one on the test PostgreSQL server.
+pub async fn fresh_database_url(database: Database, dir: &std::path::Path) -> String {
+    match database {
+        Database::Sqlite => format!("sqlite://{}/vmfarm.db", dir.display()),
+        Database::Postgres => fresh_postgres_database().await,
     }
 }
 

@@ -159,6 +159,24 @@ impl TestServer {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// A new API token of `user` with `scopes` (`submit,read`), through `vmfarm server token create`.
+    pub fn create_token(&self, name: &str, user: &str, scopes: &str) -> String {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+            .args(["server", "--config"])
+            .arg(self.data_dir().join("server.toml"))
+            .args([
+                "token", "create", "--name", name, "--user", user, "--scopes", scopes,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "vmfarm server token create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     pub fn client(&self, token: &str) -> Api {
         Api {
             http: reqwest::Client::new(),
