@@ -35,6 +35,10 @@ pub struct Limits {
     pub max_artifacts_per_job: ByteSize,
     pub max_log_size: ByteSize,
     pub default_job_timeout: HumanDuration,
+    /// Most jobs of one user leased or running at once (`None`: no limit).
+    pub max_running_per_user: Option<u64>,
+    /// Most jobs of one user waiting in the queue; a submit past it gets 429 (`None`: no limit).
+    pub max_queued_per_user: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -197,6 +201,8 @@ impl Default for Limits {
             max_artifacts_per_job: ByteSize(4 * GIB),
             max_log_size: ByteSize(64 * MIB),
             default_job_timeout: HumanDuration(Duration::from_secs(3600)),
+            max_running_per_user: None,
+            max_queued_per_user: None,
         }
     }
 }

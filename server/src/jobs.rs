@@ -37,6 +37,7 @@ pub async fn submit(
     let new = NewGroup {
         text: text.to_owned(),
         owner: submitter.user.clone(),
+        max_queued: state.config.limits.max_queued_per_user,
         schedule: schedule.map(str::to_owned),
         tags_json: serde_json::to_string(&manifest.tags).map_err(AppError::internal)?,
         // The secrets' names and the triggers are kept beside the manifest, so that a lease and
@@ -120,6 +121,8 @@ fn policy_text(policy: &[HostPattern]) -> String {
 struct NewGroup {
     text: String,
     owner: String,
+    /// The per-user queue limit (`None`: none).
+    max_queued: Option<u64>,
     schedule: Option<String>,
     manifest: Manifest,
     tags_json: String,
@@ -138,8 +141,34 @@ impl NewGroup {
             .chain(self.manifest.tasks.iter().map(|t| t.name.as_str()))
     }
 
+    /// Refuses (429) a group that would take its owner past the per-user queue limit.
+    async fn check_queue_room(&self, tx: &mut WriteTx) -> AppResult<()> {
+        let Some(limit) = self.max_queued else {
+            return Ok(());
+        };
+        let queued = tx
+            .fetch_optional(
+                "SELECT queued FROM owner_load WHERE owner = $1",
+                &[(&self.owner).into()],
+            )
+            .await?
+            .map(|row| row.int(0))
+            .transpose()?
+            .unwrap_or(0);
+        let adding = self.manifest.images.len() as u64;
+        if u64::try_from(queued).unwrap_or(0) + adding > limit {
+            return Err(AppError::TooMany(format!(
+                "user `{}` has {queued} jobs queued and this adds {adding}; the limit is {limit} \
+                 (max_queued_per_user): wait for some to start",
+                self.owner
+            )));
+        }
+        Ok(())
+    }
+
     async fn insert(&self, tx: &mut WriteTx) -> AppResult<SubmitResponse> {
         crate::secrets::check_usable(tx, &self.manifest.secrets, &self.owner).await?;
+        self.check_queue_room(tx).await?;
         let now = now_ms();
         let group_id = tx
             .fetch_optional(

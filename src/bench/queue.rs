@@ -2,7 +2,8 @@
 //! beside the rate of bare single-row insert+update transactions on the same database with the
 //! same durability settings (the ceiling the queue can approach), both through a sqlx pool and
 //! through the server's own write path. Job cycles are measured calling the queue directly and
-//! over HTTP as a worker and a user make them, each with the CPU it cost.
+//! over HTTP as a worker and a user make them, each with the CPU it cost; the HTTP cycles and the
+//! leases are measured again with the jobs of 100 users sharing the queue (fair share's turns).
 
 use super::farm::admin_submitter;
 use super::stats::{ms, per_second, quantile};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use vmfarm_proto::JobState;
 use vmfarm_proto::wire::{FENCE_HEADER, LeaseRequest, LeaseResponse, StateUpdate, WorkerImage};
+use vmfarm_server::access::Submitter;
 use vmfarm_server::config::{ApiToken, Scope, ServerConfig, WorkerToken};
 use vmfarm_server::db::{DbFailure, SqliteSync};
 use vmfarm_server::fence::LeaseCall;
@@ -23,6 +25,8 @@ const CYCLES: usize = 4000;
 const QUEUED: usize = 10_000;
 const IMAGES: usize = 50;
 const REFERENCE_TXNS: usize = 4000;
+/// Users whose jobs share the queue in the fair-share runs.
+const USERS: usize = 100;
 
 pub async fn run(postgres: Option<String>) -> anyhow::Result<()> {
     println!(
@@ -131,8 +135,13 @@ async fn report(
     let reference = reference_rate(&state).await?;
     let writer_reference = writer_reference_rate(&state).await?;
     let (cycles, cycle_cpu) = measure_cpu(cycle_rate(&state)).await?;
-    let (http_cycles, http_cpu) = measure_cpu(http_cycle_rate(&base)).await?;
-    let (leases_per_s, mut latencies, submit_rate) = lease_rate(&state).await?;
+    let (http_cycles, http_cpu) =
+        measure_cpu(http_cycle_rate(&base, &[SUBMIT_TOKEN.to_owned()])).await?;
+    let user_tokens = user_tokens(&state).await?;
+    let (shared_cycles, shared_cpu) = measure_cpu(http_cycle_rate(&base, &user_tokens)).await?;
+    let (leases_per_s, mut latencies, submit_rate) = lease_rate(&state, 1).await?;
+    let (shared_leases_per_s, mut shared_latencies, shared_submit_rate) =
+        lease_rate(&state, USERS).await?;
     println!("{:<52} {:>12}", "measure", "value");
     println!(
         "{:<52} {:>10.0}/s",
@@ -159,6 +168,16 @@ async fn report(
         "{:<52} {:>12}",
         "  CPU per cycle (server and HTTP clients)",
         micros(http_cpu, CYCLES)
+    );
+    println!(
+        "{:<52} {:>10.0}/s",
+        format!("same, submitted by {USERS} users in turn"),
+        shared_cycles
+    );
+    println!(
+        "{:<52} {:>12}",
+        "  CPU per cycle (server and HTTP clients)",
+        micros(shared_cpu, CYCLES)
     );
     println!(
         "{:<52} {:>12.2}",
@@ -189,6 +208,26 @@ async fn report(
         "{:<52} {:>12}",
         "lease latency p99",
         ms(quantile(&mut latencies, 0.99))
+    );
+    println!(
+        "{:<52} {:>10.0}/s",
+        format!("submits, {USERS} users (filling {QUEUED} jobs)"),
+        shared_submit_rate
+    );
+    println!(
+        "{:<52} {:>10.0}/s",
+        format!("leases, {QUEUED} queued over {IMAGES} images, {USERS} users"),
+        shared_leases_per_s
+    );
+    println!(
+        "{:<52} {:>12}",
+        format!("lease latency p50, {USERS} users"),
+        ms(quantile(&mut shared_latencies, 0.5))
+    );
+    println!(
+        "{:<52} {:>12}",
+        format!("lease latency p99, {USERS} users"),
+        ms(quantile(&mut shared_latencies, 0.99))
     );
     println!(
         "(targets on 2 cores: > 2000 cycles/s on SQLite; lease p99 < 10 ms with {QUEUED} queued)"
@@ -349,21 +388,52 @@ async fn cycle_rate(state: &AppState) -> anyhow::Result<f64> {
     Ok(per_second(CYCLES, started.elapsed()))
 }
 
+/// The owner of the `i`th job of a run shared by `users` users (the built-in admin alone for 1).
+fn bench_user(i: usize, users: usize) -> String {
+    if users == 1 {
+        vmfarm_server::users::ADMIN.to_owned()
+    } else {
+        format!("user-{}", i % users)
+    }
+}
+
+/// A submit token for each of the [`USERS`] users (stored in the database, as
+/// `vmfarm server token create` stores them).
+async fn user_tokens(state: &AppState) -> anyhow::Result<Vec<String>> {
+    use vmfarm_server::auth::{ApiCaller, Caller, TokenSource, store_token};
+    let mut tokens = Vec::with_capacity(USERS);
+    for u in 0..USERS {
+        let token = format!("vmf_bench_user_{u}");
+        let caller = Caller::Api(ApiCaller {
+            name: format!("bench-{u}"),
+            user: bench_user(u, USERS),
+            admin: false,
+            scopes: vec![Scope::Submit],
+            max_priority: None,
+        });
+        store_token(&state.db, &token, &caller, TokenSource::Cli).await?;
+        tokens.push(token);
+    }
+    Ok(tokens)
+}
+
 /// The cycle of [`cycle_rate`] as a worker and a user make it: five API calls over HTTP
 /// (submit, lease, booting, running, succeeded), with tokens, JSON and the server's middleware.
-async fn http_cycle_rate(base: &str) -> anyhow::Result<f64> {
+/// Submits take `tokens` in turn (one user's, or many users').
+async fn http_cycle_rate(base: &str, tokens: &[String]) -> anyhow::Result<f64> {
+    let tokens = Arc::new(tokens.to_vec());
     let http = reqwest::Client::new();
     let started = Instant::now();
     let mut set = JoinSet::new();
     for client in 0..CLIENTS {
-        let (http, base) = (http.clone(), base.to_owned());
+        let (http, base, tokens) = (http.clone(), base.to_owned(), tokens.clone());
         set.spawn(async move {
             let image = format!("http-{client}");
             let worker = worker_token(client);
             let req = request(&format!("bench-{client}"), std::slice::from_ref(&image));
-            for _ in 0..CYCLES / CLIENTS {
+            for i in 0..CYCLES / CLIENTS {
                 http.post(format!("{base}/api/jobs"))
-                    .bearer_auth(SUBMIT_TOKEN)
+                    .bearer_auth(&tokens[(client + i * CLIENTS) % tokens.len()])
                     .body(manifest(&image))
                     .send()
                     .await?
@@ -400,9 +470,11 @@ async fn http_cycle_rate(base: &str) -> anyhow::Result<f64> {
     Ok(per_second(CYCLES, started.elapsed()))
 }
 
-/// Fills the queue with `QUEUED` jobs over `IMAGES` images, then drains it with workers that
-/// each have a fifth of the images; returns leases/s, every lease's latency and submits/s.
-async fn lease_rate(state: &AppState) -> anyhow::Result<(f64, Vec<Duration>, f64)> {
+/// Fills the queue with `QUEUED` jobs over `IMAGES` images of `users` users (job `i` is image
+/// `i % IMAGES`'s and user `i % users`'s: with 100 users each has one image's jobs, the hard case
+/// for turns), then drains it with workers that each have a fifth of the images; returns
+/// leases/s, every lease's latency and submits/s.
+async fn lease_rate(state: &AppState, users: usize) -> anyhow::Result<(f64, Vec<Duration>, f64)> {
     let images: Arc<Vec<String>> = Arc::new((0..IMAGES).map(|i| format!("img-{i:02}")).collect());
     let started = Instant::now();
     let mut set = JoinSet::new();
@@ -411,13 +483,11 @@ async fn lease_rate(state: &AppState) -> anyhow::Result<(f64, Vec<Duration>, f64
         let images = images.clone();
         set.spawn(async move {
             for i in (client..QUEUED).step_by(CLIENTS) {
-                jobs::submit(
-                    &state,
-                    &manifest(&images[i % IMAGES]),
-                    None,
-                    &admin_submitter(),
-                )
-                .await?;
+                let submitter = Submitter {
+                    user: bench_user(i, users),
+                    max_priority: None,
+                };
+                jobs::submit(&state, &manifest(&images[i % IMAGES]), None, &submitter).await?;
             }
             Ok::<_, anyhow::Error>(())
         });

@@ -1,4 +1,6 @@
-//! Taking a lease: the oldest job of the highest priority whose image the worker has.
+//! Taking a lease, fairly between users: the owner served longest ago (among those with queued
+//! work under their running limit) gets the free slot, with its oldest job of the highest
+//! priority whose image the worker has.
 
 use crate::db::{Arg, Query, now_ms};
 use crate::error::{AppError, AppResult};
@@ -68,16 +70,21 @@ fn worker_seen(state: &AppState, req: &LeaseRequest) -> Option<WorkerView> {
     })
 }
 
-/// The statement that leases the best queued job of `images` images. The best job of each
-/// image is one index seek (state, image, priority DESC, id); the best of those few wins. Far
-/// cheaper than sorting every queued job of the images.
+/// The owners whose turn may come, the one served longest ago first: those with queued jobs
+/// and fewer running than the limit. One row per owner (`owner_load`, kept by triggers).
+const TURNS_SQL: &str = "SELECT owner FROM owner_load WHERE queued > 0 AND running < $1 \
+                         ORDER BY last_served_at, owner";
+
+/// The statement that leases one owner's (`$6`) best queued job of `images` images (`$7`...).
+/// The best job of each image is one index seek (state, owner, image, priority DESC, id); the
+/// best of those few wins. Far cheaper than sorting every queued job of the images.
 fn lease_sql(images: usize, skip_locked: &str) -> String {
     let per_image: Vec<String> = (0..images)
         .map(|i| {
             format!(
-                "SELECT id, priority FROM (SELECT id, priority FROM jobs WHERE state = 'queued' AND image = ${} \
-                 ORDER BY priority DESC, id LIMIT 1{skip_locked}) AS q{i}",
-                i + 6,
+                "SELECT id, priority FROM (SELECT id, priority FROM jobs WHERE state = 'queued' AND owner = $6 \
+                 AND image = ${} ORDER BY priority DESC, id LIMIT 1{skip_locked}) AS q{i}",
+                i + 7,
             )
         })
         .collect();
@@ -90,7 +97,8 @@ fn lease_sql(images: usize, skip_locked: &str) -> String {
     )
 }
 
-/// Takes the oldest job of the highest priority whose image the worker has, if any.
+/// Takes a job whose image the worker has, if any: the turn's owner's oldest of the highest
+/// priority.
 pub async fn try_lease(
     state: &AppState,
     worker: &str,
@@ -125,6 +133,11 @@ pub async fn try_lease(
     let worker = worker.to_owned();
     let images: Vec<String> = req.images.iter().map(|i| i.name.clone()).collect();
     let secret_key = state.secret_key.clone();
+    let max_running = state
+        .config
+        .limits
+        .max_running_per_user
+        .map_or(i64::MAX, |n| i64::try_from(n).unwrap_or(i64::MAX));
     let leased = state
         .db
         .write(move |tx| {
@@ -132,15 +145,30 @@ pub async fn try_lease(
                 if let Some(seen) = &seen {
                     workers::record(tx, seen).await?;
                 }
-                let mut args: Vec<Arg> = vec![
-                    JobState::Leased.as_str().into(),
-                    (&lease_id).into(),
-                    expires_at.into(),
-                    now.into(),
-                    (&worker).into(),
-                ];
-                args.extend(images.iter().map(Arg::from));
-                let Some(row) = tx.fetch_optional(&sql, &args).await? else {
+                let turns = tx.fetch_all(TURNS_SQL, &[max_running.into()]).await?;
+                let mut leased = None;
+                for turn in turns {
+                    let owner = turn.text(0)?;
+                    let mut args: Vec<Arg> = vec![
+                        JobState::Leased.as_str().into(),
+                        (&lease_id).into(),
+                        expires_at.into(),
+                        now.into(),
+                        (&worker).into(),
+                        (&owner).into(),
+                    ];
+                    args.extend(images.iter().map(Arg::from));
+                    if let Some(row) = tx.fetch_optional(&sql, &args).await? {
+                        tx.execute(
+                            "UPDATE owner_load SET last_served_at = $1 WHERE owner = $2",
+                            &[now.into(), (&owner).into()],
+                        )
+                        .await?;
+                        leased = Some(row);
+                        break;
+                    }
+                }
+                let Some(row) = leased else {
                     return Ok(None);
                 };
                 let job_id = row.int(0)?;
@@ -177,4 +205,127 @@ pub async fn try_lease(
     state.metrics.lease_latency(started.elapsed());
     state.events.job_changed(job_id);
     Ok(Some(lease))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_utils::{ALICE, BOB, Database, TestApp, on_both_databases};
+    use axum::http::StatusCode;
+    use vmfarm_proto::JobState;
+
+    on_both_databases!(
+        test_free_slots_go_round_robin_between_users,
+        test_a_user_at_the_running_limit_waits_its_turn,
+        test_a_submit_past_the_queue_limit_gets_429_naming_it,
+    );
+
+    fn job(image: &str, priority: i64) -> String {
+        format!(
+            "image = \"{image}\"\npriority = {priority}\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n"
+        )
+    }
+
+    /// The owner of each job leased by `n` leases of worker w0 on image `a`.
+    async fn lease_owners(app: &TestApp, n: usize) -> Vec<String> {
+        let mut owners = Vec::new();
+        for _ in 0..n {
+            let lease = app.lease("w0", "a").await;
+            let id: i64 = lease.job.id.parse().unwrap();
+            owners.push(app.job(id).await["owner"].as_str().unwrap().to_owned());
+        }
+        owners
+    }
+
+    async fn test_free_slots_go_round_robin_between_users(db: Database) {
+        let app = TestApp::new(db).await;
+        let mut alices = Vec::new();
+        for i in 0..50 {
+            // Her later jobs ask for more: priority orders her own queue, not the others'.
+            alices.push(app.submit_as(ALICE, &job("a", i % 3)).await[0]);
+        }
+        let first = app.lease("w0", "a").await;
+        assert_eq!(
+            first.job.id,
+            alices[2].to_string(),
+            "her best: priority 2, oldest"
+        );
+        let bobs = app.submit_as(BOB, &job("a", 0)).await[0];
+        let next = app.lease("w0", "a").await;
+        assert_eq!(
+            next.job.id,
+            bobs.to_string(),
+            "Bob's one job takes the next free slot, ahead of Alice's 49"
+        );
+        app.submit_as(BOB, &job("a", 0)).await;
+        app.submit_as(BOB, &job("a", 0)).await;
+        assert_eq!(
+            lease_owners(&app, 6).await,
+            ["alice", "bob", "alice", "bob", "alice", "alice"],
+            "turns alternate while both have work"
+        );
+    }
+
+    async fn test_a_user_at_the_running_limit_waits_its_turn(db: Database) {
+        let app = TestApp::with_config(db, |c| {
+            c.limits.max_running_per_user = Some(1);
+            c.leases.long_poll =
+                vmfarm_proto::units::HumanDuration(std::time::Duration::from_millis(300));
+        })
+        .await;
+        for _ in 0..3 {
+            app.submit_as(ALICE, &job("a", 0)).await;
+        }
+        app.submit_as(BOB, &job("a", 0)).await;
+        let hers = app.lease("w0", "a").await;
+        assert_eq!(lease_owners(&app, 1).await, ["bob"]);
+        let none = app
+            .post(
+                "/api/workers/lease",
+                &crate::test_utils::worker_token("w0"),
+                r#"{"name": "w0", "images": [{"name": "a", "version": "v1"}], "slots": 1, "version": "test"}"#,
+            )
+            .await;
+        assert_eq!(
+            none.status,
+            StatusCode::NO_CONTENT,
+            "Alice has 2 queued but 1 running, her limit: {:?}",
+            none.body
+        );
+        app.start("w0", &hers).await;
+        app.move_job("w0", &hers, JobState::Succeeded).await;
+        assert_eq!(
+            lease_owners(&app, 1).await,
+            ["alice"],
+            "her slot is free again"
+        );
+    }
+
+    async fn test_a_submit_past_the_queue_limit_gets_429_naming_it(db: Database) {
+        let app = TestApp::with_config(db, |c| c.limits.max_queued_per_user = Some(2)).await;
+        let two = "images = [\"a\", \"b\"]\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n";
+        assert_eq!(app.submit_as(ALICE, two).await.len(), 2);
+        let refused = app.post("/api/jobs", ALICE, job("a", 0)).await;
+        assert_eq!(
+            refused.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{:?}",
+            refused.body
+        );
+        assert_eq!(
+            refused.error(),
+            "user `alice` has 2 jobs queued and this adds 1; the limit is 2 \
+             (max_queued_per_user): wait for some to start"
+        );
+        assert_eq!(
+            app.submit_as(BOB, &job("a", 0)).await.len(),
+            1,
+            "Bob has his own"
+        );
+        app.lease("w0", "a").await;
+        assert_eq!(
+            app.submit_as(ALICE, &job("a", 0)).await.len(),
+            1,
+            "a started job frees its place in the queue"
+        );
+    }
 }
