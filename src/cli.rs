@@ -109,6 +109,13 @@ pub enum ServerAction {
     /// Manage users (who log in to the web UI and own jobs, schedules, secrets and tokens).
     #[command(subcommand)]
     User(UserAction),
+    /// Delete the logs and artifacts that the config's [retention] lets go (the server's sweep,
+    /// now), and files no row points at.
+    Gc {
+        /// Say what would go, and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,11 +3,14 @@
 use crate::cli::{SecretAction, ServerAction, ServerArgs, TokenAction, UserAction};
 use anyhow::{Context, bail};
 use std::io::Read;
+use vmfarm_proto::units::ByteSize;
 use vmfarm_server::admin;
 use vmfarm_server::auth::{ApiCaller, Caller};
 use vmfarm_server::config::{Scope, ServerConfig};
 use vmfarm_server::db::Db;
+use vmfarm_server::retention;
 use vmfarm_server::secrets::{self, NewSecret, SecretKey};
+use vmfarm_server::store::ArtifactStore;
 
 /// The config file (or the defaults) with the flags laid over it.
 pub fn load_config(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
@@ -55,6 +58,7 @@ async fn admin(config: ServerConfig, action: ServerAction) -> anyhow::Result<()>
     let db = Db::open(&config.database_url(), config.sqlite_synchronous).await?;
     match action {
         ServerAction::Token(action) => token(&db, &config, action).await?,
+        ServerAction::Gc { dry_run } => gc(&db, &config, dry_run).await?,
         ServerAction::Secret(SecretAction::Set {
             name,
             user,
@@ -118,6 +122,43 @@ async fn admin(config: ServerConfig, action: ServerAction) -> anyhow::Result<()>
             println!("user {name}{role} can log in to the web UI");
         }
     }
+    Ok(())
+}
+
+/// `vmfarm server gc [--dry-run]`.
+async fn gc(db: &Db, config: &ServerConfig, dry_run: bool) -> anyhow::Result<()> {
+    let now = vmfarm_server::db::now_ms();
+    let retention = &config.retention;
+    if retention.keep_for.is_none() && retention.max_artifact_store.is_none() {
+        println!(
+            "no retention is configured ([retention] keep_for or max_artifact_store in the server config): no job expires"
+        );
+    }
+    let plan = retention::plan(db, retention, now).await?;
+    let verb = if dry_run { "would expire" } else { "expires" };
+    for e in &plan {
+        println!(
+            "job {} {verb}: {} ({} of artifacts)",
+            e.job,
+            e.reason,
+            ByteSize(e.artifact_bytes)
+        );
+    }
+    let bytes: u64 = plan.iter().map(|e| e.artifact_bytes).sum();
+    if dry_run {
+        println!(
+            "{} jobs would expire, {} of artifacts (dry run: nothing deleted)",
+            plan.len(),
+            ByteSize(bytes)
+        );
+        return Ok(());
+    }
+    let store = ArtifactStore::new(config.data_dir.join("artifacts"));
+    let swept = retention::sweep(db, &store, retention, now).await?;
+    println!(
+        "{} jobs expired, {} purged, {} files no row pointed at removed",
+        swept.expired, swept.purged, swept.orphans
+    );
     Ok(())
 }
 

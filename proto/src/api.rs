@@ -47,6 +47,9 @@ pub struct JobView {
     pub image_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// When its logs and artifacts were set to go by the server's retention (unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_at: Option<i64>,
     #[serde(default)]
     pub tasks: Vec<TaskView>,
 }
@@ -106,6 +109,7 @@ mod tests {
             group_id: "g1".into(),
             image: "tiny".into(),
             owner: "admin".into(),
+            expired_at: None,
             state: JobState::Running,
             attempt: 1,
             priority: 0,

@@ -25,6 +25,7 @@ pub struct ServerConfig {
     pub web: Web,
     pub triggers: Triggers,
     pub network: NetworkPolicy,
+    pub retention: Retention,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -153,6 +154,31 @@ impl Default for NetworkPolicy {
     }
 }
 
+/// How long logs and artifacts are kept; nothing is deleted unless a limit is set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    /// The logs and artifacts of jobs that ended longer ago than this are deleted.
+    pub keep_for: Option<HumanDuration>,
+    /// The newest this many successful jobs of each schedule keep theirs regardless.
+    pub keep_successful_per_schedule: u32,
+    /// The artifact store's total size: past it, the artifacts of the jobs that ended first go.
+    pub max_artifact_store: Option<ByteSize>,
+    /// How often the server sweeps.
+    pub sweep_every: HumanDuration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            keep_for: None,
+            keep_successful_per_schedule: 0,
+            max_artifact_store: None,
+            sweep_every: HumanDuration(Duration::from_secs(600)),
+        }
+    }
+}
+
 impl Default for Web {
     fn default() -> Self {
         Web {
@@ -189,6 +215,7 @@ impl Default for ServerConfig {
             web: Web::default(),
             triggers: Triggers::default(),
             network: NetworkPolicy::default(),
+            retention: Retention::default(),
         }
     }
 }

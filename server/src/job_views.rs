@@ -17,7 +17,7 @@ pub fn parse_id(text: &str, what: &str) -> AppResult<i64> {
 }
 
 const JOB_COLUMNS: &str = "id, group_id, image, state, attempt, priority, tags, created_at, started_at, \
-                           finished_at, image_version, reason, owner";
+                           finished_at, image_version, reason, owner, expired_at";
 
 fn job_from_row(row: &Row) -> AppResult<JobView> {
     Ok(JobView {
@@ -34,6 +34,7 @@ fn job_from_row(row: &Row) -> AppResult<JobView> {
         finished_at: row.opt_int(9)?,
         image_version: row.opt_text(10)?,
         reason: row.opt_text(11)?,
+        expired_at: row.opt_int(13)?,
         tasks: Vec::new(),
     })
 }

@@ -19,6 +19,7 @@ pub mod logs;
 pub mod metrics;
 pub mod outbound;
 pub mod random;
+pub mod retention;
 pub mod routes;
 pub mod schedules;
 pub mod secrets;

@@ -34,8 +34,8 @@ pub struct Running {
     pub admin_token_created: bool,
     server: tokio::task::JoinHandle<Result<(), std::io::Error>>,
     reaper: tokio::task::JoinHandle<()>,
-    /// The scheduler and the webhook deliverer.
-    background: [tokio::task::JoinHandle<()>; 2],
+    /// The scheduler, the webhook deliverer and the retention sweep.
+    background: [tokio::task::JoinHandle<()>; 3],
 }
 
 impl Running {
@@ -91,6 +91,11 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
     let background = [
         tokio::spawn(crate::schedules::run(state.clone())),
         tokio::spawn(crate::triggers::run(state.clone())),
+        tokio::spawn(crate::retention::run(
+            state.db.clone(),
+            state.store.clone(),
+            state.config.retention.clone(),
+        )),
     ];
     let router = app(state.clone());
     let server = tokio::spawn(async move { axum::serve(listener, router).await });

@@ -116,6 +116,60 @@ impl ArtifactStore {
         Ok(())
     }
 
+    /// The ids of the jobs that have a folder.
+    pub fn job_folders(&self) -> std::io::Result<Vec<i64>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.root)? {
+            let entry = entry?;
+            if let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i64>().ok())
+            {
+                out.push(id);
+            }
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Every file in `job`'s folder, by its path there (`<attempt>/<name>`, or `<name>` for
+    /// files stored before attempts had folders).
+    pub fn files_of(&self, job: i64) -> std::io::Result<Vec<String>> {
+        let root = self.folder(job, None);
+        let mut out = Vec::new();
+        let mut todo = vec![root.clone()];
+        while let Some(dir) = todo.pop() {
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                let path = entry.path();
+                if entry.file_type()?.is_dir() {
+                    todo.push(path);
+                } else if let Ok(rel) = path.strip_prefix(&root) {
+                    out.push(rel.to_string_lossy().into_owned());
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Removes `job`'s folder and everything in it (gone already is fine).
+    pub fn remove_job(&self, job: i64) -> std::io::Result<()> {
+        match std::fs::remove_dir_all(self.folder(job, None)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes the file at `path` in `job`'s folder (as [`Self::files_of`] names it).
+    pub fn remove_file_of(&self, job: i64, path: &str) -> std::io::Result<()> {
+        match std::fs::remove_file(self.folder(job, None).join(path)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Removes every file of `job`'s `attempt` (a lost attempt's, once its rows are gone).
     pub async fn remove_attempt(&self, job: i64, attempt: i64) -> std::io::Result<()> {
         match tokio::fs::remove_dir_all(self.folder(job, Some(attempt))).await {
@@ -238,7 +292,8 @@ pub async fn list(db: &Db, job: i64) -> AppResult<Vec<ArtifactView>> {
     let rows = db
         .read()
         .fetch_all(
-            "SELECT name, size, sha256 FROM artifacts WHERE job_id = $1 ORDER BY name",
+            "SELECT a.name, a.size, a.sha256 FROM artifacts a JOIN jobs j ON j.id = a.job_id \
+             WHERE a.job_id = $1 AND j.expired_at IS NULL ORDER BY a.name",
             &[job.into()],
         )
         .await?;
@@ -264,7 +319,8 @@ pub async fn find(
     let row = db
         .read()
         .fetch_optional(
-            "SELECT size, sha256, attempt FROM artifacts WHERE job_id = $1 AND name = $2",
+            "SELECT a.size, a.sha256, a.attempt FROM artifacts a JOIN jobs j ON j.id = a.job_id \
+             WHERE a.job_id = $1 AND a.name = $2 AND j.expired_at IS NULL",
             &[job.into(), name.into()],
         )
         .await?
