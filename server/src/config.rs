@@ -117,6 +117,10 @@ pub struct Web {
     pub session_ttl: HumanDuration,
     /// Mark the session cookie `Secure` (sent over HTTPS only; browsers treat loopback as secure).
     pub secure_cookie: bool,
+    /// Failed logins (for one user name, or from one address, within `login_lock_for`) after
+    /// which logins are refused for `login_lock_for`; from the third on, each answer is slowed.
+    pub failed_logins_before_lock: u32,
+    pub login_lock_for: HumanDuration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -184,6 +188,8 @@ impl Default for Web {
         Web {
             session_ttl: HumanDuration(Duration::from_secs(12 * 3600)),
             secure_cookie: true,
+            failed_logins_before_lock: 10,
+            login_lock_for: HumanDuration(Duration::from_secs(15 * 60)),
         }
     }
 }

@@ -98,7 +98,9 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
         )),
     ];
     let router = app(state.clone());
-    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+    // The peer's address counts failed logins per address.
+    let service = router.into_make_service_with_connect_info::<SocketAddr>();
+    let server = tokio::spawn(async move { axum::serve(listener, service).await });
     tracing::info!(%addr, "vmfarm server listening");
     Ok(Running {
         addr,

@@ -3,6 +3,7 @@
 
 mod pages;
 pub mod session;
+mod throttle;
 
 use crate::error::AppError;
 use crate::state::AppState;

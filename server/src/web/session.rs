@@ -1,7 +1,7 @@
 //! Logging in to the web UI: users (argon2 hashes, from the config or `vmfarm server user add`)
 //! or an API token, a session cookie (HttpOnly, SameSite=Strict, Secure), and CSRF tokens.
 
-use super::{WebError, WebResult, render, see_other};
+use super::{WebError, WebResult, render, see_other, throttle};
 use crate::auth::{ApiCaller, Caller, hash_token, lookup, parse_scopes, scope_name};
 use crate::config::{Scope, ServerConfig};
 use crate::db::{Db, Query, now_ms};
@@ -13,8 +13,9 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use axum::Form;
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use std::net::SocketAddr;
 
 const SESSION_COOKIE: &str = "vmfarm_session";
 const LOGIN_COOKIE: &str = "vmfarm_login";
@@ -145,6 +146,20 @@ pub fn hash_password(password: &str) -> Result<String, AppError> {
         .map_err(|e| AppError::internal(e.to_string()))
 }
 
+/// Whether `password` matches `hash`; with no hash (no such user, or one who cannot log in with
+/// a password), a hash of nothing is checked all the same, so that the answer takes as long.
+fn password_matches(password: &str, hash: Option<&str>) -> bool {
+    static NOBODY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    match hash {
+        Some(hash) => verify_password(password, hash),
+        None => {
+            let nobody = NOBODY.get_or_init(|| hash_password("").unwrap_or_default());
+            verify_password(password, nobody);
+            false
+        }
+    }
+}
+
 fn verify_password(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash).is_ok_and(|parsed| {
         Argon2::default()
@@ -212,17 +227,18 @@ async fn authenticate(state: &AppState, form: &LoginForm) -> WebResult<Option<Lo
         .and_then(|known| known.password_hash);
     // People may submit, read and manage schedules; token logins keep their token's scopes.
     let scopes = [Scope::Submit, Scope::Read].map(scope_name).join(",");
-    Ok(hash
-        .filter(|h| verify_password(&form.password, h))
-        .map(|_| Login {
+    Ok(
+        password_matches(&form.password, hash.as_deref()).then(|| Login {
             user: user.to_owned(),
             scopes,
             token_hash: None,
-        }))
+        }),
+    )
 }
 
 pub async fn login(
     State(state): State<AppState>,
+    peer: throttle::Peer,
     headers: HeaderMap,
     Form(form): Form<LoginForm>,
 ) -> WebResult<Response> {
@@ -234,13 +250,28 @@ pub async fn login(
             &form.user,
         );
     }
+    let keys = throttle::Keys::new(form.user.trim(), peer.0);
+    if let Some(until) = throttle::locked_until(&state.db, &keys, now_ms()).await? {
+        let minutes = (until - now_ms()).div_euclid(60_000) + 1;
+        let message = format!(
+            "Too many failed logins for this user or from this address: try again in {minutes} minute{}.",
+            if minutes == 1 { "" } else { "s" }
+        );
+        let mut page = login_form(&state, Some(&message), &form.user)?;
+        *page.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        return Ok(page);
+    }
     let Some(login) = authenticate(&state, &form).await? else {
+        let delay = throttle::failed(&state.db, &state.config.web, &keys, now_ms()).await?;
+        tokio::time::sleep(delay).await;
+        tracing::info!(user = %form.user.trim(), "failed web login");
         return login_form(
             &state,
             Some("Unknown user name or wrong password (or token)."),
             &form.user,
         );
     };
+    throttle::succeeded(&state.db, &keys).await?;
     let id = crate::random::random_hex(32).map_err(AppError::internal)?;
     let csrf = crate::random::random_hex(16).map_err(AppError::internal)?;
     let ttl = state.config.web.session_ttl.0;
@@ -320,6 +351,112 @@ pub async fn logout(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_utils::{Database, TestApp, on_both_databases};
+    use axum::body::Body;
+    use axum::extract::connect_info::MockConnectInfo;
+    use std::net::SocketAddr;
+    use std::time::{Duration, Instant};
+    use tower::ServiceExt;
+
+    on_both_databases!(test_failed_logins_are_slowed_then_refused_per_user_and_address);
+
+    /// Posts the login form from `addr`; the status and the page's error line.
+    async fn log_in(
+        app: &TestApp,
+        addr: [u8; 4],
+        user: &str,
+        password: &str,
+    ) -> (StatusCode, String) {
+        let router = crate::app::app(app.state.clone())
+            .layer(MockConnectInfo(SocketAddr::from((addr, 40000))));
+        let request = axum::http::Request::post("/login")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("cookie", "vmfarm_login=c5rf")
+            .body(Body::from(format!(
+                "user={user}&password={password}&csrf=c5rf"
+            )))
+            .unwrap();
+        let response = router.oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let page = String::from_utf8_lossy(&body).into_owned();
+        let error = page
+            .split("id=\"login-error\">")
+            .nth(1)
+            .and_then(|rest| rest.split('<').next())
+            .unwrap_or("")
+            .to_owned();
+        (status, error)
+    }
+
+    async fn test_failed_logins_are_slowed_then_refused_per_user_and_address(db: Database) {
+        let hash = hash_password("right-password").unwrap();
+        let app = TestApp::with_config(db, |c| {
+            c.web.failed_logins_before_lock = 4;
+            c.users = ["alice", "bob", "carol"]
+                .map(|name| crate::config::User {
+                    name: name.into(),
+                    password_hash: hash.clone(),
+                    admin: false,
+                })
+                .to_vec();
+        })
+        .await;
+        let (here, elsewhere, third) = ([10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 3]);
+        let wrong = "Unknown user name or wrong password (or token).";
+        let mut took = Vec::new();
+        for _ in 0..4 {
+            let started = Instant::now();
+            assert_eq!(
+                log_in(&app, here, "alice", "wrong").await,
+                (StatusCode::OK, wrong.into())
+            );
+            took.push(started.elapsed());
+        }
+        assert!(
+            took[3] >= took[0] + Duration::from_millis(1500),
+            "the 3rd and 4th failures are held back 1 s and 2 s: {took:?}"
+        );
+        let locked =
+            "Too many failed logins for this user or from this address: try again in 15 minutes.";
+        let refused = log_in(&app, here, "alice", "right-password").await;
+        assert_eq!(
+            refused,
+            (StatusCode::TOO_MANY_REQUESTS, locked.into()),
+            "even the right password"
+        );
+        assert_eq!(
+            log_in(&app, elsewhere, "alice", "right-password").await.0,
+            StatusCode::TOO_MANY_REQUESTS,
+            "the user is locked from any address"
+        );
+        assert_eq!(
+            log_in(&app, here, "bob", "right-password").await.0,
+            StatusCode::TOO_MANY_REQUESTS,
+            "and the address for any user"
+        );
+        assert_eq!(
+            log_in(&app, third, "carol", "right-password").await,
+            (StatusCode::SEE_OTHER, String::new()),
+            "others log in"
+        );
+
+        // A failed login for a user that does not exist costs a password check all the same.
+        // (Each from an address of its own, and at most two per user: none is held back.)
+        let started = Instant::now();
+        log_in(&app, [10, 0, 0, 4], "carol", "wrong").await;
+        let known = started.elapsed();
+        log_in(&app, [10, 0, 0, 5], "nobody", "wrong").await;
+        let started = Instant::now();
+        assert_eq!(log_in(&app, [10, 0, 0, 6], "nobody", "wrong").await.1, wrong);
+        let unknown = started.elapsed();
+        assert!(
+            unknown * 2 >= known,
+            "an unknown user's failure ({unknown:?}) answers about as slowly as a known one's ({known:?})"
+        );
+    }
 
     #[test]
     fn test_password_hashes_verify() {
