@@ -15,7 +15,6 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use std::net::SocketAddr;
 
 const SESSION_COOKIE: &str = "vmfarm_session";
 const LOGIN_COOKIE: &str = "vmfarm_login";
@@ -450,7 +449,10 @@ mod tests {
         let known = started.elapsed();
         log_in(&app, [10, 0, 0, 5], "nobody", "wrong").await;
         let started = Instant::now();
-        assert_eq!(log_in(&app, [10, 0, 0, 6], "nobody", "wrong").await.1, wrong);
+        assert_eq!(
+            log_in(&app, [10, 0, 0, 6], "nobody", "wrong").await.1,
+            wrong
+        );
         let unknown = started.elapsed();
         assert!(
             unknown * 2 >= known,
