@@ -175,6 +175,39 @@ async fn test_failure_timeout_and_cancel_end_as_they_should() {
         "{log}"
     );
     assert!(!log.contains("you should not see this"));
+    // Its `when = "always"` artifacts came back: the folder as a tar, the glob's file by itself.
+    let artifacts = api
+        .get_json(&format!("/api/jobs/{failing}/artifacts"))
+        .await;
+    let names: Vec<&str> = artifacts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["logs.tar", "logs/b.txt"], "{log}");
+    let tar = api
+        .get_ok(&format!("/api/jobs/{failing}/artifacts/logs.tar"))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    let unpacked = tempfile::tempdir().unwrap();
+    std::fs::write(unpacked.path().join("logs.tar"), &tar).unwrap();
+    let listed = Command::new("tar")
+        .arg("-tf")
+        .arg(unpacked.path().join("logs.tar"))
+        .output()
+        .unwrap();
+    let mut entries: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|l| l.trim_end_matches('/').to_owned())
+        .collect();
+    entries.sort();
+    assert_eq!(
+        entries,
+        ["logs", "logs/b.txt", "logs/run", "logs/run/a.txt"]
+    );
 
     let job = wait_ended(&api, &slow).await;
     assert_eq!(job["state"], "timed_out", "{job}");

@@ -226,7 +226,7 @@ impl Api {
         self.get_ok(path).await.text().await.unwrap()
     }
 
-    async fn get_ok(&self, path: &str) -> reqwest::Response {
+    pub async fn get_ok(&self, path: &str) -> reqwest::Response {
         let r = self.req(reqwest::Method::GET, path).send().await.unwrap();
         assert!(r.status().is_success(), "GET {path}: {}", r.status());
         r

@@ -127,8 +127,36 @@ pub struct Task {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Artifact {
-    /// Relative to the build directory.
+    /// Relative to the build directory: a file, a directory (collected as one tar file named
+    /// `PATH.tar`), or a glob (`*`, `?`, `[...]` within components: each regular file it
+    /// matches, by its own path).
     pub path: String,
+    /// Whether it is collected after a failed task too.
+    pub when: ArtifactWhen,
+}
+
+/// When an artifact is collected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactWhen {
+    /// When every task succeeded (the default); one that cannot be collected fails the job.
+    #[default]
+    Success,
+    /// After the tasks whatever their result (not after a timeout or a cancel); one that cannot
+    /// be collected after a failure is only noted in the log.
+    Always,
+}
+
+impl Artifact {
+    /// Whether its path is a glob pattern rather than one path.
+    pub fn is_glob(&self) -> bool {
+        is_glob(&self.path)
+    }
+}
+
+/// Whether `path` holds glob characters (`*`, `?`, `[`).
+pub fn is_glob(path: &str) -> bool {
+    path.contains(['*', '?', '['])
 }
 
 /// When a trigger fires.

@@ -3,8 +3,8 @@
 use super::limits::*;
 use super::reader::{Reader, Value};
 use super::{
-    AllowedHost, Artifact, At, Manifest, ManifestError, ManifestErrors, Network, PACKAGES_TASK,
-    Resources, SecretRef, Source, Task, Trigger, TriggerOn,
+    AllowedHost, Artifact, ArtifactWhen, At, Manifest, ManifestError, ManifestErrors, Network,
+    PACKAGES_TASK, Resources, SecretRef, Source, Task, Trigger, TriggerOn,
 };
 use crate::names::{
     NameKind, check_artifact_path, check_name, check_package, check_relative_path, package_name,
@@ -35,7 +35,7 @@ const TOP_KEYS: &[&str] = &[
 const RESOURCE_KEYS: &[&str] = &["cpus", "memory"];
 const SOURCE_KEYS: &[&str] = &["url", "ref", "path"];
 const TASK_KEYS: &[&str] = &["name", "timeout", "script"];
-const ARTIFACT_KEYS: &[&str] = &["path"];
+const ARTIFACT_KEYS: &[&str] = &["path", "when"];
 const TRIGGER_KEYS: &[&str] = &["on", "webhook"];
 const NETWORK_KEYS: &[&str] = &["allow"];
 
@@ -673,16 +673,47 @@ fn artifacts(r: &mut Reader<'_>, value: &Value<'_>) -> Vec<Artifact> {
                 v.span(),
                 format!("artifact path `{}` {e}", path.escape_debug()),
             );
+        } else if let Some(e) = super::is_glob(&path)
+            .then(|| glob::Pattern::new(&path).err())
+            .flatten()
+        {
+            r.error(
+                v.span(),
+                format!(
+                    "artifact glob `{}` is not a valid pattern ({}): use `*`, `?` and `[...]` within path components, like \"out/*.log\"",
+                    path.escape_debug(),
+                    e.msg
+                ),
+            );
         } else if !seen.insert(path.clone()) {
             r.error(
                 v.span(),
                 format!("artifact `{path}` is listed twice: remove one"),
             );
         } else {
-            out.push(Artifact { path });
+            let when = t
+                .get("when")
+                .map_or(ArtifactWhen::Success, |v| artifact_when(r, v));
+            out.push(Artifact { path, when });
         }
     }
     out
+}
+
+fn artifact_when(r: &mut Reader<'_>, value: &Value<'_>) -> ArtifactWhen {
+    let example = "when = \"always\"";
+    match r.string(value, "when", example).as_deref() {
+        Some("success") => ArtifactWhen::Success,
+        Some("always") => ArtifactWhen::Always,
+        Some(other) => {
+            r.error(
+                value.span(),
+                format!("`when` is `{other}`: use \"success\" (the default) or \"always\""),
+            );
+            ArtifactWhen::Success
+        }
+        None => ArtifactWhen::Success,
+    }
 }
 
 fn triggers(r: &mut Reader<'_>, value: &Value<'_>) -> Vec<Trigger> {

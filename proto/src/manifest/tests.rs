@@ -103,6 +103,7 @@ fn test_full_example_parses() {
     assert_eq!(m.tasks[0].timeout, Some(Duration::from_secs(600)));
     assert!(m.tasks[0].script.contains("make -j"));
     assert_eq!(m.artifacts[0].path, "project/out/app");
+    assert_eq!(m.artifacts[0].when, ArtifactWhen::Success, "the default");
     assert_eq!(m.triggers[0].on, TriggerOn::Failure);
     assert_eq!(
         m.summary(),
@@ -477,6 +478,39 @@ fn test_tasks() {
     assert!(
         errors.to_string().contains("65 entries; the limit is 64"),
         "{errors}"
+    );
+}
+
+#[test]
+fn test_artifacts_when_and_globs() {
+    let m = Manifest::parse(&with(
+        "[[artifacts]]\npath = \"logs\"\nwhen = \"always\"\n\
+         [[artifacts]]\npath = \"out/*.log\"\nwhen = \"success\"\n",
+    ))
+    .unwrap();
+    let got: Vec<(&str, ArtifactWhen, bool)> = m
+        .artifacts
+        .iter()
+        .map(|a| (a.path.as_str(), a.when, a.is_glob()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("logs", ArtifactWhen::Always, false),
+            ("out/*.log", ArtifactWhen::Success, true)
+        ]
+    );
+    assert_error(
+        &with("[[artifacts]]\npath = \"a\"\nwhen = 1\n"),
+        4,
+        8,
+        &["`when` must be a string", "when = \"always\""],
+    );
+    assert_error(
+        &with("[[artifacts]]\npath = \"a/[b\"\n"),
+        3,
+        8,
+        &["not a valid pattern"],
     );
 }
 

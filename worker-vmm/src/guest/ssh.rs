@@ -56,6 +56,26 @@ pub enum SshError {
     NotAFile { path: String, kind: &'static str },
     #[error("{path} is over the limit of {limit}")]
     TooLarge { path: String, limit: ByteSize },
+    #[error("{path} holds more than {limit} entries")]
+    TooManyEntries { path: String, limit: usize },
+}
+
+/// What a path in the guest is, as its entry (or `lstat`) says; links are not followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Other,
+}
+
+impl From<FileType> for EntryKind {
+    fn from(kind: FileType) -> Self {
+        match kind {
+            FileType::File => EntryKind::File,
+            FileType::Dir => EntryKind::Dir,
+            FileType::Symlink | FileType::Other => EntryKind::Other,
+        }
+    }
 }
 
 /// Limits of one SSH connection.
@@ -386,6 +406,62 @@ impl Guest {
         to.shutdown().await.map_err(remote_err)?;
         sftp.close().await?;
         Ok(hex::encode(hash.finalize()))
+    }
+
+    /// What `remote` is (not following a link), or `None` when it does not exist.
+    pub async fn kind_of(&self, remote: &str) -> Result<Option<EntryKind>, SshError> {
+        let sftp = self.sftp().await?;
+        let kind = match sftp.symlink_metadata(remote).await {
+            Ok(meta) => Some(meta.file_type().into()),
+            Err(russh_sftp::client::error::Error::Status(status))
+                if status.status_code == russh_sftp::protocol::StatusCode::NoSuchFile =>
+            {
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
+        sftp.close().await?;
+        Ok(kind)
+    }
+
+    /// The entries of the directory `remote` (but `.` and `..`), refusing one of more than
+    /// `max`: the guest's listing is read a packet at a time and never held past that.
+    pub async fn list_dir(
+        &self,
+        remote: &str,
+        max: usize,
+    ) -> Result<Vec<(String, EntryKind)>, SshError> {
+        let channel = self.session(&[]).await?;
+        channel.request_subsystem(true, "sftp").await?;
+        let raw = russh_sftp::client::RawSftpSession::new(channel.into_stream());
+        raw.init().await?;
+        let handle = raw.opendir(remote).await?.handle;
+        let mut entries = Vec::new();
+        loop {
+            let page = match raw.readdir(handle.as_str()).await {
+                Ok(page) => page,
+                Err(russh_sftp::client::error::Error::Status(status))
+                    if status.status_code == russh_sftp::protocol::StatusCode::Eof =>
+                {
+                    break;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for file in page.files {
+                if file.filename == "." || file.filename == ".." {
+                    continue;
+                }
+                if entries.len() == max {
+                    return Err(SshError::TooManyEntries {
+                        path: remote.to_owned(),
+                        limit: max,
+                    });
+                }
+                entries.push((file.filename, file.attrs.file_type().into()));
+            }
+        }
+        raw.close(handle).await?;
+        Ok(entries)
     }
 
     /// Copies the regular file `remote` from the guest to the local file `local`, refusing

@@ -29,6 +29,16 @@ pub fn unpack_command(archive: &str, path: &str) -> String {
     )
 }
 
+/// The command that packs the directory `path` of the build directory into the tar file
+/// `archive` (links kept as links: the tar is collected as bytes, never unpacked here).
+pub fn pack_command(path: &str, archive: &str) -> String {
+    format!(
+        "tar -cf {} -C {BUILD_DIR} -- {}",
+        quote(archive),
+        quote(path)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

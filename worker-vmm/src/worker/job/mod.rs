@@ -16,6 +16,7 @@
 //! is the exception: it runs under the same limits itself, so that it can be killed in the guest
 //! and reported as `timed_out` or `cancelled`.
 
+mod artifact_glob;
 mod artifacts;
 mod limits;
 mod network;
@@ -281,16 +282,24 @@ impl JobRun<'_> {
         let mut env = self.environment();
         env.extend(proxy);
         self.send_secrets(guest, &mut env).await?;
-        if let Some(end) = self.packages(guest, &env).await? {
-            return Ok(end);
-        }
+        let mut end = self.packages(guest, &env).await?;
         let manifest = self.manifest;
         for task in &manifest.tasks {
-            if let Some(end) = self.task(guest, task, &env).await? {
-                return Ok(end);
+            if end.is_some() {
+                break;
+            }
+            end = self.task(guest, task, &env).await?;
+        }
+        match end {
+            None => self.artifacts(guest, true).await,
+            Some(end) => {
+                // After a failure, the artifacts that ask for it (not after a timeout).
+                if end.state == JobState::Failed {
+                    self.artifacts(guest, false).await?;
+                }
+                Ok(end)
             }
         }
-        self.artifacts(guest).await
     }
 
     /// Reports `booting` with the image's version, makes the scratch folder, and starts
