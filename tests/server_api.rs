@@ -24,6 +24,7 @@ on_both_databases!(
     crash_loses_nothing_acknowledged,
     long_poll_wakes_on_submit,
     secrets_reach_only_the_lease,
+    tokens_are_listed_and_revoked_on_a_running_server,
 );
 
 const SHORT_POLL: &str = "[leases]\nttl = \"30s\"\nmax_attempts = 3\nlong_poll = \"1s\"\n";
@@ -863,4 +864,77 @@ async fn secrets_reach_only_the_lease(backend: Backend) {
         .decode(&lease.secrets["deploy-key"])
         .unwrap();
     assert_eq!(value, b"s3cr3t-value");
+}
+
+/// `vmfarm server token ...` against a running server's database.
+fn token_cli(server: &TestServer, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+        .args(["server", "--config"])
+        .arg(server.data_dir().join("server.toml"))
+        .arg("token")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "vmfarm server token {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn tokens_are_listed_and_revoked_on_a_running_server(backend: Backend) {
+    let server = TestServer::start(backend);
+    let token = server.create_token("ci", "admin", "submit,read");
+    let ci = server.client(&token);
+    assert_eq!(
+        ci.req(Method::GET, "/api/jobs")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+
+    let listed = token_cli(&server, &["list", "--json"]);
+    let tokens: Value = serde_json::from_str(&listed).unwrap();
+    let ci_row = tokens
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "ci")
+        .expect("the new token is listed");
+    assert_eq!(
+        (&ci_row["user"], &ci_row["scopes"], &ci_row["source"]),
+        (&"admin".into(), &"submit,read".into(), &"cli".into())
+    );
+    assert!(!listed.contains(&token), "the token itself is never shown");
+    let table = token_cli(&server, &["list"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("admin ") && l.ends_with("config")),
+        "{table}"
+    );
+
+    assert_eq!(
+        token_cli(&server, &["revoke", "ci"]),
+        "revoked 1 token(s) named ci\n"
+    );
+    let after = ci.req(Method::GET, "/api/jobs").send().await.unwrap();
+    assert_eq!(
+        after.status(),
+        StatusCode::UNAUTHORIZED,
+        "at once, on the running server"
+    );
+    assert_eq!(
+        server
+            .admin()
+            .req(Method::GET, "/api/jobs")
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
 }
