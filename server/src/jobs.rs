@@ -148,7 +148,7 @@ impl NewGroup {
         };
         let queued = tx
             .fetch_optional(
-                "SELECT queued FROM owner_load WHERE owner = $1",
+                "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner = $1",
                 &[(&self.owner).into()],
             )
             .await?
@@ -169,6 +169,11 @@ impl NewGroup {
     async fn insert(&self, tx: &mut WriteTx) -> AppResult<SubmitResponse> {
         crate::secrets::check_usable(tx, &self.manifest.secrets, &self.owner).await?;
         self.check_queue_room(tx).await?;
+        tx.execute(
+            "INSERT INTO job_owners (owner) VALUES ($1) ON CONFLICT (owner) DO NOTHING",
+            &[(&self.owner).into()],
+        )
+        .await?;
         let now = now_ms();
         let group_id = tx
             .fetch_optional(

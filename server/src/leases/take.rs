@@ -70,10 +70,29 @@ fn worker_seen(state: &AppState, req: &LeaseRequest) -> Option<WorkerView> {
     })
 }
 
-/// The owners whose turn may come, the one served longest ago first: those with queued jobs
-/// and fewer running than the limit. One row per owner (`owner_load`, kept by triggers).
-const TURNS_SQL: &str = "SELECT owner FROM owner_load WHERE queued > 0 AND running < $1 \
-                         ORDER BY last_served_at, owner";
+/// Owners whose turn may come, the one served longest ago first: those with a queued job of
+/// one of `images` images (`$2`...) and, when `limited`, fewer jobs leased or running than `$1`.
+/// The owners are walked in the order of `job_owners_turn`, a few index probes each, and the
+/// walk stops at the first few: the first is the one served, unless a concurrent lease took its
+/// job.
+fn turns_sql(images: usize, limited: bool) -> String {
+    let images: Vec<String> = (0..images).map(|i| format!("${}", i + 2)).collect();
+    let limit = if limited {
+        "AND (SELECT COUNT(*) FROM jobs r WHERE r.state IN ('leased', 'booting', 'running') \
+         AND r.owner = o.owner) < $1"
+    } else {
+        "AND $1 > 0"
+    };
+    format!(
+        "SELECT o.owner FROM job_owners o WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.state = 'queued' \
+         AND j.owner = o.owner AND j.image IN ({})) {limit} \
+         ORDER BY o.last_served_us, o.owner LIMIT {TURNS_TRIED}",
+        images.join(", ")
+    )
+}
+
+/// Owners tried by one lease at most.
+const TURNS_TRIED: usize = 3;
 
 /// The statement that leases one owner's (`$6`) best queued job of `images` images (`$7`...).
 /// The best job of each image is one index seek (state, owner, image, priority DESC, id); the
@@ -130,14 +149,20 @@ pub async fn try_lease(
     };
     let lease_id = crate::random::random_hex(16).map_err(AppError::internal)?;
     let sql = lease_sql(req.images.len(), state.db.skip_locked());
+    let limit = state.config.limits.max_running_per_user;
+    let turns_sql = turns_sql(req.images.len(), limit.is_some());
+    // A concurrent lease of the same owner's job (PostgreSQL) is writing about the same time
+    // already: that one is kept rather than waited for.
+    let served_sql = format!(
+        "UPDATE job_owners SET last_served_us = $1 WHERE owner = \
+         (SELECT owner FROM job_owners WHERE owner = $2{})",
+        state.db.skip_locked()
+    );
+    let max_running = limit.map_or(i64::MAX, |n| i64::try_from(n).unwrap_or(i64::MAX));
+    let served_us = crate::db::now_us();
     let worker = worker.to_owned();
     let images: Vec<String> = req.images.iter().map(|i| i.name.clone()).collect();
     let secret_key = state.secret_key.clone();
-    let max_running = state
-        .config
-        .limits
-        .max_running_per_user
-        .map_or(i64::MAX, |n| i64::try_from(n).unwrap_or(i64::MAX));
     let leased = state
         .db
         .write(move |tx| {
@@ -145,7 +170,9 @@ pub async fn try_lease(
                 if let Some(seen) = &seen {
                     workers::record(tx, seen).await?;
                 }
-                let turns = tx.fetch_all(TURNS_SQL, &[max_running.into()]).await?;
+                let mut turn_args: Vec<Arg> = vec![max_running.into()];
+                turn_args.extend(images.iter().map(Arg::from));
+                let turns = tx.fetch_all(&turns_sql, &turn_args).await?;
                 let mut leased = None;
                 for turn in turns {
                     let owner = turn.text(0)?;
@@ -159,11 +186,8 @@ pub async fn try_lease(
                     ];
                     args.extend(images.iter().map(Arg::from));
                     if let Some(row) = tx.fetch_optional(&sql, &args).await? {
-                        tx.execute(
-                            "UPDATE owner_load SET last_served_at = $1 WHERE owner = $2",
-                            &[now.into(), (&owner).into()],
-                        )
-                        .await?;
+                        tx.execute(&served_sql, &[served_us.into(), (&owner).into()])
+                            .await?;
                         leased = Some(row);
                         break;
                     }
