@@ -827,6 +827,31 @@ async fn secrets_reach_only_the_lease(backend: Backend) {
         said.contains("secret deploy-key stored (12 bytes, sealed), owned by admin"),
         "{said}"
     );
+    let listed = std::process::Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+        .args(["server", "--config"])
+        .arg(server.data_dir().join("server.toml"))
+        .args(["secret", "list", "--json"])
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let secrets: Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(
+        (
+            &secrets[0]["name"],
+            &secrets[0]["owner"],
+            &secrets[0]["shared_with"]
+        ),
+        (
+            &"deploy-key".into(),
+            &"admin".into(),
+            &serde_json::json!([])
+        ),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains("s3cr3t"),
+        "names, owners and sharing, never values"
+    );
     if backend == Backend::Sqlite {
         // The database alone reveals no value: not the file, not its write-ahead log.
         let mut files = 0;
