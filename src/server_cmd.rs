@@ -87,7 +87,7 @@ async fn admin(config: ServerConfig, action: ServerAction) -> anyhow::Result<()>
                     bail!("there is no user `{who}`: add it with `vmfarm server user add {who}`");
                 }
             }
-            let key = SecretKey::load(&config.data_dir)?;
+            let key = SecretKey::load(&config.data_dir, false)?;
             let new = NewSecret {
                 name: &name,
                 owner: &user,
@@ -129,7 +129,7 @@ async fn admin(config: ServerConfig, action: ServerAction) -> anyhow::Result<()>
 async fn gc(db: &Db, config: &ServerConfig, dry_run: bool) -> anyhow::Result<()> {
     let now = vmfarm_server::db::now_ms();
     let retention = &config.retention;
-    if retention.keep_for.is_none() && retention.max_artifact_store.is_none() {
+    if !retention.is_set() {
         println!(
             "no retention is configured ([retention] keep_for or max_artifact_store in the server config): no job expires"
         );
@@ -214,8 +214,13 @@ async fn token(db: &Db, config: &ServerConfig, action: TokenAction) -> anyhow::R
             }
         }
         TokenAction::Revoke { name } => {
-            let removed = admin::revoke_token(db, &name).await?;
-            println!("revoked {removed} token(s) named {name}");
+            let revoked = admin::revoke_token(db, &name).await?;
+            println!("revoked {} token(s) named {name}", revoked.count);
+            if revoked.from_config {
+                println!(
+                    "it is in the server's config file: remove it there too, or it comes back at the next start"
+                );
+            }
         }
     }
     Ok(())

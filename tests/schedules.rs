@@ -45,7 +45,7 @@ async fn state(backend: Backend, dir: &std::path::Path) -> AppState {
         Db::open(&url, SqliteSync::default()).await.unwrap(),
         config,
         vmfarm_server::store::ArtifactStore::new(dir.join("artifacts")),
-        vmfarm_server::secrets::SecretKey::load(dir).unwrap(),
+        vmfarm_server::secrets::SecretKey::load(dir, true).unwrap(),
     )
 }
 

@@ -3,7 +3,7 @@
 //! | thing            | read                  | act (cancel, rerun, overwrite)      | use      |
 //! |------------------|-----------------------|-------------------------------------|----------|
 //! | job, its logs and artifacts, group | its owner, admins | its owner, admins (`submit` scope) | |
-//! | schedule         | its owner, admins     | its owner, admins (`submit` scope)  |          |
+//! | schedule         | its owner, admins     | its owner, admins (`submit` scope); another user's name answers `409 taken` (names are one namespace: it tells that the name exists, not whose or what) | |
 //! | secret           | nobody through the API (`vmfarm server secret list`: names only) | the operator's CLI | jobs of its owner and of the users it is shared with |
 //! | token, user      | the operator's CLI    | the operator's CLI                  |          |
 //!
@@ -51,26 +51,13 @@ pub struct Submitter {
 
 /// Refuses job `id` when it does not exist or is out of `reach`, in the same words.
 pub async fn job(db: &Db, reach: &Reach, id: i64) -> AppResult<()> {
-    owned(db, reach, "SELECT owner FROM jobs WHERE id = $1", id, "job").await
-}
-
-/// Refuses group `id` when it does not exist or is out of `reach`, in the same words.
-pub async fn group(db: &Db, reach: &Reach, id: i64) -> AppResult<()> {
-    owned(
-        db,
-        reach,
-        "SELECT owner FROM job_groups WHERE id = $1",
-        id,
-        "group",
-    )
-    .await
-}
-
-async fn owned(db: &Db, reach: &Reach, sql: &str, id: i64, what: &str) -> AppResult<()> {
-    let row = db.read().fetch_optional(sql, &[id.into()]).await?;
+    let row = db
+        .read()
+        .fetch_optional("SELECT owner FROM jobs WHERE id = $1", &[id.into()])
+        .await?;
     match row {
         Some(row) if reach.covers(&row.text(0)?) => Ok(()),
-        _ => Err(AppError::NotFound(format!("no {what} {id}"))),
+        _ => Err(AppError::NotFound(format!("no job {id}"))),
     }
 }
 
@@ -347,9 +334,30 @@ mod tests {
         assert_eq!(
             refused.body["manifest_errors"],
             json!([{"line": 2, "column": 12,
-                    "message": "`priority` is 9; your token allows at most 5: lower it or ask the operator"}])
+                    "message": "`priority` is 9; your token allows at most 5: write `priority = 5` or lower, or ask the operator"}])
         );
         assert_eq!(app.submit_as("capped-token", &at(5)).await.len(), 1);
+        let below_default = crate::auth::Caller::Api(crate::auth::ApiCaller {
+            name: "low".into(),
+            user: "alice".into(),
+            admin: false,
+            scopes: vec![crate::config::Scope::Submit],
+            max_priority: Some(-1),
+        });
+        crate::auth::store_token(
+            &app.state.db,
+            "low-token",
+            &below_default,
+            crate::auth::TokenSource::Cli,
+        )
+        .await
+        .unwrap();
+        let unwritten = app.post("/api/jobs", "low-token", one_task("a")).await;
+        assert_eq!(
+            unwritten.body["manifest_errors"],
+            json!([{"line": 1, "column": 1,
+                    "message": "`priority` is 0 (not written: the default); your token allows at most -1: write `priority = -1` or lower, or ask the operator"}])
+        );
         assert_eq!(
             app.submit_as(ALICE, &at(9)).await.len(),
             1,
@@ -421,12 +429,10 @@ mod tests {
         );
 
         assert_eq!(app.get("/api/jobs", ALICE).await.status, StatusCode::OK);
-        assert_eq!(
-            crate::admin::revoke_token(&app.state.db, "alice")
-                .await
-                .unwrap(),
-            1
-        );
+        let revoked = crate::admin::revoke_token(&app.state.db, "alice")
+            .await
+            .unwrap();
+        assert_eq!((revoked.count, revoked.from_config), (1, false));
         let after = app.get("/api/jobs", ALICE).await;
         assert_eq!(after.status, StatusCode::UNAUTHORIZED, "{:?}", after.body);
         let page = web_page(&app, &session).await;

@@ -43,15 +43,33 @@ pub async fn create_token(
     let caller = caller.clone();
     db.write(move |tx| {
         Box::pin(async move {
-            if let Caller::Worker { name } = &caller {
-                // A worker has one token: a new one replaces the old.
-                tx.execute(
-                    "DELETE FROM tokens WHERE kind = 'worker' AND name = $1",
-                    &[name.into()],
-                )
-                .await?;
+            match &caller {
+                Caller::Worker { name } => {
+                    // A worker has one token: a new one replaces the old.
+                    tx.execute(
+                        "DELETE FROM tokens WHERE kind = 'worker' AND name = $1",
+                        &[name.into()],
+                    )
+                    .await?;
+                }
+                Caller::Api(api) => {
+                    // API token names are unique, so that `token revoke NAME` revokes one.
+                    let taken = tx
+                        .fetch_optional(
+                            "SELECT user_name FROM tokens WHERE kind = 'api' AND name = $1",
+                            &[api.name.as_str().into()],
+                        )
+                        .await?;
+                    if let Some(row) = taken {
+                        return Err(AdminError::Invalid(format!(
+                            "a token named `{}` exists (user `{}`): revoke it first, or choose another name",
+                            api.name,
+                            row.text(0)?
+                        )));
+                    }
+                }
             }
-            store_token_in(tx, &hash, &caller, TokenSource::Cli).await
+            Ok(store_token_in(tx, &hash, &caller, TokenSource::Cli).await?)
         })
     })
     .await?;
@@ -97,28 +115,47 @@ pub async fn list_tokens(db: &Db) -> Result<Vec<TokenInfo>, DbFailure> {
         .collect()
 }
 
-/// Removes every token named `name`: the next call with one gets `401`, on every replica, and
-/// the web sessions opened with one end (see [`crate::web::session`]). Returns how many.
-pub async fn revoke_token(db: &Db, name: &str) -> Result<u64, AdminError> {
+/// What `token revoke` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    pub count: u64,
+    /// One came from the server's config file: it comes back at the next start unless the file
+    /// loses it too.
+    pub from_config: bool,
+}
+
+/// Removes the tokens named `name` (one API token, or a worker's): the next call with one gets
+/// `401`, on every replica, and the web sessions opened with one end (see
+/// [`crate::web::session`]).
+pub async fn revoke_token(db: &Db, name: &str) -> Result<Revoked, AdminError> {
     let name = name.to_owned();
-    let removed = db
+    let revoked = db
         .write(move |tx| {
             Box::pin(async move {
+                let from_config = tx
+                    .fetch_optional(
+                        "SELECT hash FROM tokens WHERE name = $1 AND source = 'config'",
+                        &[(&name).into()],
+                    )
+                    .await?
+                    .is_some();
                 tx.execute(
                     "DELETE FROM web_sessions WHERE token_hash IN \
                      (SELECT hash FROM tokens WHERE name = $1)",
                     &[(&name).into()],
                 )
                 .await?;
-                tx.execute("DELETE FROM tokens WHERE name = $1", &[(&name).into()])
-                    .await
+                let count = tx
+                    .execute("DELETE FROM tokens WHERE name = $1", &[(&name).into()])
+                    .await?;
+                Ok::<_, DbFailure>(Revoked { count, from_config })
             })
         })
         .await?;
-    if removed == 0 {
+    if revoked.count == 0 {
         return Err(AdminError::Invalid(
             "no token has that name: `vmfarm server token list` shows them".into(),
         ));
     }
-    Ok(removed)
+    Ok(revoked)
 }

@@ -198,7 +198,7 @@ pub async fn lookup(
         return Ok(Some(Caller::Worker { name }));
     }
     let user = row.text(3)?;
-    let admin = row.opt_int(5)?.is_some_and(|a| a != 0) || users::admin_in_config(config, &user);
+    let admin = users::is_admin(config, &user, row.opt_int(5)?);
     Ok(Some(Caller::Api(ApiCaller {
         name,
         admin,
@@ -324,7 +324,42 @@ mod tests {
     use crate::config::ApiToken;
     use crate::test_utils::{Database, TestApp, on_both_databases};
 
-    on_both_databases!(test_tokens_removed_from_the_config_stop_working_at_start);
+    on_both_databases!(
+        test_tokens_removed_from_the_config_stop_working_at_start,
+        test_api_token_names_are_unique,
+    );
+
+    async fn test_api_token_names_are_unique(db: Database) {
+        let app = TestApp::new(db).await;
+        let ci = |user: &str| {
+            Caller::Api(ApiCaller {
+                name: "ci".into(),
+                user: user.into(),
+                admin: false,
+                scopes: vec![Scope::Submit],
+                max_priority: None,
+            })
+        };
+        let config = &app.state.config;
+        crate::admin::create_token(&app.state.db, config, &ci("admin"))
+            .await
+            .unwrap();
+        let err = crate::admin::create_token(&app.state.db, config, &ci("admin"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "a token named `ci` exists (user `admin`): revoke it first, or choose another name"
+        );
+        let revoked = crate::admin::revoke_token(&app.state.db, "ci")
+            .await
+            .unwrap();
+        assert_eq!(revoked.count, 1);
+        crate::admin::create_token(&app.state.db, config, &ci("admin"))
+            .await
+            .unwrap();
+    }
 
     fn config_token(name: &str, user: &str, scopes: Vec<Scope>) -> ApiToken {
         ApiToken {

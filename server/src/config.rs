@@ -117,8 +117,9 @@ pub struct Web {
     pub session_ttl: HumanDuration,
     /// Mark the session cookie `Secure` (sent over HTTPS only; browsers treat loopback as secure).
     pub secure_cookie: bool,
-    /// Failed logins (for one user name, or from one address, within `login_lock_for`) after
-    /// which logins are refused for `login_lock_for`; from the third on, each answer is slowed.
+    /// Failed logins (for one user name, or from one address, counted from the first for
+    /// `login_lock_for`) past which logins are refused until that window ends; from the third
+    /// on, each failed answer is slowed.
     pub failed_logins_before_lock: u32,
     pub login_lock_for: HumanDuration,
 }
@@ -170,6 +171,13 @@ pub struct Retention {
     pub max_artifact_store: Option<ByteSize>,
     /// How often the server sweeps.
     pub sweep_every: HumanDuration,
+}
+
+impl Retention {
+    /// Whether anything is ever to expire.
+    pub fn is_set(&self) -> bool {
+        self.keep_for.is_some() || self.max_artifact_store.is_some()
+    }
 }
 
 impl Default for Retention {

@@ -200,12 +200,30 @@ impl Db {
         }
     }
 
+    /// `FOR UPDATE` where the database has it: a row read to decide a write stays as read until
+    /// the transaction ends; SQLite serializes writers anyway.
+    pub fn for_update(&self) -> &'static str {
+        match self.backend() {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        }
+    }
+
     /// `FOR UPDATE SKIP LOCKED` where the database has it; SQLite serializes writers anyway.
     pub fn skip_locked(&self) -> &'static str {
         match self.backend() {
             Backend::Sqlite => "",
             Backend::Postgres => " FOR UPDATE SKIP LOCKED",
         }
+    }
+}
+
+/// `WHERE` and `clauses` joined by `AND`, or nothing when there is none.
+pub fn where_all(clauses: &[String]) -> String {
+    if clauses.is_empty() {
+        String::new()
+    } else {
+        format!("WHERE {}", clauses.join(" AND "))
     }
 }
 

@@ -2,7 +2,7 @@
 //! the web UI, webhooks and `/metrics` all read them here.
 
 use crate::access::Reach;
-use crate::db::{Arg, Db, Query, Row};
+use crate::db::{Arg, Db, Query, Row, where_all};
 use crate::error::{AppError, AppResult};
 use std::collections::HashMap;
 use vmfarm_proto::JobState;
@@ -151,11 +151,7 @@ pub async fn list(db: &Db, q: &ListQuery, reach: &Reach) -> AppResult<JobList> {
         args.push(before.into());
         clauses.push(format!("id < ${}", args.len()));
     }
-    let filter = if clauses.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", clauses.join(" AND "))
-    };
+    let filter = where_all(&clauses);
     args.push((i64::from(limit) + 1).into());
     let sql = format!(
         "SELECT {JOB_COLUMNS} FROM jobs {filter} ORDER BY id DESC LIMIT ${}",
@@ -210,11 +206,7 @@ pub async fn newest_groups(
         args.push(name.into());
         clauses.push(format!("schedule = ${}", args.len()));
     }
-    let filter = if clauses.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", clauses.join(" AND "))
-    };
+    let filter = where_all(&clauses);
     args.push(limit.into());
     let sql = format!(
         "SELECT id FROM job_groups {filter} ORDER BY id DESC LIMIT ${}",

@@ -38,6 +38,7 @@ pub async fn submit(
         text: text.to_owned(),
         owner: submitter.user.clone(),
         max_queued: state.config.limits.max_queued_per_user,
+        lock_owner_sql: lock_owner_sql(&state.db),
         schedule: schedule.map(str::to_owned),
         tags_json: serde_json::to_string(&manifest.tags).map_err(AppError::internal)?,
         // The secrets' names and the triggers are kept beside the manifest, so that a lease and
@@ -67,21 +68,27 @@ pub fn parse_manifest(state: &AppState, text: &str, submitter: &Submitter) -> Ap
     Ok(manifest)
 }
 
-/// Refuses a priority above the submitter's cap, where the manifest writes it.
+/// Refuses a priority above the submitter's cap, where the manifest writes it (at its top when
+/// it writes none and the cap is below the default 0).
 fn check_priority_cap(manifest: &Manifest, cap: Option<i64>) -> Result<(), ManifestErrors> {
-    match (cap, manifest.priority_at) {
-        (Some(cap), Some(at)) if manifest.priority > cap => {
-            Err(ManifestErrors(vec![ManifestError {
-                line: at.line,
-                column: at.column,
-                message: format!(
-                    "`priority` is {}; your token allows at most {cap}: lower it or ask the operator",
-                    manifest.priority
-                ),
-            }]))
-        }
-        _ => Ok(()),
-    }
+    let Some(cap) = cap.filter(|cap| manifest.priority > *cap) else {
+        return Ok(());
+    };
+    let (at, written) = match manifest.priority_at {
+        Some(at) => (at, String::new()),
+        None => (
+            vmfarm_proto::manifest::At { line: 1, column: 1 },
+            " (not written: the default)".to_owned(),
+        ),
+    };
+    Err(ManifestErrors(vec![ManifestError {
+        line: at.line,
+        column: at.column,
+        message: format!(
+            "`priority` is {}{written}; your token allows at most {cap}: write `priority = {cap}` or lower, or ask the operator",
+            manifest.priority
+        ),
+    }]))
 }
 
 /// Refuses each `[network] allow` pattern of `manifest` that no pattern of the operator's
@@ -117,12 +124,24 @@ fn policy_text(policy: &[HostPattern]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
+/// The statement that reads an owner's (`$1`) `job_owners` row and, where the database can,
+/// holds it to the end of the transaction: what the per-user limits count under.
+pub(crate) fn lock_owner_sql(db: &crate::db::Db) -> String {
+    format!(
+        "SELECT owner FROM job_owners WHERE owner = $1{}",
+        db.for_update()
+    )
+}
+
 /// A valid manifest about to be queued: one job per image, in one group.
 struct NewGroup {
     text: String,
     owner: String,
     /// The per-user queue limit (`None`: none).
     max_queued: Option<u64>,
+    /// Reads the owner's `job_owners` row, held to the end of the transaction where the
+    /// database can.
+    lock_owner_sql: String,
     schedule: Option<String>,
     manifest: Manifest,
     tags_json: String,
@@ -141,11 +160,20 @@ impl NewGroup {
             .chain(self.manifest.tasks.iter().map(|t| t.name.as_str()))
     }
 
-    /// Refuses (429) a group that would take its owner past the per-user queue limit.
+    /// Refuses (429) a group that would take its owner past the per-user queue limit. The
+    /// owner's row (made if new) is held first, so that concurrent submits (PostgreSQL) count
+    /// one after the other.
     async fn check_queue_room(&self, tx: &mut WriteTx) -> AppResult<()> {
+        tx.execute(
+            "INSERT INTO job_owners (owner) VALUES ($1) ON CONFLICT (owner) DO NOTHING",
+            &[(&self.owner).into()],
+        )
+        .await?;
         let Some(limit) = self.max_queued else {
             return Ok(());
         };
+        tx.fetch_optional(&self.lock_owner_sql, &[(&self.owner).into()])
+            .await?;
         let queued = tx
             .fetch_optional(
                 "SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND owner = $1",
@@ -169,11 +197,6 @@ impl NewGroup {
     async fn insert(&self, tx: &mut WriteTx) -> AppResult<SubmitResponse> {
         crate::secrets::check_usable(tx, &self.manifest.secrets, &self.owner).await?;
         self.check_queue_room(tx).await?;
-        tx.execute(
-            "INSERT INTO job_owners (owner) VALUES ($1) ON CONFLICT (owner) DO NOTHING",
-            &[(&self.owner).into()],
-        )
-        .await?;
         let now = now_ms();
         let group_id = tx
             .fetch_optional(

@@ -31,7 +31,7 @@ pub struct Expiry {
 
 /// What a sweep would do now: the jobs to expire, oldest end first.
 pub async fn plan(db: &Db, retention: &Retention, now: i64) -> Result<Vec<Expiry>, DbFailure> {
-    if retention.keep_for.is_none() && retention.max_artifact_store.is_none() {
+    if !retention.is_set() {
         return Ok(Vec::new());
     }
     let kept = kept_by_schedule(db, retention.keep_successful_per_schedule).await?;
@@ -237,8 +237,12 @@ async fn remove_orphans(db: &Db, store: &ArtifactStore) -> Result<usize, SweepEr
     Ok(removed)
 }
 
-/// Sweeps every `sweep_every`, for as long as the server runs (when retention is configured).
+/// Sweeps every `sweep_every`, for as long as the server runs, when retention is configured
+/// (without it nothing expires, and what a crash left is for `vmfarm server gc`).
 pub async fn run(db: Db, store: ArtifactStore, retention: Retention) {
+    if !retention.is_set() {
+        return;
+    }
     loop {
         match sweep(&db, &store, &retention, now_ms()).await {
             Ok(swept) if swept != Swept::default() => tracing::info!(

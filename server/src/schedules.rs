@@ -5,7 +5,7 @@
 //! drive it with any clock.
 
 use crate::access::{Reach, Submitter};
-use crate::db::{DbFailure, Query, now_ms};
+use crate::db::{DbFailure, Query, now_ms, where_all};
 use crate::error::{AppError, AppResult};
 use crate::state::AppState;
 use chrono::{DateTime, TimeZone, Utc};
@@ -118,8 +118,8 @@ pub enum Source {
 }
 
 /// Checks and stores a schedule for `submitter` (replacing one of the same name within `reach`,
-/// which keeps its owner and its run history). Another user's schedule of that name is not
-/// replaced.
+/// which keeps its owner and its run history; a config schedule takes the config's owner).
+/// Another user's schedule of that name is not replaced from the API or the web UI.
 pub async fn save(
     state: &AppState,
     new: &NewSchedule,
@@ -148,6 +148,8 @@ pub async fn save(
                     )
                     .await?;
                 let owner = match existing {
+                    // The config says whose its schedules are, whoever had the name before.
+                    _ if source == "config" => user,
                     Some(row) => {
                         let owner = row.text(0)?;
                         if !reach.covers(&owner) {
@@ -220,6 +222,19 @@ pub async fn load_config(state: &AppState) -> Result<(), ScheduleError> {
         }
     }
     for s in &state.config.schedules {
+        if crate::users::find(&state.db, &state.config, &s.owner)
+            .await
+            .map_err(ScheduleError::Db)?
+            .is_none()
+        {
+            return Err(ScheduleError::Invalid {
+                name: s.name.clone(),
+                message: format!(
+                    "its owner `{}` is not a user: add it with `vmfarm server user add {}`, or [[users]] in the config",
+                    s.owner, s.owner
+                ),
+            });
+        }
         let manifest =
             std::fs::read_to_string(&s.manifest).map_err(|source| ScheduleError::Read {
                 name: s.name.clone(),
@@ -264,11 +279,7 @@ async fn read(state: &AppState, name: Option<&str>, reach: &Reach) -> AppResult<
         args.push(name.into());
         clauses.push(format!("name = ${}", args.len()));
     }
-    let filter = if clauses.is_empty() {
-        String::new()
-    } else {
-        format!("WHERE {}", clauses.join(" AND "))
-    };
+    let filter = where_all(&clauses);
     let sql = format!(
         "SELECT name, cron, timezone, manifest, source, last_run_at, owner FROM schedules {filter} \
          ORDER BY name"

@@ -41,8 +41,10 @@ pub enum SecretError {
 pub struct SecretKey(Aes256Gcm);
 
 impl SecretKey {
-    /// The key of `VMFARM_SECRET_KEY`, or of `<data_dir>/secret.key` (made, 0600, if missing).
-    pub fn load(data_dir: &Path) -> Result<SecretKey, SecretError> {
+    /// The key of `VMFARM_SECRET_KEY`, or of `<data_dir>/secret.key`; a missing file is made
+    /// (0600) when `make` (the server at start), and refused otherwise (a command that would
+    /// seal with a key the server does not have).
+    pub fn load(data_dir: &Path, make: bool) -> Result<SecretKey, SecretError> {
         if let Ok(hex_key) = std::env::var(KEY_ENV) {
             return Self::from_hex(&hex_key)
                 .map_err(|e| SecretError::Key(format!("{KEY_ENV}: {e}")));
@@ -63,6 +65,12 @@ impl SecretKey {
                 }
                 Self::from_hex(&text)
                     .map_err(|e| SecretError::Key(format!("{}: {e}", path.display())))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !make => {
+                Err(SecretError::Key(format!(
+                    "{} does not exist and {KEY_ENV} is not set: start the server once on this data directory (it makes the key), or set {KEY_ENV} to the server's key",
+                    path.display()
+                )))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let mut key = [0u8; 32];
@@ -366,21 +374,26 @@ mod tests {
     #[test]
     fn test_the_key_file_is_made_private_and_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let first = SecretKey::load(dir.path()).unwrap();
+        let refused = SecretKey::load(dir.path(), false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(refused.contains("start the server once"), "{refused}");
+        let first = SecretKey::load(dir.path(), true).unwrap();
         let path = dir.path().join(KEY_FILE);
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
         );
         let sealed = first.seal("s", b"v").unwrap();
-        let again = SecretKey::load(dir.path()).unwrap();
+        let again = SecretKey::load(dir.path(), false).unwrap();
         assert_eq!(
             again.open("s", &sealed).unwrap(),
             b"v",
             "the same key on reload"
         );
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = SecretKey::load(dir.path()).err().unwrap().to_string();
+        let err = SecretKey::load(dir.path(), true).err().unwrap().to_string();
         assert!(err.contains("chmod 600"), "{err}");
     }
 

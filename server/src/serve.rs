@@ -64,7 +64,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
         .remove_partial_uploads()
         .map_err(|e| ServeError::DataDir(artifacts, e))?;
     let db = Db::open(&config.database_url(), config.sqlite_synchronous).await?;
-    let secret_key = SecretKey::load(&config.data_dir)?;
+    let secret_key = SecretKey::load(&config.data_dir, true)?;
     let sealed = crate::secrets::seal_stored(&db, &secret_key).await?;
     if sealed > 0 {
         tracing::info!(

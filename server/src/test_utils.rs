@@ -133,7 +133,7 @@ impl TestApp {
                 .await
                 .expect("a test token is stored");
         }
-        let key = SecretKey::load(dir.path()).expect("a secret key");
+        let key = SecretKey::load(dir.path(), true).expect("a secret key");
         let state = AppState::new(
             db,
             config,

@@ -26,9 +26,14 @@ pub fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Adds (or replaces the password and admin flag of) a user.
+/// Adds a user, or replaces a user's password (an admin stays one; `admin` makes one).
 pub async fn add(db: &Db, name: &str, password: &str, admin: bool) -> Result<(), AppError> {
     check_name(name).map_err(AppError::BadRequest)?;
+    if name == ADMIN {
+        return Err(AppError::BadRequest(format!(
+            "`{ADMIN}` is the built-in admin, which has no password: add a user of your own with --admin"
+        )));
+    }
     if password.chars().count() < 8 {
         return Err(AppError::BadRequest(
             "the password is shorter than 8 characters".into(),
@@ -38,7 +43,7 @@ pub async fn add(db: &Db, name: &str, password: &str, admin: bool) -> Result<(),
     db.execute(
         "INSERT INTO users (name, password_hash, created_at, admin) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash, \
-         admin = excluded.admin",
+         admin = CASE WHEN excluded.admin = 1 THEN 1 ELSE users.admin END",
         &[
             name.into(),
             (&hash).into(),
@@ -85,7 +90,33 @@ pub async fn find(db: &Db, config: &ServerConfig, name: &str) -> Result<Option<K
     })
 }
 
-/// Whether user `name` is an admin by the config (the database's flag is read with the token).
-pub fn admin_in_config(config: &ServerConfig, name: &str) -> bool {
-    config.users.iter().any(|u| u.name == name && u.admin)
+/// Whether user `name` is an admin: by its database row's flag (`stored`, read with the token
+/// or the session), or by the config.
+pub fn is_admin(config: &ServerConfig, name: &str, stored: Option<i64>) -> bool {
+    stored.is_some_and(|flag| flag != 0) || config.users.iter().any(|u| u.name == name && u.admin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::{Database, TestApp, on_both_databases};
+
+    on_both_databases!(test_a_password_change_keeps_an_admin_and_the_builtin_admin_has_none);
+
+    async fn test_a_password_change_keeps_an_admin_and_the_builtin_admin_has_none(db: Database) {
+        let app = TestApp::new(db).await;
+        let (db, config) = (&app.state.db, &app.state.config);
+        add(db, "carol", "first-password", true).await.unwrap();
+        add(db, "carol", "second-password", false).await.unwrap();
+        let carol = find(db, config, "carol").await.unwrap().unwrap();
+        assert!(carol.admin, "a new password does not take admin away");
+        let err = add(db, ADMIN, "any-password", false).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("built-in admin, which has no password"),
+            "{err}"
+        );
+        let admin = find(db, config, ADMIN).await.unwrap().unwrap();
+        assert_eq!((admin.admin, admin.password_hash), (true, None));
+    }
 }

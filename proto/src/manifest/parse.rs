@@ -673,6 +673,14 @@ fn artifacts(r: &mut Reader<'_>, value: &Value<'_>) -> Vec<Artifact> {
                 v.span(),
                 format!("artifact path `{}` {e}", path.escape_debug()),
             );
+        } else if path.contains("**") {
+            r.error(
+                v.span(),
+                format!(
+                    "artifact glob `{}` uses `**`, which is not supported: name the folder to collect it whole (as a tar), or use `*` per level, like \"out/*/*.log\"",
+                    path.escape_debug()
+                ),
+            );
         } else if let Some(e) = super::is_glob(&path)
             .then(|| glob::Pattern::new(&path).err())
             .flatten()

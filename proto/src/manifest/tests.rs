@@ -512,6 +512,12 @@ fn test_artifacts_when_and_globs() {
         8,
         &["not a valid pattern"],
     );
+    assert_error(
+        &with("[[artifacts]]\npath = \"out/**/x\"\n"),
+        3,
+        8,
+        &["`**`, which is not supported"],
+    );
 }
 
 #[test]

@@ -1,8 +1,8 @@
--- Failed web logins, per key (`user:NAME` or `addr:IP`): how many since `first_at` (unix ms),
--- and until when logins for that key are refused (0: not locked).
+-- Web login attempts that were not (yet) followed by a success, per key (`user:NAME` or
+-- `addr:IP`): how many since `first_at` (unix ms). Counted before the password is checked, in
+-- one statement, so that attempts sent at once cannot all slip under the limit.
 CREATE TABLE login_failures (
-    key           TEXT PRIMARY KEY,
-    failures      BIGINT NOT NULL,
-    first_at      BIGINT NOT NULL,
-    locked_until  BIGINT NOT NULL DEFAULT 0
+    key       TEXT PRIMARY KEY,
+    failures  BIGINT NOT NULL,
+    first_at  BIGINT NOT NULL
 );

@@ -17,6 +17,9 @@ ALTER TABLE tokens ADD COLUMN max_priority BIGINT;
 ALTER TABLE tokens ADD COLUMN source TEXT NOT NULL DEFAULT 'cli';
 
 -- The token a web session was opened with (NULL: a password login): the session ends with it.
+-- Sessions opened before this knew neither their token nor their user: they end here (one more
+-- login each).
+DELETE FROM web_sessions;
 ALTER TABLE web_sessions ADD COLUMN token_hash TEXT;
 
 -- A secret's owner and the other users whose jobs may name it (comma-separated). `sealed` = 1:

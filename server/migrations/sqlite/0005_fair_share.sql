@@ -1,6 +1,7 @@
 -- Fair share: the owners that ever queued a job, and when each was last served a lease (unix
 -- microseconds; 0: never). Free slots go to the owner served longest ago, found by walking this
--- index in order. Only a lease writes an owner's row (submits and state changes never do).
+-- index in order. A submit adds its owner's row once (and never changes it); a lease sets its
+-- owner's `last_served_us`; state changes never touch it.
 
 CREATE TABLE job_owners (
     owner           TEXT PRIMARY KEY,

@@ -83,13 +83,20 @@ fn turns_sql(images: usize, limited: bool) -> String {
     } else {
         "AND $1 > 0"
     };
+    // An owner with nothing queued at all is passed over with one probe, not one per image.
     format!(
-        "SELECT o.owner FROM job_owners o WHERE EXISTS (SELECT 1 FROM jobs j WHERE j.state = 'queued' \
+        "SELECT o.owner FROM job_owners o \
+         WHERE EXISTS (SELECT 1 FROM jobs q WHERE q.state = 'queued' AND q.owner = o.owner) \
+         AND EXISTS (SELECT 1 FROM jobs j WHERE j.state = 'queued' \
          AND j.owner = o.owner AND j.image IN ({})) {limit} \
          ORDER BY o.last_served_us, o.owner LIMIT {TURNS_TRIED}",
         images.join(", ")
     )
 }
+
+/// How many of an owner's (`$1`) jobs are leased or running.
+const RUNNING_SQL: &str =
+    "SELECT COUNT(*) FROM jobs WHERE state IN ('leased', 'booting', 'running') AND owner = $1";
 
 /// Owners tried by one lease at most.
 const TURNS_TRIED: usize = 3;
@@ -153,6 +160,9 @@ pub async fn try_lease(
     let turns_sql = turns_sql(req.images.len(), limit.is_some());
     // A concurrent lease of the same owner's job (PostgreSQL) is writing about the same time
     // already: that one is kept rather than waited for.
+    let limit_lock_sql = limit
+        .is_some()
+        .then(|| crate::jobs::lock_owner_sql(&state.db));
     let served_sql = format!(
         "UPDATE job_owners SET last_served_us = $1 WHERE owner = \
          (SELECT owner FROM job_owners WHERE owner = $2{})",
@@ -185,6 +195,18 @@ pub async fn try_lease(
                         (&owner).into(),
                     ];
                     args.extend(images.iter().map(Arg::from));
+                    if let Some(lock_sql) = &limit_lock_sql {
+                        // Counted again with the owner's row held, so that concurrent leases
+                        // (PostgreSQL) cannot both pass the limit.
+                        tx.fetch_optional(lock_sql, &[(&owner).into()]).await?;
+                        let running = tx
+                            .fetch_optional(RUNNING_SQL, &[(&owner).into()])
+                            .await?
+                            .map_or(Ok(0), |row| row.int(0))?;
+                        if running >= max_running {
+                            continue;
+                        }
+                    }
                     if let Some(row) = tx.fetch_optional(&sql, &args).await? {
                         tx.execute(&served_sql, &[served_us.into(), (&owner).into()])
                             .await?;

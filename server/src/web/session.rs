@@ -123,8 +123,7 @@ async fn live_session(
             csrf: row.text(1)?,
             api: ApiCaller {
                 name: token.unwrap_or_else(|| user.clone()),
-                admin: row.opt_int(5)?.is_some_and(|a| a != 0)
-                    || users::admin_in_config(config, &user),
+                admin: users::is_admin(config, &user, row.opt_int(5)?),
                 scopes: parse_scopes(&row.text(2)?),
                 max_priority: row.opt_int(4)?,
                 user,
@@ -250,19 +249,22 @@ pub async fn login(
         );
     }
     let keys = throttle::Keys::new(form.user.trim(), peer.0);
-    if let Some(until) = throttle::locked_until(&state.db, &keys, now_ms()).await? {
-        let minutes = (until - now_ms()).div_euclid(60_000) + 1;
-        let message = format!(
-            "Too many failed logins for this user or from this address: try again in {minutes} minute{}.",
-            if minutes == 1 { "" } else { "s" }
-        );
-        let mut page = login_form(&state, Some(&message), &form.user)?;
-        *page.status_mut() = StatusCode::TOO_MANY_REQUESTS;
-        return Ok(page);
-    }
+    let attempt = throttle::attempt(&state.db, &state.config.web, &keys, now_ms()).await?;
+    let delay_on_failure = match attempt {
+        throttle::Attempt::Allowed { delay_on_failure } => delay_on_failure,
+        throttle::Attempt::Locked { until } => {
+            let minutes = (until - now_ms()).max(0).div_euclid(60_000) + 1;
+            let message = format!(
+                "Too many failed logins for this user or from this address: try again in {minutes} minute{}.",
+                if minutes == 1 { "" } else { "s" }
+            );
+            let mut page = login_form(&state, Some(&message), &form.user)?;
+            *page.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            return Ok(page);
+        }
+    };
     let Some(login) = authenticate(&state, &form).await? else {
-        let delay = throttle::failed(&state.db, &state.config.web, &keys, now_ms()).await?;
-        tokio::time::sleep(delay).await;
+        tokio::time::sleep(delay_on_failure).await;
         tracing::info!(user = %form.user.trim(), "failed web login");
         return login_form(
             &state,
@@ -357,7 +359,29 @@ mod tests {
     use std::time::{Duration, Instant};
     use tower::ServiceExt;
 
-    on_both_databases!(test_failed_logins_are_slowed_then_refused_per_user_and_address);
+    on_both_databases!(
+        test_failed_logins_are_slowed_then_refused_per_user_and_address,
+        test_logins_sent_at_once_cannot_pass_the_limit,
+    );
+
+    async fn test_logins_sent_at_once_cannot_pass_the_limit(db: Database) {
+        let app = TestApp::with_config(db, |c| c.web.failed_logins_before_lock = 4).await;
+        let attempts = (0..12u8).map(|i| {
+            let app = &app;
+            async move { log_in(app, [10, 1, 0, i], "alice", "guess").await.0 }
+        });
+        let answers = futures_util::future::join_all(attempts).await;
+        let checked = answers.iter().filter(|s| **s == StatusCode::OK).count();
+        let refused = answers
+            .iter()
+            .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+            .count();
+        assert_eq!(
+            (checked, refused),
+            (4, 8),
+            "only 4 passwords are checked, however many come at once: {answers:?}"
+        );
+    }
 
     /// Posts the login form from `addr`; the status and the page's error line.
     async fn log_in(

@@ -1,5 +1,7 @@
-//! Repeated failed logins, per user name and per address, are slowed down and then refused for
-//! a while. Kept in the database, so that every replica counts the same failures.
+//! Repeated failed logins, per user name and per address (the connection's: behind a reverse
+//! proxy, the proxy's, so one client's failures lock out everyone's web logins through it), are
+//! slowed down and then refused for a while. Kept in the database, so that every replica counts
+//! the same failures.
 
 use crate::config::Web;
 use crate::db::{Db, DbFailure, Query};
@@ -47,73 +49,62 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Until when (unix ms) logins under `keys` are refused, if any is locked at `now`.
-pub async fn locked_until(db: &Db, keys: &Keys, now: i64) -> Result<Option<i64>, DbFailure> {
-    let mut until = None;
-    for key in &keys.0 {
-        let row = db
-            .read()
-            .fetch_optional(
-                "SELECT locked_until FROM login_failures WHERE key = $1",
-                &[key.as_str().into()],
-            )
-            .await?;
-        if let Some(row) = row {
-            let locked = row.int(0)?;
-            if locked > now {
-                until = Some(until.map_or(locked, |u: i64| u.max(locked)));
-            }
-        }
-    }
-    Ok(until)
+/// What a login attempt may do.
+pub enum Attempt {
+    /// Check the password; on a failure, hold the answer back this long.
+    Allowed { delay_on_failure: Duration },
+    /// Refused without a check until this time (unix ms).
+    Locked { until: i64 },
 }
 
-/// Counts a failed login under `keys` at `now` (locking a key at the configured count); how
-/// long to hold the answer back.
-pub async fn failed(db: &Db, web: &Web, keys: &Keys, now: i64) -> Result<Duration, DbFailure> {
+/// Counts a login attempt under `keys` at `now`, before its password is checked (a success
+/// forgives it: [`succeeded`]). Past `failed_logins_before_lock` attempts within
+/// `login_lock_for` under any key, the attempt is refused until that window ends.
+pub async fn attempt(db: &Db, web: &Web, keys: &Keys, now: i64) -> Result<Attempt, DbFailure> {
     let window = millis(web.login_lock_for.0);
     let lock_after = i64::from(web.failed_logins_before_lock.max(1));
     let keys = keys.0.clone();
-    let worst = db
+    let counts = db
         .write(move |tx| {
             Box::pin(async move {
-                let mut worst = 0;
+                let mut counts = Vec::with_capacity(keys.len());
                 for key in &keys {
                     let row = tx
                         .fetch_optional(
-                            "SELECT failures, first_at FROM login_failures WHERE key = $1",
-                            &[key.into()],
+                            "INSERT INTO login_failures (key, failures, first_at) VALUES ($1, 1, $2) \
+                             ON CONFLICT (key) DO UPDATE SET \
+                             failures = CASE WHEN login_failures.first_at > $3 \
+                                        THEN login_failures.failures + 1 ELSE 1 END, \
+                             first_at = CASE WHEN login_failures.first_at > $3 \
+                                        THEN login_failures.first_at ELSE $2 END \
+                             RETURNING failures, first_at",
+                            &[key.into(), now.into(), (now - window).into()],
                         )
                         .await?;
-                    let failures = match row {
-                        Some(row) if row.int(1)? > now - window => row.int(0)? + 1,
-                        _ => 1,
-                    };
-                    let locked = if failures >= lock_after {
-                        now + window
-                    } else {
-                        0
-                    };
-                    tx.execute(
-                        "INSERT INTO login_failures (key, failures, first_at, locked_until) \
-                         VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO UPDATE SET \
-                         failures = excluded.failures, locked_until = excluded.locked_until, \
-                         first_at = CASE WHEN excluded.failures = 1 THEN excluded.first_at \
-                         ELSE login_failures.first_at END",
-                        &[key.into(), failures.into(), now.into(), locked.into()],
-                    )
-                    .await?;
-                    worst = worst.max(failures);
+                    if let Some(row) = row {
+                        counts.push((row.int(0)?, row.int(1)?));
+                    }
                 }
-                Ok::<_, DbFailure>(worst)
+                Ok::<_, DbFailure>(counts)
             })
         })
         .await?;
+    if let Some(until) = counts
+        .iter()
+        .filter(|(count, _)| *count > lock_after)
+        .map(|(_, first_at)| first_at + window)
+        .max()
+    {
+        return Ok(Attempt::Locked { until });
+    }
+    let worst = counts.iter().map(|(count, _)| *count).max().unwrap_or(0);
     let slowed = u32::try_from((worst - FREE_FAILURES).max(0)).unwrap_or(u32::MAX);
-    Ok((DELAY_STEP * slowed).min(MAX_DELAY))
+    Ok(Attempt::Allowed {
+        delay_on_failure: (DELAY_STEP * slowed).min(MAX_DELAY),
+    })
 }
 
-/// A login under `keys` succeeded: their failures are forgiven.
+/// A login under `keys` succeeded: their attempts are forgiven.
 pub async fn succeeded(db: &Db, keys: &Keys) -> Result<(), DbFailure> {
     for key in &keys.0 {
         db.execute(

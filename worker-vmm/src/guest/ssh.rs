@@ -58,7 +58,12 @@ pub enum SshError {
     TooLarge { path: String, limit: ByteSize },
     #[error("{path} holds more than {limit} entries")]
     TooManyEntries { path: String, limit: usize },
+    #[error("{path} holds a name longer than {MAX_NAME_BYTES} bytes")]
+    NameTooLong { path: String },
 }
+
+/// Longest file name a guest's directory listing may hold (Linux's `NAME_MAX`).
+pub const MAX_NAME_BYTES: usize = 255;
 
 /// What a path in the guest is, as its entry (or `lstat`) says; links are not followed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -425,25 +430,34 @@ impl Guest {
     }
 
     /// The entries of the directory `remote` (but `.` and `..`), refusing one of more than
-    /// `max`: the guest's listing is read a packet at a time and never held past that.
+    /// `max`, a name longer than [`MAX_NAME_BYTES`], or more pages than entries allow: the
+    /// guest's listing is read a packet at a time and what is kept stays under
+    /// `max` × [`MAX_NAME_BYTES`].
     pub async fn list_dir(
         &self,
         remote: &str,
         max: usize,
     ) -> Result<Vec<(String, EntryKind)>, SshError> {
+        let too_many = || SshError::TooManyEntries {
+            path: remote.to_owned(),
+            limit: max,
+        };
         let channel = self.session(&[]).await?;
         channel.request_subsystem(true, "sftp").await?;
         let raw = russh_sftp::client::RawSftpSession::new(channel.into_stream());
         raw.init().await?;
         let handle = raw.opendir(remote).await?.handle;
         let mut entries = Vec::new();
-        loop {
+        // Every page but the last holds an entry (or `.` and `..`): a guest that sends empty
+        // pages runs out of them.
+        for _ in 0..max + 2 {
             let page = match raw.readdir(handle.as_str()).await {
                 Ok(page) => page,
                 Err(russh_sftp::client::error::Error::Status(status))
                     if status.status_code == russh_sftp::protocol::StatusCode::Eof =>
                 {
-                    break;
+                    raw.close(handle).await?;
+                    return Ok(entries);
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -451,17 +465,18 @@ impl Guest {
                 if file.filename == "." || file.filename == ".." {
                     continue;
                 }
-                if entries.len() == max {
-                    return Err(SshError::TooManyEntries {
+                if file.filename.len() > MAX_NAME_BYTES {
+                    return Err(SshError::NameTooLong {
                         path: remote.to_owned(),
-                        limit: max,
                     });
+                }
+                if entries.len() == max {
+                    return Err(too_many());
                 }
                 entries.push((file.filename, file.attrs.file_type().into()));
             }
         }
-        raw.close(handle).await?;
-        Ok(entries)
+        Err(too_many())
     }
 
     /// Copies the regular file `remote` from the guest to the local file `local`, refusing

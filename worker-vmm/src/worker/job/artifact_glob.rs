@@ -1,5 +1,5 @@
-//! An artifact glob (`out/*.log`, `reports/**`-free: `*`, `?` and `[...]` within components)
-//! expanded against the guest's build directory over SFTP. The guest is hostile: listings are
+//! An artifact glob (`out/*.log`: `*`, `?` and `[...]` within components; the manifest refuses
+//! `**`) expanded against the guest's build directory over SFTP. The guest is hostile: listings are
 //! bounded per directory and in all, and so are the matches; links are never followed; every
 //! match is checked as an artifact path.
 
