@@ -154,7 +154,7 @@ async fn gc(db: &Db, config: &ServerConfig, dry_run: bool) -> anyhow::Result<()>
         return Ok(());
     }
     let store = ArtifactStore::new(config.data_dir.join("artifacts"));
-    let swept = retention::sweep(db, &store, retention, now).await?;
+    let swept = retention::sweep(db, &store, &plan, now).await?;
     println!(
         "{} jobs expired, {} purged, {} files no row pointed at removed",
         swept.expired, swept.purged, swept.orphans

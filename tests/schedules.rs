@@ -49,14 +49,6 @@ async fn state(backend: Backend, dir: &std::path::Path) -> AppState {
     )
 }
 
-/// The built-in admin, whose schedules these are.
-fn admin() -> Submitter {
-    Submitter {
-        user: vmfarm_server::users::ADMIN.into(),
-        max_priority: None,
-    }
-}
-
 async fn group_states(state: &AppState, name: &str) -> Vec<Vec<(String, JobState)>> {
     schedules::runs(state, name, 100, &Reach::All)
         .await
@@ -84,7 +76,7 @@ async fn schedule_runs_on_time_and_once_after_downtime(backend: Backend) {
         &nightly,
         Source::Config,
         ms("2026-11-20T12:00:00Z"),
-        &admin(),
+        &Submitter::uncapped(vmfarm_server::users::ADMIN),
         &Reach::All,
     )
     .await
@@ -144,7 +136,7 @@ async fn schedule_runs_on_time_and_once_after_downtime(backend: Backend) {
         &paris,
         Source::Ui,
         ms("2026-11-24T12:00:00Z"),
-        &admin(),
+        &Submitter::uncapped(vmfarm_server::users::ADMIN),
         &Reach::All,
     )
     .await
@@ -197,7 +189,7 @@ async fn schedule_runs_on_time_and_once_after_downtime(backend: Backend) {
             &bad,
             Source::Ui,
             ms("2026-11-25T12:00:00Z"),
-            &admin(),
+            &Submitter::uncapped(vmfarm_server::users::ADMIN),
             &Reach::All,
         )
         .await

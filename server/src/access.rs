@@ -49,6 +49,17 @@ pub struct Submitter {
     pub max_priority: Option<i64>,
 }
 
+impl Submitter {
+    /// `user`, with no priority cap: a schedule's owner (its cap was checked when it was saved),
+    /// or the operator's own submissions.
+    pub fn uncapped(user: &str) -> Submitter {
+        Submitter {
+            user: user.to_owned(),
+            max_priority: None,
+        }
+    }
+}
+
 /// Refuses job `id` when it does not exist or is out of `reach`, in the same words.
 pub async fn job(db: &Db, reach: &Reach, id: i64) -> AppResult<()> {
     let row = db
@@ -304,23 +315,23 @@ mod tests {
         assert_eq!(refused.body["manifest_errors"][0]["line"], 1);
     }
 
-    async fn test_a_priority_above_the_tokens_cap_is_refused_where_it_is_written(db: Database) {
-        let app = TestApp::new(db).await;
-        let capped = crate::auth::Caller::Api(crate::auth::ApiCaller {
-            name: "capped".into(),
+    /// Stores `token`, Alice's, for submits of at most priority `cap`.
+    async fn capped_token(app: &TestApp, token: &str, cap: i64) {
+        let caller = crate::auth::Caller::Api(crate::auth::ApiCaller {
+            name: token.into(),
             user: "alice".into(),
             admin: false,
             scopes: vec![crate::config::Scope::Submit],
-            max_priority: Some(5),
+            max_priority: Some(cap),
         });
-        crate::auth::store_token(
-            &app.state.db,
-            "capped-token",
-            &capped,
-            crate::auth::TokenSource::Cli,
-        )
-        .await
-        .unwrap();
+        crate::auth::store_token(&app.state.db, token, &caller, crate::auth::TokenSource::Cli)
+            .await
+            .unwrap();
+    }
+
+    async fn test_a_priority_above_the_tokens_cap_is_refused_where_it_is_written(db: Database) {
+        let app = TestApp::new(db).await;
+        capped_token(&app, "capped-token", 5).await;
         let at = |p: i64| {
             format!("image = \"a\"\npriority = {p}\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n")
         };
@@ -337,21 +348,7 @@ mod tests {
                     "message": "`priority` is 9; your token allows at most 5: write `priority = 5` or lower, or ask the operator"}])
         );
         assert_eq!(app.submit_as("capped-token", &at(5)).await.len(), 1);
-        let below_default = crate::auth::Caller::Api(crate::auth::ApiCaller {
-            name: "low".into(),
-            user: "alice".into(),
-            admin: false,
-            scopes: vec![crate::config::Scope::Submit],
-            max_priority: Some(-1),
-        });
-        crate::auth::store_token(
-            &app.state.db,
-            "low-token",
-            &below_default,
-            crate::auth::TokenSource::Cli,
-        )
-        .await
-        .unwrap();
+        capped_token(&app, "low-token", -1).await;
         let unwritten = app.post("/api/jobs", "low-token", one_task("a")).await;
         assert_eq!(
             unwritten.body["manifest_errors"],

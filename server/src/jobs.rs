@@ -161,14 +161,9 @@ impl NewGroup {
     }
 
     /// Refuses (429) a group that would take its owner past the per-user queue limit. The
-    /// owner's row (made if new) is held first, so that concurrent submits (PostgreSQL) count
-    /// one after the other.
+    /// owner's row is held first, so that concurrent submits (PostgreSQL) count one after the
+    /// other.
     async fn check_queue_room(&self, tx: &mut WriteTx) -> AppResult<()> {
-        tx.execute(
-            "INSERT INTO job_owners (owner) VALUES ($1) ON CONFLICT (owner) DO NOTHING",
-            &[(&self.owner).into()],
-        )
-        .await?;
         let Some(limit) = self.max_queued else {
             return Ok(());
         };
@@ -196,6 +191,12 @@ impl NewGroup {
 
     async fn insert(&self, tx: &mut WriteTx) -> AppResult<SubmitResponse> {
         crate::secrets::check_usable(tx, &self.manifest.secrets, &self.owner).await?;
+        // The owner takes part in the lease's turns from its first job on.
+        tx.execute(
+            "INSERT INTO job_owners (owner) VALUES ($1) ON CONFLICT (owner) DO NOTHING",
+            &[(&self.owner).into()],
+        )
+        .await?;
         self.check_queue_room(tx).await?;
         let now = now_ms();
         let group_id = tx
@@ -433,10 +434,7 @@ mod tests {
             timezone: None,
             manifest: NETWORK.into(),
         };
-        let admin = crate::access::Submitter {
-            user: "admin".into(),
-            max_priority: None,
-        };
+        let admin = crate::access::Submitter::uncapped("admin");
         let reach = crate::access::Reach::All;
         let err = crate::schedules::save(&app.state, &schedule, Source::Ui, 0, &admin, &reach)
             .await

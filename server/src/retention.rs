@@ -114,15 +114,14 @@ pub struct Swept {
     pub orphans: usize,
 }
 
-/// One sweep: expires what [`plan`] chooses, purges every expired job not yet purged (this
-/// sweep's and any a killed sweep left), and removes files no row points at.
+/// One sweep: expires the jobs `chosen` (by [`plan`]), purges every expired job not yet purged
+/// (these and any a killed sweep left), and removes files no row points at.
 pub async fn sweep(
     db: &Db,
     store: &ArtifactStore,
-    retention: &Retention,
+    chosen: &[Expiry],
     now: i64,
 ) -> Result<Swept, SweepError> {
-    let chosen = plan(db, retention, now).await?;
     let ids: Vec<i64> = chosen.iter().map(|e| e.job).collect();
     db.write(move |tx| {
         Box::pin(async move {
@@ -244,7 +243,12 @@ pub async fn run(db: Db, store: ArtifactStore, retention: Retention) {
         return;
     }
     loop {
-        match sweep(&db, &store, &retention, now_ms()).await {
+        let now = now_ms();
+        let swept = match plan(&db, &retention, now).await {
+            Ok(chosen) => sweep(&db, &store, &chosen, now).await,
+            Err(e) => Err(e.into()),
+        };
+        match swept {
             Ok(swept) if swept != Swept::default() => tracing::info!(
                 expired = swept.expired,
                 purged = swept.purged,
@@ -285,10 +289,7 @@ mod tests {
         ended_ago: i64,
     ) -> i64 {
         let manifest = "image = \"a\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n";
-        let admin = Submitter {
-            user: "admin".into(),
-            max_priority: None,
-        };
+        let admin = Submitter::uncapped("admin");
         let submitted = crate::jobs::submit(&app.state, manifest, schedule, &admin)
             .await
             .unwrap();
@@ -311,6 +312,15 @@ mod tests {
             .await
             .unwrap();
         id
+    }
+
+    /// A sweep now, of what the plan for `retention` chooses.
+    async fn sweep_now(app: &TestApp, retention: &Retention) -> Swept {
+        let now = now_ms();
+        let chosen = plan(&app.state.db, retention, now).await.unwrap();
+        sweep(&app.state.db, &app.state.store, &chosen, now)
+            .await
+            .unwrap()
     }
 
     fn keep(hours: u64) -> Option<HumanDuration> {
@@ -351,9 +361,7 @@ mod tests {
             "a plan deletes nothing"
         );
 
-        let swept = sweep(&app.state.db, &app.state.store, &retention, now_ms())
-            .await
-            .unwrap();
+        let swept = sweep_now(&app, &retention).await;
         assert_eq!((swept.expired, swept.purged, swept.orphans), (2, 2, 0));
         for gone in [old, nightly_old] {
             let job = app.job(gone).await;
@@ -374,9 +382,7 @@ mod tests {
             assert_eq!(artifact_count(&app, kept).await, 1);
             assert!(app.log(kept).await.contains("hello"));
         }
-        let again = sweep(&app.state.db, &app.state.store, &retention, now_ms())
-            .await
-            .unwrap();
+        let again = sweep_now(&app, &retention).await;
         assert_eq!(
             again,
             Swept::default(),
@@ -402,9 +408,7 @@ mod tests {
             "300 bytes over a cap of 150: the two that ended first; a job without artifacts frees nothing"
         );
         assert_eq!(planned[0].reason, "the artifact store is over 150B");
-        sweep(&app.state.db, &app.state.store, &retention, now_ms())
-            .await
-            .unwrap();
+        sweep_now(&app, &retention).await;
         assert_eq!(artifact_count(&app, third).await, 1);
         assert!(app.log(logs_only).await.contains("hello"));
     }
@@ -485,9 +489,7 @@ mod tests {
             "a marked job shows no artifact"
         );
 
-        let swept = sweep(&app.state.db, &app.state.store, &retention, now_ms())
-            .await
-            .unwrap();
+        let swept = sweep_now(&app, &retention).await;
         assert_eq!((swept.expired, swept.purged, swept.orphans), (0, 2, 2));
         assert!(!stray.exists() && !no_row.exists() && landing.exists());
         std::fs::remove_file(&landing).unwrap();

@@ -247,10 +247,7 @@ pub async fn load_config(state: &AppState) -> Result<(), ScheduleError> {
             timezone: s.timezone.clone(),
             manifest,
         };
-        let submitter = Submitter {
-            user: s.owner.clone(),
-            max_priority: None,
-        };
+        let submitter = Submitter::uncapped(&s.owner);
         save(
             state,
             &new,
@@ -367,10 +364,7 @@ pub async fn tick(state: &AppState, now: i64) -> AppResult<Vec<String>> {
             continue;
         }
         // Its runs are its owner's jobs; the owner's token cap was checked when it was saved.
-        let submitter = Submitter {
-            user: owner,
-            max_priority: None,
-        };
+        let submitter = Submitter::uncapped(&owner);
         match crate::jobs::submit(state, &manifest, Some(&name), &submitter).await {
             Ok(response) => {
                 tracing::info!(schedule = %name, group = %response.group_id, "scheduled run enqueued");

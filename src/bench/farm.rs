@@ -69,8 +69,13 @@ impl Farm {
 
     /// Submits `manifest`; its job's id.
     pub async fn submit(&self, manifest: &str) -> anyhow::Result<i64> {
-        let submitted =
-            vmfarm_server::jobs::submit(&self.state, manifest, None, &admin_submitter()).await?;
+        let submitted = vmfarm_server::jobs::submit(
+            &self.state,
+            manifest,
+            None,
+            &Submitter::uncapped(vmfarm_server::users::ADMIN),
+        )
+        .await?;
         Ok(submitted.jobs[0].id.parse()?)
     }
 
@@ -83,13 +88,5 @@ impl Farm {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-}
-
-/// The built-in admin, whose jobs the benchmarks submit.
-pub fn admin_submitter() -> Submitter {
-    Submitter {
-        user: vmfarm_server::users::ADMIN.into(),
-        max_priority: None,
     }
 }

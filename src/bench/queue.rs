@@ -5,7 +5,6 @@
 //! over HTTP as a worker and a user make them, each with the CPU it cost; the HTTP cycles and the
 //! leases are measured again with the jobs of 100 users sharing the queue (fair share's turns).
 
-use super::farm::admin_submitter;
 use super::stats::{ms, per_second, quantile};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -362,7 +361,13 @@ async fn cycle_rate(state: &AppState) -> anyhow::Result<f64> {
             let worker = format!("bench-{client}");
             let req = request(&worker, std::slice::from_ref(&image));
             for _ in 0..CYCLES / CLIENTS {
-                jobs::submit(&state, &manifest(&image), None, &admin_submitter()).await?;
+                jobs::submit(
+                    &state,
+                    &manifest(&image),
+                    None,
+                    &Submitter::uncapped(vmfarm_server::users::ADMIN),
+                )
+                .await?;
                 let lease = take::try_lease(&state, &worker, &req)
                     .await?
                     .ok_or_else(|| anyhow::anyhow!("no job to lease"))?;
@@ -483,10 +488,7 @@ async fn lease_rate(state: &AppState, users: usize) -> anyhow::Result<(f64, Vec<
         let images = images.clone();
         set.spawn(async move {
             for i in (client..QUEUED).step_by(CLIENTS) {
-                let submitter = Submitter {
-                    user: bench_user(i, users),
-                    max_priority: None,
-                };
+                let submitter = Submitter::uncapped(&bench_user(i, users));
                 jobs::submit(&state, &manifest(&images[i % IMAGES]), None, &submitter).await?;
             }
             Ok::<_, anyhow::Error>(())

@@ -6,3 +6,5 @@ CREATE TABLE login_failures (
     failures  BIGINT NOT NULL,
     first_at  BIGINT NOT NULL
 );
+-- Rows older than the window are dropped by each attempt, so the table holds one window's worth.
+CREATE INDEX login_failures_age ON login_failures (first_at);

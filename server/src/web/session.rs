@@ -466,6 +466,25 @@ mod tests {
             "others log in"
         );
 
+        // What a request sends does not size what is written: a name that cannot be a user's
+        // is not counted under itself (its address is).
+        let long = "x".repeat(5000);
+        assert_eq!(log_in(&app, [10, 0, 0, 9], &long, "pw").await.1, wrong);
+        let oversized = app
+            .state
+            .db
+            .read()
+            .fetch_optional(
+                "SELECT COUNT(*) FROM login_failures WHERE LENGTH(key) > 80",
+                &[],
+            )
+            .await
+            .unwrap()
+            .unwrap()
+            .int(0)
+            .unwrap();
+        assert_eq!(oversized, 0);
+
         // A failed login for a user that does not exist costs a password check all the same.
         // (Each from an address of its own, and at most two per user: none is held back.)
         let started = Instant::now();

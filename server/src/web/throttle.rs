@@ -33,13 +33,16 @@ const MAX_DELAY: Duration = Duration::from_secs(5);
 pub struct Keys(Vec<String>);
 
 impl Keys {
+    /// The address first (a locked address counts nothing more), then the user name when it
+    /// can be one (`users::check_name`: at most 64 characters), so that what a request sends
+    /// does not size the rows it writes.
     pub fn new(user: &str, addr: Option<IpAddr>) -> Keys {
         let mut keys = Vec::new();
-        if !user.is_empty() {
-            keys.push(format!("user:{user}"));
-        }
         if let Some(addr) = addr {
             keys.push(format!("addr:{addr}"));
+        }
+        if crate::users::check_name(user).is_ok() {
+            keys.push(format!("user:{user}"));
         }
         Keys(keys)
     }
@@ -67,6 +70,11 @@ pub async fn attempt(db: &Db, web: &Web, keys: &Keys, now: i64) -> Result<Attemp
     let counts = db
         .write(move |tx| {
             Box::pin(async move {
+                tx.execute(
+                    "DELETE FROM login_failures WHERE first_at <= $1",
+                    &[(now - window).into()],
+                )
+                .await?;
                 let mut counts = Vec::with_capacity(keys.len());
                 for key in &keys {
                     let row = tx
@@ -82,7 +90,11 @@ pub async fn attempt(db: &Db, web: &Web, keys: &Keys, now: i64) -> Result<Attemp
                         )
                         .await?;
                     if let Some(row) = row {
-                        counts.push((row.int(0)?, row.int(1)?));
+                        let (count, first_at) = (row.int(0)?, row.int(1)?);
+                        counts.push((count, first_at));
+                        if count > lock_after {
+                            break; // locked: the later keys are not counted
+                        }
                     }
                 }
                 Ok::<_, DbFailure>(counts)
