@@ -36,6 +36,11 @@ pub enum Command {
     Artifacts(ArtifactsArgs),
     /// Cancel a job.
     Cancel(CancelArgs),
+    /// Run a job again (its manifest, on its image, from the same push); prints the new job.
+    Rerun(RerunArgs),
+    /// Git hooks that start builds from a plain git server.
+    #[command(subcommand)]
+    Hook(HookCommand),
     /// Check job manifests without submitting them.
     Validate(ValidateArgs),
     /// Build and list guest images.
@@ -246,6 +251,33 @@ pub struct CancelArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     pub job: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RerunArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub job: String,
+    /// Stream the new job's log; exit 0 only if it succeeded.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HookCommand {
+    /// A bare repository's `hooks/post-receive`: reads the `OLD NEW REF` lines git gives it and
+    /// asks the server to build each updated ref of the repository (its `.vmfarm/*.toml` and
+    /// `.vmfarm.toml` at the new commit), printing what each built for the one who pushed.
+    PostReceive(PostReceiveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PostReceiveArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The repository's name in the server's `[[repositories]]`.
+    #[arg(long, env = "VMFARM_REPOSITORY")]
+    pub repository: String,
 }
 
 #[derive(Debug, Args)]

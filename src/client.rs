@@ -37,9 +37,14 @@ impl Client {
         })
     }
 
+    /// The address of `path` on the server (`/jobs/7`: the job's page).
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
         self.http
-            .request(method, format!("{}{path}", self.base))
+            .request(method, self.url(path))
             .bearer_auth(&self.token)
     }
 

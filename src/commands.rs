@@ -1,6 +1,6 @@
 //! The client subcommands: submit, status, logs, artifacts, cancel.
 
-use crate::cli::{ArtifactsArgs, CancelArgs, LogsArgs, StatusArgs, SubmitArgs};
+use crate::cli::{ArtifactsArgs, CancelArgs, LogsArgs, RerunArgs, StatusArgs, SubmitArgs};
 use crate::client::{Client, read_sse};
 use anyhow::{Context, bail};
 use reqwest::Method;
@@ -25,15 +25,25 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|e| prefix_manifest_errors(e, &args.file.display().to_string()))?;
     let submitted: SubmitResponse = response.json().await?;
+    print_and_follow(&client, &submitted, args.follow).await
+}
+
+/// Prints one line per submitted job (id, image); with `follow`, streams their logs and exits 0
+/// only if every one succeeded.
+async fn print_and_follow(
+    client: &Client,
+    submitted: &SubmitResponse,
+    follow_logs: bool,
+) -> anyhow::Result<ExitCode> {
     for job in &submitted.jobs {
         println!("{}\t{}", job.id, job.image);
     }
-    if !args.follow {
+    if !follow_logs {
         return Ok(ExitCode::SUCCESS);
     }
     let mut all_ok = true;
     for job in &submitted.jobs {
-        let state = follow(&client, &job.id, Some(&job.image)).await?;
+        let state = follow(client, &job.id, Some(&job.image)).await?;
         all_ok &= state == JobState::Succeeded;
     }
     Ok(if all_ok {
@@ -131,8 +141,8 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<8} {:<16} {:<12} {:<10} {:<8} TASKS",
-        "ID", "IMAGE", "OWNER", "STATE", "ATTEMPT"
+        "{:<8} {:<16} {:<12} {:<10} {:<8} {:<32} TASKS",
+        "ID", "IMAGE", "OWNER", "STATE", "ATTEMPT", "FROM"
     );
     for job in &jobs {
         let tasks: Vec<String> = job
@@ -141,16 +151,39 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             .map(|t| format!("{}:{}", t.name, t.state))
             .collect();
         println!(
-            "{:<8} {:<16} {:<12} {:<10} {:<8} {}",
+            "{:<8} {:<16} {:<12} {:<10} {:<8} {:<32} {}",
             job.id,
             job.image,
             job.owner,
             job.state.as_str(),
             job.attempt,
+            origin(job),
             tasks.join(" ")
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where a job comes from, in a few words: `acme/app main@0123456789ab`, `rerun of 7`, or `-`.
+fn origin(job: &JobView) -> String {
+    let mut parts = Vec::new();
+    if let Some(push) = &job.push {
+        let name = push
+            .git_ref
+            .strip_prefix("refs/heads/")
+            .or_else(|| push.git_ref.strip_prefix("refs/tags/"))
+            .unwrap_or(&push.git_ref);
+        let short = push.commit.get(..12).unwrap_or(&push.commit);
+        parts.push(format!("{} {name}@{short}", push.repository));
+    }
+    if let Some(original) = &job.rerun_of {
+        parts.push(format!("rerun of {original}"));
+    }
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join(", ")
+    }
 }
 
 pub async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
@@ -245,4 +278,14 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
         .await?;
     println!("{}\t{}", job.id, job.state);
     Ok(ExitCode::SUCCESS)
+}
+
+pub async fn rerun(args: RerunArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.client)?;
+    let submitted: SubmitResponse = client
+        .send(client.request(Method::POST, &format!("/api/jobs/{}/rerun", args.job)))
+        .await?
+        .json()
+        .await?;
+    print_and_follow(&client, &submitted, args.follow).await
 }

@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod client;
 mod commands;
+mod hook;
 mod server_cmd;
 mod up_cmd;
 mod validate;
@@ -48,6 +49,8 @@ fn main() -> ExitCode {
         Command::Logs(args) => block_on(commands::logs(args)),
         Command::Artifacts(args) => block_on(commands::artifacts(args)),
         Command::Cancel(args) => block_on(commands::cancel(args)),
+        Command::Rerun(args) => block_on(commands::rerun(args)),
+        Command::Hook(cli::HookCommand::PostReceive(args)) => block_on(hook::post_receive(args)),
         Command::Bench(args) => match args.which {
             cli::BenchKind::Boot(args) => match bench::boot::run(&args) {
                 Ok(()) => ExitCode::SUCCESS,

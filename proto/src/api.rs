@@ -50,8 +50,75 @@ pub struct JobView {
     /// When its logs and artifacts were set to go by the server's retention (unix ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expired_at: Option<i64>,
+    /// The push that made it (or the job it reruns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<JobPush>,
+    /// The job it is a rerun of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<String>,
     #[serde(default)]
     pub tasks: Vec<TaskView>,
+}
+
+/// Where a pushed job comes from: the push, its repository, ref and commit, and the manifest
+/// file of that commit it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobPush {
+    pub push_id: String,
+    pub repository: String,
+    pub git_ref: String,
+    pub commit: String,
+    pub file: String,
+}
+
+/// `POST /api/pushes`: a ref of a repository configured on the server moved (what a git
+/// server's post-receive hook sends for each updated ref).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushRequest {
+    /// The repository's name in the server's `[[repositories]]`.
+    pub repository: String,
+    /// The full ref name: `refs/heads/main`, `refs/tags/v1`.
+    pub git_ref: String,
+    /// The commit it points to now (all zeros: the ref was deleted).
+    pub after: String,
+}
+
+/// What a push (from a hook or a forge) did: built (`push`), or why not (`ignored`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushAnswer {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<PushView>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignored: Option<String>,
+}
+
+/// A push and what each manifest file of its commit became.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushView {
+    pub id: String,
+    pub repository: String,
+    pub git_ref: String,
+    pub commit: String,
+    pub owner: String,
+    /// `hook`, `github`, `gitlab` or `forgejo`.
+    pub via: String,
+    pub created_at: i64,
+    /// The manifest files, in path order; none when the commit has no `.vmfarm/*.toml` and no
+    /// `.vmfarm.toml`.
+    pub files: Vec<PushFileView>,
+}
+
+/// One manifest file of a push: the group it made, or the errors that kept it from building.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushFileView {
+    pub file: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    #[serde(default)]
+    pub jobs: Vec<SubmittedJob>,
+    #[serde(default)]
+    pub errors: Vec<ManifestErrorView>,
 }
 
 /// A page of jobs, newest first; `next_before` asks for the page after it.
@@ -90,6 +157,16 @@ pub struct ManifestErrorView {
     pub message: String,
 }
 
+impl From<crate::ManifestError> for ManifestErrorView {
+    fn from(e: crate::ManifestError) -> Self {
+        ManifestErrorView {
+            line: e.line,
+            column: e.column,
+            message: e.message,
+        }
+    }
+}
+
 /// The body of every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -119,6 +196,14 @@ mod tests {
             finished_at: None,
             image_version: None,
             reason: None,
+            push: Some(JobPush {
+                push_id: "3".into(),
+                repository: "acme/app".into(),
+                git_ref: "refs/heads/main".into(),
+                commit: "0123456789abcdef0123456789abcdef01234567".into(),
+                file: ".vmfarm/build.toml".into(),
+            }),
+            rerun_of: Some("2".into()),
             tasks: vec![TaskView {
                 name: "build".into(),
                 state: TaskState::Running,

@@ -68,6 +68,10 @@ pub struct LeasedJob {
     /// How long the whole job may take, from the lease on, in milliseconds: the manifest's
     /// `timeout`, else the server's `limits.default_job_timeout`.
     pub timeout_ms: u64,
+    /// For a job a push made: the pushed repository and commit, which the worker makes the
+    /// manifest's first source ([`crate::Manifest::check_out`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkout: Option<crate::manifest::Checkout>,
 }
 
 /// The server's limits on what a job sends it.
@@ -211,6 +215,10 @@ mod tests {
                 manifest: "image = \"debian-12\"\n".into(),
                 attempt: 1,
                 timeout_ms: 1_200_000,
+                checkout: Some(crate::manifest::Checkout {
+                    url: "https://git.example.org/acme/app.git".into(),
+                    commit: "0123456789abcdef0123456789abcdef01234567".into(),
+                }),
             },
             secrets: BTreeMap::from([("deploy-key".into(), "c2VjcmV0".into())]),
             network: NetworkGrant {

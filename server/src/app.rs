@@ -1,6 +1,6 @@
 //! The router: every route of the API, and the middleware that times them.
 
-use crate::routes::{artifacts, jobs, leases, logs, meta, schedules};
+use crate::routes::{artifacts, jobs, leases, logs, meta, pushes, schedules};
 use crate::state::AppState;
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
@@ -14,11 +14,14 @@ pub fn app(state: AppState) -> Router {
         .route("/api/jobs", post(jobs::submit).get(jobs::list))
         .route("/api/jobs/{id}", get(jobs::get))
         .route("/api/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/api/jobs/{id}/rerun", post(jobs::rerun))
         .route("/api/jobs/{id}/log", get(logs::get))
         .route("/api/jobs/{id}/log/stream", get(logs::stream))
         .route("/api/jobs/{id}/artifacts", get(artifacts::list))
         .route("/api/jobs/{id}/artifacts/{*name}", get(artifacts::download))
         .route("/api/groups/{id}", get(jobs::group))
+        .route("/api/pushes", post(pushes::create))
+        .route("/api/pushes/{id}", get(pushes::get))
         .route("/api/workers", get(meta::workers))
         .route("/api/workers/lease", post(leases::lease))
         .route("/api/leases/{id}/heartbeat", post(leases::heartbeat))

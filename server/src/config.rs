@@ -26,6 +26,7 @@ pub struct ServerConfig {
     pub triggers: Triggers,
     pub network: NetworkPolicy,
     pub retention: Retention,
+    pub repositories: Vec<Repository>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -96,6 +97,59 @@ pub struct Schedule {
     /// The user whose jobs its runs are (and whose secrets they may name).
     #[serde(default = "admin_user")]
     pub owner: String,
+}
+
+/// A repository whose pushes build every `.vmfarm/*.toml` (and `.vmfarm.toml`) of the pushed
+/// commit: from a forge's webhook (`POST /api/hooks/FORGE`) or a git server's post-receive hook
+/// (`vmfarm hook post-receive`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Repository {
+    /// As its forge names it (`acme/app`: GitHub's and Forgejo's `full_name`, GitLab's
+    /// `path_with_namespace`), or any name the hook is given.
+    pub name: String,
+    /// What the server reads the manifests from and the workers clone: an `https://` URL, or a
+    /// local path (which the workers must list in `allowed_local_sources`).
+    pub url: String,
+    /// The user whose jobs its pushes make (and whose secrets they may name).
+    #[serde(default = "admin_user")]
+    pub owner: String,
+    /// The forge whose webhook may call for it; none: only the hook (with a token).
+    #[serde(default)]
+    pub forge: Option<Forge>,
+    /// The webhook's secret: the HMAC key (GitHub, Forgejo, Gitea) or the token (GitLab).
+    #[serde(default)]
+    pub webhook_secret: Option<String>,
+    /// Branches that build, as glob patterns (`main`, `release/*`).
+    #[serde(default = "all_branches")]
+    pub branches: Vec<String>,
+    /// Tags that build, as glob patterns; none by default.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+fn all_branches() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+/// A forge whose webhooks the server takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Forge {
+    Github,
+    Gitlab,
+    /// Forgejo, and Gitea (the same payloads and signature).
+    Forgejo,
+}
+
+impl Forge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Forge::Github => "github",
+            Forge::Gitlab => "gitlab",
+            Forge::Forgejo => "forgejo",
+        }
+    }
 }
 
 /// A person who logs in to the web UI.
@@ -230,6 +284,7 @@ impl Default for ServerConfig {
             triggers: Triggers::default(),
             network: NetworkPolicy::default(),
             retention: Retention::default(),
+            repositories: Vec::new(),
         }
     }
 }
@@ -301,6 +356,7 @@ impl ServerConfig {
         if config.triggers.max_attempts == 0 {
             return Err("triggers.max_attempts is 0: a webhook needs at least one try".into());
         }
+        check_repositories(&config.repositories)?;
         Ok(config)
     }
 
@@ -312,6 +368,55 @@ impl ServerConfig {
             self.database_url.clone()
         }
     }
+}
+
+/// Each repository once, with a forge only beside its webhook secret, and patterns that parse.
+fn check_repositories(repositories: &[Repository]) -> Result<(), String> {
+    let mut names = std::collections::HashSet::new();
+    for repo in repositories {
+        if repo.name.is_empty() || repo.name.len() > 200 {
+            return Err("a [[repositories]] name must be 1 to 200 characters".into());
+        }
+        if !names.insert(repo.name.as_str()) {
+            return Err(format!(
+                "[[repositories]] `{}` is configured twice",
+                repo.name
+            ));
+        }
+        if repo.url.is_empty() || repo.url.starts_with('-') {
+            return Err(format!(
+                "[[repositories]] `{}`: `url` must be the repository's https:// URL or local path",
+                repo.name
+            ));
+        }
+        match (repo.forge, &repo.webhook_secret) {
+            (Some(forge), None) => {
+                return Err(format!(
+                    "[[repositories]] `{}`: forge = \"{}\" needs a `webhook_secret` (the one set \
+                     in the forge's webhook), or its calls could not be checked",
+                    repo.name,
+                    forge.as_str()
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(format!(
+                    "[[repositories]] `{}`: `webhook_secret` without a `forge`: add forge = \
+                     \"github\", \"gitlab\" or \"forgejo\"",
+                    repo.name
+                ));
+            }
+            _ => {}
+        }
+        for pattern in repo.branches.iter().chain(&repo.tags) {
+            glob::Pattern::new(pattern).map_err(|e| {
+                format!(
+                    "[[repositories]] `{}`: the pattern `{pattern}` is not a glob: {e}",
+                    repo.name
+                )
+            })?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

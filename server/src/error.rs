@@ -25,6 +25,9 @@ pub enum AppError {
     TooLarge(String),
     #[error("{0}")]
     TooMany(String),
+    /// Something the server reaches on the caller's behalf (a repository) failed.
+    #[error("{0}")]
+    Upstream(String),
     #[error("internal error")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
@@ -43,6 +46,7 @@ impl AppError {
             AppError::Conflict(_) => StatusCode::CONFLICT,
             AppError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
+            AppError::Upstream(_) => StatusCode::BAD_GATEWAY,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -69,11 +73,8 @@ impl IntoResponse for AppError {
             AppError::Manifest(errors) => errors
                 .0
                 .iter()
-                .map(|e| ManifestErrorView {
-                    line: e.line,
-                    column: e.column,
-                    message: e.message.clone(),
-                })
+                .cloned()
+                .map(ManifestErrorView::from)
                 .collect(),
             _ => Vec::new(),
         };

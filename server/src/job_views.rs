@@ -6,7 +6,7 @@ use crate::db::{Arg, Db, Query, Row, where_all};
 use crate::error::{AppError, AppResult};
 use std::collections::HashMap;
 use vmfarm_proto::JobState;
-use vmfarm_proto::api::{GroupView, JobList, JobView, TaskView};
+use vmfarm_proto::api::{GroupView, JobList, JobPush, JobView, TaskView};
 
 /// Parses a job or group id from a path.
 pub fn parse_id(text: &str, what: &str) -> AppResult<i64> {
@@ -17,7 +17,7 @@ pub fn parse_id(text: &str, what: &str) -> AppResult<i64> {
 }
 
 const JOB_COLUMNS: &str = "id, group_id, image, state, attempt, priority, tags, created_at, started_at, \
-                           finished_at, image_version, reason, owner, expired_at";
+                           finished_at, image_version, reason, owner, expired_at, push_id, manifest_file, rerun_of";
 
 fn job_from_row(row: &Row) -> AppResult<JobView> {
     Ok(JobView {
@@ -35,6 +35,18 @@ fn job_from_row(row: &Row) -> AppResult<JobView> {
         image_version: row.opt_text(10)?,
         reason: row.opt_text(11)?,
         expired_at: row.opt_int(13)?,
+        // The push's repository, ref and commit are filled in by `attach_pushes`.
+        push: match (row.opt_int(14)?, row.opt_text(15)?) {
+            (Some(push_id), Some(file)) => Some(JobPush {
+                push_id: push_id.to_string(),
+                repository: String::new(),
+                git_ref: String::new(),
+                commit: String::new(),
+                file,
+            }),
+            _ => None,
+        },
+        rerun_of: row.opt_int(16)?.map(|id| id.to_string()),
         tasks: Vec::new(),
     })
 }
@@ -72,7 +84,29 @@ async fn attach_tasks(db: &Db, jobs: &mut [JobView]) -> AppResult<()> {
     Ok(())
 }
 
-/// Reads jobs with `sql` (which selects [`JOB_COLUMNS`]) and their tasks.
+/// Fills in the repository, ref and commit of the pushed ones of `jobs` with one query.
+async fn attach_pushes(db: &Db, jobs: &mut [JobView]) -> AppResult<()> {
+    let mut ids: Vec<i64> = jobs
+        .iter()
+        .filter_map(|job| job.push.as_ref()?.push_id.parse().ok())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let pushes = crate::pushes::summaries(db, &ids).await?;
+    for push in jobs.iter_mut().filter_map(|job| job.push.as_mut()) {
+        if let Some((_, repository, git_ref, commit)) = pushes
+            .iter()
+            .find(|(id, ..)| id.to_string() == push.push_id)
+        {
+            push.repository = repository.clone();
+            push.git_ref = git_ref.clone();
+            push.commit = commit.clone();
+        }
+    }
+    Ok(())
+}
+
+/// Reads jobs with `sql` (which selects [`JOB_COLUMNS`]), their tasks and their pushes.
 async fn jobs_where(db: &Db, sql: &str, args: &[Arg<'_>]) -> AppResult<Vec<JobView>> {
     let rows = db.read().fetch_all(sql, args).await?;
     let mut jobs = rows
@@ -80,6 +114,7 @@ async fn jobs_where(db: &Db, sql: &str, args: &[Arg<'_>]) -> AppResult<Vec<JobVi
         .map(job_from_row)
         .collect::<AppResult<Vec<_>>>()?;
     attach_tasks(db, &mut jobs).await?;
+    attach_pushes(db, &mut jobs).await?;
     Ok(jobs)
 }
 

@@ -17,6 +17,65 @@ pub async fn submit(
     schedule: Option<&str>,
     submitter: &Submitter,
 ) -> AppResult<SubmitResponse> {
+    let new = prepare(state, text, schedule, submitter)?;
+    let response = state
+        .db
+        .write(move |tx| Box::pin(async move { new.insert(tx, &Origin::default()).await }))
+        .await?;
+    queued(state, response.jobs.len());
+    Ok(response)
+}
+
+/// Reruns job `id` (within `reach`) for `submitter`: its manifest again, on its image, in a
+/// group of its own, from the same push (repository, commit and file) when a push made it, and
+/// linked to it (`rerun_of`).
+pub async fn rerun(
+    state: &AppState,
+    id: i64,
+    reach: &Reach,
+    submitter: &Submitter,
+) -> AppResult<SubmitResponse> {
+    crate::access::job(&state.db, reach, id).await?;
+    let row = state
+        .db
+        .read()
+        .fetch_optional(
+            "SELECT manifest, image, push_id, manifest_file FROM jobs WHERE id = $1",
+            &[id.into()],
+        )
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no job {id}")))?;
+    let mut new = prepare(state, &row.text(0)?, None, submitter)?;
+    new.images = vec![row.text(1)?];
+    let origin = Origin {
+        push: match (row.opt_int(2)?, row.opt_text(3)?) {
+            (Some(push_id), Some(file)) => Some((push_id, file)),
+            _ => None,
+        },
+        rerun_of: Some(id),
+    };
+    let response = state
+        .db
+        .write(move |tx| Box::pin(async move { new.insert(tx, &origin).await }))
+        .await?;
+    queued(state, response.jobs.len());
+    Ok(response)
+}
+
+/// After jobs were queued and committed: counted, and the workers waiting for work woken.
+pub fn queued(state: &AppState, jobs: usize) {
+    state.metrics.jobs_submitted(jobs);
+    state.events.work.notify_waiters();
+}
+
+/// Checks a manifest for `submitter` and makes the group it would queue (written by
+/// [`NewGroup::insert`]).
+pub fn prepare(
+    state: &AppState,
+    text: &str,
+    schedule: Option<&str>,
+    submitter: &Submitter,
+) -> AppResult<NewGroup> {
     let limit = state.config.limits.max_manifest_size;
     if text.len() as u64 > limit.0 {
         return Err(AppError::TooLarge(format!(
@@ -34,7 +93,7 @@ pub async fn submit(
     let timeout = manifest
         .timeout
         .unwrap_or(state.config.limits.default_job_timeout.0);
-    let new = NewGroup {
+    Ok(NewGroup {
         text: text.to_owned(),
         owner: submitter.user.clone(),
         max_queued: state.config.limits.max_queued_per_user,
@@ -47,15 +106,18 @@ pub async fn submit(
             .map_err(AppError::internal)?,
         triggers_json: serde_json::to_string(&manifest.triggers).map_err(AppError::internal)?,
         timeout_ms: i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX),
+        images: manifest.images.clone(),
         manifest,
-    };
-    let response = state
-        .db
-        .write(move |tx| Box::pin(async move { new.insert(tx).await }))
-        .await?;
-    state.metrics.jobs_submitted(response.jobs.len());
-    state.events.work.notify_waiters();
-    Ok(response)
+    })
+}
+
+/// Where a group's jobs come from beyond their manifest.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    /// The push and the manifest file of its commit.
+    pub push: Option<(i64, String)>,
+    /// The job they rerun.
+    pub rerun_of: Option<i64>,
 }
 
 /// Parses and validates a manifest, and checks it against this server's policy (its `[network]
@@ -134,7 +196,7 @@ pub(crate) fn lock_owner_sql(db: &crate::db::Db) -> String {
 }
 
 /// A valid manifest about to be queued: one job per image, in one group.
-struct NewGroup {
+pub struct NewGroup {
     text: String,
     owner: String,
     /// The per-user queue limit (`None`: none).
@@ -144,6 +206,8 @@ struct NewGroup {
     lock_owner_sql: String,
     schedule: Option<String>,
     manifest: Manifest,
+    /// The images it runs on: the manifest's, or the one a rerun takes.
+    images: Vec<String>,
     tags_json: String,
     secrets_json: String,
     triggers_json: String,
@@ -178,7 +242,7 @@ impl NewGroup {
             .map(|row| row.int(0))
             .transpose()?
             .unwrap_or(0);
-        let adding = self.manifest.images.len() as u64;
+        let adding = self.images.len() as u64;
         if u64::try_from(queued).unwrap_or(0) + adding > limit {
             return Err(AppError::TooMany(format!(
                 "user `{}` has {queued} jobs queued and this adds {adding}; the limit is {limit} \
@@ -189,7 +253,14 @@ impl NewGroup {
         Ok(())
     }
 
-    async fn insert(&self, tx: &mut WriteTx) -> AppResult<SubmitResponse> {
+    /// The manifest it queues, as parsed.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Writes the group and its jobs in `tx`; a manifest naming secrets its owner may not use
+    /// is refused here ([`AppError::Manifest`]) before anything is written.
+    pub async fn insert(&self, tx: &mut WriteTx, origin: &Origin) -> AppResult<SubmitResponse> {
         crate::secrets::check_usable(tx, &self.manifest.secrets, &self.owner).await?;
         // The owner takes part in the lease's turns from its first job on.
         tx.execute(
@@ -207,12 +278,17 @@ impl NewGroup {
             .await?
             .ok_or_else(|| AppError::internal("INSERT ... RETURNING gave no row"))?
             .int(0)?;
-        let mut jobs = Vec::with_capacity(self.manifest.images.len());
-        for image in &self.manifest.images {
+        let mut jobs = Vec::with_capacity(self.images.len());
+        let (push_id, file) = match &origin.push {
+            Some((id, file)) => (Some(*id), Some(file.as_str())),
+            None => (None, None),
+        };
+        for image in &self.images {
             let id = tx
                 .fetch_optional(
                     "INSERT INTO jobs (group_id, image, state, priority, manifest, tags, secrets, triggers, \
-                     timeout_ms, created_at, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+                     timeout_ms, created_at, owner, push_id, manifest_file, rerun_of) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
                      RETURNING id",
                     &[
                         group_id.into(),
@@ -226,6 +302,9 @@ impl NewGroup {
                         self.timeout_ms.into(),
                         now.into(),
                         (&self.owner).into(),
+                        push_id.into(),
+                        file.into(),
+                        origin.rerun_of.into(),
                     ],
                 )
                 .await?

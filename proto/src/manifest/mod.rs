@@ -15,8 +15,10 @@
 //!   pattern twice. No `[network]`: the tasks reach nothing. Each pattern keeps its line and
 //!   column, so that the server's policy check can refuse it where it is written.
 
+mod checkout;
 pub mod limits;
 mod parse;
+pub use checkout::Checkout;
 pub use parse::is_env_name;
 mod reader;
 

@@ -547,7 +547,7 @@ fn check_source_url(url: &str) -> Result<(), SourceUrlError> {
 }
 
 /// `https://host/group/project.git` lands at `project`.
-fn default_source_path(url: &str) -> Option<String> {
+pub(super) fn default_source_path(url: &str) -> Option<String> {
     let last = url.trim_end_matches('/').rsplit(['/', ':']).next()?;
     let name = last.strip_suffix(".git").unwrap_or(last);
     check_relative_path(name, "the build directory").ok()?;

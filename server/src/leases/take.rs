@@ -118,7 +118,7 @@ fn lease_sql(images: usize, skip_locked: &str) -> String {
         "UPDATE jobs SET state = $1, lease_id = $2, fence = fence + 1, lease_expires_at = $3, \
          leased_at = $4, worker = $5, log_seq = 0 \
          WHERE id = (SELECT id FROM ({}) AS best ORDER BY priority DESC, id LIMIT 1) AND state = 'queued' \
-         RETURNING id, group_id, image, manifest, secrets, attempt, fence, timeout_ms, owner",
+         RETURNING id, group_id, image, manifest, secrets, attempt, fence, timeout_ms, owner, push_id",
         per_image.join(" UNION ALL ")
     )
 }
@@ -224,6 +224,10 @@ pub async fn try_lease(
                 for line in &left_out {
                     crate::logs::append_farm_line(tx, job_id, line).await?;
                 }
+                let checkout = match row.opt_int(9)? {
+                    Some(push_id) => Some(crate::pushes::checkout(tx, push_id).await?),
+                    None => None,
+                };
                 let lease = LeaseResponse {
                     fence: u64::try_from(row.int(6)?).unwrap_or(0),
                     expires_at,
@@ -236,6 +240,7 @@ pub async fn try_lease(
                         manifest: row.text(3)?,
                         attempt: u32::try_from(row.int(5)?).unwrap_or(u32::MAX),
                         timeout_ms: u64::try_from(row.int(7)?).unwrap_or(0),
+                        checkout,
                     },
                     secrets,
                     network,

@@ -67,6 +67,23 @@ pub async fn cancel(
     ))
 }
 
+/// Queues job `id` again (its manifest, on its image, from the same push), linked to it.
+pub async fn rerun(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> AppResult<(StatusCode, Json<SubmitResponse>)> {
+    let api = caller.require(Scope::Submit)?;
+    let response = jobs::rerun(
+        &state,
+        parse_id(&id, "job")?,
+        &api.reach(),
+        &api.submitter(),
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(response)))
+}
+
 pub async fn group(
     State(state): State<AppState>,
     caller: Caller,

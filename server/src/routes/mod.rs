@@ -5,4 +5,5 @@ pub mod jobs;
 pub mod leases;
 pub mod logs;
 pub mod meta;
+pub mod pushes;
 pub mod schedules;

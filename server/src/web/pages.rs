@@ -274,17 +274,10 @@ pub async fn resubmit(
     Form(form): Form<CsrfForm>,
 ) -> WebResult<Response> {
     user.check_csrf(&form.csrf)?;
-    user.caller().require(Scope::Submit)?;
+    let caller = user.caller();
+    let api = caller.require(Scope::Submit)?;
     let id = parse_id(&id, "job")?;
-    crate::access::job(&state.db, &user.api.reach(), id).await?;
-    let text = state
-        .db
-        .read()
-        .fetch_optional("SELECT manifest FROM jobs WHERE id = $1", &[id.into()])
-        .await?
-        .ok_or_else(|| AppError::NotFound(format!("no job {id}")))?
-        .text(0)?;
-    let response = jobs::submit(&state, &text, None, &user.api.submitter()).await?;
+    let response = jobs::rerun(&state, id, &api.reach(), &api.submitter()).await?;
     Ok(see_other(&submitted_location(&response)))
 }
 

@@ -208,8 +208,13 @@ fn admit(
     config: &WorkerConfig,
     budget: &Budget,
 ) -> Result<(Manifest, (u32, u64)), String> {
-    let manifest = Manifest::parse(&lease.job.manifest)
+    let mut manifest = Manifest::parse(&lease.job.manifest)
         .map_err(|e| format!("the leased manifest is invalid: {e}"))?;
+    if let Some(checkout) = &lease.job.checkout {
+        manifest
+            .check_out(checkout)
+            .map_err(|e| format!("the pushed repository cannot be checked out: {e}"))?;
+    }
     let size = job::job_size(&manifest, config);
     if !budget.fits_at_all(size) {
         return Err(format!(
@@ -276,6 +281,7 @@ mod tests {
                 manifest: manifest.into(),
                 attempt: 1,
                 timeout_ms: 60_000,
+                checkout: None,
             },
             secrets: BTreeMap::new(),
             network: Default::default(),

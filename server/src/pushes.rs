@@ -1,0 +1,384 @@
+//! Pushes: a ref of a repository in the server's `[[repositories]]` moved, as a forge's webhook
+//! ([`crate::routes::hooks`]) or a git server's post-receive hook (`POST /api/pushes`) says. A
+//! push that builds reads every manifest of the pushed commit ([`crate::commit_manifests`]) and
+//! queues each as a group of the repository's owner, with the repository as the jobs' first
+//! source at exactly that commit. A manifest with errors builds nothing and keeps its errors
+//! (file, line, column) beside the push's other results.
+
+use crate::access::{Reach, Submitter};
+use crate::commit_manifests::{self, ManifestFile};
+use crate::config::Repository;
+use crate::db::{Arg, Db, Query, WriteTx, now_ms};
+use crate::error::{AppError, AppResult};
+use crate::jobs::{NewGroup, Origin};
+use crate::state::AppState;
+use vmfarm_proto::api::{ManifestErrorView, PushAnswer, PushFileView, PushView, SubmittedJob};
+use vmfarm_proto::manifest::Checkout;
+use vmfarm_proto::{ManifestError, ManifestErrors};
+
+/// A ref that moved.
+#[derive(Debug, Clone)]
+pub struct Push<'a> {
+    pub repository: &'a Repository,
+    /// `refs/heads/NAME` or `refs/tags/NAME`.
+    pub git_ref: String,
+    /// The commit it points to now.
+    pub commit: String,
+    /// `hook`, or the forge's name.
+    pub via: &'static str,
+    /// The forge's delivery id: a second push with the same one builds nothing.
+    pub delivery: Option<String>,
+}
+
+/// The repository named `name` in the server's config.
+pub fn repository<'a>(state: &'a AppState, name: &str) -> Option<&'a Repository> {
+    state.config.repositories.iter().find(|r| r.name == name)
+}
+
+/// Why `git_ref` at `commit` of `repo` does not build, or `None` when it does.
+pub fn not_built(repo: &Repository, git_ref: &str, commit: &str) -> Option<String> {
+    if commit.bytes().all(|b| b == b'0') {
+        return Some(format!("{git_ref} was deleted: nothing to build"));
+    }
+    let (kind, name, patterns) = if let Some(branch) = git_ref.strip_prefix("refs/heads/") {
+        ("branch", branch, &repo.branches)
+    } else if let Some(tag) = git_ref.strip_prefix("refs/tags/") {
+        ("tag", tag, &repo.tags)
+    } else {
+        return Some(format!(
+            "{git_ref} is neither a branch (refs/heads/) nor a tag (refs/tags/): not built"
+        ));
+    };
+    let matches = patterns
+        .iter()
+        .filter_map(|p| glob::Pattern::new(p).ok())
+        .any(|p| p.matches(name));
+    (!matches).then(|| {
+        let plural = if kind == "branch" { "branches" } else { "tags" };
+        format!(
+            "the {kind} `{name}` matches none of the repository's {plural} ({}): not built",
+            if patterns.is_empty() {
+                "none are configured".to_owned()
+            } else {
+                patterns.join(", ")
+            }
+        )
+    })
+}
+
+/// Builds `push`: every manifest of its commit, one group each, or the reason it builds
+/// nothing.
+pub async fn build(state: &AppState, push: Push<'_>) -> AppResult<PushAnswer> {
+    let repo = push.repository;
+    if !commit_manifests::is_commit_id(&push.commit) {
+        return Err(AppError::BadRequest(format!(
+            "`{}` is not a full commit id (40 or 64 lower-case hex digits)",
+            push.commit
+        )));
+    }
+    if let Some(why) = not_built(repo, &push.git_ref, &push.commit) {
+        return Ok(PushAnswer {
+            push: None,
+            ignored: Some(why),
+        });
+    }
+    if let Some(delivery) = &push.delivery
+        && let Some(row) = state
+            .db
+            .read()
+            .fetch_optional(
+                "SELECT id FROM pushes WHERE via = $1 AND delivery = $2",
+                &[push.via.into(), delivery.as_str().into()],
+            )
+            .await?
+    {
+        return Ok(PushAnswer {
+            push: None,
+            ignored: Some(format!(
+                "delivery {delivery} was taken already (push {}): not built again",
+                row.int(0)?
+            )),
+        });
+    }
+    if crate::users::find(&state.db, &state.config, &repo.owner)
+        .await?
+        .is_none()
+    {
+        return Err(AppError::Conflict(format!(
+            "the repository `{}` belongs to `{}`, who is not a user: the operator adds it with \
+             `vmfarm server user add {}`",
+            repo.name, repo.owner, repo.owner
+        )));
+    }
+    let scratch = state.config.data_dir.join("tmp");
+    let files = commit_manifests::read(
+        &scratch,
+        &repo.url,
+        &push.commit,
+        state.config.limits.max_manifest_size.0,
+    )
+    .await
+    .map_err(|e| AppError::Upstream(e.to_string()))?;
+    let checkout = Checkout {
+        url: repo.url.clone(),
+        commit: push.commit.clone(),
+    };
+    let submitter = Submitter::uncapped(&repo.owner);
+    let mut planned = Vec::with_capacity(files.len());
+    for file in files {
+        planned.push(plan(state, file, &checkout, &submitter)?);
+    }
+    let row = NewPush {
+        repository: repo.name.clone(),
+        url: repo.url.clone(),
+        git_ref: push.git_ref.clone(),
+        commit: push.commit.clone(),
+        owner: repo.owner.clone(),
+        via: push.via,
+        delivery: push.delivery.clone(),
+    };
+    let (push_id, jobs) = state
+        .db
+        .write(move |tx| Box::pin(async move { row.insert(tx, &planned).await }))
+        .await?;
+    crate::jobs::queued(state, jobs);
+    Ok(PushAnswer {
+        push: Some(get(&state.db, push_id, &Reach::All).await?),
+        ignored: None,
+    })
+}
+
+/// What one manifest file of a push becomes: a group to queue, or its errors.
+enum Planned {
+    Group {
+        file: String,
+        group: Box<NewGroup>,
+    },
+    Refused {
+        file: String,
+        errors: Vec<ManifestErrorView>,
+    },
+}
+
+/// Checks one manifest file as a submit would, and with the pushed repository as its first
+/// source.
+fn plan(
+    state: &AppState,
+    file: ManifestFile,
+    checkout: &Checkout,
+    submitter: &Submitter,
+) -> AppResult<Planned> {
+    let refused = |errors: Vec<ManifestError>| Planned::Refused {
+        file: file.path.clone(),
+        errors: errors.into_iter().map(ManifestErrorView::from).collect(),
+    };
+    let at_top = |message: String| {
+        vec![ManifestError {
+            line: 1,
+            column: 1,
+            message,
+        }]
+    };
+    let text = match &file.text {
+        Ok(text) => text,
+        Err(why) => return Ok(refused(at_top(why.clone()))),
+    };
+    let group = match crate::jobs::prepare(state, text, None, submitter) {
+        Ok(group) => group,
+        Err(AppError::Manifest(ManifestErrors(errors))) => return Ok(refused(errors)),
+        Err(AppError::TooLarge(why)) => return Ok(refused(at_top(why))),
+        Err(e) => return Err(e),
+    };
+    if let Err(ManifestErrors(errors)) = group.manifest().clone().check_out(checkout) {
+        return Ok(refused(errors));
+    }
+    Ok(Planned::Group {
+        file: file.path,
+        group: Box::new(group),
+    })
+}
+
+/// A push about to be recorded.
+struct NewPush {
+    repository: String,
+    url: String,
+    git_ref: String,
+    commit: String,
+    owner: String,
+    via: &'static str,
+    delivery: Option<String>,
+}
+
+impl NewPush {
+    /// Records the push and queues its groups; a file whose secrets its owner may not use, or
+    /// that would pass the owner's queue limit, is recorded with that error instead. Returns the
+    /// push's id and how many jobs it queued.
+    async fn insert(&self, tx: &mut WriteTx, planned: &[Planned]) -> AppResult<(i64, usize)> {
+        let push_id = tx
+            .fetch_optional(
+                "INSERT INTO pushes (repository, url, git_ref, git_commit, owner, via, delivery, created_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                &[
+                    (&self.repository).into(),
+                    (&self.url).into(),
+                    (&self.git_ref).into(),
+                    (&self.commit).into(),
+                    (&self.owner).into(),
+                    self.via.into(),
+                    self.delivery.as_deref().into(),
+                    now_ms().into(),
+                ],
+            )
+            .await?
+            .ok_or_else(|| AppError::internal("INSERT ... RETURNING gave no row"))?
+            .int(0)?;
+        let mut jobs = 0;
+        for planned in planned {
+            let (file, group_id, errors) = match planned {
+                Planned::Group { file, group } => {
+                    let origin = Origin {
+                        push: Some((push_id, file.clone())),
+                        rerun_of: None,
+                    };
+                    match group.insert(tx, &origin).await {
+                        Ok(response) => {
+                            jobs += response.jobs.len();
+                            let id: i64 = response.group_id.parse().map_err(AppError::internal)?;
+                            (file, Some(id), None)
+                        }
+                        Err(AppError::Manifest(ManifestErrors(errors))) => (
+                            file,
+                            None,
+                            Some(errors.into_iter().map(ManifestErrorView::from).collect()),
+                        ),
+                        Err(AppError::TooMany(why)) => (
+                            file,
+                            None,
+                            Some(vec![ManifestErrorView {
+                                line: 1,
+                                column: 1,
+                                message: why,
+                            }]),
+                        ),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Planned::Refused { file, errors } => (file, None, Some(errors.clone())),
+            };
+            let errors_json = errors
+                .map(|errors| serde_json::to_string(&errors).map_err(AppError::internal))
+                .transpose()?;
+            tx.execute(
+                "INSERT INTO push_files (push_id, file, group_id, errors) VALUES ($1, $2, $3, $4)",
+                &[
+                    push_id.into(),
+                    file.as_str().into(),
+                    group_id.into(),
+                    errors_json.as_deref().into(),
+                ],
+            )
+            .await?;
+        }
+        Ok((push_id, jobs))
+    }
+}
+
+/// The repository and commit a pushed job checks out: what its lease carries.
+pub async fn checkout(tx: &mut WriteTx, push_id: i64) -> AppResult<Checkout> {
+    let row = tx
+        .fetch_optional(
+            "SELECT url, git_commit FROM pushes WHERE id = $1",
+            &[push_id.into()],
+        )
+        .await?
+        .ok_or_else(|| AppError::internal(format!("push {push_id} of a job is missing")))?;
+    Ok(Checkout {
+        url: row.text(0)?,
+        commit: row.text(1)?,
+    })
+}
+
+/// Push `id`, when within `reach` (otherwise the same `404` as a missing one).
+pub async fn get(db: &Db, id: i64, reach: &Reach) -> AppResult<PushView> {
+    let missing = || AppError::NotFound(format!("no push {id}"));
+    let row = db
+        .read()
+        .fetch_optional(
+            "SELECT repository, git_ref, git_commit, owner, via, created_at FROM pushes WHERE id = $1",
+            &[id.into()],
+        )
+        .await?
+        .ok_or_else(missing)?;
+    let owner = row.text(3)?;
+    if !reach.covers(&owner) {
+        return Err(missing());
+    }
+    let file_rows = db
+        .read()
+        .fetch_all(
+            "SELECT file, group_id, errors FROM push_files WHERE push_id = $1 ORDER BY file",
+            &[id.into()],
+        )
+        .await?;
+    let mut files = Vec::with_capacity(file_rows.len());
+    for file in file_rows {
+        let group_id = file.opt_int(1)?;
+        let errors: Vec<ManifestErrorView> = match file.opt_text(2)? {
+            Some(json) => serde_json::from_str(&json).map_err(AppError::internal)?,
+            None => Vec::new(),
+        };
+        let jobs = match group_id {
+            Some(group) => db
+                .read()
+                .fetch_all(
+                    "SELECT id, image FROM jobs WHERE group_id = $1 ORDER BY id",
+                    &[group.into()],
+                )
+                .await?
+                .iter()
+                .map(|j| {
+                    Ok(SubmittedJob {
+                        id: j.int(0)?.to_string(),
+                        image: j.text(1)?,
+                    })
+                })
+                .collect::<AppResult<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        files.push(PushFileView {
+            file: file.text(0)?,
+            group_id: group_id.map(|g| g.to_string()),
+            jobs,
+            errors,
+        });
+    }
+    Ok(PushView {
+        id: id.to_string(),
+        repository: row.text(0)?,
+        git_ref: row.text(1)?,
+        commit: row.text(2)?,
+        owner,
+        via: row.text(4)?,
+        created_at: row.int(5)?,
+        files,
+    })
+}
+
+/// The pushes with ids in `ids`, as `(id, repository, ref, commit)`.
+pub async fn summaries(db: &Db, ids: &[i64]) -> AppResult<Vec<(i64, String, String, String)>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let placeholders: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+    let sql = format!(
+        "SELECT id, repository, git_ref, git_commit FROM pushes WHERE id IN ({})",
+        placeholders.join(", ")
+    );
+    let args: Vec<Arg> = ids.iter().map(|id| (*id).into()).collect();
+    db.read()
+        .fetch_all(&sql, &args)
+        .await?
+        .iter()
+        .map(|r| Ok((r.int(0)?, r.text(1)?, r.text(2)?, r.text(3)?)))
+        .collect()
+}
