@@ -382,3 +382,216 @@ pub async fn summaries(db: &Db, ids: &[i64]) -> AppResult<Vec<(i64, String, Stri
         .map(|r| Ok((r.int(0)?, r.text(1)?, r.text(2)?, r.text(3)?)))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::{ALICE, BOB, Database, TestApp, on_both_databases};
+    use axum::http::StatusCode;
+    use serde_json::{Value, json};
+
+    on_both_databases!(
+        test_a_push_builds_each_manifest_of_its_commit_and_keeps_the_errors_of_the_others,
+        test_a_rerun_keeps_its_push_and_names_its_original,
+    );
+
+    /// A repository with `files` committed on main; its path and the commit.
+    fn repository(files: &[(&str, &str)]) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir.path())
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "git {args:?}");
+            String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        };
+        git(&["init", "--quiet", "--initial-branch=main"]);
+        for (path, text) in files {
+            let path = dir.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        git(&["add", "."]);
+        git(&["commit", "--quiet", "-m", "c"]);
+        let commit = git(&["rev-parse", "HEAD"]);
+        (dir, commit)
+    }
+
+    /// A server that builds pushes of `repo` (as `acme/app`, main and release/* branches) for
+    /// user alice.
+    async fn app_with(db: Database, repo: &std::path::Path) -> TestApp {
+        let url = repo.display().to_string();
+        let app = TestApp::with_config(db, |config| {
+            config.repositories = vec![Repository {
+                name: "acme/app".into(),
+                url,
+                owner: "alice".into(),
+                forge: None,
+                webhook_secret: None,
+                branches: vec!["main".into(), "release/*".into()],
+                tags: Vec::new(),
+            }];
+        })
+        .await;
+        crate::users::add(&app.state.db, "alice", "a long password", false)
+            .await
+            .unwrap();
+        app
+    }
+
+    fn push(git_ref: &str, after: &str) -> String {
+        json!({"repository": "acme/app", "git_ref": git_ref, "after": after}).to_string()
+    }
+
+    const GOOD: &str = "image = \"a\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n";
+
+    async fn test_a_push_builds_each_manifest_of_its_commit_and_keeps_the_errors_of_the_others(
+        db: Database,
+    ) {
+        let (repo, commit) = repository(&[
+            (".vmfarm/a.toml", GOOD),
+            (
+                ".vmfarm/b.toml",
+                "image = \"a\"\nsecrets = [\"deploy\"]\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n",
+            ),
+            (".vmfarm.toml", "image = \"a\"\ntasks = 3\n"),
+            (".vmfarm/notes.md", "not a manifest"),
+        ]);
+        let app = app_with(db, repo.path()).await;
+
+        let other = app
+            .post("/api/pushes", BOB, push("refs/heads/main", &commit))
+            .await;
+        assert_eq!(other.status, StatusCode::NOT_FOUND, "{:?}", other.body);
+        assert!(other.error().contains("no repository `acme/app`"));
+
+        let built = app
+            .post("/api/pushes", ALICE, push("refs/heads/main", &commit))
+            .await;
+        assert_eq!(built.status, StatusCode::CREATED, "{:?}", built.body);
+        let files = built.body["push"]["files"].as_array().unwrap().clone();
+        let names: Vec<&str> = files.iter().map(|f| f["file"].as_str().unwrap()).collect();
+        assert_eq!(names, [".vmfarm.toml", ".vmfarm/a.toml", ".vmfarm/b.toml"]);
+        assert_eq!(files[0]["errors"][0]["line"], 2, "{files:?}");
+        assert_eq!(files[1]["jobs"][0]["image"], "a");
+        assert!(files[1]["errors"].as_array().unwrap().is_empty());
+        assert_eq!(
+            (
+                &files[2]["errors"][0]["line"],
+                &files[2]["errors"][0]["column"]
+            ),
+            (&json!(2), &json!(12)),
+            "the secret its owner may not use, where it is named: {files:?}"
+        );
+        assert!(files[2]["jobs"].as_array().unwrap().is_empty());
+
+        let id: i64 = files[1]["jobs"][0]["id"].as_str().unwrap().parse().unwrap();
+        let job = app.job(id).await;
+        assert_eq!(job["owner"], "alice", "the repository's owner's job");
+        assert_eq!(
+            job["push"],
+            json!({"push_id": built.body["push"]["id"], "repository": "acme/app",
+                   "git_ref": "refs/heads/main", "commit": commit, "file": ".vmfarm/a.toml"})
+        );
+        let lease = app.lease("w0", "a").await;
+        let checkout = lease.job.checkout.expect("the lease carries the commit");
+        assert_eq!(checkout.url, repo.path().display().to_string());
+        assert_eq!(checkout.commit, commit);
+
+        for (git_ref, after, why) in [
+            (
+                "refs/heads/feature",
+                commit.as_str(),
+                "matches none of the repository's branches (main, release/*)",
+            ),
+            (
+                "refs/tags/v1",
+                commit.as_str(),
+                "matches none of the repository's tags (none are configured)",
+            ),
+            ("refs/heads/main", &"0".repeat(40), "was deleted"),
+        ] {
+            let answer = app.post("/api/pushes", ALICE, push(git_ref, after)).await;
+            assert_eq!(
+                answer.status,
+                StatusCode::OK,
+                "{git_ref}: {:?}",
+                answer.body
+            );
+            assert!(answer.body["push"].is_null());
+            let ignored = answer.body["ignored"].as_str().unwrap_or_default();
+            assert!(ignored.contains(why), "{git_ref}: {ignored}");
+        }
+        let bad = app
+            .post("/api/pushes", ALICE, push("refs/heads/main", "main"))
+            .await;
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+        assert!(
+            bad.error().contains("not a full commit id"),
+            "{}",
+            bad.error()
+        );
+        let missing = app
+            .post(
+                "/api/pushes",
+                ALICE,
+                push("refs/heads/release/2", &"e".repeat(40)),
+            )
+            .await;
+        assert_eq!(
+            missing.status,
+            StatusCode::BAD_GATEWAY,
+            "{:?}",
+            missing.body
+        );
+        assert!(
+            missing.error().contains("cannot fetch commit"),
+            "{}",
+            missing.error()
+        );
+        let jobs = app.get("/api/jobs", ALICE).await;
+        assert_eq!(
+            jobs.body["jobs"].as_array().unwrap().len(),
+            1,
+            "nothing else was queued"
+        );
+    }
+
+    async fn test_a_rerun_keeps_its_push_and_names_its_original(db: Database) {
+        let (repo, commit) = repository(&[(".vmfarm.toml", GOOD)]);
+        let app = app_with(db, repo.path()).await;
+        let built = app
+            .post("/api/pushes", ALICE, push("refs/heads/main", &commit))
+            .await;
+        let first = built.body["push"]["files"][0]["jobs"][0]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+
+        let theirs = app.post(&format!("/api/jobs/{first}/rerun"), BOB, "").await;
+        assert_eq!(theirs.status, StatusCode::NOT_FOUND, "{:?}", theirs.body);
+        assert_eq!(theirs.error(), format!("no job {first}"));
+
+        let rerun = app
+            .post(&format!("/api/jobs/{first}/rerun"), ALICE, "")
+            .await;
+        assert_eq!(rerun.status, StatusCode::CREATED, "{:?}", rerun.body);
+        let id: i64 = rerun.body["jobs"][0]["id"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let job: Value = app.job(id).await;
+        assert_eq!(job["rerun_of"], first.as_str());
+        assert_eq!(job["push"]["commit"], commit.as_str());
+        assert_eq!(job["push"]["file"], ".vmfarm.toml");
+        assert_ne!(
+            job["group_id"],
+            app.job(first.parse().unwrap()).await["group_id"]
+        );
+    }
+}
