@@ -27,6 +27,9 @@ pub struct ServerConfig {
     pub network: NetworkPolicy,
     pub retention: Retention,
     pub repositories: Vec<Repository>,
+    /// Where users reach the web UI (`https://farm.example.org`), for the links the server
+    /// gives others (commit statuses); default: `http://` and the listen address.
+    pub public_url: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -126,6 +129,31 @@ pub struct Repository {
     /// Tags that build, as glob patterns; none by default.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Build pull (merge) requests opened or updated on the forge, at their head commit. Their
+    /// manifests may not name secrets: their code is not yet the repository's.
+    #[serde(default)]
+    pub pull_requests: bool,
+    /// The name of a secret of the owner holding a forge token that may set commit statuses:
+    /// with it, each pushed job's state goes back to the forge (pending, then its result).
+    #[serde(default)]
+    pub status_token: Option<String>,
+    /// The forge's API: `https://api.github.com` (GitHub's default), `https://gitlab.com/api/v4`
+    /// (GitLab's default), `https://codeberg.org/api/v1` (Forgejo has none: say which).
+    #[serde(default)]
+    pub status_api: Option<String>,
+}
+
+impl Repository {
+    /// Where commit statuses go, when they are reported.
+    pub fn status_api(&self) -> Option<&str> {
+        self.status_token.as_ref()?;
+        match (self.forge?, &self.status_api) {
+            (_, Some(api)) => Some(api.trim_end_matches('/')),
+            (Forge::Github, None) => Some("https://api.github.com"),
+            (Forge::Gitlab, None) => Some("https://gitlab.com/api/v4"),
+            (Forge::Forgejo, None) => None,
+        }
+    }
 }
 
 fn all_branches() -> Vec<String> {
@@ -285,6 +313,7 @@ impl Default for ServerConfig {
             network: NetworkPolicy::default(),
             retention: Retention::default(),
             repositories: Vec::new(),
+            public_url: None,
         }
     }
 }
@@ -360,6 +389,14 @@ impl ServerConfig {
         Ok(config)
     }
 
+    /// The address of `path` (`/jobs/7`) in the web UI, as others should link to it.
+    pub fn public_link(&self, path: &str) -> String {
+        match &self.public_url {
+            Some(url) => format!("{}{path}", url.trim_end_matches('/')),
+            None => format!("http://{}{path}", self.listen),
+        }
+    }
+
     /// The database to open: the configured URL, or the SQLite file in the data dir.
     pub fn database_url(&self) -> String {
         if self.database_url.is_empty() {
@@ -406,6 +443,13 @@ fn check_repositories(repositories: &[Repository]) -> Result<(), String> {
                 ));
             }
             _ => {}
+        }
+        if repo.status_token.is_some() && repo.status_api().is_none() {
+            return Err(format!(
+                "[[repositories]] `{}`: `status_token` reports to a forge: set `forge`, and for \
+                 Forgejo the `status_api` (`https://HOST/api/v1`)",
+                repo.name
+            ));
         }
         for pattern in repo.branches.iter().chain(&repo.tags) {
             glob::Pattern::new(pattern).map_err(|e| {

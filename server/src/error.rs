@@ -15,6 +15,9 @@ pub enum AppError {
     Manifest(ManifestErrors),
     #[error("missing or unknown token: send `Authorization: Bearer <token>`")]
     Unauthorized,
+    /// A webhook call whose signature is missing or wrong.
+    #[error("{0}")]
+    BadSignature(String),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -40,7 +43,7 @@ impl AppError {
     fn status(&self) -> StatusCode {
         match self {
             AppError::BadRequest(_) | AppError::Manifest(_) => StatusCode::BAD_REQUEST,
-            AppError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AppError::Unauthorized | AppError::BadSignature(_) => StatusCode::UNAUTHORIZED,
             AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::NotFound(_) => StatusCode::NOT_FOUND,
             AppError::Conflict(_) => StatusCode::CONFLICT,

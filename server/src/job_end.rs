@@ -115,6 +115,7 @@ pub async fn end_job(tx: &mut WriteTx, seen: &Seen, end: &End<'_>) -> AppResult<
     )
     .await?;
     triggers::queue_in(tx, seen.id, end.state, end.now).await?;
+    crate::commit_status::queue_in(tx, seen.id, end.state, end.now).await?;
     if end.by != EndedBy::Worker
         && let Some(reason) = end.reason
     {
@@ -172,11 +173,11 @@ pub async fn requeue_job(tx: &mut WriteTx, seen: &Seen, reason: &str) -> AppResu
 }
 
 /// What follows a job's end once it has committed: the metrics, long-polling workers, and
-/// the webhook deliverer.
+/// the outbox (webhooks, commit statuses).
 pub fn ended(state: &AppState, end: JobState) {
     state.metrics.job_finished(end);
     state.events.work.notify_waiters();
-    triggers::wake(state);
+    crate::outbox::wake(state);
 }
 
 #[cfg(test)]

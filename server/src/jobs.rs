@@ -59,6 +59,8 @@ pub async fn rerun(
         .write(move |tx| Box::pin(async move { new.insert(tx, &origin).await }))
         .await?;
     queued(state, response.jobs.len());
+    // A pushed job's rerun reports its status too.
+    crate::outbox::wake(state);
     Ok(response)
 }
 
@@ -310,6 +312,9 @@ impl NewGroup {
                 .await?
                 .ok_or_else(|| AppError::internal("INSERT ... RETURNING gave no row"))?
                 .int(0)?;
+            if push_id.is_some() {
+                crate::commit_status::queue_in(tx, id, JobState::Queued, now).await?;
+            }
             for tag in &self.manifest.tags {
                 tx.execute(
                     "INSERT INTO job_tags (job_id, tag) VALUES ($1, $2)",

@@ -35,10 +35,21 @@ pub fn repository<'a>(state: &'a AppState, name: &str) -> Option<&'a Repository>
     state.config.repositories.iter().find(|r| r.name == name)
 }
 
+/// Whether `git_ref` is a pull request's head (`refs/pull/N/head`, GitLab's
+/// `refs/merge-requests/N/head`).
+pub fn is_pull_request(git_ref: &str) -> bool {
+    git_ref.starts_with("refs/pull/") || git_ref.starts_with("refs/merge-requests/")
+}
+
 /// Why `git_ref` at `commit` of `repo` does not build, or `None` when it does.
 pub fn not_built(repo: &Repository, git_ref: &str, commit: &str) -> Option<String> {
     if commit.bytes().all(|b| b == b'0') {
         return Some(format!("{git_ref} was deleted: nothing to build"));
+    }
+    if is_pull_request(git_ref) {
+        return (!repo.pull_requests).then(|| {
+            format!("{git_ref} is a pull request, and the repository does not build them (pull_requests = false)")
+        });
     }
     let (kind, name, patterns) = if let Some(branch) = git_ref.strip_prefix("refs/heads/") {
         ("branch", branch, &repo.branches)
@@ -124,9 +135,10 @@ pub async fn build(state: &AppState, push: Push<'_>) -> AppResult<PushAnswer> {
         commit: push.commit.clone(),
     };
     let submitter = Submitter::uncapped(&repo.owner);
+    let pull_request = is_pull_request(&push.git_ref);
     let mut planned = Vec::with_capacity(files.len());
     for file in files {
-        planned.push(plan(state, file, &checkout, &submitter)?);
+        planned.push(plan(state, file, &checkout, &submitter, pull_request)?);
     }
     let row = NewPush {
         repository: repo.name.clone(),
@@ -136,12 +148,14 @@ pub async fn build(state: &AppState, push: Push<'_>) -> AppResult<PushAnswer> {
         owner: repo.owner.clone(),
         via: push.via,
         delivery: push.delivery.clone(),
+        reports: repo.status_api().is_some(),
     };
     let (push_id, jobs) = state
         .db
         .write(move |tx| Box::pin(async move { row.insert(tx, &planned).await }))
         .await?;
     crate::jobs::queued(state, jobs);
+    crate::outbox::wake(state);
     Ok(PushAnswer {
         push: Some(get(&state.db, push_id, &Reach::All).await?),
         ignored: None,
@@ -161,12 +175,13 @@ enum Planned {
 }
 
 /// Checks one manifest file as a submit would, and with the pushed repository as its first
-/// source.
+/// source; a pull request's may name no secret.
 fn plan(
     state: &AppState,
     file: ManifestFile,
     checkout: &Checkout,
     submitter: &Submitter,
+    pull_request: bool,
 ) -> AppResult<Planned> {
     let refused = |errors: Vec<ManifestError>| Planned::Refused {
         file: file.path.clone(),
@@ -192,6 +207,23 @@ fn plan(
     if let Err(ManifestErrors(errors)) = group.manifest().clone().check_out(checkout) {
         return Ok(refused(errors));
     }
+    if pull_request && !group.manifest().secrets.is_empty() {
+        let errors = group
+            .manifest()
+            .secrets
+            .iter()
+            .map(|s| ManifestError {
+                line: s.at.line,
+                column: s.at.column,
+                message: format!(
+                    "a pull request's build gets no secrets (its code is not the repository's \
+                     yet): `{}` is not handed to it; build secrets on a branch",
+                    s.name
+                ),
+            })
+            .collect();
+        return Ok(refused(errors));
+    }
     Ok(Planned::Group {
         file: file.path,
         group: Box::new(group),
@@ -207,6 +239,8 @@ struct NewPush {
     owner: String,
     via: &'static str,
     delivery: Option<String>,
+    /// Its jobs report their states to the forge.
+    reports: bool,
 }
 
 impl NewPush {
@@ -216,8 +250,8 @@ impl NewPush {
     async fn insert(&self, tx: &mut WriteTx, planned: &[Planned]) -> AppResult<(i64, usize)> {
         let push_id = tx
             .fetch_optional(
-                "INSERT INTO pushes (repository, url, git_ref, git_commit, owner, via, delivery, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                "INSERT INTO pushes (repository, url, git_ref, git_commit, owner, via, delivery, \
+                 reports, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
                 &[
                     (&self.repository).into(),
                     (&self.url).into(),
@@ -226,6 +260,7 @@ impl NewPush {
                     (&self.owner).into(),
                     self.via.into(),
                     self.delivery.as_deref().into(),
+                    i64::from(self.reports).into(),
                     now_ms().into(),
                 ],
             )
@@ -384,7 +419,7 @@ pub async fn summaries(db: &Db, ids: &[i64]) -> AppResult<Vec<(i64, String, Stri
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::test_utils::{ALICE, BOB, Database, TestApp, on_both_databases};
     use axum::http::StatusCode;
@@ -396,7 +431,7 @@ mod tests {
     );
 
     /// A repository with `files` committed on main; its path and the commit.
-    fn repository(files: &[(&str, &str)]) -> (tempfile::TempDir, String) {
+    pub(crate) fn repository(files: &[(&str, &str)]) -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
         let git = |args: &[&str]| {
             let out = std::process::Command::new("git")
@@ -434,6 +469,9 @@ mod tests {
                 webhook_secret: None,
                 branches: vec!["main".into(), "release/*".into()],
                 tags: Vec::new(),
+                pull_requests: true,
+                status_token: None,
+                status_api: None,
             }];
         })
         .await;

@@ -262,6 +262,39 @@ pub async fn check_usable(tx: &mut WriteTx, wanted: &[SecretRef], user: &str) ->
     }
 }
 
+/// Why a secret's value is not handed out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Withheld {
+    /// Missing, or not the user's to use.
+    NotUsable,
+    /// Stored, but it does not open with this server's key.
+    Unopened,
+}
+
+/// The value of secret `name` when `user` may use it and it opens with `key`.
+pub async fn open_for(
+    q: &mut impl Query,
+    key: &SecretKey,
+    name: &str,
+    user: &str,
+) -> AppResult<Result<Vec<u8>, Withheld>> {
+    let row = q
+        .fetch_optional(
+            "SELECT owner, shared_with, value, sealed FROM secrets WHERE name = $1",
+            &[name.into()],
+        )
+        .await?;
+    let row = match row {
+        Some(row) if may_use(user, &row.text(0)?, &row.text(1)?) => row,
+        _ => return Ok(Err(Withheld::NotUsable)),
+    };
+    Ok((row.int(3)? == 1)
+        .then(|| row.blob(2))
+        .transpose()?
+        .and_then(|sealed| key.open(name, &sealed))
+        .ok_or(Withheld::Unopened))
+}
+
 /// What a lease carries of a job's secrets: the values (base64) that the job's owner may still
 /// use and that open with this server's key, and a line for the job's log about each one left out.
 pub async fn for_lease(
@@ -275,30 +308,14 @@ pub async fn for_lease(
     let mut values = BTreeMap::new();
     let mut problems = Vec::new();
     for name in names {
-        let row = tx
-            .fetch_optional(
-                "SELECT owner, shared_with, value, sealed FROM secrets WHERE name = $1",
-                &[(&name).into()],
-            )
-            .await?;
-        let row = match row {
-            Some(row) if may_use(owner, &row.text(0)?, &row.text(1)?) => row,
-            _ => {
-                problems.push(format!(
-                    "secret `{name}` is left out: it was removed, or it is no longer shared with user `{owner}`, since the job was submitted"
-                ));
-                continue;
-            }
-        };
-        match (row.int(3)? == 1)
-            .then(|| row.blob(2))
-            .transpose()?
-            .and_then(|sealed| key.open(&name, &sealed))
-        {
-            Some(value) => {
+        match open_for(tx, key, &name, owner).await? {
+            Ok(value) => {
                 values.insert(name, base64::engine::general_purpose::STANDARD.encode(value));
             }
-            None => problems.push(format!(
+            Err(Withheld::NotUsable) => problems.push(format!(
+                "secret `{name}` is left out: it was removed, or it is no longer shared with user `{owner}`, since the job was submitted"
+            )),
+            Err(Withheld::Unopened) => problems.push(format!(
                 "secret `{name}` is left out: it does not open with this server's key ({KEY_ENV} or <data dir>/{KEY_FILE}); store it again"
             )),
         }

@@ -90,7 +90,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
     crate::schedules::load_config(&state).await?;
     let background = [
         tokio::spawn(crate::schedules::run(state.clone())),
-        tokio::spawn(crate::triggers::run(state.clone())),
+        tokio::spawn(crate::outbox::run(state.clone())),
         tokio::spawn(crate::retention::run(
             state.db.clone(),
             state.store.clone(),

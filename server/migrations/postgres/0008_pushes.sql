@@ -10,6 +10,8 @@ CREATE TABLE pushes (
     owner       TEXT NOT NULL,
     via         TEXT NOT NULL,
     delivery    TEXT,
+    -- 1: its jobs report their state to the forge as commit statuses.
+    reports     BIGINT NOT NULL DEFAULT 0,
     created_at  BIGINT NOT NULL
 );
 CREATE UNIQUE INDEX pushes_delivery ON pushes (via, delivery);
@@ -28,3 +30,19 @@ CREATE TABLE push_files (
 ALTER TABLE jobs ADD COLUMN push_id BIGINT REFERENCES pushes (id);
 ALTER TABLE jobs ADD COLUMN manifest_file TEXT;
 ALTER TABLE jobs ADD COLUMN rerun_of BIGINT;
+
+-- Commit statuses to the forge, one per pushed job's state change (`report`: queued, then its
+-- final state), in the outbox's shape (see trigger_deliveries): sent in order per job.
+CREATE TABLE status_reports (
+    id               BIGSERIAL PRIMARY KEY,
+    job_id           BIGINT NOT NULL REFERENCES jobs (id),
+    report           TEXT NOT NULL,
+    state            TEXT NOT NULL,
+    attempts         BIGINT NOT NULL DEFAULT 0,
+    last_status      TEXT,
+    next_attempt_at  BIGINT NOT NULL,
+    created_at       BIGINT NOT NULL,
+    finished_at      BIGINT
+);
+CREATE INDEX status_reports_due ON status_reports (state, next_attempt_at);
+CREATE INDEX status_reports_job ON status_reports (job_id, id);

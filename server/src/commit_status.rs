@@ -1,0 +1,186 @@
+//! Commit statuses: each job a push made reports its state back to the pushed commit on the
+//! forge (GitHub's statuses API, GitLab's commit status API, Forgejo's), `pending` when queued
+//! and its result when it ends, with a link to its page. The token is a secret of the
+//! repository's owner (`status_token` in `[[repositories]]`), read when a report is sent. Reports
+//! are an outbox ([`crate::outbox`]): retried with backoff, and sent in order per job (a result
+//! waits while the job's `pending` is still being tried).
+
+use crate::config::Forge;
+use crate::db::WriteTx;
+use crate::error::AppResult;
+use crate::outbox::{self, Caller, Outbox};
+use crate::secrets::Withheld;
+use crate::state::AppState;
+use serde_json::json;
+use vmfarm_proto::JobState;
+use vmfarm_proto::api::JobPush;
+
+const OUTBOX: Outbox = Outbox {
+    table: "status_reports",
+    columns: "o.report",
+    wait_while: "EXISTS (SELECT 1 FROM status_reports e \
+                 WHERE e.job_id = o.job_id AND e.id < o.id AND e.state = 'pending')",
+};
+
+/// Queues a report of job `job_id`'s `state` (its queueing, or its end) in the transaction that
+/// makes that state, when a push that reports statuses made the job.
+pub async fn queue_in(tx: &mut WriteTx, job_id: i64, state: JobState, now: i64) -> AppResult<()> {
+    tx.execute(
+        "INSERT INTO status_reports (job_id, report, state, attempts, next_attempt_at, created_at) \
+         SELECT j.id, $2, 'pending', 0, $3, $3 FROM jobs j JOIN pushes p ON p.id = j.push_id \
+         WHERE j.id = $1 AND p.reports = 1",
+        &[job_id.into(), state.as_str().into(), now.into()],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Sends every report that is due at `now`. Returns how many were tried.
+pub async fn report_due(state: &AppState, caller: &Caller, now: i64) -> AppResult<usize> {
+    outbox::deliver_due(state, &OUTBOX, now, |row| async move {
+        let job_id = row.int(1)?;
+        let reported: JobState = row.parsed(4)?;
+        let job = crate::job_views::get(&state.db, job_id, &crate::access::Reach::All).await?;
+        let Some(push) = &job.push else {
+            return Ok((false, "the job was not pushed".to_owned()));
+        };
+        let Some(repo) = crate::pushes::repository(state, &push.repository) else {
+            return Ok((
+                false,
+                format!("`{}` is no longer configured", push.repository),
+            ));
+        };
+        let (Some(forge), Some(api), Some(token_name)) =
+            (repo.forge, repo.status_api(), repo.status_token.as_deref())
+        else {
+            return Ok((
+                false,
+                "the repository no longer reports statuses".to_owned(),
+            ));
+        };
+        let token = match crate::secrets::open_for(
+            &mut state.db.read(),
+            &state.secret_key,
+            token_name,
+            &repo.owner,
+        )
+        .await?
+        {
+            Ok(token) => String::from_utf8_lossy(&token).trim().to_owned(),
+            Err(Withheld::NotUsable) => {
+                return Ok((
+                    false,
+                    format!("`{token_name}` is not a secret of user `{}`", repo.owner),
+                ));
+            }
+            Err(Withheld::Unopened) => {
+                return Ok((
+                    false,
+                    format!("the secret `{token_name}` does not open with this server's key"),
+                ));
+            }
+        };
+        let call = StatusCall {
+            forge,
+            api,
+            repository: &repo.name,
+            commit: &push.commit,
+            state: forge_state(forge, reported),
+            description: format!("job {} {}", job.id, reported.as_str()),
+            context: context(push, &job.image),
+            link: state.config.public_link(&format!("/jobs/{job_id}")),
+            token,
+        };
+        let (url, request) = call.request(caller);
+        Ok(caller.send(&url, request).await)
+    })
+    .await
+}
+
+/// The status's name on the forge: `vmfarm/FILE/IMAGE` (`vmfarm/IMAGE` for `.vmfarm.toml`).
+fn context(push: &JobPush, image: &str) -> String {
+    match push
+        .file
+        .strip_prefix(".vmfarm/")
+        .and_then(|f| f.strip_suffix(".toml"))
+    {
+        Some(stem) => format!("vmfarm/{stem}/{image}"),
+        None => format!("vmfarm/{image}"),
+    }
+}
+
+/// The forge's word for a job's state.
+fn forge_state(forge: Forge, state: JobState) -> &'static str {
+    match (forge, state) {
+        (_, JobState::Succeeded) => "success",
+        (Forge::Gitlab, JobState::Cancelled) => "canceled",
+        (Forge::Gitlab, s) if s.is_terminal() => "failed",
+        (Forge::Gitlab, JobState::Running | JobState::Booting) => "running",
+        (_, JobState::Failed | JobState::TimedOut) => "failure",
+        (_, s) if s.is_terminal() => "error",
+        _ => "pending",
+    }
+}
+
+/// One status for the forge.
+struct StatusCall<'a> {
+    forge: Forge,
+    api: &'a str,
+    /// The repository as the forge names it.
+    repository: &'a str,
+    commit: &'a str,
+    state: &'static str,
+    description: String,
+    context: String,
+    link: String,
+    token: String,
+}
+
+impl StatusCall<'_> {
+    /// The call that sets the status: its URL and request.
+    fn request(&self, caller: &Caller) -> (String, reqwest::RequestBuilder) {
+        let (api, commit) = (self.api, self.commit);
+        match self.forge {
+            Forge::Github | Forge::Forgejo => {
+                let url = format!("{api}/repos/{}/statuses/{commit}", self.repository);
+                let auth = match self.forge {
+                    Forge::Github => format!("Bearer {}", self.token),
+                    _ => format!("token {}", self.token),
+                };
+                let body = json!({"state": self.state, "target_url": self.link,
+                                  "description": self.description, "context": self.context});
+                let request = caller
+                    .http
+                    .post(&url)
+                    .header("authorization", auth)
+                    .header("accept", "application/json")
+                    .json(&body);
+                (url, request)
+            }
+            Forge::Gitlab => {
+                let url = format!(
+                    "{api}/projects/{}/statuses/{commit}",
+                    percent_encoded(self.repository)
+                );
+                let body = json!({"state": self.state, "target_url": self.link,
+                                  "description": self.description, "name": self.context});
+                let request = caller
+                    .http
+                    .post(&url)
+                    .header("private-token", &self.token)
+                    .json(&body);
+                (url, request)
+            }
+        }
+    }
+}
+
+/// `group/project` as one path segment (`group%2Fproject`), as GitLab's API names projects.
+fn percent_encoded(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
