@@ -184,3 +184,154 @@ fn percent_encoded(text: &str) -> String {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Repository;
+    use crate::forges::sign;
+    use crate::secrets::{self, NewSecret};
+    use crate::test_utils::{ADMIN, Database, TestApp, on_both_databases};
+    use axum::body::Body;
+    use axum::http::Method;
+    use serde_json::Value;
+    use std::sync::{Arc, Mutex};
+
+    on_both_databases!(test_a_pushed_job_reports_pending_then_its_result_to_the_commit);
+
+    /// A stand-in for the forge's API on loopback: records each call (path, authorization,
+    /// body), answering `statuses` in turn (then 201).
+    async fn forge_api(statuses: Vec<u16>) -> (String, Arc<Mutex<Vec<(String, String, Value)>>>) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let answers = Arc::new(Mutex::new(statuses));
+        let app = axum::Router::new().fallback(
+            move |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| {
+                let seen = seen.clone();
+                let answers = answers.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    let body = serde_json::from_str(&body).unwrap_or(Value::Null);
+                    seen.lock()
+                        .unwrap()
+                        .push((uri.path().to_owned(), auth, body));
+                    let mut answers = answers.lock().unwrap();
+                    let status = if answers.is_empty() {
+                        201
+                    } else {
+                        answers.remove(0)
+                    };
+                    axum::http::StatusCode::from_u16(status).unwrap()
+                }
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (format!("http://127.0.0.1:{port}/api/v3"), calls)
+    }
+
+    async fn test_a_pushed_job_reports_pending_then_its_result_to_the_commit(db: Database) {
+        let (repo, commit) = crate::pushes::tests::one_commit();
+        // The forge fails the first call: the report is tried again, and the result waits for it.
+        let (api, calls) = forge_api(vec![502]).await;
+        let url = repo.path().display().to_string();
+        let app = TestApp::with_config(db, |c| {
+            c.public_url = Some("https://farm.example.org/".into());
+            c.triggers.allow_private = vec!["127.0.0.0/8".parse().unwrap()];
+            c.triggers.first_retry = vmfarm_proto::units::HumanDuration(std::time::Duration::ZERO);
+            c.repositories = vec![Repository {
+                name: "acme/app".into(),
+                url,
+                owner: "admin".into(),
+                forge: Some(Forge::Github),
+                webhook_secret: Some("hook secret".into()),
+                branches: vec!["*".into()],
+                tags: Vec::new(),
+                pull_requests: false,
+                status_token: Some("github-status".into()),
+                status_api: Some(api.clone()),
+            }];
+        })
+        .await;
+        let new = NewSecret {
+            name: "github-status",
+            owner: "admin",
+            shared_with: &[],
+            value: b"ghp_token\n",
+        };
+        secrets::set(&app.state.db, &app.state.secret_key, &new)
+            .await
+            .unwrap();
+        let payload = serde_json::json!({"ref": "refs/heads/main", "after": commit,
+                                         "repository": {"full_name": "acme/app"}});
+        let body = payload.to_string();
+        let answer = app
+            .call(
+                Method::POST,
+                "/api/hooks/github",
+                None,
+                &[
+                    ("x-github-event", "push".to_owned()),
+                    ("x-github-delivery", "1".to_owned()),
+                    (
+                        "x-hub-signature-256",
+                        format!("sha256={}", sign(body.as_bytes(), "hook secret")),
+                    ),
+                ],
+                Body::from(body),
+            )
+            .await;
+        let id = answer.body["push"]["files"][0]["jobs"][0]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        app.call(
+            Method::POST,
+            &format!("/api/jobs/{id}/cancel"),
+            Some(ADMIN),
+            &[],
+            Body::empty(),
+        )
+        .await;
+        let caller = Caller::new(&app.state.config.triggers).unwrap();
+        // The pending report fails once; the cancelled one waits behind it, then both go.
+        for _ in 0..3 {
+            report_due(&app.state, &caller, crate::db::now_ms() + 1)
+                .await
+                .unwrap();
+        }
+        let calls = calls.lock().unwrap().clone();
+        let path = format!("/api/v3/repos/acme/app/statuses/{commit}");
+        let states: Vec<&str> = calls
+            .iter()
+            .map(|c| c.2["state"].as_str().unwrap())
+            .collect();
+        assert_eq!(states, ["pending", "pending", "error"], "{calls:?}");
+        for (called, auth, body) in &calls {
+            assert_eq!(called, &path);
+            assert_eq!(auth, "Bearer ghp_token");
+            assert_eq!(body["context"], "vmfarm/a");
+            assert_eq!(
+                body["target_url"],
+                format!("https://farm.example.org/jobs/{id}")
+            );
+        }
+        assert_eq!(calls[2].2["description"], format!("job {id} cancelled"));
+    }
+
+    #[test]
+    fn test_each_forge_gets_its_own_words_for_a_result() {
+        assert_eq!(forge_state(Forge::Github, JobState::Succeeded), "success");
+        assert_eq!(forge_state(Forge::Github, JobState::TimedOut), "failure");
+        assert_eq!(forge_state(Forge::Forgejo, JobState::Error), "error");
+        assert_eq!(forge_state(Forge::Gitlab, JobState::Cancelled), "canceled");
+        assert_eq!(forge_state(Forge::Gitlab, JobState::Failed), "failed");
+        assert_eq!(forge_state(Forge::Gitlab, JobState::Queued), "pending");
+        assert_eq!(percent_encoded("group/sub.project"), "group%2Fsub.project");
+    }
+}

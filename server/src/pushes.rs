@@ -456,6 +456,11 @@ pub(crate) mod tests {
         (dir, commit)
     }
 
+    /// A repository whose one commit has a `.vmfarm.toml` (image `a`); its path and the commit.
+    pub(crate) fn one_commit() -> (tempfile::TempDir, String) {
+        repository(&[(".vmfarm.toml", GOOD)])
+    }
+
     /// A server that builds pushes of `repo` (as `acme/app`, main and release/* branches) for
     /// user alice.
     async fn app_with(db: Database, repo: &std::path::Path) -> TestApp {
@@ -600,7 +605,7 @@ pub(crate) mod tests {
     }
 
     async fn test_a_rerun_keeps_its_push_and_names_its_original(db: Database) {
-        let (repo, commit) = repository(&[(".vmfarm.toml", GOOD)]);
+        let (repo, commit) = one_commit();
         let app = app_with(db, repo.path()).await;
         let built = app
             .post("/api/pushes", ALICE, push("refs/heads/main", &commit))

@@ -147,14 +147,6 @@ mod tests {
         }
     }
 
-    /// A repository whose one commit has a `.vmfarm.toml`; its path and the commit.
-    pub(crate) fn one_commit() -> (tempfile::TempDir, String) {
-        crate::pushes::tests::repository(&[(
-            ".vmfarm.toml",
-            "image = \"a\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n",
-        )])
-    }
-
     /// A server taking webhooks for the repositories of the three forges' examples, all at
     /// `url`.
     async fn app(db: Database, url: &str) -> TestApp {
@@ -181,7 +173,7 @@ mod tests {
     }
 
     async fn test_each_forges_documented_push_builds_once_and_only_when_signed(db: Database) {
-        let (repo, commit) = one_commit();
+        let (repo, commit) = crate::pushes::tests::one_commit();
         let app = app(db, &repo.path().display().to_string()).await;
         // Each documented payload, pointed at the test repository's commit.
         let mut github = fixture("github-push-new-branch.json");
@@ -314,7 +306,7 @@ mod tests {
 
     #[tokio::test]
     async fn test_pings_tag_deletions_and_pull_requests_are_answered_for_what_they_are() {
-        let (repo, commit) = one_commit();
+        let (repo, commit) = crate::pushes::tests::one_commit();
         let app = app(Database::Sqlite, &repo.path().display().to_string()).await;
         let github = |event: &str, delivery: &str, body: &[u8]| {
             vec![
