@@ -186,6 +186,26 @@ async fn test_a_git_push_builds_the_pushed_commit_with_the_repositorys_manifests
         .trim()
         .to_owned();
     let push = api.get_json(&format!("/api/pushes/{push_id}")).await;
+    // The web UI shows the same: the push's page, and where a job comes from.
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let session = common::token_session(&http, &server.url).await;
+    let page = |path: String| {
+        let request = http
+            .get(format!("{}{path}", server.url))
+            .header("cookie", &session);
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    let push_page = page(format!("/pushes/{push_id}")).await;
+    assert!(push_page.contains("broken.toml:2:"), "{push_page}");
+    let job_page = page(format!("/jobs/{rerun}")).await;
+    assert!(job_page.contains(&first[..12]), "{job_page}");
+    assert!(
+        job_page.contains(&format!("Rerun of <a href=\"/jobs/{}\"", ids[0])),
+        "{job_page}"
+    );
     let broken = &push["files"][0];
     assert_eq!(broken["file"], ".vmfarm/broken.toml", "{push}");
     assert_eq!(broken["errors"][0]["line"], 2, "{push}");

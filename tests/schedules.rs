@@ -291,7 +291,7 @@ async fn webhook_is_retried_until_delivered_and_shown(backend: Backend) {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap();
-    let session = token_session(&http, &server).await;
+    let session = common::token_session(&http, &server.url).await;
     let page = loop {
         let page = http
             .get(format!("{}/jobs/{}", server.url, submitted.jobs[0].id))
@@ -354,48 +354,6 @@ async fn cancelling_a_queued_job_fires_its_failure_hook(backend: Backend) {
         never.try_recv().is_err(),
         "the success hook fired for a cancel"
     );
-}
-
-/// Logs in to the web UI with the admin token; returns the `cookie` header of the session.
-async fn token_session(http: &reqwest::Client, server: &TestServer) -> String {
-    let form = http
-        .get(format!("{}/login", server.url))
-        .send()
-        .await
-        .unwrap();
-    let login_cookie = cookie_of(&form, "vmfarm_login");
-    let html = form.text().await.unwrap();
-    let csrf = html
-        .split("name=\"csrf\" value=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("the login form has a CSRF token")
-        .to_owned();
-    let done = http
-        .post(format!("{}/login", server.url))
-        .header("cookie", format!("vmfarm_login={login_cookie}"))
-        .form(&[
-            ("user", ""),
-            ("password", common::ADMIN_TOKEN),
-            ("csrf", &csrf),
-        ])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(done.status(), 303, "{}", done.text().await.unwrap());
-    format!("vmfarm_session={}", cookie_of(&done, "vmfarm_session"))
-}
-
-fn cookie_of(response: &reqwest::Response, name: &str) -> String {
-    response
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| v.strip_prefix(&format!("{name}=")))
-        .and_then(|v| v.split(';').next())
-        .unwrap_or_else(|| panic!("no {name} cookie"))
-        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -212,12 +212,16 @@ async fn web_login_submit_watch_download_cancel() {
     let history = browser.wait_text("#history", "#1").await;
     assert!(!history.contains("cancelled"), "{history}");
 
-    // Resubmit queues the finished job's manifest again, as a new job.
+    // Rerun queues the finished job's manifest again, as a new job linked to it.
     browser.goto(&format!("{}{job_path}", server.url)).await;
     browser.click("#resubmit").await;
     browser.wait_text("#job-state", "queued").await;
     let again = browser.path().await;
     assert_eq!(again, "/jobs/4", "jobs 2 and 3 are the group's");
+    let original = job_path.trim_start_matches("/jobs/");
+    browser
+        .wait_text("#rerun-of", &format!("Rerun of #{original}"))
+        .await;
     browser.wait_text("#artifacts", "No artifacts yet").await;
 
     browser.close().await;

@@ -343,3 +343,42 @@ pub async fn log_of(api: &Api, id: &str) -> String {
         }
     }
 }
+
+/// Logs in to the web UI with the admin token (`http` must not follow redirects); returns the
+/// `cookie` header of the session.
+pub async fn token_session(http: &reqwest::Client, server_url: &str) -> String {
+    let form = http
+        .get(format!("{server_url}/login"))
+        .send()
+        .await
+        .unwrap();
+    let login_cookie = cookie_of(&form, "vmfarm_login");
+    let html = form.text().await.unwrap();
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the login form has a CSRF token")
+        .to_owned();
+    let done = http
+        .post(format!("{server_url}/login"))
+        .header("cookie", format!("vmfarm_login={login_cookie}"))
+        .form(&[("user", ""), ("password", ADMIN_TOKEN), ("csrf", &csrf)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 303, "{}", done.text().await.unwrap());
+    format!("vmfarm_session={}", cookie_of(&done, "vmfarm_session"))
+}
+
+pub fn cookie_of(response: &reqwest::Response, name: &str) -> String {
+    response
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| v.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.split(';').next())
+        .unwrap_or_else(|| panic!("no {name} cookie"))
+        .to_owned()
+}

@@ -31,6 +31,7 @@ pub fn routes() -> Router<AppState> {
         .route("/jobs/{id}/log/stream", get(pages::log_stream))
         .route("/jobs/{id}/artifacts/{*name}", get(pages::artifact))
         .route("/groups/{id}", get(pages::group))
+        .route("/pushes/{id}", get(pages::push))
         .route(
             "/schedules",
             get(pages::schedules).post(pages::create_schedule),
@@ -75,6 +76,10 @@ const TEMPLATES: &[(&str, &str)] = &[
     (
         "group.html",
         include_str!("../../../web/templates/group.html"),
+    ),
+    (
+        "push.html",
+        include_str!("../../../web/templates/push.html"),
     ),
     (
         "history.html",

@@ -307,6 +307,18 @@ pub async fn artifact(
     }
 }
 
+pub async fn push(
+    State(state): State<AppState>,
+    user: WebUser,
+    Path(id): Path<String>,
+) -> WebResult<Html<String>> {
+    let push = crate::pushes::get(&state.db, parse_id(&id, "push")?, &user.api.reach()).await?;
+    render(
+        "push.html",
+        context! { user => user.name, csrf => user.csrf, push => push },
+    )
+}
+
 pub async fn group(
     State(state): State<AppState>,
     user: WebUser,
