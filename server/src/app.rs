@@ -1,6 +1,6 @@
 //! The router: every route of the API, and the middleware that times them.
 
-use crate::routes::{artifacts, hooks, jobs, leases, logs, meta, pushes, schedules};
+use crate::routes::{artifacts, badge, hooks, jobs, leases, logs, meta, pushes, schedules};
 use crate::state::AppState;
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
@@ -22,6 +22,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/groups/{id}", get(jobs::group))
         .route("/api/pushes", post(pushes::create))
         .route("/api/pushes/{id}", get(pushes::get))
+        .route("/badge/{*path}", get(badge::badge))
         .route("/api/hooks/github", post(hooks::github))
         .route("/api/hooks/gitlab", post(hooks::gitlab))
         .route("/api/hooks/forgejo", post(hooks::forgejo))

@@ -604,6 +604,33 @@ pub(crate) mod tests {
         );
     }
 
+    /// The badge of acme/app's main branch, as SVG text.
+    async fn badge(app: &TestApp) -> String {
+        let answer = app.get("/badge/acme/app.svg?branch=main", ALICE).await;
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+        assert_eq!(answer.headers["content-type"], "image/svg+xml");
+        answer.body.as_str().unwrap_or_default().to_owned()
+    }
+
+    #[tokio::test]
+    async fn test_a_branchs_badge_shows_its_newest_push() {
+        let (repo, commit) = one_commit();
+        let app = app_with(Database::Sqlite, repo.path()).await;
+        assert!(badge(&app).await.contains("vmfarm: no builds"));
+        let built = app
+            .post("/api/pushes", ALICE, push("refs/heads/main", &commit))
+            .await;
+        assert!(badge(&app).await.contains("vmfarm: running"));
+        let id = built.body["push"]["files"][0]["jobs"][0]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        app.post(&format!("/api/jobs/{id}/cancel"), ALICE, "").await;
+        assert!(badge(&app).await.contains("vmfarm: cancelled"));
+        let unknown = app.get("/badge/acme/other.svg", ALICE).await;
+        assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    }
+
     async fn test_a_rerun_keeps_its_push_and_names_its_original(db: Database) {
         let (repo, commit) = one_commit();
         let app = app_with(db, repo.path()).await;

@@ -30,6 +30,7 @@ CREATE TABLE push_files (
 ALTER TABLE jobs ADD COLUMN push_id BIGINT REFERENCES pushes (id);
 ALTER TABLE jobs ADD COLUMN manifest_file TEXT;
 ALTER TABLE jobs ADD COLUMN rerun_of BIGINT;
+CREATE INDEX jobs_push ON jobs (push_id);
 
 -- Commit statuses to the forge, one per pushed job's state change (`report`: queued, then its
 -- final state), in the outbox's shape (see trigger_deliveries): sent in order per job.

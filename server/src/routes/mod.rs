@@ -1,6 +1,7 @@
 //! HTTP handlers, grouped by what they serve.
 
 pub mod artifacts;
+pub mod badge;
 pub mod hooks;
 pub mod jobs;
 pub mod leases;
