@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -68,10 +67,20 @@ pub struct ClientArgs {
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
-    #[arg(long, default_value = DEFAULT_LISTEN)]
-    pub listen: SocketAddr,
-    #[arg(long, env = "VMFARM_DATA", default_value = "./vmfarm-data")]
-    pub data: PathBuf,
+    /// Default: the server config's `listen`, else 127.0.0.1:8080.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Default: the server config's `data_dir`, else ./vmfarm-data.
+    #[arg(long, env = "VMFARM_DATA")]
+    pub data: Option<PathBuf>,
+    /// A server config file (see configs/server.toml): repositories, users, limits, network
+    /// policy... The flags above override it.
+    #[arg(long, value_name = "FILE")]
+    pub server_config: Option<PathBuf>,
+    /// A worker config file (see configs/worker.toml): slots, guest sizes, backend,
+    /// allowed_local_sources... Its server, name, token and directories are `up`'s own.
+    #[arg(long, value_name = "FILE")]
+    pub worker_config: Option<PathBuf>,
     /// Build no image: run jobs on the images already in `<data dir>/images` (for hosts without
     /// the image tools, e.g. when the images were built elsewhere and copied in).
     #[arg(long)]

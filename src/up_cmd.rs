@@ -13,13 +13,20 @@ use vmfarm_worker::images::{self, BuildOptions, Recipe};
 const IMAGES: [&str; 2] = ["tiny", "debian-12"];
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let data = std::path::absolute(&args.data).context("resolving the data dir")?;
-    let mut config = ServerConfig {
-        listen: args.listen,
-        data_dir: data.clone(),
-        ..ServerConfig::default()
+    let mut config = match &args.server_config {
+        Some(path) => ServerConfig::load(path)?,
+        None => ServerConfig::default(),
     };
-    config.network.allow_private = args.allow_private;
+    let data = args.data.clone().unwrap_or_else(|| config.data_dir.clone());
+    let data = std::path::absolute(&data).context("resolving the data dir")?;
+    config.data_dir = data.clone();
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    config
+        .network
+        .allow_private
+        .extend(args.allow_private.iter().cloned());
     let running = vmfarm_server::serve::start(config).await?;
     let worker_token = vmfarm_server::admin::create_token(
         &running.state.db,
@@ -44,13 +51,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             }
         });
     }
+    let base = match &args.worker_config {
+        Some(path) => WorkerConfig::load(path)?,
+        None => WorkerConfig::default(),
+    };
     let mut worker = WorkerConfig {
         server: format!("http://{}", running.addr),
         name: "local".into(),
         token: worker_token,
         images_dir,
         work_dir: data.join("work"),
-        ..WorkerConfig::default()
+        ..base
     };
     worker.network.cache_dir = data.join("proxy-cache");
     let worker = tokio::spawn(vmfarm_worker::worker::daemon::run(worker));

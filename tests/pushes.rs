@@ -216,3 +216,87 @@ async fn test_a_git_push_builds_the_pushed_commit_with_the_repositorys_manifests
         "{push}"
     );
 }
+
+/// The one-command farm takes the same config files: `vmfarm up --server-config` with a
+/// repository and `--worker-config` allowing its local path builds a push, as README says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_vmfarm_up_with_config_files_builds_a_push() {
+    let images_dir = images(&["tiny"]);
+    let holder = tempfile::tempdir().unwrap();
+    let data = holder.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::os::unix::fs::symlink(&images_dir, data.join("images")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let server_config = holder.path().join("server.toml");
+    std::fs::write(
+        &server_config,
+        format!(
+            "[[tokens]]\nname = \"admin\"\ntoken = \"{ADMIN_TOKEN}\"\nscopes = [\"admin\"]\n\
+             [[repositories]]\nname = \"app\"\nurl = \"{}/app.git\"\n",
+            holder.path().display()
+        ),
+    )
+    .unwrap();
+    let worker_config = holder.path().join("worker.toml");
+    std::fs::write(
+        &worker_config,
+        format!(
+            "allowed_local_sources = [\"{}\"]\n{WORKER}[jail]\nfirst_uid = {}\nuid_count = 4\n",
+            holder.path().display(),
+            2_500_000 + (std::process::id() % 100_000) * 128,
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(holder.path().join("up.log")).unwrap();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+        .args([
+            "up",
+            "--no-build",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data",
+        ])
+        .arg(&data)
+        .arg("--server-config")
+        .arg(&server_config)
+        .arg("--worker-config")
+        .arg(&worker_config)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while http.get(format!("{url}/healthz")).send().await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vmfarm up never answered"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let repos = repos(holder.path(), &url);
+    let (_, said) = commit_and_push(&repos, &[(".vmfarm.toml", BUILD), ("VERSION", "from up\n")]);
+    let ids = job_ids(&said);
+    assert_eq!(ids.len(), 1, "{said}");
+    let api = common::Api {
+        http: reqwest::Client::new(),
+        base: url.clone(),
+        token: ADMIN_TOKEN.to_owned(),
+    };
+    let job = wait_ended(&api, &ids[0]).await;
+    let log = log_of(&api, &ids[0]).await;
+    up.kill().unwrap();
+    up.wait().unwrap();
+    assert_eq!(
+        job["state"],
+        "succeeded",
+        "{job}\n{log}\n{}",
+        std::fs::read_to_string(holder.path().join("up.log")).unwrap()
+    );
+    assert!(log.contains("from up"), "{log}");
+}
