@@ -332,6 +332,17 @@ pub enum BenchKind {
         )]
         images_dir: PathBuf,
     },
+    /// git push (post-receive hook) -> first line of the pushed commit's task, beside submit ->
+    /// first task line (qemu backend, the tiny image).
+    Push {
+        /// The images dir holding the `tiny` image.
+        #[arg(
+            long,
+            env = "VMFARM_IMAGES_DIR",
+            default_value = "./vmfarm-data/images"
+        )]
+        images_dir: PathBuf,
+    },
     /// Submit -> first line of the first task, per backend usable on this host.
     JobStart {
         /// The images dir holding the `tiny` image.

@@ -75,6 +75,10 @@ fn main() -> ExitCode {
                 bench::network::run(images_dir).await?;
                 Ok(ExitCode::SUCCESS)
             }),
+            cli::BenchKind::Push { images_dir } => block_on(async {
+                bench::push::run(images_dir).await?;
+                Ok(ExitCode::SUCCESS)
+            }),
             cli::BenchKind::JobStart { images_dir } => block_on(async {
                 bench::job_start::run(images_dir).await?;
                 Ok(ExitCode::SUCCESS)

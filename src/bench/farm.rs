@@ -11,6 +11,8 @@ use vmfarm_worker::config::{BackendChoice, WorkerConfig};
 
 pub struct Farm {
     pub state: AppState,
+    /// The server's address (`http://127.0.0.1:PORT`).
+    pub url: String,
     daemon: tokio::task::JoinHandle<anyhow::Result<()>>,
     /// The server's and the worker's data; removed with the farm (after the worker stopped).
     _dir: tempfile::TempDir,
@@ -40,6 +42,7 @@ impl Farm {
         server(&mut config);
         let running = vmfarm_server::serve::start(config).await?;
         let state = running.state.clone();
+        let url = format!("http://{}", running.addr);
         let token = vmfarm_server::admin::create_token(
             &state.db,
             &state.config,
@@ -49,7 +52,7 @@ impl Farm {
         )
         .await?;
         let mut config = WorkerConfig {
-            server: format!("http://{}", running.addr),
+            server: url.clone(),
             name: "bench".into(),
             token,
             images_dir: images_dir.to_owned(),
@@ -62,6 +65,7 @@ impl Farm {
         let daemon = tokio::spawn(vmfarm_worker::worker::daemon::run(config));
         Ok(Farm {
             state,
+            url,
             daemon,
             _dir: dir,
         })

@@ -59,7 +59,11 @@ async fn measure(images_dir: &Path, choice: BackendChoice) -> anyhow::Result<Vec
 }
 
 /// Time from `started` until the job's log holds task output.
-async fn first_task_line(state: &AppState, id: i64, started: Instant) -> anyhow::Result<Duration> {
+pub async fn first_task_line(
+    state: &AppState,
+    id: i64,
+    started: Instant,
+) -> anyhow::Result<Duration> {
     let deadline = started + Duration::from_secs(300);
     loop {
         let chunks = vmfarm_server::logs::read(&state.db, id, 0, i64::MAX).await?;

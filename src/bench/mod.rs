@@ -5,6 +5,7 @@ pub mod disk;
 pub mod farm;
 pub mod job_start;
 pub mod network;
+pub mod push;
 pub mod queue;
 pub mod rss;
 pub mod stats;
