@@ -37,6 +37,9 @@ pub enum Command {
     Cancel(CancelArgs),
     /// Run a job again (its manifest, on its image, from the same push); prints the new job.
     Rerun(RerunArgs),
+    /// A shell, or a command, in a running job's guest or a failed job's kept guest (through
+    /// the server; the job's owner or an admin). Exits with the session's status.
+    Ssh(SshArgs),
     /// Git hooks that start builds from a plain git server.
     #[command(subcommand)]
     Hook(HookCommand),
@@ -270,6 +273,16 @@ pub struct RerunArgs {
     /// Stream the new job's log; exit 0 only if it succeeded.
     #[arg(long)]
     pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SshArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    pub job: String,
+    /// What to run instead of the login shell (after `--`).
+    #[arg(last = true)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,6 +6,7 @@ mod client;
 mod commands;
 mod hook;
 mod server_cmd;
+mod ssh;
 mod up_cmd;
 mod validate;
 mod worker_cmd;
@@ -50,6 +51,7 @@ fn main() -> ExitCode {
         Command::Artifacts(args) => block_on(commands::artifacts(args)),
         Command::Cancel(args) => block_on(commands::cancel(args)),
         Command::Rerun(args) => block_on(commands::rerun(args)),
+        Command::Ssh(args) => block_on(ssh::run(args)),
         Command::Hook(cli::HookCommand::PostReceive(args)) => block_on(hook::post_receive(args)),
         Command::Bench(args) => match args.which {
             cli::BenchKind::Boot(args) => match bench::boot::run(&args) {

@@ -28,6 +28,7 @@ pub mod manifest;
 pub mod names;
 pub mod network;
 pub mod state;
+pub mod tunnel;
 pub mod units;
 pub mod wire;
 

@@ -1,6 +1,6 @@
 //! The router: every route of the API, and the middleware that times them.
 
-use crate::routes::{artifacts, badge, hooks, jobs, leases, logs, meta, pushes, schedules};
+use crate::routes::{artifacts, badge, hooks, jobs, leases, logs, meta, pushes, schedules, ssh};
 use crate::state::AppState;
 use axum::Router;
 use axum::extract::{MatchedPath, Request, State};
@@ -15,6 +15,12 @@ pub fn app(state: AppState) -> Router {
         .route("/api/jobs/{id}", get(jobs::get))
         .route("/api/jobs/{id}/cancel", post(jobs::cancel))
         .route("/api/jobs/{id}/rerun", post(jobs::rerun))
+        .route("/api/jobs/{id}/ssh", get(ssh::open))
+        .route(
+            "/api/leases/{id}/tunnels",
+            post(ssh::poll).delete(ssh::gone),
+        )
+        .route("/api/leases/{id}/tunnels/{tunnel}", get(ssh::attach))
         .route("/api/jobs/{id}/log", get(logs::get))
         .route("/api/jobs/{id}/log/stream", get(logs::stream))
         .route("/api/jobs/{id}/artifacts", get(artifacts::list))

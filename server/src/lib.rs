@@ -34,6 +34,7 @@ pub mod store;
 #[cfg(test)]
 pub(crate) mod test_utils;
 pub mod triggers;
+pub mod tunnels;
 pub mod users;
 pub mod web;
 pub mod workers;

@@ -20,6 +20,8 @@ pub struct AppState {
     /// When each worker was last recorded as seen, so that a busy worker's lease calls do not
     /// each cost a database write.
     pub workers_seen: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
+    /// `vmfarm ssh` sessions being opened.
+    pub tunnels: Arc<crate::tunnels::Tunnels>,
 }
 
 impl AppState {
@@ -39,6 +41,7 @@ impl AppState {
             events: Events::default(),
             metrics: Arc::default(),
             workers_seen: Arc::default(),
+            tunnels: Arc::default(),
         }
     }
 }

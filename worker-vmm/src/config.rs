@@ -49,6 +49,9 @@ pub struct GuestDefaults {
     pub default_cpus: u32,
     pub default_memory: ByteSize,
     pub boot_timeout: HumanDuration,
+    /// How long a failed job's guest stays for `vmfarm ssh JOB` (a manifest may ask for less);
+    /// "0s": not kept.
+    pub keep_failed: HumanDuration,
     /// Certificate authorities (PEM files, or folders of `*.crt` files) every guest trusts
     /// besides its image's own.
     pub ca_certificates: Vec<PathBuf>,
@@ -162,6 +165,7 @@ impl Default for GuestDefaults {
             default_cpus: 1,
             default_memory: ByteSize(GIB),
             boot_timeout: HumanDuration(Duration::from_secs(60)),
+            keep_failed: HumanDuration(Duration::ZERO),
             ca_certificates: vec![PathBuf::from("/usr/local/share/ca-certificates")],
         }
     }

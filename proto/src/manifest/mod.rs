@@ -36,6 +36,9 @@ pub struct Manifest {
     pub images: Vec<String>,
     /// Whole-job timeout; `None` takes the server's default.
     pub timeout: Option<Duration>,
+    /// How long a failed job's guest is kept for `vmfarm ssh`, at most the worker's
+    /// `guest.keep_failed`; `None` takes the worker's.
+    pub keep_failed: Option<Duration>,
     /// Higher runs first.
     pub priority: i64,
     /// Where `priority` is written (`None`: not written, 0).

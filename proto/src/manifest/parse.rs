@@ -20,6 +20,7 @@ const TOP_KEYS: &[&str] = &[
     "image",
     "images",
     "timeout",
+    "keep_failed",
     "priority",
     "tags",
     "secrets",
@@ -70,6 +71,9 @@ pub(super) fn parse(text: &str) -> Result<Manifest, ManifestErrors> {
         timeout: table
             .get("timeout")
             .and_then(|v| timeout(&mut r, v, "timeout")),
+        keep_failed: table
+            .get("keep_failed")
+            .and_then(|v| keep_failed(&mut r, v)),
         priority: table.get("priority").map_or(0, |v| priority(&mut r, v)),
         priority_at: table.get("priority").map(|v| at(&r, v.span().start)),
         tags: table
@@ -137,6 +141,7 @@ impl Manifest {
         Manifest {
             images: Vec::new(),
             timeout: None,
+            keep_failed: None,
             priority: 0,
             priority_at: None,
             tags: Vec::new(),
@@ -240,6 +245,30 @@ fn names_at(
         }
     }
     out
+}
+
+/// `keep_failed = "5m"`: how long a failed job's guest stays for `vmfarm ssh`, at most the
+/// worker's `guest.keep_failed` ("0s": not kept).
+fn keep_failed(r: &mut Reader<'_>, value: &Value<'_>) -> Option<Duration> {
+    let text = r.string(value, "keep_failed", "keep_failed = \"10m\"")?;
+    match parse_duration(&text) {
+        Ok(d) if d <= MAX_TIMEOUT => Some(d),
+        Ok(d) => {
+            r.error(
+                value.span(),
+                format!(
+                    "`keep_failed` is {}; the limit is {}",
+                    format_duration(d),
+                    format_duration(MAX_TIMEOUT)
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            r.error(value.span(), format!("`keep_failed`: {e}"));
+            None
+        }
+    }
 }
 
 fn timeout(r: &mut Reader<'_>, value: &Value<'_>, key: &str) -> Option<Duration> {

@@ -9,3 +9,4 @@ pub mod logs;
 pub mod meta;
 pub mod pushes;
 pub mod schedules;
+pub mod ssh;

@@ -300,6 +300,33 @@ impl Guest {
         Ok((port, receiver))
     }
 
+    /// Opens an interactive session (`vmfarm ssh`): `open`'s command or the login shell, on a
+    /// terminal of `open`'s size when it asks for one.
+    pub async fn interactive(
+        &self,
+        open: &vmfarm_proto::tunnel::Open,
+    ) -> Result<Channel<Msg>, SshError> {
+        let channel = self.handle.channel_open_session().await?;
+        if let Some(pty) = &open.pty {
+            channel
+                .request_pty(
+                    true,
+                    &pty.term,
+                    u32::from(pty.cols),
+                    u32::from(pty.rows),
+                    0,
+                    0,
+                    &[],
+                )
+                .await?;
+        }
+        match &open.command {
+            Some(command) => channel.exec(true, command.as_bytes()).await?,
+            None => channel.request_shell(true).await?,
+        }
+        Ok(channel)
+    }
+
     async fn session(&self, env: &[(String, String)]) -> Result<Channel<Msg>, SshError> {
         let channel = self.handle.channel_open_session().await?;
         for (name, value) in env {

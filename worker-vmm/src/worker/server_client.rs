@@ -103,6 +103,60 @@ impl ServerClient {
         }
     }
 
+    /// Long-polls (about 20 s) for `vmfarm ssh` sessions asked of the lease's job: their ids.
+    pub async fn ssh_sessions(&self, lease: &LeaseHandle) -> Result<Vec<String>, ServerError> {
+        #[derive(serde::Deserialize)]
+        struct Asked {
+            tunnels: Vec<String>,
+        }
+        let response = self
+            .send("ssh sessions", || {
+                self.scoped(Method::POST, lease, "tunnels")
+                    .timeout(Duration::from_secs(40))
+            })
+            .await?;
+        let asked: Asked = response
+            .json()
+            .await
+            .map_err(|e| refused(StatusCode::OK, e.to_string()))?;
+        Ok(asked.tunnels)
+    }
+
+    /// Tells the server the job's guest is gone: no more sessions (once, not retried).
+    pub async fn ssh_gone(&self, lease: &LeaseHandle) -> Result<(), ServerError> {
+        let response = self
+            .scoped(Method::DELETE, lease, "tunnels")
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| ServerError::Unreachable(Duration::from_secs(5), e))?;
+        check(response).await.map(|_| ())
+    }
+
+    /// Opens the worker's end of session `id`: an upgraded connection to the server.
+    pub async fn ssh_session(
+        &self,
+        lease: &LeaseHandle,
+        id: &str,
+    ) -> Result<reqwest::Upgraded, ServerError> {
+        let response = self
+            .scoped(Method::GET, lease, &format!("tunnels/{id}"))
+            .header("connection", "upgrade")
+            .header("upgrade", vmfarm_proto::tunnel::PROTOCOL)
+            .send()
+            .await
+            .map_err(|e| ServerError::Unreachable(Duration::from_secs(5), e))?;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(check(response).await.err().unwrap_or_else(|| {
+                refused(StatusCode::OK, "the server did not switch protocols".into())
+            }));
+        }
+        response
+            .upgrade()
+            .await
+            .map_err(|e| refused(StatusCode::SWITCHING_PROTOCOLS, e.to_string()))
+    }
+
     /// Long-polls for a job; `None` when there was none.
     pub async fn lease(
         &self,

@@ -22,6 +22,7 @@ mod limits;
 mod network;
 mod outcome;
 mod packages;
+mod ssh_sessions;
 mod tasks;
 mod teardown;
 
@@ -43,10 +44,12 @@ use anyhow::Context;
 use base64::Engine;
 use limits::{Halt, JobLimits};
 use outcome::ending;
+use ssh_sessions::SshSessions;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use teardown::KeptGuest;
 use tokio::io::AsyncReadExt;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -161,6 +164,7 @@ pub async fn run(ctx: &JobContext, job: Job) -> Option<Outcome> {
         proxy: None,
         source_network: None,
         source_proxy: None,
+        kept: None,
     };
     let steps = job.steps().await;
     job.clean_up().await;
@@ -177,8 +181,13 @@ pub async fn run(ctx: &JobContext, job: Job) -> Option<Outcome> {
             _ => job.log.farm(reason),
         }
     }
+    let kept = job.kept.take();
     drop(job);
-    report_end(ctx, &handle, &lease.job.id, shipper, outcome).await
+    let outcome = report_end(ctx, &handle, &lease.job.id, shipper, outcome).await;
+    if let Some(kept) = kept {
+        kept.hold(&lease.job.id).await;
+    }
+    outcome
 }
 
 /// Tells the server how the job ended, once its log is all sent.
@@ -246,6 +255,8 @@ struct JobRun<'a> {
     /// The proxy of the host's fetch of the sources, while it runs, and its listener.
     source_network: Option<JobNetwork>,
     source_proxy: Option<JoinHandle<()>>,
+    /// A failed job's guest kept for `vmfarm ssh`, held after the job's end is reported.
+    kept: Option<KeptGuest>,
 }
 
 impl JobRun<'_> {
@@ -262,16 +273,56 @@ impl JobRun<'_> {
             (Halt::Failed(e), Some(why)) => Halt::Failed(e.context(why)),
             (halt, _) => halt,
         });
-        self.kill(vm).await;
+        match &self.kept {
+            Some(kept) => *kept.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm),
+            None => self.kill(vm).await,
+        }
         outcome
     }
 
-    /// The steps that need the guest; shuts it down after them if SSH was up.
+    /// The steps that need the guest, with `vmfarm ssh` sessions served into it meanwhile;
+    /// shuts it down after them if SSH was up, unless the job failed and its guest is kept.
     async fn with_guest(&mut self, vm: &mut dyn Vm, key: &JobKey) -> Result<Outcome, Halt> {
-        let guest = self.settle(vm, key).await?;
+        let guest = Arc::new(self.settle(vm, key).await?);
+        let sessions =
+            SshSessions::serve(self.ctx.client.clone(), self.handle.clone(), guest.clone());
         let outcome = self.in_guest(&guest).await;
-        self.shut_down(guest, vm).await;
+        let keep = self.keep_for(&outcome);
+        if keep.is_zero() {
+            self.shut_down(guest, sessions, vm).await;
+        } else {
+            self.log.farm(&format!(
+                "the failed job's guest is kept for {} for `vmfarm ssh {}`, and while a session \
+                 is open after that",
+                vmfarm_proto::units::format_duration(keep),
+                self.lease.job.id
+            ));
+            self.kept = Some(KeptGuest {
+                guest,
+                sessions,
+                keep,
+                vm: std::sync::Mutex::new(None),
+                run_dir: self.run_dir.clone(),
+            });
+        }
         outcome
+    }
+
+    /// How long the guest stays after `outcome` for `vmfarm ssh`: the worker's
+    /// `guest.keep_failed` (or less, as the manifest asks) after a failed task; else not at all.
+    fn keep_for(&self, outcome: &Result<Outcome, Halt>) -> Duration {
+        match outcome {
+            Ok(Outcome {
+                state: JobState::Failed,
+                ..
+            }) => {
+                let most = self.ctx.config.guest.keep_failed.0;
+                self.manifest
+                    .keep_failed
+                    .map_or(most, |asked| asked.min(most))
+            }
+            _ => Duration::ZERO,
+        }
     }
 
     /// Sources, environment, secrets, tasks and artifacts, over SSH.

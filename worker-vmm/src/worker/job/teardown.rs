@@ -2,40 +2,38 @@
 //! what still runs on the host stopped, the scratch folder removed.
 
 use super::JobRun;
+use super::ssh_sessions::SshSessions;
 use crate::backend::Vm;
 use crate::guest::Guest;
-use std::path::Path;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 impl JobRun<'_> {
-    /// Teardown, 1: asks the agent to shut the guest down, and gives the guest 10 s to end
-    /// (CONTRACTS.md).
-    pub(super) async fn shut_down(&self, guest: Guest, vm: &mut dyn Vm) {
-        if let Err(e) = guest.shutdown().await {
-            self.log
-                .farm(&format!("the guest did not shut down cleanly: {e}"));
-        }
-        match tokio::time::timeout(Duration::from_secs(10), vm.wait()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => self.log.farm(&format!("waiting for the guest: {e}")),
-            Err(_) => self
-                .log
-                .farm("the guest did not end within 10 s of shutdown; killing it"),
-        }
+    /// Teardown, 1: ends the job's `vmfarm ssh` sessions, asks the agent to shut the guest
+    /// down, and gives the guest 10 s to end (CONTRACTS.md).
+    pub(super) async fn shut_down(
+        &self,
+        guest: Arc<Guest>,
+        sessions: SshSessions,
+        vm: &mut dyn Vm,
+    ) {
+        let log = self.log.clone();
+        shut_down(guest, sessions, vm, &move |line| log.farm(line)).await;
     }
 
     /// Teardown, 2: ends the guest's VMM if it is still running (a step that failed never
     /// asked it to shut down); its own files go with it.
-    pub(super) async fn kill(&self, mut vm: Box<dyn Vm>) {
-        if let Err(e) = vm.kill().await {
-            self.log.farm(&format!("stopping the guest: {e}"));
-            tracing::error!(error = %e, "killing a guest failed");
-        }
+    pub(super) async fn kill(&self, vm: Box<dyn Vm>) {
+        let log = self.log.clone();
+        kill(vm, &move |line| log.farm(line)).await;
     }
 
     /// Teardown, 3: stops what the job still runs on the host (the console's copy, a fetch
     /// whose tools are then killed) and removes the scratch folder.
     pub(super) async fn clean_up(&mut self) {
+        // A kept guest's files stay until it goes ([`KeptGuest::hold`]).
+        let remove_dir = self.kept.is_none();
         if let Some(console) = self.console.take() {
             console.abort();
         }
@@ -52,7 +50,88 @@ impl JobRun<'_> {
             // that, so that nothing writes into the scratch folder while it is removed.
             let _ = fetch.await;
         }
-        remove_run_dir(&self.run_dir).await;
+        if remove_dir {
+            remove_run_dir(&self.run_dir).await;
+        }
+    }
+}
+
+/// Ends the guest's `vmfarm ssh` sessions, asks the agent to shut the guest down, and gives the
+/// guest 10 s to end; says what went wrong with `note`.
+async fn shut_down(
+    guest: Arc<Guest>,
+    sessions: SshSessions,
+    vm: &mut dyn Vm,
+    note: &(dyn Fn(&str) + Sync),
+) {
+    sessions.stop().await;
+    // The sessions held the only other references to the guest's SSH.
+    let Ok(guest) = Arc::into_inner(guest).ok_or(()) else {
+        note("the guest's SSH is still in use; killing the guest");
+        return;
+    };
+    if let Err(e) = guest.shutdown().await {
+        note(&format!("the guest did not shut down cleanly: {e}"));
+    }
+    match tokio::time::timeout(Duration::from_secs(10), vm.wait()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => note(&format!("waiting for the guest: {e}")),
+        Err(_) => note("the guest did not end within 10 s of shutdown; killing it"),
+    }
+}
+
+async fn kill(mut vm: Box<dyn Vm>, note: &(dyn Fn(&str) + Sync)) {
+    if let Err(e) = vm.kill().await {
+        note(&format!("stopping the guest: {e}"));
+        tracing::error!(error = %e, "killing a guest failed");
+    }
+}
+
+/// A failed job's guest, kept for `vmfarm ssh` after the job's end was reported.
+pub(super) struct KeptGuest {
+    pub guest: Arc<Guest>,
+    pub sessions: SshSessions,
+    /// How long it is kept at least.
+    pub keep: Duration,
+    /// Its VMM, once the steps hand it over (behind a lock only so that the job's state stays
+    /// shareable between its steps).
+    pub vm: std::sync::Mutex<Option<Box<dyn Vm>>>,
+    pub run_dir: PathBuf,
+}
+
+/// The longest a session may hold a kept guest past its keep time.
+const SESSION_GRACE: Duration = Duration::from_secs(3600);
+
+impl KeptGuest {
+    /// Keeps the guest for its time, and on while a session is open (for at most an hour
+    /// more); then ends the sessions and the guest and removes the job's files.
+    pub(super) async fn hold(self, job: &str) {
+        let since = Instant::now();
+        let note = |line: &str| tracing::warn!(job, "{line}");
+        loop {
+            let elapsed = since.elapsed();
+            if elapsed >= self.keep
+                && (self.sessions.open() == 0 || elapsed >= self.keep + SESSION_GRACE)
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        tracing::info!(job, kept = ?since.elapsed(), "the failed job's kept guest goes");
+        let KeptGuest {
+            guest,
+            sessions,
+            vm,
+            run_dir,
+            ..
+        } = self;
+        if let Some(mut vm) = vm.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            shut_down(guest, sessions, vm.as_mut(), &note).await;
+            kill(vm, &note).await;
+        } else {
+            sessions.stop().await;
+        }
+        remove_run_dir(&run_dir).await;
     }
 }
 
