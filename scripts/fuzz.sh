@@ -4,7 +4,7 @@
 # crash. Installs the nightly toolchain and cargo-fuzz when they are missing.
 #
 # Usage: scripts/fuzz.sh TARGET|all SECONDS [LIBFUZZER_FLAG...]
-#   TARGET: manifest guest_cmdline ready_line virtio_blk vsock qcow2
+#   TARGET: manifest guest_cmdline ready_line virtio_blk vsock qcow2 tunnel_frames
 #   FUZZ_DEV=1: build the targets unoptimized (cargo fuzz --dev): a clean build takes under half
 #   the CPU time of the optimized one, the targets run several times slower. For smoke runs.
 #
@@ -16,7 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-all_targets=(manifest guest_cmdline ready_line virtio_blk vsock qcow2)
+all_targets=(manifest guest_cmdline ready_line virtio_blk vsock qcow2 tunnel_frames)
 if [ $# -lt 2 ] || ! [[ $2 =~ ^[0-9]+$ ]]; then
   echo "usage: $0 TARGET|all SECONDS [LIBFUZZER_FLAG...]  (targets: ${all_targets[*]})" >&2
   exit 2

@@ -28,6 +28,8 @@ test_pkgs=(
   "postgresql:/usr/lib/postgresql/15/bin/postgres"
   "chromium:/usr/bin/chromium"
   "chromium-driver:/usr/bin/chromedriver"
+  # `vmfarm ssh` under a real terminal (tests/ssh.rs)
+  "tmux:/usr/bin/tmux"
 )
 
 pkgs=("${farm_pkgs[@]}")
