@@ -451,8 +451,8 @@ fn vm_runs_stock_debian_guests_with_every_device() {
 
 /// One job end to end through the worker's `kvm` backend, the farm's production path on a real
 /// KVM: `vmfarm up` in L1 on the tiny image, the integrated VMM, the agent's SSH over vsock, an
-/// HTTP server in L1 reached through the worker's proxy, and the job's artifacts back through the
-/// CLI (checks/job-kvm.sh).
+/// HTTP server in L1 reached through the worker's proxy, `vmfarm ssh` into the running guest, and
+/// the job's artifacts back through the CLI (checks/job-kvm.sh).
 #[test]
 fn farm_runs_a_job_through_the_integrated_vmm() {
     let test = "farm_runs_a_job_through_the_integrated_vmm";
@@ -486,6 +486,8 @@ fn farm_runs_a_job_through_the_integrated_vmm() {
         "job-succeeded",
         "job-log-streamed",
         "job-network",
+        "ssh-session",
+        "job-ssh-seen",
         "artifact-intact",
         "guest-cleaned-up",
         "jail-on",

@@ -2,7 +2,9 @@
 //! post-receive` -> first line of the pushed commit's first task, p50/p95 over 10 pushes, beside
 //! submit -> first task line (what `bench job-start` measures) in the same run, on the same
 //! in-process farm (qemu backend, the `tiny` image). Also how long `git push` itself takes (the
-//! hook waits for the server to fetch the commit and queue its jobs).
+//! hook waits for the server to fetch the commit and queue its jobs), and `vmfarm ssh JOB --
+//! echo` into a running job's guest, start to output, beside `vmfarm status JOB` (the CLI's
+//! start and one API call) in the same run.
 
 use super::farm::Farm;
 use super::job_start::first_task_line;
@@ -112,6 +114,33 @@ pub async fn run(images_dir: PathBuf) -> anyhow::Result<()> {
         submitted.push(first_task_line(&farm.state, id, started).await?);
         farm.ended(id).await?;
     }
+    let (mut ssh, mut status) = (Vec::new(), Vec::new());
+    let waiting = farm
+        .submit("image = \"tiny\"\n[[tasks]]\nname = \"wait\"\nscript = \"echo first-line; sleep 600\"\n")
+        .await?;
+    first_task_line(&farm.state, waiting, Instant::now()).await?;
+    let cli = |args: &[&str]| {
+        let mut command = Command::new(&vmfarm);
+        command
+            .args(args)
+            .env("VMFARM_SERVER", &farm.url)
+            .env("VMFARM_TOKEN", &token)
+            .stdin(std::process::Stdio::null());
+        command
+    };
+    let job = waiting.to_string();
+    for _ in 0..PUSHES {
+        let started = Instant::now();
+        let out = cli(&["ssh", &job, "--", "echo ready"]).output()?;
+        ssh.push(started.elapsed());
+        if String::from_utf8_lossy(&out.stdout) != "ready\n" {
+            bail!("vmfarm ssh said: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let started = Instant::now();
+        let out = cli(&["status", &job]).output()?;
+        status.push(started.elapsed());
+        anyhow::ensure!(out.status.success(), "vmfarm status failed");
+    }
     println!("{:<40} {:>12} {:>12}", "", "p50", "p95");
     let row = |label: &str, samples: &mut Vec<Duration>| {
         let (p50, p95) = (quantile(samples, 0.5), quantile(samples, 0.95));
@@ -120,6 +149,8 @@ pub async fn run(images_dir: PathBuf) -> anyhow::Result<()> {
     row("git push returned -> first task line", &mut pushed);
     row("submit -> first task line (reference)", &mut submitted);
     row("git push itself (hook included)", &mut push_calls);
+    row("vmfarm ssh JOB -- echo: start -> output", &mut ssh);
+    row("vmfarm status JOB (reference)", &mut status);
     Ok(())
 }
 

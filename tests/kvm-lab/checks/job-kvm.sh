@@ -65,18 +65,38 @@ jail_check() {
   return $fail
 }
 
+# `vmfarm ssh` through the server into the running guest (the job's `ssh` task waits for it):
+# a command, its output and exit status (the farm's first job is job 1).
+ssh_check() {
+  i=0
+  while ! vmfarm status 1 2>/dev/null | grep -q "ssh:running" && [ $i -lt 1200 ] && [ ! -e /tmp/submit.done ]; do
+    sleep 0.1; i=$((i + 1))
+  done
+  t=$(up)
+  out=$(timeout 60 vmfarm ssh 1 -- 'echo "via ssh $(hostname)" > ssh-was-here; cat ssh-was-here; exit 7' 2>&1)
+  rc=$?
+  echo "LAB-TIME ssh-command $(since "$t")"
+  [ $rc = 7 ] && [ "$out" = "via ssh job-1" ]; check ssh-session $? "rc=$rc out=[$out]"
+  return $fail
+}
+
 t1=$(up)
 jail_check &
 jailer=$!
+ssh_check &
+sshcheck=$!
 timeout 240 vmfarm submit --follow /payload/kvm-job.toml > /tmp/submit.out 2> /tmp/submit.err
 rc=$?
 touch /tmp/submit.done
 wait $jailer || fail=1
+wait $sshcheck || fail=1
 echo "LAB-TIME submit-to-end $(since "$t1")"
 sed 's/^/[submit] /' /tmp/submit.out /tmp/submit.err
 id=$(head -1 /tmp/submit.out | cut -f1)
 [ $rc = 0 ] && grep -q "succeeded" /tmp/submit.err; check job-succeeded $? "job $id rc=$rc: $(tail -1 /tmp/submit.err)"
 grep -q "LAB-JOB kernel .* vcpus 1" /tmp/submit.out; check job-log-streamed $? "$(grep -m1 'LAB-JOB kernel' /tmp/submit.out)"
+grep -q "LAB-JOB an ssh session came: via ssh job-1" /tmp/submit.out && grep -q "ssh: admin opened a session" /tmp/submit.out
+check job-ssh-seen $? "$(grep -m1 'LAB-JOB an ssh' /tmp/submit.out); $(grep -m1 'ssh: admin' /tmp/submit.out)"
 grep -q "LAB-JOB fetched hello-from-L1" /tmp/submit.out && grep -q "network 127.0.0.1:80: " /tmp/submit.out
 check job-network $? "$(grep -m1 'LAB-JOB fetched' /tmp/submit.out); $(grep -m1 'network 127.0.0.1:80' /tmp/submit.out)"
 
