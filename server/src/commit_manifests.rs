@@ -232,17 +232,7 @@ mod tests {
     async fn test_reads_the_manifests_of_exactly_the_given_commit() {
         let repo = tempfile::tempdir().unwrap();
         let scratch = tempfile::tempdir().unwrap();
-        let run = |args: &[&str]| {
-            let out = std::process::Command::new("git")
-                .arg("-C")
-                .arg(repo.path())
-                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "git {args:?}");
-            String::from_utf8(out.stdout).unwrap().trim().to_owned()
-        };
+        let run = |args: &[&str]| crate::test_utils::git(repo.path(), args);
         run(&["init", "--quiet", "--initial-branch=main"]);
         std::fs::create_dir(repo.path().join(".vmfarm")).unwrap();
         std::fs::write(repo.path().join(".vmfarm/a.toml"), "first").unwrap();

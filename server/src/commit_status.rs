@@ -290,14 +290,7 @@ mod tests {
             .as_str()
             .unwrap()
             .to_owned();
-        app.call(
-            Method::POST,
-            &format!("/api/jobs/{id}/cancel"),
-            Some(ADMIN),
-            &[],
-            Body::empty(),
-        )
-        .await;
+        app.post(&format!("/api/jobs/{id}/cancel"), ADMIN, "").await;
         let caller = Caller::new(&app.state.config.triggers).unwrap();
         // The pending report fails once; the cancelled one waits behind it, then both go.
         for _ in 0..3 {

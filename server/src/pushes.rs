@@ -77,6 +77,16 @@ pub fn not_built(repo: &Repository, git_ref: &str, commit: &str) -> Option<Strin
     })
 }
 
+/// The HTTP answer of a push: `201` when it built, `200` when it says why not.
+pub fn answer(answer: PushAnswer) -> (axum::http::StatusCode, axum::Json<PushAnswer>) {
+    let status = if answer.push.is_some() {
+        axum::http::StatusCode::CREATED
+    } else {
+        axum::http::StatusCode::OK
+    };
+    (status, axum::Json(answer))
+}
+
 /// Builds `push`: every manifest of its commit, one group each, or the reason it builds
 /// nothing.
 pub async fn build(state: &AppState, push: Push<'_>) -> AppResult<PushAnswer> {
@@ -433,17 +443,7 @@ pub(crate) mod tests {
     /// A repository with `files` committed on main; its path and the commit.
     pub(crate) fn repository(files: &[(&str, &str)]) -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
-        let git = |args: &[&str]| {
-            let out = std::process::Command::new("git")
-                .arg("-C")
-                .arg(dir.path())
-                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "git {args:?}");
-            String::from_utf8(out.stdout).unwrap().trim().to_owned()
-        };
+        let git = |args: &[&str]| crate::test_utils::git(dir.path(), args);
         git(&["init", "--quiet", "--initial-branch=main"]);
         for (path, text) in files {
             let path = dir.path().join(path);

@@ -397,3 +397,20 @@ async fn fresh_postgres_database() -> String {
     let (prefix, _) = base.rsplit_once('/').expect("a postgres URL ends with /DB");
     format!("{prefix}/{name}")
 }
+
+/// Runs git in `dir` as a test user, which must succeed; its output, trimmed.
+pub fn git(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}

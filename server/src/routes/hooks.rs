@@ -11,39 +11,35 @@ use crate::pushes::{self, Push};
 use crate::state::AppState;
 use axum::Json;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use vmfarm_proto::api::PushAnswer;
 
 /// The largest payload taken (GitHub caps its own at 25 MB; a push's is far smaller).
 const MAX_PAYLOAD: usize = 5 << 20;
 
-pub async fn github(
-    state: State<AppState>,
-    headers: HeaderMap,
-    body: Body,
-) -> AppResult<(StatusCode, Json<PushAnswer>)> {
-    take(state, Forge::Github, headers, body).await
-}
-
-pub async fn gitlab(
-    state: State<AppState>,
-    headers: HeaderMap,
-    body: Body,
-) -> AppResult<(StatusCode, Json<PushAnswer>)> {
-    take(state, Forge::Gitlab, headers, body).await
-}
-
-pub async fn forgejo(
-    state: State<AppState>,
-    headers: HeaderMap,
-    body: Body,
-) -> AppResult<(StatusCode, Json<PushAnswer>)> {
-    take(state, Forge::Forgejo, headers, body).await
-}
-
-async fn take(
+/// `POST /api/hooks/{forge}`: `github`, `gitlab` or `forgejo` (Forgejo's and Gitea's calls).
+pub async fn take(
     State(state): State<AppState>,
+    Path(forge): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> AppResult<(StatusCode, Json<PushAnswer>)> {
+    let forge = match forge.as_str() {
+        "github" => Forge::Github,
+        "gitlab" => Forge::Gitlab,
+        "forgejo" => Forge::Forgejo,
+        other => {
+            return Err(AppError::NotFound(format!(
+                "no webhook for `{other}`: the forges are github, gitlab and forgejo (Gitea's too)"
+            )));
+        }
+    };
+    take_from(&state, forge, headers, body).await
+}
+
+async fn take_from(
+    state: &AppState,
     forge: Forge,
     headers: HeaderMap,
     body: Body,
@@ -95,23 +91,14 @@ async fn take(
         via: forge.as_str(),
         delivery: Some(delivery.id),
     };
-    let answer = pushes::build(&state, push).await?;
-    let status = if answer.push.is_some() {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(answer)))
+    Ok(pushes::answer(pushes::build(state, push).await?))
 }
 
 fn answered(why: String) -> (StatusCode, Json<PushAnswer>) {
-    (
-        StatusCode::OK,
-        Json(PushAnswer {
-            push: None,
-            ignored: Some(why),
-        }),
-    )
+    pushes::answer(PushAnswer {
+        push: None,
+        ignored: Some(why),
+    })
 }
 
 #[cfg(test)]
@@ -164,6 +151,17 @@ mod tests {
     async fn send(app: &TestApp, path: &str, headers: &[(&str, String)], body: &[u8]) -> Answer {
         app.call(Method::POST, path, None, headers, Body::from(body.to_vec()))
             .await
+    }
+
+    /// `answer` is a 401 whose message says `words`.
+    fn assert_refused(answer: &Answer, path: &str, words: &str) {
+        assert_eq!(
+            answer.status,
+            StatusCode::UNAUTHORIZED,
+            "{path}: {:?}",
+            answer.body
+        );
+        assert!(answer.error().contains(words), "{path}: {}", answer.error());
     }
 
     async fn jobs(app: &TestApp) -> usize {
@@ -234,17 +232,7 @@ mod tests {
             // Unsigned, and signed with another secret: refused, nothing built.
             let unsigned: Vec<_> = headers[..2].to_vec();
             let answer = send(&app, path, &unsigned, body).await;
-            assert_eq!(
-                answer.status,
-                StatusCode::UNAUTHORIZED,
-                "{path}: {:?}",
-                answer.body
-            );
-            assert!(
-                answer.error().contains("header is missing"),
-                "{path}: {}",
-                answer.error()
-            );
+            assert_refused(&answer, path, "header is missing");
             let mut forged = unsigned.clone();
             forged.push(match *path {
                 "/api/hooks/github" => (
@@ -255,17 +243,7 @@ mod tests {
                 _ => ("x-forgejo-signature", sign(body, "guess")),
             });
             let answer = send(&app, path, &forged, body).await;
-            assert_eq!(
-                answer.status,
-                StatusCode::UNAUTHORIZED,
-                "{path}: {:?}",
-                answer.body
-            );
-            assert!(
-                answer.error().contains("does not match"),
-                "{path}: {}",
-                answer.error()
-            );
+            assert_refused(&answer, path, "does not match");
             assert_eq!(
                 jobs(&app).await,
                 i,

@@ -36,13 +36,7 @@ pub async fn create(
         via: "hook",
         delivery: None,
     };
-    let answer = pushes::build(&state, push).await?;
-    let status = if answer.push.is_some() {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(answer)))
+    Ok(pushes::answer(pushes::build(&state, push).await?))
 }
 
 pub async fn get(
