@@ -12,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::process::ExitCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{SignalKind, signal};
-use vmfarm_proto::tunnel::{Frame, FrameReader, Open, PROTOCOL, Pty};
+use vmfarm_proto::tunnel::{Frame, FrameReader, MAX_FRAME, Open, PROTOCOL, Pty};
 
 pub async fn run(args: SshArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(&args.client)?;
@@ -29,6 +29,10 @@ pub async fn run(args: SshArgs) -> anyhow::Result<ExitCode> {
         command: (!args.command.is_empty()).then(|| args.command.join(" ")),
         pty,
     };
+    let first = Frame::Open(open).encode();
+    if first.len() > MAX_FRAME {
+        bail!("the command is longer than the {MAX_FRAME} bytes a session may ask for");
+    }
     let request = client
         .request(Method::GET, &format!("/api/jobs/{}/ssh", args.job))
         .header("connection", "upgrade")
@@ -42,21 +46,23 @@ pub async fn run(args: SshArgs) -> anyhow::Result<ExitCode> {
     }
     let stream = response.upgrade().await.context("opening the session")?;
     let (mut from_guest, mut to_guest) = tokio::io::split(stream);
-    to_guest.write_all(&Frame::Open(open).encode()).await?;
+    to_guest.write_all(&first).await?;
     // Raw mode for as long as the session lasts (restored when this guard goes).
     let _raw = if terminal {
         Some(RawMode::enter()?)
     } else {
         None
     };
+    // Stdin is read on a thread of its own: a read blocked on the terminal cannot be cancelled,
+    // and the runtime would wait for it at exit (tokio's stdin reads on its blocking pool).
     let (stdin_tx, mut stdin_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-    tokio::spawn(async move {
-        let mut stdin = tokio::io::stdin();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
         let mut buf = vec![0u8; 8192];
         loop {
-            match stdin.read(&mut buf).await {
+            match std::io::Read::read(&mut stdin, &mut buf) {
                 Ok(n) if n > 0 => {
-                    if stdin_tx.send(buf[..n].to_vec()).await.is_err() {
+                    if stdin_tx.blocking_send(buf[..n].to_vec()).is_err() {
                         return;
                     }
                 }

@@ -134,7 +134,7 @@ async fn test_ssh_into_a_running_job_and_a_failed_jobs_kept_guest() {
         socket: format!("vmfarm-ssh-{}", std::process::id()),
     };
     let command = format!(
-        "env VMFARM_SERVER={} VMFARM_TOKEN={ADMIN_TOKEN} {} ssh {running}; sleep 30",
+        "env VMFARM_SERVER={} VMFARM_TOKEN={ADMIN_TOKEN} {} ssh {running}; echo ssh-exited-$?; sleep 30",
         server.url,
         env!("CARGO_BIN_EXE_vmfarm")
     );
@@ -167,7 +167,8 @@ async fn test_ssh_into_a_running_job_and_a_failed_jobs_kept_guest() {
     tmux.type_line("stty size");
     tmux.wait_for("30 100");
     tmux.type_line("exit 0");
-    // The CLI returns and the pane's shell goes on to its `sleep`: the prompt is back here.
+    // The CLI returns (with the shell's status) and the pane's own shell goes on.
+    tmux.wait_for("ssh-exited-0");
     let deadline = Instant::now() + Duration::from_secs(30);
     while log_of(&api, &running)
         .await

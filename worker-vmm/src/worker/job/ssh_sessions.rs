@@ -106,16 +106,28 @@ async fn session(
     guest: &Guest,
     id: &str,
 ) -> anyhow::Result<()> {
-    let end = client.ssh_session(lease, id).await?;
+    let end = tokio::time::timeout(OPEN_WITHIN, client.ssh_session(lease, id))
+        .await
+        .map_err(|_| anyhow::anyhow!("the server did not open the session in {OPEN_WITHIN:?}"))??;
     let (mut from_user, mut to_user) = tokio::io::split(end);
     let mut frames = FrameReader::default();
     let mut buf = vec![0u8; 16 * 1024];
-    let open = tokio::time::timeout(
+    let opened = tokio::time::timeout(
         OPEN_WITHIN,
         first_open(&mut from_user, &mut frames, &mut buf),
     )
     .await
-    .map_err(|_| anyhow::anyhow!("the session sent nothing to run in {OPEN_WITHIN:?}"))??;
+    .map_err(|_| anyhow::anyhow!("the session sent nothing to run in {OPEN_WITHIN:?}"))
+    .and_then(|opened| opened);
+    let open = match opened {
+        Ok(open) => open,
+        Err(e) => {
+            let _ = to_user
+                .write_all(&Frame::Failed(e.to_string()).encode())
+                .await;
+            return Err(e);
+        }
+    };
     let channel = match guest.interactive(&open).await {
         Ok(channel) => channel,
         Err(e) => {
@@ -126,10 +138,11 @@ async fn session(
     };
     let (mut from_guest, to_guest) = channel.split();
     let mut status = None;
-    let mut user_open = true;
+    let mut stdin_open = true;
     loop {
         tokio::select! {
-            read = from_user.read(&mut buf), if user_open => {
+            // Read on after the user's EOF too: a closed connection ends the session.
+            read = from_user.read(&mut buf) => {
                 let n = read?;
                 if n == 0 {
                     // The user is gone: so is the session.
@@ -139,15 +152,15 @@ async fn session(
                 frames.push(&buf[..n]);
                 while let Some(frame) = frames.next_frame()? {
                     match frame {
-                        Frame::Stdin(data) => to_guest.data_bytes(data).await?,
+                        Frame::Stdin(data) if stdin_open => to_guest.data_bytes(data).await?,
                         Frame::Resize { cols, rows } => {
                             to_guest
                                 .window_change(u32::from(cols), u32::from(rows), 0, 0)
                                 .await?
                         }
-                        Frame::Eof => {
+                        Frame::Eof if stdin_open => {
                             to_guest.eof().await?;
-                            user_open = false;
+                            stdin_open = false;
                         }
                         _ => {}
                     }
