@@ -47,14 +47,44 @@ pub fn is_commit_id(text: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// How many commits are fetched at once; more wait their turn.
+static FETCHES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+/// A pushed commit: its id (an annotated tag's peeled to its commit) and its manifests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub commit: String,
+    pub files: Vec<ManifestFile>,
+}
+
+/// Empties the scratch folder of what a killed server left there.
+pub fn clear_scratch(scratch_root: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(scratch_root)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %scratch_root.display(), error = %e, "cannot empty the pushes' scratch folder");
+    }
+}
+
+/// A scratch folder, removed when dropped (a push whose request went away included).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The manifests of `commit` in the repository at `url`, in path order (`.vmfarm.toml` first);
-/// each at most `max_bytes`.
+/// each at most `max_bytes`. Only the commit's trees come whole (a partial fetch where the
+/// repository allows it); the manifests' own contents are fetched one by one.
 pub async fn read(
     scratch_root: &Path,
     url: &str,
     commit: &str,
     max_bytes: u64,
-) -> Result<Vec<ManifestFile>, FetchError> {
+) -> Result<Fetched, FetchError> {
+    let _turn = FETCHES.acquire().await;
     let name = format!(
         "push-{}",
         crate::random::random_hex(8).map_err(|e| FetchError::Scratch {
@@ -62,16 +92,14 @@ pub async fn read(
             source: std::io::Error::other(e.to_string()),
         })?
     );
-    let dir = scratch_root.join(name);
-    tokio::fs::create_dir_all(&dir)
+    let dir = Scratch(scratch_root.join(name));
+    tokio::fs::create_dir_all(&dir.0)
         .await
         .map_err(|source| FetchError::Scratch {
-            dir: dir.clone(),
+            dir: dir.0.clone(),
             source,
         })?;
-    let read = read_in(&dir, url, commit, max_bytes).await;
-    let _ = tokio::fs::remove_dir_all(&dir).await;
-    read
+    read_in(&dir.0, url, commit, max_bytes).await
 }
 
 async fn read_in(
@@ -79,26 +107,31 @@ async fn read_in(
     url: &str,
     commit: &str,
     max_bytes: u64,
-) -> Result<Vec<ManifestFile>, FetchError> {
+) -> Result<Fetched, FetchError> {
     let fail = |detail: String| FetchError::Git {
         url: url.to_owned(),
         commit: commit.to_owned(),
         detail,
     };
-    git(dir, &["init", "--quiet", "--bare", "."])
-        .await
-        .map_err(fail)?;
+    let setup: [&[&str]; 4] = [
+        &["init", "--quiet", "--bare", "."],
+        &["config", "remote.origin.url", url],
+        &["config", "remote.origin.promisor", "true"],
+        &["config", "remote.origin.partialclonefilter", "blob:none"],
+    ];
+    for args in setup {
+        git(dir, args).await.map_err(fail)?;
+    }
     let fetch_args = [
         "fetch",
         "--quiet",
         "--depth=1",
         "--no-tags",
-        "--",
-        url,
+        "--filter=blob:none",
+        "origin",
         commit,
     ];
-    let fetch = git(dir, &fetch_args);
-    match tokio::time::timeout(FETCH_TIMEOUT, fetch).await {
+    match tokio::time::timeout(FETCH_TIMEOUT, git(dir, &fetch_args)).await {
         Err(_) => {
             return Err(FetchError::Timeout {
                 url: url.to_owned(),
@@ -107,14 +140,21 @@ async fn read_in(
         }
         Ok(result) => result.map_err(fail)?,
     };
+    let peeled = git(
+        dir,
+        &["rev-parse", "--verify", &format!("{commit}^{{commit}}")],
+    )
+    .await
+    .map_err(fail)?
+    .trim()
+    .to_owned();
     let listing = git(
         dir,
         &[
             "ls-tree",
-            "-l",
             "-z",
             "--full-tree",
-            commit,
+            &peeled,
             "--",
             ".vmfarm.toml",
             ".vmfarm/",
@@ -123,43 +163,60 @@ async fn read_in(
     .await
     .map_err(fail)?;
     let mut files = Vec::new();
+    let mut left_out = 0;
     for entry in listing.split('\0').filter(|e| !e.is_empty()) {
-        // `MODE TYPE OID SIZE\tPATH`
+        // `MODE TYPE OID\tPATH`
         let Some((meta, path)) = entry.split_once('\t') else {
             continue;
         };
         let fields: Vec<&str> = meta.split_whitespace().collect();
-        let [_, kind, oid, size] = fields[..] else {
+        let [_, kind, oid] = fields[..] else {
             continue;
         };
         if kind != "blob" || !is_manifest_path(path) {
             continue;
         }
         if files.len() == MAX_FILES {
-            files.push(ManifestFile {
-                path: path.to_owned(),
-                text: Err(format!(
-                    "left out: a commit builds at most {MAX_FILES} manifest files"
-                )),
-            });
+            left_out += 1;
             continue;
         }
-        let size: u64 = size.parse().unwrap_or(u64::MAX);
-        let text = if size > max_bytes {
-            Err(format!(
-                "the manifest is {size} bytes; the limit is {}",
-                vmfarm_proto::units::ByteSize(max_bytes)
-            ))
-        } else {
-            git(dir, &["cat-file", "blob", oid]).await
-        };
+        let text = manifest_text(dir, oid, max_bytes).await;
         files.push(ManifestFile {
             path: path.to_owned(),
             text,
         });
     }
+    if left_out > 0 {
+        files.push(ManifestFile {
+            path: format!(".vmfarm/ ({left_out} more)"),
+            text: Err(format!(
+                "{left_out} manifest files left out: a commit builds at most {MAX_FILES}"
+            )),
+        });
+    }
     files.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(files)
+    Ok(Fetched {
+        commit: peeled,
+        files,
+    })
+}
+
+/// The text of blob `oid` (fetched now when the partial fetch left it out), if it is at most
+/// `max_bytes` of UTF-8.
+async fn manifest_text(dir: &Path, oid: &str, max_bytes: u64) -> Result<String, String> {
+    let size: u64 = git(dir, &["cat-file", "-s", oid])
+        .await?
+        .trim()
+        .parse()
+        .unwrap_or(u64::MAX);
+    if size > max_bytes {
+        return Err(format!(
+            "the manifest is {size} bytes; the limit is {}",
+            vmfarm_proto::units::ByteSize(max_bytes)
+        ));
+    }
+    let bytes = git_bytes(dir, &["cat-file", "blob", oid]).await?;
+    String::from_utf8(bytes).map_err(|_| "the manifest is not UTF-8 text".to_owned())
 }
 
 /// `.vmfarm.toml`, or a `.toml` file directly in `.vmfarm/`.
@@ -170,9 +227,14 @@ fn is_manifest_path(path: &str) -> bool {
             .is_some_and(|name| name.ends_with(".toml") && !name.contains('/'))
 }
 
-/// Runs git in `dir` with no user or system config, no prompts and only the file and http(s)
-/// transports; its stdout as text, or its stderr as the error.
+/// [`git_bytes`]'s output as text (bytes that are not UTF-8 replaced).
 async fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
+    Ok(String::from_utf8_lossy(&git_bytes(dir, args).await?).into_owned())
+}
+
+/// Runs git in `dir` with no user or system config, no prompts and only the file and http(s)
+/// transports; its stdout, or its stderr as the error.
+async fn git_bytes(dir: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
     let out = Command::new("git")
         .arg("-C")
         .arg(dir)
@@ -183,6 +245,9 @@ async fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
             "core.askPass=",
             "-c",
             "protocol.file.allow=always",
+            // A repository on this host serves the partial fetch too.
+            "-c",
+            "uploadpack.allowFilter=true",
         ])
         .args(args)
         .env("HOME", dir)
@@ -204,7 +269,7 @@ async fn git(dir: &Path, args: &[&str]) -> Result<String, String> {
             .unwrap_or("");
         return Err(format!("git {} failed: {}", args[0], last.trim()));
     }
-    String::from_utf8(out.stdout).map_err(|_| "the file is not UTF-8 text".to_owned())
+    Ok(out.stdout)
 }
 
 #[cfg(test)]
@@ -246,16 +311,17 @@ mod tests {
         run(&["commit", "--quiet", "-m", "two"]);
         let url = repo.path().to_str().unwrap();
 
-        let files = read(scratch.path(), url, &first, 1024).await.unwrap();
+        let fetched = read(scratch.path(), url, &first, 1024).await.unwrap();
+        assert_eq!(fetched.commit, first);
         assert_eq!(
-            files,
+            fetched.files,
             [ManifestFile {
                 path: ".vmfarm/a.toml".into(),
                 text: Ok("first".into())
             }]
         );
         let second = run(&["rev-parse", "HEAD"]);
-        let files = read(scratch.path(), url, &second, 4).await.unwrap();
+        let files = read(scratch.path(), url, &second, 4).await.unwrap().files;
         assert_eq!(files[0].path, ".vmfarm.toml");
         assert_eq!(files[0].text, Ok("top".into()));
         assert!(

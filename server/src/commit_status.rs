@@ -2,8 +2,9 @@
 //! forge (GitHub's statuses API, GitLab's commit status API, Forgejo's), `pending` when queued
 //! and its result when it ends, with a link to its page. The token is a secret of the
 //! repository's owner (`status_token` in `[[repositories]]`), read when a report is sent. Reports
-//! are an outbox ([`crate::outbox`]): retried with backoff, and sent in order per job (a result
-//! waits while the job's `pending` is still being tried).
+//! are an outbox ([`crate::outbox`]): retried with backoff, and sent in order per status (a
+//! result waits while an earlier report of the same status, its job's or a rerun's, is still
+//! being tried).
 
 use crate::config::Forge;
 use crate::db::WriteTx;
@@ -15,11 +16,16 @@ use serde_json::json;
 use vmfarm_proto::JobState;
 use vmfarm_proto::api::JobPush;
 
+/// A report waits while an earlier one of the same status (the same push, manifest file and
+/// image: the job itself, or the job it reruns) is still being tried, so that the forge gets
+/// them in order.
 const OUTBOX: Outbox = Outbox {
     table: "status_reports",
     columns: "o.report",
-    wait_while: "EXISTS (SELECT 1 FROM status_reports e \
-                 WHERE e.job_id = o.job_id AND e.id < o.id AND e.state = 'pending')",
+    wait_while: "EXISTS (SELECT 1 FROM status_reports e JOIN jobs ej ON ej.id = e.job_id \
+                 JOIN jobs oj ON oj.id = o.job_id \
+                 WHERE e.id < o.id AND e.state = 'pending' AND ej.push_id = oj.push_id \
+                 AND ej.manifest_file = oj.manifest_file AND ej.image = oj.image)",
 };
 
 /// Queues a report of job `job_id`'s `state` (its queueing, or its end) in the transaction that
@@ -249,7 +255,7 @@ mod tests {
                 url,
                 owner: "admin".into(),
                 forge: Some(Forge::Github),
-                webhook_secret: Some("hook secret".into()),
+                webhook_secret: Some("the hook secret of acme".into()),
                 branches: vec!["*".into()],
                 tags: Vec::new(),
                 pull_requests: false,
@@ -280,7 +286,10 @@ mod tests {
                     ("x-github-delivery", "1".to_owned()),
                     (
                         "x-hub-signature-256",
-                        format!("sha256={}", sign(body.as_bytes(), "hook secret")),
+                        format!(
+                            "sha256={}",
+                            sign(body.as_bytes(), "the hook secret of acme")
+                        ),
                     ),
                 ],
                 Body::from(body),

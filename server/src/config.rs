@@ -407,7 +407,11 @@ impl ServerConfig {
     }
 }
 
-/// Each repository once, with a forge only beside its webhook secret, and patterns that parse.
+/// The shortest webhook secret taken: a guessable key lets anyone sign a push.
+const MIN_WEBHOOK_SECRET: usize = 16;
+
+/// Each repository once, with a forge only beside its webhook secret (long enough), and
+/// patterns that parse.
 fn check_repositories(repositories: &[Repository]) -> Result<(), String> {
     let mut names = std::collections::HashSet::new();
     for repo in repositories {
@@ -424,6 +428,16 @@ fn check_repositories(repositories: &[Repository]) -> Result<(), String> {
             return Err(format!(
                 "[[repositories]] `{}`: `url` must be the repository's https:// URL or local path",
                 repo.name
+            ));
+        }
+        if let Some(secret) = &repo.webhook_secret
+            && secret.len() < MIN_WEBHOOK_SECRET
+        {
+            return Err(format!(
+                "[[repositories]] `{}`: `webhook_secret` is {} characters; give it at least \
+                 {MIN_WEBHOOK_SECRET} (e.g. `openssl rand -hex 20`), or anyone could sign calls",
+                repo.name,
+                secret.len()
             ));
         }
         match (repo.forge, &repo.webhook_secret) {
@@ -466,6 +480,24 @@ fn check_repositories(repositories: &[Repository]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_a_forge_repository_needs_a_long_webhook_secret() {
+        let repo = |secret: &str| {
+            format!(
+                "[[repositories]]\nname = \"acme/app\"\nurl = \"https://git.example.org/acme/app.git\"\n\
+                 forge = \"github\"\nwebhook_secret = \"{secret}\"\n"
+            )
+        };
+        let short = ServerConfig::parse(&repo("hunter2")).unwrap_err();
+        assert!(
+            short.contains("`webhook_secret` is 7 characters"),
+            "{short}"
+        );
+        assert!(ServerConfig::parse(&repo(&"x".repeat(16))).is_ok());
+        let unsigned = ServerConfig::parse(&repo("x").replace("webhook_secret = \"x\"\n", ""));
+        assert!(unsigned.unwrap_err().contains("needs a `webhook_secret`"));
+    }
 
     #[test]
     fn test_shipped_config_is_the_defaults() {

@@ -82,7 +82,18 @@ where
         }
         tried += 1;
         let attempts = attempts + 1;
-        let (ok, status) = send(row).await?;
+        // A call that could not even be made counts as a failed attempt, so that it cannot
+        // hold its row (and the calls behind it) forever.
+        let (ok, status) = match send(row).await {
+            Ok(sent) => sent,
+            Err(e) => {
+                tracing::error!(job = job_id, table, error = %e, "an outbound call could not be made");
+                (
+                    false,
+                    "could not be made: the server's error log says why".to_owned(),
+                )
+            }
+        };
         let finished = now_ms();
         let (next_state, next_at) = if ok {
             ("delivered", finished)

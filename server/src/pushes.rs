@@ -28,6 +28,14 @@ pub struct Push<'a> {
     pub via: &'static str,
     /// The forge's delivery id: a second push with the same one builds nothing.
     pub delivery: Option<String>,
+    /// The highest priority its manifests may ask for: the hook's token's cap (a forge's calls
+    /// have none: the operator configured the repository).
+    pub max_priority: Option<i64>,
+}
+
+/// Where pushes fetch their commits: a scratch folder of the data dir, emptied at start.
+pub fn scratch_dir(config: &crate::config::ServerConfig) -> std::path::PathBuf {
+    config.data_dir.join("tmp")
 }
 
 /// The repository named `name` in the server's config.
@@ -87,6 +95,44 @@ pub fn answer(answer: PushAnswer) -> (axum::http::StatusCode, axum::Json<PushAns
     (status, axum::Json(answer))
 }
 
+/// Why `push` (its commit peeled to `commit`) was built already, if it was: its forge delivery
+/// was taken, or its ref built that commit (a forge's redelivery under a new id is not a new
+/// push; `vmfarm rerun` builds a job again).
+async fn seen_before(state: &AppState, push: &Push<'_>, commit: &str) -> AppResult<Option<String>> {
+    let mut reads = state.db.read();
+    if let Some(delivery) = &push.delivery
+        && let Some(row) = reads
+            .fetch_optional(
+                "SELECT id FROM pushes WHERE via = $1 AND delivery = $2",
+                &[push.via.into(), delivery.as_str().into()],
+            )
+            .await?
+    {
+        return Ok(Some(format!(
+            "delivery {delivery} was taken already (push {}): not built again",
+            row.int(0)?
+        )));
+    }
+    let built = reads
+        .fetch_optional(
+            "SELECT id FROM pushes WHERE repository = $1 AND git_ref = $2 AND git_commit = $3",
+            &[
+                push.repository.name.as_str().into(),
+                push.git_ref.as_str().into(),
+                commit.into(),
+            ],
+        )
+        .await?;
+    Ok(built.map(|row| {
+        format!(
+            "{} at {commit} was built already (push {}): not built again; `vmfarm rerun` builds a \
+             job again",
+            push.git_ref,
+            row.int(0).unwrap_or_default()
+        )
+    }))
+}
+
 /// Builds `push`: every manifest of its commit, one group each, or the reason it builds
 /// nothing.
 pub async fn build(state: &AppState, push: Push<'_>) -> AppResult<PushAnswer> {
@@ -103,22 +149,10 @@ pub async fn build(state: &AppState, push: Push<'_>) -> AppResult<PushAnswer> {
             ignored: Some(why),
         });
     }
-    if let Some(delivery) = &push.delivery
-        && let Some(row) = state
-            .db
-            .read()
-            .fetch_optional(
-                "SELECT id FROM pushes WHERE via = $1 AND delivery = $2",
-                &[push.via.into(), delivery.as_str().into()],
-            )
-            .await?
-    {
+    if let Some(why) = seen_before(state, &push, &push.commit).await? {
         return Ok(PushAnswer {
             push: None,
-            ignored: Some(format!(
-                "delivery {delivery} was taken already (push {}): not built again",
-                row.int(0)?
-            )),
+            ignored: Some(why),
         });
     }
     if crate::users::find(&state.db, &state.config, &repo.owner)
@@ -131,20 +165,25 @@ pub async fn build(state: &AppState, push: Push<'_>) -> AppResult<PushAnswer> {
             repo.name, repo.owner, repo.owner
         )));
     }
-    let scratch = state.config.data_dir.join("tmp");
-    let files = commit_manifests::read(
-        &scratch,
+    let fetched = commit_manifests::read(
+        &scratch_dir(&state.config),
         &repo.url,
         &push.commit,
         state.config.limits.max_manifest_size.0,
     )
     .await
     .map_err(|e| AppError::Upstream(e.to_string()))?;
+    // An annotated tag's id names the tag: its commit is what builds and gets statuses.
+    let commit = fetched.commit;
+    let files = fetched.files;
     let checkout = Checkout {
         url: repo.url.clone(),
-        commit: push.commit.clone(),
+        commit: commit.clone(),
     };
-    let submitter = Submitter::uncapped(&repo.owner);
+    let submitter = Submitter {
+        user: repo.owner.clone(),
+        max_priority: push.max_priority,
+    };
     let pull_request = is_pull_request(&push.git_ref);
     let mut planned = Vec::with_capacity(files.len());
     for file in files {
@@ -154,16 +193,24 @@ pub async fn build(state: &AppState, push: Push<'_>) -> AppResult<PushAnswer> {
         repository: repo.name.clone(),
         url: repo.url.clone(),
         git_ref: push.git_ref.clone(),
-        commit: push.commit.clone(),
+        commit: commit.clone(),
         owner: repo.owner.clone(),
         via: push.via,
         delivery: push.delivery.clone(),
         reports: repo.status_api().is_some(),
     };
-    let (push_id, jobs) = state
+    let inserted = state
         .db
         .write(move |tx| Box::pin(async move { row.insert(tx, &planned).await }))
         .await?;
+    let Some((push_id, jobs)) = inserted else {
+        // The same delivery or ref and commit, built meanwhile by a call made at the same time.
+        let why = seen_before(state, &push, &commit).await?;
+        return Ok(PushAnswer {
+            push: None,
+            ignored: Some(why.unwrap_or_else(|| "built already".to_owned())),
+        });
+    };
     crate::jobs::queued(state, jobs);
     crate::outbox::wake(state);
     Ok(PushAnswer {
@@ -214,30 +261,64 @@ fn plan(
         Err(AppError::TooLarge(why)) => return Ok(refused(at_top(why))),
         Err(e) => return Err(e),
     };
-    if let Err(ManifestErrors(errors)) = group.manifest().clone().check_out(checkout) {
+    let mut checked = group.manifest().clone();
+    if let Err(ManifestErrors(errors)) = checked.check_out(checkout) {
         return Ok(refused(errors));
     }
-    if pull_request && !group.manifest().secrets.is_empty() {
-        let errors = group
-            .manifest()
-            .secrets
-            .iter()
-            .map(|s| ManifestError {
-                line: s.at.line,
-                column: s.at.column,
-                message: format!(
-                    "a pull request's build gets no secrets (its code is not the repository's \
-                     yet): `{}` is not handed to it; build secrets on a branch",
-                    s.name
-                ),
-            })
-            .collect();
-        return Ok(refused(errors));
+    if pull_request {
+        let errors = pull_request_refusals(&checked);
+        if !errors.is_empty() {
+            return Ok(refused(errors));
+        }
     }
     Ok(Planned::Group {
         file: file.path,
         group: Box::new(group),
     })
+}
+
+/// What a pull request's manifest (checked out: the pushed repository first) may not ask for,
+/// its code not being the repository's yet (it may come from anyone's fork): the owner's secrets,
+/// the worker's local folders besides the repository itself, webhooks of its choosing.
+fn pull_request_refusals(manifest: &vmfarm_proto::Manifest) -> Vec<ManifestError> {
+    let at_top = |message: String| ManifestError {
+        line: 1,
+        column: 1,
+        message,
+    };
+    let mut errors: Vec<ManifestError> = manifest
+        .secrets
+        .iter()
+        .map(|s| ManifestError {
+            line: s.at.line,
+            column: s.at.column,
+            message: format!(
+                "a pull request's build gets no secrets (its code is not the repository's yet): \
+                 `{}` is not handed to it; build secrets on a branch",
+                s.name
+            ),
+        })
+        .collect();
+    errors.extend(
+        manifest
+            .sources
+            .iter()
+            .skip(1)
+            .filter(|s| s.url.starts_with('/') || s.url.starts_with("file://"))
+            .map(|s| {
+                at_top(format!(
+                    "a pull request's build may not fetch the worker's local folder `{}`",
+                    s.url
+                ))
+            }),
+    );
+    if !manifest.triggers.is_empty() {
+        errors.push(at_top(
+            "a pull request's build may not call [[triggers]] webhooks: build them on a branch"
+                .to_owned(),
+        ));
+    }
+    errors
 }
 
 /// A push about to be recorded.
@@ -256,12 +337,18 @@ struct NewPush {
 impl NewPush {
     /// Records the push and queues its groups; a file whose secrets its owner may not use, or
     /// that would pass the owner's queue limit, is recorded with that error instead. Returns the
-    /// push's id and how many jobs it queued.
-    async fn insert(&self, tx: &mut WriteTx, planned: &[Planned]) -> AppResult<(i64, usize)> {
+    /// push's id and how many jobs it queued; `None` when the push is there already (its
+    /// delivery, or its ref and commit).
+    async fn insert(
+        &self,
+        tx: &mut WriteTx,
+        planned: &[Planned],
+    ) -> AppResult<Option<(i64, usize)>> {
         let push_id = tx
             .fetch_optional(
                 "INSERT INTO pushes (repository, url, git_ref, git_commit, owner, via, delivery, \
-                 reports, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+                 reports, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT DO NOTHING RETURNING id",
                 &[
                     (&self.repository).into(),
                     (&self.url).into(),
@@ -274,9 +361,11 @@ impl NewPush {
                     now_ms().into(),
                 ],
             )
-            .await?
-            .ok_or_else(|| AppError::internal("INSERT ... RETURNING gave no row"))?
-            .int(0)?;
+            .await?;
+        let Some(push_id) = push_id else {
+            return Ok(None);
+        };
+        let push_id = push_id.int(0)?;
         let mut jobs = 0;
         for planned in planned {
             let (file, group_id, errors) = match planned {
@@ -324,7 +413,7 @@ impl NewPush {
             )
             .await?;
         }
-        Ok((push_id, jobs))
+        Ok(Some((push_id, jobs)))
     }
 }
 
@@ -604,6 +693,36 @@ pub(crate) mod tests {
         );
     }
 
+    #[test]
+    fn test_a_pull_requests_manifest_may_not_name_secrets_local_folders_or_webhooks() {
+        let mut manifest = vmfarm_proto::Manifest::parse(
+            "image = \"a\"\nsecrets = [\"deploy\"]\n\
+             [[sources]]\nurl = \"/srv/private\"\n\
+             [[tasks]]\nname = \"t\"\nscript = \"true\"\n\
+             [[triggers]]\non = \"always\"\nwebhook = \"https://example.org/hook\"\n",
+        )
+        .unwrap();
+        manifest
+            .check_out(&Checkout {
+                url: "/srv/git/app.git".into(),
+                commit: "a".repeat(40),
+            })
+            .unwrap();
+        let errors = pull_request_refusals(&manifest);
+        let messages: Vec<&str> = errors.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(errors.len(), 3, "{messages:?}");
+        assert_eq!((errors[0].line, errors[0].column), (2, 12), "at the secret");
+        assert!(
+            messages[1].contains("local folder `/srv/private`"),
+            "{messages:?}"
+        );
+        assert!(messages[2].contains("[[triggers]]"), "{messages:?}");
+        assert!(
+            !messages.iter().any(|m| m.contains("app.git")),
+            "the pushed repository itself is fine"
+        );
+    }
+
     /// The badge of acme/app's main branch, as SVG text.
     async fn badge(app: &TestApp) -> String {
         let answer = app.get("/badge/acme/app.svg?branch=main", ALICE).await;
@@ -627,6 +746,9 @@ pub(crate) mod tests {
             .to_owned();
         app.post(&format!("/api/jobs/{id}/cancel"), ALICE, "").await;
         assert!(badge(&app).await.contains("vmfarm: cancelled"));
+        // A rerun stands for the job it reruns.
+        app.post(&format!("/api/jobs/{id}/rerun"), ALICE, "").await;
+        assert!(badge(&app).await.contains("vmfarm: running"));
         let unknown = app.get("/badge/acme/other.svg", ALICE).await;
         assert_eq!(unknown.status, StatusCode::NOT_FOUND);
     }

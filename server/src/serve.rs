@@ -63,6 +63,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
     store
         .remove_partial_uploads()
         .map_err(|e| ServeError::DataDir(artifacts, e))?;
+    crate::commit_manifests::clear_scratch(&crate::pushes::scratch_dir(&config));
     let db = Db::open(&config.database_url(), config.sqlite_synchronous).await?;
     let secret_key = SecretKey::load(&config.data_dir, true)?;
     let sealed = crate::secrets::seal_stored(&db, &secret_key).await?;

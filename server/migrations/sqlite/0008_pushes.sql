@@ -16,6 +16,8 @@ CREATE TABLE pushes (
 );
 CREATE UNIQUE INDEX pushes_delivery ON pushes (via, delivery);
 CREATE INDEX pushes_branch ON pushes (repository, git_ref, id);
+-- A ref builds a commit once: a redelivery under another id is no new push.
+CREATE UNIQUE INDEX pushes_commit ON pushes (repository, git_ref, git_commit);
 
 CREATE TABLE push_files (
     push_id   BIGINT NOT NULL REFERENCES pushes (id),

@@ -1,7 +1,7 @@
 //! `GET /badge/{repository}.svg?branch=NAME`: an SVG badge with the result of the newest push
 //! of a branch of a configured repository (`passing`, `failing`, `running`, `cancelled`, `no
-//! builds`), for a README. Public like every CI badge (it says no more than that result);
-//! cached by browsers and proxies for 30 s.
+//! builds`; a rerun of one of its jobs stands for that job), for a README. Public like every CI
+//! badge (it says no more than that result); cached by browsers and proxies for 30 s.
 
 use crate::db::Query;
 use crate::error::{AppError, AppResult};
@@ -75,8 +75,8 @@ impl BranchResult {
         }
     }
 
-    /// The result of a push whose jobs are in `states` (not reruns), and whether one of its
-    /// manifests had errors.
+    /// The result of a push whose jobs (the newest of each manifest file and image: a rerun
+    /// stands for its original) are in `states`, and whether one of its manifests had errors.
     pub fn of(states: &[JobState], manifest_errors: bool) -> BranchResult {
         let failed =
             |s: &JobState| matches!(s, JobState::Failed | JobState::TimedOut | JobState::Error);
@@ -113,7 +113,9 @@ async fn newest_result(
     let push_id = push.int(0)?;
     let states = reads
         .fetch_all(
-            "SELECT state FROM jobs WHERE push_id = $1 AND rerun_of IS NULL",
+            "SELECT j.state FROM jobs j WHERE j.push_id = $1 AND j.id = \
+             (SELECT MAX(k.id) FROM jobs k WHERE k.push_id = j.push_id \
+              AND k.manifest_file = j.manifest_file AND k.image = j.image)",
             &[push_id.into()],
         )
         .await?

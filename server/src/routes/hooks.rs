@@ -90,6 +90,7 @@ async fn take_from(
         commit,
         via: forge.as_str(),
         delivery: Some(delivery.id),
+        max_priority: None,
     };
     Ok(pushes::answer(pushes::build(state, push).await?))
 }
@@ -140,9 +141,19 @@ mod tests {
         let url = url.to_owned();
         TestApp::with_config(db, move |c| {
             c.repositories = vec![
-                repository("Codertocat/Hello-World", Forge::Github, "gh secret", &url),
-                repository("mike/diaspora", Forge::Gitlab, "gl-token", &url),
-                repository("forgejo/webhooks", Forge::Forgejo, "fj secret", &url),
+                repository(
+                    "Codertocat/Hello-World",
+                    Forge::Github,
+                    "github webhook secret",
+                    &url,
+                ),
+                repository("mike/diaspora", Forge::Gitlab, "gitlab webhook token", &url),
+                repository(
+                    "forgejo/webhooks",
+                    Forge::Forgejo,
+                    "forgejo webhook secret",
+                    &url,
+                ),
             ];
         })
         .await
@@ -195,7 +206,7 @@ mod tests {
                     ),
                     (
                         "x-hub-signature-256",
-                        format!("sha256={}", sign(&github, "gh secret")),
+                        format!("sha256={}", sign(&github, "github webhook secret")),
                     ),
                 ],
                 github.clone(),
@@ -209,7 +220,7 @@ mod tests {
                         "idempotency-key",
                         "f7d3e6a1-52c5-4a2f-9a4e-0d6c1b8e2f11".to_owned(),
                     ),
-                    ("x-gitlab-token", "gl-token".to_owned()),
+                    ("x-gitlab-token", "gitlab webhook token".to_owned()),
                 ],
                 gitlab.clone(),
                 "refs/heads/master",
@@ -222,7 +233,10 @@ mod tests {
                         "x-forgejo-delivery",
                         "f6266f16-1bf3-46a5-9ea4-602e06ead473".to_owned(),
                     ),
-                    ("x-forgejo-signature", sign(&forgejo, "fj secret")),
+                    (
+                        "x-forgejo-signature",
+                        sign(&forgejo, "forgejo webhook secret"),
+                    ),
                 ],
                 forgejo.clone(),
                 "refs/heads/develop",
@@ -279,6 +293,24 @@ mod tests {
                 replay.body
             );
             assert_eq!(jobs(&app).await, i + 1, "{path}: a replay builds nothing");
+            // The same signed body under another delivery id is no new push either.
+            let mut renamed = headers.clone();
+            renamed[1].1 = format!("{}-again", renamed[1].1);
+            let again = send(&app, path, &renamed, body).await;
+            assert_eq!(again.status, StatusCode::OK, "{path}: {:?}", again.body);
+            assert!(
+                again.body["ignored"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("was built already"),
+                "{path}: {:?}",
+                again.body
+            );
+            assert_eq!(
+                jobs(&app).await,
+                i + 1,
+                "{path}: a renamed replay builds nothing"
+            );
         }
     }
 
@@ -292,7 +324,7 @@ mod tests {
                 ("x-github-delivery", delivery.to_owned()),
                 (
                     "x-hub-signature-256",
-                    format!("sha256={}", sign(body, "gh secret")),
+                    format!("sha256={}", sign(body, "github webhook secret")),
                 ),
             ]
         };

@@ -20,7 +20,8 @@ pub async fn create(
     caller: Caller,
     Json(request): Json<PushRequest>,
 ) -> AppResult<(StatusCode, Json<PushAnswer>)> {
-    let reach = caller.require(Scope::Submit)?.reach();
+    let api = caller.require(Scope::Submit)?;
+    let reach = api.reach();
     let repository = pushes::repository(&state, &request.repository)
         .filter(|r| reach.covers(&r.owner))
         .ok_or_else(|| {
@@ -35,6 +36,7 @@ pub async fn create(
         commit: request.after,
         via: "hook",
         delivery: None,
+        max_priority: api.max_priority,
     };
     Ok(pushes::answer(pushes::build(&state, push).await?))
 }
