@@ -14,6 +14,9 @@ use tokio::sync::{Notify, oneshot};
 /// One end of a session: an upgraded HTTP connection.
 pub type Stream = TokioIo<Upgraded>;
 
+/// Sessions of one job that may wait for its worker at once.
+pub const MAX_WAITING: usize = 8;
+
 /// How long a job's guest counts as reachable after its worker's last poll.
 pub const POLLED_WITHIN: Duration = Duration::from_secs(45);
 
@@ -43,14 +46,18 @@ impl Tunnels {
         f(jobs.entry(job).or_default())
     }
 
-    /// Asks for a session to `job`'s guest: its id, and where the worker's end arrives.
-    pub fn ask(&self, job: i64, id: String) -> oneshot::Receiver<Stream> {
+    /// Asks for a session to `job`'s guest: where the worker's end arrives; `None` when
+    /// [`MAX_WAITING`] sessions of the job wait already.
+    pub fn ask(&self, job: i64, id: String) -> Option<oneshot::Receiver<Stream>> {
         let (send, receive) = oneshot::channel();
         self.with(job, |t| {
+            if t.waiting.len() >= MAX_WAITING {
+                return None;
+            }
             t.waiting.insert(id, send);
             t.asked.notify_one();
-        });
-        receive
+            Some(receive)
+        })
     }
 
     /// Drops a session that was asked for and never taken.
@@ -107,5 +114,32 @@ impl Tunnels {
         self.with(job, |t| {
             t.polled.is_some_and(|p| p.elapsed() < POLLED_WITHIN)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn test_a_jobs_sessions_wait_for_its_worker_up_to_a_limit_and_are_told_once() {
+        let tunnels = Tunnels::default();
+        let waiting: Vec<_> = (0..MAX_WAITING)
+            .map(|i| tunnels.ask(7, format!("s{i}")).expect("room for it"))
+            .collect();
+        assert!(tunnels.ask(7, "one too many".into()).is_none());
+        assert!(tunnels.ask(8, "another job's".into()).is_some());
+        let told = tunnels.poll(7, Duration::from_millis(10)).await;
+        assert_eq!(told.len(), MAX_WAITING);
+        assert!(
+            tunnels.poll(7, Duration::from_millis(10)).await.is_empty(),
+            "told once"
+        );
+        assert!(tunnels.reachable(7), "its worker polled");
+        assert!(tunnels.take(7, "s0").is_some());
+        assert!(tunnels.take(7, "s0").is_none(), "taken once");
+        tunnels.gone(7);
+        assert!(!tunnels.reachable(7));
+        drop(waiting);
     }
 }

@@ -80,7 +80,12 @@ pub async fn open(
     check_upgrade(request.headers())?;
     let upgrade = hyper::upgrade::on(&mut request);
     let tunnel = crate::random::random_hex(8).map_err(AppError::internal)?;
-    let worker_end = state.tunnels.ask(id, tunnel.clone());
+    let worker_end = state.tunnels.ask(id, tunnel.clone()).ok_or_else(|| {
+        AppError::TooMany(format!(
+            "{} sessions to job {id} are waiting for its worker already: try again in a moment",
+            crate::tunnels::MAX_WAITING
+        ))
+    })?;
     let user = api.user.clone();
     tokio::spawn(async move {
         let Ok(user_end) = upgrade.await else {

@@ -14,6 +14,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 use vmfarm_proto::tunnel::{Frame, FrameReader, Open};
 
+/// Sessions one guest serves at once; more are refused with a message.
+const MAX_SESSIONS: usize = 8;
+
 /// How long a session may take to send what it runs.
 const OPEN_WITHIN: Duration = Duration::from_secs(10);
 
@@ -82,6 +85,20 @@ async fn poll(
                 for id in ids {
                     let (client, lease, guest, open) =
                         (client.clone(), lease.clone(), guest.clone(), open.clone());
+                    if open.load(Ordering::SeqCst) >= MAX_SESSIONS {
+                        set.spawn(async move {
+                            let why = format!(
+                                "this guest has {MAX_SESSIONS} sessions open already: close one first"
+                            );
+                            let opened =
+                                tokio::time::timeout(OPEN_WITHIN, client.ssh_session(&lease, &id));
+                            if let Ok(Ok(end)) = opened.await {
+                                let (_, mut to_user) = tokio::io::split(end);
+                                let _ = to_user.write_all(&Frame::Failed(why).encode()).await;
+                            }
+                        });
+                        continue;
+                    }
                     open.fetch_add(1, Ordering::SeqCst);
                     set.spawn(async move {
                         if let Err(e) = session(&client, &lease, &guest, &id).await {
