@@ -527,7 +527,34 @@ pub(crate) mod tests {
     on_both_databases!(
         test_a_push_builds_each_manifest_of_its_commit_and_keeps_the_errors_of_the_others,
         test_a_rerun_keeps_its_push_and_names_its_original,
+        test_a_push_recorded_meanwhile_is_not_recorded_twice,
     );
+
+    /// Two calls for one push that both passed the check before the fetch: the second insert
+    /// records nothing and queues nothing (it answers "built already").
+    async fn test_a_push_recorded_meanwhile_is_not_recorded_twice(db: Database) {
+        let app = TestApp::new(db).await;
+        let push = |delivery: &str| NewPush {
+            repository: "acme/app".into(),
+            url: "/srv/git/app.git".into(),
+            git_ref: "refs/heads/main".into(),
+            commit: "a".repeat(40),
+            owner: "admin".into(),
+            via: "github",
+            delivery: Some(delivery.into()),
+            reports: false,
+        };
+        for (delivery, recorded) in [("d1", true), ("d1", false), ("d2", false)] {
+            let row = push(delivery);
+            let inserted = app
+                .state
+                .db
+                .write(move |tx| Box::pin(async move { row.insert(tx, &[]).await }))
+                .await
+                .unwrap();
+            assert_eq!(inserted.is_some(), recorded, "delivery {delivery}");
+        }
+    }
 
     /// A repository with `files` committed on main; its path and the commit.
     pub(crate) fn repository(files: &[(&str, &str)]) -> (tempfile::TempDir, String) {
