@@ -92,12 +92,13 @@ async fn attach_pushes(db: &Db, jobs: &mut [JobView]) -> AppResult<()> {
         .collect();
     ids.sort_unstable();
     ids.dedup();
-    let pushes = crate::pushes::summaries(db, &ids).await?;
+    let pushes: HashMap<String, (String, String, String)> = crate::pushes::summaries(db, &ids)
+        .await?
+        .into_iter()
+        .map(|(id, repository, git_ref, commit)| (id.to_string(), (repository, git_ref, commit)))
+        .collect();
     for push in jobs.iter_mut().filter_map(|job| job.push.as_mut()) {
-        if let Some((_, repository, git_ref, commit)) = pushes
-            .iter()
-            .find(|(id, ..)| id.to_string() == push.push_id)
-        {
+        if let Some((repository, git_ref, commit)) = pushes.get(&push.push_id) {
             push.repository = repository.clone();
             push.git_ref = git_ref.clone();
             push.commit = commit.clone();

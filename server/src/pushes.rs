@@ -95,6 +95,16 @@ pub fn answer(answer: PushAnswer) -> (axum::http::StatusCode, axum::Json<PushAns
     (status, axum::Json(answer))
 }
 
+/// The longest ref name a push may carry (what it stores and shows).
+const MAX_REF_BYTES: usize = 255;
+
+/// At most the first 80 characters of `text`, escaped: what an error shows of an input.
+fn shown(text: &str) -> String {
+    let head: String = text.chars().take(80).collect();
+    let more = if head.len() < text.len() { "..." } else { "" };
+    format!("{}{more}", head.escape_debug())
+}
+
 /// Why `push` (its commit peeled to `commit`) was built already, if it was: its forge delivery
 /// was taken, or its ref built that commit (a forge's redelivery under a new id is not a new
 /// push; `vmfarm rerun` builds a job again).
@@ -140,7 +150,20 @@ pub async fn build(state: &AppState, push: Push<'_>) -> AppResult<PushAnswer> {
     if !commit_manifests::is_commit_id(&push.commit) {
         return Err(AppError::BadRequest(format!(
             "`{}` is not a full commit id (40 or 64 lower-case hex digits)",
-            push.commit
+            shown(&push.commit)
+        )));
+    }
+    if push.git_ref.is_empty()
+        || push.git_ref.len() > MAX_REF_BYTES
+        || push
+            .git_ref
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(AppError::BadRequest(format!(
+            "`{}` is not a ref name: 1 to {MAX_REF_BYTES} bytes, no spaces or control characters \
+             (refs/heads/NAME, refs/tags/NAME)",
+            shown(&push.git_ref)
         )));
     }
     if let Some(why) = not_built(repo, &push.git_ref, &push.commit) {
@@ -685,6 +708,18 @@ pub(crate) mod tests {
             let ignored = answer.body["ignored"].as_str().unwrap_or_default();
             assert!(ignored.contains(why), "{git_ref}: {ignored}");
         }
+        let long = format!("refs/heads/{}", "x".repeat(300));
+        let answer = app.post("/api/pushes", ALICE, push(&long, &commit)).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{:?}", answer.body);
+        assert!(
+            answer.error().contains("is not a ref name: 1 to 255 bytes"),
+            "{}",
+            answer.error()
+        );
+        assert!(
+            answer.error().len() < 300,
+            "the error shows only the start of the ref"
+        );
         let bad = app
             .post("/api/pushes", ALICE, push("refs/heads/main", "main"))
             .await;
