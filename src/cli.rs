@@ -84,8 +84,9 @@ pub struct UpArgs {
     /// allowed_local_sources... Its server, name, token and directories are `up`'s own.
     #[arg(long, value_name = "FILE")]
     pub worker_config: Option<PathBuf>,
-    /// Build no image: run jobs on the images already in `<data dir>/images` (for hosts without
-    /// the image tools, e.g. when the images were built elsewhere and copied in).
+    /// Build no image, neither the default ones at start nor the image a queued job names: run
+    /// jobs on the images already in `<data dir>/images` (for hosts without the image tools,
+    /// e.g. when the images were built elsewhere and copied in).
     #[arg(long)]
     pub no_build: bool,
     /// An address range (CIDR, e.g. 127.0.0.0/8 or 10.1.0.0/16) that jobs' network may reach

@@ -37,6 +37,9 @@ async fn print_and_follow(
 ) -> anyhow::Result<ExitCode> {
     for job in &submitted.jobs {
         println!("{}\t{}", job.id, job.image);
+        if let Some(waiting) = &job.waiting {
+            eprintln!("job {} waits: {waiting}", job.id);
+        }
     }
     if !follow_logs {
         return Ok(ExitCode::SUCCESS);
@@ -160,6 +163,11 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             origin(job),
             tasks.join(" ")
         );
+    }
+    for job in &jobs {
+        if let Some(waiting) = &job.waiting {
+            println!("job {} waits: {waiting}", job.id);
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

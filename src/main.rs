@@ -8,6 +8,7 @@ mod hook;
 mod server_cmd;
 mod ssh;
 mod up_cmd;
+mod up_images;
 mod validate;
 mod worker_cmd;
 

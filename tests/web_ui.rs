@@ -224,6 +224,24 @@ async fn web_login_submit_watch_download_cancel() {
         .await;
     browser.wait_text("#artifacts", "No artifacts yet").await;
 
+    // A job for an image that no worker offers says so on its page, and which images they do.
+    browser.goto(&format!("{}/submit", server.url)).await;
+    browser
+        .set_value(
+            "#manifest",
+            "image = \"fedora-41\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n",
+        )
+        .await;
+    browser.click("#submit-button").await;
+    browser.wait_text("#job-state", "queued").await;
+    // (The fake worker last called in with debian-12 alone.)
+    browser
+        .wait_text(
+            "#job-waiting",
+            "no worker offers image `fedora-41` (workers offer: debian-12); it waits until one does",
+        )
+        .await;
+
     browser.close().await;
 }
 

@@ -655,3 +655,170 @@ async fn test_the_deadline_and_a_cancel_stop_a_job_outside_its_tasks() {
     assert!(worker.guest_processes().is_empty());
     assert!(worker.leftovers().is_empty(), "{:?}", worker.leftovers());
 }
+
+/// README's one-command farm builds tiny and debian-12; a job for another image must not wait
+/// with no word. `vmfarm up` builds a recipe's image when a queued job names it (saying so in
+/// the job's log) and the job runs; a job whose recipe is broken ends in `error` saying why; a
+/// job for an image no recipe makes stays queued, and the submit answer, `vmfarm status` and
+/// the API say that no worker offers it and which images workers do offer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_vmfarm_up_builds_the_image_a_queued_job_names() {
+    let holder = tempfile::tempdir().unwrap();
+    let data = holder.path().join("data");
+    let recipes = holder.path().join("recipes");
+    std::fs::create_dir_all(&recipes).unwrap();
+    let tiny = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/images/tiny.toml"),
+    )
+    .unwrap();
+    std::fs::write(recipes.join("tiny.toml"), &tiny).unwrap();
+    let demand = tiny.replace("name = \"tiny\"", "name = \"tiny-demand\"");
+    assert_ne!(demand, tiny);
+    std::fs::write(recipes.join("tiny-demand.toml"), demand).unwrap();
+    std::fs::write(
+        recipes.join("broken.toml"),
+        "name = \"broken\"\nboot = \"linux\"\n",
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let server_config = holder.path().join("server.toml");
+    std::fs::write(
+        &server_config,
+        format!(
+            "[[tokens]]\nname = \"admin\"\ntoken = \"{}\"\nscopes = [\"admin\"]\n\
+             [leases]\nlong_poll = \"2s\"\n",
+            common::ADMIN_TOKEN
+        ),
+    )
+    .unwrap();
+    let worker_config = holder.path().join("worker.toml");
+    std::fs::write(
+        &worker_config,
+        format!(
+            "{WORKER}[jail]\nfirst_uid = {}\nuid_count = 4\n",
+            2_600_000 + (std::process::id() % 100_000) * 128,
+        ),
+    )
+    .unwrap();
+    let up_log = holder.path().join("up.log");
+    let mut up = Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+        .args(["up", "--listen", &format!("127.0.0.1:{port}"), "--data"])
+        .arg(&data)
+        .arg("--server-config")
+        .arg(&server_config)
+        .arg("--worker-config")
+        .arg(&worker_config)
+        .env("VMFARM_RECIPES", &recipes)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&up_log).unwrap())
+        .spawn()
+        .unwrap();
+    let api = common::Api {
+        http: reqwest::Client::new(),
+        base: url.clone(),
+        token: common::ADMIN_TOKEN.to_owned(),
+    };
+    let up_said = || std::fs::read_to_string(&up_log).unwrap_or_default();
+    // The worker offers tiny once up has built it.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Ok(r) = api.req(Method::GET, "/api/workers").send().await
+            && let Ok(workers) = r.json::<Value>().await
+            && workers.to_string().contains("\"tiny\"")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no worker offers tiny: {}",
+            up_said()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let job = |image: &str| {
+        format!(
+            "image = \"{image}\"\n[[tasks]]\nname = \"hello\"\nscript = \"echo hello from $(uname -n)\"\n"
+        )
+    };
+    let submitted = api.submit(&job("tiny-demand")).await;
+    assert_eq!(
+        submitted.jobs[0].waiting.as_deref(),
+        Some("no worker offers image `tiny-demand` (workers offer: tiny); it waits until one does"),
+        "{submitted:?}"
+    );
+    let demanded = submitted.jobs[0].id.clone();
+    let broken = api.submit(&job("broken")).await.jobs[0].id.clone();
+    let nope = api.submit(&job("nope")).await;
+    assert!(
+        nope.jobs[0]
+            .waiting
+            .as_deref()
+            .is_some_and(|w| w.contains("no worker offers image `nope`")),
+        "{nope:?}"
+    );
+    let nope = nope.jobs[0].id.clone();
+
+    let ended = wait_ended(&api, &demanded).await;
+    let log = log_of(&api, &demanded).await;
+    assert_eq!(ended["state"], "succeeded", "{ended}\n{log}\n{}", up_said());
+    assert!(
+        log.contains("[vmfarm] vmfarm up is building image `tiny-demand` for this job"),
+        "{log}"
+    );
+    assert!(
+        log.contains("[vmfarm] image `tiny-demand` is built (version "),
+        "{log}"
+    );
+    assert!(log.contains("hello from "), "{log}");
+
+    let ended = wait_ended(&api, &broken).await;
+    assert_eq!(ended["state"], "error", "{ended}");
+    let reason = ended["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("image `broken` cannot be built: recipe ")
+            && reason.contains("broken.toml"),
+        "{ended}"
+    );
+    assert!(log_of(&api, &broken).await.contains(reason));
+
+    // The job no recipe makes waits, and says so: the API, its log, `vmfarm status`.
+    let waiting = wait_for(
+        &api,
+        &nope,
+        "the demanded image among those offered",
+        |j| {
+            j["waiting"]
+                .as_str()
+                .is_some_and(|w| w.contains("workers offer: tiny, tiny-demand"))
+        },
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(waiting["state"], "queued", "{waiting}");
+    let log = log_of(&api, &nope).await;
+    assert!(
+        log.contains("[vmfarm] vmfarm up cannot build image `nope`: no recipe \"nope\""),
+        "{log}"
+    );
+    let status = Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+        .args(["status", &nope])
+        .env("VMFARM_SERVER", &url)
+        .env("VMFARM_TOKEN", common::ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        printed.contains(&format!(
+            "job {nope} waits: no worker offers image `nope` (workers offer: tiny, tiny-demand)"
+        )),
+        "{printed}"
+    );
+    up.kill().unwrap();
+    up.wait().unwrap();
+}

@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 pub struct SubmittedJob {
     pub id: String,
     pub image: String,
+    /// Why it may wait with no end in sight: no worker offers its image now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// Answer to `POST /api/jobs`: one job per image, grouped.
@@ -56,6 +59,9 @@ pub struct JobView {
     /// The job it is a rerun of.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerun_of: Option<String>,
+    /// While it is queued: why it may wait with no end in sight (no worker offers its image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     #[serde(default)]
     pub tasks: Vec<TaskView>,
 }

@@ -382,6 +382,13 @@ impl ServerConfig {
         if config.leases.ttl.0 < Duration::from_secs(1) {
             return Err("leases.ttl is under 1s: workers could not renew in time".into());
         }
+        if config.leases.long_poll.0 > crate::workers::MAX_LONG_POLL {
+            return Err(format!(
+                "leases.long_poll is {}: at most {}s, so that an idle worker is known to be there",
+                config.leases.long_poll,
+                crate::workers::MAX_LONG_POLL.as_secs()
+            ));
+        }
         if config.triggers.max_attempts == 0 {
             return Err("triggers.max_attempts is 0: a webhook needs at least one try".into());
         }
@@ -559,6 +566,7 @@ mod tests {
         let cases = [
             ("listn = \"127.0.0.1:1\"\n", "unknown field `listn`"),
             ("[leases]\nttl = \"30 s\"\n", "unknown unit"),
+            ("[leases]\nlong_poll = \"5m\"\n", "at most 60s"),
             ("[leases]\nmax_attempts = 0\n", "at least one attempt"),
             ("[limits]\nmax_log_size = \"1GB\"\n", "write \"1GiB\""),
             (

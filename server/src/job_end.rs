@@ -57,6 +57,9 @@ pub enum EndedBy {
     Worker,
     /// A user cancelled it before any worker had it.
     User,
+    /// The farm itself, before any worker had it: its image cannot be had (`vmfarm up` could
+    /// not build it).
+    Farm,
     /// The reaper: its worker stopped renewing the lease. The lease is dropped, so that the
     /// lost worker's late writes are refused.
     Reaper,

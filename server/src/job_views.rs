@@ -47,6 +47,8 @@ fn job_from_row(row: &Row) -> AppResult<JobView> {
             _ => None,
         },
         rerun_of: row.opt_int(16)?.map(|id| id.to_string()),
+        // Filled in by `attach_waiting`.
+        waiting: None,
         tasks: Vec::new(),
     })
 }
@@ -107,15 +109,33 @@ async fn attach_pushes(db: &Db, jobs: &mut [JobView]) -> AppResult<()> {
     Ok(())
 }
 
-/// Reads jobs with `sql` (which selects [`JOB_COLUMNS`]), their tasks and their pushes.
+/// Says why each queued job of an image that no worker offers waits.
+async fn attach_waiting(db: &Db, jobs: &mut [JobView]) -> AppResult<()> {
+    if !jobs.iter().any(|job| job.state == JobState::Queued) {
+        return Ok(());
+    }
+    let offered = crate::workers::offered_images(db).await?;
+    for job in jobs.iter_mut().filter(|job| job.state == JobState::Queued) {
+        job.waiting = crate::workers::unoffered(&job.image, &offered);
+    }
+    Ok(())
+}
+
+/// What a job view holds besides its row: its tasks, its push, why it waits.
+async fn attach_all(db: &Db, jobs: &mut [JobView]) -> AppResult<()> {
+    attach_tasks(db, jobs).await?;
+    attach_pushes(db, jobs).await?;
+    attach_waiting(db, jobs).await
+}
+
+/// Reads jobs with `sql` (which selects [`JOB_COLUMNS`]) and all that their views hold.
 async fn jobs_where(db: &Db, sql: &str, args: &[Arg<'_>]) -> AppResult<Vec<JobView>> {
     let rows = db.read().fetch_all(sql, args).await?;
     let mut jobs = rows
         .iter()
         .map(job_from_row)
         .collect::<AppResult<Vec<_>>>()?;
-    attach_tasks(db, &mut jobs).await?;
-    attach_pushes(db, &mut jobs).await?;
+    attach_all(db, &mut jobs).await?;
     Ok(jobs)
 }
 
@@ -204,7 +224,7 @@ pub async fn list(db: &Db, q: &ListQuery, reach: &Reach) -> AppResult<JobList> {
     } else {
         None
     };
-    attach_tasks(db, &mut jobs).await?;
+    attach_all(db, &mut jobs).await?;
     Ok(JobList { jobs, next_before })
 }
 

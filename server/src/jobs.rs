@@ -18,11 +18,12 @@ pub async fn submit(
     submitter: &Submitter,
 ) -> AppResult<SubmitResponse> {
     let new = prepare(state, text, schedule, submitter)?;
-    let response = state
+    let mut response = state
         .db
         .write(move |tx| Box::pin(async move { new.insert(tx, &Origin::default()).await }))
         .await?;
     queued(state, response.jobs.len());
+    crate::workers::say_waiting(&state.db, &mut response.jobs).await?;
     Ok(response)
 }
 
@@ -54,11 +55,12 @@ pub async fn rerun(
         },
         rerun_of: Some(id),
     };
-    let response = state
+    let mut response = state
         .db
         .write(move |tx| Box::pin(async move { new.insert(tx, &origin).await }))
         .await?;
     queued(state, response.jobs.len());
+    crate::workers::say_waiting(&state.db, &mut response.jobs).await?;
     // A pushed job's rerun reports its status too.
     crate::outbox::wake(state);
     Ok(response)
@@ -337,6 +339,7 @@ impl NewGroup {
             jobs.push(SubmittedJob {
                 id: id.to_string(),
                 image: image.clone(),
+                waiting: None,
             });
         }
         Ok(SubmitResponse {

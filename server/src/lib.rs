@@ -14,6 +14,7 @@ pub mod extract;
 pub mod fence;
 pub mod files;
 pub mod forges;
+pub mod image_demand;
 pub mod job_end;
 pub mod job_views;
 pub mod jobs;

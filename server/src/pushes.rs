@@ -236,8 +236,14 @@ pub async fn build(state: &AppState, push: Push<'_>) -> AppResult<PushAnswer> {
     };
     crate::jobs::queued(state, jobs);
     crate::outbox::wake(state);
+    let mut view = get(&state.db, push_id, &Reach::All).await?;
+    crate::workers::say_waiting(
+        &state.db,
+        view.files.iter_mut().flat_map(|file| file.jobs.iter_mut()),
+    )
+    .await?;
     Ok(PushAnswer {
-        push: Some(get(&state.db, push_id, &Reach::All).await?),
+        push: Some(view),
         ignored: None,
     })
 }
@@ -497,6 +503,7 @@ pub async fn get(db: &Db, id: i64, reach: &Reach) -> AppResult<PushView> {
                     Ok(SubmittedJob {
                         id: j.int(0)?.to_string(),
                         image: j.text(1)?,
+                        waiting: None,
                     })
                 })
                 .collect::<AppResult<Vec<_>>>()?,

@@ -118,7 +118,7 @@ fn submit_form(
 }
 
 pub async fn submit_page(State(state): State<AppState>, user: WebUser) -> WebResult<Html<String>> {
-    let images = workers::known_images(&state.db).await?;
+    let images = workers::offered_images(&state.db).await?;
     submit_form(&user, images, "", Vec::new())
 }
 
@@ -184,11 +184,11 @@ pub async fn submit(
                 .iter()
                 .map(|e| format!("line {}, column {}: {}", e.line, e.column, e.message))
                 .collect();
-            let images = workers::known_images(&state.db).await?;
+            let images = workers::offered_images(&state.db).await?;
             Ok(submit_form(&user, images, &text, lines)?.into_response())
         }
         Err(AppError::BadRequest(message)) => {
-            let images = workers::known_images(&state.db).await?;
+            let images = workers::offered_images(&state.db).await?;
             Ok(submit_form(&user, images, &text, vec![message])?.into_response())
         }
         Err(e) => Err(e.into()),
@@ -427,7 +427,7 @@ pub async fn history(
             first_page => first_page, paged => !q.before.is_empty(), f => context! {
                 state => q.state, image => q.image, tag => q.tag, schedule => q.schedule,
             },
-            states => states, images => workers::known_images(&state.db).await?, schedules => schedules,
+            states => states, images => workers::offered_images(&state.db).await?, schedules => schedules,
         },
     )
 }
