@@ -10,7 +10,8 @@ pub const DEFAULT_SERVER: &str = "http://127.0.0.1:8080";
 #[command(
     name = "vmfarm",
     version,
-    about = "A build farm that runs every build in a fresh virtual machine"
+    about = "A build farm that runs every build in a fresh virtual machine",
+    after_help = crate::exit_status::HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -26,16 +27,19 @@ pub enum Command {
     /// Run a worker: lease jobs from a server and run them in guests.
     Worker(WorkerArgs),
     /// Submit a job manifest; prints one line per job (id, image).
+    #[command(after_help = crate::exit_status::HELP)]
     Submit(SubmitArgs),
     /// Show jobs.
     Status(StatusArgs),
     /// Print a job's log.
+    #[command(after_help = crate::exit_status::HELP)]
     Logs(LogsArgs),
     /// Download every artifact of a job.
     Artifacts(ArtifactsArgs),
     /// Cancel a job.
     Cancel(CancelArgs),
     /// Run a job again (its manifest, on its image, from the same push); prints the new job.
+    #[command(after_help = crate::exit_status::HELP)]
     Rerun(RerunArgs),
     /// A shell, or a command, in a running job's guest or a failed job's kept guest (through
     /// the server; the job's owner or an admin). Exits with the session's status.
@@ -52,6 +56,14 @@ pub enum Command {
     Vm(VmCommand),
     /// Benchmarks, each printed beside its reference.
     Bench(BenchArgs),
+    /// Print the completion script of a shell (bash: `vmfarm completions bash >
+    /// /etc/bash_completion.d/vmfarm`).
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages (vmfarm.1, vmfarm-submit.1, ...) into a folder.
+    ManPages {
+        /// Where to write them (made if missing).
+        dir: PathBuf,
+    },
 }
 
 /// How a client reaches a server.
@@ -133,6 +145,10 @@ pub enum ServerAction {
         /// Say what would go, and delete nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print the outcome as JSON (`dry_run`, `expiring`: `job`, `reason`, `artifact_bytes`;
+        /// after a sweep `expired`, `purged`, `orphans`).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -223,9 +239,12 @@ pub struct WorkerArgs {
 pub struct SubmitArgs {
     #[command(flatten)]
     pub client: ClientArgs,
-    /// Stream the logs; exit 0 only if every job succeeded.
+    /// Stream the logs (on stderr with --json); the exit status says how the jobs ended.
     #[arg(long)]
     pub follow: bool,
+    /// Print the submit answer as JSON (`group_id`, `jobs`: `id`, `image`, `waiting`).
+    #[arg(long)]
+    pub json: bool,
     /// The job manifest (TOML).
     pub file: PathBuf,
 }
@@ -244,8 +263,13 @@ pub struct StatusArgs {
 pub struct LogsArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Stream the log until the job ends; the exit status says how it ended.
     #[arg(long)]
     pub follow: bool,
+    /// Print the log's chunks as JSON lines (`offset`, `stream`, `task`, `ts_ms`, `data`); with
+    /// --follow, a last line `{"state": ...}`.
+    #[arg(long)]
+    pub json: bool,
     pub job: String,
 }
 
@@ -257,12 +281,18 @@ pub struct ArtifactsArgs {
     /// Where to put them.
     #[arg(long, default_value = ".")]
     pub out: PathBuf,
+    /// Print what was downloaded as a JSON array (`name`, `path`, `size`, `sha256`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct CancelArgs {
     #[command(flatten)]
     pub client: ClientArgs,
+    /// Print the job as JSON (as `status --json` shows a job).
+    #[arg(long)]
+    pub json: bool,
     pub job: String,
 }
 
@@ -271,9 +301,12 @@ pub struct RerunArgs {
     #[command(flatten)]
     pub client: ClientArgs,
     pub job: String,
-    /// Stream the new job's log; exit 0 only if it succeeded.
+    /// Stream the new job's log (on stderr with --json); the exit status says how it ended.
     #[arg(long)]
     pub follow: bool,
+    /// Print the answer as JSON, as `submit --json` does.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -301,10 +334,17 @@ pub struct PostReceiveArgs {
     /// The repository's name in the server's `[[repositories]]`.
     #[arg(long, env = "VMFARM_REPOSITORY")]
     pub repository: String,
+    /// Print each ref's answer as a JSON line (`push` or `ignored`, as `POST /api/pushes` gives).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
+    /// Print a JSON array: each file with `ok`, its `summary` or its `errors` (`line`, `column`,
+    /// `message`).
+    #[arg(long)]
+    pub json: bool,
     /// Manifests to check.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,

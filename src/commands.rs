@@ -2,6 +2,7 @@
 
 use crate::cli::{ArtifactsArgs, CancelArgs, LogsArgs, RerunArgs, StatusArgs, SubmitArgs};
 use crate::client::{Client, read_sse};
+use crate::exit_status;
 use anyhow::{Context, bail};
 use reqwest::Method;
 use serde::Deserialize;
@@ -25,35 +26,36 @@ pub async fn submit(args: SubmitArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|e| prefix_manifest_errors(e, &args.file.display().to_string()))?;
     let submitted: SubmitResponse = response.json().await?;
-    print_and_follow(&client, &submitted, args.follow).await
+    print_and_follow(&client, &submitted, args.follow, args.json).await
 }
 
-/// Prints one line per submitted job (id, image); with `follow`, streams their logs and exits 0
-/// only if every one succeeded.
+/// Prints one line per submitted job (id, image), or the answer as JSON; with `follow`, streams
+/// their logs (to stderr with `json`) and exits with the status their ends give.
 async fn print_and_follow(
     client: &Client,
     submitted: &SubmitResponse,
     follow_logs: bool,
+    json: bool,
 ) -> anyhow::Result<ExitCode> {
-    for job in &submitted.jobs {
-        println!("{}\t{}", job.id, job.image);
-        if let Some(waiting) = &job.waiting {
-            eprintln!("job {} waits: {waiting}", job.id);
+    if json {
+        println!("{}", serde_json::to_string_pretty(submitted)?);
+    } else {
+        for job in &submitted.jobs {
+            println!("{}\t{}", job.id, job.image);
+            if let Some(waiting) = &job.waiting {
+                eprintln!("job {} waits: {waiting}", job.id);
+            }
         }
     }
     if !follow_logs {
         return Ok(ExitCode::SUCCESS);
     }
-    let mut all_ok = true;
+    let to = if json { LogTo::Stderr } else { LogTo::Stdout };
+    let mut ends = Vec::new();
     for job in &submitted.jobs {
-        let state = follow(client, &job.id, Some(&job.image)).await?;
-        all_ok &= state == JobState::Succeeded;
+        ends.push(follow(client, &job.id, Some(&job.image), to).await?);
     }
-    Ok(if all_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(exit_status::of_states(ends))
 }
 
 /// Manifest errors come back as `LINE:COL: message` lines; name the file in front of each.
@@ -85,19 +87,44 @@ struct EndEvent {
     state: String,
 }
 
-/// Streams a job's log to stdout until it ends; returns its final state.
-async fn follow(client: &Client, job: &str, label: Option<&str>) -> anyhow::Result<JobState> {
+/// Where a followed log goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogTo {
+    /// Its text, on stdout.
+    Stdout,
+    /// Its text, on stderr (stdout carries JSON).
+    Stderr,
+    /// Its chunks as JSON lines on stdout, as the server sends them.
+    JsonLines,
+}
+
+/// Streams a job's log until it ends, as `to` says; returns its final state.
+async fn follow(
+    client: &Client,
+    job: &str,
+    label: Option<&str>,
+    to: LogTo,
+) -> anyhow::Result<JobState> {
     let response = client
         .send(client.request(Method::GET, &format!("/api/jobs/{job}/log/stream")))
         .await?;
     let mut final_state = None;
-    let mut stdout = std::io::stdout();
+    let mut out: Box<dyn Write> = match to {
+        LogTo::Stderr => Box::new(std::io::stderr()),
+        LogTo::Stdout | LogTo::JsonLines => Box::new(std::io::stdout()),
+    };
     read_sse(response, |event, data| {
         match event {
+            "log" if to == LogTo::JsonLines => {
+                // Checked to be JSON, then passed on as one line.
+                let chunk: serde_json::Value = serde_json::from_str(data)?;
+                writeln!(out, "{chunk}")?;
+                out.flush()?;
+            }
             "log" => {
                 let chunk: LogEvent = serde_json::from_str(data)?;
-                stdout.write_all(chunk.data.as_bytes())?;
-                stdout.flush()?;
+                out.write_all(chunk.data.as_bytes())?;
+                out.flush()?;
             }
             "end" => {
                 let end: EndEvent = serde_json::from_str(data)?;
@@ -110,6 +137,9 @@ async fn follow(client: &Client, job: &str, label: Option<&str>) -> anyhow::Resu
     })
     .await?;
     let state = final_state.context("the log stream ended without the job's state")?;
+    if to == LogTo::JsonLines {
+        println!("{}", serde_json::json!({ "state": state }));
+    }
     match label {
         Some(image) => eprintln!("job {job} ({image}): {state}"),
         None => eprintln!("job {job}: {state}"),
@@ -197,20 +227,22 @@ fn origin(job: &JobView) -> String {
 pub async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(&args.client)?;
     if args.follow {
-        let state = follow(&client, &args.job, None).await?;
-        return Ok(if state == JobState::Succeeded {
-            ExitCode::SUCCESS
+        let to = if args.json {
+            LogTo::JsonLines
         } else {
-            ExitCode::FAILURE
-        });
+            LogTo::Stdout
+        };
+        let state = follow(&client, &args.job, None, to).await?;
+        return Ok(exit_status::of_states([state]));
     }
+    let format = if args.json { "&format=json" } else { "" };
     let mut from: u64 = 0;
     let mut stdout = std::io::stdout();
     loop {
         let response = client
             .send(client.request(
                 Method::GET,
-                &format!("/api/jobs/{}/log?from={from}", args.job),
+                &format!("/api/jobs/{}/log?from={from}{format}", args.job),
             ))
             .await?;
         let size: u64 = response
@@ -219,10 +251,22 @@ pub async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let bytes = response.bytes().await?;
-        stdout.write_all(&bytes)?;
-        from += bytes.len() as u64;
-        if bytes.is_empty() || from >= size {
+        let read = if args.json {
+            // `[{offset, stream, task, ts_ms, data}]`, passed on a line each.
+            let chunks: Vec<serde_json::Value> = response.json().await?;
+            let mut read = 0;
+            for chunk in &chunks {
+                writeln!(stdout, "{chunk}")?;
+                read += chunk["data"].as_str().map_or(0, |d| d.len() as u64);
+            }
+            read
+        } else {
+            let bytes = response.bytes().await?;
+            stdout.write_all(&bytes)?;
+            bytes.len() as u64
+        };
+        from += read;
+        if read == 0 || from >= size {
             break;
         }
     }
@@ -239,6 +283,7 @@ pub async fn artifacts(args: ArtifactsArgs) -> anyhow::Result<ExitCode> {
     if list.is_empty() {
         eprintln!("job {} has no artifacts", args.job);
     }
+    let mut downloaded = Vec::new();
     for artifact in &list {
         if let Err(e) = check_artifact_path(&artifact.name) {
             bail!(
@@ -267,12 +312,20 @@ pub async fn artifacts(args: ArtifactsArgs) -> anyhow::Result<ExitCode> {
             );
         }
         std::fs::write(&dest, &bytes).with_context(|| format!("writing {}", dest.display()))?;
-        println!(
-            "{}\t{} bytes\tsha256:{}",
-            dest.display(),
-            artifact.size,
-            artifact.sha256
-        );
+        if !args.json {
+            println!(
+                "{}\t{} bytes\tsha256:{}",
+                dest.display(),
+                artifact.size,
+                artifact.sha256
+            );
+        }
+        downloaded.push(serde_json::json!({
+            "name": artifact.name, "path": dest, "size": artifact.size, "sha256": artifact.sha256,
+        }));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&downloaded)?);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -284,7 +337,11 @@ pub async fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
         .await?
         .json()
         .await?;
-    println!("{}\t{}", job.id, job.state);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&job)?);
+    } else {
+        println!("{}\t{}", job.id, job.state);
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -295,5 +352,5 @@ pub async fn rerun(args: RerunArgs) -> anyhow::Result<ExitCode> {
         .await?
         .json()
         .await?;
-    print_and_follow(&client, &submitted, args.follow).await
+    print_and_follow(&client, &submitted, args.follow, args.json).await
 }

@@ -44,7 +44,15 @@ pub async fn post_receive(args: PostReceiveArgs) -> anyhow::Result<ExitCode> {
         match answer {
             Ok(response) => {
                 let answer: PushAnswer = response.json().await?;
-                all_ok &= report(&client, git_ref, &answer);
+                if args.json {
+                    println!("{}", serde_json::to_string(&answer)?);
+                    all_ok &= answer
+                        .push
+                        .iter()
+                        .all(|push| push.files.iter().all(|f| f.errors.is_empty()));
+                } else {
+                    all_ok &= report(&client, git_ref, &answer);
+                }
             }
             Err(e) => {
                 eprintln!("vmfarm: {git_ref}: {e:#}");
@@ -102,6 +110,9 @@ fn print_push(client: &Client, push: &PushView) -> bool {
                 job.image,
                 client.url(&format!("/jobs/{}", job.id))
             );
+            if let Some(waiting) = &job.waiting {
+                println!("    waits: {waiting}");
+            }
         }
         for e in &file.errors {
             println!("  {}:{}:{}: {}", file.file, e.line, e.column, e.message);

@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod client;
 mod commands;
+mod exit_status;
 mod hook;
 mod server_cmd;
 mod ssh;
@@ -25,7 +26,18 @@ fn main() -> ExitCode {
         init_logging();
         return vm_run(&vm.args);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // Help and the version are what was asked for; a usage error is an error (1).
+            return if e.use_stderr() {
+                ExitCode::from(exit_status::ERROR)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     init_logging();
     match cli.command {
         Command::Validate(args) => validate::run(&args),
@@ -54,6 +66,21 @@ fn main() -> ExitCode {
         Command::Rerun(args) => block_on(commands::rerun(args)),
         Command::Ssh(args) => block_on(ssh::run(args)),
         Command::Hook(cli::HookCommand::PostReceive(args)) => block_on(hook::post_receive(args)),
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "vmfarm", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::ManPages { dir } => match man_pages(&dir) {
+            Ok(written) => {
+                println!("{written} manual pages written to {}", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vmfarm man-pages: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Bench(args) => match args.which {
             cli::BenchKind::Boot(args) => match bench::boot::run(&args) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -88,6 +115,33 @@ fn main() -> ExitCode {
             }),
         },
     }
+}
+
+/// Writes `vmfarm.1` and one page per subcommand (`vmfarm-submit.1`, `vmfarm-server-token.1`,
+/// ...) into `dir`; returns how many.
+fn man_pages(dir: &std::path::Path) -> anyhow::Result<usize> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut command = <Cli as clap::CommandFactory>::command();
+    command.build();
+    let mut pending = vec![("vmfarm".to_owned(), command)];
+    let mut written = 0;
+    while let Some((name, command)) = pending.pop() {
+        // Not clap's own `help` subcommands: each page has its options already.
+        let pages = command
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help");
+        for sub in pages {
+            pending.push((format!("{name}-{}", sub.get_name()), sub.clone()));
+        }
+        let page = command.clone().name(name.clone());
+        let mut text = Vec::new();
+        clap_mangen::Man::new(page).render(&mut text)?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        written += 1;
+    }
+    Ok(written)
 }
 
 /// Log lines go to stderr, filtered by `VMFARM_LOG` (default `info`): a level (`warn`), or

@@ -58,7 +58,7 @@ async fn admin(config: ServerConfig, action: ServerAction) -> anyhow::Result<()>
     let db = Db::open(&config.database_url(), config.sqlite_synchronous).await?;
     match action {
         ServerAction::Token(action) => token(&db, &config, action).await?,
-        ServerAction::Gc { dry_run } => gc(&db, &config, dry_run).await?,
+        ServerAction::Gc { dry_run, json } => gc(&db, &config, dry_run, json).await?,
         ServerAction::Secret(SecretAction::Set {
             name,
             user,
@@ -125,40 +125,58 @@ async fn admin(config: ServerConfig, action: ServerAction) -> anyhow::Result<()>
     Ok(())
 }
 
-/// `vmfarm server gc [--dry-run]`.
-async fn gc(db: &Db, config: &ServerConfig, dry_run: bool) -> anyhow::Result<()> {
+/// `vmfarm server gc [--dry-run] [--json]`.
+async fn gc(db: &Db, config: &ServerConfig, dry_run: bool, json: bool) -> anyhow::Result<()> {
     let now = vmfarm_server::db::now_ms();
     let retention = &config.retention;
-    if !retention.is_set() {
+    if !retention.is_set() && !json {
         println!(
             "no retention is configured ([retention] keep_for or max_artifact_store in the server config): no job expires"
         );
     }
     let plan = retention::plan(db, retention, now).await?;
     let verb = if dry_run { "would expire" } else { "expires" };
+    let mut expiring = Vec::new();
     for e in &plan {
-        println!(
-            "job {} {verb}: {} ({} of artifacts)",
-            e.job,
-            e.reason,
-            ByteSize(e.artifact_bytes)
-        );
+        if json {
+            expiring.push(serde_json::json!({
+                "job": e.job.to_string(), "reason": e.reason, "artifact_bytes": e.artifact_bytes,
+            }));
+        } else {
+            println!(
+                "job {} {verb}: {} ({} of artifacts)",
+                e.job,
+                e.reason,
+                ByteSize(e.artifact_bytes)
+            );
+        }
     }
+    let mut out = serde_json::json!({ "dry_run": dry_run, "expiring": expiring });
     let bytes: u64 = plan.iter().map(|e| e.artifact_bytes).sum();
     if dry_run {
-        println!(
-            "{} jobs would expire, {} of artifacts (dry run: nothing deleted)",
-            plan.len(),
-            ByteSize(bytes)
-        );
-        return Ok(());
+        if !json {
+            println!(
+                "{} jobs would expire, {} of artifacts (dry run: nothing deleted)",
+                plan.len(),
+                ByteSize(bytes)
+            );
+        }
+    } else {
+        let store = ArtifactStore::new(config.data_dir.join("artifacts"));
+        let swept = retention::sweep(db, &store, &plan, now).await?;
+        if !json {
+            println!(
+                "{} jobs expired, {} purged, {} files no row pointed at removed",
+                swept.expired, swept.purged, swept.orphans
+            );
+        }
+        out["expired"] = swept.expired.into();
+        out["purged"] = swept.purged.into();
+        out["orphans"] = swept.orphans.into();
     }
-    let store = ArtifactStore::new(config.data_dir.join("artifacts"));
-    let swept = retention::sweep(db, &store, &plan, now).await?;
-    println!(
-        "{} jobs expired, {} purged, {} files no row pointed at removed",
-        swept.expired, swept.purged, swept.orphans
-    );
+    if json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
     Ok(())
 }
 

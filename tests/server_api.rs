@@ -972,3 +972,161 @@ async fn tokens_are_listed_and_revoked_on_a_running_server(backend: Backend) {
         StatusCode::OK
     );
 }
+
+/// `vmfarm` with `args` against `server` as the admin.
+fn vmfarm(server: &TestServer, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+        .args(args)
+        .env("VMFARM_SERVER", &server.url)
+        .env("VMFARM_TOKEN", common::ADMIN_TOKEN)
+        .output()
+        .unwrap()
+}
+
+/// Scripts tell a job's end apart by the exit status of `logs --follow` (and `submit
+/// --follow`): failed 2, timed out 3, cancelled 4, error 5; a usage or connection error is 1;
+/// `--json` prints what a script parses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cli_exit_statuses_and_json() {
+    let server = TestServer::start_with(Backend::Sqlite, SHORT_POLL);
+    let api = server.admin();
+    let worker = FakeWorker::new(&server, 0);
+    for (end, status) in [
+        (JobState::Succeeded, 0),
+        (JobState::Failed, 2),
+        (JobState::TimedOut, 3),
+        (JobState::Cancelled, 4),
+        (JobState::Error, 5),
+    ] {
+        let id = api.submit(&manifest("a", &["build"])).await.jobs[0]
+            .id
+            .clone();
+        let follower = std::process::Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+            .args(["logs", "--follow", "--json", &id])
+            .env("VMFARM_SERVER", &server.url)
+            .env("VMFARM_TOKEN", common::ADMIN_TOKEN)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lease = worker.lease(&["a"]).await.unwrap();
+        worker.start(&lease).await;
+        worker.log(&lease, 1, "compiling\n").await;
+        let r = worker.job_state(&lease, end).await;
+        assert_eq!(r.status(), 204, "{}", r.text().await.unwrap());
+        let out = tokio::task::spawn_blocking(move || follower.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(status),
+            "{end}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["data"] == "compiling\n" && l["task"] == "build"),
+            "{lines:?}"
+        );
+        assert_eq!(lines.last().unwrap(), &serde_json::json!({ "state": end }));
+        // The log without --follow, as JSON lines too.
+        let out = vmfarm(&server, &["logs", "--json", &id]);
+        assert!(out.status.success());
+        let first: Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap())
+                .unwrap();
+        assert_eq!(first["offset"], 0, "{first}");
+    }
+
+    // submit --json and status --json and cancel --json parse; the job waits for an image no
+    // worker offers, and says so.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), manifest("zz", &["build"])).unwrap();
+    let out = vmfarm(
+        &server,
+        &["submit", "--json", &file.path().display().to_string()],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let submitted: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = submitted["jobs"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        submitted["jobs"][0]["waiting"],
+        "no worker offers image `zz` (workers offer: a); it waits until one does"
+    );
+    let out = vmfarm(&server, &["cancel", "--json", &id]);
+    let cancelled: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cancelled["state"], "cancelled");
+
+    // Usage and connection errors are 1; help says what each status means.
+    let out = vmfarm(&server, &["submit"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FILE"));
+    let out = vmfarm(&server, &["status", "--server", "http://127.0.0.1:9"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = vmfarm(&server, &["logs", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("4  a followed job was cancelled"), "{help}");
+
+    // validate --json: each file's verdict, errors with line and column.
+    let bad = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        bad.path(),
+        "image = \"a\"\n[[tasks]]\nname = \"t\"\nscrpt = \"x\"\n",
+    )
+    .unwrap();
+    let out = vmfarm(
+        &server,
+        &[
+            "validate",
+            "--json",
+            &file.path().display().to_string(),
+            &bad.path().display().to_string(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let verdicts: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(verdicts[0]["ok"], true, "{verdicts}");
+    assert_eq!(verdicts[1]["ok"], false, "{verdicts}");
+    assert_eq!(
+        (
+            &verdicts[1]["errors"][1]["line"],
+            &verdicts[1]["errors"][1]["column"]
+        ),
+        (&4.into(), &1.into()),
+        "{verdicts}"
+    );
+
+    // Completions and man pages come from the same definitions.
+    let out = vmfarm(&server, &["completions", "bash"]);
+    let script = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        script.contains("_vmfarm") && script.contains("--follow"),
+        "{script}"
+    );
+    let pages = tempfile::tempdir().unwrap();
+    let out = vmfarm(&server, &["man-pages", &pages.path().display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let submit_page = std::fs::read_to_string(pages.path().join("vmfarm-submit.1")).unwrap();
+    assert!(
+        submit_page.contains(".TH") && submit_page.contains("follow"),
+        "{submit_page}"
+    );
+    assert!(pages.path().join("vmfarm-server-token-create.1").is_file());
+    let top = std::fs::read_to_string(pages.path().join("vmfarm.1")).unwrap();
+    assert!(top.contains("Exit status"), "{top}");
+}

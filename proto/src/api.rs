@@ -210,6 +210,10 @@ mod tests {
                 file: ".vmfarm/build.toml".into(),
             }),
             rerun_of: Some("2".into()),
+            waiting: Some(
+                "no worker offers image `tiny` (workers offer: debian-12); it waits until one does"
+                    .into(),
+            ),
             tasks: vec![TaskView {
                 name: "build".into(),
                 state: TaskState::Running,

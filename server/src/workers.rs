@@ -130,7 +130,7 @@ pub fn unoffered(image: &str, offered: &[String]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::GONE_AFTER_MS;
-    use crate::db::{Query, now_ms};
+    use crate::db::now_ms;
     use crate::test_utils::{ADMIN, Database, TestApp, on_both_databases};
     use axum::http::StatusCode;
 
@@ -204,7 +204,7 @@ mod tests {
             .as_array()
             .unwrap()
             .iter()
-            .find(|j| j["id"] == second_a.to_string())
+            .find(|j| j["id"].as_str() == Some(&second_a.to_string()))
             .unwrap()
             .clone();
         assert_eq!(listed["waiting"], gone, "{list}");

@@ -93,12 +93,18 @@ pub struct BuildArgs {
     /// The static guest agent (default: `vmfarm-agent` beside this program).
     #[arg(long, env = "VMFARM_AGENT")]
     pub agent: Option<PathBuf>,
+    /// Print the image as JSON (`dir`, `reused`, `seconds` and its `image.toml` as `manifest`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {
     #[command(flatten)]
     pub dir: ImagesDirArg,
+    /// Print a JSON array of the images (`dir`, `current`, and each `image.toml` as `manifest`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -159,6 +165,14 @@ pub fn run(args: ImagesArgs) -> anyhow::Result<()> {
             })
             .with_context(|| format!("building image {}", recipe.name))?;
             let m = &report.image.manifest;
+            if args.json {
+                let json = serde_json::json!({
+                    "dir": report.image.dir, "reused": report.reused, "seconds": report.seconds,
+                    "manifest": m,
+                });
+                println!("{}", serde_json::to_string_pretty(&json)?);
+                return Ok(());
+            }
             let state = if report.reused { "up to date" } else { "built" };
             println!(
                 "{} {} {state} in {:.1} s: {} ({} {}), kernel {}, {}",
@@ -176,6 +190,23 @@ pub fn run(args: ImagesArgs) -> anyhow::Result<()> {
             let dir = args.dir.resolve();
             let images = list(&dir)?;
             let current = current(&dir)?;
+            let runs = |image: &InstalledImage| {
+                current
+                    .get(&image.manifest.name)
+                    .is_some_and(|c| c.manifest.version == image.manifest.version)
+            };
+            if args.json {
+                let json: Vec<_> = images
+                    .iter()
+                    .map(|image| {
+                        serde_json::json!({
+                            "dir": image.dir, "current": runs(image), "manifest": image.manifest,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&json)?);
+                return Ok(());
+            }
             if images.is_empty() {
                 println!(
                     "no images in {} (make one with `vmfarm images build RECIPE`)",
@@ -186,12 +217,9 @@ pub fn run(args: ImagesArgs) -> anyhow::Result<()> {
                 "{:<16} {:<14} {:<10} {:<8} {:<24} {:>10}",
                 "NAME", "VERSION", "OS", "RELEASE", "KERNEL", "SIZE"
             );
-            for image in images {
+            for image in &images {
                 let m = &image.manifest;
                 let size: u64 = m.files.values().map(|f| f.size).sum();
-                let runs = current
-                    .get(&m.name)
-                    .is_some_and(|c| c.manifest.version == m.version);
                 println!(
                     "{:<16} {:<14} {:<10} {:<8} {:<24} {:>7} MiB{}",
                     m.name,
@@ -200,7 +228,11 @@ pub fn run(args: ImagesArgs) -> anyhow::Result<()> {
                     m.system.release,
                     m.system.kernel_version,
                     size >> 20,
-                    if runs { "  (jobs run this one)" } else { "" }
+                    if runs(image) {
+                        "  (jobs run this one)"
+                    } else {
+                        ""
+                    }
                 );
             }
         }
