@@ -447,8 +447,15 @@ fn c_project() -> tempfile::TempDir {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn test_a_c_project_builds_on_debian_12_and_13_in_one_group() {
-    let dir = images(&["debian-12", "debian-13"]);
+async fn test_a_c_project_builds_on_debian_11_12_and_13_in_one_group() {
+    // Three releases, each with its own kernel (the prefix of its `uname -r`) and gcc.
+    let releases = [
+        ("debian-11", "5.10."),
+        ("debian-12", "6.1."),
+        ("debian-13", "6.12."),
+    ];
+    let names = releases.map(|(name, _)| name);
+    let dir = images(&names);
     let repo = c_project();
     let server = TestServer::start(Backend::Sqlite);
     let extra = format!(
@@ -458,9 +465,9 @@ async fn test_a_c_project_builds_on_debian_12_and_13_in_one_group() {
     );
     let worker = TestWorker::start(&server, 0, &dir, &extra);
     let manifest = format!(
-        "images = [\"debian-12\", \"debian-13\"]\ntimeout = \"20m\"\n[environment]\nCC = \"gcc\"\n\
+        "images = [\"debian-11\", \"debian-12\", \"debian-13\"]\ntimeout = \"20m\"\n[environment]\nCC = \"gcc\"\n\
          [[sources]]\nurl = \"file://{}\"\nref = \"main\"\npath = \"project\"\n\
-         [[tasks]]\nname = \"build\"\nscript = \"\"\"\ncd project\nmake\n./hello\n\"\"\"\n\
+         [[tasks]]\nname = \"build\"\nscript = \"\"\"\necho kernel $(uname -r)\ncd project\nmake\n./hello\n\"\"\"\n\
          [[artifacts]]\npath = \"project/hello\"\n",
         repo.path().display()
     );
@@ -479,7 +486,7 @@ async fn test_a_c_project_builds_on_debian_12_and_13_in_one_group() {
     );
     let jobs: Vec<(String, String)> = stdout
         .lines()
-        .take(2)
+        .take(names.len())
         .map(|l| {
             let mut parts = l.split('\t');
             (
@@ -488,16 +495,13 @@ async fn test_a_c_project_builds_on_debian_12_and_13_in_one_group() {
             )
         })
         .collect();
-    assert_eq!(
-        jobs.iter().map(|j| j.1.as_str()).collect::<Vec<_>>(),
-        ["debian-12", "debian-13"]
-    );
+    assert_eq!(jobs.iter().map(|j| j.1.as_str()).collect::<Vec<_>>(), names);
     let api = server.admin();
     let group = api.get_json(&format!("/api/jobs/{}", jobs[0].0)).await["group_id"].clone();
     let group = api
         .get_json(&format!("/api/groups/{}", group.as_str().unwrap()))
         .await;
-    assert_eq!(group["jobs"].as_array().unwrap().len(), 2);
+    assert_eq!(group["jobs"].as_array().unwrap().len(), names.len());
     let mut compilers = Vec::new();
     for (id, image) in &jobs {
         let outdir = tempfile::tempdir().unwrap();
@@ -520,14 +524,22 @@ async fn test_a_c_project_builds_on_debian_12_and_13_in_one_group() {
             "{image}: {said}"
         );
         compilers.push(said);
+        let log = log_of(&api, id).await;
         assert!(
-            log_of(&api, id).await.contains("hello from vmfarm"),
+            log.contains("hello from vmfarm"),
             "the task's own run is in the log"
         );
+        let kernel = releases.iter().find(|r| r.0 == image).unwrap().1;
+        assert!(
+            log.contains(&format!("kernel {kernel}")),
+            "{image} booted its own kernel {kernel}: {log}"
+        );
     }
-    assert_ne!(
-        compilers[0], compilers[1],
-        "each release built it with its own gcc"
+    let distinct: std::collections::HashSet<_> = compilers.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        compilers.len(),
+        "each release built it with its own gcc: {compilers:?}"
     );
 }
 
