@@ -23,6 +23,14 @@ farm_pkgs=(
   "file:/usr/bin/file"
   "binutils:/usr/bin/strip"
   "git:/usr/bin/git"
+  # Images that boot by firmware: OVMF (UEFI), their disks (the EFI partition, the partition
+  # table) and each job's cloud-init seed (a FAT disk).
+  "ovmf:/usr/share/ovmf/OVMF.fd"
+  "dosfstools:/usr/sbin/mkfs.vfat"
+  "mtools:/usr/bin/mcopy"
+  "fdisk:/usr/sbin/sfdisk"
+  # `ip`, which the tests use to find the host's addresses
+  "iproute2:/usr/sbin/ip"
 )
 test_pkgs=(
   "postgresql:/usr/lib/postgresql/15/bin/postgres"

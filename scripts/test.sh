@@ -16,7 +16,7 @@ target=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 cargo build --locked --release -p vmfarm-agent --target x86_64-unknown-linux-musl
 export VMFARM_AGENT=$target/x86_64-unknown-linux-musl/release/vmfarm-agent
 cargo build --locked -p vmfarm
-for image in tiny debian-11 debian-12 debian-13; do
+for image in tiny debian-11 debian-12 debian-13 debian-12-cloud; do
   "$target/debug/vmfarm" images build "$image" --images-dir "$VMFARM_CACHE/test-images"
 done
 

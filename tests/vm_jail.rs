@@ -17,7 +17,7 @@ use tokio::io::AsyncReadExt as _;
 use vmfarm_proto::units::ByteSize;
 use vmfarm_worker::backend::jail::{Jailer, choose_jail};
 use vmfarm_worker::backend::kvm::KvmBackend;
-use vmfarm_worker::backend::{Backend, BootSpec};
+use vmfarm_worker::backend::{Backend, Boot, BootSpec, LinuxBoot};
 use vmfarm_worker::config::{JailConfig, JailMode};
 
 const VMFARM: &str = env!("CARGO_BIN_EXE_vmfarm");
@@ -157,12 +157,14 @@ async fn test_jailed_vmm_seen_from_proc() {
     let backend = KvmBackend::new(VMFARM.into(), jailer);
     let run_dir = dir.path().join("run").join("vm");
     let spec = BootSpec {
-        kernel: kernel.clone(),
-        initrd: None,
+        boot: Boot::Linux(LinuxBoot {
+            kernel: kernel.clone(),
+            initrd: None,
+            cmdline: "console=ttyS0".into(),
+        }),
         base_disk: base.clone(),
         vcpus: 1,
         memory_mib: 64,
-        cmdline: "console=ttyS0".into(),
         run_dir: run_dir.clone(),
     };
     let started = Instant::now();

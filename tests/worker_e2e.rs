@@ -447,27 +447,43 @@ fn c_project() -> tempfile::TempDir {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn test_a_c_project_builds_on_debian_11_12_and_13_in_one_group() {
-    // Three releases, each with its own kernel (the prefix of its `uname -r`) and gcc.
+async fn test_a_c_project_builds_on_debian_11_12_and_13_and_a_cloud_image_in_one_group() {
+    // Three releases, each with its own kernel (the prefix of its `uname -r`) and gcc, and a
+    // disk that boots by UEFI with cloud-init and its own OpenSSH (Debian 12's system).
     let releases = [
         ("debian-11", "5.10."),
         ("debian-12", "6.1."),
         ("debian-13", "6.12."),
+        ("debian-12-cloud", "6.1."),
     ];
     let names = releases.map(|(name, _)| name);
     let dir = images(&names);
     let repo = c_project();
+    // What the guests try to reach, and must not: a port of the host, on every address.
+    let host_port = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    host_port.set_nonblocking(true).unwrap();
+    let port = host_port.local_addr().unwrap().port();
+    let host_address = host_addresses()
+        .into_iter()
+        .next()
+        .expect("the host has an address besides loopback");
     let server = TestServer::start(Backend::Sqlite);
     let extra = format!(
         "allowed_local_sources = [\"{}\"]\n{}",
         repo.path().display(),
-        WORKER.replace("default_memory = \"512MiB\"", "default_memory = \"1GiB\"")
+        WORKER
+            .replace("default_memory = \"512MiB\"", "default_memory = \"1GiB\"")
+            .replace("boot_timeout = \"120s\"", "boot_timeout = \"300s\"")
     );
     let worker = TestWorker::start(&server, 0, &dir, &extra);
     let manifest = format!(
-        "images = [\"debian-11\", \"debian-12\", \"debian-13\"]\ntimeout = \"20m\"\n[environment]\nCC = \"gcc\"\n\
+        "images = {names:?}\ntimeout = \"20m\"\n[environment]\nCC = \"gcc\"\n\
+         HOST = \"{host_address}\"\nPORT = \"{port}\"\n\
          [[sources]]\nurl = \"file://{}\"\nref = \"main\"\npath = \"project\"\n\
-         [[tasks]]\nname = \"build\"\nscript = \"\"\"\necho kernel $(uname -r)\ncd project\nmake\n./hello\n\"\"\"\n\
+         [[tasks]]\nname = \"build\"\nscript = \"\"\"\necho kernel $(uname -r) user $(id -un) job $VMFARM_JOB_ID\n\
+         for to in $HOST 10.0.2.2 127.0.0.1; do\n\
+           if timeout 5 bash -c \"exec 3<>/dev/tcp/$to/$PORT\" 2>/dev/null; then echo REACHED $to; else echo unreachable $to; fi\n\
+         done\ncd project\nmake\n./hello\n\"\"\"\n\
          [[artifacts]]\npath = \"project/hello\"\n",
         repo.path().display()
     );
@@ -502,7 +518,7 @@ async fn test_a_c_project_builds_on_debian_11_12_and_13_in_one_group() {
         .get_json(&format!("/api/groups/{}", group.as_str().unwrap()))
         .await;
     assert_eq!(group["jobs"].as_array().unwrap().len(), names.len());
-    let mut compilers = Vec::new();
+    let mut compilers = std::collections::BTreeMap::new();
     for (id, image) in &jobs {
         let outdir = tempfile::tempdir().unwrap();
         let out = cli(
@@ -523,7 +539,7 @@ async fn test_a_c_project_builds_on_debian_11_12_and_13_in_one_group() {
             said.starts_with("hello from vmfarm, built by "),
             "{image}: {said}"
         );
-        compilers.push(said);
+        compilers.insert(image.clone(), said);
         let log = log_of(&api, id).await;
         assert!(
             log.contains("hello from vmfarm"),
@@ -531,16 +547,47 @@ async fn test_a_c_project_builds_on_debian_11_12_and_13_in_one_group() {
         );
         let kernel = releases.iter().find(|r| r.0 == image).unwrap().1;
         assert!(
-            log.contains(&format!("kernel {kernel}")),
-            "{image} booted its own kernel {kernel}: {log}"
+            log.contains(&format!("kernel {kernel}"))
+                && log.contains(&format!("user build job {id}")),
+            "{image} booted its own kernel {kernel} and ran the task as build with the job's variables: {log}"
         );
+        assert!(!log.contains("REACHED"), "{image} reached the host: {log}");
+        assert_eq!(log.matches("unreachable ").count(), 3, "{log}");
     }
-    let distinct: std::collections::HashSet<_> = compilers.iter().collect();
+    assert!(
+        host_port.accept().is_err(),
+        "no guest connected to the host's port"
+    );
+    let releases: std::collections::HashSet<_> = ["debian-11", "debian-12", "debian-13"]
+        .iter()
+        .map(|r| &compilers[*r])
+        .collect();
     assert_eq!(
-        distinct.len(),
-        compilers.len(),
+        releases.len(),
+        3,
         "each release built it with its own gcc: {compilers:?}"
     );
+    let cloud = log_of(&api, &jobs[3].0).await;
+    assert!(
+        cloud.contains("-----BEGIN SSH HOST KEY FINGERPRINTS-----")
+            && cloud.contains("guest ready in"),
+        "the cloud image's console, with cloud-init's host keys: {cloud}"
+    );
+}
+
+/// The host's IPv4 addresses besides loopback (`ip -4 -o addr`).
+fn host_addresses() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-4", "-o", "addr", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter_map(|cidr| cidr.split('/').next())
+        .filter(|a| !a.starts_with("127."))
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A git server over http that accepts connections and never answers: a fetch from it (through

@@ -13,9 +13,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use sha2::{Digest as _, Sha256};
 use vmfarm_worker::backend::qemu::{Accel, QemuBackend};
-use vmfarm_worker::backend::{Backend, BootSpec, GuestCmdline, Vm};
+use vmfarm_worker::backend::{Backend, Boot, BootSpec, GuestCmdline, LinuxBoot, Vm};
 use vmfarm_worker::guest::{
-    ExecLimits, Guest, JobKey, OutputStream, SshError, SshOptions, wait_ready,
+    Announcer, ExecLimits, Guest, JobKey, OutputStream, SshError, SshOptions, wait_ready,
 };
 use vmfarm_worker::images::{self, BuildOptions, InstalledImage, Recipe};
 
@@ -130,12 +130,14 @@ async fn boot(image: &InstalledImage, run_dir: &Path) -> Booted {
         emulated: backend.emulated(),
     };
     let spec = BootSpec {
-        kernel: image.kernel(),
-        initrd: Some(image.initrd()),
+        boot: Boot::Linux(LinuxBoot {
+            kernel: image.kernel(),
+            initrd: Some(image.initrd()),
+            cmdline: cmdline.compose(),
+        }),
         base_disk: image.rootfs(),
         vcpus: 2,
         memory_mib: 1024,
-        cmdline: cmdline.compose(),
         run_dir: run_dir.to_owned(),
     };
     let start = Instant::now();
@@ -144,7 +146,13 @@ async fn boot(image: &InstalledImage, run_dir: &Path) -> Booted {
     let log = std::sync::Arc::new(Mutex::new(Vec::new()));
     let sink_log = log.clone();
     let mut sink = move |b: &[u8]| sink_log.lock().unwrap().extend_from_slice(b);
-    let ready = wait_ready(&mut console, &mut sink, Duration::from_secs(180)).await;
+    let ready = wait_ready(
+        &mut console,
+        &mut sink,
+        Duration::from_secs(180),
+        Announcer::Agent,
+    )
+    .await;
     let fingerprint = match ready {
         Ok(fp) => fp,
         Err(e) => panic!(

@@ -12,8 +12,8 @@ use tokio::process::Command;
 
 use super::jail::{GuestJail, Jailer};
 use super::{
-    AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, Prepared, ProcessVm, Vm,
-    clear_environment, die_with_parent, prepare,
+    AgentChannel, Backend, BackendError, Boot, BootSpec, BoxFuture, ChannelKind, LinuxBoot,
+    Prepared, ProcessVm, Vm, clear_environment, die_with_parent, prepare,
 };
 
 /// The guest port the agent serves SSH on.
@@ -48,15 +48,15 @@ impl KvmBackend {
         args
     }
 
-    /// The `vm run` arguments for `spec`.
-    pub fn args(spec: &BootSpec, overlay: &Path, vsock: &Path) -> Vec<String> {
+    /// The `vm run` arguments for `spec`, which boots `linux`.
+    pub fn args(spec: &BootSpec, linux: &LinuxBoot, overlay: &Path, vsock: &Path) -> Vec<String> {
         let mut args = vec![
             "vm".to_owned(),
             "run".to_owned(),
             "--kernel".to_owned(),
-            spec.kernel.display().to_string(),
+            linux.kernel.display().to_string(),
         ];
-        if let Some(initrd) = &spec.initrd {
+        if let Some(initrd) = &linux.initrd {
             args.extend(["--initrd".to_owned(), initrd.display().to_string()]);
         }
         args.extend([
@@ -69,7 +69,7 @@ impl KvmBackend {
             "--memory".to_owned(),
             format!("{}MiB", spec.memory_mib),
             "--cmdline".to_owned(),
-            spec.cmdline.clone(),
+            linux.cmdline.clone(),
         ]);
         args
     }
@@ -90,10 +90,16 @@ impl Backend for KvmBackend {
 
     fn boot<'a>(&'a self, spec: &'a BootSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>> {
         Box::pin(async move {
+            let Boot::Linux(linux) = &spec.boot else {
+                return Err(BackendError::Unsupported {
+                    backend: "kvm",
+                    why: "it boots Linux kernels; a disk that boots by firmware runs on the qemu backend".into(),
+                });
+            };
             let Prepared { dir, overlay, jail } = prepare(spec, self.jail.as_ref())?;
             let vsock = dir.0.join("vsock.sock");
             let mut command = Command::new(&self.vmm);
-            command.args(Self::args(spec, &overlay, &vsock));
+            command.args(Self::args(spec, linux, &overlay, &vsock));
             if let Some(jail) = &jail {
                 command.args(Self::jail_args(&dir.0, jail));
             }
@@ -169,17 +175,21 @@ mod tests {
             (Some(PathBuf::from("/img/initrd")), 2, 512),
             (None, 1, 4096),
         ] {
-            let spec = BootSpec {
+            let linux = LinuxBoot {
                 kernel: "/img/kernel".into(),
                 initrd: initrd.clone(),
+                cmdline: cmdline.clone(),
+            };
+            let spec = BootSpec {
+                boot: Boot::Linux(linux.clone()),
                 base_disk: "/img/rootfs.qcow2".into(),
                 vcpus,
                 memory_mib,
-                cmdline: cmdline.clone(),
                 run_dir: "/run/g".into(),
             };
             let args = KvmBackend::args(
                 &spec,
+                &linux,
                 Path::new("/run/g/o.qcow2"),
                 Path::new("/run/g/v.sock"),
             );
@@ -191,7 +201,7 @@ mod tests {
             .unwrap_or_else(|e| panic!("vm run refuses {args:?}: {e}"));
             let vm = VmConfig::try_from(&cli.args)
                 .unwrap_or_else(|e| panic!("vm run refuses {args:?}: {e}"));
-            assert_eq!(vm.kernel, spec.kernel);
+            assert_eq!(vm.kernel, linux.kernel);
             assert_eq!(vm.initrd, initrd);
             assert_eq!(
                 vm.disks,

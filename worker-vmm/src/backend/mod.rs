@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use vmfarm_proto::guest::{ChannelKind, GuestCmdline};
 
+use crate::images::recipe::Firmware;
 use crate::vmm::qcow2::overlay::OverlayError;
 
 /// A boxed future, so that backends can be chosen at run time (`dyn Backend`).
@@ -34,17 +35,33 @@ pub type Console = Box<dyn AsyncRead + Send + Unpin>;
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct BootSpec {
-    pub kernel: PathBuf,
-    pub initrd: Option<PathBuf>,
+    pub boot: Boot,
     /// The image's read-only base disk (qcow2); the backend boots a per-guest overlay on it.
     pub base_disk: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u32,
-    /// The complete kernel command line ([`GuestCmdline::compose`]); the backend adds nothing.
-    pub cmdline: String,
     /// A folder of this guest's own where the backend keeps its files (overlay, sockets); the
     /// folder is created, and removed with everything in it when the [`Vm`] is dropped.
     pub run_dir: PathBuf,
+}
+
+/// How the guest boots.
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// A kernel handed to the VMM, the agent in its initramfs (both backends).
+    Linux(LinuxBoot),
+    /// The disk's own boot loader, started by `firmware`; cloud-init reads `seed`, a NoCloud
+    /// disk the worker made for the job ([`crate::guest::cloud_init`]). QEMU only.
+    Firmware { firmware: Firmware, seed: PathBuf },
+}
+
+/// A direct kernel boot.
+#[derive(Debug, Clone)]
+pub struct LinuxBoot {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    /// The complete kernel command line ([`GuestCmdline::compose`]); the backend adds nothing.
+    pub cmdline: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +89,8 @@ pub enum BackendError {
     Kill(#[source] std::io::Error),
     #[error("jailing the VMM")]
     Jail(#[from] jail::JailError),
+    #[error("the {backend} backend cannot boot this image: {why}")]
+    Unsupported { backend: &'static str, why: String },
 }
 
 /// A guest's folder (overlay, sockets), removed when dropped, after its VMM has been killed.
@@ -133,12 +152,20 @@ pub(crate) fn clear_environment(command: &mut tokio::process::Command) {
     }
 }
 
-/// How the agent's SSH stream is reached on the host.
+/// How the guest's SSH server is reached on the host.
 pub(crate) enum AgentChannel {
     /// QEMU's virtio-serial port, served on this Unix socket.
     SerialSocket(PathBuf),
     /// The integrated VMM's hybrid vsock socket and the guest port.
     Vsock { socket: PathBuf, port: u32 },
+    /// The loopback port QEMU's user-mode network forwards to the guest's port 22; in the
+    /// network namespace of the VMM's process when it has one of its own (jailed). `qmp` is
+    /// QEMU's control socket, which presses the guest's ACPI power button.
+    Loopback {
+        port: u16,
+        own_netns: bool,
+        qmp: PathBuf,
+    },
 }
 
 /// A guest's VMM process (QEMU or `vmfarm vm run`): its console on the process's stdout, the
@@ -179,19 +206,32 @@ impl Vm for ProcessVm {
 
     fn connect(&mut self) -> BoxFuture<'_, Result<Box<dyn GuestIo>, BackendError>> {
         Box::pin(async move {
-            let (path, stream) = match &self.channel {
-                AgentChannel::SerialSocket(path) => {
-                    (path, tokio::net::UnixStream::connect(path).await)
-                }
-                AgentChannel::Vsock { socket, port } => {
-                    (socket, kvm::connect_vsock(socket, *port).await)
+            let connect_error =
+                |path: PathBuf| move |source| BackendError::Connect { path, source };
+            let stream: Box<dyn GuestIo> = match &self.channel {
+                AgentChannel::SerialSocket(path) => Box::new(
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map_err(connect_error(path.clone()))?,
+                ),
+                AgentChannel::Vsock { socket, port } => Box::new(
+                    kvm::connect_vsock(socket, *port)
+                        .await
+                        .map_err(connect_error(socket.clone()))?,
+                ),
+                AgentChannel::Loopback {
+                    port, own_netns, ..
+                } => {
+                    let netns = own_netns.then(|| self.child.id()).flatten();
+                    let shown = PathBuf::from(format!("127.0.0.1:{port}"));
+                    Box::new(
+                        qemu::connect_loopback(*port, netns)
+                            .await
+                            .map_err(connect_error(shown))?,
+                    )
                 }
             };
-            let stream = stream.map_err(|source| BackendError::Connect {
-                path: path.clone(),
-                source,
-            })?;
-            Ok(Box::new(stream) as Box<dyn GuestIo>)
+            Ok(stream)
         })
     }
 
@@ -201,6 +241,21 @@ impl Vm for ProcessVm {
 
     fn memory_exhausted(&self) -> Option<String> {
         self.jail.as_ref()?.memory_exhausted()
+    }
+
+    fn power_off(&mut self) -> BoxFuture<'_, Result<bool, BackendError>> {
+        Box::pin(async move {
+            match &self.channel {
+                AgentChannel::Loopback { qmp, .. } => qemu::press_power_button(qmp)
+                    .await
+                    .map(|()| true)
+                    .map_err(|source| BackendError::Connect {
+                        path: qmp.clone(),
+                        source,
+                    }),
+                AgentChannel::SerialSocket(_) | AgentChannel::Vsock { .. } => Ok(false),
+            }
+        })
     }
 
     fn kill(&mut self) -> BoxFuture<'_, Result<(), BackendError>> {
@@ -236,6 +291,10 @@ pub trait Vm: Send {
     /// Why the host ended the guest's VMM, when it did: the kernel killed it at its memory
     /// limit. Asked when a step failed, before the guest is killed.
     fn memory_exhausted(&self) -> Option<String>;
+    /// Presses the guest's ACPI power button, for a guest without vmfarm's agent to shut it
+    /// down (the caller then waits for the VM to end, and kills it). `Ok(false)`: the guest has
+    /// the agent, which shuts it down instead.
+    fn power_off(&mut self) -> BoxFuture<'_, Result<bool, BackendError>>;
     /// Ends the guest at once; a guest that has already ended is left as it is.
     fn kill(&mut self) -> BoxFuture<'_, Result<(), BackendError>>;
 }

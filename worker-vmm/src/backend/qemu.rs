@@ -1,6 +1,13 @@
 //! The `qemu` backend: qemu-system-x86_64 `-M microvm`, the agent's SSH over a virtio-serial
 //! port on a Unix socket, the console on QEMU's stdout, a qcow2 overlay per guest (made as the
 //! `kvm` backend makes it, by [`prepare`]).
+//!
+//! A disk that boots by firmware runs on `-M q35` with OVMF (UEFI) or SeaBIOS, the job's
+//! cloud-init seed as a second disk, and a user-mode network (QEMU's slirp) of its own with
+//! `restrict=on`: the guest reaches nothing through it, and its port 22 is forwarded from a
+//! loopback port of the VMM's network namespace (the jail's own, which the worker enters to
+//! connect; the host's when unjailed). The guest's egress is the worker's proxy, reached
+//! through SSH as on the agent images.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -10,14 +17,20 @@ use tokio::process::Command;
 
 use super::jail::{GuestJail, Jailer};
 use super::{
-    AgentChannel, Backend, BackendError, BootSpec, BoxFuture, ChannelKind, Prepared, ProcessVm, Vm,
-    clear_environment, die_with_parent, prepare,
+    AgentChannel, Backend, BackendError, Boot, BootSpec, BoxFuture, ChannelKind, LinuxBoot,
+    Prepared, ProcessVm, Vm, clear_environment, die_with_parent, prepare,
 };
+use crate::images::recipe::Firmware;
 
 const QEMU: &str = "qemu-system-x86_64";
 /// QEMU's TCG translation cache, in MiB. QEMU's own default is up to 1 GiB, which would be
 /// resident beside the guest's RAM; this bound is part of what `[jail] memory_overhead` covers.
 const TCG_CODE_CACHE_MIB: u32 = 256;
+/// OVMF as one image (code and variables; the variables are not kept), Debian package `ovmf`.
+pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+/// The loopback port forwarded to a firmware guest's SSH server in a jailed QEMU's own
+/// network namespace (where nothing else listens).
+const JAILED_SSH_PORT: u16 = 2222;
 
 /// How QEMU runs guest code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,8 +120,8 @@ impl QemuBackend {
         args
     }
 
-    /// QEMU's arguments for `spec`, booting `overlay` and serving SSH on `socket`.
-    pub fn args(&self, spec: &BootSpec, overlay: &Path, socket: &Path) -> Vec<String> {
+    /// How QEMU runs guest code: `-accel` and `-cpu`.
+    fn accel_args(&self) -> [String; 4] {
         let (accel, cpu) = match self.accel {
             Accel::Tcg => (
                 format!("tcg,thread=multi,tb-size={TCG_CODE_CACHE_MIB}"),
@@ -116,13 +129,14 @@ impl QemuBackend {
             ),
             Accel::Kvm => ("kvm".to_owned(), "host"),
         };
-        let mut args: Vec<String> = vec![
-            "-M".into(),
-            "microvm,rtc=on".into(),
-            "-accel".into(),
-            accel,
-            "-cpu".into(),
-            cpu.into(),
+        ["-accel".into(), accel, "-cpu".into(), cpu.into()]
+    }
+
+    /// What every guest has: its size, no default devices, the console on stdout, a random
+    /// source.
+    fn common_args(&self, spec: &BootSpec) -> Vec<String> {
+        let mut args: Vec<String> = self.accel_args().into();
+        args.extend([
             "-smp".into(),
             spec.vcpus.to_string(),
             "-m".into(),
@@ -133,12 +147,29 @@ impl QemuBackend {
             "-no-reboot".into(),
             "-serial".into(),
             "stdio".into(),
+            "-object".into(),
+            "rng-random,id=rng,filename=/dev/urandom".into(),
+        ]);
+        args
+    }
+
+    /// QEMU's arguments for `spec`, booting `linux` from `overlay` and serving SSH on `socket`.
+    pub fn args(
+        &self,
+        spec: &BootSpec,
+        linux: &LinuxBoot,
+        overlay: &Path,
+        socket: &Path,
+    ) -> Vec<String> {
+        let mut args: Vec<String> = vec!["-M".into(), "microvm,rtc=on".into()];
+        args.extend(self.common_args(spec));
+        args.extend([
             "-kernel".into(),
-            spec.kernel.display().to_string(),
+            linux.kernel.display().to_string(),
             "-append".into(),
-            spec.cmdline.clone(),
-        ];
-        if let Some(initrd) = &spec.initrd {
+            linux.cmdline.clone(),
+        ]);
+        if let Some(initrd) = &linux.initrd {
             args.extend(["-initrd".into(), initrd.display().to_string()]);
         }
         args.extend([
@@ -153,8 +184,6 @@ impl QemuBackend {
             // never resets, and QEMU (-no-reboot) never exits.
             "-device".into(),
             "i8042".into(),
-            "-object".into(),
-            "rng-random,id=rng,filename=/dev/urandom".into(),
             "-device".into(),
             "virtio-rng-device,rng=rng".into(),
             "-device".into(),
@@ -166,6 +195,123 @@ impl QemuBackend {
         ]);
         args
     }
+
+    /// QEMU's arguments for `spec`, booting `overlay` by `firmware` with the cloud-init `seed`,
+    /// the guest's port 22 forwarded from loopback port `ssh_port`.
+    pub fn firmware_args(
+        &self,
+        spec: &BootSpec,
+        firmware: Firmware,
+        seed: &Path,
+        overlay: &Path,
+        ssh_port: u16,
+        qmp: &Path,
+    ) -> Vec<String> {
+        let mut args: Vec<String> = vec!["-M".into(), "q35".into()];
+        args.extend(self.common_args(spec));
+        if firmware == Firmware::Uefi {
+            args.extend(["-bios".into(), OVMF.into()]);
+        }
+        args.extend([
+            "-drive".into(),
+            format!(
+                "id=disk,file={},format=qcow2,if=none,discard=unmap",
+                overlay.display()
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=disk,bootindex=0".into(),
+            "-drive".into(),
+            format!(
+                "id=seed,file={},format=raw,if=none,readonly=on",
+                seed.display()
+            ),
+            "-device".into(),
+            "virtio-blk-pci,drive=seed".into(),
+            "-netdev".into(),
+            format!("user,id=net,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:22"),
+            "-device".into(),
+            "virtio-net-pci,netdev=net".into(),
+            "-device".into(),
+            "virtio-rng-pci,rng=rng".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp.display()),
+        ]);
+        args
+    }
+}
+
+/// The longest line QEMU's control socket may answer with.
+const QMP_LINE: usize = 64 * 1024;
+
+/// Presses the ACPI power button of the guest whose QEMU serves QMP on `socket`: the greeting,
+/// `qmp_capabilities`, then `system_powerdown`, each answered within 5 s.
+pub(crate) async fn press_power_button(socket: &Path) -> std::io::Result<()> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+    let exchange = async {
+        let stream = tokio::net::UnixStream::connect(socket).await?;
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read.take(QMP_LINE as u64 * 4)).lines();
+        let mut answer = async || -> std::io::Result<String> {
+            let line = lines
+                .next_line()
+                .await?
+                .ok_or_else(|| std::io::Error::other("QEMU closed its control socket"))?;
+            if line.contains("\"error\"") {
+                return Err(std::io::Error::other(format!("QEMU refused: {line}")));
+            }
+            Ok(line)
+        };
+        answer().await?;
+        for command in ["qmp_capabilities", "system_powerdown"] {
+            write
+                .write_all(format!("{{\"execute\": \"{command}\"}}\n").as_bytes())
+                .await?;
+            // Events (a line with "event") may come before the answer.
+            while answer().await?.contains("\"event\"") {}
+        }
+        Ok(())
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| std::io::Error::other("QEMU's control socket did not answer within 5 s"))?
+}
+
+/// A loopback port free now in the host's network namespace (for an unjailed firmware guest).
+fn free_loopback_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind(("127.0.0.1", 0))?
+        .local_addr()?
+        .port())
+}
+
+/// Connects to loopback `port`, in the network namespace of process `netns` when given: from a
+/// thread of its own that enters that namespace and ends after (a thread of the async runtime
+/// would stay there).
+pub(crate) async fn connect_loopback(
+    port: u16,
+    netns: Option<u32>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let Some(pid) = netns else {
+        return tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+    };
+    let namespace = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: setns takes a descriptor this thread owns; it moves only this thread, which
+        // connects and ends.
+        let entered = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
+        let stream = if entered == 0 {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+        let _ = tx.send(stream);
+    });
+    let stream = rx
+        .await
+        .map_err(|_| std::io::Error::other("the connecting thread ended"))??;
+    stream.set_nonblocking(true)?;
+    tokio::net::TcpStream::from_std(stream)
 }
 
 impl Backend for QemuBackend {
@@ -184,9 +330,33 @@ impl Backend for QemuBackend {
     fn boot<'a>(&'a self, spec: &'a BootSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>> {
         Box::pin(async move {
             let Prepared { dir, overlay, jail } = prepare(spec, self.jail.as_ref())?;
-            let socket = dir.0.join("ssh.sock");
             let mut command = Command::new(QEMU);
-            command.args(self.args(spec, &overlay, &socket));
+            let channel = match &spec.boot {
+                Boot::Linux(linux) => {
+                    let socket = dir.0.join("ssh.sock");
+                    command.args(self.args(spec, linux, &overlay, &socket));
+                    AgentChannel::SerialSocket(socket)
+                }
+                Boot::Firmware { firmware, seed } => {
+                    if *firmware == Firmware::Uefi && !Path::new(OVMF).is_file() {
+                        return Err(BackendError::MissingTool {
+                            tool: OVMF,
+                            package: "ovmf",
+                        });
+                    }
+                    let port = match jail {
+                        Some(_) => JAILED_SSH_PORT,
+                        None => free_loopback_port().map_err(BackendError::Spawn)?,
+                    };
+                    let qmp = dir.0.join("qmp.sock");
+                    command.args(self.firmware_args(spec, *firmware, seed, &overlay, port, &qmp));
+                    AgentChannel::Loopback {
+                        port,
+                        own_netns: jail.is_some(),
+                        qmp,
+                    }
+                }
+            };
             // First: the confinement's forks must leave a process that dies with the worker.
             die_with_parent(&mut command);
             if let Some(jail) = &jail {
@@ -206,12 +376,7 @@ impl Backend for QemuBackend {
                 },
                 _ => BackendError::Spawn(e),
             })?;
-            Ok(Box::new(ProcessVm::new(
-                child,
-                AgentChannel::SerialSocket(socket),
-                jail,
-                dir,
-            )) as Box<dyn Vm>)
+            Ok(Box::new(ProcessVm::new(child, channel, jail, dir)) as Box<dyn Vm>)
         })
     }
 }
@@ -250,9 +415,10 @@ fn wait_status(pid: libc::pid_t) -> libc::c_int {
 }
 
 /// Between fork and exec: joins the guest's cgroups, unshares the IPC, UTS, network and PID
-/// namespaces (QEMU's guest has no network; its sockets are files in its folder), lowers the
-/// resource limits as `vm run --jail` does, and forks twice so that QEMU runs below a PID 1
-/// that dies with the worker.
+/// namespaces (the new network namespace has its loopback up and nothing else: a firmware
+/// guest's SSH port is forwarded there; agent guests' sockets are files in their folder),
+/// lowers the resource limits as `vm run --jail` does, and forks twice so that QEMU runs below
+/// a PID 1 that dies with the worker.
 fn confine_before_exec(command: &mut Command, jail: &GuestJail) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
     use vmfarm_vmm::jail::{MAX_OPEN_FILES, MAX_PROCESSES};
@@ -264,8 +430,8 @@ fn confine_before_exec(command: &mut Command, jail: &GuestJail) -> std::io::Resu
         .collect::<Result<_, _>>()?;
     let err = std::io::Error::last_os_error;
     // SAFETY: the closure runs in the child between fork and exec and only makes system calls
-    // (open, write, close, unshare, setrlimit, fork, prctl, waitpid, _exit) on memory made before
-    // the fork; it allocates nothing and takes no lock.
+    // (open, write, close, unshare, socket, ioctl, setrlimit, fork, prctl, waitpid, _exit) on
+    // memory made before the fork; it allocates nothing and takes no lock.
     unsafe {
         command.pre_exec(move || {
             for path in &procs {
@@ -284,6 +450,21 @@ fn confine_before_exec(command: &mut Command, jail: &GuestJail) -> std::io::Resu
                 libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNET | libc::CLONE_NEWPID,
             ) != 0
             {
+                return Err(err());
+            }
+            // The loopback interface up: `lo` with IFF_UP (an all-zero ifreq is a valid value
+            // of the plain C struct, on this stack).
+            let mut loopback: libc::ifreq = std::mem::zeroed();
+            loopback.ifr_name[0] = b'l' as libc::c_char;
+            loopback.ifr_name[1] = b'o' as libc::c_char;
+            loopback.ifr_ifru.ifru_flags = (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            let socket = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if socket < 0 {
+                return Err(err());
+            }
+            let up = libc::ioctl(socket, libc::SIOCSIFFLAGS, &loopback);
+            libc::close(socket);
+            if up != 0 {
                 return Err(err());
             }
             for (resource, value) in [
@@ -340,17 +521,21 @@ mod tests {
 
     #[test]
     fn test_args_boot_microvm_with_the_contracts_devices() {
-        let spec = BootSpec {
+        let linux = LinuxBoot {
             kernel: "/img/kernel".into(),
             initrd: Some("/img/initrd".into()),
+            cmdline: "console=ttyS0".into(),
+        };
+        let spec = BootSpec {
+            boot: Boot::Linux(linux.clone()),
             base_disk: "/img/rootfs.qcow2".into(),
             vcpus: 2,
             memory_mib: 1024,
-            cmdline: "console=ttyS0".into(),
             run_dir: "/run/g".into(),
         };
         let args = QemuBackend::new(Accel::Tcg).args(
             &spec,
+            &linux,
             Path::new("/run/g/o.qcow2"),
             Path::new("/run/g/s"),
         );

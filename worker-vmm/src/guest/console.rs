@@ -1,5 +1,9 @@
-//! Waiting for the agent's readiness line on the guest console:
-//! `vmfarm-agent ready SHA256:<base64>` (CONTRACTS.md; its form is [`ReadyLine`]).
+//! Waiting on the guest console for the guest to say it is ready and which host key it has:
+//! the agent's line `vmfarm-agent ready SHA256:<base64>` (CONTRACTS.md; its form is
+//! [`ReadyLine`]), or the host keys' fingerprints that cloud-init prints at the end of its
+//! first boot (`-----BEGIN SSH HOST KEY FINGERPRINTS-----` ... `256 SHA256:<base64> root@host
+//! (ED25519)` ... `-----END SSH HOST KEY FINGERPRINTS-----`), of which the ED25519 key is the
+//! one pinned (the one the worker's SSH client asks for first).
 
 use std::time::Duration;
 
@@ -26,17 +30,74 @@ pub enum ReadyError {
     Read(#[source] std::io::Error),
     #[error(transparent)]
     BadLine(#[from] ReadyLineError),
+    #[error(
+        "cloud-init printed the guest's SSH host key fingerprints without an ED25519 key: the \
+         worker pins the guest's ED25519 key (the image's OpenSSH must have one)"
+    )]
+    NoEd25519,
 }
 
-/// Reads the console until the ready line, handing every byte read to `sink` (the console log),
-/// and returns the fingerprint. Bytes after the ready line that were already read went to `sink`
-/// too, so the caller can keep reading the console where this left off.
+/// Who says on the console that the guest is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Announcer {
+    /// vmfarm's agent, with its ready line.
+    Agent,
+    /// cloud-init, with the host keys' fingerprints; `within` while inside that block, with the
+    /// ED25519 fingerprint once seen.
+    CloudInit {
+        within: bool,
+        ed25519: Option<String>,
+    },
+}
+
+impl Announcer {
+    /// cloud-init, before its block.
+    pub fn cloud_init() -> Announcer {
+        Announcer::CloudInit {
+            within: false,
+            ed25519: None,
+        }
+    }
+
+    /// `Some(fingerprint)` when `line` ends the announcement.
+    fn line(&mut self, line: &str) -> Result<Option<HostFingerprint>, ReadyError> {
+        match self {
+            Announcer::Agent => {
+                let found = ReadyLine::find(line)?;
+                Ok(found.map(|ready| HostFingerprint(ready.fingerprint)))
+            }
+            Announcer::CloudInit { within, ed25519 } => {
+                if line.contains("-----BEGIN SSH HOST KEY FINGERPRINTS-----") {
+                    *within = true;
+                    *ed25519 = None;
+                } else if *within && line.contains("-----END SSH HOST KEY FINGERPRINTS-----") {
+                    return match ed25519.take() {
+                        Some(fingerprint) => Ok(Some(HostFingerprint(fingerprint))),
+                        None => Err(ReadyError::NoEd25519),
+                    };
+                } else if *within && line.trim_end().ends_with("(ED25519)") {
+                    *ed25519 = line
+                        .split_whitespace()
+                        .find(|word| word.starts_with("SHA256:") && word.len() > 7)
+                        .map(str::to_owned);
+                }
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// Reads the console until `announcer` has said the guest is ready, handing every byte read to
+/// `sink` (the console log), and returns the fingerprint. Bytes after the ready line that were
+/// already read went to `sink` too, so the caller can keep reading the console where this left
+/// off.
 pub async fn wait_ready<R: AsyncRead + Unpin>(
     console: &mut R,
     sink: &mut (dyn FnMut(&[u8]) + Send),
     timeout: Duration,
+    mut announcer: Announcer,
 ) -> Result<HostFingerprint, ReadyError> {
-    tokio::time::timeout(timeout, scan(console, sink))
+    tokio::time::timeout(timeout, scan(console, sink, &mut announcer))
         .await
         .map_err(|_| ReadyError::Timeout(timeout))?
 }
@@ -44,6 +105,7 @@ pub async fn wait_ready<R: AsyncRead + Unpin>(
 async fn scan<R: AsyncRead + Unpin>(
     console: &mut R,
     sink: &mut (dyn FnMut(&[u8]) + Send),
+    announcer: &mut Announcer,
 ) -> Result<HostFingerprint, ReadyError> {
     let mut line = Vec::new();
     let mut buf = vec![0u8; 8192];
@@ -57,7 +119,7 @@ async fn scan<R: AsyncRead + Unpin>(
         for &b in &buf[..n] {
             if b == b'\n' {
                 if found.is_none() {
-                    found = ready_line(&line).transpose();
+                    found = announcer.line(&String::from_utf8_lossy(&line)).transpose();
                 }
                 line.clear();
             } else if line.len() < 4096 {
@@ -68,12 +130,6 @@ async fn scan<R: AsyncRead + Unpin>(
             return result;
         }
     }
-}
-
-/// `Some(fingerprint)` when `line` is the ready line.
-fn ready_line(line: &[u8]) -> Result<Option<HostFingerprint>, ReadyError> {
-    let found = ReadyLine::find(&String::from_utf8_lossy(line))?;
-    Ok(found.map(|ready| HostFingerprint(ready.fingerprint)))
 }
 
 #[cfg(test)]
@@ -88,6 +144,7 @@ mod tests {
             &mut text.as_slice(),
             &mut |b: &[u8]| logged.extend_from_slice(b),
             Duration::from_secs(1),
+            Announcer::Agent,
         )
         .await
         .unwrap();
@@ -98,12 +155,13 @@ mod tests {
     #[tokio::test]
     async fn test_wait_ready_reports_a_guest_that_ends_or_lies() {
         let mut ended: &[u8] = b"Kernel panic\n";
-        let err = wait_ready(&mut ended, &mut |_: &[u8]| {}, Duration::from_secs(1))
+        let second = Duration::from_secs(1);
+        let err = wait_ready(&mut ended, &mut |_: &[u8]| {}, second, Announcer::Agent)
             .await
             .unwrap_err();
         assert!(matches!(err, ReadyError::Closed));
         let mut bad: &[u8] = b"vmfarm-agent ready MD5:xx\n";
-        let err = wait_ready(&mut bad, &mut |_: &[u8]| {}, Duration::from_secs(1))
+        let err = wait_ready(&mut bad, &mut |_: &[u8]| {}, second, Announcer::Agent)
             .await
             .unwrap_err();
         assert!(matches!(err, ReadyError::BadLine(_)));
@@ -112,9 +170,63 @@ mod tests {
     #[tokio::test]
     async fn test_wait_ready_times_out() {
         let (mut quiet, _keep) = tokio::io::duplex(64);
-        let err = wait_ready(&mut quiet, &mut |_: &[u8]| {}, Duration::from_millis(50))
-            .await
-            .unwrap_err();
+        let err = wait_ready(
+            &mut quiet,
+            &mut |_: &[u8]| {},
+            Duration::from_millis(50),
+            Announcer::cloud_init(),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, ReadyError::Timeout(_)));
+    }
+
+    /// cloud-init's block as a Debian guest prints it on its serial console.
+    const CLOUD_INIT: &str = "[   51.3] cloud-init[418]: Cloud-init v. 22.4.2 running 'modules:final'\r\n\
+        <14>Dec  6 08:19:53 cloud-init: #######################\r\n\
+        <14>Dec  6 08:19:53 cloud-init: -----BEGIN SSH HOST KEY FINGERPRINTS-----\r\n\
+        <14>Dec  6 08:19:53 cloud-init: 256 SHA256:AbCd+ecdsa root@job-1 (ECDSA)\r\n\
+        <14>Dec  6 08:19:54 cloud-init: 256 SHA256:7DnBn+bUg99VLrSVMt9UDr1CG0bsEJfkVooSrQbNCUQ root@job-1 (ED25519)\r\n\
+        <14>Dec  6 08:19:54 cloud-init: 3072 SHA256:Rsa/key root@job-1 (RSA)\r\n\
+        <14>Dec  6 08:19:54 cloud-init: -----END SSH HOST KEY FINGERPRINTS-----\r\n\
+        after\n";
+
+    #[tokio::test]
+    async fn test_cloud_init_announces_its_ed25519_key() {
+        let mut logged = Vec::new();
+        let fp = wait_ready(
+            &mut CLOUD_INIT.as_bytes(),
+            &mut |b: &[u8]| logged.extend_from_slice(b),
+            Duration::from_secs(1),
+            Announcer::cloud_init(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            fp,
+            HostFingerprint("SHA256:7DnBn+bUg99VLrSVMt9UDr1CG0bsEJfkVooSrQbNCUQ".into())
+        );
+        assert_eq!(logged, CLOUD_INIT.as_bytes());
+        // An agent's line in a cloud image's console is not what pins it, nor the other way.
+        let agent_line = b"vmfarm-agent ready SHA256:abc\n".to_vec();
+        let err = wait_ready(
+            &mut agent_line.as_slice(),
+            &mut |_: &[u8]| {},
+            Duration::from_secs(1),
+            Announcer::cloud_init(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ReadyError::Closed), "{err}");
+        let without = CLOUD_INIT.replace("(ED25519)", "(DSA)");
+        let err = wait_ready(
+            &mut without.as_bytes(),
+            &mut |_: &[u8]| {},
+            Duration::from_secs(1),
+            Announcer::cloud_init(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ReadyError::NoEd25519), "{err}");
     }
 }

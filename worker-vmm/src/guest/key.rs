@@ -42,6 +42,11 @@ impl JobKey {
         base64::engine::general_purpose::STANDARD.encode(blob)
     }
 
+    /// The public key as an `authorized_keys` line (for a cloud-init seed).
+    pub fn public_openssh(&self) -> String {
+        format!("ssh-ed25519 {} vmfarm-job", self.public_blob_base64())
+    }
+
     pub(crate) fn private(&self) -> Arc<PrivateKey> {
         self.key.clone()
     }

@@ -578,11 +578,16 @@ impl Guest {
         let _ = self
             .exec("vmfarm-agent shutdown", &[], &mut ignore, limits)
             .await;
+        self.disconnect().await;
+        Ok(())
+    }
+
+    /// Ends the SSH connection (the guest is being shut down some other way).
+    pub async fn disconnect(self) {
         let _ = self
             .handle
             .disconnect(Disconnect::ByApplication, "", "en")
             .await;
-        Ok(())
     }
 }
 

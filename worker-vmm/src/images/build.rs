@@ -13,16 +13,17 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use sha2::{Digest as _, Sha256};
 
 use super::manifest::{
-    FileEntry, INITRD, ImageManifest, InstalledImage, KERNEL, MANIFEST, ROOTFS, SystemInfo,
+    DISK, FileEntry, INITRD, ImageManifest, InstalledImage, KERNEL, MANIFEST, ROOTFS, SystemInfo,
     make_current,
 };
-use super::recipe::Recipe;
+use super::recipe::{BootMethod, Recipe};
 use super::tools::{self, STRIP};
-use super::{ImageError, initrd, rootfs};
+use super::{ImageError, firmware_disk, initrd, rootfs};
 
 /// Bump when a stage's output changes for the same inputs.
 const ROOTFS_FORMAT: &str = "vmfarm-rootfs-1";
 const INITRD_FORMAT: &str = "vmfarm-initrd-1";
+const DISK_FORMAT: &str = "vmfarm-firmware-disk-1";
 
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -121,17 +122,17 @@ fn keys(recipe: &Recipe, agent_sha256: &str) -> Result<(String, String, String),
 }
 
 /// Removes a folder when dropped, unless disarmed.
-struct Scratch(Option<PathBuf>);
+pub(super) struct Scratch(Option<PathBuf>);
 
 impl Scratch {
-    fn new(path: PathBuf) -> Result<Scratch, ImageError> {
+    pub(super) fn new(path: PathBuf) -> Result<Scratch, ImageError> {
         if path.exists() {
             std::fs::remove_dir_all(&path).map_err(|e| ImageError::io(&path, e))?;
         }
         std::fs::create_dir_all(&path).map_err(|e| ImageError::io(&path, e))?;
         Ok(Scratch(Some(path)))
     }
-    fn path(&self) -> &Path {
+    pub(super) fn path(&self) -> &Path {
         self.0.as_deref().unwrap_or(Path::new(""))
     }
     /// Renames the folder to `to` and keeps it.
@@ -150,7 +151,7 @@ impl Drop for Scratch {
 }
 
 /// Holds an exclusive lock on `path` (created if missing) while alive.
-fn lock(path: &Path) -> Result<File, ImageError> {
+pub(super) fn lock(path: &Path) -> Result<File, ImageError> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(|e| ImageError::io(parent, e))?;
     }
@@ -192,6 +193,9 @@ pub fn build(
     options: &BuildOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BuildReport, ImageError> {
+    if recipe.boot == BootMethod::Firmware {
+        return build_firmware(recipe, options, progress);
+    }
     let start = Instant::now();
     let mut needed = rootfs::tools_for(recipe);
     needed.push(STRIP);
@@ -232,13 +236,7 @@ pub fn build(
             rootfs_dir.display()
         ));
     }
-    let system_path = rootfs_dir.join("system.toml");
-    let system_text =
-        std::fs::read_to_string(&system_path).map_err(|e| ImageError::io(&system_path, e))?;
-    let system: SystemInfo = toml::from_str(&system_text).map_err(|e| ImageError::BadManifest {
-        path: system_path.clone(),
-        message: e.to_string(),
-    })?;
+    let system = read_system(&rootfs_dir)?;
 
     let (initrd_dir, initrd_cached) = stage(&options.cache_dir, "initrd", &initrd_key, |out| {
         progress("initramfs: the agent and the modules");
@@ -264,33 +262,131 @@ pub fn build(
         link_or_copy(&from, &to)?;
         files.insert(name.to_owned(), stage_file_entry(&from)?);
     }
-    let built_at = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
     let manifest = ImageManifest {
         name: recipe.name.clone(),
         version: version.clone(),
         boot: recipe.boot,
-        built_at,
+        built_at: now_secs(),
         system,
         files,
         package_manager: recipe.package_manager.clone(),
+        firmware: None,
+        user: None,
     };
-    let text = toml::to_string(&manifest)
-        .map_err(|e| ImageError::Rootfs(format!("encoding image.toml: {e}")))?;
-    let path = scratch.path().join(MANIFEST);
-    std::fs::write(&path, text).map_err(|e| ImageError::io(&path, e))?;
-    scratch.keep_as(&final_dir)?;
-    make_current(&options.images_dir, &recipe.name, &version)?;
-    Ok(BuildReport {
-        image: InstalledImage {
-            dir: final_dir,
-            manifest,
-        },
+    install(scratch, manifest, &options.images_dir, &final_dir).map(|image| BuildReport {
+        image,
         reused: false,
         rootfs_cached,
         initrd_cached,
         seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// A `boot = "firmware"` recipe: its disk stage ([`firmware_disk`], keyed by the recipe
+/// alone: no agent goes into such an image), installed as `disk.qcow2`.
+fn build_firmware(
+    recipe: &Recipe,
+    options: &BuildOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BuildReport, ImageError> {
+    let start = Instant::now();
+    let mut needed = rootfs::tools_for(recipe);
+    needed.extend(firmware_disk::TOOLS);
+    tools::require(&needed)?;
+    if !running_as_root() {
+        return Err(ImageError::NotRoot);
+    }
+    let encoding = |e: toml::ser::Error| ImageError::Rootfs(format!("encoding the recipe: {e}"));
+    let recipe_text = toml::to_string(&recipe.rootfs_inputs()).map_err(encoding)?;
+    let disk_key = key(&[DISK_FORMAT, &recipe_text]);
+    let version = match &recipe.package_manager {
+        None => disk_key.clone(),
+        Some(manager) => key(&[&disk_key, &toml::to_string(manager).map_err(encoding)?]),
+    }[..12]
+        .to_owned();
+    let image_dir = options.images_dir.join(&recipe.name);
+    let final_dir = image_dir.join(&version);
+    let _lock = lock(&image_dir.join(".lock"))?;
+    if final_dir.join(MANIFEST).is_file() {
+        let image = InstalledImage::read(&final_dir)?;
+        make_current(&options.images_dir, &recipe.name, &version)?;
+        return Ok(BuildReport {
+            image,
+            reused: true,
+            rootfs_cached: true,
+            initrd_cached: true,
+            seconds: start.elapsed().as_secs_f64(),
+        });
+    }
+    let (disk_dir, cached) = stage(&options.cache_dir, "disk", &disk_key, |out| {
+        let info = firmware_disk::build(recipe, out, progress)?;
+        let path = out.join("system.toml");
+        let text = toml::to_string(&info)
+            .map_err(|e| ImageError::Rootfs(format!("encoding system.toml: {e}")))?;
+        std::fs::write(&path, text).map_err(|e| ImageError::io(&path, e))
+    })?;
+    if cached {
+        progress(&format!("disk: cached ({})", disk_dir.display()));
+    }
+    let system = read_system(&disk_dir)?;
+    progress(&format!("installing {}/{version}", recipe.name));
+    let scratch = Scratch::new(image_dir.join(format!(".tmp-{version}")))?;
+    let from = disk_dir.join(DISK);
+    link_or_copy(&from, &scratch.path().join(DISK))?;
+    let files = BTreeMap::from([(DISK.to_owned(), stage_file_entry(&from)?)]);
+    let manifest = ImageManifest {
+        name: recipe.name.clone(),
+        version: version.clone(),
+        boot: recipe.boot,
+        built_at: now_secs(),
+        system,
+        files,
+        package_manager: recipe.package_manager.clone(),
+        firmware: recipe.disk.as_ref().map(|d| d.firmware),
+        user: None,
+    };
+    install(scratch, manifest, &options.images_dir, &final_dir).map(|image| BuildReport {
+        image,
+        reused: false,
+        rootfs_cached: cached,
+        initrd_cached: cached,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// The `system.toml` a stage wrote beside its output.
+fn read_system(stage_dir: &Path) -> Result<SystemInfo, ImageError> {
+    let path = stage_dir.join("system.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| ImageError::io(&path, e))?;
+    toml::from_str(&text).map_err(|e| ImageError::BadManifest {
+        path: path.clone(),
+        message: e.to_string(),
+    })
+}
+
+pub(super) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Writes `manifest` into `scratch`, renames it to `final_dir` and makes it the version jobs
+/// run.
+pub(super) fn install(
+    scratch: Scratch,
+    manifest: ImageManifest,
+    images_dir: &Path,
+    final_dir: &Path,
+) -> Result<InstalledImage, ImageError> {
+    let text = toml::to_string(&manifest)
+        .map_err(|e| ImageError::Rootfs(format!("encoding image.toml: {e}")))?;
+    let path = scratch.path().join(MANIFEST);
+    std::fs::write(&path, text).map_err(|e| ImageError::io(&path, e))?;
+    scratch.keep_as(final_dir)?;
+    make_current(images_dir, &manifest.name, &manifest.version)?;
+    Ok(InstalledImage {
+        dir: final_dir.to_owned(),
+        manifest,
     })
 }
 

@@ -6,12 +6,16 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::ImageError;
-use super::recipe::{BootMethod, PackageManager};
+use super::recipe::{BootMethod, Firmware, PackageManager};
 
 pub const MANIFEST: &str = "image.toml";
 pub const KERNEL: &str = "kernel";
 pub const INITRD: &str = "initrd";
 pub const ROOTFS: &str = "rootfs.qcow2";
+/// A firmware-booted image's whole disk.
+pub const DISK: &str = "disk.qcow2";
+/// The user a firmware-booted image's guest runs the build as, unless its manifest names one.
+pub const DEFAULT_USER: &str = "build";
 
 /// What the guest system is, read from the built root filesystem.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,13 +46,20 @@ pub struct ImageManifest {
     pub built_at: u64,
     #[serde(flatten)]
     pub system: SystemInfo,
-    /// kernel, initrd, rootfs.qcow2.
+    /// kernel, initrd, rootfs.qcow2 (booted by Linux); disk.qcow2 (booted by firmware).
     pub files: BTreeMap<String, FileEntry>,
     /// The recipe's `[package_manager]`: how a job's `packages` are installed in this image and
     /// which hosts that step may reach. `None` (also in images built before the key existed):
     /// the image has no package manager.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub package_manager: Option<PackageManager>,
+    /// The firmware that boots it (`boot = "firmware"` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<Firmware>,
+    /// The build user cloud-init makes in its guests (`boot = "firmware"` only; `build` when
+    /// absent). Its home is /home/build whatever its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// An image in an images directory: `<dir>/<name>/<version>/`.
@@ -67,6 +78,24 @@ impl InstalledImage {
     }
     pub fn rootfs(&self) -> PathBuf {
         self.dir.join(ROOTFS)
+    }
+    /// The disk the guest's overlay goes on: the root file system, or the whole disk.
+    pub fn base_disk(&self) -> PathBuf {
+        match self.manifest.boot {
+            BootMethod::Linux => self.rootfs(),
+            BootMethod::Firmware => self.dir.join(DISK),
+        }
+    }
+    /// The firmware that boots it, when it boots by firmware.
+    pub fn firmware(&self) -> Option<Firmware> {
+        match self.manifest.boot {
+            BootMethod::Linux => None,
+            BootMethod::Firmware => Some(self.manifest.firmware.unwrap_or(Firmware::Uefi)),
+        }
+    }
+    /// The user the build runs as in a firmware-booted guest.
+    pub fn user(&self) -> &str {
+        self.manifest.user.as_deref().unwrap_or(DEFAULT_USER)
     }
 
     /// How a job's `packages` are installed in this image, or why they cannot be: a message for
@@ -183,6 +212,8 @@ mod tests {
                 kernel_version: "6.1.0-56-cloud-amd64".into(),
                 packages: BTreeMap::from([("git".into(), "1:2.39.5-0+deb12u2".into())]),
             },
+            firmware: None,
+            user: None,
             files: BTreeMap::from([(
                 "kernel".into(),
                 FileEntry {

@@ -3,6 +3,8 @@
 
 pub mod build;
 pub mod cpio;
+pub mod firmware_disk;
+pub mod import;
 pub mod initrd;
 pub mod kmod;
 pub mod manifest;
@@ -79,6 +81,9 @@ pub enum ImagesCommand {
     Build(BuildArgs),
     /// List the images in the images directory.
     List(ListArgs),
+    /// Bring in a disk image that boots by firmware (a distribution's cloud image): checked,
+    /// then copied into the images directory as a read-only base.
+    Import(import::ImportArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -184,6 +189,21 @@ pub fn run(args: ImagesArgs) -> anyhow::Result<()> {
                 m.system.release,
                 m.system.kernel_version,
                 report.image.dir.display()
+            );
+        }
+        ImagesCommand::Import(args) => {
+            let image = import::import(&args, &mut |step| eprintln!("{}: {step}", args.name))
+                .with_context(|| {
+                    format!("importing {} as image {}", args.disk.display(), args.name)
+                })?;
+            println!(
+                "{} {} imported: {} by {:?} firmware, build user {}, {}",
+                image.manifest.name,
+                image.manifest.version,
+                image.manifest.system.pretty_name,
+                image.firmware().unwrap_or(recipe::Firmware::Uefi),
+                image.user(),
+                image.dir.display()
             );
         }
         ImagesCommand::List(args) => {

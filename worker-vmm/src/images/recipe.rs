@@ -11,6 +11,30 @@ use vmfarm_proto::network::HostPattern;
 pub enum BootMethod {
     /// Direct kernel boot: kernel + initramfs (the agent as /init) + ext4 root disk.
     Linux,
+    /// A whole disk (partition table, boot loader) booted by firmware; the guest is reached
+    /// through its own OpenSSH, set up by cloud-init from a NoCloud seed the worker makes.
+    Firmware,
+}
+
+/// The firmware that boots a [`BootMethod::Firmware`] disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Firmware {
+    /// UEFI: OVMF (Debian package `ovmf`).
+    Uefi,
+    /// BIOS: SeaBIOS, QEMU's own default firmware.
+    Bios,
+}
+
+/// `[disk]` of a `boot = "firmware"` recipe: the disk the recipe's system is installed on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRecipe {
+    /// Recipes build UEFI disks (an EFI system partition with systemd-boot); a BIOS disk comes
+    /// in with `vmfarm images import --firmware bios`.
+    pub firmware: Firmware,
+    /// The kernel's command line in the boot loader's entry (besides the root file system).
+    pub cmdline: String,
 }
 
 /// What makes the root filesystem.
@@ -36,6 +60,10 @@ pub struct Recipe {
     /// the recipe's text (which keys the root filesystem stage) is what it was before this key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub package_manager: Option<PackageManager>,
+    /// `[disk]`: for `boot = "firmware"` only (left out otherwise, so that the text of the
+    /// other recipes, which keys their root filesystem stage, is as it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskRecipe>,
 }
 
 /// `[package_manager]`: how a job's `packages` are installed in a guest of the image, and the
@@ -135,7 +163,7 @@ pub enum RecipeError {
     Invalid { path: PathBuf, message: String },
 }
 
-fn valid_name(name: &str) -> bool {
+pub(super) fn valid_name(name: &str) -> bool {
     let mut bytes = name.bytes();
     bytes
         .next()
@@ -188,6 +216,7 @@ impl Recipe {
         if let Some(manager) = &recipe.package_manager {
             check_package_manager(&recipe, manager).map_err(invalid)?;
         }
+        check_disk(&recipe).map_err(invalid)?;
         Ok(recipe)
     }
 
@@ -221,6 +250,39 @@ impl Recipe {
             Err(source) => return Err(RecipeError::Read { path, source }),
         };
         Recipe::parse(&text, &path)
+    }
+}
+
+/// `boot = "firmware"` comes with `[disk]` (and `[disk]` only with it), on a Debian system
+/// that boots by UEFI; the command line is one line of printable characters.
+fn check_disk(recipe: &Recipe) -> Result<(), String> {
+    match (recipe.boot, &recipe.disk) {
+        (BootMethod::Linux, None) => Ok(()),
+        (BootMethod::Linux, Some(_)) => {
+            Err("[disk] is for boot = \"firmware\" recipes; remove it, or boot by firmware".into())
+        }
+        (BootMethod::Firmware, None) => Err(
+            "boot = \"firmware\" needs [disk] with firmware = \"uefi\" and the kernel's cmdline"
+                .into(),
+        ),
+        (BootMethod::Firmware, Some(disk)) => {
+            if recipe.rootfs.builder != RootfsBuilder::Mmdebstrap {
+                return Err(
+                    "a firmware disk holds a Debian system: use builder = \"mmdebstrap\"".into(),
+                );
+            }
+            if disk.firmware != Firmware::Uefi {
+                return Err(
+                    "recipes build UEFI disks: set [disk] firmware = \"uefi\" (a BIOS disk \
+                            comes in with `vmfarm images import NAME DISK --firmware bios`)"
+                        .into(),
+                );
+            }
+            if disk.cmdline.len() > 1024 || disk.cmdline.chars().any(|c| c.is_control()) {
+                return Err("[disk] cmdline: one line of at most 1024 characters".into());
+            }
+            Ok(())
+        }
     }
 }
 
@@ -294,11 +356,39 @@ mod tests {
 
     #[test]
     fn test_the_shipped_recipes_parse() {
-        for name in ["debian-12", "debian-13", "tiny"] {
+        for name in ["debian-11", "debian-12", "debian-13", "tiny"] {
             let recipe = Recipe::load(name, &recipes_dir()).unwrap();
             assert_eq!(recipe.name, name);
             assert_eq!(recipe.boot, BootMethod::Linux);
         }
+        let cloud = Recipe::load("debian-12-cloud", &recipes_dir()).unwrap();
+        assert_eq!(cloud.boot, BootMethod::Firmware);
+        assert_eq!(cloud.disk.map(|d| d.firmware), Some(Firmware::Uefi));
+    }
+
+    #[test]
+    fn test_firmware_recipes_need_their_disk_and_build_uefi_disks() {
+        let text = std::fs::read_to_string(recipes_dir().join("debian-12-cloud.toml")).unwrap();
+        let start = text.find("\n[disk]").unwrap();
+        let end = start + text[start..].find("\n[package_manager]").unwrap();
+        let without = format!("{}{}", &text[..start], &text[end..]);
+        let err = Recipe::parse(&without, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("boot = \"firmware\" needs [disk]"), "{err}");
+        let bios = text.replace("firmware = \"uefi\"", "firmware = \"bios\"");
+        let err = Recipe::parse(&bios, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("vmfarm images import NAME DISK --firmware bios"),
+            "{err}"
+        );
+        let linux = text.replace("boot = \"firmware\"", "boot = \"linux\"");
+        let err = Recipe::parse(&linux, Path::new("x.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[disk] is for boot = \"firmware\""), "{err}");
     }
 
     #[test]
@@ -319,12 +409,15 @@ mod tests {
         let err = Recipe::load("no-such", &recipes_dir())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("debian-12, debian-13, tiny"), "{err}");
+        assert!(
+            err.contains("debian-11, debian-12, debian-12-cloud, debian-13, tiny"),
+            "{err}"
+        );
     }
 
     #[test]
     fn test_the_debian_recipes_name_apt_and_its_mirrors() {
-        for name in ["debian-12", "debian-13"] {
+        for name in ["debian-11", "debian-12", "debian-13", "debian-12-cloud"] {
             let recipe = Recipe::load(name, &recipes_dir()).unwrap();
             let manager = recipe.package_manager.expect("a [package_manager]");
             assert_eq!(manager.kind, PackageManagerKind::Apt);

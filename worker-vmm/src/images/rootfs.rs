@@ -83,19 +83,7 @@ pub fn build(
     };
     progress("making the ext4 file system and its qcow2 base");
     let ext4 = work.join("rootfs.ext4");
-    let size_mib = du_mib(&root) * 115 / 100 + 64 + recipe.rootfs.free_mib;
-    let size = format!("{size_mib}M");
-    let args: [&OsStr; 8] = [
-        "-q".as_ref(),
-        "-F".as_ref(),
-        "-L".as_ref(),
-        "vmfarm-root".as_ref(),
-        "-d".as_ref(),
-        root.as_os_str(),
-        ext4.as_os_str(),
-        size.as_ref(),
-    ];
-    tools::run(MKFS_EXT4, &args, &work.join("mkfs.log"))?;
+    make_ext4(&root, recipe.rootfs.free_mib, &ext4, &work)?;
     let qcow2 = out.join(ROOTFS);
     let args: [&OsStr; 5] = [
         "convert".as_ref(),
@@ -109,7 +97,33 @@ pub fn build(
     Ok(info)
 }
 
-fn debian(recipe: &Recipe, root: &Path, work: &Path) -> Result<(), ImageError> {
+/// The ext4 file system `ext4` (labelled `vmfarm-root`) holding the tree `root`, with
+/// `free_mib` free for builds.
+pub(super) fn make_ext4(
+    root: &Path,
+    free_mib: u64,
+    ext4: &Path,
+    work: &Path,
+) -> Result<(), ImageError> {
+    let size_mib = du_mib(root) * 115 / 100 + 64 + free_mib;
+    let size = format!("{size_mib}M");
+    let args: [&OsStr; 8] = [
+        "-q".as_ref(),
+        "-F".as_ref(),
+        "-L".as_ref(),
+        ROOT_LABEL.as_ref(),
+        "-d".as_ref(),
+        root.as_os_str(),
+        ext4.as_os_str(),
+        size.as_ref(),
+    ];
+    tools::run(MKFS_EXT4, &args, &work.join("mkfs.log"))
+}
+
+/// The root file system's label, which firmware-booted disks find it by.
+pub(super) const ROOT_LABEL: &str = "vmfarm-root";
+
+pub(super) fn debian(recipe: &Recipe, root: &Path, work: &Path) -> Result<(), ImageError> {
     let rootfs = &recipe.rootfs;
     let variant = format!(
         "--variant={}",
@@ -144,7 +158,7 @@ fn modules_dir(root: &Path) -> PathBuf {
     }
 }
 
-fn kernel_version(root: &Path) -> Result<String, ImageError> {
+pub(super) fn kernel_version(root: &Path) -> Result<String, ImageError> {
     let dir = modules_dir(root);
     let mut versions: Vec<String> = std::fs::read_dir(&dir)
         .map_err(|e| ImageError::io(&dir, e))?
@@ -243,7 +257,7 @@ fn remove_boot_initrds(root: &Path) -> Result<(), ImageError> {
 }
 
 /// Fields of the guest's os-release (inside `root`, whatever its symlinks say).
-fn os_release(root: &Path) -> Result<BTreeMap<String, String>, ImageError> {
+pub(super) fn os_release(root: &Path) -> Result<BTreeMap<String, String>, ImageError> {
     let mut path = root.join("etc/os-release");
     if let Ok(target) = std::fs::read_link(&path) {
         path = if target.is_absolute() {
@@ -263,7 +277,7 @@ fn parse_os_release(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn system_info(
+pub(super) fn system_info(
     os: BTreeMap<String, String>,
     kernel_version: String,
     packages: BTreeMap<String, String>,
@@ -279,7 +293,7 @@ fn system_info(
 }
 
 /// Installed versions of `wanted` (and of the real packages behind kernel metapackages).
-fn installed_versions(
+pub(super) fn installed_versions(
     root: &Path,
     wanted: &[String],
 ) -> Result<BTreeMap<String, String>, ImageError> {

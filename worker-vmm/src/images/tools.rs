@@ -36,6 +36,18 @@ pub const ZSTD: Tool = Tool {
     name: "zstd",
     package: "zstd",
 };
+pub const MKFS_VFAT: Tool = Tool {
+    name: "mkfs.vfat",
+    package: "dosfstools",
+};
+pub const MCOPY: Tool = Tool {
+    name: "mcopy",
+    package: "mtools",
+};
+pub const SFDISK: Tool = Tool {
+    name: "sfdisk",
+    package: "fdisk",
+};
 pub const STRIP: Tool = Tool {
     name: "strip",
     package: "binutils",

@@ -105,7 +105,12 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             drop(share);
             share = budget.take(size).await;
         }
-        let Some(backend) = backends.get(&config.backend_for(&lease.job.image)).cloned() else {
+        // A disk that boots by firmware runs on QEMU (with KVM where the host has it).
+        let choice = match image.firmware() {
+            Some(_) => BackendChoice::Qemu,
+            None => config.backend_for(&lease.job.image),
+        };
+        let Some(backend) = backends.get(&choice).cloned() else {
             continue;
         };
         let ctx = JobContext {
@@ -187,9 +192,11 @@ fn choose_backends(
         tracing::warn!(worker = %name, "{why}");
     }
     let mut backends = BTreeMap::new();
-    for choice in
-        std::iter::once(config.backend.default).chain(config.backend.images.values().copied())
-    {
+    // QEMU always: images that boot by firmware run on it whatever the config says.
+    let choices = [config.backend.default, BackendChoice::Qemu]
+        .into_iter()
+        .chain(config.backend.images.values().copied());
+    for choice in choices {
         if let std::collections::btree_map::Entry::Vacant(slot) = backends.entry(choice) {
             let (backend, why) =
                 choose(choice, kvm, &vmm, jail.clone()).map_err(anyhow::Error::msg)?;

@@ -35,9 +35,10 @@ use super::heartbeat::Heartbeat;
 use super::log_shipper::{self, LogSink};
 use super::server_client::{LeaseHandle, ServerClient, ServerError};
 use super::sources::{self, FetchedSource, SourceError};
-use crate::backend::{Backend, BootSpec, GuestCmdline, Vm};
+use crate::backend::{Backend, Boot, BootSpec, GuestCmdline, LinuxBoot, Vm};
 use crate::config::WorkerConfig;
-use crate::guest::{ExecLimits, Guest, HostFingerprint, JobKey, SshOptions, wait_ready};
+use crate::guest::cloud_init::Seed;
+use crate::guest::{Announcer, ExecLimits, Guest, HostFingerprint, JobKey, SshOptions, wait_ready};
 use crate::images::manifest::InstalledImage;
 use crate::network::{JobNetwork, ProxyCache};
 use anyhow::Context;
@@ -402,41 +403,63 @@ impl JobRun<'_> {
             ctx.backend.name()
         ));
         let (cpus, memory_mib) = job_size(self.manifest, &ctx.config);
-        let cmdline = GuestCmdline {
-            channel: ctx.backend.channel(),
-            key_blob: key.public_blob_base64(),
-            hostname: format!("job-{}", lease.job.id),
-            time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            user: "build".into(),
-            emulated: ctx.backend.emulated(),
+        let hostname = format!("job-{}", lease.job.id);
+        let boot = match ctx.image.firmware() {
+            None => Boot::Linux(LinuxBoot {
+                kernel: ctx.image.kernel(),
+                initrd: Some(ctx.image.initrd()),
+                cmdline: GuestCmdline {
+                    channel: ctx.backend.channel(),
+                    key_blob: key.public_blob_base64(),
+                    hostname,
+                    time: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                    user: "build".into(),
+                    emulated: ctx.backend.emulated(),
+                }
+                .compose(),
+            }),
+            Some(firmware) => {
+                let seed = Seed {
+                    hostname: &hostname,
+                    user: ctx.image.user(),
+                    public_key: &key.public_openssh(),
+                }
+                .write(&self.run_dir.join("seed"))
+                .context("making the guest's cloud-init seed")
+                .map_err(Halt::Failed)?;
+                Boot::Firmware { firmware, seed }
+            }
         };
         let spec = BootSpec {
-            kernel: ctx.image.kernel(),
-            initrd: Some(ctx.image.initrd()),
-            base_disk: ctx.image.rootfs(),
+            boot,
+            base_disk: ctx.image.base_disk(),
             vcpus: cpus,
             memory_mib: u32::try_from(memory_mib).unwrap_or(u32::MAX),
-            cmdline: cmdline.compose(),
             run_dir: self.run_dir.join("vm"),
         };
         let boot = async { Ok::<_, anyhow::Error>(ctx.backend.boot(&spec).await?) };
         self.limits.step("booting the guest", boot).await
     }
 
-    /// Waits for the agent's ready line, opens SSH pinned to the host key it announced, and
-    /// reports `running`.
+    /// Waits for the agent's ready line (cloud-init's host keys), opens SSH pinned to the host
+    /// key it announced, and reports `running`.
     async fn settle(&mut self, vm: &mut dyn Vm, key: &JobKey) -> Result<Guest, Halt> {
         let fingerprint = self.wait_for_agent(vm).await?;
+        let options = SshOptions {
+            user: match self.ctx.image.firmware() {
+                None => SshOptions::default().user,
+                Some(_) => self.ctx.image.user().to_owned(),
+            },
+            ..SshOptions::default()
+        };
         let ssh = async {
             let stream = vm
                 .connect()
                 .await
-                .context("connecting to the guest agent")?;
-            Ok::<_, anyhow::Error>(
-                Guest::ssh(stream, key, &fingerprint, &SshOptions::default()).await?,
-            )
+                .context("connecting to the guest's SSH server")?;
+            Ok::<_, anyhow::Error>(Guest::ssh(stream, key, &fingerprint, &options).await?)
         };
         let guest = self.limits.step("opening SSH to the guest", ssh).await?;
         self.report(StateUpdate {
@@ -457,8 +480,14 @@ impl JobRun<'_> {
         let mut sink = move |data: &[u8]| console_log.write_now(LogStream::Console, None, data);
         let boot_timeout = self.ctx.config.guest.boot_timeout.0;
         let booted = Instant::now();
+        let announcer = match self.ctx.image.firmware() {
+            None => Announcer::Agent,
+            Some(_) => Announcer::cloud_init(),
+        };
         let ready = async {
-            Ok::<_, anyhow::Error>(wait_ready(&mut console, &mut sink, boot_timeout).await?)
+            Ok::<_, anyhow::Error>(
+                wait_ready(&mut console, &mut sink, boot_timeout, announcer).await?,
+            )
         };
         let fingerprint = self
             .limits

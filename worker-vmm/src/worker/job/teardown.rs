@@ -70,8 +70,15 @@ async fn shut_down(
         note("the guest's SSH is still in use; killing the guest");
         return;
     };
-    if let Err(e) = guest.shutdown().await {
-        note(&format!("the guest did not shut down cleanly: {e}"));
+    // A guest without the agent gets its ACPI power button; the agent shuts its guest down.
+    match vm.power_off().await {
+        Ok(true) => guest.disconnect().await,
+        Ok(false) => {
+            if let Err(e) = guest.shutdown().await {
+                note(&format!("the guest did not shut down cleanly: {e}"));
+            }
+        }
+        Err(e) => note(&format!("the guest's power button: {e}")),
     }
     match tokio::time::timeout(Duration::from_secs(10), vm.wait()).await {
         Ok(Ok(_)) => {}
