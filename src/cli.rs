@@ -399,13 +399,20 @@ pub enum BenchKind {
     },
     /// Submit -> first line of the first task, per backend usable on this host.
     JobStart {
-        /// The images dir holding the `tiny` image.
+        /// The images dir holding the images.
         #[arg(
             long,
             env = "VMFARM_IMAGES_DIR",
             default_value = "./vmfarm-data/images"
         )]
         images_dir: PathBuf,
+        /// The images to measure (repeatable; a firmware-booted one runs on QEMU whatever the
+        /// backend).
+        #[arg(long = "image", default_value = "tiny")]
+        images: Vec<String>,
+        /// Jobs per backend and image, one after another.
+        #[arg(long, default_value_t = 20)]
+        jobs: usize,
     },
 }
 

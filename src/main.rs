@@ -109,8 +109,12 @@ fn main() -> ExitCode {
                 bench::push::run(images_dir).await?;
                 Ok(ExitCode::SUCCESS)
             }),
-            cli::BenchKind::JobStart { images_dir } => block_on(async {
-                bench::job_start::run(images_dir).await?;
+            cli::BenchKind::JobStart {
+                images_dir,
+                images,
+                jobs,
+            } => block_on(async {
+                bench::job_start::run(images_dir, &images, jobs).await?;
                 Ok(ExitCode::SUCCESS)
             }),
         },

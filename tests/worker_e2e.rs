@@ -881,3 +881,101 @@ async fn test_vmfarm_up_builds_the_image_a_queued_job_names() {
     up.kill().unwrap();
     up.wait().unwrap();
 }
+
+/// `vmfarm images import` checks the file before it writes anything: a missing file, a file
+/// that is not a disk image and a damaged qcow2 each get a clear error and leave nothing in the
+/// images directory. A disk that boots to nothing (its firmware finds no boot loader) ends its
+/// job in `error` within the worker's boot timeout, the guest's console in the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_images_import_checks_the_disk_and_a_silent_guest_ends_in_error() {
+    let holder = tempfile::tempdir().unwrap();
+    let images_dir = holder.path().join("images");
+    let import = |name: &str, file: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+            .args(["images", "import", name])
+            .arg(file)
+            .arg("--images-dir")
+            .arg(&images_dir)
+            .output()
+            .unwrap()
+    };
+    let text = holder.path().join("notes.txt");
+    std::fs::write(&text, "just some text, not a disk\n".repeat(100_000)).unwrap();
+    let damaged = holder.path().join("damaged.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&damaged)
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    // The header's cluster_bits (bytes 20..24) made nonsense.
+    let mut header = std::fs::read(&damaged).unwrap();
+    header[20..24].copy_from_slice(&[0, 0, 0, 99]);
+    std::fs::write(&damaged, header).unwrap();
+    for (file, says) in [
+        (holder.path().join("no-such.qcow2"), "no such file"),
+        (text, "no partition table"),
+        (damaged, "cannot read it as a disk image"),
+    ] {
+        let out = import("bad", &file);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{}: {stderr}", file.display());
+        assert!(
+            stderr.contains(&file.display().to_string()) && stderr.contains(says),
+            "{}: {stderr}",
+            file.display()
+        );
+        let left: Vec<_> = std::fs::read_dir(&images_dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    // A disk with a partition table's boot signature and nothing to boot.
+    let blank = holder.path().join("blank.raw");
+    let mut sectors = vec![0u8; 4 << 20];
+    sectors[510..512].copy_from_slice(&[0x55, 0xAA]);
+    std::fs::write(&blank, sectors).unwrap();
+    let out = import("blank", &blank);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("blank.raw (imported) by Uefi firmware"),
+        "{said}"
+    );
+
+    let server = TestServer::start(Backend::Sqlite);
+    let worker = TestWorker::start(
+        &server,
+        0,
+        &images_dir,
+        &WORKER.replace("boot_timeout = \"120s\"", "boot_timeout = \"30s\""),
+    );
+    let api = server.admin();
+    let submitted = Instant::now();
+    let id = api
+        .submit(&common::manifest("blank", &["build"]))
+        .await
+        .jobs[0]
+        .id
+        .clone();
+    let job = wait_ended(&api, &id).await;
+    let log = log_of(&api, &id).await;
+    assert_eq!(job["state"], "error", "{job}\n{log}\n{}", worker.log());
+    let reason = job["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("within 30s"), "{job}");
+    assert!(
+        log.contains("BdsDxe"),
+        "the firmware's console is in the log: {log}"
+    );
+    assert!(
+        submitted.elapsed() < Duration::from_secs(30 + 60),
+        "the job ended {:?} after its submit; the boot timeout is 30 s",
+        submitted.elapsed()
+    );
+}

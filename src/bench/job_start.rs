@@ -1,6 +1,6 @@
 //! `vmfarm bench job-start`: submit -> first line of the first task in the job's log, p50/p95
-//! over 20 jobs, for each backend usable on this host, side by side. In-process server and
-//! worker, the `tiny` image.
+//! over 20 jobs (`--jobs`), for each backend usable on this host and each image (`--image`,
+//! `tiny` by default), side by side. In-process server and worker.
 
 use super::farm::Farm;
 use super::stats::{ms, quantile};
@@ -11,11 +11,13 @@ use vmfarm_server::state::AppState;
 use vmfarm_worker::config::BackendChoice;
 use vmfarm_worker::worker::backend_choice::{KvmHost, probe_kvm};
 
-const JOBS: usize = 20;
-const MANIFEST: &str =
-    "image = \"tiny\"\n[[tasks]]\nname = \"hello\"\nscript = \"echo first-line\"\n";
+/// A job of `image` whose first task prints `first-line`.
+fn manifest(image: &str) -> String {
+    format!("image = \"{image}\"\n[[tasks]]\nname = \"hello\"\nscript = \"echo first-line\"\n")
+}
 
-pub async fn run(images_dir: PathBuf) -> anyhow::Result<()> {
+pub async fn run(images_dir: PathBuf, images: &[String], jobs: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(jobs > 0, "--jobs 0: measure at least one job");
     let kvm = probe_kvm();
     let mut backends = vec![("qemu", BackendChoice::Qemu)];
     if kvm == KvmHost::Hardware {
@@ -26,32 +28,41 @@ pub async fn run(images_dir: PathBuf) -> anyhow::Result<()> {
         );
     }
     println!(
-        "vmfarm bench job-start: submit -> first task line, {JOBS} jobs one after another, image tiny"
+        "vmfarm bench job-start: submit -> first task line, {jobs} jobs one after another, images {}",
+        images.join(", ")
     );
     let mut rows = Vec::new();
     for (label, choice) in backends {
-        let mut samples = measure(&images_dir, choice)
-            .await
-            .with_context(|| format!("backend {label}"))?;
-        rows.push((
-            label,
-            quantile(&mut samples, 0.5),
-            quantile(&mut samples, 0.95),
-        ));
+        for image in images {
+            let mut samples = measure(&images_dir, choice, image, jobs)
+                .await
+                .with_context(|| format!("backend {label}, image {image}"))?;
+            rows.push((
+                label,
+                image,
+                quantile(&mut samples, 0.5),
+                quantile(&mut samples, 0.95),
+            ));
+        }
     }
-    println!("{:<24} {:>12} {:>12}", "backend", "p50", "p95");
-    for (label, p50, p95) in rows {
-        println!("{:<24} {:>12} {:>12}", label, ms(p50), ms(p95));
+    println!("{:<24} {:<20} {:>12} {:>12}", "backend", "image", "p50", "p95");
+    for (label, image, p50, p95) in rows {
+        println!("{:<24} {:<20} {:>12} {:>12}", label, image, ms(p50), ms(p95));
     }
     Ok(())
 }
 
-async fn measure(images_dir: &Path, choice: BackendChoice) -> anyhow::Result<Vec<Duration>> {
+async fn measure(
+    images_dir: &Path,
+    choice: BackendChoice,
+    image: &str,
+    jobs: usize,
+) -> anyhow::Result<Vec<Duration>> {
     let farm = Farm::start(images_dir, choice, |_| {}, |_| {}).await?;
-    let mut samples = Vec::with_capacity(JOBS);
-    for _ in 0..JOBS {
+    let mut samples = Vec::with_capacity(jobs);
+    for _ in 0..jobs {
         let started = Instant::now();
-        let id = farm.submit(MANIFEST).await?;
+        let id = farm.submit(&manifest(image)).await?;
         samples.push(first_task_line(&farm.state, id, started).await?);
         farm.ended(id).await?;
     }

@@ -14,8 +14,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use sha2::{Digest as _, Sha256};
 use vmfarm_worker::backend::qemu::{Accel, QemuBackend};
 use vmfarm_worker::backend::{Backend, Boot, BootSpec, GuestCmdline, LinuxBoot, Vm};
+use vmfarm_worker::guest::cloud_init::Seed;
 use vmfarm_worker::guest::{
-    Announcer, ExecLimits, Guest, JobKey, OutputStream, SshError, SshOptions, wait_ready,
+    Announcer, ExecLimits, Guest, HostFingerprint, JobKey, OutputStream, SshError, SshOptions,
+    wait_ready,
 };
 use vmfarm_worker::images::{self, BuildOptions, InstalledImage, Recipe};
 
@@ -416,6 +418,93 @@ async fn test_debian_12_boots_and_builds_c() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_debian_13_boots_and_builds_c() {
     exercise("debian-13", "VERSION_ID=\"13\"", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_debian_11_boots_and_builds_c() {
+    exercise("debian-11", "VERSION_ID=\"11\"", true).await;
+}
+
+/// A disk that boots by firmware, reached through its own OpenSSH: the host key cloud-init
+/// prints on the console is the only one taken (a server that presents another is refused,
+/// naming both), the seed's build user has the job's key and sudo, and the ACPI power button
+/// ends the guest. Unjailed here: the SSH port is forwarded from the host's loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_cloud_image_is_pinned_to_the_host_key_cloud_init_prints() {
+    let image = image("debian-12-cloud");
+    let scratch = tempfile::tempdir().unwrap();
+    let key = JobKey::generate().unwrap();
+    let seed = Seed {
+        hostname: "job-pinned",
+        user: image.user(),
+        public_key: &key.public_openssh(),
+    }
+    .write(&scratch.path().join("seed"))
+    .unwrap();
+    let spec = BootSpec {
+        boot: Boot::Firmware {
+            firmware: image.firmware().expect("a firmware image"),
+            seed,
+        },
+        base_disk: image.base_disk(),
+        vcpus: 2,
+        memory_mib: 1024,
+        run_dir: scratch.path().join("vm"),
+    };
+    let mut vm = QemuBackend::new(Accel::Tcg).boot(&spec).await.unwrap();
+    let mut console = vm.take_console().unwrap();
+    let mut seen = Vec::new();
+    let printed = wait_ready(
+        &mut console,
+        &mut |b: &[u8]| seen.extend_from_slice(b),
+        Duration::from_secs(300),
+        Announcer::cloud_init(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&seen)));
+    let other = HostFingerprint("SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU".into());
+    let refused = Guest::ssh(
+        vm.connect().await.unwrap(),
+        &key,
+        &other,
+        &SshOptions::default(),
+    )
+    .await;
+    match refused {
+        Err(e @ SshError::HostKeyMismatch { .. }) => {
+            let said = e.to_string();
+            assert!(
+                said.contains(&other.0) && said.contains(&printed.0),
+                "{said}"
+            );
+        }
+        Err(e) => panic!("expected a host key mismatch, got {e}"),
+        Ok(_) => panic!("a server with another host key than the pinned one was taken"),
+    }
+    let guest = Guest::ssh(
+        vm.connect().await.unwrap(),
+        &key,
+        &printed,
+        &SshOptions::default(),
+    )
+    .await
+    .unwrap();
+    let (out, err, status) = run(&guest, "id -un; sudo -n id -u; hostname").await;
+    assert_eq!(
+        (out.as_str(), status),
+        ("build\n0\njob-pinned\n", 0),
+        "{err}"
+    );
+    guest.disconnect().await;
+    assert!(
+        vm.power_off().await.unwrap(),
+        "the guest has an ACPI button"
+    );
+    let ended = tokio::time::timeout(Duration::from_secs(120), vm.wait()).await;
+    assert!(
+        matches!(ended, Ok(Ok(_))),
+        "the guest powered off by its ACPI button: {ended:?}"
+    );
 }
 
 #[test]
