@@ -471,9 +471,7 @@ async fn test_a_c_project_builds_on_debian_11_12_and_13_and_a_cloud_image_in_one
     let extra = format!(
         "allowed_local_sources = [\"{}\"]\n{}",
         repo.path().display(),
-        WORKER
-            .replace("default_memory = \"512MiB\"", "default_memory = \"1GiB\"")
-            .replace("boot_timeout = \"120s\"", "boot_timeout = \"300s\"")
+        WORKER.replace("default_memory = \"512MiB\"", "default_memory = \"1GiB\"")
     );
     let worker = TestWorker::start(&server, 0, &dir, &extra);
     let manifest = format!(
@@ -954,7 +952,7 @@ async fn test_images_import_checks_the_disk_and_a_silent_guest_ends_in_error() {
         &server,
         0,
         &images_dir,
-        &WORKER.replace("boot_timeout = \"120s\"", "boot_timeout = \"30s\""),
+        &format!("{WORKER}firmware_boot_timeout = \"30s\"\n"),
     );
     let api = server.admin();
     let submitted = Instant::now();

@@ -45,9 +45,18 @@ pub async fn run(images_dir: PathBuf, images: &[String], jobs: usize) -> anyhow:
             ));
         }
     }
-    println!("{:<24} {:<20} {:>12} {:>12}", "backend", "image", "p50", "p95");
+    println!(
+        "{:<24} {:<20} {:>12} {:>12}",
+        "backend", "image", "p50", "p95"
+    );
     for (label, image, p50, p95) in rows {
-        println!("{:<24} {:<20} {:>12} {:>12}", label, image, ms(p50), ms(p95));
+        println!(
+            "{:<24} {:<20} {:>12} {:>12}",
+            label,
+            image,
+            ms(p50),
+            ms(p95)
+        );
     }
     Ok(())
 }

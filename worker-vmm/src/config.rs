@@ -49,6 +49,8 @@ pub struct GuestDefaults {
     pub default_cpus: u32,
     pub default_memory: ByteSize,
     pub boot_timeout: HumanDuration,
+    /// The same for images that boot by firmware: from VM start to cloud-init's host keys.
+    pub firmware_boot_timeout: HumanDuration,
     /// How long a failed job's guest stays for `vmfarm ssh JOB` (a manifest may ask for less);
     /// "0s": not kept.
     pub keep_failed: HumanDuration,
@@ -165,6 +167,7 @@ impl Default for GuestDefaults {
             default_cpus: 1,
             default_memory: ByteSize(GIB),
             boot_timeout: HumanDuration(Duration::from_secs(60)),
+            firmware_boot_timeout: HumanDuration(Duration::from_secs(300)),
             keep_failed: HumanDuration(Duration::ZERO),
             ca_certificates: vec![PathBuf::from("/usr/local/share/ca-certificates")],
         }
@@ -237,6 +240,11 @@ impl WorkerConfig {
         for (key, value) in [
             ("network.idle_timeout", n.idle_timeout),
             ("network.connect_timeout", n.connect_timeout),
+            ("guest.boot_timeout", config.guest.boot_timeout),
+            (
+                "guest.firmware_boot_timeout",
+                config.guest.firmware_boot_timeout,
+            ),
         ] {
             if value.0.is_zero() {
                 return Err(format!(

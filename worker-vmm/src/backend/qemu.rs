@@ -558,6 +558,56 @@ mod tests {
     }
 
     #[test]
+    fn test_firmware_args_boot_the_disk_with_its_seed_and_a_closed_network() {
+        let spec = BootSpec {
+            boot: Boot::Firmware {
+                firmware: Firmware::Uefi,
+                seed: "/run/g/seed.img".into(),
+            },
+            base_disk: "/img/disk.qcow2".into(),
+            vcpus: 2,
+            memory_mib: 2048,
+            run_dir: "/run/g".into(),
+        };
+        let backend = QemuBackend::new(Accel::Kvm);
+        let args = backend.firmware_args(
+            &spec,
+            Firmware::Uefi,
+            Path::new("/run/g/seed.img"),
+            Path::new("/run/g/o.qcow2"),
+            2222,
+            Path::new("/run/g/qmp.sock"),
+        );
+        let text = args.join(" ");
+        for part in [
+            "-M q35 -accel kvm -cpu host -smp 2 -m 2048M",
+            &format!("-bios {OVMF}"),
+            "id=disk,file=/run/g/o.qcow2,format=qcow2",
+            "virtio-blk-pci,drive=disk,bootindex=0",
+            "id=seed,file=/run/g/seed.img,format=raw,if=none,readonly=on",
+            // The only way in: port 22 from loopback; restrict=on: no way out.
+            "-netdev user,id=net,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22",
+            "-qmp unix:/run/g/qmp.sock,server=on,wait=off",
+            "-serial stdio",
+        ] {
+            assert!(text.contains(part), "{part} missing from {text}");
+        }
+        assert!(
+            !text.contains("-kernel"),
+            "the disk's own boot loader boots it"
+        );
+        let bios = backend.firmware_args(
+            &spec,
+            Firmware::Bios,
+            Path::new("/run/g/seed.img"),
+            Path::new("/run/g/o.qcow2"),
+            2222,
+            Path::new("/run/g/qmp.sock"),
+        );
+        assert!(!bios.join(" ").contains("-bios"), "SeaBIOS is QEMU's own");
+    }
+
+    #[test]
     fn test_jail_args_fit_the_hosts_qemu() {
         let old = "-chroot dir     chroot to dir just before starting the VM\n\
                    -runas user     change to user id user just before starting the VM\n";

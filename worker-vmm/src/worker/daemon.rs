@@ -200,7 +200,11 @@ fn choose_backends(
         if let std::collections::btree_map::Entry::Vacant(slot) = backends.entry(choice) {
             let (backend, why) =
                 choose(choice, kvm, &vmm, jail.clone()).map_err(anyhow::Error::msg)?;
-            tracing::info!(worker = %name, backend = backend.name(), "{why}");
+            if choice == BackendChoice::Qemu && config.backend.default != BackendChoice::Qemu {
+                tracing::info!(worker = %name, backend = backend.name(), "images that boot by firmware run on {why}");
+            } else {
+                tracing::info!(worker = %name, backend = backend.name(), "{why}");
+            }
             slot.insert(backend);
         }
     }

@@ -478,7 +478,14 @@ impl JobRun<'_> {
             .map_err(Halt::Failed)?;
         let console_log = self.log.clone();
         let mut sink = move |data: &[u8]| console_log.write_now(LogStream::Console, None, data);
-        let boot_timeout = self.ctx.config.guest.boot_timeout.0;
+        let guest = &self.ctx.config.guest;
+        let (boot_timeout, step) = match self.ctx.image.firmware() {
+            None => (guest.boot_timeout.0, "waiting for the guest agent"),
+            Some(_) => (
+                guest.firmware_boot_timeout.0,
+                "waiting for cloud-init to print the guest's host keys",
+            ),
+        };
         let booted = Instant::now();
         let announcer = match self.ctx.image.firmware() {
             None => Announcer::Agent,
@@ -489,10 +496,7 @@ impl JobRun<'_> {
                 wait_ready(&mut console, &mut sink, boot_timeout, announcer).await?,
             )
         };
-        let fingerprint = self
-            .limits
-            .step("waiting for the guest agent", ready)
-            .await?;
+        let fingerprint = self.limits.step(step, ready).await?;
         self.log.farm(&format!(
             "guest ready in {:.1}s (host key {fingerprint})",
             booted.elapsed().as_secs_f64()
