@@ -71,13 +71,15 @@ pub async fn run(state: AppState, images_dir: PathBuf) {
     }
 }
 
-/// The images that queued jobs name and the images dir does not have.
+/// The images that queued jobs name, that the images dir does not have and that no worker
+/// (another one, joined to this farm) offers.
 async fn missing(state: &AppState, images_dir: &Path) -> anyhow::Result<Vec<String>> {
     let have = images::current(images_dir)?;
+    let offered = vmfarm_server::workers::offered_images(&state.db).await?;
     Ok(image_demand::queued_images(state)
         .await?
         .into_iter()
-        .filter(|name| !have.contains_key(name))
+        .filter(|name| !have.contains_key(name) && !offered.contains(name))
         .collect())
 }
 

@@ -160,6 +160,33 @@ async fn test_a_venv_installs_from_pypi_and_nothing_else_is_reached() {
     );
 }
 
+/// A guest that boots by firmware, with no agent, has the same network: its packages come
+/// through the worker's proxy (the image's mirrors, as root by sudo), its tasks reach the hosts
+/// the job allows and nothing else, all over its own OpenSSH.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_cloud_image_reaches_what_the_job_allows_through_the_proxy() {
+    let dir = images(&["debian-12-cloud"]);
+    let server = server(&[], &[]);
+    let worker = TestWorker::start(&server, 0, &dir, WORKER);
+    let api = server.admin();
+    let manifest = "image = \"debian-12-cloud\"\ntimeout = \"20m\"\npackages = [\"python3-venv\"]\n\
+        [network]\nallow = [\"pypi.org\", \"files.pythonhosted.org\"]\n\
+        [[tasks]]\nname = \"venv\"\nscript = '''\n\
+        python3 -m venv v\nv/bin/pip install --quiet six\nv/bin/python -c 'import six; print(\"six\", six.__version__)'\n'''\n\
+        [[tasks]]\nname = \"denied\"\nscript = \"git ls-remote https://example.com/nothing.git\"\n";
+    let (job, log) = run(&api, manifest).await;
+    assert_eq!(job["state"], "failed", "{job}\n{log}\n{}", worker.log());
+    assert_eq!(job["tasks"][0]["state"], "succeeded", "packages: {log}");
+    assert_eq!(job["tasks"][1]["state"], "succeeded", "{log}");
+    assert!(log.contains("six 1."), "{log}");
+    assert!(log.contains("[vmfarm] network deb.debian.org:80"), "{log}");
+    assert_eq!(job["tasks"][2]["state"], "failed", "the build's fault");
+    assert!(
+        log.contains("vmfarm: example.com:443 is not in this job's network allow-list"),
+        "{log}"
+    );
+}
+
 /// A host-side HTTP server on loopback, serving `body` to any GET; its port.
 fn loopback_server(body: &'static str) -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -114,9 +114,9 @@ async fn attach_waiting(db: &Db, jobs: &mut [JobView]) -> AppResult<()> {
     if !jobs.iter().any(|job| job.state == JobState::Queued) {
         return Ok(());
     }
-    let offered = crate::workers::offered_images(db).await?;
+    let offer = crate::workers::offer(db).await?;
     for job in jobs.iter_mut().filter(|job| job.state == JobState::Queued) {
-        job.waiting = crate::workers::unoffered(&job.image, &offered);
+        job.waiting = crate::workers::unoffered(&job.image, &offer);
     }
     Ok(())
 }

@@ -23,7 +23,7 @@ pub async fn submit(
         .write(move |tx| Box::pin(async move { new.insert(tx, &Origin::default()).await }))
         .await?;
     queued(state, response.jobs.len());
-    crate::workers::say_waiting(&state.db, &mut response.jobs).await?;
+    crate::workers::say_waiting(&state.db, &mut response.jobs).await;
     Ok(response)
 }
 
@@ -60,7 +60,7 @@ pub async fn rerun(
         .write(move |tx| Box::pin(async move { new.insert(tx, &origin).await }))
         .await?;
     queued(state, response.jobs.len());
-    crate::workers::say_waiting(&state.db, &mut response.jobs).await?;
+    crate::workers::say_waiting(&state.db, &mut response.jobs).await;
     // A pushed job's rerun reports its status too.
     crate::outbox::wake(state);
     Ok(response)

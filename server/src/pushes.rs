@@ -241,7 +241,7 @@ pub async fn build(state: &AppState, push: Push<'_>) -> AppResult<PushAnswer> {
         &state.db,
         view.files.iter_mut().flat_map(|file| file.jobs.iter_mut()),
     )
-    .await?;
+    .await;
     Ok(PushAnswer {
         push: Some(view),
         ignored: None,

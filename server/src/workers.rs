@@ -71,9 +71,17 @@ pub const GONE_AFTER_MS: i64 = 180_000;
 /// The longest long poll the server may be configured with, so that [`GONE_AFTER_MS`] holds.
 pub const MAX_LONG_POLL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// The images that workers offer now, sorted, each once: those of the workers that called for
-/// work in the last [`GONE_AFTER_MS`] or hold a job (a busy worker does not call for work).
-pub async fn offered_images(db: &Db) -> AppResult<Vec<String>> {
+/// What the workers present now offer: those that called for work in the last
+/// [`GONE_AFTER_MS`], or hold a job (a worker whose slots are all taken does not call).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Offer {
+    /// How many workers are present.
+    pub workers: usize,
+    /// Their images, sorted, each once.
+    pub images: Vec<String>,
+}
+
+pub async fn offer(db: &Db) -> AppResult<Offer> {
     let busy: std::collections::BTreeSet<String> = db
         .read()
         .fetch_all(
@@ -86,43 +94,60 @@ pub async fn offered_images(db: &Db) -> AppResult<Vec<String>> {
         .map(|row| row.text(0).map_err(AppError::from))
         .collect::<AppResult<_>>()?;
     let since = now_ms() - GONE_AFTER_MS;
-    let names: std::collections::BTreeSet<String> = list(db)
+    let present: Vec<WorkerView> = list(db)
         .await?
         .into_iter()
         .filter(|w| w.last_seen >= since || busy.contains(&w.name))
-        .flat_map(|w| w.images.into_iter().map(|i| i.name))
         .collect();
-    Ok(names.into_iter().collect())
+    let images: std::collections::BTreeSet<String> = present
+        .iter()
+        .flat_map(|w| w.images.iter().map(|i| i.name.clone()))
+        .collect();
+    Ok(Offer {
+        workers: present.len(),
+        images: images.into_iter().collect(),
+    })
 }
 
-/// Says, of each job just queued, whether it may wait with no end in sight.
-pub async fn say_waiting<'a>(
-    db: &Db,
-    jobs: impl IntoIterator<Item = &'a mut SubmittedJob>,
-) -> AppResult<()> {
-    let offered = offered_images(db).await?;
-    for job in jobs {
-        job.waiting = unoffered(&job.image, &offered);
+/// The images that workers offer now (see [`offer`]), sorted, each once.
+pub async fn offered_images(db: &Db) -> AppResult<Vec<String>> {
+    Ok(offer(db).await?.images)
+}
+
+/// Says, of each job just queued, whether it may wait with no end in sight. Best effort: the
+/// jobs are queued already, so a failed read only leaves this out (an error would make the
+/// caller retry and queue them twice).
+pub async fn say_waiting<'a>(db: &Db, jobs: impl IntoIterator<Item = &'a mut SubmittedJob>) {
+    match offer(db).await {
+        Ok(offer) => {
+            for job in jobs {
+                job.waiting = unoffered(&job.image, &offer);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot tell whether workers offer the jobs' images"),
     }
-    Ok(())
 }
 
-/// Why a queued job of `image` waits with no end in sight, when no worker offers `image`
-/// (`offered`: [`offered_images`]).
-pub fn unoffered(image: &str, offered: &[String]) -> Option<String> {
-    if offered.iter().any(|o| o == image) {
+/// Why a queued job of `image` waits with no end in sight, when no worker offers `image`.
+pub fn unoffered(image: &str, offer: &Offer) -> Option<String> {
+    if offer.images.iter().any(|o| o == image) {
         return None;
     }
-    Some(if offered.is_empty() {
+    Some(if offer.workers == 0 {
         format!(
             "no worker offers image `{image}`: no worker has called in for the last {} minutes; \
              it waits until one that has the image does",
             GONE_AFTER_MS / 60_000
         )
+    } else if offer.images.is_empty() {
+        format!(
+            "no worker offers image `{image}`: the workers that called in have no image yet; it \
+             waits until one has it"
+        )
     } else {
         format!(
             "no worker offers image `{image}` (workers offer: {}); it waits until one does",
-            offered.join(", ")
+            offer.images.join(", ")
         )
     })
 }

@@ -61,7 +61,14 @@ pub async fn get(
             )
                 .into_response())
         }
-        Some("json") => Ok(Json(chunks).into_response()),
+        Some("json") => Ok((
+            [(
+                header::HeaderName::from_static("x-vmfarm-log-size"),
+                size.to_string(),
+            )],
+            Json(chunks),
+        )
+            .into_response()),
         Some(other) => Err(AppError::BadRequest(format!(
             "format `{other}`: use text or json"
         ))),

@@ -222,8 +222,18 @@ impl Vm for ProcessVm {
                 AgentChannel::Loopback {
                     port, own_netns, ..
                 } => {
-                    let netns = own_netns.then(|| self.child.id()).flatten();
                     let shown = PathBuf::from(format!("127.0.0.1:{port}"));
+                    let netns = match (own_netns, self.child.id()) {
+                        (false, _) => None,
+                        (true, Some(pid)) => Some(pid),
+                        // Never the host's namespace in its place.
+                        (true, None) => {
+                            return Err(BackendError::Connect {
+                                path: shown,
+                                source: std::io::Error::other("the guest's VMM has ended"),
+                            });
+                        }
+                    };
                     Box::new(
                         qemu::connect_loopback(*port, netns)
                             .await
@@ -284,7 +294,8 @@ pub trait Backend: Send + Sync {
 pub trait Vm: Send {
     /// The console output; `None` once taken.
     fn take_console(&mut self) -> Option<Console>;
-    /// Opens a byte stream to the agent's SSH server (after the agent said it is ready).
+    /// Opens a byte stream to the guest's SSH server, the agent's or the guest's own (after the
+    /// guest said it is ready).
     fn connect(&mut self) -> BoxFuture<'_, Result<Box<dyn GuestIo>, BackendError>>;
     /// Waits for the guest to end (a reboot, as `vmfarm-agent shutdown` does, ends it).
     fn wait(&mut self) -> BoxFuture<'_, Result<ExitStatus, BackendError>>;

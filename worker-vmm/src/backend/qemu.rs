@@ -295,18 +295,20 @@ pub(crate) async fn connect_loopback(
     };
     let namespace = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
     let (tx, rx) = tokio::sync::oneshot::channel();
-    std::thread::spawn(move || {
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: setns takes a descriptor this thread owns; it moves only this thread, which
-        // connects and ends.
-        let entered = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
-        let stream = if entered == 0 {
-            std::net::TcpStream::connect(("127.0.0.1", port))
-        } else {
-            Err(std::io::Error::last_os_error())
-        };
-        let _ = tx.send(stream);
-    });
+    std::thread::Builder::new()
+        .name("vmfarm-netns".into())
+        .spawn(move || {
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: setns takes a descriptor this thread owns; it moves only this thread, which
+            // connects and ends.
+            let entered = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
+            let stream = if entered == 0 {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+            } else {
+                Err(std::io::Error::last_os_error())
+            };
+            let _ = tx.send(stream);
+        })?;
     let stream = rx
         .await
         .map_err(|_| std::io::Error::other("the connecting thread ended"))??;
@@ -463,9 +465,10 @@ fn confine_before_exec(command: &mut Command, jail: &GuestJail) -> std::io::Resu
                 return Err(err());
             }
             let up = libc::ioctl(socket, libc::SIOCSIFFLAGS, &loopback);
+            let failed = (up != 0).then(err);
             libc::close(socket);
-            if up != 0 {
-                return Err(err());
+            if let Some(e) = failed {
+                return Err(e);
             }
             for (resource, value) in [
                 (libc::RLIMIT_NOFILE, MAX_OPEN_FILES),

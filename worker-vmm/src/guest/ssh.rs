@@ -285,7 +285,8 @@ impl Guest {
         Ok(Guest { handle, forwarded })
     }
 
-    /// Asks the agent to listen on a free loopback port in the guest; each connection to it
+    /// Asks the guest's SSH server (the agent, or OpenSSH's remote forwarding) to listen on a
+    /// free loopback port in the guest; each connection to it
     /// arrives on the returned receiver. Returns the port (one forwarded port per guest).
     pub async fn forward(&self) -> Result<(u16, mpsc::Receiver<ForwardedStream>), SshError> {
         let (sender, receiver) = mpsc::channel(FORWARDED_QUEUE);

@@ -94,7 +94,7 @@ fn stage_file_entry(path: &Path) -> Result<FileEntry, ImageError> {
     Ok(entry)
 }
 
-fn key(parts: &[&str]) -> String {
+pub(super) fn key(parts: &[&str]) -> String {
     let mut hash = Sha256::new();
     for part in parts {
         hash.update(part.as_bytes());

@@ -2,10 +2,12 @@
 //! distribution's cloud image, or a disk of one's own) becomes image NAME.
 //!
 //! Everything about the file is checked before anything is written: it is a disk image QEMU
-//! reads (qcow2 or raw) with no backing file (which would reach files of the host), its size is
-//! sane, and its first sector carries a partition table's boot signature (a raw file of any
-//! other kind is not a disk). It is then converted to a qcow2 of its own in the images
-//! directory, read-only, as a new version; a failure leaves nothing there.
+//! reads (qcow2 or raw) with no backing file and no external data file (either would make the
+//! import, run as root, read a file of the host that the image names), its size is sane, and
+//! its first sector carries a partition table's boot signature (a raw file of any other kind is
+//! not a disk). It is then converted to a qcow2 of its own in the images directory, read-only,
+//! as a new version (of the disk, the firmware and the user); a file that fails the checks
+//! leaves nothing there.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -47,6 +49,15 @@ struct Info {
     virtual_size: u64,
     #[serde(rename = "backing-filename")]
     backing_filename: Option<String>,
+    /// qcow2's own header fields (`data-file`: an external data file).
+    #[serde(rename = "format-specific", default)]
+    format_specific: Option<FormatSpecific>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct FormatSpecific {
+    #[serde(default)]
+    data: serde_json::Map<String, serde_json::Value>,
 }
 
 /// A build user's name: a login name most systems take.
@@ -90,6 +101,16 @@ fn check(disk: &Path, work: &Path) -> Result<Info, ImageError> {
         return Err(bad(format!(
             "it has a backing file ({backing}): flatten it first (qemu-img convert -O qcow2 {} flat.qcow2)",
             disk.display()
+        )));
+    }
+    let data_file = info
+        .format_specific
+        .as_ref()
+        .and_then(|f| f.data.get("data-file"));
+    if let Some(data_file) = data_file {
+        return Err(bad(format!(
+            "its data lives in an external file ({data_file}): convert it to a self-contained \
+             qcow2 first (qemu-img convert -O qcow2)"
         )));
     }
     if !(MIN_SIZE..=MAX_SIZE).contains(&info.virtual_size) {
@@ -156,12 +177,11 @@ pub fn import(
         )));
     }
     tools::require(&[QEMU_IMG])?;
-    // The checks' scratch files, outside the images directory and removed with it.
-    let work = Scratch::new(std::env::temp_dir().join(format!(
-        "vmfarm-import-{}-{}",
-        std::process::id(),
-        super::build::now_secs()
-    )))?;
+    // The checks' scratch files: a private folder of its own, outside the images directory.
+    let work = tempfile::Builder::new()
+        .prefix("vmfarm-import-")
+        .tempdir()
+        .map_err(|e| ImageError::io(&std::env::temp_dir(), e))?;
     let info = check(&args.disk, work.path())?;
     progress(&format!(
         "{}: {} disk of {} MiB",
@@ -170,7 +190,9 @@ pub fn import(
         info.virtual_size >> 20
     ));
     let source = sha256_file(&args.disk)?;
-    let version = source.sha256[..12].to_owned();
+    let version = super::build::key(&[&source.sha256, &format!("{:?}", args.firmware), &args.user])
+        [..12]
+        .to_owned();
     let images_dir = args.dir.resolve();
     let image_dir = images_dir.join(&args.name);
     let final_dir = image_dir.join(&version);

@@ -249,7 +249,19 @@ impl Recipe {
             }
             Err(source) => return Err(RecipeError::Read { path, source }),
         };
-        Recipe::parse(&text, &path)
+        let recipe = Recipe::parse(&text, &path)?;
+        let by_name = !name_or_path.ends_with(".toml") && !name_or_path.contains('/');
+        if by_name && recipe.name != name_or_path {
+            return Err(RecipeError::Invalid {
+                path,
+                message: format!(
+                    "name {:?}: the recipe found as `{name_or_path}` must make image \
+                     `{name_or_path}` (name a recipe's file after its image)",
+                    recipe.name
+                ),
+            });
+        }
+        Ok(recipe)
     }
 }
 

@@ -421,13 +421,23 @@ impl JobRun<'_> {
                 .compose(),
             }),
             Some(firmware) => {
-                let seed = Seed {
-                    hostname: &hostname,
-                    user: ctx.image.user(),
-                    public_key: &key.public_openssh(),
+                let (user, public_key) = (ctx.image.user().to_owned(), key.public_openssh());
+                let dir = self.run_dir.join("seed");
+                let written = tokio::task::spawn_blocking(move || {
+                    let seed = Seed {
+                        hostname: &hostname,
+                        user: &user,
+                        public_key: &public_key,
+                    };
+                    seed.write(&dir)
+                })
+                .await;
+                let seed = match written {
+                    Ok(written) => written.context("making the guest's cloud-init seed"),
+                    Err(e) => {
+                        Err(anyhow::Error::new(e).context("making the guest's cloud-init seed"))
+                    }
                 }
-                .write(&self.run_dir.join("seed"))
-                .context("making the guest's cloud-init seed")
                 .map_err(Halt::Failed)?;
                 Boot::Firmware { firmware, seed }
             }
@@ -446,12 +456,10 @@ impl JobRun<'_> {
     /// Waits for the agent's ready line (cloud-init's host keys), opens SSH pinned to the host
     /// key it announced, and reports `running`.
     async fn settle(&mut self, vm: &mut dyn Vm, key: &JobKey) -> Result<Guest, Halt> {
-        let fingerprint = self.wait_for_agent(vm).await?;
+        let access = GuestAccess::of(&self.ctx.image, &self.ctx.config.guest);
+        let fingerprint = self.wait_for_agent(vm, &access).await?;
         let options = SshOptions {
-            user: match self.ctx.image.firmware() {
-                None => SshOptions::default().user,
-                Some(_) => self.ctx.image.user().to_owned(),
-            },
+            user: access.user.clone(),
             ..SshOptions::default()
         };
         let ssh = async {
@@ -462,6 +470,12 @@ impl JobRun<'_> {
             Ok::<_, anyhow::Error>(Guest::ssh(stream, key, &fingerprint, &options).await?)
         };
         let guest = self.limits.step("opening SSH to the guest", ssh).await?;
+        if access.check_environment {
+            let checked = check_environment(&guest);
+            self.limits
+                .step("checking that the job's variables reach the guest", checked)
+                .await?;
+        }
         self.report(StateUpdate {
             job_state: Some(JobState::Running),
             ..StateUpdate::default()
@@ -470,33 +484,27 @@ impl JobRun<'_> {
         Ok(guest)
     }
 
-    /// Copies the console to the log until the agent's ready line, and on in the background.
-    async fn wait_for_agent(&mut self, vm: &mut dyn Vm) -> Result<HostFingerprint, Halt> {
+    /// Copies the console to the log until the guest says it is ready (the agent's line, or
+    /// cloud-init's host keys), and on in the background.
+    async fn wait_for_agent(
+        &mut self,
+        vm: &mut dyn Vm,
+        access: &GuestAccess,
+    ) -> Result<HostFingerprint, Halt> {
         let mut console = vm
             .take_console()
             .context("the guest's console")
             .map_err(Halt::Failed)?;
         let console_log = self.log.clone();
         let mut sink = move |data: &[u8]| console_log.write_now(LogStream::Console, None, data);
-        let guest = &self.ctx.config.guest;
-        let (boot_timeout, step) = match self.ctx.image.firmware() {
-            None => (guest.boot_timeout.0, "waiting for the guest agent"),
-            Some(_) => (
-                guest.firmware_boot_timeout.0,
-                "waiting for cloud-init to print the guest's host keys",
-            ),
-        };
         let booted = Instant::now();
-        let announcer = match self.ctx.image.firmware() {
-            None => Announcer::Agent,
-            Some(_) => Announcer::cloud_init(),
-        };
+        let (announcer, boot_timeout) = (access.announcer.clone(), access.boot_timeout);
         let ready = async {
             Ok::<_, anyhow::Error>(
                 wait_ready(&mut console, &mut sink, boot_timeout, announcer).await?,
             )
         };
-        let fingerprint = self.limits.step(step, ready).await?;
+        let fingerprint = self.limits.step(access.waiting_for, ready).await?;
         self.log.farm(&format!(
             "guest ready in {:.1}s (host key {fingerprint})",
             booted.elapsed().as_secs_f64()
@@ -584,6 +592,61 @@ impl JobRun<'_> {
         sent?;
         run_checked(guest, &format!("chmod 0600 {}", quote(&remote))).await
     }
+}
+
+/// How the worker waits for a guest of an image and reaches it: the agent's way, or, for an
+/// image that boots by firmware, cloud-init's host keys and the guest's own OpenSSH.
+struct GuestAccess {
+    announcer: Announcer,
+    boot_timeout: Duration,
+    /// The step's name while the worker waits.
+    waiting_for: &'static str,
+    user: String,
+    /// Whether to check that SSH `env` requests reach the tasks (the agent takes them all; an
+    /// OpenSSH server takes those its `AcceptEnv` names, which the seed sets).
+    check_environment: bool,
+}
+
+impl GuestAccess {
+    fn of(image: &InstalledImage, guest: &crate::config::GuestDefaults) -> GuestAccess {
+        match image.firmware() {
+            None => GuestAccess {
+                announcer: Announcer::Agent,
+                boot_timeout: guest.boot_timeout.0,
+                waiting_for: "waiting for the guest agent",
+                user: SshOptions::default().user,
+                check_environment: false,
+            },
+            Some(_) => GuestAccess {
+                announcer: Announcer::cloud_init(),
+                boot_timeout: guest.firmware_boot_timeout.0,
+                waiting_for: "waiting for cloud-init to print the guest's host keys",
+                user: image.user().to_owned(),
+                check_environment: true,
+            },
+        }
+    }
+}
+
+/// Fails unless a variable sent as an SSH `env` request reaches a command in the guest: an
+/// OpenSSH whose config does not read `sshd_config.d` would otherwise drop every variable of
+/// the job without a word.
+async fn check_environment(guest: &Guest) -> anyhow::Result<()> {
+    let mut seen = Vec::new();
+    let mut sink = |_: crate::guest::OutputStream, data: &[u8]| {
+        seen.extend_from_slice(&data[..data.len().min(64)]);
+    };
+    let env = [("VMFARM_ENV_CHECK".to_owned(), "passes".to_owned())];
+    let limits = ExecLimits::timeout(Duration::from_secs(60));
+    guest
+        .exec("printf %s \"$VMFARM_ENV_CHECK\"", &env, &mut sink, limits)
+        .await?;
+    anyhow::ensure!(
+        seen == b"passes",
+        "the guest's SSH server drops the job's variables: its sshd_config must read \
+         /etc/ssh/sshd_config.d/*.conf (an `Include`), where the cloud-init seed puts `AcceptEnv *`"
+    );
+    Ok(())
 }
 
 /// Waits for the host's fetch to end (none: no sources); the fetch stays with the job until

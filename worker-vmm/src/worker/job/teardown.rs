@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 impl JobRun<'_> {
     /// Teardown, 1: ends the job's `vmfarm ssh` sessions, asks the agent to shut the guest
-    /// down, and gives the guest 10 s to end (CONTRACTS.md).
+    /// down (presses the ACPI power button of a guest without the agent), and gives the guest
+    /// 10 s to end (CONTRACTS.md).
     pub(super) async fn shut_down(
         &self,
         guest: Arc<Guest>,
