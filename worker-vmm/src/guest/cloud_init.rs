@@ -5,8 +5,8 @@
 //! the host keys' fingerprints on the console, which the worker pins
 //! ([`super::console::Announcer::CloudInit`]).
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 
 use crate::images::tools::{self, MCOPY, MKFS_VFAT};
 
@@ -90,37 +90,23 @@ impl Seed<'_> {
         std::fs::write(&meta_data, self.meta_data()).map_err(io(&meta_data))?;
         let image = dir.join("seed.img");
         let _ = std::fs::remove_file(&image);
-        let status = std::process::Command::new(tools::find(MKFS_VFAT)?)
-            .args(["-n", "CIDATA", "-C"])
-            .arg(&image)
-            .arg(SEED_KIB.to_string())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map_err(io(&image))?;
-        if !status.success() {
-            return Err(SeedError::Io {
-                path: image,
-                source: std::io::Error::other(format!("mkfs.vfat ended with {status}")),
-            });
-        }
-        let status = std::process::Command::new(tools::find(MCOPY)?)
-            .env("MTOOLS_SKIP_CHECK", "1")
-            .arg("-i")
-            .arg(&image)
-            .arg(&user_data)
-            .arg(&meta_data)
-            .arg("::/")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map_err(io(&image))?;
-        if !status.success() {
-            return Err(SeedError::Io {
-                path: image,
-                source: std::io::Error::other(format!("mcopy ended with {status}")),
-            });
-        }
+        let size = SEED_KIB.to_string();
+        let args: [&OsStr; 5] = [
+            "-n".as_ref(),
+            "CIDATA".as_ref(),
+            "-C".as_ref(),
+            image.as_os_str(),
+            size.as_ref(),
+        ];
+        tools::run(MKFS_VFAT, &args, &dir.join("mkfs.log"))?;
+        let args: [&OsStr; 5] = [
+            "-i".as_ref(),
+            image.as_os_str(),
+            user_data.as_os_str(),
+            meta_data.as_os_str(),
+            "::/".as_ref(),
+        ];
+        tools::run(MCOPY, &args, &dir.join("mcopy.log"))?;
         Ok(image)
     }
 }

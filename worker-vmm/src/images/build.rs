@@ -210,25 +210,12 @@ pub fn build(
     let image_dir = options.images_dir.join(&recipe.name);
     let final_dir = image_dir.join(&version);
     let _lock = lock(&image_dir.join(".lock"))?;
-    if final_dir.join(MANIFEST).is_file() {
-        let image = InstalledImage::read(&final_dir)?;
-        make_current(&options.images_dir, &recipe.name, &version)?;
-        let seconds = start.elapsed().as_secs_f64();
-        return Ok(BuildReport {
-            image,
-            reused: true,
-            rootfs_cached: true,
-            initrd_cached: true,
-            seconds,
-        });
+    if let Some(report) = reuse(&final_dir, &options.images_dir, &recipe.name, start)? {
+        return Ok(report);
     }
 
     let (rootfs_dir, rootfs_cached) = stage(&options.cache_dir, "rootfs", &rootfs_key, |out| {
-        let info = rootfs::build(recipe, out, progress)?;
-        let path = out.join("system.toml");
-        let text = toml::to_string(&info)
-            .map_err(|e| ImageError::Rootfs(format!("encoding system.toml: {e}")))?;
-        std::fs::write(&path, text).map_err(|e| ImageError::io(&path, e))
+        write_system(out, &rootfs::build(recipe, out, progress)?)
     })?;
     if rootfs_cached {
         progress(&format!(
@@ -307,23 +294,11 @@ fn build_firmware(
     let image_dir = options.images_dir.join(&recipe.name);
     let final_dir = image_dir.join(&version);
     let _lock = lock(&image_dir.join(".lock"))?;
-    if final_dir.join(MANIFEST).is_file() {
-        let image = InstalledImage::read(&final_dir)?;
-        make_current(&options.images_dir, &recipe.name, &version)?;
-        return Ok(BuildReport {
-            image,
-            reused: true,
-            rootfs_cached: true,
-            initrd_cached: true,
-            seconds: start.elapsed().as_secs_f64(),
-        });
+    if let Some(report) = reuse(&final_dir, &options.images_dir, &recipe.name, start)? {
+        return Ok(report);
     }
     let (disk_dir, cached) = stage(&options.cache_dir, "disk", &disk_key, |out| {
-        let info = firmware_disk::build(recipe, out, progress)?;
-        let path = out.join("system.toml");
-        let text = toml::to_string(&info)
-            .map_err(|e| ImageError::Rootfs(format!("encoding system.toml: {e}")))?;
-        std::fs::write(&path, text).map_err(|e| ImageError::io(&path, e))
+        write_system(out, &firmware_disk::build(recipe, out, progress)?)
     })?;
     if cached {
         progress(&format!("disk: cached ({})", disk_dir.display()));
@@ -352,6 +327,36 @@ fn build_firmware(
         initrd_cached: cached,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Writes `info` as `system.toml` beside a stage's output.
+fn write_system(out: &Path, info: &SystemInfo) -> Result<(), ImageError> {
+    let path = out.join("system.toml");
+    let text = toml::to_string(info)
+        .map_err(|e| ImageError::Rootfs(format!("encoding system.toml: {e}")))?;
+    std::fs::write(&path, text).map_err(|e| ImageError::io(&path, e))
+}
+
+/// The image installed at `final_dir` already, made the one jobs run: the report of a build
+/// that had nothing to do; `None` when it is not there.
+pub(super) fn reuse(
+    final_dir: &Path,
+    images_dir: &Path,
+    name: &str,
+    start: Instant,
+) -> Result<Option<BuildReport>, ImageError> {
+    if !final_dir.join(MANIFEST).is_file() {
+        return Ok(None);
+    }
+    let image = InstalledImage::read(final_dir)?;
+    make_current(images_dir, name, &image.manifest.version)?;
+    Ok(Some(BuildReport {
+        image,
+        reused: true,
+        rootfs_cached: true,
+        initrd_cached: true,
+        seconds: start.elapsed().as_secs_f64(),
+    }))
 }
 
 /// The `system.toml` a stage wrote beside its output.

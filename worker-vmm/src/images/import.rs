@@ -197,10 +197,9 @@ pub fn import(
     let image_dir = images_dir.join(&args.name);
     let final_dir = image_dir.join(&version);
     let _lock = lock(&image_dir.join(".lock"))?;
-    if final_dir.is_dir() {
-        let image = InstalledImage::read(&final_dir)?;
-        super::make_current(&images_dir, &args.name, &version)?;
-        return Ok(image);
+    let now = std::time::Instant::now();
+    if let Some(found) = super::build::reuse(&final_dir, &images_dir, &args.name, now)? {
+        return Ok(found.image);
     }
     progress(&format!("copying it into {}", final_dir.display()));
     let scratch = Scratch::new(image_dir.join(format!(".tmp-{version}")))?;
