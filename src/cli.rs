@@ -397,6 +397,17 @@ pub enum BenchKind {
         )]
         images_dir: PathBuf,
     },
+    /// A line the guest prints -> a follower of the job's live log has it (p50, p99), beside
+    /// a follower polling once a second (the debian-12 image).
+    LiveLog {
+        /// The images dir holding the `debian-12` image.
+        #[arg(
+            long,
+            env = "VMFARM_IMAGES_DIR",
+            default_value = "./vmfarm-data/images"
+        )]
+        images_dir: PathBuf,
+    },
     /// Submit -> first line of the first task, per backend usable on this host.
     JobStart {
         /// The images dir holding the images.

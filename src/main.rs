@@ -109,6 +109,10 @@ fn main() -> ExitCode {
                 bench::push::run(images_dir).await?;
                 Ok(ExitCode::SUCCESS)
             }),
+            cli::BenchKind::LiveLog { images_dir } => block_on(async {
+                bench::live_log::run(images_dir).await?;
+                Ok(ExitCode::SUCCESS)
+            }),
             cli::BenchKind::JobStart {
                 images_dir,
                 images,
@@ -149,24 +153,37 @@ fn man_pages(dir: &std::path::Path) -> anyhow::Result<usize> {
 }
 
 /// Log lines go to stderr, filtered by `VMFARM_LOG` (default `info`): a level (`warn`), or
-/// `tracing` directives (`info,vmfarm_vmm=debug`). A bare level skips compiling the directive
-/// parser's regular expressions, which every VMM process would otherwise pay for at start.
+/// `tracing` directives (`info,vmfarm::access=debug`). A bare level skips compiling the
+/// directive parser's regular expressions, which every VMM process would otherwise pay for at
+/// start. `VMFARM_LOG_FORMAT=json` writes each line as a JSON object (for log shippers).
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::filter::LevelFilter;
     let spec = std::env::var("VMFARM_LOG").unwrap_or_else(|_| "info".to_owned());
+    let json = match std::env::var("VMFARM_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") | Err(_) => false,
+        Ok(other) => {
+            eprintln!("vmfarm: VMFARM_LOG_FORMAT={other:?}: use text or json; logging text");
+            false
+        }
+    };
     let logger = tracing_subscriber::fmt().with_writer(std::io::stderr);
-    if let Ok(level) = spec.parse::<LevelFilter>() {
-        return logger.with_max_level(level).init();
+    let filter = || {
+        EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+            eprintln!(
+                "vmfarm: VMFARM_LOG={spec:?} is neither a level (error, warn, info, debug, trace, \
+                 off) nor tracing directives ({e}); logging at info"
+            );
+            EnvFilter::new("info")
+        })
+    };
+    match (json, spec.parse::<LevelFilter>()) {
+        (false, Ok(level)) => logger.with_max_level(level).init(),
+        (true, Ok(level)) => logger.json().with_max_level(level).init(),
+        (false, Err(_)) => logger.with_env_filter(filter()).init(),
+        (true, Err(_)) => logger.json().with_env_filter(filter()).init(),
     }
-    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|e| {
-        eprintln!(
-            "vmfarm: VMFARM_LOG={spec:?} is neither a level (error, warn, info, debug, trace, off) \
-             nor tracing directives ({e}); logging at info"
-        );
-        EnvFilter::new("info")
-    });
-    logger.with_env_filter(filter).init();
 }
 
 fn vm_run(args: &vmfarm_worker::vmm::cli::VmRunArgs) -> ExitCode {

@@ -1130,3 +1130,106 @@ async fn cli_exit_statuses_and_json() {
     let top = std::fs::read_to_string(pages.path().join("vmfarm.1")).unwrap();
     assert!(top.contains("Exit status"), "{top}");
 }
+
+/// Each request has an id, the caller's when it is short and plain, else a new one: in the
+/// answer's `x-request-id` and in its line of the access log; `VMFARM_LOG_FORMAT=json` makes
+/// every log line a JSON object, as log shippers read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_lines_are_json_with_request_ids() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("server.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\n\
+             [[tokens]]\nname = \"admin\"\ntoken = \"{}\"\nscopes = [\"admin\"]\n",
+            dir.path().display(),
+            common::ADMIN_TOKEN
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("server.log");
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_vmfarm"))
+        .args(["server", "--config"])
+        .arg(&config)
+        .env("VMFARM_LOG", "info")
+        .env("VMFARM_LOG_FORMAT", "json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("vmfarm server listening on"), "{first}");
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}");
+    let id_of = |r: &reqwest::Response| {
+        r.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let kept = http
+        .get(format!("{url}/healthz"))
+        .header("x-request-id", "ci-run-42.a_b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(id_of(&kept), "ci-run-42.a_b");
+    let replaced = http
+        .get(format!("{url}/api/jobs/no-such"))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .header("x-request-id", "two words {and} more")
+        .send()
+        .await
+        .unwrap();
+    let made = id_of(&replaced);
+    assert!(
+        made.len() == 16 && made.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{made:?}"
+    );
+    let status = replaced.status().as_u16();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let access: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["target"] == "vmfarm::access")
+        .collect();
+    let line_of = |id: &str| {
+        access
+            .iter()
+            .find(|l| l["fields"]["request_id"] == id)
+            .unwrap_or_else(|| panic!("no access line for {id}: {text}"))
+    };
+    let health = line_of("ci-run-42.a_b");
+    assert_eq!(
+        (
+            &health["fields"]["method"],
+            &health["fields"]["path"],
+            &health["fields"]["status"]
+        ),
+        (&"GET".into(), &"/healthz".into(), &200.into()),
+        "{health}"
+    );
+    assert!(
+        health["fields"]["duration_ms"].as_f64().is_some(),
+        "{health}"
+    );
+    let other = line_of(&made);
+    assert_eq!(other["fields"]["status"], status, "{other}");
+    assert_eq!(other["fields"]["route"], "/api/jobs/{id}", "{other}");
+}

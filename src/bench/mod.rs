@@ -4,6 +4,7 @@ pub mod boot;
 pub mod disk;
 pub mod farm;
 pub mod job_start;
+pub mod live_log;
 pub mod network;
 pub mod push;
 pub mod queue;
