@@ -107,18 +107,31 @@ pub(super) fn key(parts: &[&str]) -> String {
 /// stage's (that and the agent) and the image's version (both, and the recipe's
 /// `[package_manager]` when it has one, which the installed image's manifest carries).
 fn keys(recipe: &Recipe, agent_sha256: &str) -> Result<(String, String, String), ImageError> {
-    let encoding = |e: toml::ser::Error| ImageError::Rootfs(format!("encoding the recipe: {e}"));
-    let recipe_text = toml::to_string(&recipe.rootfs_inputs()).map_err(encoding)?;
-    let rootfs_key = key(&[ROOTFS_FORMAT, &recipe_text]);
+    let rootfs_key = key(&[ROOTFS_FORMAT, &recipe_text(recipe)?]);
     let initrd_key = key(&[INITRD_FORMAT, &rootfs_key, agent_sha256]);
-    let version = match &recipe.package_manager {
-        None => key(&[&rootfs_key, &initrd_key]),
-        Some(manager) => {
-            let manager_text = toml::to_string(manager).map_err(encoding)?;
-            key(&[&rootfs_key, &initrd_key, &manager_text])
-        }
+    let version = version(recipe, &[&rootfs_key, &initrd_key])?;
+    Ok((rootfs_key, initrd_key, version))
+}
+
+/// The recipe as it keys its first stage (without `[package_manager]`).
+fn recipe_text(recipe: &Recipe) -> Result<String, ImageError> {
+    toml::to_string(&recipe.rootfs_inputs())
+        .map_err(|e| ImageError::Rootfs(format!("encoding the recipe: {e}")))
+}
+
+/// An image's version: its stages' keys and the recipe's `[package_manager]` (which the
+/// installed image's manifest carries), hashed, 12 hex digits.
+fn version(recipe: &Recipe, stage_keys: &[&str]) -> Result<String, ImageError> {
+    let mut parts = stage_keys.to_vec();
+    let manager = match &recipe.package_manager {
+        None => None,
+        Some(manager) => Some(
+            toml::to_string(manager)
+                .map_err(|e| ImageError::Rootfs(format!("encoding the recipe: {e}")))?,
+        ),
     };
-    Ok((rootfs_key, initrd_key, version[..12].to_owned()))
+    parts.extend(manager.as_deref());
+    Ok(key(&parts)[..12].to_owned())
 }
 
 /// Removes a folder when dropped, unless disarmed.
@@ -283,14 +296,8 @@ fn build_firmware(
     if !running_as_root() {
         return Err(ImageError::NotRoot);
     }
-    let encoding = |e: toml::ser::Error| ImageError::Rootfs(format!("encoding the recipe: {e}"));
-    let recipe_text = toml::to_string(&recipe.rootfs_inputs()).map_err(encoding)?;
-    let disk_key = key(&[DISK_FORMAT, &recipe_text]);
-    let version = match &recipe.package_manager {
-        None => disk_key.clone(),
-        Some(manager) => key(&[&disk_key, &toml::to_string(manager).map_err(encoding)?]),
-    }[..12]
-        .to_owned();
+    let disk_key = key(&[DISK_FORMAT, &recipe_text(recipe)?]);
+    let version = version(recipe, &[&disk_key])?;
     let image_dir = options.images_dir.join(&recipe.name);
     let final_dir = image_dir.join(&version);
     let _lock = lock(&image_dir.join(".lock"))?;

@@ -632,9 +632,11 @@ impl GuestAccess {
 /// OpenSSH whose config does not read `sshd_config.d` would otherwise drop every variable of
 /// the job without a word.
 async fn check_environment(guest: &Guest) -> anyhow::Result<()> {
+    // What the guest sends is kept up to 64 bytes in all, however much it sends.
     let mut seen = Vec::new();
     let mut sink = |_: crate::guest::OutputStream, data: &[u8]| {
-        seen.extend_from_slice(&data[..data.len().min(64)]);
+        let room = 64usize.saturating_sub(seen.len());
+        seen.extend_from_slice(&data[..data.len().min(room)]);
     };
     let env = [("VMFARM_ENV_CHECK".to_owned(), "passes".to_owned())];
     let limits = ExecLimits::timeout(Duration::from_secs(60));
