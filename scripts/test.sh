@@ -8,6 +8,12 @@ bash scripts/install-deps.sh test
 export VMFARM_CACHE=${VMFARM_CACHE:-$HOME/.cache/vmfarm}
 mkdir -p "$VMFARM_CACHE"
 
+# One clean build, kept small: no incremental state (it only pays for edits, which CI does not
+# make), and the test binaries built once, before the images are built with the `vmfarm` binary
+# they make (a separate `cargo build -p vmfarm` resolves features without the dev-dependencies and
+# builds the farm's crates a second time).
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
@@ -15,7 +21,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 target=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 cargo build --locked --release -p vmfarm-agent --target x86_64-unknown-linux-musl
 export VMFARM_AGENT=$target/x86_64-unknown-linux-musl/release/vmfarm-agent
-cargo build --locked -p vmfarm
+cargo nextest run --workspace --locked --no-run
 for image in tiny debian-11 debian-12 debian-13 debian-12-cloud; do
   "$target/debug/vmfarm" images build "$image" --images-dir "$VMFARM_CACHE/test-images"
 done
@@ -30,3 +36,4 @@ eval "$(bash scripts/test-postgres.sh start)"
 trap 'bash scripts/test-postgres.sh stop' EXIT
 
 cargo nextest run --workspace --locked --no-fail-fast
+echo "test.sh: build outputs $(du -sh "$target" | cut -f1) in $target"
