@@ -173,7 +173,8 @@ pub enum TokenAction {
         /// An API token of this name.
         #[arg(long, requires_all = ["scopes", "user"])]
         name: Option<String>,
-        /// Its scopes: submit, read, admin (admin only for an admin user).
+        /// Its scopes: submit, read, metrics (scraping /metrics only), admin (admin only for an admin
+        /// user).
         #[arg(long, value_delimiter = ',')]
         scopes: Vec<String>,
         /// The user it acts for: its jobs are that user's, it reaches that user's things.
@@ -233,6 +234,9 @@ pub struct WorkerArgs {
     pub token: Option<String>,
     #[arg(long)]
     pub images_dir: Option<PathBuf>,
+    /// The token its /metrics listener asks for (`[metrics] token`).
+    #[arg(long, env = "VMFARM_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
 }
 
 #[derive(Debug, Args)]

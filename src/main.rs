@@ -4,6 +4,8 @@ mod bench;
 mod cli;
 mod client;
 mod commands;
+#[cfg(test)]
+mod dashboard;
 mod exit_status;
 mod hook;
 mod server_cmd;

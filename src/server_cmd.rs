@@ -245,10 +245,7 @@ async fn token(db: &Db, config: &ServerConfig, action: TokenAction) -> anyhow::R
 }
 
 fn parse_scope(s: &str) -> anyhow::Result<Scope> {
-    match s.trim() {
-        "submit" => Ok(Scope::Submit),
-        "read" => Ok(Scope::Read),
-        "admin" => Ok(Scope::Admin),
-        other => bail!("unknown scope `{other}`: use submit, read or admin"),
-    }
+    let name = s.trim();
+    vmfarm_server::auth::scope_by_name(name)
+        .with_context(|| format!("unknown scope `{name}`: use submit, read, metrics or admin"))
 }

@@ -17,6 +17,9 @@ pub fn load_config(args: &WorkerArgs) -> anyhow::Result<WorkerConfig> {
     if let Some(dir) = &args.images_dir {
         config.images_dir = dir.clone();
     }
+    if let Some(token) = &args.metrics_token {
+        config.metrics.token = token.clone();
+    }
     Ok(config)
 }
 

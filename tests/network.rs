@@ -58,6 +58,20 @@ async fn run(api: &Api, manifest: &str) -> (Value, String) {
     (job, log)
 }
 
+/// The token of the worker's /metrics listener.
+const METRICS_TOKEN: &str = "scrape-me";
+
+/// [`WORKER`] with its /metrics listener on a free loopback port, and that listener's URL.
+fn with_metrics() -> (String, String) {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    (
+        format!("{WORKER}[metrics]\nlisten = \"127.0.0.1:{port}\"\ntoken = \"{METRICS_TOKEN}\"\n"),
+        format!("http://127.0.0.1:{port}/metrics"),
+    )
+}
+
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find(|l| l.starts_with(name))
@@ -70,7 +84,8 @@ fn metric(text: &str, name: &str) -> u64 {
 async fn test_packages_install_and_the_second_run_is_served_from_the_cache() {
     let dir = images(&["debian-13"]);
     let server = server(&[], &[]);
-    let worker = TestWorker::start(&server, 0, &dir, WORKER);
+    let (config, scrape) = with_metrics();
+    let worker = TestWorker::start(&server, 0, &dir, &config);
     let api = server.admin();
     let manifest = r#"image = "debian-13"
 timeout = "20m"
@@ -105,19 +120,46 @@ path = "z"
     let ran = std::process::Command::new(&path).output().unwrap();
     assert!(String::from_utf8_lossy(&ran.stdout).starts_with("zlib 1."));
 
-    let metrics = |api: Api| async move {
-        let text = api.get_text("/metrics").await;
+    // The worker's own /metrics listener asks for its token.
+    let http = reqwest::Client::new();
+    let refused = http.get(&scrape).send().await.unwrap();
+    assert_eq!(refused.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let metrics = || async {
+        let answer = http
+            .get(&scrape)
+            .bearer_auth(METRICS_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "{}", answer.status());
+        let text = answer.text().await.unwrap();
         (
-            metric(&text, "vmfarm_proxy_cache_served_bytes_total"),
-            metric(&text, "vmfarm_proxy_cache_fetched_bytes_total"),
+            metric(&text, "vmfarm_worker_proxy_cache_served_bytes_total"),
+            metric(&text, "vmfarm_worker_proxy_cache_fetched_bytes_total"),
+            text,
         )
     };
-    let (served_before, fetched_before) = metrics(server.admin()).await;
+    let (served_before, fetched_before, _) = metrics().await;
     let (again, log) = run(&api, manifest).await;
     assert_eq!(again["state"], "succeeded", "{again}\n{log}");
-    // The worker reports its figures with each lease call: wait for the next one.
-    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
-    let (served, fetched) = metrics(server.admin()).await;
+    let (served, fetched, text) = metrics().await;
+    for (name, at_least) in [
+        (
+            "vmfarm_worker_boot_duration_seconds_count{image=\"debian-13\"}",
+            2,
+        ),
+        (
+            "vmfarm_worker_job_start_duration_seconds_count{image=\"debian-13\"}",
+            2,
+        ),
+        ("vmfarm_worker_jobs_finished_total{state=\"succeeded\"}", 2),
+        ("vmfarm_worker_proxy_sent_bytes_total", 1_000_000),
+    ] {
+        assert!(
+            metric(&text, name) >= at_least,
+            "{name} >= {at_least} in:\n{text}"
+        );
+    }
     let (served, fetched) = (served - served_before, fetched - fetched_before);
     eprintln!("second run: {served} bytes from the cache, {fetched} fetched");
     assert!(

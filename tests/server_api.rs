@@ -337,13 +337,19 @@ async fn lease_run_and_finish(backend: Backend) {
         "{metrics}"
     );
     assert!(
-        metrics.contains("vmfarm_lease_seconds_count 3"),
+        metrics.contains("vmfarm_lease_duration_seconds_count 3"),
         "{metrics}"
     );
-    assert!(
-        metrics.contains("route=\"/api/workers/lease\""),
-        "{metrics}"
-    );
+    for series in [
+        "vmfarm_http_request_duration_seconds_count{method=\"POST\",route=\"/api/workers/lease\",status=\"200\"} 3",
+        "vmfarm_queue_wait_seconds_count{image=\"a\"} 2",
+        "vmfarm_queue_wait_seconds_count{image=\"b\"} 1",
+        "vmfarm_job_duration_seconds_count{state=\"succeeded\"} 1",
+        "vmfarm_jobs_finished_total{state=\"succeeded\"} 1",
+        "vmfarm_jobs_submitted_total 3",
+    ] {
+        assert!(metrics.contains(series), "{series} in:\n{metrics}");
+    }
     let openapi = api.get_json("/api/openapi.json").await;
     assert!(openapi["paths"]["/api/leases/{id}/log"]["post"].is_object());
     assert!(openapi["paths"]["/api/schedules"]["post"].is_object());

@@ -118,7 +118,9 @@ async fn time_request(State(state): State<AppState>, request: Request, next: Nex
     let response = next.run(request).await;
     let took = started.elapsed();
     let status = response.status().as_u16();
-    state.metrics.http_request(&route, status, took);
+    state
+        .metrics
+        .http_request(method.as_str(), &route, status, took);
     let duration_ms = took.as_secs_f64() * 1000.0;
     macro_rules! access {
         ($level:ident) => {

@@ -84,19 +84,20 @@ pub fn scope_name(scope: Scope) -> &'static str {
         Scope::Submit => "submit",
         Scope::Read => "read",
         Scope::Admin => "admin",
+        Scope::Metrics => "metrics",
     }
+}
+
+/// The scope a name stands for ([`scope_name`]'s inverse).
+pub fn scope_by_name(name: &str) -> Option<Scope> {
+    [Scope::Submit, Scope::Read, Scope::Admin, Scope::Metrics]
+        .into_iter()
+        .find(|s| scope_name(*s) == name)
 }
 
 /// The scopes of a comma-separated list as stored; unknown words are dropped.
 pub fn parse_scopes(text: &str) -> Vec<Scope> {
-    text.split(',')
-        .filter_map(|s| match s {
-            "submit" => Some(Scope::Submit),
-            "read" => Some(Scope::Read),
-            "admin" => Some(Scope::Admin),
-            _ => None,
-        })
-        .collect()
+    text.split(',').filter_map(scope_by_name).collect()
 }
 
 pub fn hash_token(token: &str) -> String {

@@ -21,6 +21,7 @@ use vmfarm_proto::api::JobPush;
 /// them in order.
 const OUTBOX: Outbox = Outbox {
     table: "status_reports",
+    kind: "commit_status",
     columns: "o.report",
     wait_while: "EXISTS (SELECT 1 FROM status_reports e JOIN jobs ej ON ej.id = e.job_id \
                  JOIN jobs oj ON oj.id = o.job_id \

@@ -23,6 +23,7 @@ pub struct ServerConfig {
     pub schedules: Vec<Schedule>,
     pub users: Vec<User>,
     pub web: Web,
+    pub metrics: MetricsAccess,
     pub triggers: Triggers,
     pub network: NetworkPolicy,
     pub retention: Retention,
@@ -68,6 +69,8 @@ pub enum Scope {
     Submit,
     Read,
     Admin,
+    /// Scraping `/metrics` (a monitoring system's token), and nothing else.
+    Metrics,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -192,6 +195,14 @@ pub struct User {
     pub admin: bool,
 }
 
+/// Who may read `/metrics`: callers with a token of the `metrics` (or `admin`) scope, or
+/// anyone when `open`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsAccess {
+    pub open: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Web {
@@ -309,6 +320,7 @@ impl Default for ServerConfig {
             schedules: Vec::new(),
             users: Vec::new(),
             web: Web::default(),
+            metrics: MetricsAccess::default(),
             triggers: Triggers::default(),
             network: NetworkPolicy::default(),
             retention: Retention::default(),

@@ -91,7 +91,7 @@ pub async fn end_queued(state: &AppState, image: &str, reason: &str) -> AppResul
             .await?;
         if moved {
             ended += 1;
-            crate::job_end::ended(state, JobState::Error);
+            crate::job_end::ended(state, id, JobState::Error).await;
             state.events.job_changed(id);
         }
     }

@@ -175,10 +175,28 @@ pub async fn requeue_job(tx: &mut WriteTx, seen: &Seen, reason: &str) -> AppResu
     Ok(Some(next - 1))
 }
 
-/// What follows a job's end once it has committed: the metrics, long-polling workers, and
-/// the outbox (webhooks, commit statuses).
-pub fn ended(state: &AppState, end: JobState) {
-    state.metrics.job_finished(end);
+/// What follows a job's end once it has committed: the metrics (how long it ran, read back),
+/// long-polling workers, and the outbox (webhooks, commit statuses).
+pub async fn ended(state: &AppState, job_id: i64, end: JobState) {
+    let ran = state
+        .db
+        .read()
+        .fetch_optional(
+            "SELECT finished_at - started_at FROM jobs WHERE id = $1 AND started_at IS NOT NULL",
+            &[job_id.into()],
+        )
+        .await;
+    let ran = match ran {
+        Ok(row) => row
+            .and_then(|row| row.int(0).ok())
+            .and_then(|ms| u64::try_from(ms).ok())
+            .map(std::time::Duration::from_millis),
+        Err(e) => {
+            tracing::warn!(job = job_id, error = %e, "cannot read how long the job ran, for the metrics");
+            None
+        }
+    };
+    state.metrics.job_finished(end, ran);
     state.events.work.notify_waiters();
     crate::outbox::wake(state);
 }

@@ -359,7 +359,7 @@ pub async fn cancel(state: &AppState, id: i64, reach: &Reach) -> AppResult<JobVi
         .write(move |tx| Box::pin(async move { cancel_in(tx, id, now).await }))
         .await?;
     if ended {
-        crate::job_end::ended(state, JobState::Cancelled);
+        crate::job_end::ended(state, id, JobState::Cancelled).await;
     }
     state.events.job_changed(id);
     crate::job_views::get(&state.db, id, reach).await

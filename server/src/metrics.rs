@@ -1,218 +1,261 @@
-//! Prometheus text at /metrics: jobs by state and queue depth per image (read from the
-//! database by the caller), lease and HTTP latency histograms and counters (from this process).
+//! The server's Prometheus metrics at `/metrics` (OpenMetrics text, through the Prometheus
+//! project's `prometheus-client` crate): what this process counted and timed (HTTP requests by
+//! route and status, leases, queue waits, job runs, outbound calls), and at each scrape what the
+//! database holds (jobs by state, queue depth per image), which every replica reports alike.
 
-use std::fmt::Write;
-use std::sync::Mutex;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vmfarm_proto::JobState;
-use vmfarm_proto::wire::CacheStats;
 
-const BUCKETS: [f64; 12] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+/// Bounds of request and lease durations, in seconds: 0.5 ms to 10 s.
+const FAST: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-#[derive(Default)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+/// Bounds of queue waits and job runs, in seconds: a second to six hours.
+const SLOW: [f64; 13] = [
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0, 21600.0,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    /// The matched route pattern (bounded cardinality), not the raw path.
+    route: String,
+    status: u16,
 }
 
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            if seconds <= *bound {
-                self.counts[i] += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += seconds;
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (i, bound) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {}",
-                self.counts[i]
-            );
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}",
-            self.count
-        );
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{braces} {}", self.count);
-    }
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ImageLabel {
+    image: String,
 }
 
-#[derive(Default)]
-struct Inner {
-    submitted: u64,
-    finished: Vec<(JobState, u64)>,
-    lease: Histogram,
-    http: Vec<(String, u16, Histogram)>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
 }
 
-#[derive(Default)]
-pub struct Metrics(Mutex<Inner>);
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutboundLabels {
+    /// `webhook` or `commit_status`.
+    kind: String,
+    /// `delivered`, `retry` (failed, tried again later) or `failed` (out of attempts).
+    outcome: String,
+}
 
-/// What `/metrics` reads from the database.
+/// What an outbound call came to, for `vmfarm_outbound_calls_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    Delivered,
+    Retry,
+    Failed,
+}
+
+/// What each scrape reads from the database, shared with the collector that writes it.
+#[derive(Debug, Default)]
 pub struct Figures {
     /// `(state, jobs)`.
     pub by_state: Vec<(String, i64)>,
     /// `(image, queued jobs)`.
     pub queue_depth: Vec<(String, i64)>,
-    /// Each worker's network proxy cache, as it last called in.
-    pub proxy_caches: Vec<(String, CacheStats)>,
 }
 
-/// A metric of a worker's proxy cache: its name, type, help, and how to read it.
-type CacheSeries = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&CacheStats) -> u64,
-);
+/// Writes the last [`Figures`] read: every state (zero included) and every image with a queue.
+#[derive(Debug, Default)]
+struct DatabaseFigures(Arc<Mutex<Figures>>);
 
-/// The workers' proxy caches, each a labelled series per figure.
-fn render_caches(out: &mut String, caches: &[(String, CacheStats)]) {
-    let series: [CacheSeries; 6] = [
-        (
-            "vmfarm_proxy_cache_hits_total",
-            "counter",
-            "Cacheable requests answered from the worker's proxy cache.",
-            |c| c.hits,
-        ),
-        (
-            "vmfarm_proxy_cache_misses_total",
-            "counter",
-            "Cacheable requests the worker's proxy fetched from their origin.",
-            |c| c.misses,
-        ),
-        (
-            "vmfarm_proxy_cache_served_bytes_total",
-            "counter",
-            "Bytes the worker's proxy served from its cache.",
-            |c| c.bytes_from_cache,
-        ),
-        (
-            "vmfarm_proxy_cache_fetched_bytes_total",
-            "counter",
-            "Bytes of cacheable answers the worker's proxy fetched.",
-            |c| c.bytes_fetched,
-        ),
-        (
-            "vmfarm_proxy_cache_entries",
-            "gauge",
-            "Files in the worker's proxy cache.",
-            |c| c.entries,
-        ),
-        (
-            "vmfarm_proxy_cache_bytes",
-            "gauge",
-            "Size of the worker's proxy cache.",
-            |c| c.size,
-        ),
-    ];
-    for (name, kind, help, value) in series {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (worker, cache) in caches {
-            let _ = writeln!(out, "{name}{{worker=\"{worker}\"}} {}", value(cache));
+impl Collector for DatabaseFigures {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let figures = self.0.lock().map_err(|_| std::fmt::Error)?;
+        let gauge = ConstGauge::new(0i64);
+        let mut jobs = encoder.encode_descriptor(
+            "vmfarm_jobs",
+            "Jobs by state, in the database.",
+            None,
+            gauge.metric_type(),
+        )?;
+        for s in JobState::ALL {
+            let n = figures
+                .by_state
+                .iter()
+                .find(|(name, _)| name == s.as_str())
+                .map_or(0, |(_, n)| *n);
+            ConstGauge::new(n).encode(jobs.encode_family(&[("state", s.as_str())])?)?;
+        }
+        let mut depth = encoder.encode_descriptor(
+            "vmfarm_queue_depth",
+            "Queued jobs per image, in the database.",
+            None,
+            gauge.metric_type(),
+        )?;
+        for (image, n) in &figures.queue_depth {
+            ConstGauge::new(*n).encode(depth.encode_family(&[("image", image.as_str())])?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The server's metrics: one set per server process (each test's server has its own).
+pub struct Metrics {
+    registry: Registry,
+    figures: Arc<Mutex<Figures>>,
+    requests: Family<RequestLabels, Histogram>,
+    lease: Histogram,
+    queue_wait: Family<ImageLabel, Histogram>,
+    job_run: Family<StateLabel, Histogram>,
+    submitted: Counter,
+    finished: Family<StateLabel, Counter>,
+    outbound: Family<OutboundLabels, Counter>,
+}
+
+fn fast() -> Histogram {
+    Histogram::new(FAST)
+}
+
+fn slow() -> Histogram {
+    Histogram::new(SLOW)
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut registry = Registry::default();
+        let figures = Arc::new(Mutex::new(Figures::default()));
+        registry.register_collector(Box::new(DatabaseFigures(figures.clone())));
+        let requests = Family::<RequestLabels, Histogram>::new_with_constructor(fast as fn() -> _);
+        registry.register_with_unit(
+            "vmfarm_http_request_duration",
+            "HTTP requests by method, route and status, and how long each took to answer.",
+            Unit::Seconds,
+            requests.clone(),
+        );
+        let lease = fast();
+        registry.register_with_unit(
+            "vmfarm_lease_duration",
+            "Time to find and lease a job for a worker, when one was leased.",
+            Unit::Seconds,
+            lease.clone(),
+        );
+        let queue_wait = Family::<ImageLabel, Histogram>::new_with_constructor(slow as fn() -> _);
+        registry.register_with_unit(
+            "vmfarm_queue_wait",
+            "Time from a job's submit to its lease, by image.",
+            Unit::Seconds,
+            queue_wait.clone(),
+        );
+        let job_run = Family::<StateLabel, Histogram>::new_with_constructor(slow as fn() -> _);
+        registry.register_with_unit(
+            "vmfarm_job_duration",
+            "Time from a job's start on its worker to its end, by end state (jobs that ran).",
+            Unit::Seconds,
+            job_run.clone(),
+        );
+        let submitted = Counter::default();
+        registry.register(
+            "vmfarm_jobs_submitted",
+            "Jobs submitted through this server process.",
+            submitted.clone(),
+        );
+        let finished = Family::<StateLabel, Counter>::default();
+        registry.register(
+            "vmfarm_jobs_finished",
+            "Jobs that ended through this server process, by end state.",
+            finished.clone(),
+        );
+        let outbound = Family::<OutboundLabels, Counter>::default();
+        registry.register(
+            "vmfarm_outbound_calls",
+            "Webhook deliveries and commit status reports made, by kind and outcome \
+             (retry: failed and tried again later; failed: out of attempts).",
+            outbound.clone(),
+        );
+        Metrics {
+            registry,
+            figures,
+            requests,
+            lease,
+            queue_wait,
+            job_run,
+            submitted,
+            finished,
+            outbound,
         }
     }
 }
 
 impl Metrics {
-    fn with(&self, f: impl FnOnce(&mut Inner)) {
-        if let Ok(mut inner) = self.0.lock() {
-            f(&mut inner);
-        }
-    }
-
     pub fn jobs_submitted(&self, n: usize) {
-        self.with(|m| m.submitted += n as u64);
+        self.submitted.inc_by(n as u64);
     }
 
-    pub fn job_finished(&self, state: JobState) {
-        self.with(|m| match m.finished.iter_mut().find(|(s, _)| *s == state) {
-            Some((_, n)) => *n += 1,
-            None => m.finished.push((state, 1)),
-        });
+    /// A job ended as `state`; `ran` is how long it ran on its worker, if it started.
+    pub fn job_finished(&self, state: JobState, ran: Option<Duration>) {
+        let label = StateLabel {
+            state: state.as_str().to_owned(),
+        };
+        self.finished.get_or_create(&label).inc();
+        if let Some(ran) = ran {
+            self.job_run
+                .get_or_create(&label)
+                .observe(ran.as_secs_f64());
+        }
     }
 
-    pub fn lease_latency(&self, d: Duration) {
-        self.with(|m| m.lease.observe(d.as_secs_f64()));
+    /// A job of `image` was leased after waiting `waited` since its submit, and the lease took
+    /// `took` to find it.
+    pub fn job_leased(&self, image: &str, waited: Duration, took: Duration) {
+        self.lease.observe(took.as_secs_f64());
+        let label = ImageLabel {
+            image: image.to_owned(),
+        };
+        self.queue_wait
+            .get_or_create(&label)
+            .observe(waited.as_secs_f64());
     }
 
-    /// `route` is the matched route pattern (bounded cardinality), not the raw path.
-    pub fn http_request(&self, route: &str, status: u16, d: Duration) {
-        self.with(|m| {
-            let h = match m
-                .http
-                .iter_mut()
-                .position(|(r, s, _)| r == route && *s == status)
-            {
-                Some(i) => &mut m.http[i].2,
-                None => {
-                    m.http
-                        .push((route.to_owned(), status, Histogram::default()));
-                    let last = m.http.len() - 1;
-                    &mut m.http[last].2
-                }
-            };
-            h.observe(d.as_secs_f64());
-        });
+    /// An outbound call of `kind` (`webhook`, `commit_status`) came to `outcome`.
+    pub fn outbound_call(&self, kind: &str, outcome: CallOutcome) {
+        let outcome = match outcome {
+            CallOutcome::Delivered => "delivered",
+            CallOutcome::Retry => "retry",
+            CallOutcome::Failed => "failed",
+        };
+        let labels = OutboundLabels {
+            kind: kind.to_owned(),
+            outcome: outcome.to_owned(),
+        };
+        self.outbound.get_or_create(&labels).inc();
     }
 
-    /// The metrics text, with the database's figures.
-    pub fn render(&self, figures: &Figures) -> String {
-        let Figures {
-            by_state,
-            queue_depth: depth,
-            proxy_caches,
-        } = figures;
+    /// `route` is the matched route pattern, not the raw path.
+    pub fn http_request(&self, method: &str, route: &str, status: u16, took: Duration) {
+        let labels = RequestLabels {
+            method: method.to_owned(),
+            route: route.to_owned(),
+            status,
+        };
+        self.requests
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// The metrics text, with the database's `figures`.
+    pub fn render(&self, figures: Figures) -> String {
+        if let Ok(mut last) = self.figures.lock() {
+            *last = figures;
+        }
         let mut out = String::new();
-        out.push_str("# HELP vmfarm_jobs Jobs by state.\n# TYPE vmfarm_jobs gauge\n");
-        for s in JobState::ALL {
-            let n = by_state
-                .iter()
-                .find(|(name, _)| name == s.as_str())
-                .map_or(0, |(_, n)| *n);
-            let _ = writeln!(out, "vmfarm_jobs{{state=\"{s}\"}} {n}");
-        }
-        out.push_str(
-            "# HELP vmfarm_queue_depth Queued jobs per image.\n# TYPE vmfarm_queue_depth gauge\n",
-        );
-        for (image, n) in depth {
-            let _ = writeln!(out, "vmfarm_queue_depth{{image=\"{image}\"}} {n}");
-        }
-        render_caches(&mut out, proxy_caches);
-        if let Ok(m) = self.0.lock() {
-            out.push_str("# HELP vmfarm_jobs_submitted_total Jobs submitted to this process.\n# TYPE vmfarm_jobs_submitted_total counter\n");
-            let _ = writeln!(out, "vmfarm_jobs_submitted_total {}", m.submitted);
-            out.push_str("# HELP vmfarm_jobs_finished_total Jobs that ended, by final state.\n# TYPE vmfarm_jobs_finished_total counter\n");
-            for (s, n) in &m.finished {
-                let _ = writeln!(out, "vmfarm_jobs_finished_total{{state=\"{s}\"}} {n}");
-            }
-            out.push_str("# HELP vmfarm_lease_seconds Time to find and lease a job.\n# TYPE vmfarm_lease_seconds histogram\n");
-            m.lease.render(&mut out, "vmfarm_lease_seconds", "");
-            out.push_str("# HELP vmfarm_http_request_seconds HTTP latency by route and status.\n# TYPE vmfarm_http_request_seconds histogram\n");
-            for (route, status, h) in &m.http {
-                h.render(
-                    &mut out,
-                    "vmfarm_http_request_seconds",
-                    &format!("route=\"{route}\",status=\"{status}\""),
-                );
-            }
-        }
+        // Writing to a String fails only if a collector fails, which the lock above rules out.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 }
+
+/// The content type of [`Metrics::render`]'s text.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

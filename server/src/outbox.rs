@@ -6,6 +6,7 @@
 
 use crate::db::{Query, Row, now_ms};
 use crate::error::{AppError, AppResult};
+use crate::metrics::CallOutcome;
 use crate::outbound::{OutboundError, Reach};
 use crate::state::AppState;
 use std::future::Future;
@@ -16,6 +17,8 @@ use std::time::Duration;
 /// `o`) that keeps a row waiting although it is due.
 pub struct Outbox {
     pub table: &'static str,
+    /// What its calls are, in the metrics: `webhook`, `commit_status`.
+    pub kind: &'static str,
     pub columns: &'static str,
     pub wait_while: &'static str,
 }
@@ -95,17 +98,19 @@ where
             }
         };
         let finished = now_ms();
-        let (next_state, next_at) = if ok {
-            ("delivered", finished)
+        let (next_state, next_at, outcome) = if ok {
+            ("delivered", finished, CallOutcome::Delivered)
         } else if attempts >= i64::from(config.max_attempts) {
-            ("failed", finished)
+            ("failed", finished, CallOutcome::Failed)
         } else {
             let retry = u32::try_from(attempts).unwrap_or(u32::MAX);
             (
                 "pending",
                 finished.saturating_add(ms(backoff(config.first_retry.0, retry))),
+                CallOutcome::Retry,
             )
         };
+        state.metrics.outbound_call(outbox.kind, outcome);
         tracing::info!(job = job_id, table, attempts, %status, "outbound call {next_state}");
         let record = format!(
             "UPDATE {table} SET state = $1, attempts = $2, last_status = $3, \

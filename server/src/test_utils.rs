@@ -21,6 +21,8 @@ use vmfarm_proto::{JobState, TaskState};
 pub const ADMIN: &str = "admin-token";
 /// The built-in admin user's token with the `read` scope only.
 pub const READER: &str = "reader-token";
+/// A monitoring system's token: the `metrics` scope only.
+pub const SCRAPER: &str = "scraper-token";
 /// Tokens (submit and read) of two users who are not admins.
 pub const ALICE: &str = "alice-token";
 pub const BOB: &str = "bob-token";
@@ -117,6 +119,10 @@ impl TestApp {
         let callers = [
             (ADMIN.to_owned(), api("admin", "admin", vec![Scope::Admin])),
             (READER.to_owned(), api("reader", "admin", vec![Scope::Read])),
+            (
+                SCRAPER.to_owned(),
+                api("prometheus", "admin", vec![Scope::Metrics]),
+            ),
             (
                 ALICE.to_owned(),
                 api("alice", "alice", vec![Scope::Submit, Scope::Read]),

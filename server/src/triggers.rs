@@ -79,6 +79,7 @@ pub async fn for_job(state: &AppState, job_id: i64) -> AppResult<Vec<DeliveryVie
 /// Webhook deliveries, in the outbox of [`crate::outbox`].
 const OUTBOX: Outbox = Outbox {
     table: "trigger_deliveries",
+    kind: "webhook",
     columns: "o.url",
     wait_while: "1 = 0",
 };

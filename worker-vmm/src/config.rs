@@ -21,6 +21,17 @@ pub struct WorkerConfig {
     pub backend: BackendConfig,
     pub network: NetworkConfig,
     pub jail: JailConfig,
+    pub metrics: MetricsListener,
+}
+
+/// The worker's own Prometheus `/metrics` listener: off unless `listen` is set; then it asks
+/// for `token` (`Authorization: Bearer`), unless `open`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsListener {
+    pub listen: Option<std::net::SocketAddr>,
+    pub token: String,
+    pub open: bool,
 }
 
 /// The jobs' network proxy (issue 14) and its cache of package files.
@@ -135,6 +146,7 @@ impl Default for WorkerConfig {
             backend: BackendConfig::default(),
             network: NetworkConfig::default(),
             jail: JailConfig::default(),
+            metrics: MetricsListener::default(),
         }
     }
 }

@@ -60,7 +60,7 @@ pub async fn reap_expired(state: &AppState) -> AppResult<usize> {
             }
             Reaped::Ended { state: end, reason } => {
                 tracing::warn!(job = id, "{reason}");
-                crate::job_end::ended(state, end);
+                crate::job_end::ended(state, id, end).await;
             }
         }
         state.events.job_changed(id);

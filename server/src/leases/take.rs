@@ -118,7 +118,8 @@ fn lease_sql(images: usize, skip_locked: &str) -> String {
         "UPDATE jobs SET state = $1, lease_id = $2, fence = fence + 1, lease_expires_at = $3, \
          leased_at = $4, worker = $5, log_seq = 0 \
          WHERE id = (SELECT id FROM ({}) AS best ORDER BY priority DESC, id LIMIT 1) AND state = 'queued' \
-         RETURNING id, group_id, image, manifest, secrets, attempt, fence, timeout_ms, owner, push_id",
+         RETURNING id, group_id, image, manifest, secrets, attempt, fence, timeout_ms, owner, push_id, \
+         created_at",
         per_image.join(" UNION ALL ")
     )
 }
@@ -246,14 +247,18 @@ pub async fn try_lease(
                     network,
                     lease_id,
                 };
-                Ok::<_, AppError>(Some((job_id, lease)))
+                let waited = now.saturating_sub(row.int(10)?);
+                Ok::<_, AppError>(Some((job_id, waited, lease)))
             })
         })
         .await?;
-    let Some((job_id, lease)) = leased else {
+    let Some((job_id, waited, lease)) = leased else {
         return Ok(None);
     };
-    state.metrics.lease_latency(started.elapsed());
+    let waited = Duration::from_millis(u64::try_from(waited).unwrap_or(0));
+    state
+        .metrics
+        .job_leased(&lease.job.image, waited, started.elapsed());
     state.events.job_changed(job_id);
     Ok(Some(lease))
 }

@@ -75,7 +75,7 @@ pub async fn update_state(
         .write(move |tx| Box::pin(async move { apply_update(tx, &call, &update, now_ms()).await }))
         .await?;
     if let Some(end) = ended {
-        crate::job_end::ended(state, end);
+        crate::job_end::ended(state, job_id, end).await;
     }
     state.events.job_changed(job_id);
     Ok(())

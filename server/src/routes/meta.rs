@@ -5,26 +5,32 @@ use crate::config::Scope;
 use crate::db::Query;
 use crate::error::AppResult;
 use crate::job_views;
-use crate::metrics::Figures;
+use crate::metrics::{self, Figures};
 use crate::state::AppState;
 use crate::workers::{self, WorkerView};
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{FromRequestParts, State};
 use axum::http::header;
+use axum::http::request::Parts;
 use axum::response::IntoResponse;
 
-pub async fn metrics(State(state): State<AppState>) -> AppResult<impl IntoResponse> {
+/// `/metrics`: for callers with the `metrics` (or `admin`) scope, or anyone when
+/// `[metrics] open`.
+pub async fn metrics(
+    State(state): State<AppState>,
+    mut parts: Parts,
+) -> AppResult<impl IntoResponse> {
+    if !state.config.metrics.open {
+        Caller::from_request_parts(&mut parts, &state)
+            .await?
+            .require(Scope::Metrics)?;
+    }
     let figures = Figures {
         by_state: job_views::jobs_by_state(&state.db).await?,
         queue_depth: job_views::queue_depth(&state.db).await?,
-        proxy_caches: workers::list(&state.db)
-            .await?
-            .into_iter()
-            .map(|w| (w.name, w.cache))
-            .collect(),
     };
-    let text = state.metrics.render(&figures);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+    let text = state.metrics.render(figures);
+    Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text))
 }
 
 pub async fn openapi() -> impl IntoResponse {
@@ -49,42 +55,47 @@ pub async fn workers(
 
 #[cfg(test)]
 mod tests {
-    use crate::test_utils::{Database, TestApp, worker_token};
+    use crate::test_utils::{Database, READER, SCRAPER, TestApp};
     use axum::body::Body;
     use axum::http::{Method, StatusCode};
 
+    async fn server(open: bool) -> TestApp {
+        TestApp::with_config(Database::Sqlite, |c| c.metrics.open = open).await
+    }
+
     #[tokio::test]
-    async fn test_metrics_show_each_workers_proxy_cache() {
-        let app = TestApp::with_config(Database::Sqlite, |c| {
-            c.leases.long_poll = vmfarm_proto::units::HumanDuration(std::time::Duration::ZERO);
-        })
-        .await;
-        let request = serde_json::json!({
-            "name": "w0", "images": [], "slots": 1, "version": "test",
-            "cache": {"hits": 7, "misses": 2, "bytes_from_cache": 9000, "bytes_fetched": 1000,
-                      "stored": 2, "discarded": 0, "evicted": 0, "entries": 2, "size": 10000},
-        });
-        let leased = app
-            .call(
-                Method::POST,
-                "/api/workers/lease",
-                Some(&worker_token("w0")),
-                &[("content-type", "application/json".into())],
-                Body::from(request.to_string()),
-            )
+    async fn test_metrics_need_a_metrics_token_unless_open() {
+        let app = server(false).await;
+        let scrape = |token: Option<&'static str>| {
+            let app = &app;
+            async move {
+                app.call(Method::GET, "/metrics", token, &[], Body::empty())
+                    .await
+            }
+        };
+        assert_eq!(scrape(None).await.status, StatusCode::UNAUTHORIZED);
+        let reader = scrape(Some(READER)).await;
+        assert_eq!(reader.status, StatusCode::FORBIDDEN);
+        assert!(
+            reader.error().contains("`metrics` scope"),
+            "{}",
+            reader.error()
+        );
+        let scraped = scrape(Some(SCRAPER)).await;
+        assert_eq!(scraped.status, StatusCode::OK);
+        let text = scraped.body.as_str().unwrap();
+        assert!(text.contains("vmfarm_jobs{state=\"queued\"} 0"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        // The metrics token reaches nothing else.
+        let jobs = app
+            .call(Method::GET, "/api/jobs", Some(SCRAPER), &[], Body::empty())
             .await;
-        assert_eq!(leased.status, StatusCode::NO_CONTENT);
-        let metrics = app
+        assert_eq!(jobs.status, StatusCode::FORBIDDEN);
+
+        let open = server(true).await;
+        let anyone = open
             .call(Method::GET, "/metrics", None, &[], Body::empty())
             .await;
-        let text = metrics.body.as_str().unwrap();
-        for line in [
-            "vmfarm_proxy_cache_hits_total{worker=\"w0\"} 7",
-            "vmfarm_proxy_cache_served_bytes_total{worker=\"w0\"} 9000",
-            "vmfarm_proxy_cache_fetched_bytes_total{worker=\"w0\"} 1000",
-            "# TYPE vmfarm_proxy_cache_bytes gauge",
-        ] {
-            assert!(text.contains(line), "{line} in:\n{text}");
-        }
+        assert_eq!(anyone.status, StatusCode::OK);
     }
 }

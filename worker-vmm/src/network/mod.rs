@@ -23,10 +23,10 @@
 //! cache hits (`connection.rs`).
 //!
 //! Wiring, per job: `JobNetwork::new(allow, allow_private, NetworkLimits::from(&config.network),
-//! cache.clone(), log)`; for each forwarded channel, `tokio::spawn(network.clone().serve(stream))`
+//! cache.clone(), meter.clone(), log)`; for each forwarded channel, `tokio::spawn(network.clone().serve(stream))`
 //! (or the like); `set_allow` around the packages step and source fetches; `close()` at the job's
 //! end, which ends every connection. The worker opens one [`ProxyCache`] at start and reads
-//! [`ProxyCache::stats`] for `/metrics`.
+//! [`ProxyCache::stats`] for `/metrics`, beside its [`ProxyMeter`] of the bytes moved.
 
 mod body;
 mod cache;
@@ -34,6 +34,7 @@ mod connect;
 mod connection;
 mod forward;
 mod limits;
+mod meter;
 mod policy;
 mod proxy;
 mod refusal;
@@ -41,6 +42,7 @@ mod tunnel;
 
 pub use cache::{CacheError, ProxyCache};
 pub use limits::NetworkLimits;
+pub use meter::ProxyMeter;
 pub use proxy::{FarmLog, JobNetwork};
 pub use vmfarm_proto::wire::CacheStats;
 #[cfg(test)]

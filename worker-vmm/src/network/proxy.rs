@@ -19,6 +19,7 @@ use super::body::{self, ProxyBody};
 use super::cache::ProxyCache;
 use super::connection::{Connection, Ending};
 use super::limits::{JobBudget, MAX_HEAD_BYTES, Metered, NetworkLimits, Traffic};
+use super::meter::ProxyMeter;
 use super::policy::{Policy, Target};
 use super::refusal::Refusal;
 use super::{forward, tunnel};
@@ -39,6 +40,7 @@ pub(super) struct Shared {
     pub(super) limits: NetworkLimits,
     pub(super) budget: Arc<JobBudget>,
     pub(super) cache: ProxyCache,
+    meter: ProxyMeter,
     pub(super) log: FarmLog,
     closed: CancellationToken,
 }
@@ -51,6 +53,7 @@ impl JobNetwork {
         allow_private: Vec<AddressRange>,
         limits: NetworkLimits,
         cache: ProxyCache,
+        meter: ProxyMeter,
         log: FarmLog,
     ) -> JobNetwork {
         JobNetwork {
@@ -59,6 +62,7 @@ impl JobNetwork {
                 budget: Arc::new(JobBudget::new(&limits)),
                 limits,
                 cache,
+                meter,
                 log,
                 closed: CancellationToken::new(),
             }),
@@ -136,6 +140,8 @@ impl JobNetwork {
                 () = job.closed.cancelled() => Ending::Closed,
             };
         }
+        job.meter
+            .connection_ended(traffic.sent_by_guest(), traffic.received_by_guest());
         if let Some(line) = conn.end_line(ending) {
             (job.log)(&line);
         }

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use super::body::BoxError;
-use super::{FarmLog, JobNetwork, NetworkLimits, ProxyCache};
+use super::{FarmLog, JobNetwork, NetworkLimits, ProxyCache, ProxyMeter};
 
 pub(super) const MIB: usize = 1024 * 1024;
 
@@ -291,6 +291,7 @@ impl Job {
             private.iter().map(|r| r.parse().unwrap()).collect(),
             limits,
             cache.clone(),
+            ProxyMeter::default(),
             log.farm_log(),
         );
         Job {

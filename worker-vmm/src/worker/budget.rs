@@ -34,6 +34,12 @@ impl Budget {
         }
     }
 
+    /// The vCPUs and memory (MiB) in all, and those taken now.
+    pub fn sizes(&self) -> ((u32, u64), (u32, u64)) {
+        let used = self.used.lock().map(|u| *u).unwrap_or(self.total);
+        (self.total, used)
+    }
+
     /// Whether a job of `size` could ever run here.
     pub fn fits_at_all(&self, size: (u32, u64)) -> bool {
         size.0 <= self.total.0 && size.1 <= self.total.1
@@ -41,7 +47,7 @@ impl Budget {
 
     /// How many jobs of `size` fit in what is free now.
     pub fn free_slots(&self, size: (u32, u64)) -> u32 {
-        let used = self.used.lock().map(|u| *u).unwrap_or(self.total);
+        let (_, used) = self.sizes();
         let cpus = (self.total.0 - used.0) / size.0.max(1);
         let mem = (self.total.1 - used.1) / size.1.max(1);
         cpus.min(u32::try_from(mem).unwrap_or(u32::MAX))

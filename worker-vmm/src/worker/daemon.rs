@@ -5,6 +5,7 @@ use super::backend_choice::{choose, probe_kvm};
 use super::budget::{Budget, Share};
 use super::heartbeat;
 use super::job::{self, Job, JobContext};
+use super::metrics::WorkerMetrics;
 use super::server_client::{LeaseHandle, ServerClient, ServerError};
 use crate::backend::Backend;
 use crate::backend::jail::choose_jail;
@@ -50,6 +51,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         config.slots.cpus,
         config.slots.memory.0 / (1024 * 1024),
     ));
+    let metrics = Arc::new(WorkerMetrics::new(budget.clone(), cache.clone()));
+    super::metrics::serve(&config.metrics, metrics.clone()).await?;
     let default_size = (
         config.guest.default_cpus,
         config.guest.default_memory.0 / (1024 * 1024),
@@ -120,6 +123,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             image,
             cache: cache.clone(),
             ca_certificates: ca_certificates.clone(),
+            metrics: metrics.clone(),
         };
         let job = Job {
             lease,
@@ -157,10 +161,14 @@ fn lease_request(
 fn spawn_job(ctx: JobContext, job: Job, share: Share) {
     tokio::spawn(async move {
         let _share = share;
+        let _running = ctx.metrics.job_running();
         let id = job.lease.job.id.clone();
         tracing::info!(job = %id, image = %job.lease.job.image, "job started");
         match job::run(&ctx, job).await {
-            Some(outcome) => tracing::info!(job = %id, state = %outcome.state, "job ended"),
+            Some(outcome) => {
+                ctx.metrics.job_finished(outcome.state);
+                tracing::info!(job = %id, state = %outcome.state, "job ended");
+            }
             None => tracing::warn!(job = %id, "job abandoned: its lease was lost"),
         }
     });

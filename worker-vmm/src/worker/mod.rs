@@ -9,5 +9,6 @@ pub mod heartbeat;
 pub mod job;
 pub mod log_masker;
 pub mod log_shipper;
+pub mod metrics;
 pub mod server_client;
 pub mod sources;

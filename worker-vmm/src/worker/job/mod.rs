@@ -18,6 +18,7 @@
 
 mod artifact_glob;
 mod artifacts;
+mod counted_vm;
 mod limits;
 mod network;
 mod outcome;
@@ -26,6 +27,7 @@ mod ssh_sessions;
 mod tasks;
 mod teardown;
 
+use counted_vm::CountedVm;
 use limits::Deadline;
 pub use network::trusted_authorities;
 pub use outcome::Outcome;
@@ -33,6 +35,7 @@ pub use outcome::Outcome;
 use super::guest_paths::{BUILD_DIR, FARM_DIR, SECRETS_DIR, quote, unpack_command};
 use super::heartbeat::Heartbeat;
 use super::log_shipper::{self, LogSink};
+use super::metrics::WorkerMetrics;
 use super::server_client::{LeaseHandle, ServerClient, ServerError};
 use super::sources::{self, FetchedSource, SourceError};
 use crate::backend::{Backend, Boot, BootSpec, GuestCmdline, LinuxBoot, Vm};
@@ -68,6 +71,7 @@ pub struct JobContext {
     /// The PEM certificate authorities guests trust besides their own (`guest.ca_certificates`,
     /// read at start by [`trusted_authorities`]).
     pub ca_certificates: Arc<str>,
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 /// A leased job as the daemon hands it over: its manifest, parsed once (by the daemon), and
@@ -151,6 +155,7 @@ pub async fn run(ctx: &JobContext, job: Job) -> Option<Outcome> {
         lease: &lease,
         manifest: &manifest,
         handle: handle.clone(),
+        leased_at,
         secrets,
         log,
         heartbeat,
@@ -240,6 +245,8 @@ struct JobRun<'a> {
     lease: &'a LeaseResponse,
     manifest: &'a Manifest,
     handle: LeaseHandle,
+    /// When the worker got the lease (the job start time counts from it).
+    leased_at: Instant,
     secrets: Vec<(String, Vec<u8>)>,
     log: LogSink,
     heartbeat: Heartbeat,
@@ -450,7 +457,11 @@ impl JobRun<'_> {
             run_dir: self.run_dir.join("vm"),
         };
         let boot = async { Ok::<_, anyhow::Error>(ctx.backend.boot(&spec).await?) };
-        self.limits.step("booting the guest", boot).await
+        let vm = self.limits.step("booting the guest", boot).await?;
+        Ok(Box::new(CountedVm {
+            vm,
+            _running: ctx.metrics.guest_running(),
+        }))
     }
 
     /// Waits for the agent's ready line (cloud-init's host keys), opens SSH pinned to the host
@@ -481,6 +492,9 @@ impl JobRun<'_> {
             ..StateUpdate::default()
         })
         .await?;
+        self.ctx
+            .metrics
+            .job_started(&self.lease.job.image, self.leased_at.elapsed());
         Ok(guest)
     }
 
@@ -505,9 +519,11 @@ impl JobRun<'_> {
             )
         };
         let fingerprint = self.limits.step(access.waiting_for, ready).await?;
+        let took = booted.elapsed();
+        self.ctx.metrics.guest_ready(&self.lease.job.image, took);
         self.log.farm(&format!(
             "guest ready in {:.1}s (host key {fingerprint})",
-            booted.elapsed().as_secs_f64()
+            took.as_secs_f64()
         ));
         let console_log = self.log.clone();
         self.console = Some(tokio::spawn(async move {

@@ -37,6 +37,7 @@ impl JobRun<'_> {
             self.lease.network.allow_private.clone(),
             (&self.ctx.config.network).into(),
             self.ctx.cache.clone(),
+            self.ctx.metrics.proxy.clone(),
             farm,
         );
         let serving = network.clone();
@@ -86,6 +87,7 @@ impl JobRun<'_> {
             self.lease.network.allow_private.clone(),
             (&self.ctx.config.network).into(),
             self.ctx.cache.clone(),
+            self.ctx.metrics.proxy.clone(),
             farm,
         );
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
