@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// One job created by a submission.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SubmittedJob {
     pub id: String,
     pub image: String,
@@ -15,6 +16,7 @@ pub struct SubmittedJob {
 
 /// Answer to `POST /api/jobs`: one job per image, grouped.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SubmitResponse {
     pub group_id: String,
     pub jobs: Vec<SubmittedJob>,
@@ -22,6 +24,7 @@ pub struct SubmitResponse {
 
 /// A task of a job as the API shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskView {
     pub name: String,
     pub state: TaskState,
@@ -31,6 +34,7 @@ pub struct TaskView {
 
 /// A job as the API shows it. Times are unix milliseconds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobView {
     pub id: String,
     pub group_id: String,
@@ -69,6 +73,7 @@ pub struct JobView {
 /// Where a pushed job comes from: the push, its repository, ref and commit, and the manifest
 /// file of that commit it runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobPush {
     pub push_id: String,
     pub repository: String,
@@ -81,6 +86,7 @@ pub struct JobPush {
 /// server's post-receive hook sends for each updated ref).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PushRequest {
     /// The repository's name in the server's `[[repositories]]`.
     pub repository: String,
@@ -92,6 +98,7 @@ pub struct PushRequest {
 
 /// What a push (from a hook or a forge) did: built (`push`), or why not (`ignored`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PushAnswer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push: Option<PushView>,
@@ -101,6 +108,7 @@ pub struct PushAnswer {
 
 /// A push and what each manifest file of its commit became.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PushView {
     pub id: String,
     pub repository: String,
@@ -117,6 +125,7 @@ pub struct PushView {
 
 /// One manifest file of a push: the group it made, or the errors that kept it from building.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PushFileView {
     pub file: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,6 +138,7 @@ pub struct PushFileView {
 
 /// A page of jobs, newest first; `next_before` asks for the page after it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct JobList {
     pub jobs: Vec<JobView>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -137,6 +147,7 @@ pub struct JobList {
 
 /// A group: the jobs one submission (or one schedule run) made, one per image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GroupView {
     pub id: String,
     pub owner: String,
@@ -148,6 +159,7 @@ pub struct GroupView {
 
 /// An artifact of a job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ArtifactView {
     /// Its path relative to the guest's build directory.
     pub name: String,
@@ -157,6 +169,7 @@ pub struct ArtifactView {
 
 /// One manifest error, as `POST /api/jobs` returns it with status 400.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ManifestErrorView {
     pub line: usize,
     pub column: usize,
@@ -175,6 +188,7 @@ impl From<crate::ManifestError> for ManifestErrorView {
 
 /// The body of every error answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -14,6 +14,7 @@ pub const SHA256_HEADER: &str = "X-Vmfarm-Sha256";
 /// One image a worker can run, at the version its jobs run (the one `vmfarm images build` built
 /// or found installed last).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerImage {
     pub name: String,
     pub version: String,
@@ -22,6 +23,7 @@ pub struct WorkerImage {
 /// A worker's proxy cache: its counters since the worker started, and its contents now. Each
 /// lease request carries them, for the server's `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CacheStats {
     /// Cacheable requests answered from the cache.
     pub hits: u64,
@@ -45,6 +47,7 @@ pub struct CacheStats {
 
 /// `POST /api/workers/lease`: the worker names itself, its images and free slots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseRequest {
     pub name: String,
     pub images: Vec<WorkerImage>,
@@ -57,6 +60,7 @@ pub struct LeaseRequest {
 
 /// The job inside a lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeasedJob {
     pub id: String,
     pub group_id: String,
@@ -71,11 +75,13 @@ pub struct LeasedJob {
     /// For a job a push made: the pushed repository and commit, which the worker makes the
     /// manifest's first source ([`crate::Manifest::check_out`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub checkout: Option<crate::manifest::Checkout>,
 }
 
 /// The server's limits on what a job sends it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseLimits {
     /// Log bytes kept for the job.
     pub max_log_bytes: u64,
@@ -87,6 +93,7 @@ pub struct LeaseLimits {
 
 /// `200` answer to a lease request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseResponse {
     pub lease_id: String,
     pub fence: u64,
@@ -111,15 +118,18 @@ pub struct LeaseResponse {
 /// `[network]` config); the job's own allow-list is its manifest's, already checked against
 /// the operator's `allow` at submit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NetworkGrant {
     /// Non-public address ranges the job's connections may reach nonetheless (`allow_private`);
     /// every other non-public address is refused.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<String>))]
     pub allow_private: Vec<AddressRange>,
 }
 
 /// Answer to `POST /api/leases/{id}/heartbeat`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatResponse {
     /// Unix time in milliseconds, by the server's clock.
     pub expires_at: i64,
@@ -132,6 +142,7 @@ pub struct HeartbeatResponse {
 /// Which stream a log chunk belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum LogStream {
     /// The guest's serial console.
     Console,
@@ -143,6 +154,7 @@ pub enum LogStream {
 
 /// One piece of a job's log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogChunk {
     pub stream: LogStream,
     /// The task's name, for `stream = task`.
@@ -156,6 +168,7 @@ pub struct LogChunk {
 /// `POST /api/leases/{id}/log`: `seq` grows by one per call; a repeated `seq` is acknowledged
 /// and not stored again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogAppend {
     pub seq: u64,
     pub chunks: Vec<LogChunk>,
@@ -163,6 +176,7 @@ pub struct LogAppend {
 
 /// A task's move, inside a state update.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskUpdate {
     pub name: String,
     pub state: TaskState,
@@ -172,6 +186,7 @@ pub struct TaskUpdate {
 
 /// `POST /api/leases/{id}/state`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StateUpdate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_state: Option<JobState>,

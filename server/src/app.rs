@@ -9,11 +9,17 @@ use axum::extract::{MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post, put};
+use axum::routing::{get, put};
+use std::sync::OnceLock;
 use std::time::Instant;
 use tower_http::request_id::{
     MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use vmfarm_proto::api::ErrorBody;
 
 /// The request id header, read and answered.
 const REQUEST_ID: &str = "x-request-id";
@@ -21,44 +27,88 @@ const REQUEST_ID: &str = "x-request-id";
 /// The longest request id a caller may give.
 const MAX_REQUEST_ID: usize = 64;
 
-pub fn app(state: AppState) -> Router {
-    Router::new()
-        .route("/api/jobs", post(jobs::submit).get(jobs::list))
-        .route("/api/jobs/{id}", get(jobs::get))
-        .route("/api/jobs/{id}/cancel", post(jobs::cancel))
-        .route("/api/jobs/{id}/rerun", post(jobs::rerun))
-        .route("/api/jobs/{id}/ssh", get(ssh::open))
-        .route(
-            "/api/leases/{id}/tunnels",
-            post(ssh::poll).delete(ssh::gone),
-        )
-        .route("/api/leases/{id}/tunnels/{tunnel}", get(ssh::attach))
-        .route("/api/jobs/{id}/log", get(logs::get))
-        .route("/api/jobs/{id}/log/stream", get(logs::stream))
-        .route("/api/jobs/{id}/artifacts", get(artifacts::list))
+/// The API's description: what the handlers' annotations do not say.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "vmfarm API",
+        description = "Jobs, logs and artifacts for clients (bearer API tokens with scopes submit, \
+            read, metrics, admin; each token acts for a user, and reaches that user's jobs, groups \
+            and schedules, or everyone's when the user is an admin: another user's thing answers \
+            404 like a missing one); leases for workers (bearer worker tokens). Errors are JSON \
+            {error, manifest_errors?}."
+    ),
+    modifiers(&BearerTokens),
+    security(("bearer" = [])),
+    // Routes whose last segment takes the rest of the path (axum's `{*name}`): routed by hand in
+    // [`api`], described here (OpenAPI has no such parameter; theirs is a plain `{name}`).
+    paths(artifacts::download, leases::put_artifact, badge::badge),
+    components(schemas(ErrorBody)),
+)]
+struct ApiDoc;
+
+/// Every call but a few public ones carries a bearer token.
+struct BearerTokens;
+
+impl utoipa::Modify for BearerTokens {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let scheme = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build();
+        openapi
+            .components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
+/// The API: each annotated handler routed at the path its annotation gives (so the router and
+/// the description cannot part), and the wildcard routes [`ApiDoc`] describes.
+fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(jobs::submit, jobs::list))
+        .routes(routes!(jobs::get))
+        .routes(routes!(jobs::cancel))
+        .routes(routes!(jobs::rerun))
+        .routes(routes!(ssh::open))
+        .routes(routes!(ssh::poll, ssh::gone))
+        .routes(routes!(ssh::attach))
+        .routes(routes!(logs::get))
+        .routes(routes!(logs::stream))
+        .routes(routes!(artifacts::list))
         .route("/api/jobs/{id}/artifacts/{*name}", get(artifacts::download))
-        .route("/api/groups/{id}", get(jobs::group))
-        .route("/api/pushes", post(pushes::create))
-        .route("/api/pushes/{id}", get(pushes::get))
+        .routes(routes!(jobs::group))
+        .routes(routes!(pushes::create))
+        .routes(routes!(pushes::get))
         .route("/badge/{*path}", get(badge::badge))
-        .route("/api/hooks/{forge}", post(hooks::take))
-        .route("/api/workers", get(meta::workers))
-        .route("/api/workers/lease", post(leases::lease))
-        .route("/api/leases/{id}/heartbeat", post(leases::heartbeat))
-        .route("/api/leases/{id}/log", post(leases::log))
-        .route("/api/leases/{id}/state", post(leases::update_state))
+        .routes(routes!(hooks::take))
+        .routes(routes!(meta::workers))
+        .routes(routes!(leases::lease))
+        .routes(routes!(leases::heartbeat))
+        .routes(routes!(leases::log))
+        .routes(routes!(leases::update_state))
         .route(
             "/api/leases/{id}/artifacts/{*name}",
             put(leases::put_artifact),
         )
-        .route(
-            "/api/schedules",
-            get(schedules::list).post(schedules::create),
-        )
-        .route("/api/openapi.json", get(meta::openapi))
-        .route("/metrics", get(meta::metrics))
-        .route("/healthz", get(meta::health))
-        .merge(crate::web::routes())
+        .routes(routes!(schedules::list, schedules::create))
+        .routes(routes!(meta::openapi))
+        .routes(routes!(meta::metrics))
+        .routes(routes!(meta::health))
+}
+
+/// The API's OpenAPI description (JSON), made once.
+pub fn openapi_json() -> &'static str {
+    static JSON: OnceLock<String> = OnceLock::new();
+    JSON.get_or_init(|| {
+        let (_, description) = api().split_for_parts();
+        description
+            .to_pretty_json()
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    })
+}
+
+pub fn app(state: AppState) -> Router {
+    let (api, _) = api().split_for_parts();
+    api.merge(crate::web::routes())
         // The last layer added is the outermost: a caller's id is checked, then kept or made,
         // then echoed, and the access log sees it.
         .layer(middleware::from_fn_with_state(state.clone(), time_request))
@@ -137,4 +187,120 @@ async fn time_request(State(state): State<AppState>, request: Request, next: Nex
         access!(info);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_utils::{Database, TestApp};
+    use axum::body::Body;
+    use axum::http::{Method, StatusCode};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// The paths a router routes, from its debug form (axum keeps no other list of them).
+    fn routed_paths(router: &impl std::fmt::Debug) -> BTreeSet<String> {
+        let debug = format!("{router:?}");
+        let paths: BTreeSet<String> = debug
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|s| s.starts_with('/'))
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            !paths.is_empty(),
+            "no path in the router's debug form: {debug}"
+        );
+        paths
+    }
+
+    /// A route's path as OpenAPI writes it: `{*rest}` is a plain `{rest}` there.
+    fn described(path: &str) -> String {
+        path.replace("{*", "{")
+    }
+
+    /// `path` with each parameter given a value.
+    fn concrete(path: &str) -> String {
+        let mut out = String::new();
+        let mut in_param = false;
+        for c in path.chars() {
+            match c {
+                '{' => in_param = true,
+                '}' => {
+                    in_param = false;
+                    out.push('1');
+                }
+                _ if !in_param => out.push(c),
+                _ => {}
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn test_every_route_is_described_with_its_methods() {
+        let app = TestApp::new(Database::Sqlite).await;
+        let spec: serde_json::Value = serde_json::from_str(openapi_json()).unwrap();
+        let described_paths = spec["paths"].as_object().unwrap();
+        let pages = routed_paths(&crate::web::routes());
+        // The whole router, as the server serves it (a route added outside `api` counts too).
+        let api_paths: Vec<String> = routed_paths(&super::app(app.state.clone()))
+            .into_iter()
+            .filter(|p| !pages.contains(p))
+            .collect();
+        assert!(api_paths.len() >= 26, "{api_paths:?}");
+        let mut missing = BTreeMap::new();
+        for path in &api_paths {
+            let operations = described_paths.get(&described(path));
+            for method in [
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::DELETE,
+                Method::PATCH,
+            ] {
+                let answer = app
+                    .call(method.clone(), &concrete(path), None, &[], Body::empty())
+                    .await;
+                let routed = answer.status != StatusCode::METHOD_NOT_ALLOWED;
+                let key = method.as_str().to_ascii_lowercase();
+                let in_spec = operations.is_some_and(|o| o.get(&key).is_some());
+                if routed != in_spec {
+                    missing.insert(format!("{method} {path}"), (routed, in_spec));
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "(routed, described) differ for: {missing:#?}"
+        );
+        // And nothing is described that is not routed.
+        let routed: BTreeSet<String> = api_paths.iter().map(|p| described(p)).collect();
+        let extra: Vec<&String> = described_paths
+            .keys()
+            .filter(|p| !routed.contains(*p))
+            .collect();
+        assert!(extra.is_empty(), "described but not routed: {extra:?}");
+        // Operation ids are unique (clients generated from the description name methods by them).
+        let mut ids = BTreeSet::new();
+        for (path, operations) in described_paths {
+            for (method, operation) in operations.as_object().unwrap() {
+                let id = operation["operationId"].as_str().unwrap_or_default();
+                assert!(
+                    ids.insert(id.to_owned()),
+                    "{method} {path}: operationId `{id}` again"
+                );
+            }
+        }
+        // Every operation says what its bodies are.
+        for name in [
+            "JobView",
+            "LeaseResponse",
+            "ErrorBody",
+            "StateUpdate",
+            "WorkerView",
+        ] {
+            assert!(spec["components"]["schemas"][name].is_object(), "{name}");
+        }
+    }
 }

@@ -150,14 +150,19 @@ pub async fn get(db: &Db, id: i64, reach: &Reach) -> AppResult<JobView> {
 }
 
 /// Filters of `GET /api/jobs`.
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only jobs in this state (`queued`, `running`, `failed`, ...).
     pub state: Option<String>,
+    /// Only jobs on this image.
     pub image: Option<String>,
+    /// Only jobs with this tag.
     pub tag: Option<String>,
     /// Only jobs with a smaller id (the `next_before` of the previous page).
     pub before: Option<String>,
+    /// Jobs per page: 1 to 200, 50 when not given.
     pub limit: Option<u32>,
 }
 

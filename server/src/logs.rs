@@ -32,7 +32,7 @@ fn stream_name(stream: LogStream) -> &'static str {
 }
 
 /// What an append did.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct AppendAck {
     pub seq: u64,
     /// False when `seq` had been stored already (a retry).

@@ -85,7 +85,7 @@ pub fn check_schedule_name(name: &str) -> Result<(), String> {
 }
 
 /// A new schedule, from the config, the UI or the API.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSchedule {
     pub name: String,
@@ -97,7 +97,7 @@ pub struct NewSchedule {
 }
 
 /// A schedule as the API and the UI show it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ScheduleView {
     pub name: String,
     /// The user whose jobs its runs are.

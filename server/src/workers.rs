@@ -8,7 +8,7 @@ use vmfarm_proto::api::SubmittedJob;
 use vmfarm_proto::wire::{CacheStats, WorkerImage};
 
 /// A worker as it last called in.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct WorkerView {
     pub name: String,
     /// Unix time in milliseconds.

@@ -14,8 +14,18 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
-use vmfarm_proto::api::ArtifactView;
+use vmfarm_proto::api::{ArtifactView, ErrorBody};
 
+#[utoipa::path(
+    get, path = "/api/jobs/{id}/artifacts", tag = "jobs", params(("id" = String, Path, description = "The job's id")),
+    operation_id = "list_artifacts",
+    responses(
+        (status = 200, description = "The job's artifacts", body = Vec<ArtifactView>),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -72,6 +82,16 @@ pub fn parse_range(header: Option<&str>, size: u64) -> RangeAsk {
     RangeAsk::Part { start, end }
 }
 
+#[utoipa::path(
+    get, path = "/api/jobs/{id}/artifacts/{name}", tag = "jobs",
+    params(("id" = String, Path, description = "The job's id"), ("name" = String, Path, description = "The artifact's path, as listed")),
+    responses(
+        (status = 200, description = "The file (a `Range` of it answers 206)", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such job or artifact", body = ErrorBody),
+    ),
+)]
 pub async fn download(
     State(state): State<AppState>,
     caller: Caller,

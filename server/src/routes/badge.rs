@@ -10,14 +10,25 @@ use axum::extract::{Path, Query as UrlQuery, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use vmfarm_proto::JobState;
+use vmfarm_proto::api::ErrorBody;
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct BadgeQuery {
     /// Default: the repository's first branch pattern when it is a plain name, else `main`.
     pub branch: Option<String>,
 }
 
+#[utoipa::path(
+    get, path = "/badge/{path}", tag = "pushes",
+    params(("path" = String, Path, description = "A repository of the server's config and `.svg`: `/badge/acme/app.svg`"), BadgeQuery),
+    responses(
+        (status = 200, description = "An SVG badge with the state of the branch's newest pushed jobs", content_type = "image/svg+xml", body = String),
+        (status = 404, description = "No such repository", body = ErrorBody),
+    ),
+    security(()),
+)]
 pub async fn badge(
     State(state): State<AppState>,
     Path(path): Path<String>,

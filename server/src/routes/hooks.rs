@@ -13,12 +13,25 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use vmfarm_proto::api::PushAnswer;
+use vmfarm_proto::api::{ErrorBody, PushAnswer};
 
 /// The largest payload taken (GitHub caps its own at 25 MB; a push's is far smaller).
 const MAX_PAYLOAD: usize = 5 << 20;
 
 /// `POST /api/hooks/{forge}`: `github`, `gitlab` or `forgejo` (Forgejo's and Gitea's calls).
+#[utoipa::path(
+    post, path = "/api/hooks/{forge}", tag = "pushes",
+    params(("forge" = String, Path, description = "`github`, `gitlab` or `forgejo` (Forgejo and Gitea)")),
+    request_body(content = Object, content_type = "application/json", description = "The forge's push or pull request event, signed (GitHub, Forgejo: HMAC of the repository's webhook secret) or with the token (GitLab)"),
+    responses(
+        (status = 200, description = "What the event built, or why it built nothing", body = PushAnswer),
+        (status = 400, description = "A payload that is not the forge's event", body = ErrorBody),
+        (status = 401, description = "A bad signature or token", body = ErrorBody),
+        (status = 404, description = "No such forge, or no repository of that name for it", body = ErrorBody),
+        (status = 413, description = "A payload over the server's limit", body = ErrorBody),
+    ),
+    security(()),
+)]
 pub async fn take(
     State(state): State<AppState>,
     Path(forge): Path<String>,

@@ -10,8 +10,20 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use vmfarm_proto::api::{GroupView, JobList, JobView, SubmitResponse};
+use vmfarm_proto::api::{ErrorBody, GroupView, JobList, JobView, SubmitResponse};
 
+#[utoipa::path(
+    post, path = "/api/jobs", tag = "jobs",
+    request_body(content = String, content_type = "application/toml", description = "The job manifest (TOML)"),
+    responses(
+        (status = 201, description = "One job per image, in one group", body = SubmitResponse),
+        (status = 400, description = "An invalid manifest (with line and column), or a [network] allow pattern outside the server's network policy", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
+        (status = 413, description = "The manifest is over the server's size limit", body = ErrorBody),
+        (status = 429, description = "The user's queue is at the server's limit", body = ErrorBody),
+    ),
+)]
 pub async fn submit(
     State(state): State<AppState>,
     caller: Caller,
@@ -36,6 +48,16 @@ pub async fn submit(
     Ok((StatusCode::CREATED, Json(response)))
 }
 
+#[utoipa::path(
+    get, path = "/api/jobs", tag = "jobs", params(ListQuery),
+    operation_id = "list_jobs",
+    responses(
+        (status = 200, description = "A page of jobs, newest first", body = JobList),
+        (status = 400, description = "A bad filter or limit", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -45,6 +67,16 @@ pub async fn list(
     Ok(Json(job_views::list(&state.db, &q, &reach).await?))
 }
 
+#[utoipa::path(
+    get, path = "/api/jobs/{id}", tag = "jobs", params(("id" = String, Path, description = "The job's id")),
+    operation_id = "get_job",
+    responses(
+        (status = 200, description = "The job and its tasks", body = JobView),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
+    ),
+)]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -56,6 +88,16 @@ pub async fn get(
     ))
 }
 
+#[utoipa::path(
+    post, path = "/api/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "Cancelled (a queued job at once; a running one at its worker's next heartbeat)", body = JobView),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
+        (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
+        (status = 409, description = "The job has ended", body = ErrorBody),
+    ),
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
@@ -68,6 +110,15 @@ pub async fn cancel(
 }
 
 /// Queues job `id` again (its manifest, on its image, from the same push), linked to it.
+#[utoipa::path(
+    post, path = "/api/jobs/{id}/rerun", tag = "jobs", params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 201, description = "The new job, linked to the one it reruns", body = SubmitResponse),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
+        (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
+    ),
+)]
 pub async fn rerun(
     State(state): State<AppState>,
     caller: Caller,
@@ -84,6 +135,16 @@ pub async fn rerun(
     Ok((StatusCode::CREATED, Json(response)))
 }
 
+#[utoipa::path(
+    get, path = "/api/groups/{id}", tag = "jobs",
+    params(("id" = String, Path, description = "The group's id")),
+    responses(
+        (status = 200, description = "The group and its jobs", body = GroupView),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such group within the caller's reach", body = ErrorBody),
+    ),
+)]
 pub async fn group(
     State(state): State<AppState>,
     caller: Caller,

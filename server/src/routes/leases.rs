@@ -15,12 +15,24 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use std::time::Duration;
 use tokio::time::Instant;
-use vmfarm_proto::api::ArtifactView;
-use vmfarm_proto::wire::{HeartbeatResponse, LeaseRequest, LogAppend, SHA256_HEADER, StateUpdate};
+use vmfarm_proto::api::{ArtifactView, ErrorBody};
+use vmfarm_proto::wire::{
+    HeartbeatResponse, LeaseRequest, LeaseResponse, LogAppend, SHA256_HEADER, StateUpdate,
+};
 
 /// How often a long-polling worker looks again even without a wake-up (other replicas).
 const POLL: Duration = Duration::from_millis(500);
 
+#[utoipa::path(
+    post, path = "/api/workers/lease", tag = "workers", request_body = LeaseRequest,
+    responses(
+        (status = 200, description = "A job, leased to the worker", body = LeaseResponse),
+        (status = 204, description = "No job for the worker's images within the long poll"),
+        (status = 400, description = "A bad request", body = ErrorBody),
+        (status = 401, description = "No worker token", body = ErrorBody),
+        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+    ),
+)]
 pub async fn lease(
     State(state): State<AppState>,
     caller: Caller,
@@ -44,6 +56,15 @@ pub async fn lease(
     }
 }
 
+#[utoipa::path(
+    post, path = "/api/leases/{id}/heartbeat", tag = "workers", params(("id" = String, Path, description = "The lease's id")),
+    responses(
+        (status = 200, description = "The lease, renewed; whether the job was cancelled", body = HeartbeatResponse),
+        (status = 401, description = "No worker token", body = ErrorBody),
+        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
+    ),
+)]
 pub async fn heartbeat(
     State(state): State<AppState>,
     call: LeaseCall,
@@ -51,6 +72,17 @@ pub async fn heartbeat(
     Ok(Json(update::heartbeat(&state, &call).await?))
 }
 
+#[utoipa::path(
+    post, path = "/api/leases/{id}/log", tag = "workers", params(("id" = String, Path, description = "The lease's id")), request_body = LogAppend,
+    responses(
+        (status = 200, description = "Stored, or acknowledged as a retry of a stored `seq`", body = AppendAck),
+        (status = 400, description = "Too many chunks, or a chunk too large", body = ErrorBody),
+        (status = 401, description = "No worker token", body = ErrorBody),
+        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 409, description = "The lease is not live, or `seq` skips ahead", body = ErrorBody),
+        (status = 413, description = "The log is at the server's size limit", body = ErrorBody),
+    ),
+)]
 pub async fn log(
     State(state): State<AppState>,
     call: LeaseCall,
@@ -59,6 +91,16 @@ pub async fn log(
     Ok(Json(logs::append(&state, &call, &append).await?))
 }
 
+#[utoipa::path(
+    post, path = "/api/leases/{id}/state", tag = "workers", params(("id" = String, Path, description = "The lease's id")), request_body = StateUpdate,
+    responses(
+        (status = 204, description = "Applied (or a repeat of a move already made)"),
+        (status = 400, description = "A bad update", body = ErrorBody),
+        (status = 401, description = "No worker token", body = ErrorBody),
+        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 409, description = "The lease is not live, or a move the state cannot make", body = ErrorBody),
+    ),
+)]
 pub async fn update_state(
     State(state): State<AppState>,
     call: LeaseCall,
@@ -70,6 +112,19 @@ pub async fn update_state(
 
 /// Receives an artifact of the lease's job. It counts only if the lease is still live once the
 /// file is in: a lease lost during the upload leaves nothing behind.
+#[utoipa::path(
+    put, path = "/api/leases/{id}/artifacts/{name}", tag = "workers",
+    params(("id" = String, Path, description = "The lease's id"), ("name" = String, Path, description = "The artifact's path")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file; `X-Vmfarm-Sha256` is its hash"),
+    responses(
+        (status = 201, description = "Stored"),
+        (status = 400, description = "A bad name, or a hash that does not match", body = ErrorBody),
+        (status = 401, description = "No worker token", body = ErrorBody),
+        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
+        (status = 413, description = "Over the artifact or per-job size limit", body = ErrorBody),
+    ),
+)]
 pub async fn put_artifact(
     State(state): State<AppState>,
     call: LeaseCall,

@@ -16,9 +16,11 @@ use futures_util::Stream;
 use std::convert::Infallible;
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
+use vmfarm_proto::api::ErrorBody;
 
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct LogQuery {
     /// Byte offset to start from.
     #[serde(default)]
@@ -30,6 +32,16 @@ pub struct LogQuery {
 /// Largest answer of one `GET .../log` call; the rest is read with `from`.
 const PAGE_BYTES: i64 = 4 * 1024 * 1024;
 
+#[utoipa::path(
+    get, path = "/api/jobs/{id}/log", tag = "jobs", params(("id" = String, Path, description = "The job's id"), LogQuery),
+    operation_id = "get_log",
+    responses(
+        (status = 200, description = "The log from `from` on, at most 4 MiB (`X-Vmfarm-Log-Size` says its whole size): text, or JSON chunks with `format=json`", content_type = "text/plain", body = String),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
+    ),
+)]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -76,6 +88,15 @@ pub async fn get(
 }
 
 /// Sends what is there, then new chunks as they come, then an `end` event with the final state.
+#[utoipa::path(
+    get, path = "/api/jobs/{id}/log/stream", tag = "jobs", params(("id" = String, Path, description = "The job's id"), LogQuery),
+    responses(
+        (status = 200, description = "Server-Sent Events: `log` events with the log's chunks as they come, a `state` event at each change, `end` when the job has ended", content_type = "text/event-stream", body = String),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
+    ),
+)]
 pub async fn stream(
     State(state): State<AppState>,
     caller: Caller,

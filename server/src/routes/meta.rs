@@ -13,9 +13,18 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::header;
 use axum::http::request::Parts;
 use axum::response::IntoResponse;
+use vmfarm_proto::api::ErrorBody;
 
 /// `/metrics`: for callers with the `metrics` (or `admin`) scope, or anyone when
 /// `[metrics] open`.
+#[utoipa::path(
+    get, path = "/metrics", tag = "meta",
+    responses(
+        (status = 200, description = "Prometheus metrics (OpenMetrics text)", content_type = "application/openmetrics-text", body = String),
+        (status = 401, description = "No token (unless `[metrics] open`)", body = ErrorBody),
+        (status = 403, description = "The token lacks the `metrics` scope", body = ErrorBody),
+    ),
+)]
 pub async fn metrics(
     State(state): State<AppState>,
     mut parts: Parts,
@@ -33,18 +42,39 @@ pub async fn metrics(
     Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text))
 }
 
+#[utoipa::path(
+    get, path = "/api/openapi.json", tag = "meta",
+    responses((status = 200, description = "This description", body = Object)),
+    security(()),
+)]
 pub async fn openapi() -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "application/json")],
-        include_str!("../openapi.json"),
+        crate::app::openapi_json(),
     )
 }
 
+#[utoipa::path(
+    get, path = "/healthz", tag = "meta",
+    responses(
+        (status = 200, description = "The server and its database answer", content_type = "text/plain", body = String),
+        (status = 500, description = "The database does not answer", body = ErrorBody),
+    ),
+    security(()),
+)]
 pub async fn health(State(state): State<AppState>) -> AppResult<&'static str> {
     state.db.read().fetch_all("SELECT 1", &[]).await?;
     Ok("ok\n")
 }
 
+#[utoipa::path(
+    get, path = "/api/workers", tag = "workers",
+    responses(
+        (status = 200, description = "The workers as they last called in", body = Vec<WorkerView>),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+    ),
+)]
 pub async fn workers(
     State(state): State<AppState>,
     caller: Caller,

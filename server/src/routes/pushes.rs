@@ -10,11 +10,23 @@ use crate::state::AppState;
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use vmfarm_proto::api::{PushAnswer, PushRequest, PushView};
+use vmfarm_proto::api::{ErrorBody, PushAnswer, PushRequest, PushView};
 
 /// A ref moved: builds it when the repository's config says so (`201`), else says why not
 /// (`200` with `ignored`). The caller must reach the repository's owner (the owner or an
 /// admin); another's repository answers like a missing one.
+#[utoipa::path(
+    post, path = "/api/pushes", tag = "pushes", request_body = PushRequest,
+    operation_id = "create_push",
+    responses(
+        (status = 201, description = "What the push built (a group per manifest file), or why it built nothing", body = PushAnswer),
+        (status = 400, description = "A bad ref or commit", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
+        (status = 404, description = "No such repository in the server's config", body = ErrorBody),
+        (status = 409, description = "The repository's owner is not a user of the server", body = ErrorBody),
+    ),
+)]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -41,6 +53,17 @@ pub async fn create(
     Ok(pushes::answer(pushes::build(&state, push).await?))
 }
 
+#[utoipa::path(
+    get, path = "/api/pushes/{id}", tag = "pushes",
+    operation_id = "get_push",
+    params(("id" = String, Path, description = "The push's id")),
+    responses(
+        (status = 200, description = "The push and each manifest file's group or errors", body = PushView),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        (status = 404, description = "No such push within the caller's reach", body = ErrorBody),
+    ),
+)]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,

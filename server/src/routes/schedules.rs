@@ -9,8 +9,18 @@ use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use vmfarm_proto::api::ErrorBody;
 
 /// `GET /api/schedules`
+#[utoipa::path(
+    get, path = "/api/schedules", tag = "schedules",
+    operation_id = "list_schedules",
+    responses(
+        (status = 200, description = "The schedules within the caller's reach", body = Vec<ScheduleView>),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+    ),
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -20,6 +30,17 @@ pub async fn list(
 }
 
 /// `POST /api/schedules`: `{name, cron, timezone?, manifest}`.
+#[utoipa::path(
+    post, path = "/api/schedules", tag = "schedules", request_body = NewSchedule,
+    operation_id = "create_schedule",
+    responses(
+        (status = 201, description = "The schedule, with its next run", body = ScheduleView),
+        (status = 400, description = "A bad cron expression, time zone or manifest", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
+        (status = 409, description = "A schedule of that name exists", body = ErrorBody),
+    ),
+)]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,

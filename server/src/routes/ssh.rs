@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use vmfarm_proto::JobState;
+use vmfarm_proto::api::ErrorBody;
 use vmfarm_proto::tunnel::{Frame, PROTOCOL};
 
 /// How long a session asked for waits for the worker's end.
@@ -54,6 +55,16 @@ fn switching() -> Response {
 
 /// The user's end: checks who asks and that the job's guest is up (running, or kept after a
 /// failure while its worker still polls), then asks the worker for a session.
+#[utoipa::path(
+    get, path = "/api/jobs/{id}/ssh", tag = "jobs", params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 101, description = "An SSH session into the job's guest, over the upgraded connection (`vmfarm ssh`)"),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
+        (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
+        (status = 409, description = "The job has no guest now (not yet running, or ended and not kept)", body = ErrorBody),
+    ),
+)]
 pub async fn open(
     State(state): State<AppState>,
     caller: Caller,
@@ -147,6 +158,15 @@ async fn farm_line(state: &AppState, job: i64, line: String) {
 }
 
 /// The worker's poll: the sessions asked of its lease's job, after up to 20 s.
+#[utoipa::path(
+    post, path = "/api/leases/{id}/tunnels", tag = "workers", params(("id" = String, Path, description = "The lease's id")),
+    responses(
+        (status = 200, description = "The SSH sessions waiting for the worker (long poll)", body = Object),
+        (status = 401, description = "No worker token", body = ErrorBody),
+        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
+    ),
+)]
 pub async fn poll(
     State(state): State<AppState>,
     call: LeaseCall,
@@ -157,6 +177,15 @@ pub async fn poll(
 }
 
 /// The worker let its lease's job's guest go: no more sessions.
+#[utoipa::path(
+    delete, path = "/api/leases/{id}/tunnels", tag = "workers", params(("id" = String, Path, description = "The lease's id")),
+    responses(
+        (status = 204, description = "The job's guest is gone: waiting sessions are refused"),
+        (status = 401, description = "No worker token", body = ErrorBody),
+        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
+    ),
+)]
 pub async fn gone(State(state): State<AppState>, call: LeaseCall) -> AppResult<StatusCode> {
     let job = live_job(&mut state.db.read(), &call).await?;
     state.tunnels.gone(job.id);
@@ -164,6 +193,16 @@ pub async fn gone(State(state): State<AppState>, call: LeaseCall) -> AppResult<S
 }
 
 /// The worker's end of session `tunnel` of its lease's job.
+#[utoipa::path(
+    get, path = "/api/leases/{id}/tunnels/{tunnel}", tag = "workers",
+    params(("id" = String, Path, description = "The lease's id"), ("tunnel" = String, Path, description = "The session's id, from the poll")),
+    responses(
+        (status = 101, description = "The session's bytes, over the upgraded connection"),
+        (status = 401, description = "No worker token", body = ErrorBody),
+        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
+    ),
+)]
 pub async fn attach(
     State(state): State<AppState>,
     call: LeaseCall,
