@@ -596,25 +596,11 @@ async fn cancel_queued_and_running(backend: Backend) {
     );
 }
 
-async fn log_stream_is_live(backend: Backend) {
-    let server = TestServer::start_with(backend, SHORT_POLL);
-    let api = server.admin();
-    let id = api.submit(&manifest("a", &["build"])).await.jobs[0]
-        .id
-        .clone();
-    let w = FakeWorker::new(&server, 0);
-    let lease = w.lease(&["a"]).await.unwrap();
-    w.start(&lease).await;
-    w.log(&lease, 1, "first\n").await;
-
-    let response = api
-        .req(Method::GET, &format!("/api/jobs/{id}/log/stream"))
-        .timeout(Duration::from_secs(60))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.headers()["content-type"], "text/event-stream");
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Value)>();
+/// The named events of a Server-Sent Events answer, with their JSON data, as they come.
+fn sse_events(
+    response: reqwest::Response,
+) -> tokio::sync::mpsc::UnboundedReceiver<(String, Value)> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(String, Value)>();
     tokio::spawn(async move {
         use futures_util::StreamExt;
         let mut body = response.bytes_stream();
@@ -638,6 +624,101 @@ async fn log_stream_is_live(backend: Backend) {
             }
         }
     });
+    rx
+}
+
+/// Two replicas on one PostgreSQL: lines a worker appends through replica B reach a live-log
+/// reader of replica A (LISTEN/NOTIFY, not its once-a-second look), and a submit through A
+/// wakes a worker long-polling B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_hear_each_other() {
+    let a = TestServer::start(Backend::Postgres);
+    let b = a.replica();
+    let (api_a, api_b) = (a.admin(), b.admin());
+    let mut worker = FakeWorker::new(&b, 0);
+    // A worker long-polling B, woken by a submit through A (B's own look comes every 500 ms:
+    // the median of five wakes is well under it only if A's news reaches B).
+    let mut woken = Vec::new();
+    let mut last = None;
+    for _ in 0..5 {
+        let polling = tokio::spawn(async move {
+            let lease = worker.lease(&["a"]).await;
+            (worker, lease)
+        });
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let submitted = Instant::now();
+        let id = api_a.submit(&manifest("a", &["build"])).await.jobs[0]
+            .id
+            .clone();
+        let (back, lease) = polling.await.unwrap();
+        woken.push(submitted.elapsed());
+        worker = back;
+        let lease = lease.expect("the job submitted through A, leased through B");
+        assert_eq!(lease.job.id, id);
+        last = Some((id, lease));
+    }
+    woken.sort();
+    eprintln!("across replicas: a long-polling worker woken {woken:?} after a submit");
+    assert!(woken[2] < Duration::from_millis(120), "{woken:?}");
+    let (id, lease) = last.unwrap();
+    worker.start(&lease).await;
+    assert_eq!(
+        api_b.get_json(&format!("/api/jobs/{id}")).await["state"],
+        "running"
+    );
+
+    let response = api_a
+        .req(Method::GET, &format!("/api/jobs/{id}/log/stream"))
+        .timeout(Duration::from_secs(120))
+        .send()
+        .await
+        .unwrap();
+    let mut rx = sse_events(response);
+    let mut took = Vec::new();
+    for seq in 1..=30u64 {
+        // Away from the reader's once-a-second look, so that it cannot be what wakes it.
+        tokio::time::sleep(Duration::from_millis(137)).await;
+        let line = format!("line {seq}\n");
+        let sent = Instant::now();
+        assert!(worker.log(&lease, seq, &line).await.status().is_success());
+        let (event, data) = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("the line in time")
+            .expect("stream open");
+        assert_eq!(
+            (event.as_str(), data["data"].as_str()),
+            ("log", Some(line.as_str()))
+        );
+        took.push(sent.elapsed());
+    }
+    took.sort();
+    let (p50, p99) = (took[took.len() / 2], took[took.len() * 99 / 100]);
+    eprintln!(
+        "across replicas: live log p50 {p50:?}, p99 {p99:?} ({} lines)",
+        took.len()
+    );
+    assert!(p50 < Duration::from_millis(200), "p50 {p50:?}");
+}
+
+async fn log_stream_is_live(backend: Backend) {
+    let server = TestServer::start_with(backend, SHORT_POLL);
+    let api = server.admin();
+    let id = api.submit(&manifest("a", &["build"])).await.jobs[0]
+        .id
+        .clone();
+    let w = FakeWorker::new(&server, 0);
+    let lease = w.lease(&["a"]).await.unwrap();
+    w.start(&lease).await;
+    w.log(&lease, 1, "first\n").await;
+
+    let response = api
+        .req(Method::GET, &format!("/api/jobs/{id}/log/stream"))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    let mut rx = sse_events(response);
     let next = async |rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Value)>| {
         tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await

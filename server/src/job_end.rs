@@ -197,7 +197,7 @@ pub async fn ended(state: &AppState, job_id: i64, end: JobState) {
         }
     };
     state.metrics.job_finished(end, ran);
-    state.events.work.notify_waiters();
+    state.events.new_work();
     crate::outbox::wake(state);
 }
 

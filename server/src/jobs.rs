@@ -69,7 +69,7 @@ pub async fn rerun(
 /// After jobs were queued and committed: counted, and the workers waiting for work woken.
 pub fn queued(state: &AppState, jobs: usize) {
     state.metrics.jobs_submitted(jobs);
-    state.events.work.notify_waiters();
+    state.events.new_work();
 }
 
 /// Checks a manifest for `submitter` and makes the group it would queue (written by

@@ -25,6 +25,7 @@ pub mod outbound;
 pub mod outbox;
 pub mod pushes;
 pub mod random;
+pub mod replicas;
 pub mod retention;
 pub mod routes;
 pub mod schedules;

@@ -7,6 +7,7 @@
 use crate::access::{Reach, Submitter};
 use crate::db::{DbFailure, Query, now_ms, where_all};
 use crate::error::{AppError, AppResult};
+use crate::jobs::Origin;
 use crate::state::AppState;
 use chrono::{DateTime, TimeZone, Utc};
 use chrono_tz::Tz;
@@ -330,7 +331,9 @@ pub async fn runs(
 }
 
 /// Enqueues every schedule that has a cron time in `(last run, now]`, once each. Returns the
-/// groups made. Replicas may tick together: the claim on `last_run_at` lets one of them win.
+/// groups made. Replicas may tick together: the claim on `last_run_at` and the run's jobs are
+/// one transaction, so that exactly one replica makes the run (none of them twice, and a
+/// replica that dies between the two makes none of it).
 pub async fn tick(state: &AppState, now: i64) -> AppResult<Vec<String>> {
     let mut made = Vec::new();
     for schedule in list(state, &Reach::All).await? {
@@ -353,24 +356,37 @@ pub async fn tick(state: &AppState, now: i64) -> AppResult<Vec<String>> {
         let Some(due) = spec.latest_due(last_run_at, now) else {
             continue;
         };
-        let claimed = state
-            .db
-            .execute(
-                "UPDATE schedules SET last_run_at = $1 WHERE name = $2 AND last_run_at = $3",
-                &[due.into(), name.as_str().into(), last_run_at.into()],
-            )
-            .await?;
-        if claimed != 1 {
-            continue;
-        }
         // Its runs are its owner's jobs; the owner's token cap was checked when it was saved.
         let submitter = Submitter::uncapped(&owner);
-        match crate::jobs::submit(state, &manifest, Some(&name), &submitter).await {
-            Ok(response) => {
-                tracing::info!(schedule = %name, group = %response.group_id, "scheduled run enqueued");
-                made.push(response.group_id);
-            }
-            Err(e) => tracing::error!(schedule = %name, error = %e, "scheduled run refused"),
+        // A manifest refused now (an image or a policy changed) still uses up its run.
+        let group = crate::jobs::prepare(state, &manifest, Some(&name), &submitter)
+            .inspect_err(|e| tracing::error!(schedule = %name, error = %e, "scheduled run refused"))
+            .ok();
+        let claim_name = name.clone();
+        let run = state
+            .db
+            .write(move |tx| {
+                Box::pin(async move {
+                    let claimed = tx
+                        .execute(
+                            "UPDATE schedules SET last_run_at = $1 WHERE name = $2 AND last_run_at = $3",
+                            &[due.into(), claim_name.as_str().into(), last_run_at.into()],
+                        )
+                        .await?;
+                    match group {
+                        Some(group) if claimed == 1 => {
+                            group.insert(tx, &Origin::default()).await.map(Some)
+                        }
+                        _ => AppResult::Ok(None),
+                    }
+                })
+            })
+            .await?;
+        if let Some(mut response) = run {
+            crate::jobs::queued(state, response.jobs.len());
+            crate::workers::say_waiting(&state.db, &mut response.jobs).await;
+            tracing::info!(schedule = %name, group = %response.group_id, "scheduled run enqueued");
+            made.push(response.group_id);
         }
     }
     Ok(made)
@@ -389,6 +405,51 @@ pub async fn run(state: AppState) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_utils::{ADMIN, Database, TestApp, on_both_databases};
+
+    on_both_databases!(test_replicas_ticking_together_make_one_run);
+
+    /// Two servers on one database tick at the same moment, many times over: each due run is
+    /// made once.
+    async fn test_replicas_ticking_together_make_one_run(database: Database) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = crate::test_utils::fresh_database_url(database, dir.path()).await;
+        let a = TestApp::on(tempfile::tempdir().unwrap(), url.clone(), |_| {}).await;
+        let b = TestApp::on(tempfile::tempdir().unwrap(), url, |_| {}).await;
+        let new = serde_json::json!({
+            "name": "minutely", "cron": "* * * * *", "timezone": "UTC",
+            "manifest": "image = \"tiny\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n",
+        });
+        let created = a
+            .call(
+                axum::http::Method::POST,
+                "/api/schedules",
+                Some(ADMIN),
+                &[("content-type", "application/json".into())],
+                axum::body::Body::from(new.to_string()),
+            )
+            .await;
+        assert_eq!(
+            created.status,
+            axum::http::StatusCode::CREATED,
+            "{:?}",
+            created.body
+        );
+        let start = now_ms();
+        let mut made = Vec::new();
+        for minute in 1..=5 {
+            let at = start + minute * 60_000;
+            let (x, y) = tokio::join!(tick(&a.state, at), tick(&b.state, at));
+            let (x, y) = (x.unwrap(), y.unwrap());
+            assert_eq!(x.len() + y.len(), 1, "minute {minute}: {x:?} {y:?}");
+            made.extend(x.into_iter().chain(y));
+        }
+        let groups =
+            crate::job_views::newest_groups(&a.state.db, Some("minutely"), 50, &Reach::All)
+                .await
+                .unwrap();
+        assert_eq!(groups.len(), 5, "{groups:?} made {made:?}");
+    }
 
     fn ms(text: &str) -> i64 {
         DateTime::parse_from_rfc3339(text)

@@ -87,6 +87,9 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
         .local_addr()
         .map_err(|e| ServeError::Listen(config.listen, e))?;
     let state = AppState::new(db, config, store, secret_key);
+    if state.db.backend() == crate::db::Backend::Postgres {
+        crate::replicas::start(state.db.clone(), state.config.database_url(), &state.events);
+    }
     let reaper = tokio::spawn(crate::leases::reaper::run(state.clone()));
     crate::schedules::load_config(&state).await?;
     let background = [

@@ -6,7 +6,8 @@ use crate::metrics::Metrics;
 use crate::secrets::SecretKey;
 use crate::store::ArtifactStore;
 use std::sync::Arc;
-use tokio::sync::{Notify, broadcast};
+use std::sync::OnceLock;
+use tokio::sync::{Notify, broadcast, mpsc};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -46,14 +47,26 @@ impl AppState {
     }
 }
 
-/// In-process wake-ups: new work for long-polling workers, new log or state for SSE readers.
-/// Readers also poll, so replicas sharing a PostgreSQL queue see each other's writes.
+/// Wake-ups: new work for long-polling workers, new log or state for SSE readers; passed on to
+/// the other replicas on PostgreSQL ([`crate::replicas`]). Readers also look again every
+/// second, so news a replica missed is late, not lost.
 #[derive(Clone)]
 pub struct Events {
     pub work: Arc<Notify>,
     pub job: broadcast::Sender<i64>,
     /// A job ended with webhooks to deliver.
     pub triggers: Arc<Notify>,
+    /// Where news for the other replicas goes, once [`crate::replicas::start`] listens.
+    replicas: Arc<OnceLock<mpsc::Sender<News>>>,
+}
+
+/// What the replicas tell each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum News {
+    /// A job's log or state changed.
+    Job(i64),
+    /// A job may be leased (submitted, requeued, or a slot freed).
+    Work,
 }
 
 impl Default for Events {
@@ -62,13 +75,43 @@ impl Default for Events {
             work: Arc::new(Notify::new()),
             job: broadcast::channel(1024).0,
             triggers: Arc::new(Notify::new()),
+            replicas: Arc::default(),
         }
     }
 }
 
 impl Events {
+    /// Job `job_id`'s log or state changed through this replica.
     pub fn job_changed(&self, job_id: i64) {
+        self.job_changed_here(job_id);
+        self.tell_replicas(News::Job(job_id));
+    }
+
+    /// There may be work for long-polling workers, through this replica.
+    pub fn new_work(&self) {
+        self.work_here();
+        self.tell_replicas(News::Work);
+    }
+
+    /// Wakes this replica's readers of job `job_id`.
+    pub fn job_changed_here(&self, job_id: i64) {
         // No receiver is fine: nobody is watching that job.
         let _ = self.job.send(job_id);
+    }
+
+    /// Wakes this replica's long-polling workers.
+    pub fn work_here(&self) {
+        self.work.notify_waiters();
+    }
+
+    pub fn send_to_replicas(&self, tx: mpsc::Sender<News>) {
+        let _ = self.replicas.set(tx);
+    }
+
+    fn tell_replicas(&self, news: News) {
+        if let Some(tx) = self.replicas.get() {
+            // A full backlog drops the news: the other replicas' readers look again anyway.
+            let _ = tx.try_send(news);
+        }
     }
 }

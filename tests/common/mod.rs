@@ -125,6 +125,35 @@ impl TestServer {
         self.child = Some(child);
     }
 
+    /// A second server process on the same database and data folder (its secret key and
+    /// artifacts), listening on a port of its own: another replica of the same farm.
+    pub fn replica(&self) -> TestServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = std::fs::read_to_string(&self.config).unwrap();
+        let listen = config.lines().next().unwrap();
+        assert!(listen.starts_with("listen = "), "{listen}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(
+            &path,
+            config.replacen(listen, &format!("listen = \"127.0.0.1:{port}\""), 1),
+        )
+        .unwrap();
+        let mut replica = TestServer {
+            dir,
+            url: String::new(),
+            database_url: self.database_url.clone(),
+            child: None,
+            config: path,
+        };
+        replica.spawn();
+        replica
+    }
+
     /// `kill -9`, then start again on the same data and port.
     pub fn crash_and_restart(&mut self) {
         self.kill9();

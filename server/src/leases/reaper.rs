@@ -56,7 +56,7 @@ pub async fn reap_expired(state: &AppState) -> AppResult<usize> {
                 if let Err(e) = state.store.remove_attempt(id, lost_attempt).await {
                     tracing::error!(job = id, attempt = lost_attempt, error = %e, "cannot remove a lost attempt's artifacts");
                 }
-                state.events.work.notify_waiters();
+                state.events.new_work();
             }
             Reaped::Ended { state: end, reason } => {
                 tracing::warn!(job = id, "{reason}");
