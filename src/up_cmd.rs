@@ -6,7 +6,7 @@ use crate::cli::UpArgs;
 use anyhow::Context;
 use vmfarm_server::auth::Caller;
 use vmfarm_server::config::ServerConfig;
-use vmfarm_worker::config::WorkerConfig;
+use vmfarm_worker::config::{ServerUrls, WorkerConfig};
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let mut config = match &args.server_config {
@@ -48,7 +48,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         None => WorkerConfig::default(),
     };
     let mut worker = WorkerConfig {
-        server: format!("http://{}", running.addr),
+        server: ServerUrls::One(format!("http://{}", running.addr)),
         name: "local".into(),
         token: worker_token,
         images_dir,

@@ -1,7 +1,7 @@
 //! `vmfarm worker`: the worker daemon with its config file and the flags laid over it.
 
 use crate::cli::WorkerArgs;
-use vmfarm_worker::config::WorkerConfig;
+use vmfarm_worker::config::{ServerUrls, WorkerConfig};
 
 pub fn load_config(args: &WorkerArgs) -> anyhow::Result<WorkerConfig> {
     let mut config = match &args.config {
@@ -9,7 +9,7 @@ pub fn load_config(args: &WorkerArgs) -> anyhow::Result<WorkerConfig> {
         None => WorkerConfig::default(),
     };
     if let Some(server) = &args.server {
-        config.server = server.clone();
+        config.server = ServerUrls::One(server.clone());
     }
     if let Some(token) = &args.token {
         config.token = token.clone();

@@ -416,6 +416,52 @@ async fn test_a_killed_server_loses_nothing() {
     }
 }
 
+/// Two server replicas on one PostgreSQL; the worker knows both. The one it leased the job from
+/// is killed mid-job and never comes back: the worker goes on through the other, and the job
+/// ends there with every line and its artifact, in its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_killed_replica_loses_nothing() {
+    let dir = images(&["tiny"]);
+    let mut a = TestServer::start_with(
+        Backend::Postgres,
+        "[leases]\nttl = \"60s\"\nmax_attempts = 3\nlong_poll = \"2s\"\n",
+    );
+    let b = a.replica();
+    let worker = TestWorker::start_on(&[&a, &b], 0, &dir, WORKER);
+    let api = b.admin();
+    let manifest = "image = \"tiny\"\n[[tasks]]\nname = \"t\"\n\
+        script = \"for i in 1 2 3 4 5 6; do echo tick $i; echo $i >> out.txt; sleep 1; done\"\n\
+        [[artifacts]]\npath = \"out.txt\"\n";
+    let id = api.submit(manifest).await.jobs[0].id.clone();
+    wait_task_running(&api, &id).await;
+    let before = log_of(&api, &id).await;
+    a.kill9();
+    let job = wait_ended(&api, &id).await;
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", worker.log());
+    assert_eq!(job["attempt"], 1, "the same attempt finished");
+    let log = log_of(&api, &id).await;
+    assert!(
+        log.starts_with(&before),
+        "what A acknowledged is kept:\n{before}\n---\n{log}"
+    );
+    for i in 1..=6 {
+        assert_eq!(
+            log.matches(&format!("tick {i}\n")).count(),
+            1,
+            "tick {i} exactly once: {log}"
+        );
+    }
+    let out = api
+        .get_bytes(&format!("/api/jobs/{id}/artifacts/out.txt"))
+        .await;
+    assert_eq!(out, b"1\n2\n3\n4\n5\n6\n");
+    assert!(
+        worker.log().contains("moving on to the next replica"),
+        "{}",
+        worker.log()
+    );
+}
+
 /// A small C project with a Makefile, in a local git repository.
 fn c_project() -> tempfile::TempDir {
     let repo = tempfile::tempdir().unwrap();

@@ -132,6 +132,16 @@ mod tests {
         let leftover = data.join("artifacts/.uploads/0123abcd");
         std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
         std::fs::write(&leftover, b"half an upload").unwrap();
+        let hour_ago = std::time::SystemTime::now() - crate::store::STALE_UPLOAD;
+        std::fs::File::options()
+            .write(true)
+            .open(&leftover)
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        // Another replica's upload under way (the folder may be shared): kept.
+        let under_way = data.join("artifacts/.uploads/4567cdef");
+        std::fs::write(&under_way, b"being received").unwrap();
         let config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             data_dir: data.clone(),
@@ -144,6 +154,7 @@ mod tests {
             assert_eq!(mode(&data.join(file)), 0o600, "{file}");
         }
         assert!(!leftover.exists());
+        assert!(under_way.exists());
         drop(running);
     }
 }

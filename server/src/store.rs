@@ -13,6 +13,10 @@ use tokio::io::AsyncWriteExt;
 use vmfarm_proto::api::ArtifactView;
 use vmfarm_proto::names::check_artifact_path;
 
+/// How long an upload may go unwritten before a starting server takes it for one a stopped
+/// server left half-received.
+pub const STALE_UPLOAD: std::time::Duration = std::time::Duration::from_secs(3600);
+
 #[derive(Clone)]
 pub struct ArtifactStore {
     root: PathBuf,
@@ -102,12 +106,24 @@ impl ArtifactStore {
         self.root.join(".uploads")
     }
 
-    /// Removes the uploads that a stopped server left half-received.
+    /// Removes the uploads that a stopped server left half-received: those not written for
+    /// [`STALE_UPLOAD`] (replicas sharing the folder may be receiving the newer ones).
     pub fn remove_partial_uploads(&self) -> std::io::Result<()> {
-        match std::fs::remove_dir_all(self.uploads()) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => std::fs::create_dir_all(self.uploads()),
+        let dir = self.uploads();
+        std::fs::create_dir_all(&dir)?;
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let idle = entry.metadata()?.modified()?.elapsed().unwrap_or_default();
+            if idle < STALE_UPLOAD {
+                continue;
+            }
+            let path = entry.path();
+            match entry.file_type()?.is_dir() {
+                true => std::fs::remove_dir_all(&path)?,
+                false => std::fs::remove_file(&path)?,
+            }
         }
+        Ok(())
     }
 
     /// Removes a received artifact whose row was refused.

@@ -61,15 +61,29 @@ pub struct TestWorker {
 impl TestWorker {
     /// Starts worker `i` of `server` on `images_dir`; `extra` is TOML appended to its config.
     pub fn start(server: &TestServer, i: usize, images_dir: &Path, extra: &str) -> TestWorker {
+        Self::start_on(&[server], i, images_dir, extra)
+    }
+
+    /// [`TestWorker::start`] with the URLs of a farm's replicas, in the order it tries them.
+    pub fn start_on(
+        replicas: &[&TestServer],
+        i: usize,
+        images_dir: &Path,
+        extra: &str,
+    ) -> TestWorker {
+        let urls: Vec<String> = replicas.iter().map(|s| format!("\"{}\"", s.url)).collect();
+        let server = match urls.as_slice() {
+            [one] => one.clone(),
+            many => format!("[{}]", many.join(", ")),
+        };
         let work_dir = tempfile::tempdir().unwrap();
         let config = work_dir.path().join("worker.toml");
         std::fs::write(
             &config,
             format!(
-                "server = \"{}\"\nname = \"{}\"\ntoken = \"{}\"\nimages_dir = \"{}\"\nwork_dir = \"{}\"\n{extra}\n\
+                "server = {server}\nname = \"{}\"\ntoken = \"{}\"\nimages_dir = \"{}\"\nwork_dir = \"{}\"\n{extra}\n\
                  # Workers of tests running at once each get users of their own.\n\
                  [jail]\nfirst_uid = {}\nuid_count = 4\n",
-                server.url,
                 worker_name(i),
                 worker_token(i),
                 images_dir.display(),

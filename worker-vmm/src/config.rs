@@ -9,7 +9,7 @@ use vmfarm_proto::units::{ByteSize, GIB, HumanDuration, MIB};
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
-    pub server: String,
+    pub server: ServerUrls,
     /// Empty: the host name.
     pub name: String,
     pub token: String,
@@ -22,6 +22,24 @@ pub struct WorkerConfig {
     pub network: NetworkConfig,
     pub jail: JailConfig,
     pub metrics: MetricsListener,
+}
+
+/// Where the worker leases jobs: one server, or the URLs of a farm's replicas, tried in turn
+/// (the worker moves on to the next when one does not answer).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ServerUrls {
+    One(String),
+    Replicas(Vec<String>),
+}
+
+impl ServerUrls {
+    pub fn urls(&self) -> Vec<String> {
+        match self {
+            ServerUrls::One(url) => vec![url.clone()],
+            ServerUrls::Replicas(urls) => urls.clone(),
+        }
+    }
 }
 
 /// The worker's own Prometheus `/metrics` listener: off unless `listen` is set; then it asks
@@ -135,7 +153,7 @@ impl Default for JailConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            server: "http://127.0.0.1:8080".into(),
+            server: ServerUrls::One("http://127.0.0.1:8080".into()),
             name: String::new(),
             token: String::new(),
             images_dir: PathBuf::from("./vmfarm-data/images"),
@@ -221,6 +239,12 @@ impl WorkerConfig {
 
     pub fn parse(text: &str) -> Result<WorkerConfig, String> {
         let config: WorkerConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let urls = config.server.urls();
+        if urls.is_empty() || urls.iter().any(|u| u.is_empty()) {
+            return Err(
+                "server is empty: give the server's URL, or a list of its replicas' URLs".into(),
+            );
+        }
         let g = &config.guest;
         if config.slots.cpus == 0 {
             return Err("slots.cpus is 0: the worker could never run a job".into());

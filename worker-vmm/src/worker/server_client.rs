@@ -3,6 +3,8 @@
 
 use reqwest::{Method, StatusCode};
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio_util::io::ReaderStream;
 use vmfarm_proto::names::encode_artifact_path;
@@ -32,10 +34,14 @@ pub enum ServerError {
 /// How long a write keeps retrying while the server is down before the job gives up.
 pub const RETRY_FOR: Duration = Duration::from_secs(90);
 
+/// The worker's client of the server, or of a farm's replicas: calls go to the replica in
+/// use, and move on to the next one (for every job of the worker) when it does not answer.
 #[derive(Clone)]
 pub struct ServerClient {
     http: reqwest::Client,
-    base: String,
+    bases: Arc<[String]>,
+    /// The replica in use: an index into `bases`, counting up (modulo its length).
+    current: Arc<AtomicUsize>,
     token: String,
 }
 
@@ -56,20 +62,59 @@ impl LeaseHandle {
 }
 
 impl ServerClient {
-    pub fn new(base: &str, token: &str) -> Result<ServerClient, reqwest::Error> {
+    /// A client of the server at `bases[0]`, or of the replicas at `bases` (at least one).
+    pub fn new(bases: &[String], token: &str) -> Result<ServerClient, reqwest::Error> {
+        let mut bases: Vec<String> = bases
+            .iter()
+            .map(|b| b.trim_end_matches('/').to_owned())
+            .collect();
+        if bases.is_empty() {
+            // The config refuses an empty list; were one given, each call fails with its URL.
+            bases.push(String::new());
+        }
         Ok(ServerClient {
             http: reqwest::Client::builder()
                 .user_agent(concat!("vmfarm-worker/", env!("CARGO_PKG_VERSION")))
                 .connect_timeout(Duration::from_secs(5))
                 .build()?,
-            base: base.trim_end_matches('/').to_owned(),
+            bases: bases.into(),
+            current: Arc::default(),
             token: token.to_owned(),
         })
     }
 
+    /// The replica in use, as its count (for [`ServerClient::move_on`]) and URL.
+    fn in_use(&self) -> (usize, &str) {
+        let at = self.current.load(Ordering::Relaxed);
+        (at, &self.bases[at % self.bases.len()])
+    }
+
+    /// The replica counted `at` did not answer: the next one is used from now on (once, however
+    /// many calls found it down at the same time).
+    fn move_on(&self, at: usize) {
+        if self.bases.len() < 2 {
+            return;
+        }
+        let moved = self.current.compare_exchange(
+            at,
+            at.wrapping_add(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+        if moved.is_ok() {
+            let len = self.bases.len();
+            tracing::warn!(
+                from = %self.bases[at % len],
+                to = %self.bases[at.wrapping_add(1) % len],
+                "the server does not answer; moving on to the next replica"
+            );
+        }
+    }
+
     fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        let (_, base) = self.in_use();
         self.http
-            .request(method, format!("{}{path}", self.base))
+            .request(method, format!("{base}{path}"))
             .bearer_auth(&self.token)
     }
 
@@ -88,7 +133,12 @@ impl ServerClient {
         let mut pause = Duration::from_millis(100);
         loop {
             let give_up = started.elapsed() >= RETRY_FOR;
-            match make().send().await {
+            let (at, _) = self.in_use();
+            let sent = make().send().await;
+            if !matches!(&sent, Ok(r) if !r.status().is_server_error()) {
+                self.move_on(at);
+            }
+            match sent {
                 Ok(r) if give_up || !r.status().is_server_error() => return check(r).await,
                 Err(e) if give_up => return Err(ServerError::Unreachable(RETRY_FOR, e)),
                 Ok(r) => {
@@ -227,6 +277,7 @@ impl ServerClient {
         let route = format!("artifacts/{}", encode_artifact_path(name));
         let started = tokio::time::Instant::now();
         loop {
+            let (at, _) = self.in_use();
             let file = tokio::fs::File::open(path)
                 .await
                 .map_err(|source| ServerError::Local {
@@ -243,6 +294,7 @@ impl ServerClient {
             match sent {
                 Ok(r) if !r.status().is_server_error() => return check(r).await.map(drop),
                 Ok(_) | Err(_) if started.elapsed() < RETRY_FOR => {
+                    self.move_on(at);
                     tokio::time::sleep(Duration::from_secs(1)).await
                 }
                 Ok(r) => return check(r).await.map(drop),
@@ -270,4 +322,38 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, ServerE
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => ServerError::Unauthorized(status),
         _ => refused(status, message),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn test_calls_move_on_to_the_replica_that_answers() {
+        // A replica that is down: a port nothing listens on any more.
+        let down = {
+            let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", gone.local_addr().unwrap())
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up = format!("http://{}", listener.local_addr().unwrap());
+        let answer = serde_json::json!({"expires_at": 1, "ttl_ms": 1000, "cancel": false});
+        let app = axum::Router::new().route(
+            "/api/leases/{id}/heartbeat",
+            axum::routing::post(move || async move { axum::Json(answer) }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = ServerClient::new(&[down, up.clone()], "t").unwrap();
+        let lease = LeaseHandle {
+            lease_id: "ab".into(),
+            fence: 1,
+        };
+        assert!(!client.heartbeat(&lease).await.unwrap().cancel);
+        assert_eq!(client.in_use().1, up);
+        // Its clones (the other jobs) use it too, from their first call.
+        let other = client.clone();
+        assert_eq!(other.in_use().1, up);
+        other.heartbeat(&lease).await.unwrap();
+        assert_eq!(client.in_use().1, up);
+    }
 }
