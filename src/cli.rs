@@ -115,8 +115,9 @@ pub struct UpArgs {
 pub struct ServerArgs {
     #[command(subcommand)]
     pub action: Option<ServerAction>,
-    /// Server config file (see configs/server.toml).
-    #[arg(long, global = true)]
+    /// Server config file (see configs/server.toml); default: /etc/vmfarm/server.toml when the
+    /// package installed it.
+    #[arg(long, global = true, env = "VMFARM_CONFIG")]
     pub config: Option<PathBuf>,
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -224,8 +225,9 @@ pub enum SecretAction {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// Worker config file (see configs/worker.toml).
-    #[arg(long)]
+    /// Worker config file (see configs/worker.toml); default: /etc/vmfarm/worker.toml when the
+    /// package installed it.
+    #[arg(long, env = "VMFARM_CONFIG")]
     pub config: Option<PathBuf>,
     #[arg(long, env = "VMFARM_SERVER")]
     pub server: Option<String>,

@@ -4,6 +4,7 @@ mod bench;
 mod cli;
 mod client;
 mod commands;
+mod config_file;
 #[cfg(test)]
 mod dashboard;
 mod exit_status;

@@ -14,8 +14,8 @@ use vmfarm_server::store::ArtifactStore;
 
 /// The config file (or the defaults) with the flags laid over it.
 pub fn load_config(args: &ServerArgs) -> anyhow::Result<ServerConfig> {
-    let mut config = match &args.config {
-        Some(path) => ServerConfig::load(path)?,
+    let mut config = match crate::config_file::chosen(args.config.as_deref(), "server.toml") {
+        Some(path) => ServerConfig::load(&path)?,
         None => ServerConfig::default(),
     };
     if let Some(listen) = args.listen {
@@ -42,6 +42,10 @@ async fn serve(config: ServerConfig) -> anyhow::Result<()> {
     let token_path = config.data_dir.join("admin-token");
     let running = vmfarm_server::serve::start(config).await?;
     println!("vmfarm server listening on http://{}", running.addr);
+    // Under systemd (Type=notify): ready now that it listens. Elsewhere there is no one to tell.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!(error = %e, "cannot tell systemd that the server is ready");
+    }
     if running.admin_token_created {
         println!(
             "admin token written to {} (mode 0600)",

@@ -4,8 +4,8 @@ use crate::cli::WorkerArgs;
 use vmfarm_worker::config::{ServerUrls, WorkerConfig};
 
 pub fn load_config(args: &WorkerArgs) -> anyhow::Result<WorkerConfig> {
-    let mut config = match &args.config {
-        Some(path) => WorkerConfig::load(path)?,
+    let mut config = match crate::config_file::chosen(args.config.as_deref(), "worker.toml") {
+        Some(path) => WorkerConfig::load(&path)?,
         None => WorkerConfig::default(),
     };
     if let Some(server) = &args.server {

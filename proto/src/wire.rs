@@ -21,7 +21,8 @@ pub struct WorkerImage {
 }
 
 /// A worker's proxy cache: its counters since the worker started, and its contents now. Each
-/// lease request carries them, for the server's `/metrics`.
+/// lease request carries them, for the server's `/api/workers` (the worker's own `/metrics`
+/// has them too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CacheStats {

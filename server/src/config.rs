@@ -5,6 +5,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vmfarm_proto::config_paths::beside;
 use vmfarm_proto::network::{AddressRange, HostPattern};
 use vmfarm_proto::units::{ByteSize, GIB, HumanDuration, KIB, MIB};
 
@@ -377,9 +378,9 @@ impl ServerConfig {
             path: path.to_owned(),
             message,
         })?;
-        let folder = path.parent().unwrap_or(Path::new("."));
+        beside(path, &mut config.data_dir);
         for schedule in &mut config.schedules {
-            schedule.manifest = folder.join(&schedule.manifest);
+            beside(path, &mut schedule.manifest);
         }
         Ok(config)
     }
@@ -501,6 +502,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn test_relative_paths_are_beside_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("server.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"state\"\n[[schedules]]\nname = \"n\"\ncron = \"0 3 * * *\"\n\
+             manifest = \"jobs/nightly.toml\"\n",
+        )
+        .unwrap();
+        let config = ServerConfig::load(&file).unwrap();
+        assert_eq!(config.data_dir, dir.path().join("state"));
+        assert_eq!(
+            config.schedules[0].manifest,
+            dir.path().join("jobs/nightly.toml")
+        );
+        std::fs::write(&file, "data_dir = \"/var/lib/vmfarm/server\"\n").unwrap();
+        let config = ServerConfig::load(&file).unwrap();
+        assert_eq!(config.data_dir, Path::new("/var/lib/vmfarm/server"));
+    }
+
+    #[test]
     fn test_a_forge_repository_needs_a_long_webhook_secret() {
         let repo = |secret: &str| {
             format!(
@@ -521,7 +543,9 @@ mod tests {
     #[test]
     fn test_shipped_config_is_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/server.toml");
-        assert_eq!(ServerConfig::load(&path).unwrap(), ServerConfig::default());
+        // As written (loaded, its relative paths would be beside it).
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(ServerConfig::parse(&text).unwrap(), ServerConfig::default());
     }
 
     #[test]

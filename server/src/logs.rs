@@ -13,7 +13,7 @@ use vmfarm_proto::wire::{LogAppend, LogStream};
 pub const MAX_CHUNKS: usize = 1024;
 
 /// A stored chunk, at its byte offset in the job's log.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct StoredChunk {
     pub offset: i64,
     pub stream: String,

@@ -233,10 +233,14 @@ impl Metrics {
         self.outbound.get_or_create(&labels).inc();
     }
 
-    /// `route` is the matched route pattern, not the raw path.
+    /// `route` is the matched route pattern, not the raw path; a method outside HTTP's usual
+    /// ones counts as `other` (any word is a method to HTTP: a caller must not be able to make
+    /// series without end).
     pub fn http_request(&self, method: &str, route: &str, status: u16, took: Duration) {
+        const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
+        let method = METHODS.iter().find(|m| **m == method).unwrap_or(&"other");
         let labels = RequestLabels {
-            method: method.to_owned(),
+            method: (*method).to_owned(),
             route: route.to_owned(),
             status,
         };
@@ -259,3 +263,28 @@ impl Metrics {
 
 /// The content type of [`Metrics::render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_unusual_methods_share_one_series() {
+        let metrics = Metrics::default();
+        for method in ["FOO1", "FOO2", "GET", "BAR"] {
+            metrics.http_request(method, "unmatched", 404, Duration::from_millis(1));
+        }
+        let text = metrics.render(Figures::default());
+        let counts: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("vmfarm_http_request_duration_seconds_count"))
+            .collect();
+        assert_eq!(counts.len(), 2, "{counts:?}");
+        assert!(
+            counts
+                .iter()
+                .any(|l| l.contains("method=\"other\"") && l.ends_with(" 3")),
+            "{counts:?}"
+        );
+    }
+}

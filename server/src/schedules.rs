@@ -5,7 +5,7 @@
 //! drive it with any clock.
 
 use crate::access::{Reach, Submitter};
-use crate::db::{DbFailure, Query, now_ms, where_all};
+use crate::db::{DbFailure, Query, WriteTx, now_ms, where_all};
 use crate::error::{AppError, AppResult};
 use crate::jobs::Origin;
 use crate::state::AppState;
@@ -333,63 +333,90 @@ pub async fn runs(
 /// Enqueues every schedule that has a cron time in `(last run, now]`, once each. Returns the
 /// groups made. Replicas may tick together: the claim on `last_run_at` and the run's jobs are
 /// one transaction, so that exactly one replica makes the run (none of them twice, and a
-/// replica that dies between the two makes none of it).
+/// replica that dies between the two makes none of it). A run that is refused (its manifest
+/// or its owner's queue limit) is used up all the same, and said in the log; a schedule that
+/// fails leaves the others to run.
 pub async fn tick(state: &AppState, now: i64) -> AppResult<Vec<String>> {
     let mut made = Vec::new();
     for schedule in list(state, &Reach::All).await? {
-        let ScheduleView {
-            name,
-            owner,
-            cron,
-            timezone,
-            manifest,
-            last_run_at,
-            ..
-        } = schedule;
-        let spec = match CronSpec::parse(&cron, Some(&timezone)) {
-            Ok(spec) => spec,
-            Err(e) => {
-                tracing::error!(schedule = %name, "{e}");
-                continue;
-            }
-        };
-        let Some(due) = spec.latest_due(last_run_at, now) else {
-            continue;
-        };
-        // Its runs are its owner's jobs; the owner's token cap was checked when it was saved.
-        let submitter = Submitter::uncapped(&owner);
-        // A manifest refused now (an image or a policy changed) still uses up its run.
-        let group = crate::jobs::prepare(state, &manifest, Some(&name), &submitter)
-            .inspect_err(|e| tracing::error!(schedule = %name, error = %e, "scheduled run refused"))
-            .ok();
-        let claim_name = name.clone();
-        let run = state
-            .db
-            .write(move |tx| {
-                Box::pin(async move {
-                    let claimed = tx
-                        .execute(
-                            "UPDATE schedules SET last_run_at = $1 WHERE name = $2 AND last_run_at = $3",
-                            &[due.into(), claim_name.as_str().into(), last_run_at.into()],
-                        )
-                        .await?;
-                    match group {
-                        Some(group) if claimed == 1 => {
-                            group.insert(tx, &Origin::default()).await.map(Some)
-                        }
-                        _ => AppResult::Ok(None),
-                    }
-                })
-            })
-            .await?;
-        if let Some(mut response) = run {
-            crate::jobs::queued(state, response.jobs.len());
-            crate::workers::say_waiting(&state.db, &mut response.jobs).await;
-            tracing::info!(schedule = %name, group = %response.group_id, "scheduled run enqueued");
-            made.push(response.group_id);
+        let name = schedule.name.clone();
+        match run_due(state, schedule, now).await {
+            Ok(Some(group)) => made.push(group),
+            Ok(None) => {}
+            Err(e) => tracing::error!(schedule = %name, error = %e, "scheduled run refused"),
         }
     }
     Ok(made)
+}
+
+/// Makes `schedule`'s run if one is due at `now` and no replica made it: the group made.
+async fn run_due(state: &AppState, schedule: ScheduleView, now: i64) -> AppResult<Option<String>> {
+    let ScheduleView {
+        name,
+        owner,
+        cron,
+        timezone,
+        manifest,
+        last_run_at,
+        ..
+    } = schedule;
+    let spec = CronSpec::parse(&cron, Some(&timezone)).map_err(AppError::BadRequest)?;
+    let Some(due) = spec.latest_due(last_run_at, now) else {
+        return Ok(None);
+    };
+    // Its runs are its owner's jobs; the owner's token cap was checked when it was saved.
+    let submitter = Submitter::uncapped(&owner);
+    let made = match crate::jobs::prepare(state, &manifest, Some(&name), &submitter) {
+        Ok(group) => {
+            let name = name.clone();
+            state
+                .db
+                .write(move |tx| {
+                    Box::pin(async move {
+                        if claim(tx, &name, due, last_run_at).await? {
+                            group.insert(tx, &Origin::default()).await.map(Some)
+                        } else {
+                            AppResult::Ok(None)
+                        }
+                    })
+                })
+                .await
+        }
+        Err(refused) => Err(refused),
+    };
+    match made {
+        Ok(Some(mut response)) => {
+            crate::jobs::queued(state, response.jobs.len());
+            crate::workers::say_waiting(&state.db, &mut response.jobs).await;
+            tracing::info!(schedule = %name, group = %response.group_id, "scheduled run enqueued");
+            Ok(Some(response.group_id))
+        }
+        Ok(None) => Ok(None),
+        // Refused (not a failed write): the run is used up, by one replica, and said.
+        Err(refused) if !matches!(refused, AppError::Internal(_)) => {
+            let used = state
+                .db
+                .write(move |tx| Box::pin(async move { claim(tx, &name, due, last_run_at).await }))
+                .await?;
+            if used {
+                return Err(refused);
+            }
+            Ok(None)
+        }
+        Err(failed) => Err(failed),
+    }
+}
+
+/// Claims schedule `name`'s run due at `due` (its last run at `last`): whether this write won
+/// it (another replica's claim, or an edit, leaves nothing to claim).
+async fn claim(tx: &mut WriteTx, name: &str, due: i64, last: i64) -> Result<bool, DbFailure> {
+    let claimed = tx
+        .execute(
+            "UPDATE schedules SET last_run_at = $1 WHERE name = $2 AND last_run_at = $3",
+            &[due.into(), name.into(), last.into()],
+        )
+        .await?;
+    Ok(claimed == 1)
 }
 
 /// Ticks every second on the system clock, for as long as the server runs.
@@ -407,7 +434,56 @@ mod tests {
     use super::*;
     use crate::test_utils::{ADMIN, Database, TestApp, on_both_databases};
 
-    on_both_databases!(test_replicas_ticking_together_make_one_run);
+    on_both_databases!(
+        test_replicas_ticking_together_make_one_run,
+        test_a_refused_run_is_used_up_and_the_others_go_on,
+    );
+
+    async fn create(app: &TestApp, name: &str, image: &str) {
+        let new = serde_json::json!({
+            "name": name, "cron": "* * * * *", "timezone": "UTC",
+            "manifest": format!("image = \"{image}\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n"),
+        });
+        let created = app
+            .call(
+                axum::http::Method::POST,
+                "/api/schedules",
+                Some(ADMIN),
+                &[("content-type", "application/json".into())],
+                axum::body::Body::from(new.to_string()),
+            )
+            .await;
+        assert_eq!(
+            created.status,
+            axum::http::StatusCode::CREATED,
+            "{:?}",
+            created.body
+        );
+    }
+
+    /// The owner's queue is full: each due run is refused once, used up, and the schedule after
+    /// it runs its turn too.
+    async fn test_a_refused_run_is_used_up_and_the_others_go_on(database: Database) {
+        let app = TestApp::with_config(database, |c| c.limits.max_queued_per_user = Some(1)).await;
+        create(&app, "first", "tiny").await;
+        create(&app, "second", "tiny").await;
+        let start = now_ms();
+        let made = tick(&app.state, start + 60_000).await.unwrap();
+        assert_eq!(made.len(), 1, "one run fits the queue: {made:?}");
+        for minute in 2..=3 {
+            let made = tick(&app.state, start + minute * 60_000).await.unwrap();
+            assert!(made.is_empty(), "{made:?}");
+        }
+        for schedule in list(&app.state, &Reach::All).await.unwrap() {
+            let last = start + 3 * 60_000;
+            assert!(
+                schedule.last_run_at > last - 60_000 && schedule.last_run_at <= last,
+                "{} last ran at {}, due {last}",
+                schedule.name,
+                schedule.last_run_at
+            );
+        }
+    }
 
     /// Two servers on one database tick at the same moment, many times over: each due run is
     /// made once.

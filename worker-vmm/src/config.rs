@@ -4,6 +4,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use vmfarm_proto::config_paths::beside;
 use vmfarm_proto::units::{ByteSize, GIB, HumanDuration, MIB};
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -231,10 +232,23 @@ impl WorkerConfig {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|message| ConfigError::Invalid {
+        let mut config = Self::parse(&text).map_err(|message| ConfigError::Invalid {
             path: path.to_owned(),
             message,
-        })
+        })?;
+        let paths = [
+            &mut config.images_dir,
+            &mut config.work_dir,
+            &mut config.network.cache_dir,
+        ]
+        .into_iter()
+        .chain(&mut config.allowed_local_sources)
+        .chain(&mut config.guest.ca_certificates)
+        .chain([&mut config.jail.cgroup_root]);
+        for file in paths {
+            beside(path, file);
+        }
+        Ok(config)
     }
 
     pub fn parse(text: &str) -> Result<WorkerConfig, String> {
@@ -320,9 +334,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn test_relative_paths_are_beside_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("worker.toml");
+        std::fs::write(
+            &file,
+            "images_dir = \"images\"\nwork_dir = \"/var/lib/vmfarm/work\"\n\
+             allowed_local_sources = [\"repos\"]\n",
+        )
+        .unwrap();
+        let config = WorkerConfig::load(&file).unwrap();
+        assert_eq!(config.images_dir, dir.path().join("images"));
+        assert_eq!(config.work_dir, Path::new("/var/lib/vmfarm/work"));
+        assert_eq!(config.allowed_local_sources, [dir.path().join("repos")]);
+        // A default that is relative is beside the file too.
+        assert_eq!(
+            config.network.cache_dir,
+            dir.path().join("./vmfarm-data/proxy-cache")
+        );
+    }
+
+    #[test]
     fn test_shipped_config_is_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/worker.toml");
-        assert_eq!(WorkerConfig::load(&path).unwrap(), WorkerConfig::default());
+        // As written (loaded, its relative paths would be beside it).
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(WorkerConfig::parse(&text).unwrap(), WorkerConfig::default());
     }
 
     #[test]

@@ -86,7 +86,10 @@ pub fn parse_range(header: Option<&str>, size: u64) -> RangeAsk {
     get, path = "/api/jobs/{id}/artifacts/{name}", tag = "jobs",
     params(("id" = String, Path, description = "The job's id"), ("name" = String, Path, description = "The artifact's path, as listed")),
     responses(
-        (status = 200, description = "The file (a `Range` of it answers 206)", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 200, description = "The file", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 206, description = "The `Range` asked for", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 304, description = "The `If-None-Match` ETag is the file's"),
+        (status = 416, description = "A `Range` outside the file"),
         (status = 401, description = "No token, or an unknown one", body = ErrorBody),
         (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
         (status = 404, description = "No such job or artifact", body = ErrorBody),

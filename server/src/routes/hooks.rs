@@ -24,11 +24,14 @@ const MAX_PAYLOAD: usize = 5 << 20;
     params(("forge" = String, Path, description = "`github`, `gitlab` or `forgejo` (Forgejo and Gitea)")),
     request_body(content = Object, content_type = "application/json", description = "The forge's push or pull request event, signed (GitHub, Forgejo: HMAC of the repository's webhook secret) or with the token (GitLab)"),
     responses(
-        (status = 200, description = "What the event built, or why it built nothing", body = PushAnswer),
+        (status = 200, description = "Why the event built nothing (a branch that does not build, a deleted ref, another event)", body = PushAnswer),
+        (status = 201, description = "What the event built: a group per manifest file of the commit", body = PushAnswer),
         (status = 400, description = "A payload that is not the forge's event", body = ErrorBody),
         (status = 401, description = "A bad signature or token", body = ErrorBody),
         (status = 404, description = "No such forge, or no repository of that name for it", body = ErrorBody),
+        (status = 409, description = "The repository's owner is not a user of the server", body = ErrorBody),
         (status = 413, description = "A payload over the server's limit", body = ErrorBody),
+        (status = 502, description = "The commit's manifests could not be fetched from the repository", body = ErrorBody),
     ),
     security(()),
 )]

@@ -114,9 +114,12 @@ pub async fn cancel(
     post, path = "/api/jobs/{id}/rerun", tag = "jobs", params(("id" = String, Path, description = "The job's id")),
     responses(
         (status = 201, description = "The new job, linked to the one it reruns", body = SubmitResponse),
+        (status = 400, description = "The manifest is no longer accepted (the server's network policy, the token's priority cap, a secret the user lacks)", body = ErrorBody),
         (status = 401, description = "No token, or an unknown one", body = ErrorBody),
         (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
         (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
+        (status = 413, description = "The manifest is over the server's size limit", body = ErrorBody),
+        (status = 429, description = "The user's queue is at the server's limit", body = ErrorBody),
     ),
 )]
 pub async fn rerun(

@@ -57,11 +57,14 @@ pub async fn lease(
 }
 
 #[utoipa::path(
-    post, path = "/api/leases/{id}/heartbeat", tag = "workers", params(("id" = String, Path, description = "The lease's id")),
+    post, path = "/api/leases/{id}/heartbeat", tag = "workers", params(("id" = String, Path, description = "The lease's id"),
+        ("X-Vmfarm-Fence" = u64, Header, description = "The lease's fence, as the lease gave it")),
     responses(
         (status = 200, description = "The lease, renewed; whether the job was cancelled", body = HeartbeatResponse),
         (status = 401, description = "No worker token", body = ErrorBody),
-        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 400, description = "No fence, or not a number", body = ErrorBody),
+        (status = 403, description = "An API token, or another worker's lease", body = ErrorBody),
+        (status = 404, description = "No such lease", body = ErrorBody),
         (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
     ),
 )]
@@ -73,12 +76,15 @@ pub async fn heartbeat(
 }
 
 #[utoipa::path(
-    post, path = "/api/leases/{id}/log", tag = "workers", params(("id" = String, Path, description = "The lease's id")), request_body = LogAppend,
+    post, path = "/api/leases/{id}/log", tag = "workers", params(("id" = String, Path, description = "The lease's id"),
+        ("X-Vmfarm-Fence" = u64, Header, description = "The lease's fence, as the lease gave it")), request_body = LogAppend,
     responses(
         (status = 200, description = "Stored, or acknowledged as a retry of a stored `seq`", body = AppendAck),
         (status = 400, description = "Too many chunks, or a chunk too large", body = ErrorBody),
         (status = 401, description = "No worker token", body = ErrorBody),
-        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 400, description = "No fence, or not a number", body = ErrorBody),
+        (status = 403, description = "An API token, or another worker's lease", body = ErrorBody),
+        (status = 404, description = "No such lease", body = ErrorBody),
         (status = 409, description = "The lease is not live, or `seq` skips ahead", body = ErrorBody),
         (status = 413, description = "The log is at the server's size limit", body = ErrorBody),
     ),
@@ -92,12 +98,15 @@ pub async fn log(
 }
 
 #[utoipa::path(
-    post, path = "/api/leases/{id}/state", tag = "workers", params(("id" = String, Path, description = "The lease's id")), request_body = StateUpdate,
+    post, path = "/api/leases/{id}/state", tag = "workers", params(("id" = String, Path, description = "The lease's id"),
+        ("X-Vmfarm-Fence" = u64, Header, description = "The lease's fence, as the lease gave it")), request_body = StateUpdate,
     responses(
         (status = 204, description = "Applied (or a repeat of a move already made)"),
         (status = 400, description = "A bad update", body = ErrorBody),
         (status = 401, description = "No worker token", body = ErrorBody),
-        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 400, description = "No fence, or not a number", body = ErrorBody),
+        (status = 403, description = "An API token, or another worker's lease", body = ErrorBody),
+        (status = 404, description = "No such lease", body = ErrorBody),
         (status = 409, description = "The lease is not live, or a move the state cannot make", body = ErrorBody),
     ),
 )]
@@ -114,13 +123,16 @@ pub async fn update_state(
 /// file is in: a lease lost during the upload leaves nothing behind.
 #[utoipa::path(
     put, path = "/api/leases/{id}/artifacts/{name}", tag = "workers",
-    params(("id" = String, Path, description = "The lease's id"), ("name" = String, Path, description = "The artifact's path")),
+    params(("id" = String, Path, description = "The lease's id"),
+        ("X-Vmfarm-Fence" = u64, Header, description = "The lease's fence, as the lease gave it"), ("name" = String, Path, description = "The artifact's path")),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The file; `X-Vmfarm-Sha256` is its hash"),
     responses(
-        (status = 201, description = "Stored"),
+        (status = 201, description = "Stored", body = ArtifactView),
         (status = 400, description = "A bad name, or a hash that does not match", body = ErrorBody),
         (status = 401, description = "No worker token", body = ErrorBody),
-        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 400, description = "No fence, or not a number", body = ErrorBody),
+        (status = 403, description = "An API token, or another worker's lease", body = ErrorBody),
+        (status = 404, description = "No such lease", body = ErrorBody),
         (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
         (status = 413, description = "Over the artifact or per-job size limit", body = ErrorBody),
     ),

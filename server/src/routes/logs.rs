@@ -5,7 +5,7 @@ use crate::auth::Caller;
 use crate::config::Scope;
 use crate::error::{AppError, AppResult};
 use crate::job_views::parse_id;
-use crate::logs;
+use crate::logs::{self, StoredChunk};
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -36,7 +36,11 @@ const PAGE_BYTES: i64 = 4 * 1024 * 1024;
     get, path = "/api/jobs/{id}/log", tag = "jobs", params(("id" = String, Path, description = "The job's id"), LogQuery),
     operation_id = "get_log",
     responses(
-        (status = 200, description = "The log from `from` on, at most 4 MiB (`X-Vmfarm-Log-Size` says its whole size): text, or JSON chunks with `format=json`", content_type = "text/plain", body = String),
+        (status = 200, description = "The log from `from` on, at most 4 MiB (`X-Vmfarm-Log-Size` says its whole size): text, or with `format=json` its chunks (offset, stream, task, time, data)", content(
+            (String = "text/plain"),
+            (Vec<StoredChunk> = "application/json"),
+        )),
+        (status = 400, description = "A negative `from`, or a `format` other than text and json", body = ErrorBody),
         (status = 401, description = "No token, or an unknown one", body = ErrorBody),
         (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
         (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
@@ -91,7 +95,7 @@ pub async fn get(
 #[utoipa::path(
     get, path = "/api/jobs/{id}/log/stream", tag = "jobs", params(("id" = String, Path, description = "The job's id"), LogQuery),
     responses(
-        (status = 200, description = "Server-Sent Events: `log` events with the log's chunks as they come, a `state` event at each change, `end` when the job has ended", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Server-Sent Events: `log` events with the log's chunks as they come, then `end` with the job's final state and log size", content_type = "text/event-stream", body = String),
         (status = 401, description = "No token, or an unknown one", body = ErrorBody),
         (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
         (status = 404, description = "No such job within the caller's reach", body = ErrorBody),

@@ -19,12 +19,14 @@ use vmfarm_proto::api::{ErrorBody, PushAnswer, PushRequest, PushView};
     post, path = "/api/pushes", tag = "pushes", request_body = PushRequest,
     operation_id = "create_push",
     responses(
-        (status = 201, description = "What the push built (a group per manifest file), or why it built nothing", body = PushAnswer),
+        (status = 200, description = "Why the push built nothing (a ref that does not build, a deleted ref)", body = PushAnswer),
+        (status = 201, description = "What the push built: a group per manifest file of the commit", body = PushAnswer),
         (status = 400, description = "A bad ref or commit", body = ErrorBody),
         (status = 401, description = "No token, or an unknown one", body = ErrorBody),
         (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
         (status = 404, description = "No such repository in the server's config", body = ErrorBody),
         (status = 409, description = "The repository's owner is not a user of the server", body = ErrorBody),
+        (status = 502, description = "The commit's manifests could not be fetched from the repository", body = ErrorBody),
     ),
 )]
 pub async fn create(

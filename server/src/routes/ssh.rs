@@ -62,7 +62,9 @@ fn switching() -> Response {
         (status = 401, description = "No token, or an unknown one", body = ErrorBody),
         (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
         (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
+        (status = 400, description = "Not an upgrade to the session protocol", body = ErrorBody),
         (status = 409, description = "The job has no guest now (not yet running, or ended and not kept)", body = ErrorBody),
+        (status = 429, description = "Too many sessions wait for the job's worker", body = ErrorBody),
     ),
 )]
 pub async fn open(
@@ -159,11 +161,14 @@ async fn farm_line(state: &AppState, job: i64, line: String) {
 
 /// The worker's poll: the sessions asked of its lease's job, after up to 20 s.
 #[utoipa::path(
-    post, path = "/api/leases/{id}/tunnels", tag = "workers", params(("id" = String, Path, description = "The lease's id")),
+    post, path = "/api/leases/{id}/tunnels", tag = "workers", params(("id" = String, Path, description = "The lease's id"),
+        ("X-Vmfarm-Fence" = u64, Header, description = "The lease's fence, as the lease gave it")),
     responses(
         (status = 200, description = "The SSH sessions waiting for the worker (long poll)", body = Object),
         (status = 401, description = "No worker token", body = ErrorBody),
-        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 400, description = "No fence, or not a number", body = ErrorBody),
+        (status = 403, description = "An API token, or another worker's lease", body = ErrorBody),
+        (status = 404, description = "No such lease", body = ErrorBody),
         (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
     ),
 )]
@@ -178,11 +183,14 @@ pub async fn poll(
 
 /// The worker let its lease's job's guest go: no more sessions.
 #[utoipa::path(
-    delete, path = "/api/leases/{id}/tunnels", tag = "workers", params(("id" = String, Path, description = "The lease's id")),
+    delete, path = "/api/leases/{id}/tunnels", tag = "workers", params(("id" = String, Path, description = "The lease's id"),
+        ("X-Vmfarm-Fence" = u64, Header, description = "The lease's fence, as the lease gave it")),
     responses(
         (status = 204, description = "The job's guest is gone: waiting sessions are refused"),
         (status = 401, description = "No worker token", body = ErrorBody),
-        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 400, description = "No fence, or not a number", body = ErrorBody),
+        (status = 403, description = "An API token, or another worker's lease", body = ErrorBody),
+        (status = 404, description = "No such lease", body = ErrorBody),
         (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
     ),
 )]
@@ -195,11 +203,14 @@ pub async fn gone(State(state): State<AppState>, call: LeaseCall) -> AppResult<S
 /// The worker's end of session `tunnel` of its lease's job.
 #[utoipa::path(
     get, path = "/api/leases/{id}/tunnels/{tunnel}", tag = "workers",
-    params(("id" = String, Path, description = "The lease's id"), ("tunnel" = String, Path, description = "The session's id, from the poll")),
+    params(("id" = String, Path, description = "The lease's id"),
+        ("X-Vmfarm-Fence" = u64, Header, description = "The lease's fence, as the lease gave it"), ("tunnel" = String, Path, description = "The session's id, from the poll")),
     responses(
         (status = 101, description = "The session's bytes, over the upgraded connection"),
         (status = 401, description = "No worker token", body = ErrorBody),
-        (status = 403, description = "An API token: this call is for workers", body = ErrorBody),
+        (status = 400, description = "No fence, or not an upgrade to the session protocol", body = ErrorBody),
+        (status = 403, description = "An API token, or another worker's lease", body = ErrorBody),
+        (status = 404, description = "No such lease, or no such session waits for the job", body = ErrorBody),
         (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
     ),
 )]

@@ -207,16 +207,19 @@ async fn authenticate(state: &AppState, form: &LoginForm) -> WebResult<Option<Lo
     if user.is_empty() {
         let hash = hash_token(form.password.trim());
         return match lookup(&state.db, &state.config, &hash).await? {
-            Some(Caller::Api(api)) => Ok(Some(Login {
-                user: api.user,
-                scopes: api
-                    .scopes
-                    .iter()
-                    .map(|s| scope_name(*s))
-                    .collect::<Vec<_>>()
-                    .join(","),
-                token_hash: Some(hash),
-            })),
+            // A monitoring system's token scrapes /metrics and opens no session.
+            Some(Caller::Api(api)) if api.scopes.iter().any(|s| *s != Scope::Metrics) => {
+                Ok(Some(Login {
+                    user: api.user,
+                    scopes: api
+                        .scopes
+                        .iter()
+                        .map(|s| scope_name(*s))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    token_hash: Some(hash),
+                }))
+            }
             _ => Ok(None),
         };
     }
@@ -358,6 +361,20 @@ mod tests {
     use std::net::SocketAddr;
     use std::time::{Duration, Instant};
     use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn test_a_metrics_token_opens_no_session() {
+        let app = TestApp::new(Database::Sqlite).await;
+        let form = |token: &str| LoginForm {
+            user: String::new(),
+            password: token.into(),
+            csrf: String::new(),
+        };
+        let scraper = authenticate(&app.state, &form(crate::test_utils::SCRAPER)).await;
+        assert!(scraper.unwrap().is_none());
+        let reader = authenticate(&app.state, &form(crate::test_utils::READER)).await;
+        assert_eq!(reader.unwrap().unwrap().scopes, "read");
+    }
 
     on_both_databases!(
         test_failed_logins_are_slowed_then_refused_per_user_and_address,

@@ -304,7 +304,7 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let state = Arc::new(Listener {
         metrics,
-        token_hash: (!config.open).then(|| Sha256::digest(config.token.as_bytes()).into()),
+        token_hash: (!config.open).then(|| Sha256::digest(config.token.trim().as_bytes()).into()),
     });
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(scrape))
