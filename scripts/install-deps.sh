@@ -38,6 +38,9 @@ test_pkgs=(
   "chromium-driver:/usr/bin/chromedriver"
   # `vmfarm ssh` under a real terminal (tests/ssh.rs)
   "tmux:/usr/bin/tmux"
+  # The package's test (scripts/test-package.sh): its units checked, its server asked
+  "systemd:/usr/bin/systemd-analyze"
+  "curl:/usr/bin/curl"
 )
 
 pkgs=("${farm_pkgs[@]}")
@@ -60,4 +63,9 @@ done
 
 if ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
   rustup target add x86_64-unknown-linux-musl
+fi
+
+# The Debian package is made with cargo-deb (scripts/deb.sh), at a known version.
+if [ "$what" = test ] && ! cargo deb --version 2>/dev/null | grep -qx "cargo-deb 3.8.0"; then
+  cargo install cargo-deb --locked --version 3.8.0
 fi

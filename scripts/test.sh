@@ -26,6 +26,9 @@ for image in tiny debian-11 debian-12 debian-13 debian-12-cloud; do
   "$target/debug/vmfarm" images build "$image" --images-dir "$VMFARM_CACHE/test-images"
 done
 
+# The Debian package: it builds, installs in a fresh Debian root, and its server answers there.
+bash scripts/test-package.sh
+
 # A smoke run of every fuzz target (fuzz/, nightly): its seeds and a few seconds of fuzzing each,
 # built unoptimized (the optimized build costs twice the CPU time). The long runs are
 # `scripts/fuzz.sh all SECONDS`, by hand.
