@@ -18,9 +18,10 @@ const DEFAULT_IMAGES: [&str; 2] = ["tiny", "debian-12"];
 /// How often the queue is looked at besides when a job is queued.
 const LOOK_EVERY: Duration = Duration::from_secs(5);
 
-/// Where recipes are: `VMFARM_RECIPES`, else `configs/images` of the working directory.
+/// Where recipes are: `VMFARM_RECIPES`, else as `vmfarm images build` finds them.
 fn recipes_dir() -> PathBuf {
-    PathBuf::from(std::env::var_os("VMFARM_RECIPES").unwrap_or_else(|| "configs/images".into()))
+    std::env::var_os("VMFARM_RECIPES")
+        .map_or_else(vmfarm_worker::images::default_recipes, PathBuf::from)
 }
 
 /// Builds the default images, then the images queued jobs ask for, until the process ends.

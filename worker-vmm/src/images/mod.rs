@@ -92,10 +92,12 @@ pub struct BuildArgs {
     pub recipe: String,
     #[command(flatten)]
     pub dir: ImagesDirArg,
-    /// The folder of recipes.
-    #[arg(long, env = "VMFARM_RECIPES", default_value = "configs/images")]
-    pub recipes: PathBuf,
-    /// The static guest agent (default: `vmfarm-agent` beside this program).
+    /// The folder of recipes (default: `configs/images` of a source checkout, else the
+    /// package's /usr/share/vmfarm/images).
+    #[arg(long, env = "VMFARM_RECIPES")]
+    pub recipes: Option<PathBuf>,
+    /// The static guest agent (default: `vmfarm-agent` beside this program, else the package's
+    /// /usr/lib/vmfarm/vmfarm-agent).
     #[arg(long, env = "VMFARM_AGENT")]
     pub agent: Option<PathBuf>,
     /// Print the image as JSON (`dir`, `reused`, `seconds` and its `image.toml` as `manifest`).
@@ -138,16 +140,36 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache/vmfarm")
 }
 
+/// Where the Debian package puts the guest agent and the recipes.
+const INSTALLED_AGENT: &str = "/usr/lib/vmfarm/vmfarm-agent";
+const INSTALLED_RECIPES: &str = "/usr/share/vmfarm/images";
+
+/// The guest agent when none is given: beside this program (a build), else the package's.
 pub fn default_agent() -> anyhow::Result<PathBuf> {
+    use anyhow::Context as _;
     let exe = std::env::current_exe()?;
     let beside = exe.with_file_name("vmfarm-agent");
-    anyhow::ensure!(
-        beside.is_file(),
-        "no guest agent at {}: build it with `cargo build -p vmfarm-agent --release --target x86_64-unknown-linux-musl` \
-         and pass --agent (or VMFARM_AGENT)",
-        beside.display()
-    );
-    Ok(beside)
+    [beside.clone(), PathBuf::from(INSTALLED_AGENT)]
+        .into_iter()
+        .find(|agent| agent.is_file())
+        .with_context(|| {
+            format!(
+                "no guest agent at {} or {INSTALLED_AGENT}: build it with `cargo build -p vmfarm-agent \
+                 --release --target x86_64-unknown-linux-musl` and pass --agent (or VMFARM_AGENT)",
+                beside.display()
+            )
+        })
+}
+
+/// The recipes when no folder is given: `configs/images` of the working directory (a source
+/// checkout), else the package's.
+pub fn default_recipes() -> PathBuf {
+    let checkout = PathBuf::from("configs/images");
+    if checkout.is_dir() || !Path::new(INSTALLED_RECIPES).is_dir() {
+        checkout
+    } else {
+        PathBuf::from(INSTALLED_RECIPES)
+    }
 }
 
 /// Runs `vmfarm images ...`.
@@ -155,7 +177,8 @@ pub fn run(args: ImagesArgs) -> anyhow::Result<()> {
     use anyhow::Context as _;
     match args.command {
         ImagesCommand::Build(args) => {
-            let recipe = Recipe::load(&args.recipe, &args.recipes)?;
+            let recipes = args.recipes.unwrap_or_else(default_recipes);
+            let recipe = Recipe::load(&args.recipe, &recipes)?;
             let agent = match args.agent {
                 Some(agent) => agent,
                 None => default_agent()?,
