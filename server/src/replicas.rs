@@ -18,28 +18,45 @@ pub const CHANNEL: &str = "vmfarm_events";
 /// News waiting to be sent, at most: past it a replica drops news (readers poll anyway).
 pub const BACKLOG: usize = 4096;
 
-/// A notification's payload: the sending replica, then `job ID` or `work`.
-fn payload(replica: &str, news: News) -> String {
-    match news {
-        News::Job(id) => format!("{replica} job {id}"),
-        News::Work => format!("{replica} work"),
+/// Most bytes of news in one notification (PostgreSQL takes up to 8000).
+const MAX_PAYLOAD: usize = 7000;
+
+/// The notifications' payloads for `news`: the sending replica, then words `jID` (job ID
+/// changed) and `w` (new work), as many as fit.
+fn payloads(replica: &str, news: &BTreeSet<News>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = replica.to_owned();
+    for item in news {
+        let word = match item {
+            News::Job(id) => format!("j{id}"),
+            News::Work => "w".to_owned(),
+        };
+        if current.len() + 1 + word.len() > MAX_PAYLOAD {
+            out.push(std::mem::replace(&mut current, replica.to_owned()));
+        }
+        current.push(' ');
+        current.push_str(&word);
     }
+    if current.len() > replica.len() {
+        out.push(current);
+    }
+    out
 }
 
-/// The news in a payload sent by another replica than `me`; `None` for our own and for
-/// anything not of ours.
-fn parse(me: &str, payload: &str) -> Option<News> {
+/// The news in a payload sent by another replica than `me`: none for our own, and none of
+/// words that are not ours.
+fn parse(me: &str, payload: &str) -> Vec<News> {
     let mut words = payload.split(' ');
-    let from = words.next()?;
-    if from == me {
-        return None;
+    if words.next().is_none_or(|from| from == me) {
+        return Vec::new();
     }
-    let news = match (words.next()?, words.next()) {
-        ("job", Some(id)) => News::Job(id.parse().ok()?),
-        ("work", None) => News::Work,
-        _ => return None,
-    };
-    words.next().is_none().then_some(news)
+    words
+        .filter_map(|word| match word.split_at_checked(1)? {
+            ("w", "") => Some(News::Work),
+            ("j", id) => id.parse().ok().map(News::Job),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Sends this replica's news and hears the others' for as long as the server runs.
@@ -51,17 +68,18 @@ pub fn start(db: Db, url: String, events: &Events) {
     tokio::spawn(hear(url, me, events.clone()));
 }
 
-/// Notifies the other replicas of each news item, those that came together once each.
+/// Notifies the other replicas: what came while the last notification was sent goes in one
+/// (a busy replica sends one statement at a time, not one per log append).
 async fn send(db: Db, me: String, mut rx: mpsc::Receiver<News>) {
     while let Some(first) = rx.recv().await {
         let mut batch = BTreeSet::from([first]);
         while let Ok(more) = rx.try_recv() {
             batch.insert(more);
         }
-        for news in batch {
+        for payload in payloads(&me, &batch) {
             let sent = sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CHANNEL)
-                .bind(payload(&me, news))
+                .bind(payload)
                 .execute(db.pool())
                 .await;
             if let Err(e) = sent {
@@ -86,10 +104,11 @@ async fn listen(url: &str, me: &str, events: &Events) -> Result<(), sqlx::Error>
     listener.listen(CHANNEL).await?;
     loop {
         let notification = listener.recv().await?;
-        match parse(me, notification.payload()) {
-            Some(News::Job(id)) => events.job_changed_here(id),
-            Some(News::Work) => events.work_here(),
-            None => {}
+        for news in parse(me, notification.payload()) {
+            match news {
+                News::Job(id) => events.job_changed_here(id),
+                News::Work => events.work_here(),
+            }
         }
     }
 }
@@ -100,20 +119,21 @@ mod tests {
 
     #[test]
     fn test_payloads_round_trip_and_our_own_are_skipped() {
-        for news in [News::Job(42), News::Work] {
-            assert_eq!(parse("b", &payload("a", news)), Some(news));
-            assert_eq!(parse("a", &payload("a", news)), None);
-        }
-        for bad in [
-            "a job",
-            "a job x",
-            "a work 1",
-            "a job 1 2",
-            "a",
-            "",
-            "a jobs 1",
+        let news: BTreeSet<News> = (0..3000).map(News::Job).chain([News::Work]).collect();
+        let sent = payloads("a", &news);
+        assert!(sent.len() > 1, "split: {}", sent.len());
+        assert!(sent.iter().all(|p| p.len() <= MAX_PAYLOAD));
+        let heard: BTreeSet<News> = sent.iter().flat_map(|p| parse("b", p)).collect();
+        assert_eq!(heard, news);
+        assert!(sent.iter().all(|p| parse("a", p).is_empty()));
+        assert!(payloads("a", &BTreeSet::new()).is_empty());
+        for (bad, want) in [
+            ("a jx w", vec![News::Work]),
+            ("a j12 x j 7", vec![News::Job(12)]),
+            ("a wj1", vec![]),
+            ("", vec![]),
         ] {
-            assert_eq!(parse("b", bad), None, "{bad}");
+            assert_eq!(parse("b", bad), want, "{bad}");
         }
     }
 }

@@ -46,7 +46,7 @@ pub async fn run(postgres: Option<String>) -> anyhow::Result<()> {
         ),
     ] {
         let url = format!("sqlite://{}/{tag}.db", dir.path().display());
-        report(label, &url, sync, &dir.path().join(tag)).await?;
+        report(label, &url, sync, &dir.path().join(tag), false).await?;
     }
     match postgres {
         Some(url) => {
@@ -55,6 +55,7 @@ pub async fn run(postgres: Option<String>) -> anyhow::Result<()> {
                 &fresh_postgres_database(&url).await?,
                 SqliteSync::default(),
                 &dir.path().join("postgresql"),
+                true,
             )
             .await?
         }
@@ -128,19 +129,33 @@ async fn report(
     url: &str,
     sync: SqliteSync,
     data_dir: &std::path::Path,
+    replicas: bool,
 ) -> anyhow::Result<()> {
     println!("\n== {label} ==");
     let (state, base) = start(url, sync, data_dir).await?;
     let reference = reference_rate(&state).await?;
     let writer_reference = writer_reference_rate(&state).await?;
     let (cycles, cycle_cpu) = measure_cpu(cycle_rate(&state)).await?;
+    let one = std::slice::from_ref(&base);
     let (http_cycles, http_cpu) =
-        measure_cpu(http_cycle_rate(&base, &[SUBMIT_TOKEN.to_owned()])).await?;
+        measure_cpu(http_cycle_rate(one, &[SUBMIT_TOKEN.to_owned()])).await?;
     let user_tokens = user_tokens(&state).await?;
-    let (shared_cycles, shared_cpu) = measure_cpu(http_cycle_rate(&base, &user_tokens)).await?;
+    let (shared_cycles, shared_cpu) = measure_cpu(http_cycle_rate(one, &user_tokens)).await?;
     let (leases_per_s, mut latencies, submit_rate) = lease_rate(&state, 1).await?;
     let (shared_leases_per_s, mut shared_latencies, shared_submit_rate) =
         lease_rate(&state, USERS).await?;
+    // Last (it keeps running): a second replica on the same database and data folder
+    // (PostgreSQL only: SQLite has one writer process), measured beside the first alone.
+    let replicas = match replicas {
+        true => {
+            let (_, second) = start(url, sync, data_dir).await?;
+            let both = [base.clone(), second];
+            let alone = http_cycle_rate(one, &[SUBMIT_TOKEN.to_owned()]).await?;
+            let two = http_cycle_rate(&both, &[SUBMIT_TOKEN.to_owned()]).await?;
+            Some((alone, two))
+        }
+        false => None,
+    };
     println!("{:<52} {:>12}", "measure", "value");
     println!(
         "{:<52} {:>10.0}/s",
@@ -168,6 +183,17 @@ async fn report(
         "  CPU per cycle (server and HTTP clients)",
         micros(http_cpu, CYCLES)
     );
+    if let Some((alone, two)) = replicas {
+        println!(
+            "{:<52} {:>10.0}/s",
+            "HTTP cycles, one replica (again)", alone
+        );
+        println!(
+            "{:<52} {:>10.0}/s",
+            "HTTP cycles, two replicas (submit on one, lease on the other)", two
+        );
+        println!("{:<52} {:>12.2}", "ratio two replicas / one", two / alone);
+    }
     println!(
         "{:<52} {:>10.0}/s",
         format!("same, submitted by {USERS} users in turn"),
@@ -425,19 +451,23 @@ async fn user_tokens(state: &AppState) -> anyhow::Result<Vec<String>> {
 /// The cycle of [`cycle_rate`] as a worker and a user make it: five API calls over HTTP
 /// (submit, lease, booting, running, succeeded), with tokens, JSON and the server's middleware.
 /// Submits take `tokens` in turn (one user's, or many users').
-async fn http_cycle_rate(base: &str, tokens: &[String]) -> anyhow::Result<f64> {
+/// With several replicas (`bases`), each client submits through one and makes its worker's
+/// calls through the next, so that every cycle crosses replicas.
+async fn http_cycle_rate(bases: &[String], tokens: &[String]) -> anyhow::Result<f64> {
     let tokens = Arc::new(tokens.to_vec());
     let http = reqwest::Client::new();
     let started = Instant::now();
     let mut set = JoinSet::new();
     for client in 0..CLIENTS {
-        let (http, base, tokens) = (http.clone(), base.to_owned(), tokens.clone());
+        let submit_base = bases[client % bases.len()].clone();
+        let base = bases[(client + 1) % bases.len()].clone();
+        let (http, tokens) = (http.clone(), tokens.clone());
         set.spawn(async move {
             let image = format!("http-{client}");
             let worker = worker_token(client);
             let req = request(&format!("bench-{client}"), std::slice::from_ref(&image));
             for i in 0..CYCLES / CLIENTS {
-                http.post(format!("{base}/api/jobs"))
+                http.post(format!("{submit_base}/api/jobs"))
                     .bearer_auth(&tokens[(client + i * CLIENTS) % tokens.len()])
                     .body(manifest(&image))
                     .send()
