@@ -492,25 +492,7 @@ mod tests {
         let url = crate::test_utils::fresh_database_url(database, dir.path()).await;
         let a = TestApp::on(tempfile::tempdir().unwrap(), url.clone(), |_| {}).await;
         let b = TestApp::on(tempfile::tempdir().unwrap(), url, |_| {}).await;
-        let new = serde_json::json!({
-            "name": "minutely", "cron": "* * * * *", "timezone": "UTC",
-            "manifest": "image = \"tiny\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n",
-        });
-        let created = a
-            .call(
-                axum::http::Method::POST,
-                "/api/schedules",
-                Some(ADMIN),
-                &[("content-type", "application/json".into())],
-                axum::body::Body::from(new.to_string()),
-            )
-            .await;
-        assert_eq!(
-            created.status,
-            axum::http::StatusCode::CREATED,
-            "{:?}",
-            created.body
-        );
+        create(&a, "minutely", "tiny").await;
         let start = now_ms();
         let mut made = Vec::new();
         for minute in 1..=5 {
