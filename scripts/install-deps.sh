@@ -69,3 +69,9 @@ fi
 if [ "$what" = test ] && ! cargo deb --version 2>/dev/null | grep -qx "cargo-deb 3.8.0"; then
   cargo install cargo-deb --locked --version 3.8.0
 fi
+
+# The tests' S3-compatible server for artifacts in a bucket: s3s-fs (0.14.1: the newest that
+# builds with Rust 1.95).
+if [ "$what" = test ] && ! s3s-fs --version 2>/dev/null | grep -qx "s3s-fs 0.14.1"; then
+  cargo install s3s-fs --locked --version 0.14.1 --features binary
+fi

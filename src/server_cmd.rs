@@ -166,7 +166,7 @@ async fn gc(db: &Db, config: &ServerConfig, dry_run: bool, json: bool) -> anyhow
             );
         }
     } else {
-        let store = ArtifactStore::new(config.data_dir.join("artifacts"));
+        let store = ArtifactStore::open(config).await?;
         let swept = retention::sweep(db, &store, &plan, now).await?;
         if !json {
             println!(

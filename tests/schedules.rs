@@ -41,10 +41,13 @@ async fn state(backend: Backend, dir: &std::path::Path) -> AppState {
         database_url: url.clone(),
         ..ServerConfig::default()
     };
+    let store = vmfarm_server::store::ArtifactStore::open(&config)
+        .await
+        .unwrap();
     AppState::new(
         Db::open(&url, SqliteSync::default()).await.unwrap(),
         config,
-        vmfarm_server::store::ArtifactStore::new(dir.join("artifacts")),
+        store,
         vmfarm_server::secrets::SecretKey::load(dir, true).unwrap(),
     )
 }

@@ -10,6 +10,7 @@ use serde_json::Value;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use vmfarm_server::s3_test_server::S3TestServer;
 
 const WORKER: &str = "[slots]\ncpus = 2\nmemory = \"2GiB\"\n[guest]\ndefault_cpus = 1\ndefault_memory = \"512MiB\"\nboot_timeout = \"120s\"\n";
 const FAST_LEASES: &str = "[leases]\nttl = \"4s\"\nmax_attempts = 3\nlong_poll = \"2s\"\n";
@@ -422,9 +423,15 @@ async fn test_a_killed_server_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_a_killed_replica_loses_nothing() {
     let dir = images(&["tiny"]);
+    // The replicas keep artifacts in one bucket of a real S3-compatible server.
+    let bucket_root = tempfile::tempdir().unwrap();
+    let s3 = S3TestServer::start(bucket_root.path()).expect("s3s-fs starts");
     let mut a = TestServer::start_with(
         Backend::Postgres,
-        "[leases]\nttl = \"60s\"\nmax_attempts = 3\nlong_poll = \"2s\"\n",
+        &format!(
+            "[leases]\nttl = \"60s\"\nmax_attempts = 3\nlong_poll = \"2s\"\n{}",
+            s3.toml("farm")
+        ),
     );
     let b = a.replica();
     let worker = TestWorker::start_on(&[&a, &b], 0, &dir, WORKER);
@@ -455,6 +462,9 @@ async fn test_a_killed_replica_loses_nothing() {
         .get_bytes(&format!("/api/jobs/{id}/artifacts/out.txt"))
         .await;
     assert_eq!(out, b"1\n2\n3\n4\n5\n6\n");
+    let object = s3.bucket_dir.join(format!("farm/{id}/1/out.txt"));
+    assert_eq!(std::fs::read(&object).unwrap(), out, "the bucket holds it");
+    assert!(!a.data_dir().join("artifacts").exists(), "not the folder");
     assert!(
         worker.log().contains("moving on to the next replica"),
         "{}",

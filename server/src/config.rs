@@ -28,6 +28,7 @@ pub struct ServerConfig {
     pub triggers: Triggers,
     pub network: NetworkPolicy,
     pub retention: Retention,
+    pub artifacts: Artifacts,
     pub repositories: Vec<Repository>,
     /// Where users reach the web UI (`https://farm.example.org`), for the links the server
     /// gives others (commit statuses); default: `http://` and the listen address.
@@ -253,6 +254,80 @@ impl Default for NetworkPolicy {
     }
 }
 
+/// Where artifacts are stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Artifacts {
+    /// An S3-compatible bucket, which every replica reaches; without it, files in
+    /// `<data_dir>/artifacts`.
+    pub s3: Option<S3Bucket>,
+}
+
+/// An S3-compatible bucket (AWS S3, MinIO, Ceph's radosgw, Garage, SeaweedFS...).
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Bucket {
+    pub bucket: String,
+    /// The service's URL; unset: AWS's for `region`. Requests name the bucket in the path.
+    pub endpoint: Option<String>,
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// What every key of this farm starts with, so that several farms can share a bucket.
+    #[serde(default)]
+    pub prefix: String,
+    /// Both, or neither: then `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` from the
+    /// environment, or the host's instance role.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Whether a plain `http://` endpoint is allowed (a test server, a private network).
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+fn default_region() -> String {
+    "us-east-1".to_owned()
+}
+
+impl S3Bucket {
+    fn check(&self) -> Result<(), String> {
+        if self.bucket.is_empty() {
+            return Err("artifacts.s3.bucket is empty: name the bucket".into());
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return Err("artifacts.s3: give both access_key_id and secret_access_key, or neither (then AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the instance role)".into());
+        }
+        if let Some(endpoint) = &self.endpoint
+            && endpoint.starts_with("http://")
+            && !self.allow_http
+        {
+            return Err(format!(
+                "artifacts.s3.endpoint {endpoint} is plain http: use https, or set allow_http = true for a service on a private network"
+            ));
+        }
+        Ok(())
+    }
+
+    /// How logs and errors name it: `s3://bucket/prefix` and where.
+    pub fn describe(&self) -> String {
+        let at = self.endpoint.as_deref().unwrap_or(&self.region);
+        format!("s3://{}/{} at {at}", self.bucket, self.prefix)
+    }
+}
+
+/// Without its secret: configs are logged and printed.
+impl std::fmt::Debug for S3Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Bucket")
+            .field("bucket", &self.bucket)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("prefix", &self.prefix)
+            .field("access_key_id", &self.access_key_id)
+            .field("allow_http", &self.allow_http)
+            .finish_non_exhaustive()
+    }
+}
+
 /// How long logs and artifacts are kept; nothing is deleted unless a limit is set.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -325,6 +400,7 @@ impl Default for ServerConfig {
             triggers: Triggers::default(),
             network: NetworkPolicy::default(),
             retention: Retention::default(),
+            artifacts: Artifacts::default(),
             repositories: Vec::new(),
             public_url: None,
         }
@@ -406,6 +482,9 @@ impl ServerConfig {
             return Err("triggers.max_attempts is 0: a webhook needs at least one try".into());
         }
         check_repositories(&config.repositories)?;
+        if let Some(s3) = &config.artifacts.s3 {
+            s3.check()?;
+        }
         Ok(config)
     }
 

@@ -28,6 +28,7 @@ pub mod random;
 pub mod replicas;
 pub mod retention;
 pub mod routes;
+pub mod s3_test_server;
 pub mod schedules;
 pub mod secrets;
 pub mod serve;

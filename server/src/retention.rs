@@ -9,7 +9,7 @@
 
 use crate::config::Retention;
 use crate::db::{Db, DbFailure, Query, now_ms};
-use crate::store::ArtifactStore;
+use crate::store::{ArtifactStore, Place};
 use std::collections::{HashMap, HashSet};
 use vmfarm_proto::units::{ByteSize, format_duration};
 
@@ -18,7 +18,7 @@ pub enum SweepError {
     #[error("database error")]
     Db(#[from] DbFailure),
     #[error("the artifact store: {0}")]
-    Files(#[from] std::io::Error),
+    Store(#[from] crate::store::StoreError),
 }
 
 /// A job whose logs and artifacts are to go, and why.
@@ -146,10 +146,7 @@ pub async fn sweep(
     let mut purged = 0;
     for row in pending {
         let job = row.int(0)?;
-        let folder_store = store.clone();
-        tokio::task::spawn_blocking(move || folder_store.remove_job(job))
-            .await
-            .map_err(std::io::Error::other)??;
+        store.remove_job(job).await?;
         db.write(move |tx| {
             Box::pin(async move {
                 let id = [job.into()];
@@ -175,12 +172,8 @@ pub async fn sweep(
 /// Removes the files that no row points at, in the folders of jobs that have ended (or that
 /// have no row, or are purged). Returns how many files went.
 async fn remove_orphans(db: &Db, store: &ArtifactStore) -> Result<usize, SweepError> {
-    let list_store = store.clone();
-    let folders = tokio::task::spawn_blocking(move || list_store.job_folders())
-        .await
-        .map_err(std::io::Error::other)??;
     let mut removed = 0;
-    for job in folders {
+    for job in store.job_ids().await? {
         let row = db
             .read()
             .fetch_optional(
@@ -188,7 +181,6 @@ async fn remove_orphans(db: &Db, store: &ArtifactStore) -> Result<usize, SweepEr
                 &[job.into()],
             )
             .await?;
-        let job_store = store.clone();
         match row {
             Some(row) if row.int(1)? == 0 => {
                 if row.opt_int(0)?.is_none() {
@@ -203,34 +195,15 @@ async fn remove_orphans(db: &Db, store: &ArtifactStore) -> Result<usize, SweepEr
                     .await?;
                 let mut known = HashSet::new();
                 for row in rows {
-                    let name = row.text(0)?;
-                    known.insert(match row.opt_int(1)? {
-                        Some(attempt) => format!("{attempt}/{name}"),
-                        None => name,
+                    known.insert(Place {
+                        job,
+                        attempt: row.opt_int(1)?,
+                        name: row.text(0)?,
                     });
                 }
-                removed += tokio::task::spawn_blocking(move || {
-                    let mut removed = 0;
-                    for path in job_store.files_of(job)? {
-                        if !known.contains(&path) {
-                            job_store.remove_file_of(job, &path)?;
-                            removed += 1;
-                        }
-                    }
-                    Ok::<_, std::io::Error>(removed)
-                })
-                .await
-                .map_err(std::io::Error::other)??;
+                removed += store.keep_only(job, &known).await?;
             }
-            _ => {
-                removed += tokio::task::spawn_blocking(move || {
-                    let count = job_store.files_of(job)?.len();
-                    job_store.remove_job(job)?;
-                    Ok::<_, std::io::Error>(count)
-                })
-                .await
-                .map_err(std::io::Error::other)??;
-            }
+            _ => removed += store.remove_job(job).await?,
         }
     }
     Ok(removed)
@@ -435,12 +408,21 @@ mod tests {
             assert!(file.exists(), "row without its file: {}", file.display());
             known.insert((job, path));
         }
-        for job in app.state.store.job_folders().unwrap() {
-            for path in app.state.store.files_of(job).unwrap() {
-                assert!(
-                    known.contains(&(job, path.clone())),
-                    "file without a row: {job}/{path}"
-                );
+        let root = app.dir.path().join("artifacts");
+        let mut todo = vec![root.clone()];
+        while let Some(dir) = todo.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() && path.file_name() != Some(".uploads".as_ref()) {
+                    todo.push(path);
+                } else if path.is_file() {
+                    let rel = path.strip_prefix(&root).unwrap().to_str().unwrap();
+                    let (job, path) = rel.split_once('/').unwrap();
+                    assert!(
+                        known.contains(&(job.parse().unwrap(), path.to_owned())),
+                        "file without a row: {rel}"
+                    );
+                }
             }
         }
     }
@@ -467,7 +449,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        app.state.store.remove_job(files_gone).unwrap();
+        app.state.store.remove_job(files_gone).await.unwrap();
         let stray = app.dir.path().join(format!("artifacts/{kept}/1/stray.bin"));
         std::fs::write(&stray, b"no row").unwrap();
         let no_row = app.dir.path().join("artifacts/999999/1/x");

@@ -14,6 +14,8 @@ pub enum ServeError {
     #[error("cannot create the data dir {0}")]
     DataDir(std::path::PathBuf, #[source] std::io::Error),
     #[error(transparent)]
+    Store(#[from] crate::store::OpenError),
+    #[error(transparent)]
     Db(#[from] DbError),
     #[error(transparent)]
     Secrets(#[from] crate::secrets::SecretError),
@@ -57,12 +59,7 @@ impl Running {
 pub async fn start(config: ServerConfig) -> Result<Running, ServeError> {
     crate::files::private_dir(&config.data_dir)
         .map_err(|e| ServeError::DataDir(config.data_dir.clone(), e))?;
-    let artifacts = config.data_dir.join("artifacts");
-    crate::files::private_dir(&artifacts).map_err(|e| ServeError::DataDir(artifacts.clone(), e))?;
-    let store = ArtifactStore::new(artifacts.clone());
-    store
-        .remove_partial_uploads()
-        .map_err(|e| ServeError::DataDir(artifacts, e))?;
+    let store = ArtifactStore::open(&config).await?;
     crate::commit_manifests::clear_scratch(&crate::pushes::scratch_dir(&config));
     let db = Db::open(&config.database_url(), config.sqlite_synchronous).await?;
     let secret_key = SecretKey::load(&config.data_dir, true)?;

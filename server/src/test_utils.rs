@@ -140,12 +140,10 @@ impl TestApp {
                 .expect("a test token is stored");
         }
         let key = SecretKey::load(dir.path(), true).expect("a secret key");
-        let state = AppState::new(
-            db,
-            config,
-            ArtifactStore::new(dir.path().join("artifacts")),
-            key,
-        );
+        let store = ArtifactStore::open(&config)
+            .await
+            .expect("the test artifact store opens");
+        let state = AppState::new(db, config, store, key);
         TestApp {
             router: app(state.clone()),
             state,
@@ -327,13 +325,27 @@ impl TestApp {
         name: &str,
         data: &[u8],
     ) -> Answer {
+        let sha256 = hex::encode(Sha256::digest(data));
+        self.upload_claiming(worker, lease, name, data, &sha256)
+            .await
+    }
+
+    /// Uploads `data` as artifact `name`, saying its sha256 is `sha256`.
+    pub async fn upload_claiming(
+        &self,
+        worker: &str,
+        lease: &LeaseResponse,
+        name: &str,
+        data: &[u8],
+        sha256: &str,
+    ) -> Answer {
         self.call(
             Method::PUT,
             &format!("/api/leases/{}/artifacts/{name}", lease.lease_id),
             Some(&worker_token(worker)),
             &[
                 (FENCE_HEADER, lease.fence.to_string()),
-                (SHA256_HEADER, hex::encode(Sha256::digest(data))),
+                (SHA256_HEADER, sha256.to_owned()),
             ],
             Body::from(data.to_vec()),
         )

@@ -6,14 +6,12 @@ use crate::config::Scope;
 use crate::error::{AppError, AppResult};
 use crate::job_views::parse_id;
 use crate::state::AppState;
-use crate::store;
+use crate::store::{self, Span};
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 use vmfarm_proto::api::{ArtifactView, ErrorBody};
 
 #[utoipa::path(
@@ -104,7 +102,7 @@ pub async fn download(
     let reach = caller.require(Scope::Read)?.reach();
     let job = parse_id(&id, "job")?;
     access::job(&state.db, &reach, job).await?;
-    let (artifact, path) = store::find(&state.db, &state.store, job, &name).await?;
+    let (artifact, place) = store::find(&state.db, job, &name).await?;
     let etag = format!("\"{}\"", artifact.sha256);
     let etag_value = HeaderValue::from_str(&etag).map_err(AppError::internal)?;
     let if_none_match = headers
@@ -119,7 +117,6 @@ pub async fn download(
         _ => headers.get(header::RANGE).and_then(|v| v.to_str().ok()),
     };
     let size = artifact.size;
-    let mut file = tokio::fs::File::open(&path).await?;
     let file_name = name
         .rsplit('/')
         .next()
@@ -140,7 +137,7 @@ pub async fn download(
     ];
     match parse_range(range_header, size) {
         RangeAsk::Whole => {
-            let body = Body::from_stream(ReaderStream::new(file));
+            let body = Body::from_stream(state.store.read(&place, Span::Whole).await?);
             Ok((
                 StatusCode::OK,
                 common,
@@ -150,9 +147,9 @@ pub async fn download(
                 .into_response())
         }
         RangeAsk::Part { start, end } => {
-            file.seek(std::io::SeekFrom::Start(start)).await?;
             let len = end - start + 1;
-            let body = Body::from_stream(ReaderStream::new(file.take(len)));
+            let span = Span::Part { start, end };
+            let body = Body::from_stream(state.store.read(&place, span).await?);
             Ok((
                 StatusCode::PARTIAL_CONTENT,
                 common,
