@@ -375,6 +375,9 @@ pub enum BenchKind {
     Boot(Box<crate::bench::boot::BootBenchArgs>),
     /// The disk engines of `vm run` (raw file, qcow2 overlay) beside `qemu-img bench`, on this host.
     Disk(crate::bench::disk::DiskBenchArgs),
+    /// Artifact uploads and downloads over HTTP with the artifacts in an S3-compatible bucket
+    /// (s3s-fs on loopback) beside the server's own folder.
+    Artifacts,
     /// The job queue on SQLite and PostgreSQL: cycles, submits and leases per second, lease latency.
     Queue {
         /// Also measure this PostgreSQL server (default: $VMFARM_TEST_POSTGRES).

@@ -99,6 +99,10 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            cli::BenchKind::Artifacts => block_on(async {
+                bench::artifacts::run().await?;
+                Ok(ExitCode::SUCCESS)
+            }),
             cli::BenchKind::Queue { postgres } => block_on(async {
                 let postgres = postgres.or_else(|| std::env::var("VMFARM_TEST_POSTGRES").ok());
                 bench::queue::run(postgres).await?;

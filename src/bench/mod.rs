@@ -1,5 +1,6 @@
 //! `vmfarm bench ...`: each benchmark prints its figures beside a reference measured in the same run.
 
+pub mod artifacts;
 pub mod boot;
 pub mod disk;
 pub mod farm;
