@@ -77,7 +77,7 @@ pub async fn end_queued(state: &AppState, image: &str, reason: &str) -> AppResul
                 Box::pin(async move {
                     let seen = Seen::read(tx, id).await?;
                     if seen.state != JobState::Queued {
-                        return AppResult::Ok(false);
+                        return AppResult::Ok(None);
                     }
                     let end = End {
                         state: JobState::Error,
@@ -89,9 +89,9 @@ pub async fn end_queued(state: &AppState, image: &str, reason: &str) -> AppResul
                 })
             })
             .await?;
-        if moved {
+        if let Some(moved) = moved {
             ended += 1;
-            crate::job_end::ended(state, id, JobState::Error).await;
+            crate::job_end::ended(state, &moved);
             state.events.job_changed(id);
         }
     }

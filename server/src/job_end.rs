@@ -76,9 +76,18 @@ pub struct End<'a> {
     pub now: i64,
 }
 
-/// Ends job `seen` as `end`. `Ok(false)`: the job is no longer as `seen` (another write moved it
+/// A job's end as it committed: what [`ended`] follows it with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    pub job: i64,
+    pub state: JobState,
+    /// How long it ran, when it had started.
+    pub ran: Option<std::time::Duration>,
+}
+
+/// Ends job `seen` as `end`. `Ok(None)`: the job is no longer as `seen` (another write moved it
 /// first), and nothing changed. An end the job's state cannot take is refused.
-pub async fn end_job(tx: &mut WriteTx, seen: &Seen, end: &End<'_>) -> AppResult<bool> {
+pub async fn end_job(tx: &mut WriteTx, seen: &Seen, end: &End<'_>) -> AppResult<Option<Ended>> {
     if !end.state.is_terminal() || !seen.state.can_become(end.state) {
         return Err(AppError::Conflict(format!(
             "job {} cannot go from {} to {}",
@@ -87,10 +96,10 @@ pub async fn end_job(tx: &mut WriteTx, seen: &Seen, end: &End<'_>) -> AppResult<
     }
     let keeps_lease = i64::from(end.by == EndedBy::Worker);
     let moved = tx
-        .execute(
+        .fetch_optional(
             "UPDATE jobs SET state = $1, finished_at = $2, reason = COALESCE($3, reason), \
              lease_expires_at = NULL, lease_id = CASE WHEN $4 = 1 THEN lease_id ELSE NULL END \
-             WHERE id = $5 AND state = $6 AND fence = $7",
+             WHERE id = $5 AND state = $6 AND fence = $7 RETURNING finished_at - started_at",
             &[
                 end.state.as_str().into(),
                 end.now.into(),
@@ -102,9 +111,13 @@ pub async fn end_job(tx: &mut WriteTx, seen: &Seen, end: &End<'_>) -> AppResult<
             ],
         )
         .await?;
-    if moved != 1 {
-        return Ok(false);
-    }
+    let Some(row) = moved else {
+        return Ok(None);
+    };
+    let ran = row
+        .opt_int(0)?
+        .and_then(|ms| u64::try_from(ms).ok())
+        .map(std::time::Duration::from_millis);
     tx.execute(
         "UPDATE tasks SET state = CASE WHEN state = 'running' THEN $1 ELSE $2 END, \
          finished_at = CASE WHEN state = 'running' THEN $3 ELSE finished_at END \
@@ -124,7 +137,11 @@ pub async fn end_job(tx: &mut WriteTx, seen: &Seen, end: &End<'_>) -> AppResult<
     {
         append_farm_line(tx, seen.id, reason).await?;
     }
-    Ok(true)
+    Ok(Some(Ended {
+        job: seen.id,
+        state: end.state,
+        ran,
+    }))
 }
 
 /// What a task still running becomes when its job ends as `job`.
@@ -175,28 +192,10 @@ pub async fn requeue_job(tx: &mut WriteTx, seen: &Seen, reason: &str) -> AppResu
     Ok(Some(next - 1))
 }
 
-/// What follows a job's end once it has committed: the metrics (how long it ran, read back),
-/// long-polling workers, and the outbox (webhooks, commit statuses).
-pub async fn ended(state: &AppState, job_id: i64, end: JobState) {
-    let ran = state
-        .db
-        .read()
-        .fetch_optional(
-            "SELECT finished_at - started_at FROM jobs WHERE id = $1 AND started_at IS NOT NULL",
-            &[job_id.into()],
-        )
-        .await;
-    let ran = match ran {
-        Ok(row) => row
-            .and_then(|row| row.int(0).ok())
-            .and_then(|ms| u64::try_from(ms).ok())
-            .map(std::time::Duration::from_millis),
-        Err(e) => {
-            tracing::warn!(job = job_id, error = %e, "cannot read how long the job ran, for the metrics");
-            None
-        }
-    };
-    state.metrics.job_finished(end, ran);
+/// What follows a job's end once it has committed: the metrics, long-polling workers, and the
+/// outbox (webhooks, commit statuses).
+pub fn ended(state: &AppState, ended: &Ended) {
+    state.metrics.job_finished(ended.state, ended.ran);
     state.events.new_work();
     crate::outbox::wake(state);
 }

@@ -3,7 +3,7 @@
 use crate::access::{Reach, Submitter};
 use crate::db::{Query, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
-use crate::job_end::{End, EndedBy, Seen, end_job};
+use crate::job_end::{End, Ended, EndedBy, Seen, end_job};
 use crate::state::AppState;
 use vmfarm_proto::api::{JobView, SubmitResponse, SubmittedJob};
 use vmfarm_proto::manifest::PACKAGES_TASK;
@@ -358,15 +358,15 @@ pub async fn cancel(state: &AppState, id: i64, reach: &Reach) -> AppResult<JobVi
         .db
         .write(move |tx| Box::pin(async move { cancel_in(tx, id, now).await }))
         .await?;
-    if ended {
-        crate::job_end::ended(state, id, JobState::Cancelled).await;
+    if let Some(ended) = ended {
+        crate::job_end::ended(state, &ended);
     }
     state.events.job_changed(id);
     crate::job_views::get(&state.db, id, reach).await
 }
 
-/// [`cancel`] in its transaction: whether the job ended now (it was queued).
-async fn cancel_in(tx: &mut WriteTx, id: i64, now: i64) -> AppResult<bool> {
+/// [`cancel`] in its transaction: the job's end, if it ended now (it was queued).
+async fn cancel_in(tx: &mut WriteTx, id: i64, now: i64) -> AppResult<Option<Ended>> {
     let seen = Seen::read(tx, id).await?;
     match seen.state {
         JobState::Queued => {
@@ -387,7 +387,7 @@ async fn cancel_in(tx: &mut WriteTx, id: i64, now: i64) -> AppResult<bool> {
                 &[id.into()],
             )
             .await?;
-            Ok(false)
+            Ok(None)
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::db::{Query, WriteTx, now_ms};
 use crate::error::AppResult;
-use crate::job_end::{End, EndedBy, Seen, end_job, requeue_job};
+use crate::job_end::{End, Ended, EndedBy, Seen, end_job, requeue_job};
 use crate::state::AppState;
 use std::time::Duration;
 use vmfarm_proto::JobState;
@@ -18,7 +18,7 @@ enum Reaped {
         reason: String,
     },
     Ended {
-        state: JobState,
+        ended: Ended,
         reason: String,
     },
 }
@@ -58,9 +58,9 @@ pub async fn reap_expired(state: &AppState) -> AppResult<usize> {
                 }
                 state.events.new_work();
             }
-            Reaped::Ended { state: end, reason } => {
+            Reaped::Ended { ended, reason } => {
                 tracing::warn!(job = id, "{reason}");
-                crate::job_end::ended(state, id, end).await;
+                crate::job_end::ended(state, &ended);
             }
         }
         state.events.job_changed(id);
@@ -112,10 +112,9 @@ async fn reap(tx: &mut WriteTx, id: i64, max_attempts: i64, now: i64) -> AppResu
         by: EndedBy::Reaper,
         now,
     };
-    Ok(end_job(tx, &seen, &end).await?.then_some(Reaped::Ended {
-        state: next,
-        reason,
-    }))
+    Ok(end_job(tx, &seen, &end)
+        .await?
+        .map(|ended| Reaped::Ended { ended, reason }))
 }
 
 /// Reaps every quarter of the lease's time to live (between 100 ms and 1 s), for as long as the

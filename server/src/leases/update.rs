@@ -4,7 +4,7 @@
 use crate::db::{Query, WriteTx, now_ms};
 use crate::error::{AppError, AppResult};
 use crate::fence::{LeaseCall, live_job, refusal};
-use crate::job_end::{End, EndedBy, Seen, end_job};
+use crate::job_end::{End, Ended, EndedBy, Seen, end_job};
 use crate::state::AppState;
 use vmfarm_proto::wire::{HeartbeatResponse, StateUpdate, TaskUpdate};
 use vmfarm_proto::{JobState, TaskState};
@@ -74,21 +74,21 @@ pub async fn update_state(
         .db
         .write(move |tx| Box::pin(async move { apply_update(tx, &call, &update, now_ms()).await }))
         .await?;
-    if let Some(end) = ended {
-        crate::job_end::ended(state, job_id, end).await;
+    if let Some(ended) = ended {
+        crate::job_end::ended(state, &ended);
     }
     state.events.job_changed(job_id);
     Ok(())
 }
 
-/// [`update_state`] in its transaction: the job's id, and its end state if it ended.
+/// [`update_state`] in its transaction: the job's id, and its end if it ended.
 /// A repeat of a move already made is accepted and changes nothing.
 async fn apply_update(
     tx: &mut WriteTx,
     call: &LeaseCall,
     update: &StateUpdate,
     now: i64,
-) -> AppResult<(i64, Option<JobState>)> {
+) -> AppResult<(i64, Option<Ended>)> {
     let job = live_job(tx, call).await?;
     if update.image_version.is_some() || update.reason.is_some() {
         tx.execute(
@@ -120,10 +120,9 @@ async fn apply_update(
             by: EndedBy::Worker,
             now,
         };
-        return if end_job(tx, &seen, &end).await? {
-            Ok((job.id, Some(next)))
-        } else {
-            Err(refusal(tx, call).await)
+        return match end_job(tx, &seen, &end).await? {
+            Some(ended) => Ok((job.id, Some(ended))),
+            None => Err(refusal(tx, call).await),
         };
     }
     if !job.state.can_become(next) || next == JobState::Queued {
