@@ -48,7 +48,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         None => WorkerConfig::default(),
     };
     let mut worker = WorkerConfig {
-        server: ServerUrls::One(format!("http://{}", running.addr)),
+        server: ServerUrls::one(format!("http://{}", running.addr)),
         name: "local".into(),
         token: worker_token,
         images_dir,

@@ -9,7 +9,7 @@ pub fn load_config(args: &WorkerArgs) -> anyhow::Result<WorkerConfig> {
         None => WorkerConfig::default(),
     };
     if let Some(server) = &args.server {
-        config.server = ServerUrls::One(server.clone());
+        config.server = ServerUrls::one(server.clone());
     }
     if let Some(token) = &args.token {
         config.token = token.clone();

@@ -52,7 +52,7 @@ impl Farm {
         )
         .await?;
         let mut config = WorkerConfig {
-            server: vmfarm_worker::config::ServerUrls::One(url.clone()),
+            server: vmfarm_worker::config::ServerUrls::one(url.clone()),
             name: "bench".into(),
             token,
             images_dir: images_dir.to_owned(),

@@ -26,20 +26,48 @@ pub struct WorkerConfig {
 }
 
 /// Where the worker leases jobs: one server, or the URLs of a farm's replicas, tried in turn
-/// (the worker moves on to the next when one does not answer).
+/// (the worker moves on to the next when one does not answer). Never an empty list.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "OneOrMany")]
+pub struct ServerUrls(Vec<String>);
+
+/// `server` as the config file may say it: a URL, or a list of them.
+#[derive(Deserialize)]
 #[serde(untagged)]
-pub enum ServerUrls {
+enum OneOrMany {
     One(String),
-    Replicas(Vec<String>),
+    Many(Vec<String>),
+}
+
+impl TryFrom<OneOrMany> for ServerUrls {
+    type Error = String;
+
+    fn try_from(said: OneOrMany) -> Result<ServerUrls, String> {
+        match said {
+            OneOrMany::One(url) => ServerUrls::replicas(vec![url]),
+            OneOrMany::Many(urls) => ServerUrls::replicas(urls),
+        }
+    }
 }
 
 impl ServerUrls {
-    pub fn urls(&self) -> Vec<String> {
-        match self {
-            ServerUrls::One(url) => vec![url.clone()],
-            ServerUrls::Replicas(urls) => urls.clone(),
+    /// One server.
+    pub fn one(url: String) -> ServerUrls {
+        ServerUrls(vec![url])
+    }
+
+    /// The replicas at `urls`: at least one, none empty.
+    pub fn replicas(urls: Vec<String>) -> Result<ServerUrls, String> {
+        if urls.is_empty() || urls.iter().any(|u| u.is_empty()) {
+            return Err(
+                "server is empty: give the server's URL, or a list of its replicas' URLs".into(),
+            );
         }
+        Ok(ServerUrls(urls))
+    }
+
+    pub fn urls(&self) -> &[String] {
+        &self.0
     }
 }
 
@@ -154,7 +182,7 @@ impl Default for JailConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
-            server: ServerUrls::One("http://127.0.0.1:8080".into()),
+            server: ServerUrls::one("http://127.0.0.1:8080".into()),
             name: String::new(),
             token: String::new(),
             images_dir: PathBuf::from("./vmfarm-data/images"),
@@ -253,12 +281,6 @@ impl WorkerConfig {
 
     pub fn parse(text: &str) -> Result<WorkerConfig, String> {
         let config: WorkerConfig = toml::from_str(text).map_err(|e| e.to_string())?;
-        let urls = config.server.urls();
-        if urls.is_empty() || urls.iter().any(|u| u.is_empty()) {
-            return Err(
-                "server is empty: give the server's URL, or a list of its replicas' URLs".into(),
-            );
-        }
         let g = &config.guest;
         if config.slots.cpus == 0 {
             return Err("slots.cpus is 0: the worker could never run a job".into());

@@ -1,6 +1,7 @@
 //! The worker's side of the server<->worker contract: lease, heartbeat, log, state, artifacts.
 //! Writes are retried through server restarts; a 409 means the lease is gone and is final.
 
+use crate::config::ServerUrls;
 use reqwest::{Method, StatusCode};
 use std::path::Path;
 use std::sync::Arc;
@@ -62,16 +63,13 @@ impl LeaseHandle {
 }
 
 impl ServerClient {
-    /// A client of the server at `bases[0]`, or of the replicas at `bases` (at least one).
-    pub fn new(bases: &[String], token: &str) -> Result<ServerClient, reqwest::Error> {
-        let mut bases: Vec<String> = bases
+    /// A client of the server, or of the replicas, at `server`.
+    pub fn new(server: &ServerUrls, token: &str) -> Result<ServerClient, reqwest::Error> {
+        let bases: Vec<String> = server
+            .urls()
             .iter()
             .map(|b| b.trim_end_matches('/').to_owned())
             .collect();
-        if bases.is_empty() {
-            // The config refuses an empty list; were one given, each call fails with its URL.
-            bases.push(String::new());
-        }
         Ok(ServerClient {
             http: reqwest::Client::builder()
                 .user_agent(concat!("vmfarm-worker/", env!("CARGO_PKG_VERSION")))
@@ -343,7 +341,8 @@ mod tests {
             axum::routing::post(move || async move { axum::Json(answer) }),
         );
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let client = ServerClient::new(&[down, up.clone()], "t").unwrap();
+        let replicas = ServerUrls::replicas(vec![down, up.clone()]).unwrap();
+        let client = ServerClient::new(&replicas, "t").unwrap();
         let lease = LeaseHandle {
             lease_id: "ab".into(),
             fence: 1,
