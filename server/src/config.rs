@@ -272,8 +272,8 @@ pub struct S3Bucket {
     pub endpoint: Option<String>,
     #[serde(default = "default_region")]
     pub region: String,
-    /// What every key of this farm starts with, so that several farms can share a bucket.
-    #[serde(default)]
+    /// What every key of this farm starts with: retention deletes what no job holds under it.
+    #[serde(default = "default_prefix")]
     pub prefix: String,
     /// Both, or neither: then `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY` from the
     /// environment, or the host's instance role.
@@ -288,6 +288,10 @@ fn default_region() -> String {
     "us-east-1".to_owned()
 }
 
+fn default_prefix() -> String {
+    "vmfarm".to_owned()
+}
+
 impl S3Bucket {
     fn check(&self) -> Result<(), String> {
         if self.bucket.is_empty() {
@@ -296,8 +300,11 @@ impl S3Bucket {
         if self.access_key_id.is_some() != self.secret_access_key.is_some() {
             return Err("artifacts.s3: give both access_key_id and secret_access_key, or neither (then AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the instance role)".into());
         }
+        if self.prefix.trim_matches('/').is_empty() {
+            return Err("artifacts.s3.prefix is empty: retention deletes what no job holds under the prefix, so the farm needs one of its own".into());
+        }
         if let Some(endpoint) = &self.endpoint
-            && endpoint.starts_with("http://")
+            && endpoint.to_ascii_lowercase().starts_with("http://")
             && !self.allow_http
         {
             return Err(format!(
@@ -700,6 +707,18 @@ mod tests {
             (
                 "[network]\nallow_privat = []\n",
                 "unknown field `allow_privat`",
+            ),
+            (
+                "[artifacts.s3]\nbucket = \"b\"\nprefix = \"/\"\n",
+                "artifacts.s3.prefix is empty",
+            ),
+            (
+                "[artifacts.s3]\nbucket = \"b\"\nendpoint = \"HTTP://minio:9000\"\n",
+                "is plain http",
+            ),
+            (
+                "[artifacts.s3]\nbucket = \"b\"\naccess_key_id = \"k\"\n",
+                "give both access_key_id and secret_access_key",
             ),
         ];
         for (text, want) in cases {

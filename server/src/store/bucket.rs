@@ -1,29 +1,43 @@
 //! Artifacts as objects in an S3-compatible bucket (`[artifacts.s3]`), which every server replica
-//! reaches: keys `<prefix><job>/<attempt>/<name>`. An upload of up to one part is hashed in
+//! reaches: keys `<prefix>/<job>/<attempt>/<name>`. An upload of up to one part is hashed in
 //! memory and put whole; a larger one goes up as a multipart upload while it is hashed, at most
 //! [`PARTS_IN_FLIGHT`] parts at a time, and is completed only once its size and sha256 check
-//! out; otherwise it is aborted. Either way the object appears whole or not at all.
+//! out; otherwise (or when the request is dropped) it is aborted. Either way the object appears
+//! whole or not at all.
 
 use super::{Checked, Place, Span, StoreResult};
 use crate::config::S3Bucket;
 use crate::error::{AppError, AppResult};
+use bytes::BytesMut;
 use futures_util::{Stream, StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as Key;
-use object_store::{GetOptions, GetRange, ObjectStore, PutPayload, WriteMultipart};
+use object_store::{ClientOptions, GetOptions, GetRange, MultipartUpload, ObjectStore, PutPayload};
 use std::collections::HashSet;
 use std::sync::Arc;
+use tokio::sync::Semaphore;
 
-/// The size of a multipart upload's parts (S3 wants at least 5 MiB but for the last, and at most
-/// 10 000 parts: artifacts up to 80 GB).
+/// The size of a multipart upload's parts (S3 wants at least 5 MiB but for the last).
 const PART: usize = 8 << 20;
+/// The largest artifact a bucket takes in parts of [`PART`] (S3 takes at most 10 000 parts).
+pub const MAX_OBJECT: u64 = PART as u64 * 10_000;
+/// S3's longest key, in bytes.
+const MAX_KEY: usize = 1024;
 /// Parts of one upload sent at once; with the part being filled, an upload holds at most
 /// `(PARTS_IN_FLIGHT + 1) * PART` bytes of memory.
 const PARTS_IN_FLIGHT: usize = 2;
+/// Uploads received at once; more wait their turn (they would otherwise each hold their parts
+/// in memory): at most 8 * 24 MiB.
+const UPLOADS_AT_ONCE: usize = 8;
 
 #[derive(Clone)]
 pub struct Bucket {
-    objects: Arc<dyn ObjectStore>,
-    /// What the logs and errors call it (`s3://bucket/prefix` at the endpoint).
+    /// For uploads and deletes: each request within the client's time limit (30 s).
+    writes: Arc<dyn ObjectStore>,
+    /// For downloads, which last as long as the user's connection takes to read them.
+    reads: Arc<dyn ObjectStore>,
+    uploads: Arc<Semaphore>,
+    /// What the logs and errors call it (`s3://bucket/prefix at endpoint`).
     pub name: String,
 }
 
@@ -31,25 +45,12 @@ impl Bucket {
     /// A client of the bucket `config` names; it must take a write and a delete before the server
     /// starts, so that a wrong name, endpoint or key is said at once.
     pub async fn open(config: &S3Bucket) -> Result<Bucket, object_store::Error> {
-        let mut builder = object_store::aws::AmazonS3Builder::from_env()
-            .with_bucket_name(&config.bucket)
-            .with_region(&config.region)
-            .with_allow_http(config.allow_http);
-        if let Some(endpoint) = &config.endpoint {
-            builder = builder.with_endpoint(endpoint);
-        }
-        if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
-            builder = builder
-                .with_access_key_id(id)
-                .with_secret_access_key(secret);
-        }
-        let s3 = builder.build()?;
-        let objects: Arc<dyn ObjectStore> = match config.prefix.trim_matches('/') {
-            "" => Arc::new(s3),
-            prefix => Arc::new(object_store::prefix::PrefixStore::new(s3, prefix)),
-        };
+        let writes = client(config, ClientOptions::new())?;
+        let reads = client(config, ClientOptions::new().with_timeout_disabled())?;
         let bucket = Bucket {
-            objects,
+            writes,
+            reads,
+            uploads: Arc::new(Semaphore::new(UPLOADS_AT_ONCE)),
             name: config.describe(),
         };
         let probe = Key::from(format!(
@@ -59,8 +60,8 @@ impl Bucket {
                 source: Box::new(e),
             })?
         ));
-        bucket.objects.put(&probe, PutPayload::new()).await?;
-        bucket.objects.delete(&probe).await?;
+        bucket.writes.put(&probe, PutPayload::new()).await?;
+        bucket.writes.delete(&probe).await?;
         Ok(bucket)
     }
 
@@ -87,18 +88,24 @@ impl Bucket {
         E: std::fmt::Display,
     {
         let key = Self::key(place);
-        let mut first = Vec::new();
-        let mut first_size = 0;
-        while first_size < PART {
+        if key.as_ref().len() > MAX_KEY {
+            return Err(AppError::BadRequest(format!(
+                "artifact name `{}` is too long for the artifact bucket: its key would be {} bytes, \
+                 S3 takes at most {MAX_KEY}",
+                place.name,
+                key.as_ref().len()
+            )));
+        }
+        let _turn = self.uploads.acquire().await.map_err(AppError::internal)?;
+        // The pieces are copied: a piece may hold on to a much larger read buffer.
+        let mut filling = BytesMut::with_capacity(PART);
+        while filling.len() < PART {
             match body.next().await? {
-                Some(piece) => {
-                    first_size += piece.len();
-                    first.push(piece);
-                }
+                Some(piece) => filling.extend_from_slice(&piece),
                 None => {
                     let size = body.finish()?;
-                    let payload = PutPayload::from_iter(first);
-                    self.objects
+                    let payload = PutPayload::from(filling.freeze());
+                    self.writes
                         .put(&key, payload)
                         .await
                         .map_err(AppError::internal)?;
@@ -107,35 +114,19 @@ impl Bucket {
             }
         }
         let upload = self
-            .objects
+            .writes
             .put_multipart(&key)
             .await
             .map_err(AppError::internal)?;
-        let mut parts = WriteMultipart::new_with_chunk_size(upload, PART);
-        let sent = async {
-            for piece in first {
-                parts.put(piece);
-            }
-            while let Some(piece) = body.next().await? {
-                parts
-                    .wait_for_capacity(PARTS_IN_FLIGHT)
-                    .await
-                    .map_err(AppError::internal)?;
-                parts.put(piece);
-            }
-            body.finish()
-        }
-        .await;
-        match sent {
-            Ok(size) => {
-                parts.finish().await.map_err(AppError::internal)?;
-                Ok(size)
-            }
+        let mut pending = Pending {
+            upload: Some(upload),
+            key,
+            bucket: self.name.clone(),
+        };
+        match send_parts(&mut pending, filling, body).await {
+            Ok(size) => Ok(size),
             Err(e) => {
-                if let Err(abort) = parts.abort().await {
-                    tracing::warn!(bucket = %self.name, key = %key, error = %abort,
-                        "an upload that failed was not aborted: the bucket's lifecycle rule for incomplete multipart uploads removes its parts");
-                }
+                pending.abort().await;
                 Err(e)
             }
         }
@@ -150,19 +141,19 @@ impl Bucket {
             range,
             ..GetOptions::default()
         };
-        let got = self.objects.get_opts(&Self::key(place), options).await?;
+        let got = self.reads.get_opts(&Self::key(place), options).await?;
         Ok(Box::pin(got.into_stream().map_err(std::io::Error::other)))
     }
 
     pub async fn remove(&self, place: &Place) -> StoreResult<()> {
-        match self.objects.delete(&Self::key(place)).await {
+        match self.writes.delete(&Self::key(place)).await {
             Err(e) if !matches!(e, object_store::Error::NotFound { .. }) => Err(e.into()),
             _ => Ok(()),
         }
     }
 
     pub async fn job_ids(&self) -> StoreResult<Vec<i64>> {
-        let listed = self.objects.list_with_delimiter(None).await?;
+        let listed = self.writes.list_with_delimiter(None).await?;
         Ok(listed
             .common_prefixes
             .iter()
@@ -173,7 +164,7 @@ impl Bucket {
     /// The keys of every object of `job` (`attempt`: of that attempt only).
     async fn keys(&self, job: i64, attempt: Option<i64>) -> StoreResult<Vec<Key>> {
         Ok(self
-            .objects
+            .writes
             .list(Some(&Self::folder(job, attempt)))
             .map_ok(|meta| meta.location)
             .try_collect()
@@ -183,7 +174,7 @@ impl Bucket {
     async fn remove_keys(&self, keys: Vec<Key>) -> StoreResult<usize> {
         let count = keys.len();
         let keys = futures_util::stream::iter(keys.into_iter().map(Ok)).boxed();
-        self.objects
+        self.writes
             .delete_stream(keys)
             .try_for_each(|_| async { Ok(()) })
             .await?;
@@ -202,5 +193,132 @@ impl Bucket {
         let mut keys = self.keys(job, None).await?;
         keys.retain(|key| !known.contains(key));
         self.remove_keys(keys).await
+    }
+}
+
+/// A client of `config`'s bucket, under its prefix. Credentials: the config's, else
+/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`, else the host's
+/// instance role; no other `AWS_*` variable changes what the config says.
+fn client(
+    config: &S3Bucket,
+    options: ClientOptions,
+) -> Result<Arc<dyn ObjectStore>, object_store::Error> {
+    let mut builder = AmazonS3Builder::new()
+        .with_bucket_name(&config.bucket)
+        .with_region(&config.region)
+        .with_client_options(options.with_allow_http(config.allow_http));
+    if let Some(endpoint) = &config.endpoint {
+        builder = builder.with_endpoint(endpoint);
+    }
+    let from_env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let credentials = match (&config.access_key_id, &config.secret_access_key) {
+        (Some(id), Some(secret)) => Some((id.clone(), secret.clone(), None)),
+        _ => from_env("AWS_ACCESS_KEY_ID")
+            .zip(from_env("AWS_SECRET_ACCESS_KEY"))
+            .map(|(id, secret)| (id, secret, from_env("AWS_SESSION_TOKEN"))),
+    };
+    if let Some((id, secret, token)) = credentials {
+        builder = builder
+            .with_access_key_id(id)
+            .with_secret_access_key(secret);
+        if let Some(token) = token {
+            builder = builder.with_token(token);
+        }
+    }
+    let s3: AmazonS3 = builder.build()?;
+    Ok(Arc::new(object_store::prefix::PrefixStore::new(
+        s3,
+        config.prefix.trim_matches('/'),
+    )))
+}
+
+/// A multipart upload not yet completed: aborted if dropped (the request went away).
+struct Pending {
+    upload: Option<Box<dyn MultipartUpload>>,
+    key: Key,
+    bucket: String,
+}
+
+impl Pending {
+    fn upload(&mut self) -> &mut Box<dyn MultipartUpload> {
+        self.upload
+            .as_mut()
+            .expect("an upload is pending until completed or aborted")
+    }
+
+    /// Completes the upload: dropped after this, it aborts nothing.
+    async fn complete(&mut self) -> object_store::Result<()> {
+        self.upload().complete().await?;
+        self.upload = None;
+        Ok(())
+    }
+
+    async fn abort(&mut self) {
+        if let Some(mut upload) = self.upload.take() {
+            log_abort(upload.abort().await, &self.bucket, &self.key);
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let (Some(mut upload), Ok(runtime)) =
+            (self.upload.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        let (bucket, key) = (self.bucket.clone(), self.key.clone());
+        runtime.spawn(async move { log_abort(upload.abort().await, &bucket, &key) });
+    }
+}
+
+fn log_abort(aborted: object_store::Result<()>, bucket: &str, key: &Key) {
+    if let Err(e) = aborted {
+        tracing::warn!(%bucket, %key, error = %e,
+            "a failed upload was not aborted: the bucket's lifecycle rule for incomplete multipart uploads removes its parts");
+    }
+}
+
+/// Sends `filling` (a first part) and the rest of `body` as the parts of `pending`, at most
+/// [`PARTS_IN_FLIGHT`] at a time, and completes it once the body checks out; its size.
+async fn send_parts<S, E>(
+    pending: &mut Pending,
+    mut filling: BytesMut,
+    body: &mut Checked<S>,
+) -> AppResult<u64>
+where
+    S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut sending = tokio::task::JoinSet::new();
+    let mut ended = false;
+    while !ended {
+        match body.next().await? {
+            Some(piece) => filling.extend_from_slice(&piece),
+            None => ended = true,
+        }
+        while filling.len() >= PART || (ended && !filling.is_empty()) {
+            let part = filling.split_to(filling.len().min(PART)).freeze();
+            while sending.len() >= PARTS_IN_FLIGHT {
+                part_sent(sending.join_next().await)?;
+            }
+            sending.spawn(pending.upload().put_part(PutPayload::from(part)));
+        }
+    }
+    let size = body.finish()?;
+    while !sending.is_empty() {
+        part_sent(sending.join_next().await)?;
+    }
+    pending.complete().await.map_err(AppError::internal)?;
+    Ok(size)
+}
+
+fn part_sent(
+    joined: Option<Result<object_store::Result<()>, tokio::task::JoinError>>,
+) -> AppResult<()> {
+    match joined {
+        Some(Ok(sent)) => sent.map_err(AppError::internal),
+        Some(Err(e)) => Err(AppError::internal(e)),
+        None => Ok(()),
     }
 }

@@ -67,8 +67,10 @@ impl From<StoreError> for AppError {
 pub enum OpenError {
     #[error("the artifacts folder {0}: {1}")]
     Folder(std::path::PathBuf, std::io::Error),
-    #[error("the artifact bucket {0} refused a test write and delete: {1}")]
+    #[error("cannot use the artifact bucket {0} (a test write and delete): {1}")]
     Bucket(String, object_store::Error),
+    #[error("limits.max_artifact_size is {0} bytes: an artifact bucket takes at most {max} bytes per object", max = bucket::MAX_OBJECT)]
+    TooLargeForBucket(u64),
 }
 
 /// Checks an artifact's name: it must stay in its job's folder.
@@ -81,10 +83,16 @@ impl ArtifactStore {
     /// The store `config` says: its `[artifacts.s3]` bucket, else `<data_dir>/artifacts`.
     pub async fn open(config: &ServerConfig) -> Result<ArtifactStore, OpenError> {
         match &config.artifacts.s3 {
-            Some(s3) => bucket::Bucket::open(s3)
-                .await
-                .map(ArtifactStore::Bucket)
-                .map_err(|e| OpenError::Bucket(s3.describe(), e)),
+            Some(s3) => {
+                let largest = config.limits.max_artifact_size.0;
+                if largest > bucket::MAX_OBJECT {
+                    return Err(OpenError::TooLargeForBucket(largest));
+                }
+                bucket::Bucket::open(s3)
+                    .await
+                    .map(ArtifactStore::Bucket)
+                    .map_err(|e| OpenError::Bucket(s3.describe(), e))
+            }
             None => {
                 let root = config.data_dir.join("artifacts");
                 folder::Folder::open(root.clone())
@@ -450,27 +458,36 @@ mod tests {
         let s3 = S3TestServer::start(root.path()).expect("s3s-fs starts");
         let app = TestApp::with_config(Database::Sqlite, |c| {
             c.artifacts.s3 = Some(s3.bucket("farm1"));
+            c.limits.max_artifact_size = ByteSize(16 << 20);
         })
         .await;
         let id = app
             .submit("image = \"a\"\n[[tasks]]\nname = \"x\"\nscript = \"true\"\n")
             .await[0];
         let lease = app.lease("w0", "a").await;
-        // One put, and a multipart upload of three parts.
-        let (small, big) = (text(100), text(20 << 20));
-        for (name, data) in [("out/small.txt", &small), ("big.txt", &big)] {
-            let answer = app.upload("w0", &lease, name, data).await;
+        // One put, a multipart upload of two parts, and a name S3 keys encode.
+        let (small, big) = (text(100), text(12 << 20));
+        let odd = "odd name#%~.txt";
+        let uploads = [
+            ("out/small.txt", "out/small.txt", &small),
+            ("big.txt", "big.txt", &big),
+            ("odd%20name%23%25~.txt", odd, &small),
+        ];
+        for (in_url, name, data) in uploads {
+            let answer = app.upload("w0", &lease, in_url, data).await;
             assert_eq!(
                 answer.status,
                 StatusCode::CREATED,
                 "{name}: {:?}",
                 answer.body
             );
+            assert_eq!(answer.body["name"], name);
         }
         let object = |name: &str| s3.bucket_dir.join(format!("farm1/{id}/1/{name}"));
         assert_eq!(std::fs::read(object("big.txt")).unwrap(), big);
         assert_eq!(std::fs::read(object("out/small.txt")).unwrap(), small);
-        // A body that does not hash as announced, small or in parts, leaves nothing.
+        // A body that does not hash as announced, small or in parts, or that goes past the
+        // limit after a part was sent, leaves nothing: no object, no parts.
         let other = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"something else"));
         for data in [&small, &big] {
             let answer = app
@@ -482,8 +499,22 @@ mod tests {
                 "{:?}",
                 answer.body
             );
-            assert!(!object("bad.txt").exists());
         }
+        let over = app.upload("w0", &lease, "bad.txt", &text(20 << 20)).await;
+        assert_eq!(
+            over.status,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "{:?}",
+            over.body
+        );
+        assert!(!object("bad.txt").exists());
+        let left: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.starts_with(".upload"))
+            .collect();
+        assert!(left.is_empty(), "multipart uploads left: {left:?}");
+        // Downloads, whole and in part.
         let url = format!("/api/jobs/{id}/artifacts/big.txt");
         let whole = app.get(&url, ADMIN).await;
         assert_eq!(whole.status, StatusCode::OK);
@@ -497,10 +528,25 @@ mod tests {
             part.body.as_str().unwrap().as_bytes(),
             &big[10_000_000..10_000_010]
         );
-        // What retention removes goes from the bucket.
+        let odd_back = app
+            .get(
+                &format!("/api/jobs/{id}/artifacts/odd%20name%23%25~.txt"),
+                ADMIN,
+            )
+            .await;
+        assert_eq!(odd_back.body.as_str().unwrap().as_bytes(), small);
+        // What retention keeps stays; the rest goes from the bucket.
+        let place = |name: &str| super::Place {
+            job: id,
+            attempt: Some(1),
+            name: name.to_owned(),
+        };
+        let known = [place("big.txt"), place(odd)].into_iter().collect();
+        assert_eq!(app.state.store.keep_only(id, &known).await.unwrap(), 1);
+        assert!(!object("out/small.txt").exists() && object("big.txt").exists());
         assert_eq!(app.state.store.job_ids().await.unwrap(), [id]);
-        assert_eq!(app.state.store.remove_job(id).await.unwrap(), 2);
-        assert!(!object("big.txt").exists() && !object("out/small.txt").exists());
+        assert_eq!(app.state.store.remove_attempt(id, 1).await.unwrap(), 2);
+        assert!(!object("big.txt").exists());
         assert!(app.state.store.job_ids().await.unwrap().is_empty());
     }
 }

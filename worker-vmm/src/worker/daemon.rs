@@ -35,8 +35,8 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         !config.token.is_empty(),
         "the worker has no token: set `token` in its config or VMFARM_TOKEN"
     );
-    let client = ServerClient::new(&config.server, &config.token)
-        .context("making the HTTP client")?;
+    let client =
+        ServerClient::new(&config.server, &config.token).context("making the HTTP client")?;
     let backends = choose_backends(&config, &name)?;
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("creating {}", config.work_dir.display()))?;

@@ -132,7 +132,8 @@ mod tests {
     #[tokio::test]
     async fn test_renewals_follow_the_time_to_live_whatever_the_clocks_say() {
         let (url, count) = skewed_server(300).await;
-        let client = ServerClient::new(&crate::config::ServerUrls::one(url.clone()), "token").unwrap();
+        let client =
+            ServerClient::new(&crate::config::ServerUrls::one(url.clone()), "token").unwrap();
         let lease = LeaseHandle {
             lease_id: "ab".into(),
             fence: 1,
