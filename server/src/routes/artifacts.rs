@@ -5,6 +5,7 @@ use crate::auth::Caller;
 use crate::config::Scope;
 use crate::error::{AppError, AppResult};
 use crate::job_views::parse_id;
+use crate::routes::refusals::ReadRefusals;
 use crate::state::AppState;
 use crate::store::{self, Span};
 use axum::Json;
@@ -19,8 +20,7 @@ use vmfarm_proto::api::{ArtifactView, ErrorBody};
     operation_id = "list_artifacts",
     responses(
         (status = 200, description = "The job's artifacts", body = Vec<ArtifactView>),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        ReadRefusals,
         (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
     ),
 )]
@@ -88,8 +88,7 @@ pub fn parse_range(header: Option<&str>, size: u64) -> RangeAsk {
         (status = 206, description = "The `Range` asked for", content_type = "application/octet-stream", body = Vec<u8>),
         (status = 304, description = "The `If-None-Match` ETag is the file's"),
         (status = 416, description = "A `Range` outside the file"),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        ReadRefusals,
         (status = 404, description = "No such job or artifact", body = ErrorBody),
     ),
 )]

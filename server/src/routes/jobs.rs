@@ -5,6 +5,7 @@ use crate::config::Scope;
 use crate::error::{AppError, AppResult};
 use crate::job_views::{self, ListQuery, parse_id};
 use crate::jobs;
+use crate::routes::refusals::{ReadRefusals, SubmitRefusals};
 use crate::state::AppState;
 use axum::Json;
 use axum::body::Body;
@@ -18,8 +19,7 @@ use vmfarm_proto::api::{ErrorBody, GroupView, JobList, JobView, SubmitResponse};
     responses(
         (status = 201, description = "One job per image, in one group", body = SubmitResponse),
         (status = 400, description = "An invalid manifest (with line and column), or a [network] allow pattern outside the server's network policy", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
+        SubmitRefusals,
         (status = 413, description = "The manifest is over the server's size limit", body = ErrorBody),
         (status = 429, description = "The user's queue is at the server's limit", body = ErrorBody),
     ),
@@ -54,8 +54,7 @@ pub async fn submit(
     responses(
         (status = 200, description = "A page of jobs, newest first", body = JobList),
         (status = 400, description = "A bad filter or limit", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        ReadRefusals,
     ),
 )]
 pub async fn list(
@@ -72,8 +71,7 @@ pub async fn list(
     operation_id = "get_job",
     responses(
         (status = 200, description = "The job and its tasks", body = JobView),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        ReadRefusals,
         (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
     ),
 )]
@@ -92,8 +90,7 @@ pub async fn get(
     post, path = "/api/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path, description = "The job's id")),
     responses(
         (status = 200, description = "Cancelled (a queued job at once; a running one at its worker's next heartbeat)", body = JobView),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
+        SubmitRefusals,
         (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
         (status = 409, description = "The job has ended", body = ErrorBody),
     ),
@@ -115,8 +112,7 @@ pub async fn cancel(
     responses(
         (status = 201, description = "The new job, linked to the one it reruns", body = SubmitResponse),
         (status = 400, description = "The manifest is no longer accepted (the server's network policy, the token's priority cap, a secret the user lacks)", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
+        SubmitRefusals,
         (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
         (status = 413, description = "The manifest is over the server's size limit", body = ErrorBody),
         (status = 429, description = "The user's queue is at the server's limit", body = ErrorBody),
@@ -143,8 +139,7 @@ pub async fn rerun(
     params(("id" = String, Path, description = "The group's id")),
     responses(
         (status = 200, description = "The group and its jobs", body = GroupView),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        ReadRefusals,
         (status = 404, description = "No such group within the caller's reach", body = ErrorBody),
     ),
 )]

@@ -6,6 +6,7 @@ use crate::error::{AppError, AppResult};
 use crate::fence::{LeaseCall, live_job};
 use crate::leases::{take, update};
 use crate::logs::{self, AppendAck};
+use crate::routes::refusals::LeaseRefusals;
 use crate::state::AppState;
 use crate::store;
 use axum::Json;
@@ -61,11 +62,7 @@ pub async fn lease(
         ("X-Vmfarm-Fence" = u64, Header, description = "The lease's fence, as the lease gave it")),
     responses(
         (status = 200, description = "The lease, renewed; whether the job was cancelled", body = HeartbeatResponse),
-        (status = 401, description = "No worker token", body = ErrorBody),
-        (status = 400, description = "No fence, or not a number", body = ErrorBody),
-        (status = 403, description = "An API token, or another worker's lease", body = ErrorBody),
-        (status = 404, description = "No such lease", body = ErrorBody),
-        (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
+        LeaseRefusals,
     ),
 )]
 pub async fn heartbeat(
@@ -129,11 +126,7 @@ pub async fn update_state(
     responses(
         (status = 201, description = "Stored", body = ArtifactView),
         (status = 400, description = "A bad name, or a hash that does not match", body = ErrorBody),
-        (status = 401, description = "No worker token", body = ErrorBody),
-        (status = 400, description = "No fence, or not a number", body = ErrorBody),
-        (status = 403, description = "An API token, or another worker's lease", body = ErrorBody),
-        (status = 404, description = "No such lease", body = ErrorBody),
-        (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
+        LeaseRefusals,
         (status = 413, description = "Over the artifact or per-job size limit", body = ErrorBody),
     ),
 )]

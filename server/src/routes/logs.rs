@@ -6,6 +6,7 @@ use crate::config::Scope;
 use crate::error::{AppError, AppResult};
 use crate::job_views::parse_id;
 use crate::logs::{self, StoredChunk};
+use crate::routes::refusals::ReadRefusals;
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -41,8 +42,7 @@ const PAGE_BYTES: i64 = 4 * 1024 * 1024;
             (Vec<StoredChunk> = "application/json"),
         )),
         (status = 400, description = "A negative `from`, or a `format` other than text and json", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        ReadRefusals,
         (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
     ),
 )]
@@ -96,8 +96,7 @@ pub async fn get(
     get, path = "/api/jobs/{id}/log/stream", tag = "jobs", params(("id" = String, Path, description = "The job's id"), LogQuery),
     responses(
         (status = 200, description = "Server-Sent Events: `log` events with the log's chunks as they come, then `end` with the job's final state and log size", content_type = "text/event-stream", body = String),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        ReadRefusals,
         (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
     ),
 )]

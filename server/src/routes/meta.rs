@@ -6,6 +6,7 @@ use crate::db::Query;
 use crate::error::AppResult;
 use crate::job_views;
 use crate::metrics::{self, Figures};
+use crate::routes::refusals::ReadRefusals;
 use crate::state::AppState;
 use crate::workers::{self, WorkerView};
 use axum::Json;
@@ -71,8 +72,7 @@ pub async fn health(State(state): State<AppState>) -> AppResult<&'static str> {
     get, path = "/api/workers", tag = "workers",
     responses(
         (status = 200, description = "The workers as they last called in", body = Vec<WorkerView>),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        ReadRefusals,
     ),
 )]
 pub async fn workers(

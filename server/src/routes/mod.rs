@@ -8,5 +8,6 @@ pub mod leases;
 pub mod logs;
 pub mod meta;
 pub mod pushes;
+pub mod refusals;
 pub mod schedules;
 pub mod ssh;

@@ -6,6 +6,7 @@ use crate::config::Scope;
 use crate::error::{AppError, AppResult};
 use crate::job_views::parse_id;
 use crate::pushes::{self, Push};
+use crate::routes::refusals::{ReadRefusals, SubmitRefusals};
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::{Path, State};
@@ -22,8 +23,7 @@ use vmfarm_proto::api::{ErrorBody, PushAnswer, PushRequest, PushView};
         (status = 200, description = "Why the push built nothing (a ref that does not build, a deleted ref)", body = PushAnswer),
         (status = 201, description = "What the push built: a group per manifest file of the commit", body = PushAnswer),
         (status = 400, description = "A bad ref or commit", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
+        SubmitRefusals,
         (status = 404, description = "No such repository in the server's config", body = ErrorBody),
         (status = 409, description = "The repository's owner is not a user of the server", body = ErrorBody),
         (status = 502, description = "The commit's manifests could not be fetched from the repository", body = ErrorBody),
@@ -61,8 +61,7 @@ pub async fn create(
     params(("id" = String, Path, description = "The push's id")),
     responses(
         (status = 200, description = "The push and each manifest file's group or errors", body = PushView),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        ReadRefusals,
         (status = 404, description = "No such push within the caller's reach", body = ErrorBody),
     ),
 )]

@@ -4,6 +4,7 @@ use crate::auth::Caller;
 use crate::config::Scope;
 use crate::db::now_ms;
 use crate::error::AppResult;
+use crate::routes::refusals::{ReadRefusals, SubmitRefusals};
 use crate::schedules::{self, NewSchedule, ScheduleView, Source};
 use crate::state::AppState;
 use axum::Json;
@@ -17,8 +18,7 @@ use vmfarm_proto::api::ErrorBody;
     operation_id = "list_schedules",
     responses(
         (status = 200, description = "The schedules within the caller's reach", body = Vec<ScheduleView>),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `read` scope", body = ErrorBody),
+        ReadRefusals,
     ),
 )]
 pub async fn list(
@@ -36,8 +36,7 @@ pub async fn list(
     responses(
         (status = 201, description = "The schedule, with its next run", body = ScheduleView),
         (status = 400, description = "A bad cron expression, time zone or manifest", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
+        SubmitRefusals,
         (status = 409, description = "A schedule of that name exists", body = ErrorBody),
     ),
 )]

@@ -8,6 +8,7 @@ use crate::config::Scope;
 use crate::error::{AppError, AppResult};
 use crate::fence::{LeaseCall, live_job};
 use crate::job_views::parse_id;
+use crate::routes::refusals::{LeaseRefusals, SubmitRefusals};
 use crate::state::AppState;
 use crate::tunnels::Stream;
 use axum::Json;
@@ -59,8 +60,7 @@ fn switching() -> Response {
     get, path = "/api/jobs/{id}/ssh", tag = "jobs", params(("id" = String, Path, description = "The job's id")),
     responses(
         (status = 101, description = "An SSH session into the job's guest, over the upgraded connection (`vmfarm ssh`)"),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token lacks the `submit` scope", body = ErrorBody),
+        SubmitRefusals,
         (status = 404, description = "No such job within the caller's reach", body = ErrorBody),
         (status = 400, description = "Not an upgrade to the session protocol", body = ErrorBody),
         (status = 409, description = "The job has no guest now (not yet running, or ended and not kept)", body = ErrorBody),
@@ -165,11 +165,7 @@ async fn farm_line(state: &AppState, job: i64, line: String) {
         ("X-Vmfarm-Fence" = u64, Header, description = "The lease's fence, as the lease gave it")),
     responses(
         (status = 200, description = "The SSH sessions waiting for the worker (long poll)", body = Object),
-        (status = 401, description = "No worker token", body = ErrorBody),
-        (status = 400, description = "No fence, or not a number", body = ErrorBody),
-        (status = 403, description = "An API token, or another worker's lease", body = ErrorBody),
-        (status = 404, description = "No such lease", body = ErrorBody),
-        (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
+        LeaseRefusals,
     ),
 )]
 pub async fn poll(
@@ -187,11 +183,7 @@ pub async fn poll(
         ("X-Vmfarm-Fence" = u64, Header, description = "The lease's fence, as the lease gave it")),
     responses(
         (status = 204, description = "The job's guest is gone: waiting sessions are refused"),
-        (status = 401, description = "No worker token", body = ErrorBody),
-        (status = 400, description = "No fence, or not a number", body = ErrorBody),
-        (status = 403, description = "An API token, or another worker's lease", body = ErrorBody),
-        (status = 404, description = "No such lease", body = ErrorBody),
-        (status = 409, description = "The lease is not live (expired, or taken again: a newer fence)", body = ErrorBody),
+        LeaseRefusals,
     ),
 )]
 pub async fn gone(State(state): State<AppState>, call: LeaseCall) -> AppResult<StatusCode> {
