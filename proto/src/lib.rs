@@ -26,6 +26,8 @@ pub mod api;
 pub mod config_paths;
 pub mod guest;
 pub mod manifest;
+#[cfg(feature = "metrics")]
+pub mod metric_labels;
 pub mod names;
 pub mod network;
 pub mod state;

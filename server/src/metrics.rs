@@ -13,6 +13,7 @@ use prometheus_client::registry::{Registry, Unit};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vmfarm_proto::JobState;
+use vmfarm_proto::metric_labels::{ImageLabel, StateLabel};
 
 /// Bounds of request and lease durations, in seconds: 0.5 ms to 10 s.
 const FAST: [f64; 14] = [
@@ -30,16 +31,6 @@ struct RequestLabels {
     /// The matched route pattern (bounded cardinality), not the raw path.
     route: String,
     status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ImageLabel {
-    image: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabel {
-    state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
