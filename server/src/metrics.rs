@@ -86,11 +86,28 @@ impl Collector for DatabaseFigures {
             None,
             gauge.metric_type(),
         )?;
-        for (image, n) in &figures.queue_depth {
-            ConstGauge::new(*n).encode(depth.encode_family(&[("image", image.as_str())])?)?;
+        for (image, n) in deepest_queues(&figures.queue_depth) {
+            ConstGauge::new(n).encode(depth.encode_family(&[("image", image)])?)?;
         }
         Ok(())
     }
+}
+
+/// Images with a `vmfarm_queue_depth` series of their own: a submitter may name any image, and
+/// each name would be a series; past the deepest queues, the rest are summed as [`OTHER_IMAGES`].
+const MAX_IMAGE_SERIES: usize = 100;
+/// The image label of the queues summed (not an image name: names have no parentheses).
+const OTHER_IMAGES: &str = "(others)";
+
+/// `queue` (image, jobs) as its series: the [`MAX_IMAGE_SERIES`] deepest, then the others' sum.
+fn deepest_queues(queue: &[(String, i64)]) -> Vec<(&str, i64)> {
+    let mut deepest: Vec<(&str, i64)> = queue.iter().map(|(i, n)| (i.as_str(), *n)).collect();
+    deepest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    if deepest.len() > MAX_IMAGE_SERIES {
+        let others = deepest.split_off(MAX_IMAGE_SERIES);
+        deepest.push((OTHER_IMAGES, others.iter().map(|(_, n)| n).sum()));
+    }
+    deepest
 }
 
 /// The server's metrics: one set per server process (each test's server has its own).
@@ -258,6 +275,25 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_a_queue_of_many_images_has_bounded_series() {
+        let queue: Vec<(String, i64)> = (0..150).map(|i| (format!("img-{i:03}"), i)).collect();
+        let metrics = Metrics::default();
+        let text = metrics.render(Figures {
+            by_state: Vec::new(),
+            queue_depth: queue,
+        });
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("vmfarm_queue_depth{"))
+            .collect();
+        assert_eq!(series.len(), MAX_IMAGE_SERIES + 1, "{text}");
+        assert!(series.contains(&"vmfarm_queue_depth{image=\"img-149\"} 149"));
+        assert!(!text.contains("img-049"));
+        // The 50 shallowest, 0 to 49, summed.
+        assert!(series.contains(&"vmfarm_queue_depth{image=\"(others)\"} 1225"));
+    }
 
     #[test]
     fn test_unusual_methods_share_one_series() {
