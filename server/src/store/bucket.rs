@@ -8,14 +8,15 @@
 use super::{Checked, Place, Span, StoreResult};
 use crate::config::S3Bucket;
 use crate::error::{AppError, AppResult};
-use bytes::BytesMut;
+use bytes::Bytes;
 use futures_util::{Stream, StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as Key;
 use object_store::{ClientOptions, GetOptions, GetRange, MultipartUpload, ObjectStore, PutPayload};
 use std::collections::HashSet;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 /// The size of a multipart upload's parts (S3 wants at least 5 MiB but for the last).
 const PART: usize = 8 << 20;
@@ -23,11 +24,11 @@ const PART: usize = 8 << 20;
 pub const MAX_OBJECT: u64 = PART as u64 * 10_000;
 /// S3's longest key, in bytes.
 const MAX_KEY: usize = 1024;
-/// Parts of one upload sent at once; with the part being filled, an upload holds at most
-/// `(PARTS_IN_FLIGHT + 1) * PART` bytes of memory.
+/// Parts of one upload sent at once; with a full part waiting its turn and the part being
+/// filled, an upload holds at most `(PARTS_IN_FLIGHT + 2) * PART` bytes of memory.
 const PARTS_IN_FLIGHT: usize = 2;
 /// Uploads received at once; more wait their turn (they would otherwise each hold their parts
-/// in memory): at most 8 * 24 MiB.
+/// in memory): at most 8 * 32 MiB.
 const UPLOADS_AT_ONCE: usize = 8;
 
 #[derive(Clone)]
@@ -37,6 +38,8 @@ pub struct Bucket {
     /// For downloads, which last as long as the user's connection takes to read them.
     reads: Arc<dyn ObjectStore>,
     uploads: Arc<Semaphore>,
+    /// The keys' prefix, without slashes at its ends.
+    prefix: String,
     /// What the logs and errors call it (`s3://bucket/prefix at endpoint`).
     pub name: String,
 }
@@ -51,6 +54,7 @@ impl Bucket {
             writes,
             reads,
             uploads: Arc::new(Semaphore::new(UPLOADS_AT_ONCE)),
+            prefix: config.prefix.trim_matches('/').to_owned(),
             name: config.describe(),
         };
         let probe = Key::from(format!(
@@ -88,48 +92,68 @@ impl Bucket {
         E: std::fmt::Display,
     {
         let key = Self::key(place);
-        if key.as_ref().len() > MAX_KEY {
+        let full_key = self.prefix.len() + 1 + key.as_ref().len();
+        if full_key > MAX_KEY {
             return Err(AppError::BadRequest(format!(
-                "artifact name `{}` is too long for the artifact bucket: its key would be {} bytes, \
-                 S3 takes at most {MAX_KEY}",
-                place.name,
-                key.as_ref().len()
+                "artifact name `{}` is too long for the artifact bucket: its key would be \
+                 {full_key} bytes, S3 takes at most {MAX_KEY}",
+                place.name
             )));
         }
         let _turn = self.uploads.acquire().await.map_err(AppError::internal)?;
-        // The pieces are copied: a piece may hold on to a much larger read buffer.
-        let mut filling = BytesMut::with_capacity(PART);
-        while filling.len() < PART {
-            match body.next().await? {
-                Some(piece) => filling.extend_from_slice(&piece),
+        let mut cutter = Cutter::new();
+        let mut pending: Option<Pending> = None;
+        let received = async {
+            while let Some(piece) = body.next().await? {
+                for part in cutter.take(&piece) {
+                    let upload = match &mut pending {
+                        Some(upload) => upload,
+                        None => pending.insert(self.start(&key).await?),
+                    };
+                    upload.send(part).await?;
+                }
+            }
+            let size = body.finish()?;
+            let rest = cutter.rest();
+            match &mut pending {
                 None => {
-                    let size = body.finish()?;
-                    let payload = PutPayload::from(filling.freeze());
+                    let payload = PutPayload::from(rest);
                     self.writes
                         .put(&key, payload)
                         .await
                         .map_err(AppError::internal)?;
-                    return Ok(size);
+                }
+                Some(upload) => {
+                    if !rest.is_empty() {
+                        upload.send(rest).await?;
+                    }
+                    upload.complete().await?;
                 }
             }
+            Ok(size)
         }
+        .await;
+        if received.is_err()
+            && let Some(upload) = &mut pending
+        {
+            upload.abort().await;
+        }
+        received
+    }
+
+    /// Starts a multipart upload to `key`.
+    async fn start(&self, key: &Key) -> AppResult<Pending> {
         let upload = self
             .writes
-            .put_multipart(&key)
+            .put_multipart(key)
             .await
             .map_err(AppError::internal)?;
-        let mut pending = Pending {
+        Ok(Pending {
             upload: Some(upload),
-            key,
+            sending: tokio::task::JoinSet::new(),
+            key: key.clone(),
             bucket: self.name.clone(),
-        };
-        match send_parts(&mut pending, filling, body).await {
-            Ok(size) => Ok(size),
-            Err(e) => {
-                pending.abort().await;
-                Err(e)
-            }
-        }
+        })
     }
 
     pub async fn read(&self, place: &Place, span: Span) -> StoreResult<super::ByteStream> {
@@ -197,8 +221,10 @@ impl Bucket {
 }
 
 /// A client of `config`'s bucket, under its prefix. Credentials: the config's, else
-/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`, else the host's
-/// instance role; no other `AWS_*` variable changes what the config says.
+/// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`, else a web identity
+/// (`AWS_WEB_IDENTITY_TOKEN_FILE`, `AWS_ROLE_ARN`) or a container's role
+/// (`AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`), else the host's instance role; no other `AWS_*`
+/// variable changes what the config says.
 fn client(
     config: &S3Bucket,
     options: ClientOptions,
@@ -217,6 +243,9 @@ fn client(
             .zip(from_env("AWS_SECRET_ACCESS_KEY"))
             .map(|(id, secret)| (id, secret, from_env("AWS_SESSION_TOKEN"))),
     };
+    if let Some(uri) = from_env("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") {
+        builder = builder.with_config(AmazonS3ConfigKey::ContainerCredentialsRelativeUri, uri);
+    }
     if let Some((id, secret, token)) = credentials {
         builder = builder
             .with_access_key_id(id)
@@ -232,85 +261,117 @@ fn client(
     )))
 }
 
-/// A multipart upload not yet completed: aborted if dropped (the request went away).
+/// The body cut into parts of exactly [`PART`] bytes, each its own allocation: the pieces are
+/// copied in (a piece may hold on to a much larger read buffer).
+struct Cutter {
+    filling: Vec<u8>,
+}
+
+impl Cutter {
+    fn new() -> Cutter {
+        // Pages a small upload does not touch cost nothing.
+        Cutter {
+            filling: Vec::with_capacity(PART),
+        }
+    }
+
+    /// Takes `piece` in; the parts it filled.
+    fn take(&mut self, mut piece: &[u8]) -> Vec<Bytes> {
+        let mut full = Vec::new();
+        while !piece.is_empty() {
+            let n = piece.len().min(PART - self.filling.len());
+            self.filling.extend_from_slice(&piece[..n]);
+            piece = &piece[n..];
+            if self.filling.len() == PART {
+                let part = std::mem::replace(&mut self.filling, Vec::with_capacity(PART));
+                full.push(Bytes::from(part));
+            }
+        }
+        full
+    }
+
+    /// What is left once the body has ended: the last part, or the whole of a small body.
+    fn rest(self) -> Bytes {
+        Bytes::from(self.filling)
+    }
+}
+
+/// A multipart upload not yet completed, and its parts being sent: aborted, once those have
+/// ended, on a failure or when dropped (the request went away).
 struct Pending {
+    /// `None` once completed or aborted.
     upload: Option<Box<dyn MultipartUpload>>,
+    sending: JoinSet<object_store::Result<()>>,
     key: Key,
     bucket: String,
 }
 
 impl Pending {
-    fn upload(&mut self) -> &mut Box<dyn MultipartUpload> {
-        self.upload
+    /// Sends `part` once fewer than [`PARTS_IN_FLIGHT`] are on their way.
+    async fn send(&mut self, part: Bytes) -> AppResult<()> {
+        while self.sending.len() >= PARTS_IN_FLIGHT {
+            part_sent(self.sending.join_next().await)?;
+        }
+        let upload = self
+            .upload
             .as_mut()
-            .expect("an upload is pending until completed or aborted")
+            .expect("parts are sent only before the upload is completed or aborted");
+        let sent = upload.put_part(PutPayload::from(part));
+        self.sending.spawn(sent);
+        Ok(())
     }
 
-    /// Completes the upload: dropped after this, it aborts nothing.
-    async fn complete(&mut self) -> object_store::Result<()> {
-        self.upload().complete().await?;
+    /// Completes the upload once every part is in: dropped after this, it aborts nothing.
+    async fn complete(&mut self) -> AppResult<()> {
+        while !self.sending.is_empty() {
+            part_sent(self.sending.join_next().await)?;
+        }
+        if let Some(upload) = self.upload.as_mut() {
+            upload.complete().await.map_err(AppError::internal)?;
+        }
         self.upload = None;
         Ok(())
     }
 
     async fn abort(&mut self) {
-        if let Some(mut upload) = self.upload.take() {
-            log_abort(upload.abort().await, &self.bucket, &self.key);
+        if let Some(upload) = self.upload.take() {
+            abort(
+                upload,
+                std::mem::take(&mut self.sending),
+                &self.bucket,
+                &self.key,
+            )
+            .await;
         }
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        let (Some(mut upload), Ok(runtime)) =
+        let (Some(upload), Ok(runtime)) =
             (self.upload.take(), tokio::runtime::Handle::try_current())
         else {
             return;
         };
+        let sending = std::mem::take(&mut self.sending);
         let (bucket, key) = (self.bucket.clone(), self.key.clone());
-        runtime.spawn(async move { log_abort(upload.abort().await, &bucket, &key) });
+        runtime.spawn(async move { abort(upload, sending, &bucket, &key).await });
     }
 }
 
-fn log_abort(aborted: object_store::Result<()>, bucket: &str, key: &Key) {
-    if let Err(e) = aborted {
+/// Lets the parts on their way end (a part the service is still taking may outlive an abort
+/// sent before it), then aborts the upload.
+async fn abort(
+    mut upload: Box<dyn MultipartUpload>,
+    mut sending: JoinSet<object_store::Result<()>>,
+    bucket: &str,
+    key: &Key,
+) {
+    while sending.join_next().await.is_some() {}
+    if let Err(e) = upload.abort().await {
         tracing::warn!(%bucket, %key, error = %e,
             "a failed upload was not aborted: the bucket's lifecycle rule for incomplete multipart uploads removes its parts");
     }
-}
-
-/// Sends `filling` (a first part) and the rest of `body` as the parts of `pending`, at most
-/// [`PARTS_IN_FLIGHT`] at a time, and completes it once the body checks out; its size.
-async fn send_parts<S, E>(
-    pending: &mut Pending,
-    mut filling: BytesMut,
-    body: &mut Checked<S>,
-) -> AppResult<u64>
-where
-    S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
-    E: std::fmt::Display,
-{
-    let mut sending = tokio::task::JoinSet::new();
-    let mut ended = false;
-    while !ended {
-        match body.next().await? {
-            Some(piece) => filling.extend_from_slice(&piece),
-            None => ended = true,
-        }
-        while filling.len() >= PART || (ended && !filling.is_empty()) {
-            let part = filling.split_to(filling.len().min(PART)).freeze();
-            while sending.len() >= PARTS_IN_FLIGHT {
-                part_sent(sending.join_next().await)?;
-            }
-            sending.spawn(pending.upload().put_part(PutPayload::from(part)));
-        }
-    }
-    let size = body.finish()?;
-    while !sending.is_empty() {
-        part_sent(sending.join_next().await)?;
-    }
-    pending.complete().await.map_err(AppError::internal)?;
-    Ok(size)
 }
 
 fn part_sent(
@@ -320,5 +381,31 @@ fn part_sent(
         Some(Ok(sent)) => sent.map_err(AppError::internal),
         Some(Err(e)) => Err(AppError::internal(e)),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_parts_are_cut_exactly_whatever_the_pieces() {
+        let mut cutter = Cutter::new();
+        let mut parts = Vec::new();
+        // Pieces of sizes that straddle the parts' boundaries.
+        for (i, size) in [1, PART - 2, 3, 2 * PART + 5, 7].into_iter().enumerate() {
+            parts.extend(cutter.take(&vec![i as u8; size]));
+        }
+        let rest = cutter.rest();
+        assert_eq!(parts.len(), 3);
+        assert!(parts.iter().all(|p| p.len() == PART));
+        let total: usize = [1, PART - 2, 3, 2 * PART + 5, 7].iter().sum();
+        assert_eq!(rest.len(), total - 3 * PART);
+        // The bytes keep their order across the cuts.
+        assert_eq!(parts[0][0], 0);
+        assert_eq!(parts[0][PART - 1], 2);
+        assert_eq!(parts[1][0], 2);
+        assert_eq!((parts[1][1], parts[1][2]), (2, 3));
+        assert_eq!(*rest.last().unwrap(), 4);
     }
 }

@@ -200,6 +200,10 @@ impl ArtifactStore {
     }
 }
 
+/// How long an upload may send nothing before it is given up (a worker sends a file of its
+/// disk: a stall is a broken connection, which would otherwise hold the upload's turn).
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// An upload's body as it streams in: held to its room, hashed, and checked at its end.
 pub struct Checked<S> {
     body: S,
@@ -224,9 +228,17 @@ where
         }
     }
 
-    /// The next piece of the body; an error when it broke off or went past its room.
+    /// The next piece of the body; an error when it broke off, stalled for [`UPLOAD_IDLE`], or
+    /// went past its room.
     pub async fn next(&mut self) -> AppResult<Option<bytes::Bytes>> {
-        let Some(piece) = self.body.next().await else {
+        let next = tokio::time::timeout(UPLOAD_IDLE, self.body.next()).await;
+        let Some(piece) = next.map_err(|_| {
+            AppError::BadRequest(format!(
+                "the upload stalled: no bytes came for {} s",
+                UPLOAD_IDLE.as_secs()
+            ))
+        })?
+        else {
             return Ok(None);
         };
         let piece =
@@ -444,6 +456,26 @@ mod tests {
                 .next()
                 .is_none(),
             "no upload is left half-way"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn test_an_upload_that_stalls_is_given_up() {
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from("a"))]);
+        let body = Box::pin(futures_util::StreamExt::chain(
+            first,
+            futures_util::stream::pending(),
+        ));
+        let room = super::Room {
+            bytes: 10,
+            by_total: false,
+        };
+        let mut checked = super::Checked::new(body, room, "");
+        assert_eq!(checked.next().await.unwrap().unwrap(), "a");
+        let stalled = checked.next().await.unwrap_err();
+        assert!(
+            stalled.to_string().contains("no bytes came for 60 s"),
+            "{stalled}"
         );
     }
 
