@@ -5,7 +5,7 @@
 //! out; otherwise (or when the request is dropped) it is aborted. Either way the object appears
 //! whole or not at all.
 
-use super::{Checked, Place, Span, StoreResult};
+use super::{Checked, IDLE_LIMIT, Place, Span, StoreResult};
 use crate::config::S3Bucket;
 use crate::error::{AppError, AppResult};
 use bytes::Bytes;
@@ -165,8 +165,12 @@ impl Bucket {
             range,
             ..GetOptions::default()
         };
-        let got = self.reads.get_opts(&Self::key(place), options).await?;
-        Ok(Box::pin(got.into_stream().map_err(std::io::Error::other)))
+        let key = Self::key(place);
+        let asked = self.reads.get_opts(&key, options);
+        let got = tokio::time::timeout(IDLE_LIMIT, asked)
+            .await
+            .map_err(|_| stalled())??;
+        Ok(Box::pin(idle_limited(got.into_stream())))
     }
 
     pub async fn remove(&self, place: &Place) -> StoreResult<()> {
@@ -259,6 +263,33 @@ fn client(
         s3,
         config.prefix.trim_matches('/'),
     )))
+}
+
+/// A bucket that stopped answering a download (the reads' client has no time limit of its own:
+/// a download lasts as long as its reader takes).
+fn stalled() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "the artifact bucket sent nothing for {} s",
+            IDLE_LIMIT.as_secs()
+        ),
+    )
+}
+
+/// `bytes`, ended with an error when the bucket sends nothing for [`IDLE_LIMIT`] once asked for
+/// more (a reader that does not ask is not timed).
+fn idle_limited(
+    bytes: futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>,
+) -> impl Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    futures_util::stream::unfold(Some(bytes), |bytes| async move {
+        let mut bytes = bytes?;
+        match tokio::time::timeout(IDLE_LIMIT, bytes.next()).await {
+            Ok(Some(piece)) => Some((piece.map_err(std::io::Error::other), Some(bytes))),
+            Ok(None) => None,
+            Err(_) => Some((Err(stalled()), None)),
+        }
+    })
 }
 
 /// The body cut into parts of exactly [`PART`] bytes, each its own allocation: the pieces are
@@ -387,6 +418,17 @@ fn part_sent(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn test_a_download_the_bucket_stops_sending_ends_in_an_error() {
+        let first = futures_util::stream::iter([Ok(Bytes::from("a"))]);
+        let stalls = first.chain(futures_util::stream::pending()).boxed();
+        let mut read = Box::pin(idle_limited(stalls));
+        assert_eq!(read.next().await.unwrap().unwrap(), "a");
+        let stalled = read.next().await.unwrap().unwrap_err();
+        assert_eq!(stalled.kind(), std::io::ErrorKind::TimedOut);
+        assert!(read.next().await.is_none(), "it ends after the error");
+    }
 
     #[test]
     fn test_parts_are_cut_exactly_whatever_the_pieces() {

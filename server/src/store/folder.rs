@@ -114,10 +114,7 @@ impl Folder {
     }
 
     pub async fn remove(&self, place: &Place) -> StoreResult<()> {
-        match tokio::fs::remove_file(self.file(place)).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
-        }
+        Ok(remove_file(&self.file(place)).await?)
     }
 
     pub async fn job_ids(&self) -> StoreResult<Vec<i64>> {
@@ -135,13 +132,17 @@ impl Folder {
         Ok(out)
     }
 
-    /// Removes every file of `job` (`attempt`: of that attempt only); how many went.
+    /// Removes every file of `job` (`attempt`: of that attempt only), then its folders; how many
+    /// files went.
     pub async fn remove_all(&self, job: i64, attempt: Option<i64>) -> StoreResult<usize> {
         let folder = self.folder(job, attempt);
-        let count = files_under(folder.clone()).await?.len();
+        let files = files_under(folder.clone()).await?;
+        for file in &files {
+            remove_file(file).await?;
+        }
         match tokio::fs::remove_dir_all(&folder).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(count),
+            _ => Ok(files.len()),
         }
     }
 
@@ -152,13 +153,19 @@ impl Folder {
         let mut removed = 0;
         for file in files_under(root).await? {
             if !known.contains(&file) {
-                match tokio::fs::remove_file(&file).await {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-                    _ => removed += 1,
-                }
+                remove_file(&file).await?;
+                removed += 1;
             }
         }
         Ok(removed)
+    }
+}
+
+/// Removes the file at `path`; gone already is fine.
+async fn remove_file(path: &Path) -> std::io::Result<()> {
+    match tokio::fs::remove_file(path).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 

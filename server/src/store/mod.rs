@@ -32,6 +32,18 @@ pub struct Place {
     pub name: String,
 }
 
+impl Place {
+    /// Artifact `name` of `job`'s `attempt`; `name` is checked to stay in its folder.
+    fn of_attempt(job: i64, attempt: i64, name: &str) -> AppResult<Place> {
+        check_name(name)?;
+        Ok(Place {
+            job,
+            attempt: Some(attempt),
+            name: name.to_owned(),
+        })
+    }
+}
+
 /// What of a file to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Span {
@@ -48,8 +60,9 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<bytes::Bytes>> +
 /// A failure of the store itself (its disk, or the bucket's service).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The folder's disk, or a bucket's answer that stalled.
     #[error("{0}")]
-    Folder(#[from] std::io::Error),
+    Io(#[from] std::io::Error),
     #[error("{0}")]
     Bucket(#[from] object_store::Error),
 }
@@ -69,7 +82,7 @@ pub enum OpenError {
     Folder(std::path::PathBuf, std::io::Error),
     #[error("cannot use the artifact bucket {0} (a test write and delete): {1}")]
     Bucket(String, object_store::Error),
-    #[error("limits.max_artifact_size is {0} bytes: an artifact bucket takes at most {max} bytes per object", max = bucket::MAX_OBJECT)]
+    #[error("limits.max_artifact_size is {0} bytes: an artifact bucket takes at most {max} bytes per object; lower the limit to that", max = bucket::MAX_OBJECT)]
     TooLargeForBucket(u64),
 }
 
@@ -124,12 +137,7 @@ impl ArtifactStore {
                 "X-Vmfarm-Sha256 must be 64 hex digits".into(),
             ));
         }
-        check_name(name)?;
-        let place = Place {
-            job,
-            attempt: Some(attempt),
-            name: name.to_owned(),
-        };
+        let place = Place::of_attempt(job, attempt, name)?;
         let mut body = Checked::new(body, room, &wanted);
         let size = match self {
             ArtifactStore::Folder(folder) => folder.receive(&place, &mut body).await?,
@@ -152,12 +160,7 @@ impl ArtifactStore {
 
     /// Removes a received artifact whose row was refused.
     pub async fn discard(&self, job: i64, attempt: i64, name: &str) -> AppResult<()> {
-        check_name(name)?;
-        let place = Place {
-            job,
-            attempt: Some(attempt),
-            name: name.to_owned(),
-        };
+        let place = Place::of_attempt(job, attempt, name)?;
         match self {
             ArtifactStore::Folder(folder) => folder.remove(&place).await?,
             ArtifactStore::Bucket(bucket) => bucket.remove(&place).await?,
@@ -200,9 +203,10 @@ impl ArtifactStore {
     }
 }
 
-/// How long an upload may send nothing before it is given up (a worker sends a file of its
-/// disk: a stall is a broken connection, which would otherwise hold the upload's turn).
-const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long a transfer may move no bytes before it is given up: an upload (a worker sends a
+/// file of its disk: a stall is a broken connection, which would otherwise hold the upload's
+/// turn), or a bucket's answer to a download (a service that stopped answering).
+const IDLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// An upload's body as it streams in: held to its room, hashed, and checked at its end.
 pub struct Checked<S> {
@@ -228,14 +232,14 @@ where
         }
     }
 
-    /// The next piece of the body; an error when it broke off, stalled for [`UPLOAD_IDLE`], or
+    /// The next piece of the body; an error when it broke off, stalled for [`IDLE_LIMIT`], or
     /// went past its room.
     pub async fn next(&mut self) -> AppResult<Option<bytes::Bytes>> {
-        let next = tokio::time::timeout(UPLOAD_IDLE, self.body.next()).await;
+        let next = tokio::time::timeout(IDLE_LIMIT, self.body.next()).await;
         let Some(piece) = next.map_err(|_| {
             AppError::BadRequest(format!(
                 "the upload stalled: no bytes came for {} s",
-                UPLOAD_IDLE.as_secs()
+                IDLE_LIMIT.as_secs()
             ))
         })?
         else {
