@@ -1,36 +1,43 @@
-//! The guest's side of the boot contract: the `vmfarm.*` words of the kernel command line, parsed
-//! by `vmfarm_proto::guest` (the worker composes them with the same type); the job's key is
-//! decoded and checked here, where russh is.
+//! The guest's side of the boot contract: the `vmfarm.*` words of the kernel command line and
+//! the job's identity line from the channel, both parsed by `vmfarm_proto::guest` (the worker
+//! composes them with the same types); the job's key is decoded and checked here, where russh is.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use russh::keys::{Algorithm, PublicKey};
 pub use vmfarm_proto::guest::ChannelKind;
-use vmfarm_proto::guest::{CmdlineError, GuestCmdline};
+use vmfarm_proto::guest::{CmdlineError, GuestCmdline, Identity};
 
 /// What the worker told the guest on the kernel command line.
 #[derive(Debug, Clone)]
 pub struct BootConfig {
     pub channel: ChannelKind,
+    /// The build user's name.
+    pub user: String,
+}
+
+/// What the worker told the guest over the channel, for its job.
+#[derive(Debug, Clone)]
+pub struct JobIdentity {
     /// The only public key the SSH server accepts.
     pub key: PublicKey,
     pub hostname: String,
     /// Unix seconds to set the clock to.
     pub time: i64,
-    /// The build user's name.
-    pub user: String,
+    /// Fresh entropy from the host, for the kernel's random pool.
+    pub seed: [u8; 32],
 }
 
-/// Why the kernel command line gives the agent nothing to serve.
+/// Why the command line or the identity line gives the agent nothing to serve.
 #[derive(Debug, thiserror::Error)]
 pub enum BootConfigError {
     #[error(transparent)]
     Cmdline(#[from] CmdlineError),
-    #[error("vmfarm.key: not base64")]
+    #[error("identity key: not base64")]
     KeyNotBase64(#[source] base64::DecodeError),
-    #[error("vmfarm.key: not an SSH public key blob")]
+    #[error("identity key: not an SSH public key blob")]
     KeyNotSsh(#[source] russh::keys::ssh_key::Error),
-    #[error("vmfarm.key: {0} keys are not accepted, only ssh-ed25519")]
+    #[error("identity key: {0} keys are not accepted, only ssh-ed25519")]
     KeyNotEd25519(Algorithm),
 }
 
@@ -40,11 +47,21 @@ impl BootConfig {
         let c = GuestCmdline::parse(cmdline)?;
         Ok(BootConfig {
             channel: c.channel,
-            key: parse_key(&c.key_blob)?,
-            hostname: c.hostname,
-            // `GuestCmdline::parse` takes only times that fit a time_t.
-            time: i64::try_from(c.time).map_err(|_| CmdlineError::BadTime(c.time.to_string()))?,
             user: c.user,
+        })
+    }
+}
+
+impl JobIdentity {
+    /// Parses the identity line the worker sent.
+    pub fn parse(line: &str) -> Result<Self, BootConfigError> {
+        let id = Identity::parse(line)?;
+        Ok(JobIdentity {
+            key: parse_key(&id.key_blob)?,
+            hostname: id.hostname,
+            // `Identity::parse` takes only times that fit a time_t.
+            time: i64::try_from(id.time).map_err(|_| CmdlineError::BadTime(id.time.to_string()))?,
+            seed: id.seed,
         })
     }
 }
@@ -70,7 +87,7 @@ pub(crate) mod test_keys {
         PrivateKey::from(Ed25519Keypair::from_seed(&[seed; 32]))
     }
 
-    /// The base64 wire blob of `key(seed)`'s public half, as the worker puts it on the command line.
+    /// The base64 wire blob of `key(seed)`'s public half, as the worker sends it in the identity.
     pub fn blob(seed: u8) -> String {
         use base64::Engine as _;
         let bytes = key(seed).public_key().to_bytes().expect("encode");
@@ -83,20 +100,24 @@ mod tests {
     use super::test_keys::{blob, key};
     use super::*;
 
-    fn line(channel: &str, key_blob: &str) -> String {
-        format!(
-            "console=ttyS0 reboot=k panic=-1 vmfarm.channel={channel} vmfarm.key={key_blob} \
-             vmfarm.hostname=job-42 vmfarm.time=1795000000 vmfarm.user=build quiet"
-        )
+    fn identity(key_blob: &str) -> String {
+        Identity {
+            key_blob: key_blob.into(),
+            hostname: "job-42".into(),
+            time: 1_795_000_000,
+            seed: [9; 32],
+        }
+        .line()
     }
 
     #[test]
-    fn test_parses_the_full_contract() {
-        let c = BootConfig::parse(&line("vport:org.vmfarm.ssh", &blob(1))).unwrap();
+    fn test_parses_the_command_line() {
+        let c = BootConfig::parse(
+            "console=ttyS0 reboot=k panic=-1 vmfarm.channel=vport:org.vmfarm.ssh \
+             vmfarm.user=build quiet",
+        )
+        .unwrap();
         assert_eq!(c.channel, ChannelKind::Vport("org.vmfarm.ssh".into()));
-        assert_eq!(c.key.key_data(), key(1).public_key().key_data());
-        assert_eq!(c.hostname, "job-42");
-        assert_eq!(c.time, 1_795_000_000);
         assert_eq!(c.user, "build");
     }
 
@@ -104,17 +125,16 @@ mod tests {
     fn test_reads_what_the_worker_composes() {
         let composed = GuestCmdline {
             channel: ChannelKind::Vsock(22),
-            key_blob: blob(2),
-            hostname: "job-9".into(),
-            time: 1_795_000_001,
             user: "build".into(),
             emulated: true,
         }
         .compose();
         let c = BootConfig::parse(&composed).unwrap();
         assert_eq!(c.channel, ChannelKind::Vsock(22));
-        assert_eq!(c.key.key_data(), key(2).public_key().key_data());
-        assert_eq!((c.hostname.as_str(), c.time), ("job-9", 1_795_000_001));
+        let id = JobIdentity::parse(&identity(&blob(2))).unwrap();
+        assert_eq!(id.key.key_data(), key(2).public_key().key_data());
+        assert_eq!((id.hostname.as_str(), id.time), ("job-42", 1_795_000_000));
+        assert_eq!(id.seed, [9; 32]);
     }
 
     #[test]
@@ -133,7 +153,7 @@ mod tests {
             ("AAAA", "not an SSH public key blob"),
             (ECDSA_BLOB, "only ssh-ed25519"),
         ] {
-            let err = BootConfig::parse(&line("vsock:22", bad)).unwrap_err();
+            let err = JobIdentity::parse(&identity(bad)).unwrap_err();
             assert!(err.to_string().contains(want), "{bad}: {err}");
         }
     }

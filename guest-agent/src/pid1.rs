@@ -1,5 +1,5 @@
-//! The PID-1 role in the root disk: mounts, hostname and clock, the build user, then the SSH
-//! server as a child process while PID 1 reaps every orphan.
+//! The PID-1 role in the root disk: mounts, the build user, then the SSH server as a child
+//! process (which takes on the job's identity) while PID 1 reaps every orphan.
 
 use std::path::Path;
 use std::process::Command;
@@ -17,10 +17,8 @@ pub fn run() -> Result<()> {
     unsafe { std::env::set_var("PATH", PATH) };
     mount_system().context("mounting the system folders")?;
     let config = read_config()?;
-    sys::sethostname(&config.hostname).context("setting the hostname")?;
-    sys::set_clock(config.time).context("setting the clock")?;
     sys::loopback_up().context("bringing the loopback interface up")?;
-    user::ensure(&config.user, &config.hostname).context("creating the build user")?;
+    user::ensure(&config.user).context("creating the build user")?;
     supervise()
 }
 

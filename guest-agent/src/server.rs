@@ -1,23 +1,127 @@
-//! The SSH server: one host key made at boot, one accepted client key (the job's), sessions
-//! over the host channel named on the kernel command line.
+//! The SSH server: it waits on the host channel named on the kernel command line for the job's
+//! identity (CONTRACTS.md), takes it on (host name, clock, random pool), makes its host key,
+//! then accepts one client key (the job's) for sessions over the same channel.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use russh::keys::ssh_key::private::Ed25519Keypair;
 use russh::keys::{HashAlg, PrivateKey, PublicKey};
 use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
-use tokio::io::{AsyncRead, AsyncWrite};
-use vmfarm_proto::guest::ReadyLine;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite};
+use vmfarm_proto::guest::{Identity, ReadyLine, WAITING_LINE};
 
 use crate::channel::{self, Vport, VsockListener};
-use crate::cmdline::{BootConfig, ChannelKind};
+use crate::cmdline::{BootConfig, ChannelKind, JobIdentity};
 use crate::forward::Forwards;
-use crate::{session, sys};
+use crate::{session, sys, user};
+
+/// Where the identity is kept once received, for a server that restarts.
+const SAVED_IDENTITY: &str = "/run/vmfarm-identity";
 
 pub async fn serve(config: BootConfig) -> Result<()> {
+    match config.channel {
+        ChannelKind::Vport(name) => {
+            let path = channel::find_vport(&name, Duration::from_secs(20))?;
+            let port = Vport::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            let identity = match saved_identity()? {
+                Some(identity) => identity,
+                None => {
+                    println!("{WAITING_LINE}");
+                    let first = port.next_session().await.context("waiting for the host")?;
+                    receive_identity(first).await?
+                }
+            };
+            let (ssh, policy) = take_on(identity, config.user)?;
+            loop {
+                let stream = port.next_session().await.context("waiting for the host")?;
+                run_session(ssh.clone(), stream, policy.clone()).await;
+            }
+        }
+        ChannelKind::Vsock(port) => {
+            let listener = VsockListener::bind(port)
+                .with_context(|| format!("listening on vsock port {port}"))?;
+            let accept = async || {
+                listener
+                    .accept()
+                    .await
+                    .context("accepting a vsock connection")
+            };
+            let identity = match saved_identity()? {
+                Some(identity) => identity,
+                None => {
+                    println!("{WAITING_LINE}");
+                    receive_identity(accept().await?).await?
+                }
+            };
+            let (ssh, policy) = take_on(identity, config.user)?;
+            loop {
+                tokio::spawn(run_session(ssh.clone(), accept().await?, policy.clone()));
+            }
+        }
+    }
+}
+
+/// Reads the identity line, the first thing the worker sends on the channel's first connection
+/// (at most [`Identity::MAX_LINE`] bytes), and keeps it for a server that restarts.
+async fn receive_identity<S: AsyncRead + Unpin>(mut stream: S) -> Result<JobIdentity> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if line.len() >= Identity::MAX_LINE {
+            bail!(
+                "the job's identity line is longer than {} bytes",
+                Identity::MAX_LINE
+            );
+        }
+        if stream
+            .read(&mut byte)
+            .await
+            .context("reading the job's identity")?
+            == 0
+        {
+            bail!("the host closed the channel before it sent the job's identity");
+        }
+        line.push(byte[0]);
+    }
+    let text = std::str::from_utf8(&line).context("the job's identity is not UTF-8")?;
+    let identity = JobIdentity::parse(text)?;
+    save_identity(text).context("keeping the job's identity")?;
+    Ok(identity)
+}
+
+fn save_identity(line: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(SAVED_IDENTITY)?
+        .write_all(line.as_bytes())
+}
+
+fn saved_identity() -> Result<Option<JobIdentity>> {
+    match std::fs::read_to_string(SAVED_IDENTITY) {
+        Ok(text) => Ok(Some(JobIdentity::parse(&text)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).context(SAVED_IDENTITY),
+    }
+}
+
+/// Takes the job's identity on (host name, clock, the host's entropy, which reseeds the
+/// kernel's generator), then makes the host key from the reseeded generator and announces it.
+fn take_on(
+    identity: JobIdentity,
+    user: String,
+) -> Result<(Arc<russh::server::Config>, Arc<Policy>)> {
+    sys::sethostname(&identity.hostname).context("setting the hostname")?;
+    user::name_host(&identity.hostname).context("naming the host in /etc/hosts")?;
+    sys::set_clock(identity.time).context("setting the clock")?;
+    sys::reseed_random(&identity.seed).context("reseeding the random pool")?;
     let host_key = generate_host_key().context("generating the host key")?;
     let fingerprint = host_key.public_key().fingerprint(HashAlg::Sha256);
     let ssh = Arc::new(russh::server::Config {
@@ -30,32 +134,11 @@ pub async fn serve(config: BootConfig) -> Result<()> {
         ..Default::default()
     });
     let policy = Arc::new(Policy {
-        key: config.key,
-        user: config.user,
+        key: identity.key,
+        user,
     });
-    match config.channel {
-        ChannelKind::Vport(name) => {
-            let path = channel::find_vport(&name, Duration::from_secs(20))?;
-            let port = Vport::open(&path).with_context(|| format!("opening {}", path.display()))?;
-            announce(&fingerprint);
-            loop {
-                let stream = port.next_session().await.context("waiting for the host")?;
-                run_session(ssh.clone(), stream, policy.clone()).await;
-            }
-        }
-        ChannelKind::Vsock(port) => {
-            let listener = VsockListener::bind(port)
-                .with_context(|| format!("listening on vsock port {port}"))?;
-            announce(&fingerprint);
-            loop {
-                let stream = listener
-                    .accept()
-                    .await
-                    .context("accepting a vsock connection")?;
-                tokio::spawn(run_session(ssh.clone(), stream, policy.clone()));
-            }
-        }
-    }
+    announce(&fingerprint);
+    Ok((ssh, policy))
 }
 
 /// The ready line on the console (CONTRACTS.md): the worker pins this fingerprint.

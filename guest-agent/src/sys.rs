@@ -129,6 +129,37 @@ pub fn getrandom(buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// `RNDADDENTROPY`, `_IOW('R', 0x03, int[2])` (linux/random.h).
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`, `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mixes `seed` into the kernel's input pool, credited as entropy, and makes the kernel's
+/// random generator reseed from it at once: after a restore from a snapshot, the generator's
+/// state is the snapshot's, shared by every guest restored from it, until this.
+pub fn reseed_random(seed: &[u8; 32]) -> io::Result<()> {
+    /// `struct rand_pool_info` with its 32 bytes.
+    #[repr(C)]
+    struct PoolInfo {
+        entropy_count: libc::c_int,
+        buf_size: libc::c_int,
+        buf: [u8; 32],
+    }
+    let info = PoolInfo {
+        entropy_count: 256,
+        buf_size: 32,
+        buf: *seed,
+    };
+    let random = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // SAFETY: `info` is a rand_pool_info whose buf_size bytes follow its header, alive for the
+    // call; the descriptor is open.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, &info) })?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) })
+}
+
 pub fn sync() {
     // SAFETY: sync(2) takes no arguments and cannot fail.
     unsafe { libc::sync() }

@@ -22,9 +22,8 @@ pub fn shell() -> &'static str {
     }
 }
 
-/// Creates the user (if missing), its home and build directory, its sudo rule, and names
-/// the host in /etc/hosts.
-pub fn ensure(user: &str, hostname: &str) -> io::Result<()> {
+/// Creates the user (if missing), its home and build directory, and its sudo rule.
+pub fn ensure(user: &str) -> io::Result<()> {
     let home = home(user);
     let shell = shell();
     append_line_unless(
@@ -63,13 +62,17 @@ pub fn ensure(user: &str, hostname: &str) -> io::Result<()> {
         std::fs::write(rule, format!("{user} ALL=(ALL) NOPASSWD:ALL\n"))?;
         std::fs::set_permissions(rule, std::fs::Permissions::from_mode(0o440))?;
     }
+    Ok(())
+}
+
+/// Names the host in /etc/hosts (`127.0.1.1`), unless a line for that address is there.
+pub fn name_host(hostname: &str) -> io::Result<()> {
     append_line_unless(
         Path::new("/etc/hosts"),
         "127.0.1.1",
         &format!("127.0.1.1\t{hostname}"),
         Some("127.0.0.1\tlocalhost"),
-    )?;
-    Ok(())
+    )
 }
 
 /// Appends `line` to `path` unless a line already starts with `key` followed by `:` or

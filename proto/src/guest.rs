@@ -1,7 +1,12 @@
 //! The boot contract between the worker and the guest agent (CONTRACTS.md, "Worker <-> guest"):
 //! the kernel command line the worker composes and the agent parses ([`GuestCmdline`]), the host
-//! channel it names ([`ChannelKind`]), and the console line with which the agent announces that
-//! it is ready ([`ReadyLine`]).
+//! channel it names ([`ChannelKind`]), the job's identity the worker sends as the channel's first
+//! line ([`Identity`]), and the console lines with which the agent says it waits for that
+//! identity ([`WAITING_LINE`]) and that it is ready ([`ReadyLine`]).
+//!
+//! The command line holds nothing of the job: a guest booted with it and paused while its agent
+//! waits (a template snapshot) can be restored for any job, which then gets its own key, host
+//! name, clock and random seed over the channel.
 //!
 //! The agent links this module too, so it stays free of anything that would keep the agent from
 //! building static for musl.
@@ -17,12 +22,14 @@ const BASE: &str = "console=ttyS0 reboot=k panic=-1";
 const TCG_WORD: &str = "tsc_early_khz=2000000";
 
 const CHANNEL: &str = "vmfarm.channel";
-const KEY: &str = "vmfarm.key";
-const HOSTNAME: &str = "vmfarm.hostname";
-const TIME: &str = "vmfarm.time";
 const USER: &str = "vmfarm.user";
 /// The `vmfarm.*` words, in the order `compose` writes them.
-const WORDS: [&str; 5] = [CHANNEL, KEY, HOSTNAME, TIME, USER];
+const WORDS: [&str; 2] = [CHANNEL, USER];
+
+/// The console line (without its line end) the agent prints once it listens on its channel
+/// and waits for the job's [`Identity`]: the worker sends the identity after it, and a template
+/// snapshot is taken at it.
+pub const WAITING_LINE: &str = "vmfarm-agent waiting for the job's identity";
 
 /// Where the agent serves SSH (`vmfarm.channel=`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,20 +80,13 @@ impl FromStr for ChannelKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestCmdline {
     pub channel: ChannelKind,
-    /// The job's ssh-ed25519 public key: base64 of its OpenSSH wire blob. Only its alphabet is
-    /// checked here; the agent decodes it and accepts nothing but an ed25519 key.
-    pub key_blob: String,
-    /// The guest's hostname (`job-<id>`): 1 to 63 of `[a-zA-Z0-9-]`, not starting with `-`.
-    pub hostname: String,
-    /// Unix seconds to set the guest's clock to.
-    pub time: u64,
     /// The build user's name: `[a-z_][a-z0-9_-]{0,31}`, never `root`.
     pub user: String,
     /// The guest runs under emulation (TCG): adds `tsc_early_khz=2000000`.
     pub emulated: bool,
 }
 
-/// Why the kernel command line does not carry a valid boot contract.
+/// Why the kernel command line or the identity line does not carry a valid boot contract.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CmdlineError {
     #[error("the kernel command line has no {0}=")]
@@ -95,14 +95,20 @@ pub enum CmdlineError {
     Repeated(&'static str),
     #[error("vmfarm.channel={0:?}: expected vport:NAME or vsock:PORT")]
     BadChannel(String),
-    #[error("vmfarm.key={0:?}: expected base64 of an SSH public key blob")]
-    BadKey(String),
-    #[error("vmfarm.hostname={0:?}: expected 1-63 characters of [a-zA-Z0-9-]")]
-    BadHostname(String),
-    #[error("vmfarm.time={0:?}: expected unix seconds")]
-    BadTime(String),
     #[error("vmfarm.user={0:?}: expected [a-z_][a-z0-9_-]{{0,31}}")]
     BadUser(String),
+    #[error(
+        "the identity line {0:?} is not `{IDENTITY_PREFIX}key=... hostname=... time=... seed=...`"
+    )]
+    BadIdentity(String),
+    #[error("identity key={0:?}: expected base64 of an SSH public key blob")]
+    BadKey(String),
+    #[error("identity hostname={0:?}: expected 1-63 characters of [a-zA-Z0-9-]")]
+    BadHostname(String),
+    #[error("identity time={0:?}: expected unix seconds")]
+    BadTime(String),
+    #[error("identity seed={0:?}: expected 64 hexadecimal digits")]
+    BadSeed(String),
 }
 
 impl GuestCmdline {
@@ -114,13 +120,7 @@ impl GuestCmdline {
             line.push(' ');
             line.push_str(TCG_WORD);
         }
-        let values = [
-            self.channel.to_string(),
-            self.key_blob.clone(),
-            self.hostname.clone(),
-            self.time.to_string(),
-            self.user.clone(),
-        ];
+        let values = [self.channel.to_string(), self.user.clone()];
         for (name, value) in WORDS.iter().zip(values) {
             line.push_str(&format!(" {name}={value}"));
         }
@@ -144,16 +144,99 @@ impl GuestCmdline {
                 return Err(CmdlineError::Repeated(WORDS[i]));
             }
         }
-        let [channel, key, hostname, time, user] = found;
+        let [channel, user] = found;
         Ok(GuestCmdline {
             channel: channel.ok_or(CmdlineError::Missing(CHANNEL))?.parse()?,
-            key_blob: check_key_blob(key.ok_or(CmdlineError::Missing(KEY))?)?,
-            hostname: check_hostname(hostname.ok_or(CmdlineError::Missing(HOSTNAME))?)?,
-            time: parse_time(time.ok_or(CmdlineError::Missing(TIME))?)?,
             user: check_user(user.ok_or(CmdlineError::Missing(USER))?)?,
             emulated,
         })
     }
+}
+
+/// What starts the identity line.
+const IDENTITY_PREFIX: &str = "vmfarm-identity ";
+
+/// The job's identity, the first line the worker sends over the agent's channel (after the
+/// agent's [`WAITING_LINE`]): `vmfarm-identity key=<blob> hostname=<name> time=<secs>
+/// seed=<64 hex>`. The agent sets the host name and the clock, mixes the seed into the kernel's
+/// random pool and reseeds it, and only then makes its host key; so two guests restored from
+/// one snapshot share none of them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The job's ssh-ed25519 public key: base64 of its OpenSSH wire blob. Only its alphabet is
+    /// checked here; the agent decodes it and accepts nothing but an ed25519 key.
+    pub key_blob: String,
+    /// The guest's hostname (`job-<id>`): 1 to 63 of `[a-zA-Z0-9-]`, not starting with `-`.
+    pub hostname: String,
+    /// Unix seconds to set the guest's clock to.
+    pub time: u64,
+    /// 32 bytes from the host's random source.
+    pub seed: [u8; 32],
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("key_blob", &self.key_blob)
+            .field("hostname", &self.hostname)
+            .field("time", &self.time)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// The longest identity line the agent reads, its line end included.
+    pub const MAX_LINE: usize = 1024;
+
+    /// The line, with its line end.
+    pub fn line(&self) -> String {
+        let seed: String = self.seed.iter().map(|b| format!("{b:02x}")).collect();
+        format!(
+            "{IDENTITY_PREFIX}key={} hostname={} time={} seed={seed}\n",
+            self.key_blob, self.hostname, self.time
+        )
+    }
+
+    /// Parses one identity line (with or without its line end).
+    pub fn parse(line: &str) -> Result<Self, CmdlineError> {
+        let bad = || CmdlineError::BadIdentity(line.chars().take(200).collect());
+        let rest = line
+            .strip_suffix('\n')
+            .unwrap_or(line)
+            .strip_prefix(IDENTITY_PREFIX)
+            .ok_or_else(bad)?;
+        let words: Vec<(&str, &str)> = rest
+            .split(' ')
+            .map(|w| w.split_once('=').ok_or_else(bad))
+            .collect::<Result<_, _>>()?;
+        let [
+            ("key", key),
+            ("hostname", hostname),
+            ("time", time),
+            ("seed", seed),
+        ] = words[..]
+        else {
+            return Err(bad());
+        };
+        Ok(Identity {
+            key_blob: check_key_blob(key)?,
+            hostname: check_hostname(hostname)?,
+            time: parse_time(time)?,
+            seed: parse_seed(seed)?,
+        })
+    }
+}
+
+fn parse_seed(value: &str) -> Result<[u8; 32], CmdlineError> {
+    let bad = || CmdlineError::BadSeed(value.to_owned());
+    if value.len() != 64 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let mut seed = [0u8; 32];
+    for (i, byte) in seed.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&value[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(seed)
 }
 
 fn check_key_blob(value: &str) -> Result<String, CmdlineError> {
@@ -261,9 +344,6 @@ mod tests {
     fn cmdline(channel: ChannelKind, emulated: bool) -> GuestCmdline {
         GuestCmdline {
             channel,
-            key_blob: "AAAAC3NzaC1lZDI1NTE5AAAAIOv+/w==".into(),
-            hostname: "job-7".into(),
-            time: 1_795_000_000,
             user: "build".into(),
             emulated,
         }
@@ -275,6 +355,15 @@ mod tests {
             "{} {extra}",
             cmdline(ChannelKind::Vsock(22), false).compose()
         )
+    }
+
+    fn identity() -> Identity {
+        Identity {
+            key_blob: "AAAAC3NzaC1lZDI1NTE5AAAAIOv+/w==".into(),
+            hostname: "job-7".into(),
+            time: 1_795_000_000,
+            seed: std::array::from_fn(|i| i as u8 * 7),
+        }
     }
 
     #[test]
@@ -296,15 +385,12 @@ mod tests {
         assert_eq!(
             c.compose(),
             "console=ttyS0 reboot=k panic=-1 tsc_early_khz=2000000 vmfarm.channel=vport:org.vmfarm.ssh \
-             vmfarm.key=AAAAC3NzaC1lZDI1NTE5AAAAIOv+/w== vmfarm.hostname=job-7 vmfarm.time=1795000000 \
              vmfarm.user=build"
         );
         let c = cmdline(ChannelKind::Vsock(22), false);
-        assert!(
-            c.compose()
-                .starts_with("console=ttyS0 reboot=k panic=-1 vmfarm.channel=vsock:22 "),
-            "{}",
-            c.compose()
+        assert_eq!(
+            c.compose(),
+            "console=ttyS0 reboot=k panic=-1 vmfarm.channel=vsock:22 vmfarm.user=build"
         );
     }
 
@@ -345,20 +431,13 @@ mod tests {
     #[test]
     fn test_parse_refuses_bad_values() {
         type Case = (&'static str, fn(String) -> CmdlineError, &'static str);
-        let cases: [Case; 15] = [
+        let cases: [Case; 8] = [
             (CHANNEL, CmdlineError::BadChannel, "vport:"),
             (CHANNEL, CmdlineError::BadChannel, "vport:a/b"),
             (CHANNEL, CmdlineError::BadChannel, "vsock:x"),
             (CHANNEL, CmdlineError::BadChannel, "vsock:"),
             (CHANNEL, CmdlineError::BadChannel, "tcp:22"),
             (CHANNEL, CmdlineError::BadChannel, "vport"),
-            (KEY, CmdlineError::BadKey, ""),
-            (KEY, CmdlineError::BadKey, "!!!"),
-            (HOSTNAME, CmdlineError::BadHostname, "a_b"),
-            (HOSTNAME, CmdlineError::BadHostname, "-x"),
-            (TIME, CmdlineError::BadTime, "-5"),
-            (TIME, CmdlineError::BadTime, "soon"),
-            (TIME, CmdlineError::BadTime, "18446744073709551615"),
             (USER, CmdlineError::BadUser, "root"),
             (USER, CmdlineError::BadUser, "Build"),
         ];
@@ -379,6 +458,70 @@ mod tests {
                 GuestCmdline::parse(&text),
                 Err(err(value.into())),
                 "{name}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn test_identity_line_round_trips() {
+        let id = identity();
+        let line = id.line();
+        assert!(line.starts_with(
+            "vmfarm-identity key=AAAAC3NzaC1lZDI1NTE5AAAAIOv+/w== hostname=job-7 \
+             time=1795000000 seed=00070e15"
+        ));
+        assert!(
+            line.ends_with('\n') && line.len() < Identity::MAX_LINE,
+            "{line}"
+        );
+        assert_eq!(Identity::parse(&line), Ok(id.clone()));
+        assert_eq!(Identity::parse(line.trim_end()), Ok(id.clone()));
+        assert!(
+            !format!("{id:?}").contains("seed"),
+            "the seed stays out of logs"
+        );
+    }
+
+    #[test]
+    fn test_identity_refuses_bad_values() {
+        let good = identity().line();
+        type Case = (&'static str, &'static str, fn(String) -> CmdlineError);
+        let cases: [Case; 9] = [
+            ("key", "", CmdlineError::BadKey),
+            ("key", "!!!", CmdlineError::BadKey),
+            ("hostname", "a_b", CmdlineError::BadHostname),
+            ("hostname", "-x", CmdlineError::BadHostname),
+            ("time", "-5", CmdlineError::BadTime),
+            ("time", "soon", CmdlineError::BadTime),
+            ("time", "18446744073709551615", CmdlineError::BadTime),
+            ("seed", "00", CmdlineError::BadSeed),
+            ("seed", "zz", CmdlineError::BadSeed),
+        ];
+        for (name, value, err) in cases {
+            let text: Vec<String> = good
+                .trim_end()
+                .split(' ')
+                .map(|w| match w.split_once('=') {
+                    Some((n, _)) if n == name => format!("{name}={value}"),
+                    _ => w.to_owned(),
+                })
+                .collect();
+            assert_eq!(
+                Identity::parse(&text.join(" ")),
+                Err(err(value.into())),
+                "{name}={value}"
+            );
+        }
+        for bad in [
+            "",
+            "vmfarm-identity",
+            "identity key=a hostname=b time=1 seed=00",
+            "vmfarm-identity hostname=job-7 key=AAAA time=1 seed=00",
+            &format!("{} extra=1", good.trim_end()),
+        ] {
+            assert!(
+                matches!(Identity::parse(bad), Err(CmdlineError::BadIdentity(_))),
+                "{bad:?}"
             );
         }
     }

@@ -17,7 +17,7 @@ use vmfarm_worker::backend::{Backend, Boot, BootSpec, GuestCmdline, LinuxBoot, V
 use vmfarm_worker::guest::cloud_init::Seed;
 use vmfarm_worker::guest::{
     Announcer, ExecLimits, Guest, HostFingerprint, JobKey, OutputStream, SshError, SshOptions,
-    wait_ready,
+    Start, identity, introduce, wait_ready,
 };
 use vmfarm_worker::images::{self, BuildOptions, InstalledImage, Recipe};
 
@@ -122,12 +122,6 @@ async fn boot(image: &InstalledImage, run_dir: &Path) -> Booted {
     let key = JobKey::generate().unwrap();
     let cmdline = GuestCmdline {
         channel: backend.channel(),
-        key_blob: key.public_blob_base64(),
-        hostname: format!("job-{}", image.manifest.name),
-        time: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs(),
         user: "build".into(),
         emulated: backend.emulated(),
     };
@@ -148,11 +142,14 @@ async fn boot(image: &InstalledImage, run_dir: &Path) -> Booted {
     let log = std::sync::Arc::new(Mutex::new(Vec::new()));
     let sink_log = log.clone();
     let mut sink = move |b: &[u8]| sink_log.lock().unwrap().extend_from_slice(b);
-    let ready = wait_ready(
+    let identity = identity(&key, &format!("job-{}", image.manifest.name)).unwrap();
+    let ready = introduce(
+        vm.as_mut(),
         &mut console,
         &mut sink,
         Duration::from_secs(180),
-        Announcer::Agent,
+        &identity,
+        Start::Cold,
     )
     .await;
     let fingerprint = match ready {
@@ -229,7 +226,7 @@ async fn exercise(name: &str, expect_os_release: &str, debian: bool) {
     );
     assert!(
         uname.contains(&format!("job-{name}")),
-        "hostname from the command line: {uname}"
+        "hostname from the identity: {uname}"
     );
 
     let (os_release, _, _) = run(&guest, "cat /etc/os-release").await;
@@ -243,7 +240,7 @@ async fn exercise(name: &str, expect_os_release: &str, debian: bool) {
     let guest_now: u64 = clock.trim().parse().unwrap();
     assert!(
         host_now.abs_diff(guest_now) < 300,
-        "clock from the command line: guest {guest_now}, host {host_now}"
+        "clock from the identity: guest {guest_now}, host {host_now}"
     );
 
     let (who, _, _) = run(&guest, "id -u; id -un; pwd; echo $HOME").await;

@@ -164,9 +164,6 @@ mod tests {
 
         let cmdline = GuestCmdline {
             channel: ChannelKind::Vsock(SSH_PORT),
-            key_blob: "AAAAC3NzaC1lZDI1NTE5AAAAIOv+/w==".into(),
-            hostname: "job-7".into(),
-            time: 1_795_000_000,
             user: "build".into(),
             emulated: false,
         }

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _};
-use vmfarm_proto::guest::{ReadyLine, ReadyLineError};
+use vmfarm_proto::guest::{ReadyLine, ReadyLineError, WAITING_LINE};
 
 /// The host key fingerprint the agent announced, as OpenSSH prints it (`SHA256:...`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,16 +97,30 @@ pub async fn wait_ready<R: AsyncRead + Unpin>(
     timeout: Duration,
     mut announcer: Announcer,
 ) -> Result<HostFingerprint, ReadyError> {
-    tokio::time::timeout(timeout, scan(console, sink, &mut announcer))
+    tokio::time::timeout(timeout, scan(console, sink, &mut |l| announcer.line(l)))
         .await
         .map_err(|_| ReadyError::Timeout(timeout))?
 }
 
-async fn scan<R: AsyncRead + Unpin>(
+/// Reads the console as [`wait_ready`] does until the agent says it waits for the job's
+/// identity ([`WAITING_LINE`]).
+pub async fn wait_waiting<R: AsyncRead + Unpin>(
     console: &mut R,
     sink: &mut (dyn FnMut(&[u8]) + Send),
-    announcer: &mut Announcer,
-) -> Result<HostFingerprint, ReadyError> {
+    timeout: Duration,
+) -> Result<(), ReadyError> {
+    let mut waiting = |line: &str| Ok(line.contains(WAITING_LINE).then_some(()));
+    tokio::time::timeout(timeout, scan(console, sink, &mut waiting))
+        .await
+        .map_err(|_| ReadyError::Timeout(timeout))?
+}
+
+/// Reads lines until `found` returns something for one.
+async fn scan<R: AsyncRead + Unpin, T>(
+    console: &mut R,
+    sink: &mut (dyn FnMut(&[u8]) + Send),
+    found: &mut (dyn FnMut(&str) -> Result<Option<T>, ReadyError> + Send),
+) -> Result<T, ReadyError> {
     let mut line = Vec::new();
     let mut buf = vec![0u8; 8192];
     loop {
@@ -115,18 +129,18 @@ async fn scan<R: AsyncRead + Unpin>(
             return Err(ReadyError::Closed);
         }
         sink(&buf[..n]);
-        let mut found = None;
+        let mut result = None;
         for &b in &buf[..n] {
             if b == b'\n' {
-                if found.is_none() {
-                    found = announcer.line(&String::from_utf8_lossy(&line)).transpose();
+                if result.is_none() {
+                    result = found(&String::from_utf8_lossy(&line)).transpose();
                 }
                 line.clear();
             } else if line.len() < 4096 {
                 line.push(b);
             }
         }
-        if let Some(result) = found {
+        if let Some(result) = result {
             return result;
         }
     }
@@ -165,6 +179,20 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, ReadyError::BadLine(_)));
+    }
+
+    #[tokio::test]
+    async fn test_wait_waiting_finds_the_agents_line() {
+        let text = b"[    1.0] booting\r\nvmfarm-agent waiting for the job's identity\r\n".to_vec();
+        let second = Duration::from_secs(1);
+        wait_waiting(&mut text.as_slice(), &mut |_: &[u8]| {}, second)
+            .await
+            .unwrap();
+        let mut ready_only: &[u8] = b"vmfarm-agent ready SHA256:abc\n";
+        let err = wait_waiting(&mut ready_only, &mut |_: &[u8]| {}, second)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ReadyError::Closed), "{err}");
     }
 
     #[tokio::test]

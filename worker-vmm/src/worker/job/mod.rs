@@ -41,7 +41,10 @@ use super::sources::{self, FetchedSource, SourceError};
 use crate::backend::{Backend, Boot, BootSpec, GuestCmdline, LinuxBoot, Vm};
 use crate::config::WorkerConfig;
 use crate::guest::cloud_init::Seed;
-use crate::guest::{Announcer, ExecLimits, Guest, HostFingerprint, JobKey, SshOptions, wait_ready};
+use crate::guest::{
+    Announcer, ExecLimits, Guest, HostFingerprint, JobKey, SshOptions, Start, identity, introduce,
+    wait_ready,
+};
 use crate::images::manifest::InstalledImage;
 use crate::network::{JobNetwork, ProxyCache};
 use anyhow::Context;
@@ -274,8 +277,8 @@ impl JobRun<'_> {
         let key = JobKey::generate()
             .context("making the job's SSH key")
             .map_err(Halt::Failed)?;
-        let mut vm = self.boot(&key).await?;
-        let outcome = self.with_guest(vm.as_mut(), &key).await;
+        let (mut vm, start) = self.boot(&key).await?;
+        let outcome = self.with_guest(vm.as_mut(), start, &key).await;
         // A step that failed because the kernel killed the VMM says so first.
         let outcome = outcome.map_err(|halt| match (halt, vm.memory_exhausted()) {
             (Halt::Failed(e), Some(why)) => Halt::Failed(e.context(why)),
@@ -290,8 +293,13 @@ impl JobRun<'_> {
 
     /// The steps that need the guest, with `vmfarm ssh` sessions served into it meanwhile;
     /// shuts it down after them if SSH was up, unless the job failed and its guest is kept.
-    async fn with_guest(&mut self, vm: &mut dyn Vm, key: &JobKey) -> Result<Outcome, Halt> {
-        let guest = Arc::new(self.settle(vm, key).await?);
+    async fn with_guest(
+        &mut self,
+        vm: &mut dyn Vm,
+        start: Start,
+        key: &JobKey,
+    ) -> Result<Outcome, Halt> {
+        let guest = Arc::new(self.settle(vm, start, key).await?);
         let sessions =
             SshSessions::serve(self.ctx.client.clone(), self.handle.clone(), guest.clone());
         let outcome = self.in_guest(&guest).await;
@@ -397,7 +405,7 @@ impl JobRun<'_> {
     }
 
     /// Boots the guest of the job's size, with the boot contract's command line.
-    async fn boot(&self, key: &JobKey) -> Result<Box<dyn Vm>, Halt> {
+    async fn boot(&self, key: &JobKey) -> Result<(Box<dyn Vm>, Start), Halt> {
         let JobRun {
             ctx, lease, log, ..
         } = self;
@@ -417,11 +425,6 @@ impl JobRun<'_> {
                 initrd: Some(ctx.image.initrd()),
                 cmdline: GuestCmdline {
                     channel: ctx.backend.channel(),
-                    key_blob: key.public_blob_base64(),
-                    hostname,
-                    time: std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs()),
                     user: "build".into(),
                     emulated: ctx.backend.emulated(),
                 }
@@ -458,17 +461,18 @@ impl JobRun<'_> {
         };
         let boot = async { Ok::<_, anyhow::Error>(ctx.backend.boot(&spec).await?) };
         let vm = self.limits.step("booting the guest", boot).await?;
-        Ok(Box::new(CountedVm {
+        let vm = Box::new(CountedVm {
             vm,
             _running: ctx.metrics.guest_running(),
-        }))
+        });
+        Ok((vm, Start::Cold))
     }
 
     /// Waits for the agent's ready line (cloud-init's host keys), opens SSH pinned to the host
     /// key it announced, and reports `running`.
-    async fn settle(&mut self, vm: &mut dyn Vm, key: &JobKey) -> Result<Guest, Halt> {
+    async fn settle(&mut self, vm: &mut dyn Vm, start: Start, key: &JobKey) -> Result<Guest, Halt> {
         let access = GuestAccess::of(&self.ctx.image, &self.ctx.config.guest);
-        let fingerprint = self.wait_for_agent(vm, &access).await?;
+        let fingerprint = self.wait_for_agent(vm, start, key, &access).await?;
         let options = SshOptions {
             user: access.user.clone(),
             ..SshOptions::default()
@@ -498,11 +502,13 @@ impl JobRun<'_> {
         Ok(guest)
     }
 
-    /// Copies the console to the log until the guest says it is ready (the agent's line, or
-    /// cloud-init's host keys), and on in the background.
+    /// Copies the console to the log until the guest says it is ready (the agent's line, after
+    /// it took the job's identity, or cloud-init's host keys), and on in the background.
     async fn wait_for_agent(
         &mut self,
         vm: &mut dyn Vm,
+        start: Start,
+        key: &JobKey,
         access: &GuestAccess,
     ) -> Result<HostFingerprint, Halt> {
         let mut console = vm
@@ -513,10 +519,17 @@ impl JobRun<'_> {
         let mut sink = move |data: &[u8]| console_log.write_now(LogStream::Console, None, data);
         let booted = Instant::now();
         let (announcer, boot_timeout) = (access.announcer.clone(), access.boot_timeout);
+        let hostname = format!("job-{}", self.lease.job.id);
         let ready = async {
-            Ok::<_, anyhow::Error>(
-                wait_ready(&mut console, &mut sink, boot_timeout, announcer).await?,
-            )
+            Ok::<_, anyhow::Error>(match announcer {
+                Announcer::Agent => {
+                    let identity = identity(key, &hostname).context("making the job's identity")?;
+                    introduce(vm, &mut console, &mut sink, boot_timeout, &identity, start).await?
+                }
+                Announcer::CloudInit { .. } => {
+                    wait_ready(&mut console, &mut sink, boot_timeout, announcer).await?
+                }
+            })
         };
         let fingerprint = self.limits.step(access.waiting_for, ready).await?;
         let took = booted.elapsed();
