@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use sha2::{Digest as _, Sha256};
 use vmfarm_worker::backend::qemu::{Accel, QemuBackend};
-use vmfarm_worker::backend::{Backend, Boot, BootSpec, GuestCmdline, LinuxBoot, Vm};
+use vmfarm_worker::backend::{Backend, Boot, BootSpec, GuestCmdline, LinuxBoot, Snapshot, Vm};
 use vmfarm_worker::guest::cloud_init::Seed;
 use vmfarm_worker::guest::{
     Announcer, ExecLimits, Guest, HostFingerprint, JobKey, OutputStream, SshError, SshOptions,
@@ -117,15 +117,19 @@ struct Booted {
     console: std::sync::Arc<Mutex<Vec<u8>>>,
 }
 
-async fn boot(image: &InstalledImage, run_dir: &Path) -> Booted {
-    let backend = QemuBackend::new(Accel::Tcg);
-    let key = JobKey::generate().unwrap();
+/// A kernel boot of `image` with the agent, as the worker composes it.
+fn linux_spec(
+    image: &InstalledImage,
+    backend: &QemuBackend,
+    run_dir: &Path,
+    memory_mib: u32,
+) -> BootSpec {
     let cmdline = GuestCmdline {
         channel: backend.channel(),
         user: "build".into(),
         emulated: backend.emulated(),
     };
-    let spec = BootSpec {
+    BootSpec {
         boot: Boot::Linux(LinuxBoot {
             kernel: image.kernel(),
             initrd: Some(image.initrd()),
@@ -133,23 +137,41 @@ async fn boot(image: &InstalledImage, run_dir: &Path) -> Booted {
         }),
         base_disk: image.rootfs(),
         vcpus: 2,
-        memory_mib: 1024,
+        memory_mib,
         run_dir: run_dir.to_owned(),
-    };
+    }
+}
+
+async fn boot(image: &InstalledImage, run_dir: &Path) -> Booted {
+    let backend = QemuBackend::new(Accel::Tcg);
+    let spec = linux_spec(image, &backend, run_dir, 1024);
     let start = Instant::now();
-    let mut vm = backend.boot(&spec).await.unwrap();
+    let vm = backend.boot(&spec).await.unwrap();
+    let booted = introduce_guest(vm, Start::Cold, &format!("job-{}", image.manifest.name)).await;
+    eprintln!(
+        "[{}] boot to ready: {:.2} s",
+        image.manifest.name,
+        start.elapsed().as_secs_f64()
+    );
+    booted
+}
+
+/// Sends a booted or restored guest its identity (a fresh key, `hostname`) and waits for its
+/// agent's host key, the console kept meanwhile and after.
+async fn introduce_guest(mut vm: Box<dyn Vm>, start: Start, hostname: &str) -> Booted {
+    let key = JobKey::generate().unwrap();
     let mut console = vm.take_console().unwrap();
     let log = std::sync::Arc::new(Mutex::new(Vec::new()));
     let sink_log = log.clone();
     let mut sink = move |b: &[u8]| sink_log.lock().unwrap().extend_from_slice(b);
-    let identity = identity(&key, &format!("job-{}", image.manifest.name)).unwrap();
+    let identity = identity(&key, hostname).unwrap();
     let ready = introduce(
         vm.as_mut(),
         &mut console,
         &mut sink,
         Duration::from_secs(180),
         &identity,
-        Start::Cold,
+        start,
     )
     .await;
     let fingerprint = match ready {
@@ -159,11 +181,6 @@ async fn boot(image: &InstalledImage, run_dir: &Path) -> Booted {
             String::from_utf8_lossy(&log.lock().unwrap())
         ),
     };
-    eprintln!(
-        "[{}] boot to ready: {:.2} s",
-        image.manifest.name,
-        start.elapsed().as_secs_f64()
-    );
     // Keep draining the console so the guest never blocks on it.
     let keep = log.clone();
     tokio::spawn(async move {
@@ -405,6 +422,72 @@ async fn exercise(name: &str, expect_os_release: &str, debian: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_tiny_boots_and_serves_the_agent() {
     exercise("tiny", "ID=tiny", false).await;
+}
+
+/// Two guests restored at once from one template snapshot of the tiny image: each takes its own
+/// identity (host name, host key, random stream), runs commands, and writes its own disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_guests_restored_from_one_snapshot_share_no_identity() {
+    let image = image("tiny");
+    let scratch = tempfile::tempdir().unwrap();
+    let backend = QemuBackend::new(Accel::Tcg);
+    let snapshot = Snapshot {
+        dir: scratch.path().join("template"),
+    };
+    let saving = Instant::now();
+    let spec = linux_spec(&image, &backend, &scratch.path().join("template-run"), 256);
+    backend
+        .save(&spec, &snapshot, Duration::from_secs(180))
+        .await
+        .unwrap();
+    eprintln!(
+        "[tiny] template saved in {:.2} s",
+        saving.elapsed().as_secs_f64()
+    );
+    let mut vms = Vec::new();
+    for i in 0..2 {
+        let restoring = Instant::now();
+        let spec = linux_spec(
+            &image,
+            &backend,
+            &scratch.path().join(format!("guest-{i}")),
+            256,
+        );
+        vms.push(backend.restore(&spec, &snapshot).await.unwrap());
+        eprintln!(
+            "[tiny] restore {i} started in {:.3} s",
+            restoring.elapsed().as_secs_f64()
+        );
+    }
+    let mut seen = Vec::new();
+    for (i, vm) in vms.into_iter().enumerate() {
+        let hostname = format!("job-restored-{i}");
+        let mut booted = introduce_guest(vm, Start::Restored, &hostname).await;
+        let key = booted.stream_key.clone();
+        let guest = ssh(&mut booted, &key).await.unwrap();
+        let script = format!(
+            "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; \
+             touch ~/from-{i}; ls ~"
+        );
+        let (out, err, status) = run(&guest, &script).await;
+        assert_eq!(status, 0, "{out}{err}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0].len(), 64, "{out}");
+        assert_eq!(lines[1], hostname, "{out}");
+        let own = format!("from-{i}");
+        assert_eq!(
+            lines[2..],
+            [own.as_str(), "work"],
+            "each guest has its own disk: {out}"
+        );
+        eprintln!(
+            "[tiny] restored guest {i}: random {} host key {}",
+            lines[0], booted.fingerprint
+        );
+        seen.push((lines[0].to_owned(), booted.fingerprint.clone(), booted));
+    }
+    assert_ne!(seen[0].0, seen[1].0, "the random streams differ");
+    assert_ne!(seen[0].1, seen[1].1, "the host keys differ");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

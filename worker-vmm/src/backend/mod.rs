@@ -9,6 +9,7 @@
 pub mod jail;
 pub mod kvm;
 pub mod qemu;
+mod qemu_snapshot;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -91,6 +92,31 @@ pub enum BackendError {
     Jail(#[from] jail::JailError),
     #[error("the {backend} backend cannot boot this image: {why}")]
     Unsupported { backend: &'static str, why: String },
+    #[error("{what}")]
+    Snapshot {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A guest saved when its agent waited for a job (a template snapshot), in a folder of its own:
+/// its memory, its devices' state, and its disk (a qcow2 overlay on the image's), frozen then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub dir: PathBuf,
+}
+
+impl Snapshot {
+    pub fn memory(&self) -> PathBuf {
+        self.dir.join("memory")
+    }
+    pub fn devices(&self) -> PathBuf {
+        self.dir.join("devices")
+    }
+    pub fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
 }
 
 /// A guest's folder (overlay, sockets), removed when dropped, after its VMM has been killed.
@@ -288,6 +314,37 @@ pub trait Backend: Send + Sync {
     /// Whether guests run under emulation (TCG): the command line then needs `tsc_early_khz`.
     fn emulated(&self) -> bool;
     fn boot<'a>(&'a self, spec: &'a BootSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>>;
+    /// What makes this backend's snapshots differ (its VMM and how it runs guests), or `None`
+    /// when it takes none.
+    fn snapshot_version(&self) -> Option<String> {
+        None
+    }
+    /// Boots `spec`'s guest (a kernel boot with vmfarm's agent), waits up to `timeout` until its
+    /// agent waits for a job, and saves it into `into` (a folder it creates).
+    fn save<'a>(
+        &'a self,
+        _spec: &'a BootSpec,
+        _into: &'a Snapshot,
+        _timeout: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move { Err(self.no_snapshots()) })
+    }
+    /// Starts a guest of `spec`'s size from `from`, on an overlay of its own over the snapshot's
+    /// disk (`spec.base_disk` is not used); its agent waits for the job's identity.
+    fn restore<'a>(
+        &'a self,
+        _spec: &'a BootSpec,
+        _from: &'a Snapshot,
+    ) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>> {
+        Box::pin(async move { Err(self.no_snapshots()) })
+    }
+    /// Why a backend without snapshots refuses them.
+    fn no_snapshots(&self) -> BackendError {
+        BackendError::Unsupported {
+            backend: self.name(),
+            why: "it does not save or restore guests".into(),
+        }
+    }
 }
 
 /// A running guest. Dropping it kills the guest and removes its files.

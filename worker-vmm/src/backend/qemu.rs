@@ -12,17 +12,19 @@
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::process::Command;
 
 use super::jail::{GuestJail, Jailer};
+use super::qemu_snapshot::{self, MemoryFile};
 use super::{
     AgentChannel, Backend, BackendError, Boot, BootSpec, BoxFuture, ChannelKind, LinuxBoot,
-    Prepared, ProcessVm, Vm, clear_environment, die_with_parent, prepare,
+    Prepared, ProcessVm, Snapshot, Vm, clear_environment, die_with_parent, prepare,
 };
 use crate::images::recipe::Firmware;
 
-const QEMU: &str = "qemu-system-x86_64";
+pub(crate) const QEMU: &str = "qemu-system-x86_64";
 /// QEMU's TCG translation cache, in MiB. QEMU's own default is up to 1 GiB, which would be
 /// resident beside the guest's RAM; this bound is part of what `[jail] memory_overhead` covers.
 const TCG_CODE_CACHE_MIB: u32 = 256;
@@ -153,16 +155,25 @@ impl QemuBackend {
         args
     }
 
-    /// QEMU's arguments for `spec`, booting `linux` from `overlay` and serving SSH on `socket`.
-    pub fn args(
+    /// QEMU's arguments for `spec`, booting `linux` from `overlay` and serving SSH on `socket`;
+    /// the guest's memory in `memory` when given (a template snapshot's).
+    pub(crate) fn args(
         &self,
         spec: &BootSpec,
         linux: &LinuxBoot,
         overlay: &Path,
         socket: &Path,
+        memory: Option<MemoryFile<'_>>,
     ) -> Vec<String> {
-        let mut args: Vec<String> = vec!["-M".into(), "microvm,rtc=on".into()];
+        let machine = match memory {
+            None => "microvm,rtc=on",
+            Some(_) => "microvm,rtc=on,memory-backend=ram",
+        };
+        let mut args: Vec<String> = vec!["-M".into(), machine.into()];
         args.extend(self.common_args(spec));
+        if let Some(memory) = memory {
+            args.extend(memory.args(spec.memory_mib));
+        }
         args.extend([
             "-kernel".into(),
             linux.kernel.display().to_string(),
@@ -241,7 +252,7 @@ impl QemuBackend {
 }
 
 /// The longest line QEMU's control socket may answer with.
-const QMP_LINE: usize = 64 * 1024;
+pub(crate) const QMP_LINE: usize = 64 * 1024;
 
 /// Presses the ACPI power button of the guest whose QEMU serves QMP on `socket`: the greeting,
 /// `qmp_capabilities`, then `system_powerdown`, each answered within 5 s.
@@ -330,13 +341,59 @@ impl Backend for QemuBackend {
     }
 
     fn boot<'a>(&'a self, spec: &'a BootSpec) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>> {
-        Box::pin(async move {
+        Box::pin(self.boot_with(spec, None))
+    }
+
+    fn snapshot_version(&self) -> Option<String> {
+        Some(format!(
+            "{} ({:?})",
+            qemu_snapshot::qemu_version(),
+            self.accel
+        ))
+    }
+
+    fn save<'a>(
+        &'a self,
+        spec: &'a BootSpec,
+        into: &'a Snapshot,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(self.save_snapshot(spec, into, timeout))
+    }
+
+    fn restore<'a>(
+        &'a self,
+        spec: &'a BootSpec,
+        from: &'a Snapshot,
+    ) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>> {
+        Box::pin(self.restore_snapshot(spec, from))
+    }
+}
+
+impl QemuBackend {
+    /// Starts QEMU for `spec`; with `restore`, the guest's memory is a snapshot's file and QEMU
+    /// waits for the devices' state (`-incoming defer`) on its control socket at the path given
+    /// (a kernel boot only).
+    pub(crate) async fn boot_with(
+        &self,
+        spec: &BootSpec,
+        restore: Option<(MemoryFile<'_>, &Path)>,
+    ) -> Result<Box<dyn Vm>, BackendError> {
+        {
             let Prepared { dir, overlay, jail } = prepare(spec, self.jail.as_ref())?;
             let mut command = Command::new(QEMU);
             let channel = match &spec.boot {
                 Boot::Linux(linux) => {
                     let socket = dir.0.join("ssh.sock");
-                    command.args(self.args(spec, linux, &overlay, &socket));
+                    command.args(self.args(spec, linux, &overlay, &socket, restore.map(|r| r.0)));
+                    if let Some((_, qmp)) = restore {
+                        command.args([
+                            "-incoming".into(),
+                            "defer".into(),
+                            "-qmp".into(),
+                            format!("unix:{},server=on,wait=off", qmp.display()),
+                        ]);
+                    }
                     AgentChannel::SerialSocket(socket)
                 }
                 Boot::Firmware { firmware, seed } => {
@@ -379,7 +436,7 @@ impl Backend for QemuBackend {
                 _ => BackendError::Spawn(e),
             })?;
             Ok(Box::new(ProcessVm::new(child, channel, jail, dir)) as Box<dyn Vm>)
-        })
+        }
     }
 }
 
@@ -541,6 +598,7 @@ mod tests {
             &linux,
             Path::new("/run/g/o.qcow2"),
             Path::new("/run/g/s"),
+            None,
         );
         let text = args.join(" ");
         for part in [
