@@ -68,6 +68,82 @@ echo "length ${#pw}"
     }
 }
 
+/// The first job of an image boots cold and has the image's template snapshot made; the next
+/// jobs start from it, each with its own host name, random stream and clock, and their artifact
+/// comes back; a snapshot made from another image version is refused and the job boots cold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_jobs_start_from_the_template_snapshot_or_boot_cold_saying_why() {
+    let dir = images(&["tiny"]);
+    let server = TestServer::start(Backend::Sqlite);
+    let config = format!("{WORKER}[warm_start]\nenabled = true\n");
+    let worker = TestWorker::start(&server, 0, &dir, &config);
+    let template = worker
+        .work_dir
+        .path()
+        .join("vmfarm-data/templates/tiny-1cpu-512mib");
+    let manifest = r#"image = "tiny"
+
+[[tasks]]
+name = "who"
+script = "(hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s) | tee who"
+
+[[artifacts]]
+path = "who"
+"#;
+    let api = server.admin();
+    let run = async |expect: &str| {
+        let id = api.submit(manifest).await.jobs[0].id.clone();
+        let job = wait_ended(&api, &id).await;
+        let log = log_of(&api, &id).await;
+        assert_eq!(job["state"], "succeeded", "{job}\n{log}\n{}", worker.log());
+        assert!(log.contains(expect), "`{expect}` in:\n{log}");
+        let who = api
+            .get_bytes(&format!("/api/jobs/{id}/artifacts/who"))
+            .await;
+        let who = String::from_utf8(who).unwrap();
+        let lines: Vec<String> = who.lines().map(str::to_owned).collect();
+        assert_eq!(lines.len(), 3, "{who}");
+        assert_eq!(lines[0], format!("job-{id}"), "the guest's own host name");
+        let host_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let guest_now: u64 = lines[2].parse().unwrap();
+        assert!(host_now.abs_diff(guest_now) < 120, "the job's clock: {who}");
+        lines[1].clone()
+    };
+    let cold = run("(1 vCPU, 512 MiB) is not made yet; booting cold").await;
+    let made = Instant::now();
+    while !template.join("stamp.json").exists() {
+        assert!(
+            made.elapsed() < Duration::from_secs(180),
+            "no template snapshot: {}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let restored = "restored the guest from its image's template snapshot";
+    let first = run(restored).await;
+    let second = run(restored).await;
+    assert_ne!(
+        first, second,
+        "guests restored from one snapshot share no random stream"
+    );
+    assert_ne!(first, cold);
+
+    let stamp_file = template.join("stamp.json");
+    let stamp: Value =
+        serde_json::from_str(&std::fs::read_to_string(&stamp_file).unwrap()).unwrap();
+    let mut older = stamp.clone();
+    older["image_version"] = "000000000000".into();
+    std::fs::write(&stamp_file, older.to_string()).unwrap();
+    run(&format!(
+        "is refused: it was made from image version 000000000000, this job needs {}; booting cold",
+        stamp["image_version"].as_str().unwrap()
+    ))
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_artifacts_come_back_through_the_cli() {
     let dir = images(&["tiny"]);

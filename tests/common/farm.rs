@@ -78,10 +78,17 @@ impl TestWorker {
         };
         let work_dir = tempfile::tempdir().unwrap();
         let config = work_dir.path().join("worker.toml");
+        // Each test's worker is new: unless a test is about warm starts, its first job of each
+        // image would have a template snapshot made beside it, for nothing.
+        let warm_start = if extra.contains("[warm_start]") {
+            ""
+        } else {
+            "[warm_start]\nenabled = false\n"
+        };
         std::fs::write(
             &config,
             format!(
-                "server = {server}\nname = \"{}\"\ntoken = \"{}\"\nimages_dir = \"{}\"\nwork_dir = \"{}\"\n{extra}\n\
+                "server = {server}\nname = \"{}\"\ntoken = \"{}\"\nimages_dir = \"{}\"\nwork_dir = \"{}\"\n{extra}\n{warm_start}\
                  # Workers of tests running at once each get users of their own.\n\
                  [jail]\nfirst_uid = {}\nuid_count = 4\n",
                 worker_name(i),

@@ -22,6 +22,7 @@ pub struct WorkerConfig {
     pub backend: BackendConfig,
     pub network: NetworkConfig,
     pub jail: JailConfig,
+    pub warm_start: WarmStartConfig,
     pub metrics: MetricsListener,
 }
 
@@ -134,6 +135,35 @@ pub struct BackendConfig {
     pub images: BTreeMap<String, BackendChoice>,
 }
 
+/// Jobs started from a template snapshot of their image (see `worker::templates`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarmStartConfig {
+    /// Whether jobs start from snapshots (where the backend takes them: QEMU).
+    pub enabled: bool,
+    /// Images whose jobs always boot cold.
+    pub cold_images: Vec<String>,
+    /// Where the snapshots are kept (a guest's memory, devices and disk each), across restarts.
+    pub dir: PathBuf,
+}
+
+impl Default for WarmStartConfig {
+    fn default() -> Self {
+        WarmStartConfig {
+            enabled: true,
+            cold_images: Vec::new(),
+            dir: PathBuf::from("./vmfarm-data/templates"),
+        }
+    }
+}
+
+impl WarmStartConfig {
+    /// Whether jobs of `image` start from its snapshot.
+    pub fn warm(&self, image: &str) -> bool {
+        self.enabled && !self.cold_images.iter().any(|cold| cold == image)
+    }
+}
+
 /// Whether each VMM process is jailed (see `backend::jail`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -193,6 +223,7 @@ impl Default for WorkerConfig {
             backend: BackendConfig::default(),
             network: NetworkConfig::default(),
             jail: JailConfig::default(),
+            warm_start: WarmStartConfig::default(),
             metrics: MetricsListener::default(),
         }
     }
@@ -268,6 +299,7 @@ impl WorkerConfig {
             &mut config.images_dir,
             &mut config.work_dir,
             &mut config.network.cache_dir,
+            &mut config.warm_start.dir,
         ]
         .into_iter()
         .chain(&mut config.allowed_local_sources)

@@ -119,6 +119,9 @@ impl Snapshot {
     }
 }
 
+/// The name of a guest's overlay disk in its folder.
+pub(crate) const OVERLAY: &str = "overlay.qcow2";
+
 /// A guest's folder (overlay, sockets), removed when dropped, after its VMM has been killed.
 pub(crate) struct RunDir(pub(crate) PathBuf);
 
@@ -137,7 +140,7 @@ pub(crate) fn prepare(
 ) -> Result<Prepared, BackendError> {
     std::fs::create_dir_all(&spec.run_dir).map_err(BackendError::RunDir)?;
     let dir = RunDir(spec.run_dir.clone());
-    let overlay = dir.0.join("overlay.qcow2");
+    let overlay = dir.0.join(OVERLAY);
     crate::vmm::qcow2::overlay::create_overlay(&spec.base_disk, &overlay)
         .map_err(BackendError::Overlay)?;
     let jail = jailer

@@ -20,7 +20,7 @@ use super::jail::{GuestJail, Jailer};
 use super::qemu_snapshot::{self, MemoryFile};
 use super::{
     AgentChannel, Backend, BackendError, Boot, BootSpec, BoxFuture, ChannelKind, LinuxBoot,
-    Prepared, ProcessVm, Snapshot, Vm, clear_environment, die_with_parent, prepare,
+    OVERLAY, Prepared, ProcessVm, Snapshot, Vm, clear_environment, die_with_parent, prepare,
 };
 use crate::images::recipe::Firmware;
 
@@ -385,7 +385,27 @@ impl QemuBackend {
             let channel = match &spec.boot {
                 Boot::Linux(linux) => {
                     let socket = dir.0.join("ssh.sock");
-                    command.args(self.args(spec, linux, &overlay, &socket, restore.map(|r| r.0)));
+                    let memory = restore.map(|r| r.0);
+                    match restore {
+                        None => command.args(self.args(spec, linux, &overlay, &socket, memory)),
+                        // A restored guest's overlay is opened again when it resumes, after a
+                        // jailed QEMU entered its root (the guest's folder) as the jail's user:
+                        // the overlay is named from the folder, QEMU's working directory both
+                        // before and after, and is that user's (it is that guest's own disk).
+                        Some(_) => {
+                            if let Some(jail) = &jail {
+                                std::os::unix::fs::chown(&overlay, Some(jail.uid), Some(jail.gid))
+                                    .map_err(BackendError::RunDir)?;
+                            }
+                            command.current_dir(&dir.0).args(self.args(
+                                spec,
+                                linux,
+                                Path::new(OVERLAY),
+                                &socket,
+                                memory,
+                            ))
+                        }
+                    };
                     if let Some((_, qmp)) = restore {
                         command.args([
                             "-incoming".into(),

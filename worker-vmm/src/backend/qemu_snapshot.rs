@@ -24,6 +24,9 @@ use super::qemu::{QEMU, QMP_LINE, QemuBackend};
 use super::{BackendError, Boot, BootSpec, Snapshot, clear_environment, die_with_parent};
 use crate::guest::console::wait_waiting;
 
+/// The longest a restore may take before the job boots cold instead (it takes some 60 ms here).
+const RESTORE_LIMIT: Duration = Duration::from_secs(30);
+
 /// The guest's memory backed by a file.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct MemoryFile<'a> {
@@ -141,7 +144,14 @@ impl QemuBackend {
             ));
         }
         // The console is read no more: the paused guest prints nothing.
-        let saved = save_devices(&qmp, &into.devices()).await;
+        let saved = tokio::time::timeout(timeout, save_devices(&qmp, &into.devices()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(refused(
+                    "saving the template guest",
+                    format!("QEMU did not save it within {timeout:?}"),
+                ))
+            });
         let _ = child.kill().await;
         let _ = child.wait().await;
         for socket in [socket, qmp] {
@@ -167,7 +177,14 @@ impl QemuBackend {
         };
         let qmp = spec.run_dir.join("qmp.sock");
         let mut vm = self.boot_with(&spec, Some((memory, qmp.as_path()))).await?;
-        let sent = load_devices(&qmp, &from.devices()).await;
+        let sent = tokio::time::timeout(RESTORE_LIMIT, load_devices(&qmp, &from.devices()))
+            .await
+            .unwrap_or_else(|_| {
+                Err(refused(
+                    "restoring the guest",
+                    format!("QEMU did not restore it within {RESTORE_LIMIT:?}"),
+                ))
+            });
         if let Err(e) = sent {
             let _ = vm.kill().await;
             return Err(e);

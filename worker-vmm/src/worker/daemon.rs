@@ -7,6 +7,7 @@ use super::heartbeat;
 use super::job::{self, Job, JobContext};
 use super::metrics::WorkerMetrics;
 use super::server_client::{LeaseHandle, ServerClient, ServerError};
+use super::templates::Templates;
 use crate::backend::Backend;
 use crate::backend::jail::choose_jail;
 use crate::config::JailMode;
@@ -41,6 +42,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("creating {}", config.work_dir.display()))?;
     remove_leftovers(&config.work_dir);
+    let templates = Arc::new(Templates::open(&config.warm_start.dir));
     let cache = ProxyCache::open(&config.network.cache_dir, config.network.cache_max_size.0)
         .await
         .context("opening the network proxy's cache")?;
@@ -124,6 +126,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             cache: cache.clone(),
             ca_certificates: ca_certificates.clone(),
             metrics: metrics.clone(),
+            templates: templates.clone(),
         };
         let job = Job {
             lease,

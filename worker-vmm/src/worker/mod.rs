@@ -12,3 +12,4 @@ pub mod log_shipper;
 pub mod metrics;
 pub mod server_client;
 pub mod sources;
+pub mod templates;

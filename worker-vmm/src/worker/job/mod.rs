@@ -38,6 +38,7 @@ use super::log_shipper::{self, LogSink};
 use super::metrics::WorkerMetrics;
 use super::server_client::{LeaseHandle, ServerClient, ServerError};
 use super::sources::{self, FetchedSource, SourceError};
+use super::templates::{Stamp, Templates};
 use crate::backend::{Backend, Boot, BootSpec, GuestCmdline, LinuxBoot, Vm};
 use crate::config::WorkerConfig;
 use crate::guest::cloud_init::Seed;
@@ -45,7 +46,7 @@ use crate::guest::{
     Announcer, ExecLimits, Guest, HostFingerprint, JobKey, SshOptions, Start, identity, introduce,
     wait_ready,
 };
-use crate::images::manifest::InstalledImage;
+use crate::images::manifest::{INITRD, InstalledImage};
 use crate::network::{JobNetwork, ProxyCache};
 use anyhow::Context;
 use base64::Engine;
@@ -75,6 +76,8 @@ pub struct JobContext {
     /// read at start by [`trusted_authorities`]).
     pub ca_certificates: Arc<str>,
     pub metrics: Arc<WorkerMetrics>,
+    /// The worker's template snapshots, which jobs start from where they can.
+    pub templates: Arc<Templates>,
 }
 
 /// A leased job as the daemon hands it over: its manifest, parsed once (by the daemon), and
@@ -459,13 +462,84 @@ impl JobRun<'_> {
             memory_mib: u32::try_from(memory_mib).unwrap_or(u32::MAX),
             run_dir: self.run_dir.join("vm"),
         };
-        let boot = async { Ok::<_, anyhow::Error>(ctx.backend.boot(&spec).await?) };
-        let vm = self.limits.step("booting the guest", boot).await?;
+        let started = Instant::now();
+        let restored = match self.template_stamp(&spec) {
+            Some(stamp) => self.restore(&spec, stamp).await,
+            None => None,
+        };
+        let (vm, start) = match restored {
+            Some(vm) => {
+                log.farm(&format!(
+                    "restored the guest from its image's template snapshot in {:.2}s",
+                    started.elapsed().as_secs_f64()
+                ));
+                (vm, Start::Restored)
+            }
+            None => {
+                let boot = async { Ok::<_, anyhow::Error>(ctx.backend.boot(&spec).await?) };
+                let vm = self.limits.step("booting the guest", boot).await?;
+                (vm, Start::Cold)
+            }
+        };
         let vm = Box::new(CountedVm {
             vm,
             _running: ctx.metrics.guest_running(),
         });
-        Ok((vm, Start::Cold))
+        Ok((vm, start))
+    }
+
+    /// What a template snapshot for `spec`'s guest must have been made from, when the job may
+    /// start from one: a kernel boot with the agent, on a backend that takes snapshots, of an
+    /// image `[warm_start]` does not keep cold.
+    fn template_stamp(&self, spec: &BootSpec) -> Option<Stamp> {
+        let ctx = self.ctx;
+        let Boot::Linux(linux) = &spec.boot else {
+            return None;
+        };
+        let image = &ctx.image.manifest;
+        if !ctx.config.warm_start.warm(&image.name) {
+            return None;
+        }
+        Some(Stamp {
+            image: image.name.clone(),
+            image_version: image.version.clone(),
+            initrd_sha256: image.files.get(INITRD)?.sha256.clone(),
+            vmm: ctx.backend.snapshot_version()?,
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            cmdline: linux.cmdline.clone(),
+        })
+    }
+
+    /// The guest restored from the template snapshot stamped `stamp`; `None`, said in the log,
+    /// when there is none to restore (one is then made in the background) or the restore failed.
+    async fn restore(&self, spec: &BootSpec, stamp: Stamp) -> Option<Box<dyn Vm>> {
+        let ctx = self.ctx;
+        let why = match ctx.templates.find(&stamp) {
+            Ok(snapshot) => match ctx.backend.restore(spec, &snapshot).await {
+                Ok(vm) => return Some(vm),
+                Err(e) => format!(
+                    "restoring the template snapshot failed: {:#}",
+                    anyhow::Error::from(e)
+                ),
+            },
+            Err(why) => why,
+        };
+        self.log.farm(&format!(
+            "{why}; booting cold (a new snapshot is being made)"
+        ));
+        let _ = std::fs::remove_dir_all(&spec.run_dir);
+        let template = BootSpec {
+            run_dir: PathBuf::new(),
+            ..spec.clone()
+        };
+        ctx.templates.make(
+            ctx.backend.clone(),
+            template,
+            stamp,
+            ctx.config.guest.boot_timeout.0,
+        );
+        None
     }
 
     /// Waits for the agent's ready line (cloud-init's host keys), opens SSH pinned to the host

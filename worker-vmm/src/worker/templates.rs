@@ -1,0 +1,264 @@
+//! Template snapshots (`[warm_start]`): per image and job size, a guest saved when its agent
+//! waited for a job, from which jobs' guests are restored instead of booted.
+//!
+//! Each lives in a folder of its own under the configured one, `<image>-<cpus>cpu-<MiB>mib`,
+//! with `stamp.json`, what it was made from ([`Stamp`]); a job restores it only when its own
+//! stamp is the same. The first job that finds none (or one made from another image version,
+//! agent, VMM or command line) boots cold and has a new one made in the background, in a hidden
+//! folder renamed into place once whole, so that a worker killed meanwhile leaves the previous
+//! one (or none), never half of one.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, BootSpec, Snapshot};
+
+const STAMP: &str = "stamp.json";
+
+/// What a snapshot was made from: a job restores it only if its own is the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub image: String,
+    pub image_version: String,
+    /// The sha256 of the image's initramfs, which carries the agent.
+    pub initrd_sha256: String,
+    /// The backend's [`Backend::snapshot_version`].
+    pub vmm: String,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+impl Stamp {
+    /// Why a snapshot stamped `self` is not the one `wanted`, in words.
+    fn differs(&self, wanted: &Stamp) -> Option<String> {
+        let field = |name: &str, made: &str, needed: &str| {
+            (made != needed)
+                .then(|| format!("it was made from {name} {made}, this job needs {needed}"))
+        };
+        field("image version", &self.image_version, &wanted.image_version)
+            .or_else(|| {
+                field(
+                    "the initramfs (agent)",
+                    &self.initrd_sha256,
+                    &wanted.initrd_sha256,
+                )
+            })
+            .or_else(|| field("the VMM", &self.vmm, &wanted.vmm))
+            .or_else(|| field("the command line", &self.cmdline, &wanted.cmdline))
+            .or_else(|| (self != wanted).then(|| "it was made for another guest".to_owned()))
+    }
+}
+
+/// The worker's template snapshots.
+pub struct Templates {
+    dir: PathBuf,
+    /// The folders whose snapshot is being made.
+    making: Mutex<HashSet<String>>,
+}
+
+impl Templates {
+    /// The snapshots in `dir`; what a previous run left half made there is removed.
+    pub fn open(dir: &Path) -> Templates {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        Templates {
+            dir: dir.to_owned(),
+            making: Mutex::default(),
+        }
+    }
+
+    fn name(stamp: &Stamp) -> String {
+        format!("{}-{}cpu-{}mib", stamp.image, stamp.vcpus, stamp.memory_mib)
+    }
+
+    /// The snapshot to restore for a job stamped `wanted`, or why there is none.
+    pub fn find(&self, wanted: &Stamp) -> Result<Snapshot, String> {
+        let snapshot = Snapshot {
+            dir: self.dir.join(Self::name(wanted)),
+        };
+        let described = format!(
+            "the template snapshot of {} ({} vCPU, {} MiB)",
+            wanted.image, wanted.vcpus, wanted.memory_mib
+        );
+        let text = match std::fs::read_to_string(snapshot.dir.join(STAMP)) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!("{described} is not made yet"));
+            }
+            Err(e) => return Err(format!("{described} cannot be read: {e}")),
+        };
+        let made: Stamp = serde_json::from_str(&text)
+            .map_err(|e| format!("{described} has an unreadable {STAMP}: {e}"))?;
+        match made.differs(wanted) {
+            None => Ok(snapshot),
+            Some(why) => Err(format!("{described} is refused: {why}")),
+        }
+    }
+
+    /// Has the snapshot for `stamp` made in the background from `spec`'s guest (unless it is
+    /// being made already), replacing the one there.
+    pub fn make(
+        self: &Arc<Self>,
+        backend: Arc<dyn Backend>,
+        spec: BootSpec,
+        stamp: Stamp,
+        timeout: Duration,
+    ) {
+        let name = Self::name(&stamp);
+        if !self.lock().insert(name.clone()) {
+            return;
+        }
+        let templates = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            match templates
+                .save(backend.as_ref(), spec, &stamp, &name, timeout)
+                .await
+            {
+                Ok(()) => tracing::info!(
+                    template = %name,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "made the template snapshot"
+                ),
+                Err(e) => tracing::warn!(
+                    template = %name,
+                    error = format!("{e:#}"),
+                    "making the template snapshot failed; jobs boot cold"
+                ),
+            }
+            templates.lock().remove(&name);
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.making.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn save(
+        &self,
+        backend: &dyn Backend,
+        spec: BootSpec,
+        stamp: &Stamp,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        let scratch = self.dir.join(format!(".{name}.new"));
+        let _ = std::fs::remove_dir_all(&scratch);
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("creating {}", scratch.display()))?;
+        let snapshot = Snapshot {
+            dir: scratch.join("snapshot"),
+        };
+        let spec = BootSpec {
+            run_dir: scratch.join("run"),
+            ..spec
+        };
+        let saved = backend.save(&spec, &snapshot, timeout).await;
+        let placed = saved.map_err(anyhow::Error::from).and_then(|()| {
+            let text = serde_json::to_string_pretty(stamp)?;
+            write_synced(&snapshot.dir.join(STAMP), text.as_bytes())?;
+            self.replace(&snapshot.dir, name)
+        });
+        let _ = std::fs::remove_dir_all(&scratch);
+        placed
+    }
+
+    /// Puts the folder `made` in the place of `name`'s; the old one's files stay open for the
+    /// guests restored from it.
+    fn replace(&self, made: &Path, name: &str) -> anyhow::Result<()> {
+        let place = self.dir.join(name);
+        let old = self.dir.join(format!(".{name}.old"));
+        let _ = std::fs::remove_dir_all(&old);
+        match std::fs::rename(&place, &old) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+        std::fs::rename(made, &place)?;
+        let _ = std::fs::remove_dir_all(&old);
+        Ok(())
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp() -> Stamp {
+        Stamp {
+            image: "tiny".into(),
+            image_version: "v1".into(),
+            initrd_sha256: "aa".into(),
+            vmm: "QEMU 7.2 (Tcg)".into(),
+            vcpus: 1,
+            memory_mib: 512,
+            cmdline: "console=ttyS0".into(),
+        }
+    }
+
+    #[test]
+    fn test_only_a_snapshot_of_the_same_stamp_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let templates = Templates::open(dir.path());
+        let wanted = stamp();
+        let err = templates.find(&wanted).unwrap_err();
+        assert!(
+            err.contains("tiny (1 vCPU, 512 MiB) is not made yet"),
+            "{err}"
+        );
+        let place = dir.path().join("tiny-1cpu-512mib");
+        std::fs::create_dir_all(&place).unwrap();
+        let made = Stamp {
+            image_version: "v0".into(),
+            ..stamp()
+        };
+        std::fs::write(place.join(STAMP), serde_json::to_string(&made).unwrap()).unwrap();
+        let err = templates.find(&wanted).unwrap_err();
+        assert!(
+            err.contains("refused: it was made from image version v0, this job needs v1"),
+            "{err}"
+        );
+        std::fs::write(place.join(STAMP), serde_json::to_string(&wanted).unwrap()).unwrap();
+        assert_eq!(templates.find(&wanted).unwrap().dir, place);
+        let bigger = Stamp {
+            memory_mib: 1024,
+            ..stamp()
+        };
+        assert!(templates.find(&bigger).is_err(), "another size has its own");
+        std::fs::write(place.join(STAMP), "{").unwrap();
+        assert!(templates.find(&wanted).unwrap_err().contains("unreadable"));
+    }
+
+    #[test]
+    fn test_a_half_made_snapshot_is_removed_and_a_whole_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join(".tiny-1cpu-512mib.new/snapshot")).unwrap();
+        std::fs::create_dir_all(dir.path().join("tiny-1cpu-512mib")).unwrap();
+        let templates = Templates::open(dir.path());
+        assert!(!dir.path().join(".tiny-1cpu-512mib.new").exists());
+        let made = dir.path().join("made");
+        std::fs::create_dir_all(&made).unwrap();
+        std::fs::write(made.join(STAMP), "new").unwrap();
+        templates.replace(&made, "tiny-1cpu-512mib").unwrap();
+        let text = std::fs::read_to_string(dir.path().join("tiny-1cpu-512mib").join(STAMP));
+        assert_eq!(text.unwrap(), "new");
+        assert!(!dir.path().join(".tiny-1cpu-512mib.old").exists());
+    }
+}
