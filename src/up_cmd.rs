@@ -56,6 +56,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ..base
     };
     worker.network.cache_dir = data.join("proxy-cache");
+    worker.warm_start.dir = data.join("templates");
     let worker = tokio::spawn(vmfarm_worker::worker::daemon::run(worker));
     tokio::select! {
         served = running.wait() => served.context("the server stopped")?,

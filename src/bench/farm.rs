@@ -61,6 +61,10 @@ impl Farm {
         };
         config.backend.default = backend;
         config.network.cache_dir = dir.path().join("proxy-cache");
+        config.warm_start.dir = dir.path().join("templates");
+        // Guests boot cold unless a benchmark asks for warm starts (a first job would otherwise
+        // have a snapshot made beside the measured ones).
+        config.warm_start.enabled = false;
         worker(&mut config);
         let daemon = tokio::spawn(vmfarm_worker::worker::daemon::run(config));
         Ok(Farm {
@@ -69,6 +73,27 @@ impl Farm {
             daemon,
             _dir: dir,
         })
+    }
+
+    /// Waits until the worker has a template snapshot (a `stamp.json` in its folder).
+    pub async fn template_made(&self, limit: Duration) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let templates = self._dir.path().join("templates");
+        loop {
+            let made = std::fs::read_dir(&templates)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.path().join("stamp.json").exists());
+            if made {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                started.elapsed() < limit,
+                "the worker made no template snapshot within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Submits `manifest`; its job's id.
