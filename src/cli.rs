@@ -434,6 +434,25 @@ pub enum BenchKind {
         #[arg(long, default_value_t = 20)]
         jobs: usize,
     },
+    /// Memory of N guests at once on QEMU, booted cold beside restored from one snapshot.
+    WarmMemory {
+        /// The images dir holding the image.
+        #[arg(
+            long,
+            env = "VMFARM_IMAGES_DIR",
+            default_value = "./vmfarm-data/images"
+        )]
+        images_dir: PathBuf,
+        /// An image with vmfarm's agent.
+        #[arg(long, default_value = "tiny")]
+        image: String,
+        /// Guests at once.
+        #[arg(long, default_value_t = 16)]
+        guests: usize,
+        /// Each guest's memory, MiB.
+        #[arg(long, default_value_t = 512)]
+        memory_mib: u32,
+    },
 }
 
 #[cfg(test)]

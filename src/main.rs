@@ -128,6 +128,15 @@ fn main() -> ExitCode {
                 bench::job_start::run(images_dir, &images, jobs).await?;
                 Ok(ExitCode::SUCCESS)
             }),
+            cli::BenchKind::WarmMemory {
+                images_dir,
+                image,
+                guests,
+                memory_mib,
+            } => block_on(async {
+                bench::warm_memory::run(images_dir, &image, guests, memory_mib).await?;
+                Ok(ExitCode::SUCCESS)
+            }),
         },
     }
 }

@@ -26,15 +26,20 @@ pub async fn serve(config: BootConfig) -> Result<()> {
         ChannelKind::Vport(name) => {
             let path = channel::find_vport(&name, Duration::from_secs(20))?;
             let port = Vport::open(&path).with_context(|| format!("opening {}", path.display()))?;
-            let identity = match saved_identity()? {
-                Some(identity) => identity,
+            let (ssh, policy) = match saved_identity()? {
+                Some(identity) => take_on(identity, config.user)?,
                 None => {
                     println!("{WAITING_LINE}");
-                    let first = port.next_session().await.context("waiting for the host")?;
-                    receive_identity(first).await?
+                    let mut first = port.next_session().await.context("waiting for the host")?;
+                    let taken = take_on(receive_identity(&mut first).await?, config.user)?;
+                    // The worker hangs up once it saw the ready line; no SSH session may start
+                    // on its connection before (its server banner would go nowhere). The end
+                    // is the hang-up, or the next client's banner (see `Vport`).
+                    let mut rest = [0u8; 256];
+                    while matches!(first.read(&mut rest).await, Ok(n) if n > 0) {}
+                    taken
                 }
             };
-            let (ssh, policy) = take_on(identity, config.user)?;
             loop {
                 let stream = port.next_session().await.context("waiting for the host")?;
                 run_session(ssh.clone(), stream, policy.clone()).await;
@@ -53,7 +58,7 @@ pub async fn serve(config: BootConfig) -> Result<()> {
                 Some(identity) => identity,
                 None => {
                     println!("{WAITING_LINE}");
-                    receive_identity(accept().await?).await?
+                    receive_identity(&mut accept().await?).await?
                 }
             };
             let (ssh, policy) = take_on(identity, config.user)?;
@@ -66,7 +71,7 @@ pub async fn serve(config: BootConfig) -> Result<()> {
 
 /// Reads the identity line, the first thing the worker sends on the channel's first connection
 /// (at most [`Identity::MAX_LINE`] bytes), and keeps it for a server that restarts.
-async fn receive_identity<S: AsyncRead + Unpin>(mut stream: S) -> Result<JobIdentity> {
+async fn receive_identity<S: AsyncRead + Unpin>(stream: &mut S) -> Result<JobIdentity> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.last() != Some(&b'\n') {

@@ -11,3 +11,4 @@ pub mod push;
 pub mod queue;
 pub mod rss;
 pub mod stats;
+pub mod warm_memory;

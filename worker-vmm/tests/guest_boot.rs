@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use sha2::{Digest as _, Sha256};
 use vmfarm_worker::backend::qemu::{Accel, QemuBackend};
-use vmfarm_worker::backend::{Backend, Boot, BootSpec, GuestCmdline, LinuxBoot, Snapshot, Vm};
+use vmfarm_worker::backend::{Backend, Boot, BootSpec, LinuxBoot, Snapshot, Vm};
 use vmfarm_worker::guest::cloud_init::Seed;
 use vmfarm_worker::guest::{
     Announcer, ExecLimits, Guest, HostFingerprint, JobKey, OutputStream, SshError, SshOptions,
@@ -124,17 +124,8 @@ fn linux_spec(
     run_dir: &Path,
     memory_mib: u32,
 ) -> BootSpec {
-    let cmdline = GuestCmdline {
-        channel: backend.channel(),
-        user: "build".into(),
-        emulated: backend.emulated(),
-    };
     BootSpec {
-        boot: Boot::Linux(LinuxBoot {
-            kernel: image.kernel(),
-            initrd: Some(image.initrd()),
-            cmdline: cmdline.compose(),
-        }),
+        boot: Boot::Linux(LinuxBoot::with_agent(image, backend)),
         base_disk: image.rootfs(),
         vcpus: 2,
         memory_mib,

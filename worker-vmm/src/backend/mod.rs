@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use vmfarm_proto::guest::{ChannelKind, GuestCmdline};
 
+use crate::images::manifest::InstalledImage;
 use crate::images::recipe::Firmware;
 use crate::vmm::qcow2::overlay::OverlayError;
 
@@ -63,6 +64,23 @@ pub struct LinuxBoot {
     pub initrd: Option<PathBuf>,
     /// The complete kernel command line ([`GuestCmdline::compose`]); the backend adds nothing.
     pub cmdline: String,
+}
+
+impl LinuxBoot {
+    /// The kernel boot of `image`, with vmfarm's agent in its initramfs, and the boot
+    /// contract's command line for `backend`.
+    pub fn with_agent(image: &InstalledImage, backend: &dyn Backend) -> LinuxBoot {
+        LinuxBoot {
+            kernel: image.kernel(),
+            initrd: Some(image.initrd()),
+            cmdline: GuestCmdline {
+                channel: backend.channel(),
+                user: "build".into(),
+                emulated: backend.emulated(),
+            }
+            .compose(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -39,7 +39,7 @@ use super::metrics::WorkerMetrics;
 use super::server_client::{LeaseHandle, ServerClient, ServerError};
 use super::sources::{self, FetchedSource, SourceError};
 use super::templates::{Stamp, Templates};
-use crate::backend::{Backend, Boot, BootSpec, GuestCmdline, LinuxBoot, Vm};
+use crate::backend::{Backend, Boot, BootSpec, LinuxBoot, Vm};
 use crate::config::WorkerConfig;
 use crate::guest::cloud_init::Seed;
 use crate::guest::{
@@ -423,16 +423,7 @@ impl JobRun<'_> {
         let (cpus, memory_mib) = job_size(self.manifest, &ctx.config);
         let hostname = format!("job-{}", lease.job.id);
         let boot = match ctx.image.firmware() {
-            None => Boot::Linux(LinuxBoot {
-                kernel: ctx.image.kernel(),
-                initrd: Some(ctx.image.initrd()),
-                cmdline: GuestCmdline {
-                    channel: ctx.backend.channel(),
-                    user: "build".into(),
-                    emulated: ctx.backend.emulated(),
-                }
-                .compose(),
-            }),
+            None => Boot::Linux(LinuxBoot::with_agent(&ctx.image, ctx.backend.as_ref())),
             Some(firmware) => {
                 let (user, public_key) = (ctx.image.user().to_owned(), key.public_openssh());
                 let dir = self.run_dir.join("seed");
