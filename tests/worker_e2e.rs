@@ -70,7 +70,8 @@ echo "length ${#pw}"
 
 /// The first job of an image boots cold and has the image's template snapshot made; the next
 /// jobs start from it, each with its own host name, random stream and clock, and their artifact
-/// comes back; a snapshot made from another image version is refused and the job boots cold.
+/// comes back; a snapshot made from another image version is refused, and one that fails to
+/// restore is given up: those jobs boot cold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_jobs_start_from_the_template_snapshot_or_boot_cold_saying_why() {
     let dir = images(&["tiny"]);
@@ -142,6 +143,20 @@ path = "who"
         stamp["image_version"].as_str().unwrap()
     ))
     .await;
+
+    // That job had a new snapshot made; one whose devices' state is damaged fails to restore,
+    // and the job boots cold.
+    let remade = Instant::now();
+    while std::fs::read_to_string(&stamp_file).map_or(true, |t| t.contains("000000000000")) {
+        assert!(
+            remade.elapsed() < Duration::from_secs(180),
+            "no new template snapshot: {}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    std::fs::write(template.join("devices"), b"not QEMU's migration stream").unwrap();
+    run("restoring the template snapshot failed: ").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
