@@ -159,6 +159,50 @@ path = "who"
     run("restoring the template snapshot failed: ").await;
 }
 
+/// Sixteen jobs of the tiny image at once on one worker of this 2-core host, their guests
+/// restored from one template snapshot: all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_sixteen_jobs_at_once_start_from_one_snapshot() {
+    let dir = images(&["tiny"]);
+    let server = TestServer::start(Backend::Sqlite);
+    let config = "[slots]\ncpus = 16\nmemory = \"8GiB\"\n[guest]\ndefault_cpus = 1\n\
+                  default_memory = \"256MiB\"\nboot_timeout = \"120s\"\n\
+                  [warm_start]\nenabled = true\n";
+    let worker = TestWorker::start(&server, 0, &dir, config);
+    let manifest =
+        "image = \"tiny\"\n[[tasks]]\nname = \"hello\"\nscript = \"echo hello from $(hostname)\"\n";
+    let api = server.admin();
+    let first = api.submit(manifest).await.jobs[0].id.clone();
+    assert_eq!(wait_ended(&api, &first).await["state"], "succeeded");
+    let stamp = worker
+        .work_dir
+        .path()
+        .join("vmfarm-data/templates/tiny-1cpu-256mib/stamp.json");
+    let made = Instant::now();
+    while !stamp.exists() {
+        assert!(
+            made.elapsed() < Duration::from_secs(180),
+            "{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut ids = Vec::new();
+    for _ in 0..16 {
+        ids.push(api.submit(manifest).await.jobs[0].id.clone());
+    }
+    for id in &ids {
+        let job = wait_ended(&api, id).await;
+        let log = log_of(&api, id).await;
+        assert_eq!(job["state"], "succeeded", "{job}\n{log}");
+        assert!(
+            log.contains("template snapshot in"),
+            "job {id} was restored: {log}"
+        );
+        assert!(log.contains(&format!("hello from job-{id}")), "{log}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_artifacts_come_back_through_the_cli() {
     let dir = images(&["tiny"]);

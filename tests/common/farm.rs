@@ -90,12 +90,12 @@ impl TestWorker {
             format!(
                 "server = {server}\nname = \"{}\"\ntoken = \"{}\"\nimages_dir = \"{}\"\nwork_dir = \"{}\"\n{extra}\n{warm_start}\
                  # Workers of tests running at once each get users of their own.\n\
-                 [jail]\nfirst_uid = {}\nuid_count = 4\n",
+                 [jail]\nfirst_uid = {}\nuid_count = 16\n",
                 worker_name(i),
                 worker_token(i),
                 images_dir.display(),
                 work_dir.path().join("work").display(),
-                2_000_000 + (std::process::id() % 100_000) * 128 + i as u32 * 4,
+                2_000_000 + (std::process::id() % 100_000) * 128 + i as u32 * 16,
             ),
         )
         .unwrap();
