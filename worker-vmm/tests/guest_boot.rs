@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use sha2::{Digest as _, Sha256};
 use vmfarm_worker::backend::qemu::{Accel, QemuBackend};
-use vmfarm_worker::backend::{Backend, Boot, BootSpec, LinuxBoot, Snapshot, Vm};
+use vmfarm_worker::backend::{Backend, Boot, BootSpec, Snapshot, Vm};
 use vmfarm_worker::guest::cloud_init::Seed;
 use vmfarm_worker::guest::{
     Announcer, ExecLimits, Guest, HostFingerprint, JobKey, OutputStream, SshError, SshOptions,
@@ -124,13 +124,7 @@ fn linux_spec(
     run_dir: &Path,
     memory_mib: u32,
 ) -> BootSpec {
-    BootSpec {
-        boot: Boot::Linux(LinuxBoot::with_agent(image, backend)),
-        base_disk: image.rootfs(),
-        vcpus: 2,
-        memory_mib,
-        run_dir: run_dir.to_owned(),
-    }
+    BootSpec::with_agent(image, backend, (2, memory_mib), run_dir.to_owned())
 }
 
 async fn boot(image: &InstalledImage, run_dir: &Path) -> Booted {

@@ -66,6 +66,25 @@ pub struct LinuxBoot {
     pub cmdline: String,
 }
 
+impl BootSpec {
+    /// The kernel boot of `image` with vmfarm's agent ([`LinuxBoot::with_agent`]) from the
+    /// image's disk.
+    pub fn with_agent(
+        image: &InstalledImage,
+        backend: &dyn Backend,
+        (vcpus, memory_mib): (u32, u32),
+        run_dir: PathBuf,
+    ) -> BootSpec {
+        BootSpec {
+            boot: Boot::Linux(LinuxBoot::with_agent(image, backend)),
+            base_disk: image.base_disk(),
+            vcpus,
+            memory_mib,
+            run_dir,
+        }
+    }
+}
+
 impl LinuxBoot {
     /// The kernel boot of `image`, with vmfarm's agent in its initramfs, and the boot
     /// contract's command line for `backend`.

@@ -283,18 +283,25 @@ impl Qmp {
     }
 }
 
-/// Has the QEMU at `qmp` leave file-backed memory out of its migration stream.
-async fn ignore_shared_memory(qmp: &mut Qmp) -> std::io::Result<Value> {
+/// Has the QEMU behind `qmp` run `command` (`migrate` or `migrate-incoming`) with `file`'s
+/// descriptor as the stream, file-backed memory left out of it, and waits until it completed.
+async fn migrate(
+    qmp: &mut Qmp,
+    command: &str,
+    file: &std::fs::File,
+    what: &'static str,
+) -> Result<(), BackendError> {
     let capability = json!({"capability": "x-ignore-shared", "state": true});
     qmp.execute(
         "migrate-set-capabilities",
         json!({"capabilities": [capability]}),
     )
     .await
-}
-
-/// Waits until the migration of the QEMU at `qmp` (saving or loading) has completed.
-async fn migration_done(qmp: &mut Qmp, what: &'static str) -> Result<(), BackendError> {
+    .map_err(io_error(what))?;
+    qmp.send_fd(STATE_FD, file).await.map_err(io_error(what))?;
+    qmp.execute(command, json!({"uri": format!("fd:{STATE_FD}")}))
+        .await
+        .map_err(io_error(what))?;
     loop {
         let state = qmp
             .execute("query-migrate", json!({}))
@@ -311,22 +318,14 @@ async fn migration_done(qmp: &mut Qmp, what: &'static str) -> Result<(), Backend
 /// Pauses the guest of the QEMU at `qmp` and has it write its devices' state (its memory is left
 /// in its file) to `devices`.
 async fn save_devices(qmp: &Path, devices: &Path) -> Result<(), BackendError> {
-    const WHAT: &str = "saving the template guest";
     let mut qmp = Qmp::connect(qmp)
         .await
         .map_err(io_error("connecting to the template's QEMU"))?;
     let file = std::fs::File::create(devices).map_err(io_error("creating the devices' state"))?;
-    ignore_shared_memory(&mut qmp)
-        .await
-        .map_err(io_error(WHAT))?;
     qmp.execute("stop", json!({}))
         .await
         .map_err(io_error("pausing the template guest"))?;
-    qmp.send_fd(STATE_FD, &file).await.map_err(io_error(WHAT))?;
-    qmp.execute("migrate", json!({"uri": format!("fd:{STATE_FD}")}))
-        .await
-        .map_err(io_error(WHAT))?;
-    migration_done(&mut qmp, WHAT).await?;
+    migrate(&mut qmp, "migrate", &file, "saving the template guest").await?;
     file.sync_all()
         .map_err(io_error("writing the devices' state"))
 }
@@ -335,19 +334,11 @@ async fn save_devices(qmp: &Path, devices: &Path) -> Result<(), BackendError> {
 /// `devices`, and runs the guest (the template was paused when saved, so QEMU leaves the
 /// restored guest paused).
 async fn load_devices(qmp: &Path, devices: &Path) -> Result<(), BackendError> {
-    const WHAT: &str = "restoring the guest";
     let mut qmp = Qmp::connect(qmp)
         .await
         .map_err(io_error("connecting to the restoring QEMU"))?;
     let file = std::fs::File::open(devices).map_err(io_error("opening the devices' state"))?;
-    ignore_shared_memory(&mut qmp)
-        .await
-        .map_err(io_error(WHAT))?;
-    qmp.send_fd(STATE_FD, &file).await.map_err(io_error(WHAT))?;
-    qmp.execute("migrate-incoming", json!({"uri": format!("fd:{STATE_FD}")}))
-        .await
-        .map_err(io_error(WHAT))?;
-    migration_done(&mut qmp, WHAT).await?;
+    migrate(&mut qmp, "migrate-incoming", &file, "restoring the guest").await?;
     qmp.execute("cont", json!({}))
         .await
         .map(drop)
