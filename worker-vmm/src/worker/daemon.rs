@@ -42,7 +42,6 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.work_dir)
         .with_context(|| format!("creating {}", config.work_dir.display()))?;
     remove_leftovers(&config.work_dir);
-    let templates = Arc::new(Templates::open(&config.warm_start.dir));
     let cache = ProxyCache::open(&config.network.cache_dir, config.network.cache_max_size.0)
         .await
         .context("opening the network proxy's cache")?;
@@ -54,6 +53,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         config.slots.memory.0 / (1024 * 1024),
     ));
     let metrics = Arc::new(WorkerMetrics::new(budget.clone(), cache.clone()));
+    let templates = Arc::new(Templates::open(&config.warm_start.dir, budget.clone()));
     super::metrics::serve(&config.metrics, metrics.clone()).await?;
     let default_size = (
         config.guest.default_cpus,

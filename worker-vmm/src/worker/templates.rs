@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::budget::Budget;
 use crate::backend::{Backend, BootSpec, Snapshot};
 
 const STAMP: &str = "stamp.json";
@@ -58,13 +59,15 @@ impl Stamp {
 /// The worker's template snapshots.
 pub struct Templates {
     dir: PathBuf,
+    /// The worker's slots: a template's guest takes its size from them while it is made.
+    budget: Arc<Budget>,
     /// The folders whose snapshot is being made.
     making: Mutex<HashSet<String>>,
 }
 
 impl Templates {
     /// The snapshots in `dir`; what a previous run left half made there is removed.
-    pub fn open(dir: &Path) -> Templates {
+    pub fn open(dir: &Path, budget: Arc<Budget>) -> Templates {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             if entry.file_name().to_string_lossy().starts_with('.') {
                 let _ = std::fs::remove_dir_all(entry.path());
@@ -72,6 +75,7 @@ impl Templates {
         }
         Templates {
             dir: dir.to_owned(),
+            budget,
             making: Mutex::default(),
         }
     }
@@ -105,7 +109,7 @@ impl Templates {
     }
 
     /// Has the snapshot for `stamp` made in the background from `spec`'s guest (unless it is
-    /// being made already), replacing the one there.
+    /// being made already), replacing the one there, once the worker's slots have room for it.
     pub fn make(
         self: &Arc<Self>,
         backend: Arc<dyn Backend>,
@@ -119,6 +123,8 @@ impl Templates {
         }
         let templates = self.clone();
         tokio::spawn(async move {
+            let size = (spec.vcpus, u64::from(spec.memory_mib));
+            let _share = templates.budget.take(size).await;
             let started = Instant::now();
             match templates
                 .save(backend.as_ref(), spec, &stamp, &name, timeout)
@@ -216,7 +222,7 @@ mod tests {
     #[test]
     fn test_only_a_snapshot_of_the_same_stamp_is_found() {
         let dir = tempfile::tempdir().unwrap();
-        let templates = Templates::open(dir.path());
+        let templates = Templates::open(dir.path(), Arc::new(Budget::new(2, 2048)));
         let wanted = stamp();
         let err = templates.find(&wanted).unwrap_err();
         assert!(
@@ -251,7 +257,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join(".tiny-1cpu-512mib.new/snapshot")).unwrap();
         std::fs::create_dir_all(dir.path().join("tiny-1cpu-512mib")).unwrap();
-        let templates = Templates::open(dir.path());
+        let templates = Templates::open(dir.path(), Arc::new(Budget::new(2, 2048)));
         assert!(!dir.path().join(".tiny-1cpu-512mib.new").exists());
         let made = dir.path().join("made");
         std::fs::create_dir_all(&made).unwrap();
