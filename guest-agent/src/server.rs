@@ -18,28 +18,19 @@ use crate::cmdline::{BootConfig, ChannelKind, JobIdentity};
 use crate::forward::Forwards;
 use crate::{session, sys, user};
 
-/// Where the identity is kept once received, for a server that restarts.
-const SAVED_IDENTITY: &str = "/run/vmfarm-identity";
-
 pub async fn serve(config: BootConfig) -> Result<()> {
     match config.channel {
         ChannelKind::Vport(name) => {
             let path = channel::find_vport(&name, Duration::from_secs(20))?;
             let port = Vport::open(&path).with_context(|| format!("opening {}", path.display()))?;
-            let (ssh, policy) = match saved_identity()? {
-                Some(identity) => take_on(identity, config.user)?,
-                None => {
-                    println!("{WAITING_LINE}");
-                    let mut first = port.next_session().await.context("waiting for the host")?;
-                    let taken = take_on(receive_identity(&mut first).await?, config.user)?;
-                    // The worker hangs up once it saw the ready line; no SSH session may start
-                    // on its connection before (its server banner would go nowhere). The end
-                    // is the hang-up, or the next client's banner (see `Vport`).
-                    let mut rest = [0u8; 256];
-                    while matches!(first.read(&mut rest).await, Ok(n) if n > 0) {}
-                    taken
-                }
-            };
+            println!("{WAITING_LINE}");
+            let mut first = port.next_session().await.context("waiting for the host")?;
+            let (ssh, policy) = take_on(receive_identity(&mut first).await?, config.user)?;
+            // The worker hangs up once it saw the ready line; no SSH session may start on its
+            // connection before (its server banner would go nowhere). The end is the hang-up,
+            // or the next client's banner (see `Vport`).
+            let mut rest = [0u8; 256];
+            while matches!(first.read(&mut rest).await, Ok(n) if n > 0) {}
             loop {
                 let stream = port.next_session().await.context("waiting for the host")?;
                 run_session(ssh.clone(), stream, policy.clone()).await;
@@ -54,13 +45,8 @@ pub async fn serve(config: BootConfig) -> Result<()> {
                     .await
                     .context("accepting a vsock connection")
             };
-            let identity = match saved_identity()? {
-                Some(identity) => identity,
-                None => {
-                    println!("{WAITING_LINE}");
-                    receive_identity(&mut accept().await?).await?
-                }
-            };
+            println!("{WAITING_LINE}");
+            let identity = receive_identity(&mut accept().await?).await?;
             let (ssh, policy) = take_on(identity, config.user)?;
             loop {
                 tokio::spawn(run_session(ssh.clone(), accept().await?, policy.clone()));
@@ -70,7 +56,8 @@ pub async fn serve(config: BootConfig) -> Result<()> {
 }
 
 /// Reads the identity line, the first thing the worker sends on the channel's first connection
-/// (at most [`Identity::MAX_LINE`] bytes), and keeps it for a server that restarts.
+/// (at most [`Identity::MAX_LINE`] bytes). A server that restarts waits for it again, in vain:
+/// the worker pinned the host key of the first, and the job fails at its next step.
 async fn receive_identity<S: AsyncRead + Unpin>(stream: &mut S) -> Result<JobIdentity> {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
@@ -92,29 +79,7 @@ async fn receive_identity<S: AsyncRead + Unpin>(stream: &mut S) -> Result<JobIde
         line.push(byte[0]);
     }
     let text = std::str::from_utf8(&line).context("the job's identity is not UTF-8")?;
-    let identity = JobIdentity::parse(text)?;
-    save_identity(text).context("keeping the job's identity")?;
-    Ok(identity)
-}
-
-fn save_identity(line: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(SAVED_IDENTITY)?
-        .write_all(line.as_bytes())
-}
-
-fn saved_identity() -> Result<Option<JobIdentity>> {
-    match std::fs::read_to_string(SAVED_IDENTITY) {
-        Ok(text) => Ok(Some(JobIdentity::parse(&text)?)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e).context(SAVED_IDENTITY),
-    }
+    Ok(JobIdentity::parse(text)?)
 }
 
 /// Takes the job's identity on (host name, clock, the host's entropy, which reseeds the

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use vmfarm_worker::backend::qemu::{Accel, QemuBackend};
-use vmfarm_worker::backend::{Backend, Boot, BootSpec, LinuxBoot, Snapshot, Vm};
+use vmfarm_worker::backend::{Backend, BootSpec, SealedMemory, Snapshot, Vm};
 use vmfarm_worker::guest::{ExecLimits, Guest, JobKey, SshOptions, Start, identity, introduce};
 use vmfarm_worker::images::manifest::InstalledImage;
 use vmfarm_worker::worker::backend_choice::{KvmHost, probe_kvm};
@@ -56,15 +56,9 @@ pub async fn run(
         "template snapshot saved in {:.2} s",
         saving.elapsed().as_secs_f64()
     );
-    let warm = measure(
-        &backend,
-        &image,
-        scratch.path(),
-        Some(&snapshot),
-        guests,
-        memory_mib,
-    )
-    .await?;
+    let memory = SealedMemory::load(&snapshot.memory())?;
+    let from = Some((&snapshot, &memory));
+    let warm = measure(&backend, &image, scratch.path(), from, guests, memory_mib).await?;
     println!(
         "{:<30} {:>12} {:>14} {:>14} {:>14} {:>16}",
         "guests", "all ready", "RSS per guest", "PSS per guest", "PSS, all", "host memory used"
@@ -92,13 +86,7 @@ fn spec(
     run_dir: &Path,
     memory_mib: u32,
 ) -> BootSpec {
-    BootSpec {
-        boot: Boot::Linux(LinuxBoot::with_agent(image, backend)),
-        base_disk: image.base_disk(),
-        vcpus: 1,
-        memory_mib,
-        run_dir: run_dir.to_owned(),
-    }
+    BootSpec::with_agent(image, backend, (1, memory_mib), run_dir.to_owned())
 }
 
 struct Measured {
@@ -116,7 +104,7 @@ async fn measure(
     backend: &QemuBackend,
     image: &InstalledImage,
     scratch: &Path,
-    from: Option<&Snapshot>,
+    from: Option<(&Snapshot, &SealedMemory)>,
     guests: usize,
     memory_mib: u32,
 ) -> anyhow::Result<Measured> {
@@ -133,7 +121,7 @@ async fn measure(
         );
         starting.push(async move {
             let mut vm = match from {
-                Some(snapshot) => backend.restore(&spec, snapshot).await?,
+                Some((snapshot, memory)) => backend.restore(&spec, snapshot, memory).await?,
                 None => backend.boot(&spec).await?,
             };
             let start = if from.is_some() {

@@ -145,6 +145,9 @@ pub struct WarmStartConfig {
     pub cold_images: Vec<String>,
     /// Where the snapshots are kept (a guest's memory, devices and disk each), across restarts.
     pub dir: PathBuf,
+    /// The most snapshots the worker makes (one per image and job size): jobs of other images
+    /// and sizes boot cold.
+    pub max_templates: usize,
 }
 
 impl Default for WarmStartConfig {
@@ -153,6 +156,7 @@ impl Default for WarmStartConfig {
             enabled: true,
             cold_images: Vec::new(),
             dir: PathBuf::from("./vmfarm-data/templates"),
+            max_templates: 8,
         }
     }
 }

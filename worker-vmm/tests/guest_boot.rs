@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use sha2::{Digest as _, Sha256};
 use vmfarm_worker::backend::qemu::{Accel, QemuBackend};
-use vmfarm_worker::backend::{Backend, Boot, BootSpec, Snapshot, Vm};
+use vmfarm_worker::backend::{Backend, Boot, BootSpec, SealedMemory, Snapshot, Vm};
 use vmfarm_worker::guest::cloud_init::Seed;
 use vmfarm_worker::guest::{
     Announcer, ExecLimits, Guest, HostFingerprint, JobKey, OutputStream, SshError, SshOptions,
@@ -429,6 +429,7 @@ async fn test_guests_restored_from_one_snapshot_share_no_identity() {
         "[tiny] template saved in {:.2} s",
         saving.elapsed().as_secs_f64()
     );
+    let memory = SealedMemory::load(&snapshot.memory()).unwrap();
     let mut vms = Vec::new();
     for i in 0..2 {
         let restoring = Instant::now();
@@ -438,7 +439,7 @@ async fn test_guests_restored_from_one_snapshot_share_no_identity() {
             &scratch.path().join(format!("guest-{i}")),
             256,
         );
-        vms.push(backend.restore(&spec, &snapshot).await.unwrap());
+        vms.push(backend.restore(&spec, &snapshot, &memory).await.unwrap());
         eprintln!(
             "[tiny] restore {i} started in {:.3} s",
             restoring.elapsed().as_secs_f64()

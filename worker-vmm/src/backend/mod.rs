@@ -10,6 +10,7 @@ pub mod jail;
 pub mod kvm;
 pub mod qemu;
 mod qemu_snapshot;
+pub mod sealed_memory;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use std::process::ExitStatus;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub use sealed_memory::SealedMemory;
 pub use vmfarm_proto::guest::{ChannelKind, GuestCmdline};
 
 use crate::images::manifest::InstalledImage;
@@ -369,12 +371,14 @@ pub trait Backend: Send + Sync {
     ) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move { Err(self.no_snapshots()) })
     }
-    /// Starts a guest of `spec`'s size from `from`, on an overlay of its own over the snapshot's
-    /// disk (`spec.base_disk` is not used); its agent waits for the job's identity.
+    /// Starts a guest of `spec`'s size from `from`, its memory mapped from `memory` (the sealed
+    /// copy of `from`'s), on an overlay of its own over the snapshot's disk (`spec.base_disk` is
+    /// not used); its agent waits for the job's identity.
     fn restore<'a>(
         &'a self,
         _spec: &'a BootSpec,
         _from: &'a Snapshot,
+        _memory: &'a SealedMemory,
     ) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>> {
         Box::pin(async move { Err(self.no_snapshots()) })
     }

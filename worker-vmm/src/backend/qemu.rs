@@ -20,7 +20,8 @@ use super::jail::{GuestJail, Jailer};
 use super::qemu_snapshot::{self, MemoryFile};
 use super::{
     AgentChannel, Backend, BackendError, Boot, BootSpec, BoxFuture, ChannelKind, LinuxBoot,
-    OVERLAY, Prepared, ProcessVm, Snapshot, Vm, clear_environment, die_with_parent, prepare,
+    OVERLAY, Prepared, ProcessVm, SealedMemory, Snapshot, Vm, clear_environment, die_with_parent,
+    prepare,
 };
 use crate::images::recipe::Firmware;
 
@@ -365,8 +366,9 @@ impl Backend for QemuBackend {
         &'a self,
         spec: &'a BootSpec,
         from: &'a Snapshot,
+        memory: &'a SealedMemory,
     ) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>> {
-        Box::pin(self.restore_snapshot(spec, from))
+        Box::pin(self.restore_snapshot(spec, from, memory))
     }
 }
 

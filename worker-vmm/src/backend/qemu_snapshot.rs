@@ -3,8 +3,8 @@
 //!
 //! The guest's memory is a file (`memory-backend-file`): the template's QEMU maps it shared, so
 //! the file holds the guest's memory when it is paused; the migration stream QEMU then writes
-//! (its `x-ignore-shared` capability) holds only the devices' state. A restored guest maps the
-//! memory file privately: pages are read from it as the guest touches them, shared by every
+//! (its `x-ignore-shared` capability) holds only the devices' state. A restored guest maps a
+//! sealed copy of the memory file ([`SealedMemory`]) privately: its pages are shared by every
 //! guest restored from it until one writes a page, which then becomes that guest's own copy.
 //! Both ends of the stream are the devices' state file, handed to QEMU as a descriptor over its
 //! control socket (`getfd`), so a jailed QEMU, in its own root, reads it as well. The template's
@@ -21,7 +21,9 @@ use tokio::net::UnixStream;
 use tokio::process::Command;
 
 use super::qemu::{QEMU, QMP_LINE, QemuBackend};
-use super::{BackendError, Boot, BootSpec, Snapshot, clear_environment, die_with_parent};
+use super::{
+    BackendError, Boot, BootSpec, SealedMemory, Snapshot, clear_environment, die_with_parent,
+};
 use crate::guest::console::wait_waiting;
 
 /// The longest a restore may take before the job boots cold instead (it takes some 60 ms here).
@@ -96,10 +98,17 @@ impl QemuBackend {
                 why: "only guests with vmfarm's agent (a kernel boot) are snapshotted".into(),
             });
         };
-        std::fs::create_dir_all(&into.dir).map_err(BackendError::RunDir)?;
+        for dir in [&into.dir, &spec.run_dir] {
+            std::fs::create_dir_all(dir).map_err(BackendError::RunDir)?;
+        }
         crate::vmm::qcow2::overlay::create_overlay(&spec.base_disk, &into.disk())
             .map_err(BackendError::Overlay)?;
-        let (socket, qmp) = (into.dir.join("ssh.sock"), into.dir.join("qmp.sock"));
+        // The sockets and QEMU's messages go in the guest's folder, the snapshot's files in
+        // `into`.
+        let run = &spec.run_dir;
+        let (socket, qmp) = (run.join("ssh.sock"), run.join("qmp.sock"));
+        let messages = run.join("qemu.stderr");
+        let stderr = std::fs::File::create(&messages).map_err(BackendError::RunDir)?;
         let memory = MemoryFile {
             path: &into.memory(),
             shared: true,
@@ -116,7 +125,7 @@ impl QemuBackend {
         command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .kill_on_drop(true);
         let mut child = command.spawn().map_err(BackendError::Spawn)?;
         let mut console = child
@@ -132,8 +141,8 @@ impl QemuBackend {
         if let Err(e) = wait_waiting(&mut console, &mut sink, timeout).await {
             let _ = child.kill().await;
             let mut stderr = String::new();
-            if let Some(mut err) = child.stderr.take() {
-                let _ = err.read_to_string(&mut stderr).await;
+            if let Ok(file) = tokio::fs::File::open(&messages).await {
+                let _ = file.take(4096).read_to_string(&mut stderr).await;
             }
             return Err(refused(
                 "booting the template guest",
@@ -166,13 +175,14 @@ impl QemuBackend {
         &self,
         spec: &BootSpec,
         from: &Snapshot,
+        sealed: &SealedMemory,
     ) -> Result<Box<dyn super::Vm>, BackendError> {
         let spec = BootSpec {
             base_disk: from.disk(),
             ..spec.clone()
         };
         let memory = MemoryFile {
-            path: &from.memory(),
+            path: &sealed.path(),
             shared: false,
         };
         let qmp = spec.run_dir.join("qmp.sock");

@@ -5,6 +5,7 @@
 //! host key it made after taking the identity on.
 
 use std::io::Read as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt as _;
@@ -31,8 +32,11 @@ pub enum IntroduceError {
     Connect(#[source] BackendError),
     #[error("sending the job's identity to the agent")]
     Send(#[source] std::io::Error),
-    #[error("the guest did not take the job's identity within {0:?}")]
-    Timeout(Duration),
+    #[error("the guest took longer than {timeout:?} {waiting}")]
+    Timeout {
+        timeout: Duration,
+        waiting: &'static str,
+    },
 }
 
 /// The identity of the job whose key is `key`, in a guest named `hostname`: the host's clock
@@ -61,10 +65,12 @@ pub async fn introduce(
     identity: &Identity,
     start: Start,
 ) -> Result<HostFingerprint, IntroduceError> {
+    let waited = AtomicBool::new(false);
     let steps = async {
         if start == Start::Cold {
             wait_waiting(console, sink, timeout).await?;
         }
+        waited.store(true, Ordering::Relaxed);
         let mut channel = vm.connect().await.map_err(IntroduceError::Connect)?;
         channel
             .write_all(identity.line().as_bytes())
@@ -76,7 +82,15 @@ pub async fn introduce(
         drop(channel);
         Ok(fingerprint)
     };
-    tokio::time::timeout(timeout, steps)
-        .await
-        .map_err(|_| IntroduceError::Timeout(timeout))?
+    match tokio::time::timeout(timeout, steps).await {
+        Ok(done) => done,
+        Err(_) => Err(IntroduceError::Timeout {
+            timeout,
+            waiting: if waited.load(Ordering::Relaxed) {
+                "to take the job's identity and announce its host key"
+            } else {
+                "to say that its agent waits for the job's identity"
+            },
+        }),
+    }
 }

@@ -1,4 +1,4 @@
-//! The per-job SSH key: made for one job, its public half goes on the guest's command line.
+//! The per-job SSH key: made for one job, its public half goes to the guest in the job's identity.
 
 use std::io::Read as _;
 use std::sync::Arc;
@@ -35,7 +35,7 @@ impl JobKey {
         }
     }
 
-    /// `vmfarm.key=` of the boot contract: base64 of the public key's OpenSSH wire blob.
+    /// The identity's `key=`: base64 of the public key's OpenSSH wire blob.
     pub fn public_blob_base64(&self) -> String {
         // Encoding an ed25519 public key into a Vec cannot fail.
         let blob = self.key.public_key().to_bytes().unwrap_or_default();

@@ -53,7 +53,11 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         config.slots.memory.0 / (1024 * 1024),
     ));
     let metrics = Arc::new(WorkerMetrics::new(budget.clone(), cache.clone()));
-    let templates = Arc::new(Templates::open(&config.warm_start.dir, budget.clone()));
+    let templates = Arc::new(Templates::open(
+        &config.warm_start.dir,
+        config.warm_start.max_templates,
+        budget.clone(),
+    ));
     super::metrics::serve(&config.metrics, metrics.clone()).await?;
     let default_size = (
         config.guest.default_cpus,

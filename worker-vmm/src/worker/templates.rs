@@ -8,7 +8,7 @@
 //! folder renamed into place once whole, so that a worker killed meanwhile leaves the previous
 //! one (or none), never half of one.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::budget::Budget;
-use crate::backend::{Backend, BootSpec, Snapshot};
+use crate::backend::{Backend, BootSpec, SealedMemory, Snapshot};
 
 const STAMP: &str = "stamp.json";
 
@@ -61,13 +61,39 @@ pub struct Templates {
     dir: PathBuf,
     /// The worker's slots: a template's guest takes its size from them while it is made.
     budget: Arc<Budget>,
+    /// The most snapshots kept (`warm_start.max_templates`).
+    max: usize,
+    state: Mutex<State>,
+    /// Held (shared) by a restore from finding its snapshot until its VMM has opened all of it;
+    /// held alone while a snapshot is replaced, so that no restore takes files of two.
+    replacing: Arc<tokio::sync::RwLock<()>>,
+}
+
+#[derive(Default)]
+struct State {
     /// The folders whose snapshot is being made.
-    making: Mutex<HashSet<String>>,
+    making: HashSet<String>,
+    /// The snapshots whose making failed, with the stamp they were for: not tried again for
+    /// that stamp until the worker restarts.
+    failed: HashMap<String, Stamp>,
+    /// The sealed copies of the snapshots' memory that restores map, loaded once each.
+    sealed: HashMap<String, Arc<SealedMemory>>,
+    /// Whether the log said that no more snapshots are made.
+    said_full: bool,
+}
+
+/// A snapshot to restore: its files, its memory's sealed copy, and the hold that keeps it from
+/// being replaced until this is dropped.
+pub struct Found {
+    pub snapshot: Snapshot,
+    pub memory: Arc<SealedMemory>,
+    _held: tokio::sync::OwnedRwLockReadGuard<()>,
 }
 
 impl Templates {
-    /// The snapshots in `dir`; what a previous run left half made there is removed.
-    pub fn open(dir: &Path, budget: Arc<Budget>) -> Templates {
+    /// The snapshots in `dir`, at most `max` of them; what a previous run left half made there
+    /// is removed.
+    pub fn open(dir: &Path, max: usize, budget: Arc<Budget>) -> Templates {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             if entry.file_name().to_string_lossy().starts_with('.') {
                 let _ = std::fs::remove_dir_all(entry.path());
@@ -76,7 +102,9 @@ impl Templates {
         Templates {
             dir: dir.to_owned(),
             budget,
-            making: Mutex::default(),
+            max,
+            state: Mutex::default(),
+            replacing: Arc::default(),
         }
     }
 
@@ -85,9 +113,11 @@ impl Templates {
     }
 
     /// The snapshot to restore for a job stamped `wanted`, or why there is none.
-    pub fn find(&self, wanted: &Stamp) -> Result<Snapshot, String> {
+    pub async fn find(&self, wanted: &Stamp) -> Result<Found, String> {
+        let held = self.replacing.clone().read_owned().await;
+        let name = Self::name(wanted);
         let snapshot = Snapshot {
-            dir: self.dir.join(Self::name(wanted)),
+            dir: self.dir.join(&name),
         };
         let described = format!(
             "the template snapshot of {} ({} vCPU, {} MiB)",
@@ -102,14 +132,40 @@ impl Templates {
         };
         let made: Stamp = serde_json::from_str(&text)
             .map_err(|e| format!("{described} has an unreadable {STAMP}: {e}"))?;
-        match made.differs(wanted) {
-            None => Ok(snapshot),
-            Some(why) => Err(format!("{described} is refused: {why}")),
+        if let Some(why) = made.differs(wanted) {
+            return Err(format!("{described} is refused: {why}"));
         }
+        let cached = self.lock().sealed.get(&name).cloned();
+        let memory = match cached {
+            Some(memory) => memory,
+            None => {
+                let memory = Arc::new(
+                    load_sealed(snapshot.memory())
+                        .await
+                        .map_err(|e| format!("{described}'s memory cannot be read: {e}"))?,
+                );
+                self.lock().sealed.insert(name, memory.clone());
+                memory
+            }
+        };
+        Ok(Found {
+            snapshot,
+            memory,
+            _held: held,
+        })
     }
 
-    /// Has the snapshot for `stamp` made in the background from `spec`'s guest (unless it is
-    /// being made already), replacing the one there, once the worker's slots have room for it.
+    /// Drops the snapshot stamped `stamp` (a guest restored from it did not come up): the next
+    /// jobs boot cold, and have a new one made.
+    pub fn forget(&self, stamp: &Stamp) {
+        let name = Self::name(stamp);
+        let _ = std::fs::remove_file(self.dir.join(&name).join(STAMP));
+        self.lock().sealed.remove(&name);
+    }
+
+    /// Has the snapshot for `stamp` made in the background from `spec`'s guest, replacing the
+    /// one there, once the worker's slots have room for it; unless it is being made, or its
+    /// making failed for this stamp before, or the worker keeps as many snapshots as it may.
     pub fn make(
         self: &Arc<Self>,
         backend: Arc<dyn Backend>,
@@ -118,35 +174,60 @@ impl Templates {
         timeout: Duration,
     ) {
         let name = Self::name(&stamp);
-        if !self.lock().insert(name.clone()) {
-            return;
+        {
+            let mut state = self.lock();
+            if state.making.contains(&name) || state.failed.get(&name) == Some(&stamp) {
+                return;
+            }
+            let kept = std::fs::read_dir(&self.dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .filter(|e| e.file_name().to_string_lossy() != name)
+                .count();
+            if kept + state.making.len() >= self.max {
+                if !std::mem::replace(&mut state.said_full, true) {
+                    tracing::warn!(
+                        dir = %self.dir.display(),
+                        max = self.max,
+                        "the worker keeps as many template snapshots as warm_start.max_templates allows; jobs of other images and sizes boot cold"
+                    );
+                }
+                return;
+            }
+            state.making.insert(name.clone());
         }
         let templates = self.clone();
         tokio::spawn(async move {
             let size = (spec.vcpus, u64::from(spec.memory_mib));
             let _share = templates.budget.take(size).await;
             let started = Instant::now();
-            match templates
+            let saved = templates
                 .save(backend.as_ref(), spec, &stamp, &name, timeout)
-                .await
-            {
+                .await;
+            let mut state = templates.lock();
+            match saved {
                 Ok(()) => tracing::info!(
                     template = %name,
                     seconds = started.elapsed().as_secs_f64(),
                     "made the template snapshot"
                 ),
-                Err(e) => tracing::warn!(
-                    template = %name,
-                    error = format!("{e:#}"),
-                    "making the template snapshot failed; jobs boot cold"
-                ),
+                Err(e) => {
+                    tracing::warn!(
+                        template = %name,
+                        error = format!("{e:#}"),
+                        "making the template snapshot failed; its jobs boot cold"
+                    );
+                    state.failed.insert(name.clone(), stamp);
+                }
             }
-            templates.lock().remove(&name);
+            state.making.remove(&name);
         });
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.making.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     async fn save(
@@ -169,19 +250,30 @@ impl Templates {
             run_dir: scratch.join("run"),
             ..spec
         };
-        let saved = backend.save(&spec, &snapshot, timeout).await;
-        let placed = saved.map_err(anyhow::Error::from).and_then(|()| {
+        let placed = async {
+            backend.save(&spec, &snapshot, timeout).await?;
+            // The stamp goes last, after the files it vouches for are on the disk.
+            for file in [snapshot.memory(), snapshot.disk(), snapshot.devices()] {
+                std::fs::File::open(&file)
+                    .and_then(|f| f.sync_all())
+                    .with_context(|| format!("syncing {}", file.display()))?;
+            }
             let text = serde_json::to_string_pretty(stamp)?;
             write_synced(&snapshot.dir.join(STAMP), text.as_bytes())?;
-            self.replace(&snapshot.dir, name)
-        });
+            let memory = load_sealed(snapshot.memory()).await?;
+            self.replace(&snapshot.dir, name).await?;
+            self.lock().sealed.insert(name.to_owned(), Arc::new(memory));
+            Ok(())
+        }
+        .await;
         let _ = std::fs::remove_dir_all(&scratch);
         placed
     }
 
-    /// Puts the folder `made` in the place of `name`'s; the old one's files stay open for the
-    /// guests restored from it.
-    fn replace(&self, made: &Path, name: &str) -> anyhow::Result<()> {
+    /// Puts the folder `made` in the place of `name`'s, once no restore is reading a snapshot;
+    /// the old one's files stay open for the guests restored from it.
+    async fn replace(&self, made: &Path, name: &str) -> anyhow::Result<()> {
+        let _alone = self.replacing.write().await;
         let place = self.dir.join(name);
         let old = self.dir.join(format!(".{name}.old"));
         let _ = std::fs::remove_dir_all(&old);
@@ -191,9 +283,18 @@ impl Templates {
             Err(e) => return Err(e.into()),
         }
         std::fs::rename(made, &place)?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        self.lock().sealed.remove(name);
         let _ = std::fs::remove_dir_all(&old);
         Ok(())
     }
+}
+
+/// The sealed copy of the memory file at `file`, made off the async threads.
+async fn load_sealed(file: PathBuf) -> std::io::Result<SealedMemory> {
+    tokio::task::spawn_blocking(move || SealedMemory::load(&file))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -219,12 +320,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn test_only_a_snapshot_of_the_same_stamp_is_found() {
+    fn templates(dir: &Path) -> Templates {
+        Templates::open(dir, 8, Arc::new(Budget::new(2, 2048)))
+    }
+
+    #[tokio::test]
+    async fn test_only_a_snapshot_of_the_same_stamp_is_found() {
         let dir = tempfile::tempdir().unwrap();
-        let templates = Templates::open(dir.path(), Arc::new(Budget::new(2, 2048)));
+        let templates = templates(dir.path());
         let wanted = stamp();
-        let err = templates.find(&wanted).unwrap_err();
+        let err = templates.find(&wanted).await.err().unwrap();
         assert!(
             err.contains("tiny (1 vCPU, 512 MiB) is not made yet"),
             "{err}"
@@ -236,33 +341,49 @@ mod tests {
             ..stamp()
         };
         std::fs::write(place.join(STAMP), serde_json::to_string(&made).unwrap()).unwrap();
-        let err = templates.find(&wanted).unwrap_err();
+        let err = templates.find(&wanted).await.err().unwrap();
         assert!(
             err.contains("refused: it was made from image version v0, this job needs v1"),
             "{err}"
         );
         std::fs::write(place.join(STAMP), serde_json::to_string(&wanted).unwrap()).unwrap();
-        assert_eq!(templates.find(&wanted).unwrap().dir, place);
+        let err = templates.find(&wanted).await.err().unwrap();
+        assert!(err.contains("memory cannot be read"), "{err}");
+        std::fs::write(place.join("memory"), b"the guest's memory").unwrap();
+        let found = templates.find(&wanted).await.unwrap();
+        assert_eq!(found.snapshot.dir, place);
+        drop(found);
+        templates.forget(&wanted);
+        let err = templates.find(&wanted).await.err().unwrap();
+        assert!(
+            err.contains("is not made yet"),
+            "a forgotten snapshot: {err}"
+        );
+        std::fs::write(place.join(STAMP), serde_json::to_string(&wanted).unwrap()).unwrap();
         let bigger = Stamp {
             memory_mib: 1024,
             ..stamp()
         };
-        assert!(templates.find(&bigger).is_err(), "another size has its own");
+        assert!(
+            templates.find(&bigger).await.is_err(),
+            "another size has its own"
+        );
         std::fs::write(place.join(STAMP), "{").unwrap();
-        assert!(templates.find(&wanted).unwrap_err().contains("unreadable"));
+        let err = templates.find(&wanted).await.err().unwrap();
+        assert!(err.contains("unreadable"), "{err}");
     }
 
-    #[test]
-    fn test_a_half_made_snapshot_is_removed_and_a_whole_one_kept() {
+    #[tokio::test]
+    async fn test_a_half_made_snapshot_is_removed_and_a_whole_one_kept() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join(".tiny-1cpu-512mib.new/snapshot")).unwrap();
         std::fs::create_dir_all(dir.path().join("tiny-1cpu-512mib")).unwrap();
-        let templates = Templates::open(dir.path(), Arc::new(Budget::new(2, 2048)));
+        let templates = templates(dir.path());
         assert!(!dir.path().join(".tiny-1cpu-512mib.new").exists());
         let made = dir.path().join("made");
         std::fs::create_dir_all(&made).unwrap();
         std::fs::write(made.join(STAMP), "new").unwrap();
-        templates.replace(&made, "tiny-1cpu-512mib").unwrap();
+        templates.replace(&made, "tiny-1cpu-512mib").await.unwrap();
         let text = std::fs::read_to_string(dir.path().join("tiny-1cpu-512mib").join(STAMP));
         assert_eq!(text.unwrap(), "new");
         assert!(!dir.path().join(".tiny-1cpu-512mib.old").exists());

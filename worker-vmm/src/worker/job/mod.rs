@@ -280,8 +280,8 @@ impl JobRun<'_> {
         let key = JobKey::generate()
             .context("making the job's SSH key")
             .map_err(Halt::Failed)?;
-        let (mut vm, start) = self.boot(&key).await?;
-        let outcome = self.with_guest(vm.as_mut(), start, &key).await;
+        let (mut vm, restored) = self.boot(&key).await?;
+        let outcome = self.with_guest(vm.as_mut(), restored.as_ref(), &key).await;
         // A step that failed because the kernel killed the VMM says so first.
         let outcome = outcome.map_err(|halt| match (halt, vm.memory_exhausted()) {
             (Halt::Failed(e), Some(why)) => Halt::Failed(e.context(why)),
@@ -299,10 +299,10 @@ impl JobRun<'_> {
     async fn with_guest(
         &mut self,
         vm: &mut dyn Vm,
-        start: Start,
+        restored: Option<&Stamp>,
         key: &JobKey,
     ) -> Result<Outcome, Halt> {
-        let guest = Arc::new(self.settle(vm, start, key).await?);
+        let guest = Arc::new(self.settle(vm, restored, key).await?);
         let sessions =
             SshSessions::serve(self.ctx.client.clone(), self.handle.clone(), guest.clone());
         let outcome = self.in_guest(&guest).await;
@@ -408,7 +408,8 @@ impl JobRun<'_> {
     }
 
     /// Boots the guest of the job's size, with the boot contract's command line.
-    async fn boot(&self, key: &JobKey) -> Result<(Box<dyn Vm>, Start), Halt> {
+    /// The guest, and the stamp of the template snapshot it was restored from, if it was.
+    async fn boot(&self, key: &JobKey) -> Result<(Box<dyn Vm>, Option<Stamp>), Halt> {
         let JobRun {
             ctx, lease, log, ..
         } = self;
@@ -458,25 +459,24 @@ impl JobRun<'_> {
             Some(stamp) => self.restore(&spec, stamp).await,
             None => None,
         };
-        let (vm, start) = match restored {
-            Some(vm) => {
+        let (vm, restored) = match restored {
+            Some((vm, stamp)) => {
                 log.farm(&format!(
                     "restored the guest from its image's template snapshot in {:.2}s",
                     started.elapsed().as_secs_f64()
                 ));
-                (vm, Start::Restored)
+                (vm, Some(stamp))
             }
             None => {
                 let boot = async { Ok::<_, anyhow::Error>(ctx.backend.boot(&spec).await?) };
-                let vm = self.limits.step("booting the guest", boot).await?;
-                (vm, Start::Cold)
+                (self.limits.step("booting the guest", boot).await?, None)
             }
         };
         let vm = Box::new(CountedVm {
             vm,
             _running: ctx.metrics.guest_running(),
         });
-        Ok((vm, start))
+        Ok((vm, restored))
     }
 
     /// What a template snapshot for `spec`'s guest must have been made from, when the job may
@@ -504,11 +504,15 @@ impl JobRun<'_> {
 
     /// The guest restored from the template snapshot stamped `stamp`; `None`, said in the log,
     /// when there is none to restore (one is then made in the background) or the restore failed.
-    async fn restore(&self, spec: &BootSpec, stamp: Stamp) -> Option<Box<dyn Vm>> {
+    async fn restore(&self, spec: &BootSpec, stamp: Stamp) -> Option<(Box<dyn Vm>, Stamp)> {
         let ctx = self.ctx;
-        let why = match ctx.templates.find(&stamp) {
-            Ok(snapshot) => match ctx.backend.restore(spec, &snapshot).await {
-                Ok(vm) => return Some(vm),
+        let why = match ctx.templates.find(&stamp).await {
+            Ok(found) => match ctx
+                .backend
+                .restore(spec, &found.snapshot, &found.memory)
+                .await
+            {
+                Ok(vm) => return Some((vm, stamp)),
                 Err(e) => format!(
                     "restoring the template snapshot failed: {:#}",
                     anyhow::Error::from(e)
@@ -520,13 +524,9 @@ impl JobRun<'_> {
             "{why}; booting cold (a new snapshot is being made)"
         ));
         let _ = std::fs::remove_dir_all(&spec.run_dir);
-        let template = BootSpec {
-            run_dir: PathBuf::new(),
-            ..spec.clone()
-        };
         ctx.templates.make(
             ctx.backend.clone(),
-            template,
+            spec.clone(),
             stamp,
             ctx.config.guest.boot_timeout.0,
         );
@@ -535,9 +535,14 @@ impl JobRun<'_> {
 
     /// Waits for the agent's ready line (cloud-init's host keys), opens SSH pinned to the host
     /// key it announced, and reports `running`.
-    async fn settle(&mut self, vm: &mut dyn Vm, start: Start, key: &JobKey) -> Result<Guest, Halt> {
+    async fn settle(
+        &mut self,
+        vm: &mut dyn Vm,
+        restored: Option<&Stamp>,
+        key: &JobKey,
+    ) -> Result<Guest, Halt> {
         let access = GuestAccess::of(&self.ctx.image, &self.ctx.config.guest);
-        let fingerprint = self.wait_for_agent(vm, start, key, &access).await?;
+        let fingerprint = self.wait_for_agent(vm, restored, key, &access).await?;
         let options = SshOptions {
             user: access.user.clone(),
             ..SshOptions::default()
@@ -572,10 +577,14 @@ impl JobRun<'_> {
     async fn wait_for_agent(
         &mut self,
         vm: &mut dyn Vm,
-        start: Start,
+        restored: Option<&Stamp>,
         key: &JobKey,
         access: &GuestAccess,
     ) -> Result<HostFingerprint, Halt> {
+        let start = match restored {
+            Some(_) => Start::Restored,
+            None => Start::Cold,
+        };
         let mut console = vm
             .take_console()
             .context("the guest's console")
@@ -596,7 +605,15 @@ impl JobRun<'_> {
                 }
             })
         };
-        let fingerprint = self.limits.step(access.waiting_for, ready).await?;
+        let fingerprint = self.limits.step(access.waiting_for, ready).await;
+        if let (Err(_), Some(stamp)) = (&fingerprint, restored) {
+            self.ctx.templates.forget(stamp);
+            self.log.farm(
+                "the guest restored from the template snapshot did not come up: the snapshot is \
+                 dropped, and the next jobs boot cold and have a new one made",
+            );
+        }
+        let fingerprint = fingerprint?;
         let took = booted.elapsed();
         self.ctx.metrics.guest_ready(&self.lease.job.image, took);
         self.log.farm(&format!(
