@@ -479,7 +479,7 @@ fn farm_runs_a_job_through_the_integrated_vmm() {
     }
     copy_check("job-kvm.sh", &payload.0.join("run.sh"));
     copy_check("kvm-job.toml", &payload.0.join("kvm-job.toml"));
-    let run = run_lab(&payload.0, 420);
+    let run = run_lab(&payload.0, 540);
     run.assert_checks(&[
         "farm-up",
         "backend-kvm",

@@ -31,6 +31,7 @@ pub async fn serve(config: BootConfig) -> Result<()> {
             // or the next client's banner (see `Vport`).
             let mut rest = [0u8; 256];
             while matches!(first.read(&mut rest).await, Ok(n) if n > 0) {}
+            drop(first);
             loop {
                 let stream = port.next_session().await.context("waiting for the host")?;
                 run_session(ssh.clone(), stream, policy.clone()).await;

@@ -410,7 +410,7 @@ impl Guest {
     pub async fn sftp(&self) -> Result<SftpSession, SshError> {
         let channel = self.session(&[]).await?;
         channel.request_subsystem(true, "sftp").await?;
-        Ok(SftpSession::new(channel.into_stream()).await?)
+        Ok(SftpSession::new_with_config(channel.into_stream(), sftp_config()).await?)
     }
 
     /// Copies the local file `local` to `remote` in the guest; returns its sha256 (hex).
@@ -472,7 +472,10 @@ impl Guest {
         };
         let channel = self.session(&[]).await?;
         channel.request_subsystem(true, "sftp").await?;
-        let raw = russh_sftp::client::RawSftpSession::new(channel.into_stream());
+        let raw = russh_sftp::client::RawSftpSession::new_with_config(
+            channel.into_stream(),
+            sftp_config(),
+        );
         raw.init().await?;
         let handle = raw.opendir(remote).await?.handle;
         let mut entries = Vec::new();
@@ -589,6 +592,17 @@ impl Guest {
             .handle
             .disconnect(Disconnect::ByApplication, "", "en")
             .await;
+    }
+}
+
+/// The SFTP client's settings: each request may take up to a minute (the library's 10 s is
+/// too short for a guest's first SFTP server on a loaded host: under TCG its code is translated
+/// as it first runs, all of it in a guest just restored from a snapshot); the job's own limits
+/// bound the whole.
+fn sftp_config() -> russh_sftp::client::Config {
+    russh_sftp::client::Config {
+        request_timeout_secs: 60,
+        ..Default::default()
     }
 }
 
