@@ -113,7 +113,8 @@ path = "who"
         assert!(host_now.abs_diff(guest_now) < 120, "the job's clock: {who}");
         lines[1].clone()
     };
-    let cold = run("(1 vCPU, 512 MiB) is not made yet; booting cold").await;
+    let cold =
+        run("(1 vCPU, 512 MiB) is not made yet; booting cold (a new snapshot is being made)").await;
     let made = Instant::now();
     while !template.join("stamp.json").exists() {
         assert!(

@@ -82,6 +82,20 @@ fn refused(what: &'static str, why: String) -> BackendError {
     }
 }
 
+/// `work`, given up with an error naming `what` after `limit`.
+async fn within(
+    limit: Duration,
+    what: &'static str,
+    work: impl std::future::Future<Output = Result<(), BackendError>>,
+) -> Result<(), BackendError> {
+    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+        Err(refused(
+            what,
+            format!("QEMU did not finish within {limit:?}"),
+        ))
+    })
+}
+
 impl QemuBackend {
     /// Boots `spec`'s guest unjailed (it runs no job's code: only the image's boot to its agent)
     /// with its memory in `into`'s file, waits until its agent waits for a job, pauses it, and
@@ -153,14 +167,12 @@ impl QemuBackend {
             ));
         }
         // The console is read no more: the paused guest prints nothing.
-        let saved = tokio::time::timeout(timeout, save_devices(&qmp, &into.devices()))
-            .await
-            .unwrap_or_else(|_| {
-                Err(refused(
-                    "saving the template guest",
-                    format!("QEMU did not save it within {timeout:?}"),
-                ))
-            });
+        let saved = within(
+            timeout,
+            "saving the template guest",
+            save_devices(&qmp, &into.devices()),
+        )
+        .await;
         let _ = child.kill().await;
         let _ = child.wait().await;
         for socket in [socket, qmp] {
@@ -187,14 +199,12 @@ impl QemuBackend {
         };
         let qmp = spec.run_dir.join("qmp.sock");
         let mut vm = self.boot_with(&spec, Some((memory, qmp.as_path()))).await?;
-        let sent = tokio::time::timeout(RESTORE_LIMIT, load_devices(&qmp, &from.devices()))
-            .await
-            .unwrap_or_else(|_| {
-                Err(refused(
-                    "restoring the guest",
-                    format!("QEMU did not restore it within {RESTORE_LIMIT:?}"),
-                ))
-            });
+        let sent = within(
+            RESTORE_LIMIT,
+            "restoring the guest",
+            load_devices(&qmp, &from.devices()),
+        )
+        .await;
         if let Err(e) = sent {
             let _ = vm.kill().await;
             return Err(e);

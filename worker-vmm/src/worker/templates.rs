@@ -166,18 +166,22 @@ impl Templates {
     /// Has the snapshot for `stamp` made in the background from `spec`'s guest, replacing the
     /// one there, once the worker's slots have room for it; unless it is being made, or its
     /// making failed for this stamp before, or the worker keeps as many snapshots as it may.
+    /// What happens, in words for the job's log.
     pub fn make(
         self: &Arc<Self>,
         backend: Arc<dyn Backend>,
         spec: BootSpec,
         stamp: Stamp,
         timeout: Duration,
-    ) {
+    ) -> &'static str {
         let name = Self::name(&stamp);
         {
             let mut state = self.lock();
-            if state.making.contains(&name) || state.failed.get(&name) == Some(&stamp) {
-                return;
+            if state.making.contains(&name) {
+                return "a new snapshot is being made";
+            }
+            if state.failed.get(&name) == Some(&stamp) {
+                return "making its snapshot failed before: the worker's log says why";
             }
             let kept = std::fs::read_dir(&self.dir)
                 .into_iter()
@@ -194,7 +198,7 @@ impl Templates {
                         "the worker keeps as many template snapshots as warm_start.max_templates allows; jobs of other images and sizes boot cold"
                     );
                 }
-                return;
+                return "the worker keeps warm_start.max_templates snapshots already";
             }
             state.making.insert(name.clone());
         }
@@ -224,6 +228,7 @@ impl Templates {
             }
             state.making.remove(&name);
         });
+        "a new snapshot is being made"
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

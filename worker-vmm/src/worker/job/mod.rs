@@ -410,9 +410,7 @@ impl JobRun<'_> {
     /// Boots the guest of the job's size, with the boot contract's command line.
     /// The guest, and the stamp of the template snapshot it was restored from, if it was.
     async fn boot(&self, key: &JobKey) -> Result<(Box<dyn Vm>, Option<Stamp>), Halt> {
-        let JobRun {
-            ctx, lease, log, ..
-        } = self;
+        let JobRun { ctx, log, .. } = self;
         let image = &ctx.image.manifest;
         log.farm(&format!(
             "booting {} {} ({}) with the {} backend",
@@ -422,7 +420,7 @@ impl JobRun<'_> {
             ctx.backend.name()
         ));
         let (cpus, memory_mib) = job_size(self.manifest, &ctx.config);
-        let hostname = format!("job-{}", lease.job.id);
+        let hostname = self.hostname();
         let boot = match ctx.image.firmware() {
             None => Boot::Linux(LinuxBoot::with_agent(&ctx.image, ctx.backend.as_ref())),
             Some(firmware) => {
@@ -456,7 +454,11 @@ impl JobRun<'_> {
         };
         let started = Instant::now();
         let restored = match self.template_stamp(&spec) {
-            Some(stamp) => self.restore(&spec, stamp).await,
+            // Under the job's limits: a cancel or the deadline stops a restore too.
+            Some(stamp) => {
+                let restore = async { Ok(self.restore(&spec, stamp).await) };
+                self.limits.step("restoring the guest", restore).await?
+            }
             None => None,
         };
         let (vm, restored) = match restored {
@@ -477,6 +479,11 @@ impl JobRun<'_> {
             _running: ctx.metrics.guest_running(),
         });
         Ok((vm, restored))
+    }
+
+    /// The guest's host name: `job-<id>`.
+    fn hostname(&self) -> String {
+        format!("job-{}", self.lease.job.id)
     }
 
     /// What a template snapshot for `spec`'s guest must have been made from, when the job may
@@ -520,16 +527,14 @@ impl JobRun<'_> {
             },
             Err(why) => why,
         };
-        self.log.farm(&format!(
-            "{why}; booting cold (a new snapshot is being made)"
-        ));
         let _ = std::fs::remove_dir_all(&spec.run_dir);
-        ctx.templates.make(
+        let making = ctx.templates.make(
             ctx.backend.clone(),
             spec.clone(),
             stamp,
             ctx.config.guest.boot_timeout.0,
         );
+        self.log.farm(&format!("{why}; booting cold ({making})"));
         None
     }
 
@@ -593,7 +598,7 @@ impl JobRun<'_> {
         let mut sink = move |data: &[u8]| console_log.write_now(LogStream::Console, None, data);
         let booted = Instant::now();
         let (announcer, boot_timeout) = (access.announcer.clone(), access.boot_timeout);
-        let hostname = format!("job-{}", self.lease.job.id);
+        let hostname = self.hostname();
         let ready = async {
             Ok::<_, anyhow::Error>(match announcer {
                 Announcer::Agent => {
