@@ -57,6 +57,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     worker.network.cache_dir = data.join("proxy-cache");
     worker.warm_start.dir = data.join("templates");
+    worker.caches.dir = data.join("caches");
     let worker = tokio::spawn(vmfarm_worker::worker::daemon::run(worker));
     tokio::select! {
         served = running.wait() => served.context("the server stopped")?,

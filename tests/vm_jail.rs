@@ -166,6 +166,7 @@ async fn test_jailed_vmm_seen_from_proc() {
         vcpus: 1,
         memory_mib: 64,
         run_dir: run_dir.clone(),
+        caches: Vec::new(),
     };
     let started = Instant::now();
     let mut vm = backend.boot(&spec).await.unwrap();

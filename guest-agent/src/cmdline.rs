@@ -5,6 +5,7 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use russh::keys::{Algorithm, PublicKey};
+use vmfarm_proto::cache::CacheMount;
 pub use vmfarm_proto::guest::ChannelKind;
 use vmfarm_proto::guest::{CmdlineError, GuestCmdline, Identity};
 
@@ -26,6 +27,8 @@ pub struct JobIdentity {
     pub time: i64,
     /// Fresh entropy from the host, for the kernel's random pool.
     pub seed: [u8; 32],
+    /// The job's cache disks and where each is mounted.
+    pub caches: Vec<CacheMount>,
 }
 
 /// Why the command line or the identity line gives the agent nothing to serve.
@@ -62,6 +65,7 @@ impl JobIdentity {
             // `Identity::parse` takes only times that fit a time_t.
             time: i64::try_from(id.time).map_err(|_| CmdlineError::BadTime(id.time.to_string()))?,
             seed: id.seed,
+            caches: id.caches,
         })
     }
 }
@@ -106,6 +110,7 @@ mod tests {
             hostname: "job-42".into(),
             time: 1_795_000_000,
             seed: [9; 32],
+            caches: Vec::new(),
         }
         .line()
     }

@@ -7,6 +7,7 @@
 //! - `sftp-server`: one SFTP session on stdin/stdout, as the build user;
 //! - `shutdown`: flush, unmount and reboot (root only).
 
+mod caches;
 mod channel;
 mod cmdline;
 mod forward;

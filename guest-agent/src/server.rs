@@ -84,7 +84,8 @@ async fn receive_identity<S: AsyncRead + Unpin>(stream: &mut S) -> Result<JobIde
 }
 
 /// Takes the job's identity on (host name, clock, the host's entropy, which reseeds the
-/// kernel's generator), then makes the host key from the reseeded generator and announces it.
+/// kernel's generator, the job's cache disks), then makes the host key from the reseeded
+/// generator and announces it.
 fn take_on(
     identity: JobIdentity,
     user: String,
@@ -93,6 +94,7 @@ fn take_on(
     user::name_host(&identity.hostname).context("naming the host in /etc/hosts")?;
     sys::set_clock(identity.time).context("setting the clock")?;
     sys::reseed_random(&identity.seed).context("reseeding the random pool")?;
+    crate::caches::mount_all(&identity.caches).context("mounting the job's caches")?;
     let host_key = generate_host_key().context("generating the host key")?;
     let fingerprint = host_key.public_key().fingerprint(HashAlg::Sha256);
     let ssh = Arc::new(russh::server::Config {

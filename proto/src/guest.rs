@@ -11,8 +11,19 @@
 //! The agent links this module too, so it stays free of anything that would keep the agent from
 //! building static for musl.
 
+use crate::cache::CacheMount;
 use std::fmt;
 use std::str::FromStr;
+
+/// The build user's home in every guest (whatever the user's name in an image booted by
+/// firmware).
+pub const HOME: &str = "/home/build";
+/// The build directory: the sources land here and the tasks start here.
+pub const BUILD_DIR: &str = "/home/build/work";
+/// The worker's own files in the guest: task scripts, source archives.
+pub const FARM_DIR: &str = "/home/build/.vmfarm";
+/// The job's secrets, one file each.
+pub const SECRETS_DIR: &str = "/home/build/.secrets";
 
 /// The words before the `vmfarm.*` ones: the serial console, a reboot the VMM sees (`reboot=k`
 /// through the i8042) and a panic that reboots at once.
@@ -109,6 +120,8 @@ pub enum CmdlineError {
     BadTime(String),
     #[error("identity seed={0:?}: expected 64 hexadecimal digits")]
     BadSeed(String),
+    #[error("identity cache={0:?}: expected cache-N.qcow2:PATH[,PATH...] with paths under {HOME}")]
+    BadCache(String),
 }
 
 impl GuestCmdline {
@@ -172,6 +185,8 @@ pub struct Identity {
     pub time: u64,
     /// 32 bytes from the host's random source.
     pub seed: [u8; 32],
+    /// The job's cache disks, each a `cache=` word after the seed, at most [`CacheMount::MAX`].
+    pub caches: Vec<CacheMount>,
 }
 
 impl fmt::Debug for Identity {
@@ -180,19 +195,21 @@ impl fmt::Debug for Identity {
             .field("key_blob", &self.key_blob)
             .field("hostname", &self.hostname)
             .field("time", &self.time)
+            .field("caches", &self.caches)
             .finish_non_exhaustive()
     }
 }
 
 impl Identity {
     /// The longest identity line the agent reads, its line end included.
-    pub const MAX_LINE: usize = 1024;
+    pub const MAX_LINE: usize = 8192;
 
     /// The line, with its line end.
     pub fn line(&self) -> String {
         let seed: String = self.seed.iter().map(|b| format!("{b:02x}")).collect();
+        let caches: String = self.caches.iter().map(|c| format!(" cache={c}")).collect();
         format!(
-            "{IDENTITY_PREFIX}key={} hostname={} time={} seed={seed}\n",
+            "{IDENTITY_PREFIX}key={} hostname={} time={} seed={seed}{caches}\n",
             self.key_blob, self.hostname, self.time
         )
     }
@@ -214,15 +231,27 @@ impl Identity {
             ("hostname", hostname),
             ("time", time),
             ("seed", seed),
+            ref caches @ ..,
         ] = words[..]
         else {
             return Err(bad());
         };
+        if caches.len() > CacheMount::MAX {
+            return Err(bad());
+        }
+        let caches = caches
+            .iter()
+            .map(|(name, value)| match *name {
+                "cache" => CacheMount::parse(value),
+                _ => Err(bad()),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Identity {
             key_blob: check_key_blob(key)?,
             hostname: check_hostname(hostname)?,
             time: parse_time(time)?,
             seed: parse_seed(seed)?,
+            caches,
         })
     }
 }
@@ -363,6 +392,7 @@ mod tests {
             hostname: "job-7".into(),
             time: 1_795_000_000,
             seed: std::array::from_fn(|i| i as u8 * 7),
+            caches: Vec::new(),
         }
     }
 
@@ -480,6 +510,31 @@ mod tests {
             !format!("{id:?}").contains("seed"),
             "the seed stays out of logs"
         );
+    }
+
+    #[test]
+    fn test_identity_carries_the_most_cache_mounts_within_its_line() {
+        let longest = format!("/home/build/{}", "p".repeat(crate::cache::MAX_PATH_BYTES));
+        let mut id = identity();
+        id.caches = (0..CacheMount::MAX)
+            .map(|i| CacheMount {
+                serial: CacheMount::serial(i),
+                paths: vec![longest.clone(); CacheMount::MAX_PATHS],
+            })
+            .collect();
+        let line = id.line();
+        assert!(line.len() < Identity::MAX_LINE, "{}", line.len());
+        assert_eq!(Identity::parse(&line), Ok(id.clone()));
+        let five = format!("{} cache={}", line.trim_end(), id.caches[0]);
+        assert!(matches!(
+            Identity::parse(&five),
+            Err(CmdlineError::BadIdentity(_))
+        ));
+        let escaping = format!("{} cache=cache-0.qcow2:/etc", identity().line().trim_end());
+        assert!(matches!(
+            Identity::parse(&escaping),
+            Err(CmdlineError::BadCache(_))
+        ));
     }
 
     #[test]

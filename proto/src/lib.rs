@@ -23,6 +23,7 @@ macro_rules! serde_as_text {
 }
 
 pub mod api;
+pub mod cache;
 pub mod config_paths;
 pub mod guest;
 pub mod manifest;

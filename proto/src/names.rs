@@ -7,6 +7,7 @@ pub enum NameKind {
     Task,
     Secret,
     Tag,
+    Cache,
 }
 
 /// Longest name of any kind, in bytes.
@@ -19,6 +20,7 @@ impl NameKind {
             NameKind::Task => "task name",
             NameKind::Secret => "secret name",
             NameKind::Tag => "tag",
+            NameKind::Cache => "cache name",
         }
     }
 

@@ -66,6 +66,9 @@ pub struct LeasedJob {
     pub id: String,
     pub group_id: String,
     pub image: String,
+    /// The user who submitted it: the owner of the caches it uses.
+    #[serde(default)]
+    pub owner: String,
     /// The manifest's TOML text, as submitted.
     pub manifest: String,
     /// 1 on the first try; each expired lease adds one.
@@ -228,6 +231,7 @@ mod tests {
                 id: "j1".into(),
                 group_id: "g1".into(),
                 image: "debian-12".into(),
+                owner: "alice".into(),
                 manifest: "image = \"debian-12\"\n".into(),
                 attempt: 1,
                 timeout_ms: 1_200_000,

@@ -158,7 +158,7 @@ async fn measure(
 async fn answer(vm: &mut dyn Vm, start: Start, i: usize) -> anyhow::Result<Guest> {
     let key = JobKey::generate()?;
     let mut console = vm.take_console().context("the guest's console")?;
-    let identity = identity(&key, &format!("guest-{i}"))?;
+    let identity = identity(&key, &format!("guest-{i}"), Vec::new())?;
     let fingerprint =
         introduce(vm, &mut console, &mut |_| {}, READY_LIMIT, &identity, start).await?;
     tokio::spawn(async move {

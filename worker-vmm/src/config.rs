@@ -23,6 +23,7 @@ pub struct WorkerConfig {
     pub network: NetworkConfig,
     pub jail: JailConfig,
     pub warm_start: WarmStartConfig,
+    pub caches: CachesConfig,
     pub metrics: MetricsListener,
 }
 
@@ -168,6 +169,31 @@ impl WarmStartConfig {
     }
 }
 
+/// `[caches]`: the cache disks of jobs' `[[caches]]`, kept per owner, image and name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CachesConfig {
+    /// Where the caches are kept, across restarts.
+    pub dir: PathBuf,
+    /// The largest cache a job may ask for; a job that asks for more fails saying so.
+    pub max_size: ByteSize,
+    /// What all caches' files may take together: past it, those used longest ago go.
+    pub total_size: ByteSize,
+    /// A cache no job used for this long goes.
+    pub max_age: HumanDuration,
+}
+
+impl Default for CachesConfig {
+    fn default() -> Self {
+        CachesConfig {
+            dir: PathBuf::from("./vmfarm-data/caches"),
+            max_size: ByteSize(16 * GIB),
+            total_size: ByteSize(64 * GIB),
+            max_age: HumanDuration(Duration::from_secs(14 * 24 * 3600)),
+        }
+    }
+}
+
 /// Whether each VMM process is jailed (see `backend::jail`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -228,6 +254,7 @@ impl Default for WorkerConfig {
             network: NetworkConfig::default(),
             jail: JailConfig::default(),
             warm_start: WarmStartConfig::default(),
+            caches: CachesConfig::default(),
             metrics: MetricsListener::default(),
         }
     }
@@ -304,6 +331,7 @@ impl WorkerConfig {
             &mut config.work_dir,
             &mut config.network.cache_dir,
             &mut config.warm_start.dir,
+            &mut config.caches.dir,
         ]
         .into_iter()
         .chain(&mut config.allowed_local_sources)

@@ -149,7 +149,7 @@ async fn introduce_guest(mut vm: Box<dyn Vm>, start: Start, hostname: &str) -> B
     let log = std::sync::Arc::new(Mutex::new(Vec::new()));
     let sink_log = log.clone();
     let mut sink = move |b: &[u8]| sink_log.lock().unwrap().extend_from_slice(b);
-    let identity = identity(&key, hostname).unwrap();
+    let identity = identity(&key, hostname, Vec::new()).unwrap();
     let ready = introduce(
         vm.as_mut(),
         &mut console,
@@ -516,6 +516,7 @@ async fn test_a_cloud_image_is_pinned_to_the_host_key_cloud_init_prints() {
         vcpus: 2,
         memory_mib: 1024,
         run_dir: scratch.path().join("vm"),
+        caches: Vec::new(),
     };
     let mut vm = QemuBackend::new(Accel::Tcg).boot(&spec).await.unwrap();
     let mut console = vm.take_console().unwrap();

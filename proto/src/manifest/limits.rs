@@ -26,3 +26,9 @@ pub const MAX_CPUS: i64 = 64;
 pub const MIN_MEMORY: u64 = 128 * MIB;
 pub const MAX_MEMORY: u64 = 64 * GIB;
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// `[[caches]]` of one manifest, and paths of one cache.
+pub const MAX_CACHES: usize = crate::cache::CacheMount::MAX;
+pub const MAX_CACHE_PATHS: usize = crate::cache::CacheMount::MAX_PATHS;
+/// A cache disk's size: room for ext4's own structures at the least.
+pub const MIN_CACHE_SIZE: u64 = 64 * MIB;
+pub const MAX_CACHE_SIZE: u64 = 64 * GIB;

@@ -57,6 +57,21 @@ pub struct Manifest {
     pub packages: Vec<String>,
     /// What the tasks may reach; `None`: no network.
     pub network: Option<Network>,
+    /// Cache disks kept between the owner's jobs of an image, in the manifest's order.
+    pub caches: Vec<Cache>,
+}
+
+/// `[[caches]]`: a disk the owner's jobs of one image share, one version after another: a job
+/// starts on the newest, and when it succeeds what it wrote becomes the newest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cache {
+    /// The owner's cache of this name, per image.
+    pub name: String,
+    /// Absolute guest paths ([`crate::cache::guest_path`]) the disk is mounted on; never
+    /// empty, none inside another (of this cache or another).
+    pub paths: Vec<String>,
+    /// The disk's size.
+    pub size: ByteSize,
 }
 
 /// A 1-based line and column in the manifest's text.
@@ -213,6 +228,9 @@ impl Manifest {
         }
         if !self.packages.is_empty() {
             out.push_str(&format!(", {}", plural(self.packages.len(), "package")));
+        }
+        if !self.caches.is_empty() {
+            out.push_str(&format!(", {}", plural(self.caches.len(), "cache")));
         }
         if let Some(network) = &self.network {
             let patterns: Vec<String> = network

@@ -3,8 +3,8 @@
 use super::limits::*;
 use super::reader::{Reader, Value};
 use super::{
-    AllowedHost, Artifact, ArtifactWhen, At, Manifest, ManifestError, ManifestErrors, Network,
-    PACKAGES_TASK, Resources, SecretRef, Source, Task, Trigger, TriggerOn,
+    AllowedHost, Artifact, ArtifactWhen, At, Cache, Manifest, ManifestError, ManifestErrors,
+    Network, PACKAGES_TASK, Resources, SecretRef, Source, Task, Trigger, TriggerOn,
 };
 use crate::names::{
     NameKind, check_artifact_path, check_name, check_package, check_relative_path, package_name,
@@ -32,6 +32,7 @@ const TOP_KEYS: &[&str] = &[
     "triggers",
     "packages",
     "network",
+    "caches",
 ];
 const RESOURCE_KEYS: &[&str] = &["cpus", "memory"];
 const SOURCE_KEYS: &[&str] = &["url", "ref", "path"];
@@ -39,6 +40,7 @@ const TASK_KEYS: &[&str] = &["name", "timeout", "script"];
 const ARTIFACT_KEYS: &[&str] = &["path", "when"];
 const TRIGGER_KEYS: &[&str] = &["on", "webhook"];
 const NETWORK_KEYS: &[&str] = &["allow"];
+const CACHE_KEYS: &[&str] = &["name", "paths", "size"];
 
 pub(super) fn parse(text: &str) -> Result<Manifest, ManifestErrors> {
     if text.len() > MAX_MANIFEST_BYTES {
@@ -131,6 +133,10 @@ pub(super) fn parse(text: &str) -> Result<Manifest, ManifestErrors> {
             .map(|v| packages(&mut r, v))
             .unwrap_or_default(),
         network: table.get("network").and_then(|v| network(&mut r, v)),
+        caches: table
+            .get("caches")
+            .map(|v| caches(&mut r, v))
+            .unwrap_or_default(),
     };
     check_task_timeouts(&mut r, &manifest, table);
     r.finish(manifest)
@@ -154,6 +160,7 @@ impl Manifest {
             triggers: Vec::new(),
             packages: Vec::new(),
             network: None,
+            caches: Vec::new(),
         }
     }
 }
@@ -880,4 +887,91 @@ fn network(r: &mut Reader<'_>, value: &Value<'_>) -> Option<Network> {
         }
     }
     Some(Network { allow: out })
+}
+
+/// `[[caches]]`: a name (no name twice), `paths` (none inside another, across the caches) and
+/// a `size`.
+fn caches(r: &mut Reader<'_>, value: &Value<'_>) -> Vec<Cache> {
+    const NAME: &str = "name = \"pip\"";
+    const PATHS: &str = "paths = [\"~/.cache/pip\"]";
+    const SIZE: &str = "size = \"2GiB\"";
+    let mut out: Vec<Cache> = Vec::new();
+    let mut names = HashSet::new();
+    let mut taken: Vec<String> = Vec::new();
+    for (t, span) in table_items(r, value, "caches", CACHE_KEYS, MAX_CACHES) {
+        let name = required(r, t, &span, "name", "caches", NAME).and_then(|v| {
+            let name = r.string(v, "name", NAME)?;
+            if let Err(e) = check_name(NameKind::Cache, &name) {
+                r.error(v.span(), e.to_string());
+                return None;
+            }
+            if !names.insert(name.clone()) {
+                r.error(
+                    v.span(),
+                    format!(
+                        "two caches are named `{name}`: give one another name, or join their paths"
+                    ),
+                );
+                return None;
+            }
+            Some(name)
+        });
+        let mut paths = Vec::new();
+        if let Some(v) = required(r, t, &span, "paths", "caches", PATHS) {
+            let written = r.strings(v, "paths", PATHS, MAX_CACHE_PATHS);
+            if written.is_empty() && matches!(v.get_ref(), DeValue::Array(a) if a.is_empty()) {
+                r.error(
+                    v.span(),
+                    format!("`paths` is empty: list where the cache goes, like {PATHS}"),
+                );
+            }
+            for (text, span) in written {
+                match crate::cache::guest_path(&text) {
+                    Err(e) => r.error(span, format!("cache path `{}` {e}", text.escape_debug())),
+                    Ok(path) => match taken.iter().find(|p| crate::cache::overlap(p, &path)) {
+                        Some(other) => r.error(
+                            span,
+                            format!(
+                                "cache path `{text}` ({path} in the guest) overlaps {other}, already a cache's: a path may be in one cache once, not inside another"
+                            ),
+                        ),
+                        None => {
+                            taken.push(path.clone());
+                            paths.push(path);
+                        }
+                    },
+                }
+            }
+        }
+        let size = required(r, t, &span, "size", "caches", SIZE).and_then(|v| {
+            let text = r.string(v, "size", SIZE)?;
+            match parse_size(&text) {
+                Ok(size) if size.0 < MIN_CACHE_SIZE || size.0 > MAX_CACHE_SIZE => {
+                    r.error(
+                        v.span(),
+                        format!(
+                            "the cache's `size` is {size}; it must be between {} and {}",
+                            ByteSize(MIN_CACHE_SIZE),
+                            ByteSize(MAX_CACHE_SIZE)
+                        ),
+                    );
+                    None
+                }
+                Ok(size) => Some(size),
+                Err(e) => {
+                    r.error(
+                        v.span(),
+                        format!("the cache's `size`: {e}: write it like {SIZE}"),
+                    );
+                    None
+                }
+            }
+        });
+        if let (Some(name), Some(size)) = (name, size)
+            && !paths.is_empty()
+        {
+            out.push(Cache { name, paths, size });
+        }
+    }
+    out
 }

@@ -864,3 +864,98 @@ fn test_network_without_allow_points_at_the_table() {
     );
     assert!(errors[0].line <= 3, "{errors:?}");
 }
+
+#[test]
+fn test_caches_parse_to_guest_paths() {
+    let m = Manifest::parse(&with(
+        "[[caches]]\nname = \"pip\"\npaths = [\"~/.cache/pip\", \"venv\"]\nsize = \"2GiB\"\n[[caches]]\nname = \"ccache\"\npaths = [\"~/.ccache\"]\nsize = \"512MiB\"\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        m.caches,
+        [
+            Cache {
+                name: "pip".into(),
+                paths: vec![
+                    "/home/build/.cache/pip".into(),
+                    "/home/build/work/venv".into()
+                ],
+                size: ByteSize(2 * GIB),
+            },
+            Cache {
+                name: "ccache".into(),
+                paths: vec!["/home/build/.ccache".into()],
+                size: ByteSize(512 * MIB),
+            },
+        ]
+    );
+    assert!(m.summary().contains("2 caches"), "{}", m.summary());
+    assert!(Manifest::parse(MINIMAL).unwrap().caches.is_empty());
+}
+
+#[test]
+fn test_bad_caches_say_where_and_what_to_write() {
+    let cache = |body: &str| with(&format!("[[caches]]\n{body}\n"));
+    assert_error(
+        &cache("name = \"pip\"\nsize = \"1GiB\""),
+        2,
+        1,
+        &["[[caches]] has no `paths`", "paths = [\"~/.cache/pip\"]"],
+    );
+    assert_error(
+        &cache("name = \"Pip\"\npaths = [\"~/.cache/pip\"]\nsize = \"1GiB\""),
+        3,
+        8,
+        &["cache name `Pip`", "lowercase"],
+    );
+    assert_error(
+        &cache("name = \"pip\"\npaths = [\"/root/.cache\"]\nsize = \"1GiB\""),
+        4,
+        10,
+        &["cache path `/root/.cache` is absolute", "`~/root/.cache`"],
+    );
+    assert_error(
+        &cache("name = \"pip\"\npaths = [\"~/a\", \"~/a/b\"]\nsize = \"1GiB\""),
+        4,
+        17,
+        &["overlaps /home/build/a"],
+    );
+    assert_error(
+        &cache("name = \"pip\"\npaths = []\nsize = \"1GiB\""),
+        4,
+        9,
+        &["`paths` is empty"],
+    );
+    assert_error(
+        &cache("name = \"pip\"\npaths = [\"~/work\"]\nsize = \"1GiB\""),
+        4,
+        10,
+        &["the build directory itself"],
+    );
+    assert_error(
+        &cache("name = \"pip\"\npaths = [\"x\"]\nsize = \"1MiB\""),
+        5,
+        8,
+        &["`size` is 1MiB; it must be between 64MiB and 64GiB"],
+    );
+    assert_error(
+        &cache("name = \"pip\"\npaths = [\"x\"]\nsize = \"big\""),
+        5,
+        8,
+        &["write it like size = \"2GiB\""],
+    );
+    assert_error(
+        &cache("name = \"pip\"\npaths = [\"x\"]\nsize = \"1GiB\"\nkeep = true"),
+        6,
+        1,
+        &["`keep`"],
+    );
+    assert_error(
+        &with(
+            "[[caches]]\nname = \"a\"\npaths = [\"x\"]\nsize = \"1GiB\"\n[[caches]]\nname = \"a\"\npaths = [\"y\"]\nsize = \"1GiB\"\n",
+        ),
+        7,
+        8,
+        &["two caches are named `a`"],
+    );
+}

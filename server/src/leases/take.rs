@@ -238,6 +238,7 @@ pub async fn try_lease(
                         id: job_id.to_string(),
                         group_id: row.int(1)?.to_string(),
                         image: row.text(2)?,
+                        owner: row.text(8)?,
                         manifest: row.text(3)?,
                         attempt: u32::try_from(row.int(5)?).unwrap_or(u32::MAX),
                         timeout_ms: u64::try_from(row.int(7)?).unwrap_or(0),

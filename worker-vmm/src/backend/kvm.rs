@@ -59,9 +59,11 @@ impl KvmBackend {
         if let Some(initrd) = &linux.initrd {
             args.extend(["--initrd".to_owned(), initrd.display().to_string()]);
         }
+        args.extend(["--disk".to_owned(), overlay.display().to_string()]);
+        for disk in spec.cache_disks() {
+            args.extend(["--disk".to_owned(), disk.display().to_string()]);
+        }
         args.extend([
-            "--disk".to_owned(),
-            overlay.display().to_string(),
             "--vsock".to_owned(),
             vsock.display().to_string(),
             "--cpus".to_owned(),
@@ -183,6 +185,7 @@ mod tests {
                 vcpus,
                 memory_mib,
                 run_dir: "/run/g".into(),
+                caches: Vec::new(),
             };
             let args = KvmBackend::args(
                 &spec,

@@ -20,6 +20,7 @@ use std::process::ExitStatus;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use sealed_memory::SealedMemory;
+pub use vmfarm_proto::cache::CacheMount;
 pub use vmfarm_proto::guest::{ChannelKind, GuestCmdline};
 
 use crate::images::manifest::InstalledImage;
@@ -47,6 +48,21 @@ pub struct BootSpec {
     /// A folder of this guest's own where the backend keeps its files (overlay, sockets); the
     /// folder is created, and removed with everything in it when the [`Vm`] is dropped.
     pub run_dir: PathBuf,
+    /// The job's cache disks: qcow2 overlays the worker made (on the same file system as
+    /// `run_dir`), given to the guest after its root disk, the `i`th with the virtio serial
+    /// [`CacheMount::serial`]`(i)`. A kernel boot with the agent only.
+    pub caches: Vec<PathBuf>,
+}
+
+impl BootSpec {
+    /// Where the guest's VMM finds its cache disks: hard links in `run_dir` named by their
+    /// serial (the integrated VMM reports a disk's file name as its serial, and writes only
+    /// disks inside its jail's folder); the worker keeps its own names for them.
+    pub(crate) fn cache_disks(&self) -> Vec<PathBuf> {
+        (0..self.caches.len())
+            .map(|i| self.run_dir.join(CacheMount::serial(i)))
+            .collect()
+    }
 }
 
 /// How the guest boots.
@@ -83,6 +99,7 @@ impl BootSpec {
             vcpus,
             memory_mib,
             run_dir,
+            caches: Vec::new(),
         }
     }
 }
@@ -177,11 +194,22 @@ pub(crate) fn prepare(
     spec: &BootSpec,
     jailer: Option<&std::sync::Arc<jail::Jailer>>,
 ) -> Result<Prepared, BackendError> {
+    if !spec.caches.is_empty() && !matches!(spec.boot, Boot::Linux(_)) {
+        return Err(BackendError::Unsupported {
+            backend: "any",
+            why:
+                "cache disks are mounted by vmfarm's agent, which an image booted by firmware lacks"
+                    .into(),
+        });
+    }
     std::fs::create_dir_all(&spec.run_dir).map_err(BackendError::RunDir)?;
     let dir = RunDir(spec.run_dir.clone());
     let overlay = dir.0.join(OVERLAY);
     crate::vmm::qcow2::overlay::create_overlay(&spec.base_disk, &overlay)
         .map_err(BackendError::Overlay)?;
+    for (disk, link) in spec.caches.iter().zip(spec.cache_disks()) {
+        std::fs::hard_link(disk, &link).map_err(BackendError::RunDir)?;
+    }
     let jail = jailer
         .map(|j| j.guest(spec.vcpus, spec.memory_mib))
         .transpose()?;

@@ -19,9 +19,9 @@ use tokio::process::Command;
 use super::jail::{GuestJail, Jailer};
 use super::qemu_snapshot::{self, MemoryFile};
 use super::{
-    AgentChannel, Backend, BackendError, Boot, BootSpec, BoxFuture, ChannelKind, LinuxBoot,
-    OVERLAY, Prepared, ProcessVm, SealedMemory, Snapshot, Vm, clear_environment, die_with_parent,
-    prepare,
+    AgentChannel, Backend, BackendError, Boot, BootSpec, BoxFuture, CacheMount, ChannelKind,
+    LinuxBoot, OVERLAY, Prepared, ProcessVm, SealedMemory, Snapshot, Vm, clear_environment,
+    die_with_parent, prepare,
 };
 use crate::images::recipe::Firmware;
 
@@ -192,6 +192,22 @@ impl QemuBackend {
             ),
             "-device".into(),
             "virtio-blk-device,drive=root".into(),
+        ]);
+        for (i, disk) in spec.cache_disks().iter().enumerate() {
+            args.extend([
+                "-drive".into(),
+                format!(
+                    "id=cache{i},file={},format=qcow2,if=none,discard=unmap",
+                    disk.display()
+                ),
+                "-device".into(),
+                format!(
+                    "virtio-blk-device,drive=cache{i},serial={}",
+                    CacheMount::serial(i)
+                ),
+            ]);
+        }
+        args.extend([
             // microvm has no keyboard controller: without one a `reboot=k` guest (Linux 6.12)
             // never resets, and QEMU (-no-reboot) never exits.
             "-device".into(),
@@ -614,6 +630,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 1024,
             run_dir: "/run/g".into(),
+            caches: Vec::new(),
         };
         let args = QemuBackend::new(Accel::Tcg).args(
             &spec,
@@ -651,6 +668,7 @@ mod tests {
             vcpus: 2,
             memory_mib: 2048,
             run_dir: "/run/g".into(),
+            caches: Vec::new(),
         };
         let backend = QemuBackend::new(Accel::Kvm);
         let args = backend.firmware_args(

@@ -189,6 +189,13 @@ impl QemuBackend {
         from: &Snapshot,
         sealed: &SealedMemory,
     ) -> Result<Box<dyn super::Vm>, BackendError> {
+        if !spec.caches.is_empty() {
+            return Err(BackendError::Unsupported {
+                backend: "qemu",
+                why: "a guest restored from a snapshot has the disks it was saved with, no cache disk"
+                    .into(),
+            });
+        }
         let spec = BootSpec {
             base_disk: from.disk(),
             ..spec.clone()

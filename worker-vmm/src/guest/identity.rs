@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt as _;
+use vmfarm_proto::cache::CacheMount;
 use vmfarm_proto::guest::Identity;
 
 use super::console::{Announcer, HostFingerprint, ReadyError, wait_ready, wait_waiting};
@@ -39,9 +40,13 @@ pub enum IntroduceError {
     },
 }
 
-/// The identity of the job whose key is `key`, in a guest named `hostname`: the host's clock
-/// and 32 fresh bytes of its random source.
-pub fn identity(key: &JobKey, hostname: &str) -> std::io::Result<Identity> {
+/// The identity of the job whose key is `key`, in a guest named `hostname` with the cache disks
+/// `caches`: the host's clock and 32 fresh bytes of its random source.
+pub fn identity(
+    key: &JobKey,
+    hostname: &str,
+    caches: Vec<CacheMount>,
+) -> std::io::Result<Identity> {
     let mut seed = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
     Ok(Identity {
@@ -51,6 +56,7 @@ pub fn identity(key: &JobKey, hostname: &str) -> std::io::Result<Identity> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
         seed,
+        caches,
     })
 }
 

@@ -3,6 +3,7 @@
 
 use super::backend_choice::{choose, probe_kvm};
 use super::budget::{Budget, Share};
+use super::caches::Caches;
 use super::heartbeat;
 use super::job::{self, Job, JobContext};
 use super::metrics::WorkerMetrics;
@@ -58,6 +59,12 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         config.warm_start.max_templates,
         budget.clone(),
     ));
+    let caches = {
+        let config = config.caches.clone();
+        tokio::task::spawn_blocking(move || Caches::open(&config))
+            .await?
+            .context("opening the cache disks' folder ([caches] dir)")?
+    };
     super::metrics::serve(&config.metrics, metrics.clone()).await?;
     let default_size = (
         config.guest.default_cpus,
@@ -131,6 +138,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
             ca_certificates: ca_certificates.clone(),
             metrics: metrics.clone(),
             templates: templates.clone(),
+            caches: caches.clone(),
         };
         let job = Job {
             lease,
@@ -304,6 +312,7 @@ mod tests {
                 id: "7".into(),
                 group_id: "g".into(),
                 image: "tiny".into(),
+                owner: "alice".into(),
                 manifest: manifest.into(),
                 attempt: 1,
                 timeout_ms: 60_000,

@@ -1,9 +1,6 @@
 //! Where things are in a guest (CONTRACTS.md "Worker <-> guest") and the commands the worker runs there.
 
-pub const BUILD_DIR: &str = "/home/build/work";
-/// The worker's own files in the guest: task scripts, source archives.
-pub const FARM_DIR: &str = "/home/build/.vmfarm";
-pub const SECRETS_DIR: &str = "/home/build/.secrets";
+pub use vmfarm_proto::guest::{BUILD_DIR, FARM_DIR, SECRETS_DIR};
 
 /// Single-quotes `text` for a POSIX shell.
 pub fn quote(text: &str) -> String {

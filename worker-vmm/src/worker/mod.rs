@@ -3,6 +3,7 @@
 
 pub mod backend_choice;
 pub mod budget;
+pub mod caches;
 pub mod daemon;
 pub mod guest_paths;
 pub mod heartbeat;

@@ -253,6 +253,7 @@ impl Templates {
         };
         let spec = BootSpec {
             run_dir: scratch.join("run"),
+            caches: Vec::new(),
             ..spec
         };
         let placed = async {

@@ -18,6 +18,7 @@
 
 mod artifact_glob;
 mod artifacts;
+mod caches;
 mod counted_vm;
 mod limits;
 mod network;
@@ -32,6 +33,7 @@ use limits::Deadline;
 pub use network::trusted_authorities;
 pub use outcome::Outcome;
 
+use super::caches::{Caches, CheckedOut};
 use super::guest_paths::{BUILD_DIR, FARM_DIR, SECRETS_DIR, quote, unpack_command};
 use super::heartbeat::Heartbeat;
 use super::log_shipper::{self, LogSink};
@@ -78,6 +80,8 @@ pub struct JobContext {
     pub metrics: Arc<WorkerMetrics>,
     /// The worker's template snapshots, which jobs start from where they can.
     pub templates: Arc<Templates>,
+    /// The cache disks of jobs' `[[caches]]`.
+    pub caches: Arc<Caches>,
 }
 
 /// A leased job as the daemon hands it over: its manifest, parsed once (by the daemon), and
@@ -177,6 +181,7 @@ pub async fn run(ctx: &JobContext, job: Job) -> Option<Outcome> {
         source_network: None,
         source_proxy: None,
         kept: None,
+        caches: Vec::new(),
     };
     let steps = job.steps().await;
     job.clean_up().await;
@@ -271,6 +276,8 @@ struct JobRun<'a> {
     source_proxy: Option<JoinHandle<()>>,
     /// A failed job's guest kept for `vmfarm ssh`, held after the job's end is reported.
     kept: Option<KeptGuest>,
+    /// The job's copies of its caches, in the manifest's order, once checked out.
+    caches: Vec<CheckedOut>,
 }
 
 impl JobRun<'_> {
@@ -291,6 +298,7 @@ impl JobRun<'_> {
             Some(kept) => *kept.vm.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm),
             None => self.kill(vm).await,
         }
+        self.store_caches(&outcome).await;
         outcome
     }
 
@@ -404,7 +412,7 @@ impl JobRun<'_> {
                 sources, dir, allowed, gate,
             )));
         }
-        Ok(())
+        self.check_out_caches().await
     }
 
     /// Boots the guest of the job's size, with the boot contract's command line.
@@ -451,9 +459,17 @@ impl JobRun<'_> {
             vcpus: cpus,
             memory_mib: u32::try_from(memory_mib).unwrap_or(u32::MAX),
             run_dir: self.run_dir.join("vm"),
+            caches: self.caches.iter().map(|c| c.overlay.clone()).collect(),
         };
         let started = Instant::now();
-        let restored = match self.template_stamp(&spec) {
+        let stamp = self.template_stamp(&spec);
+        if stamp.is_some() && !spec.caches.is_empty() {
+            log.farm(
+                "booting cold: the job has cache disks, and a guest restored from the template \
+                 snapshot has only the disks it was saved with",
+            );
+        }
+        let restored = match stamp.filter(|_| spec.caches.is_empty()) {
             // Under the job's limits: a cancel or the deadline stops a restore too.
             Some(stamp) => {
                 let restore = async { Ok(self.restore(&spec, stamp).await) };
@@ -599,10 +615,12 @@ impl JobRun<'_> {
         let booted = Instant::now();
         let (announcer, boot_timeout) = (access.announcer.clone(), access.boot_timeout);
         let hostname = self.hostname();
+        let mounts = caches::mounts(self.manifest);
         let ready = async {
             Ok::<_, anyhow::Error>(match announcer {
                 Announcer::Agent => {
-                    let identity = identity(key, &hostname).context("making the job's identity")?;
+                    let identity =
+                        identity(key, &hostname, mounts).context("making the job's identity")?;
                     introduce(vm, &mut console, &mut sink, boot_timeout, &identity, start).await?
                 }
                 Announcer::CloudInit { .. } => {
