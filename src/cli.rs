@@ -47,6 +47,9 @@ pub enum Command {
     /// Git hooks that start builds from a plain git server.
     #[command(subcommand)]
     Hook(HookCommand),
+    /// List or drop the cache disks a worker keeps for jobs' `[[caches]]` (on the worker's host).
+    #[command(subcommand)]
+    Caches(CachesCommand),
     /// Check job manifests without submitting them.
     Validate(ValidateArgs),
     /// Build and list guest images.
@@ -323,6 +326,32 @@ pub struct SshArgs {
     /// What to run instead of the login shell (after `--`).
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CachesCommand {
+    /// One line per cache: OWNER/IMAGE/NAME, its newest version, size, what its files take, when
+    /// a job last used it; those used longest ago first.
+    List(CachesArgs),
+    /// Drops a cache whole (its next job starts empty); a job running on it stores nothing.
+    Drop {
+        #[command(flatten)]
+        where_: CachesArgs,
+        /// The cache, as `list` names it: OWNER/IMAGE/NAME.
+        cache: String,
+    },
+}
+
+/// Which worker's caches.
+#[derive(Debug, Args)]
+pub struct CachesArgs {
+    /// The worker's config file, whose `[caches] dir` is read; default: /etc/vmfarm/worker.toml
+    /// when the package installed it.
+    #[arg(long, env = "VMFARM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The caches' folder itself (`vmfarm up` keeps them in `<data dir>/caches`).
+    #[arg(long, conflicts_with = "config")]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

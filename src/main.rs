@@ -1,6 +1,7 @@
 //! `vmfarm`: the one binary of the build farm — server, worker, VMM and CLI.
 
 mod bench;
+mod caches_cmd;
 mod cli;
 mod client;
 mod commands;
@@ -69,6 +70,13 @@ fn main() -> ExitCode {
         Command::Rerun(args) => block_on(commands::rerun(args)),
         Command::Ssh(args) => block_on(ssh::run(args)),
         Command::Hook(cli::HookCommand::PostReceive(args)) => block_on(hook::post_receive(args)),
+        Command::Caches(command) => match caches_cmd::run(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmfarm: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "vmfarm", &mut std::io::stdout());

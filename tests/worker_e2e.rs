@@ -162,6 +162,77 @@ path = "who"
 
 /// Sixteen jobs of the tiny image at once on one worker of this 2-core host, their guests
 /// restored from one template snapshot: all succeed.
+/// A cache disk keeps what a successful job stored for the owner's next job of the image, and
+/// nothing of a failed one; `vmfarm caches list` and `drop` show and remove it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn test_a_cache_keeps_what_a_successful_job_stored_and_nothing_of_a_failed_one() {
+    let dir = images(&["tiny"]);
+    let server = TestServer::start(Backend::Sqlite);
+    let config = format!("{WORKER}[warm_start]\nenabled = true\n");
+    let worker = TestWorker::start(&server, 0, &dir, &config);
+    let manifest = |script: &str| {
+        format!(
+            "image = \"tiny\"\n\n[[caches]]\nname = \"deps\"\npaths = [\"~/.cache/deps\", \"target\"]\nsize = \"128MiB\"\n\n[[tasks]]\nname = \"build\"\nscript = \"\"\"\n{script}\n\"\"\"\n"
+        )
+    };
+    let api = server.admin();
+    let run = async |script: &str, state: &str| {
+        let id = api.submit(&manifest(script)).await.jobs[0].id.clone();
+        let job = wait_ended(&api, &id).await;
+        let log = log_of(&api, &id).await;
+        assert_eq!(job["state"], state, "{job}\n{log}\n{}", worker.log());
+        log
+    };
+    let first = run(
+        "test ! -e ~/.cache/deps/wheel\necho fetched > ~/.cache/deps/wheel\necho built > target/obj",
+        "succeeded",
+    )
+    .await;
+    for said in [
+        "cache deps (128MiB): there is none yet: it starts empty",
+        "booting cold: the job has cache disks",
+        "cache deps: stored as version 2",
+    ] {
+        assert!(first.contains(said), "`{said}` in:\n{first}");
+    }
+    let failed = run(
+        "cat ~/.cache/deps/wheel target/obj\necho spoiled > ~/.cache/deps/wheel\nexit 3",
+        "failed",
+    )
+    .await;
+    for said in [
+        "cache deps (128MiB): version 2, mounted on /home/build/.cache/deps, /home/build/work/target",
+        "fetched\nbuilt",
+        "the caches are not stored: the job did not succeed",
+    ] {
+        assert!(failed.contains(said), "`{said}` in:\n{failed}");
+    }
+    let third = run(
+        "cat ~/.cache/deps/wheel\ntouch ~/.cache/deps/mine",
+        "succeeded",
+    )
+    .await;
+    assert!(third.contains("fetched"), "{third}");
+    assert!(
+        !third.contains("spoiled"),
+        "a failed job stores nothing: {third}"
+    );
+    assert!(third.contains("cache deps: stored as version 3"), "{third}");
+
+    let caches = worker.work_dir.path().join("vmfarm-data/caches");
+    let caches = caches.to_str().unwrap();
+    let listed = cli(&server, &["caches", "list", "--dir", caches]);
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    assert!(listed.contains("admin/tiny/deps\t3\t128MiB\t"), "{listed}");
+    let dropped = cli(
+        &server,
+        &["caches", "drop", "--dir", caches, "admin/tiny/deps"],
+    );
+    assert!(dropped.status.success(), "{dropped:?}");
+    let again = run("test ! -e ~/.cache/deps/wheel", "succeeded").await;
+    assert!(again.contains("there is none yet"), "{again}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_sixteen_jobs_at_once_start_from_one_snapshot() {
     let dir = images(&["tiny"]);

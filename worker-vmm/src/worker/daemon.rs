@@ -61,7 +61,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     ));
     let caches = {
         let config = config.caches.clone();
-        tokio::task::spawn_blocking(move || Caches::open(&config))
+        tokio::task::spawn_blocking(move || Caches::open_for_worker(&config))
             .await?
             .context("opening the cache disks' folder ([caches] dir)")?
     };

@@ -132,22 +132,28 @@ struct Locked {
 }
 
 impl Caches {
-    /// Opens (making it if need be) the store of `config`, and tidies it: what a killed worker
-    /// left half done goes, and so do caches past their age or beyond the total size.
+    /// Opens (making it if need be) the store of `config`.
     pub fn open(config: &CachesConfig) -> Result<Arc<Caches>> {
         std::fs::create_dir_all(&config.dir)
             .with_context(|| format!("creating {}", config.dir.display()))?;
         let dir = std::fs::canonicalize(&config.dir)?;
-        let caches = Arc::new(Caches {
+        Ok(Arc::new(Caches {
             dir,
             config: config.clone(),
             pinned: Mutex::new(HashMap::new()),
-        });
+        }))
+    }
+
+    /// The store of the worker `config` is for, tidied as the worker starts (it alone may: it
+    /// knows which files its jobs use): what a killed worker left half done goes, and so do
+    /// caches past their age or beyond the total size.
+    pub fn open_for_worker(config: &CachesConfig) -> Result<Arc<Caches>> {
+        let caches = Self::open(config)?;
         let _lock = caches.lock()?;
         for key in caches.keys()? {
             if let Err(e) = caches.tidy(&key) {
                 tracing::warn!(cache = %key, error = %format!("{e:#}"), "dropping a cache that cannot be read");
-                let _ = std::fs::remove_dir_all(caches.folder(&key));
+                std::fs::remove_dir_all(caches.folder(&key))?;
             }
         }
         caches.evict_locked(None)?;

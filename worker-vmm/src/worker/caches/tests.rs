@@ -7,7 +7,7 @@ const SIZE: ByteSize = ByteSize(64 * MIB);
 const AT: u64 = 32 * MIB;
 
 fn store(dir: &Path) -> Arc<Caches> {
-    Caches::open(&config(dir)).unwrap()
+    Caches::open_for_worker(&config(dir)).unwrap()
 }
 
 fn config(dir: &Path) -> CachesConfig {
@@ -182,7 +182,7 @@ fn test_caches_past_the_total_size_go_oldest_use_first() {
     let tmp = tempfile::tempdir().unwrap();
     let mut config = config(tmp.path());
     config.total_size = ByteSize(MIB);
-    let caches = Caches::open(&config).unwrap();
+    let caches = Caches::open_for_worker(&config).unwrap();
     for (i, name) in ["old", "new"].into_iter().enumerate() {
         let job = caches
             .check_out(&key(name), SIZE, &tmp.path().join(format!("{i}.qcow2")))
