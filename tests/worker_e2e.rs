@@ -160,8 +160,6 @@ path = "who"
     run("restoring the template snapshot failed: ").await;
 }
 
-/// Sixteen jobs of the tiny image at once on one worker of this 2-core host, their guests
-/// restored from one template snapshot: all succeed.
 /// A cache disk keeps what a successful job stored for the owner's next job of the image, and
 /// nothing of a failed one; `vmfarm caches list` and `drop` show and remove it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -233,6 +231,8 @@ async fn test_a_cache_keeps_what_a_successful_job_stored_and_nothing_of_a_failed
     assert!(again.contains("there is none yet"), "{again}");
 }
 
+/// Sixteen jobs of the tiny image at once on one worker of this 2-core host, their guests
+/// restored from one template snapshot: all succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn test_sixteen_jobs_at_once_start_from_one_snapshot() {
     let dir = images(&["tiny"]);

@@ -170,9 +170,9 @@ mod tests {
             emulated: false,
         }
         .compose();
-        for (initrd, vcpus, memory_mib) in [
-            (Some(PathBuf::from("/img/initrd")), 2, 512),
-            (None, 1, 4096),
+        for (initrd, vcpus, memory_mib, caches) in [
+            (Some(PathBuf::from("/img/initrd")), 2, 512, 0),
+            (None, 1, 4096, 2),
         ] {
             let linux = LinuxBoot {
                 kernel: "/img/kernel".into(),
@@ -185,7 +185,9 @@ mod tests {
                 vcpus,
                 memory_mib,
                 run_dir: "/run/g".into(),
-                caches: Vec::new(),
+                caches: (0..caches)
+                    .map(|i| PathBuf::from(format!("/work/job/caches/{i}")))
+                    .collect(),
             };
             let args = KvmBackend::args(
                 &spec,
@@ -203,13 +205,17 @@ mod tests {
                 .unwrap_or_else(|e| panic!("vm run refuses {args:?}: {e}"));
             assert_eq!(vm.kernel, linux.kernel);
             assert_eq!(vm.initrd, initrd);
-            assert_eq!(
-                vm.disks,
-                [DiskConfig {
-                    path: "/run/g/o.qcow2".into(),
-                    read_only: false
-                }]
-            );
+            // The root disk, then each cache disk by its link in the guest's folder, whose name
+            // the VMM reports as the disk's serial.
+            let disks: Vec<DiskConfig> = ["o.qcow2", "cache-0.qcow2", "cache-1.qcow2"]
+                .into_iter()
+                .take(1 + caches)
+                .map(|name| DiskConfig {
+                    path: Path::new("/run/g").join(name),
+                    read_only: false,
+                })
+                .collect();
+            assert_eq!(vm.disks, disks);
             assert_eq!(vm.vsock, Some(PathBuf::from("/run/g/v.sock")));
             assert_eq!(u32::from(vm.cpus), vcpus);
             assert_eq!(vm.memory, u64::from(memory_mib) << 20);

@@ -27,7 +27,7 @@ pub(super) fn make_empty(file: &Path, size: ByteSize) -> Result<()> {
         ];
         tools::run(MKFS_EXT4, &args, &log)?;
         let _ = std::fs::remove_file(&log);
-        convert(&raw, file)
+        convert(&raw, "raw", file)
     })();
     let _ = std::fs::remove_file(&raw);
     made.with_context(|| format!("making the empty cache disk {}", file.display()))
@@ -35,16 +35,18 @@ pub(super) fn make_empty(file: &Path, size: ByteSize) -> Result<()> {
 
 /// Copies the chain under `top` into the one whole disk `whole`.
 pub(super) fn flatten(top: &Path, whole: &Path) -> Result<()> {
-    convert(top, whole).with_context(|| format!("copying {} into one disk", top.display()))
+    convert(top, "qcow2", whole).with_context(|| format!("copying {} into one disk", top.display()))
 }
 
-/// `qemu-img convert` of `from` (its chain read through) to the qcow2 `to`: written beside it,
-/// synced, renamed into place; zeros stay unallocated.
-fn convert(from: &Path, to: &Path) -> Result<()> {
+/// `qemu-img convert` of `from` (of format `format`, its chain read through) to the qcow2 `to`:
+/// written beside it, synced, renamed into place; zeros stay unallocated.
+fn convert(from: &Path, format: &str, to: &Path) -> Result<()> {
     let tmp = to.with_extension("qcow2.tmp");
     let log = to.with_extension("convert.log.tmp");
-    let args: [&OsStr; 5] = [
+    let args: [&OsStr; 7] = [
         "convert".as_ref(),
+        "-f".as_ref(),
+        format.as_ref(),
         "-O".as_ref(),
         "qcow2".as_ref(),
         from.as_os_str(),

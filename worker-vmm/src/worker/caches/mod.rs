@@ -98,16 +98,22 @@ pub struct CheckedOut {
     /// Why the cache starts empty, when it does.
     pub why_empty: Option<String>,
     base: PathBuf,
+    /// The base's device and inode: a cache dropped and made again meanwhile has another.
+    base_id: (u64, u64),
+    /// Every file of the base's chain, kept by [`Caches::tidy`] while the job runs.
+    pins: Vec<PathBuf>,
     caches: Arc<Caches>,
 }
 
 impl Drop for CheckedOut {
     fn drop(&mut self) {
         let mut pinned = self.caches.pinned.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = pinned.get_mut(&self.base) {
-            *n -= 1;
-            if *n == 0 {
-                pinned.remove(&self.base);
+        for pin in &self.pins {
+            if let Some(n) = pinned.get_mut(pin) {
+                *n -= 1;
+                if *n == 0 {
+                    pinned.remove(pin);
+                }
             }
         }
     }
@@ -219,13 +225,16 @@ impl Caches {
         crate::vmm::qcow2::overlay::create_overlay(&base, overlay)
             .context("making the job's overlay on the cache")?;
         touch(&folder.join("used"))?;
-        *self
-            .pinned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(base.clone())
-            .or_default() += 1;
+        let pins = chain(&base)?;
+        let mut pinned = self.pinned.lock().unwrap_or_else(|e| e.into_inner());
+        for pin in &pins {
+            *pinned.entry(pin.clone()).or_default() += 1;
+        }
+        drop(pinned);
+        let meta = std::fs::metadata(&base)?;
         Ok(CheckedOut {
+            base_id: (meta.dev(), meta.ino()),
+            pins,
             key: key.clone(),
             overlay: overlay.to_owned(),
             started_on,
@@ -246,40 +255,45 @@ impl Caches {
     /// Makes what `job` wrote the newest version of its cache, after its guest has ended; says
     /// what became of it. Blocking.
     pub fn commit(&self, job: CheckedOut) -> Result<String> {
-        check_overlay(&job.overlay, &job.base, job.size)?;
         let _lock = self.lock()?;
         let folder = self.folder(&job.key);
-        if !folder.is_dir() {
+        let same_base =
+            std::fs::metadata(&job.base).is_ok_and(|m| (m.dev(), m.ino()) == job.base_id);
+        if !folder.is_dir() || !same_base {
             bail!("the cache was dropped while the job ran: not stored");
         }
         let newest = current(&folder)?;
         let next = next_version(&folder)?;
+        // A copy, checked as copied: what the VMM may still write to its file changes nothing.
+        check_length(&job.overlay, job.size)?;
         let incoming = folder.join("incoming.tmp");
-        move_file(&job.overlay, &incoming)?;
-        // Back to the worker's user, read-only to others: a jailed VMM owned it.
-        let meta = std::fs::metadata(&folder)?;
-        std::os::unix::fs::chown(&incoming, Some(meta.uid()), Some(meta.gid()))?;
+        std::fs::copy(&job.overlay, &incoming)?;
+        if let Err(e) = check_overlay(&incoming, &job.base, job.size) {
+            std::fs::remove_file(&incoming)?;
+            return Err(e);
+        }
         set_mode(&incoming, 0o644)?;
         File::open(&incoming)?.sync_all()?;
         let file = version_file(&folder, next);
         std::fs::rename(&incoming, &file)?;
         sync_dir(&folder)?;
-        set_current(&folder, next)?;
-        let mut said = format!("stored as version {next}");
-        if newest.is_some() && newest != job.started_on {
+        // `current` names a version only once its whole chain opens.
+        let mut top = (next, chain(&file)?.len());
+        if top.1 >= FLATTEN_AT {
+            let whole = version_file(&folder, next + 1);
+            disk::flatten(&file, &whole)?;
+            top = (next + 1, chain(&whole)?.len());
+        }
+        set_current(&folder, top.0)?;
+        let mut said = format!("stored as version {}", top.0);
+        if top.0 != next {
+            said.push_str(" (its chain copied into one disk)");
+        }
+        if job.started_on.is_some() && newest != job.started_on {
             said.push_str(&format!(
                 " (version {} was stored by another job while this one ran: the last job to succeed wins)",
                 newest.unwrap_or(0)
             ));
-        }
-        if chain(&file)?.len() >= FLATTEN_AT {
-            let whole = version_file(&folder, next + 1);
-            disk::flatten(&file, &whole)?;
-            set_current(&folder, next + 1)?;
-            said = format!(
-                "stored as version {} (its chain copied into one disk)",
-                next + 1
-            );
         }
         let key = job.key.clone();
         drop(job);
@@ -345,14 +359,22 @@ impl Caches {
                 continue;
             };
             let file = version_file(&folder, version);
+            let found = virtual_size(&file).and_then(|size| Ok((size, chain(&file)?.len())));
+            let (size, depth) = match found {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(cache = %key, error = %format!("{e:#}"), "a cache cannot be read");
+                    continue;
+                }
+            };
             let bytes = std::fs::read_dir(&folder)?
                 .flatten()
                 .filter_map(|e| e.metadata().ok())
                 .map(|m| m.blocks() * 512)
                 .sum();
             out.push(CacheInfo {
-                size: ByteSize(virtual_size(&file)?),
-                depth: chain(&file)?.len(),
+                size: ByteSize(size),
+                depth,
                 used: std::fs::metadata(folder.join("used"))
                     .and_then(|m| m.modified())
                     .unwrap_or(SystemTime::UNIX_EPOCH),
@@ -476,10 +498,16 @@ fn virtual_size(file: &Path) -> Result<u64> {
 /// Refuses an overlay that is not the one the worker made on `base` (the guest's VMM wrote it:
 /// a header naming another backing file would hand later jobs a file of the host).
 fn check_overlay(overlay: &Path, base: &Path, size: ByteSize) -> Result<()> {
+    check_length(overlay, size)?;
     let opened = File::open(overlay)?;
     let header = Header::read(&opened)?.context("the job's cache disk is not a qcow2 file")?;
     let backing = header.backing_file(&opened)?;
-    if backing.as_deref() != base.to_str() || header.size != size.0 {
+    // No feature the worker's overlay does not have: an external data file above all.
+    if backing.as_deref() != base.to_str()
+        || header.size != size.0
+        || header.incompatible_features != 0
+        || header.autoclear_features != 0
+    {
         bail!(
             "the job's cache disk is not the overlay the worker made (its header changed): not stored"
         );
@@ -487,17 +515,16 @@ fn check_overlay(overlay: &Path, base: &Path, size: ByteSize) -> Result<()> {
     Ok(())
 }
 
-/// Renames `from` to `to`, or copies it across file systems.
-fn move_file(from: &Path, to: &Path) -> Result<()> {
-    match std::fs::rename(from, to) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-            std::fs::copy(from, to)?;
-            std::fs::remove_file(from)?;
-            Ok(())
-        }
-        Err(e) => Err(e.into()),
+/// Refuses a disk file longer than a whole `size` disk and its metadata could be.
+fn check_length(overlay: &Path, size: ByteSize) -> Result<()> {
+    let len = std::fs::metadata(overlay)?.len();
+    if len > size.0 + size.0 / 16 + 16 * (1 << 20) {
+        bail!(
+            "the job's cache disk file is {}, more than a {size} disk can take: not stored",
+            ByteSize(len)
+        );
     }
+    Ok(())
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {

@@ -102,6 +102,13 @@ impl JobRun<'_> {
                 .farm("the caches are not stored: the job did not succeed");
             return;
         }
+        if !self.shut_cleanly {
+            self.log.farm(
+                "the caches are not stored: the guest did not shut down cleanly, so its disks \
+                 may be half written",
+            );
+            return;
+        }
         for checked in caches {
             let name = checked.key.name.clone();
             let store = self.ctx.caches.clone();

@@ -182,6 +182,7 @@ pub async fn run(ctx: &JobContext, job: Job) -> Option<Outcome> {
         source_proxy: None,
         kept: None,
         caches: Vec::new(),
+        shut_cleanly: false,
     };
     let steps = job.steps().await;
     job.clean_up().await;
@@ -278,6 +279,8 @@ struct JobRun<'a> {
     kept: Option<KeptGuest>,
     /// The job's copies of its caches, in the manifest's order, once checked out.
     caches: Vec<CheckedOut>,
+    /// Whether the guest ended on its own after a clean shutdown (its disks whole).
+    shut_cleanly: bool,
 }
 
 impl JobRun<'_> {
@@ -316,7 +319,7 @@ impl JobRun<'_> {
         let outcome = self.in_guest(&guest).await;
         let keep = self.keep_for(&outcome);
         if keep.is_zero() {
-            self.shut_down(guest, sessions, vm).await;
+            self.shut_cleanly = self.shut_down(guest, sessions, vm).await;
         } else {
             self.log.farm(&format!(
                 "the failed job's guest is kept for {} for `vmfarm ssh {}`, and while a session \

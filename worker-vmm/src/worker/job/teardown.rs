@@ -12,15 +12,15 @@ use std::time::{Duration, Instant};
 impl JobRun<'_> {
     /// Teardown, 1: ends the job's `vmfarm ssh` sessions, asks the agent to shut the guest
     /// down (presses the ACPI power button of a guest without the agent), and gives the guest
-    /// 10 s to end (CONTRACTS.md).
+    /// 10 s to end (CONTRACTS.md). Whether it shut down cleanly (then its disks are whole).
     pub(super) async fn shut_down(
         &self,
         guest: Arc<Guest>,
         sessions: SshSessions,
         vm: &mut dyn Vm,
-    ) {
+    ) -> bool {
         let log = self.log.clone();
-        shut_down(guest, sessions, vm, &move |line| log.farm(line)).await;
+        shut_down(guest, sessions, vm, &move |line| log.farm(line)).await
     }
 
     /// Teardown, 2: ends the guest's VMM if it is still running (a step that failed never
@@ -58,33 +58,48 @@ impl JobRun<'_> {
 }
 
 /// Ends the guest's `vmfarm ssh` sessions, asks the agent to shut the guest down, and gives the
-/// guest 10 s to end; says what went wrong with `note`.
+/// guest 10 s to end; says what went wrong with `note`. Whether the guest ended on its own
+/// after a clean shutdown.
 async fn shut_down(
     guest: Arc<Guest>,
     sessions: SshSessions,
     vm: &mut dyn Vm,
     note: &(dyn Fn(&str) + Sync),
-) {
+) -> bool {
     sessions.stop().await;
     // The sessions held the only other references to the guest's SSH.
     let Ok(guest) = Arc::into_inner(guest).ok_or(()) else {
         note("the guest's SSH is still in use; killing the guest");
-        return;
+        return false;
     };
     // A guest without the agent gets its ACPI power button; the agent shuts its guest down.
-    match vm.power_off().await {
-        Ok(true) => guest.disconnect().await,
-        Ok(false) => {
-            if let Err(e) = guest.shutdown().await {
-                note(&format!("the guest did not shut down cleanly: {e}"));
-            }
+    let asked = match vm.power_off().await {
+        Ok(true) => {
+            guest.disconnect().await;
+            true
         }
-        Err(e) => note(&format!("the guest's power button: {e}")),
-    }
+        Ok(false) => match guest.shutdown().await {
+            Ok(()) => true,
+            Err(e) => {
+                note(&format!("the guest did not shut down cleanly: {e}"));
+                false
+            }
+        },
+        Err(e) => {
+            note(&format!("the guest's power button: {e}"));
+            false
+        }
+    };
     match tokio::time::timeout(Duration::from_secs(10), vm.wait()).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => note(&format!("waiting for the guest: {e}")),
-        Err(_) => note("the guest did not end within 10 s of shutdown; killing it"),
+        Ok(Ok(_)) => asked,
+        Ok(Err(e)) => {
+            note(&format!("waiting for the guest: {e}"));
+            false
+        }
+        Err(_) => {
+            note("the guest did not end within 10 s of shutdown; killing it");
+            false
+        }
     }
 }
 
@@ -134,7 +149,8 @@ impl KeptGuest {
             ..
         } = self;
         if let Some(mut vm) = vm.into_inner().unwrap_or_else(|e| e.into_inner()) {
-            shut_down(guest, sessions, vm.as_mut(), &note).await;
+            // The kept guest's job failed: it stores no cache, whatever the shutdown.
+            let _ = shut_down(guest, sessions, vm.as_mut(), &note).await;
             kill(vm, &note).await;
         } else {
             sessions.stop().await;
