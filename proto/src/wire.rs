@@ -57,6 +57,22 @@ pub struct LeaseRequest {
     /// Its proxy cache's figures.
     #[serde(default)]
     pub cache: CacheStats,
+    /// The cache disks it holds (`[[caches]]` of jobs it ran): the server leaves a job with
+    /// caches a little while for a worker that holds them.
+    #[serde(default)]
+    pub caches: Vec<HeldCache>,
+}
+
+/// Most caches one lease request may name.
+pub const MAX_HELD_CACHES: usize = 4096;
+
+/// A cache disk a worker holds: `owner`'s cache `name` for jobs of `image`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HeldCache {
+    pub owner: String,
+    pub image: String,
+    pub name: String,
 }
 
 /// The job inside a lease.
@@ -283,6 +299,11 @@ mod tests {
                 bytes_from_cache: 1 << 20,
                 ..CacheStats::default()
             },
+            caches: vec![HeldCache {
+                owner: "alice".into(),
+                image: "tiny".into(),
+                name: "pip".into(),
+            }],
         };
         round_trip(&request);
         round_trip(&HeartbeatResponse {

@@ -109,6 +109,12 @@ pub fn prepare(
         secrets_json: serde_json::to_string(&manifest.secret_names())
             .map_err(AppError::internal)?,
         triggers_json: serde_json::to_string(&manifest.triggers).map_err(AppError::internal)?,
+        caches: manifest
+            .caches
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(" "),
         timeout_ms: i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX),
         images: manifest.images.clone(),
         manifest,
@@ -215,6 +221,8 @@ pub struct NewGroup {
     tags_json: String,
     secrets_json: String,
     triggers_json: String,
+    /// The names of its `[[caches]]`, space-separated ([`crate::leases::affinity`]).
+    caches: String,
     timeout_ms: i64,
 }
 
@@ -291,8 +299,8 @@ impl NewGroup {
             let id = tx
                 .fetch_optional(
                     "INSERT INTO jobs (group_id, image, state, priority, manifest, tags, secrets, triggers, \
-                     timeout_ms, created_at, owner, push_id, manifest_file, rerun_of) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+                     timeout_ms, created_at, owner, push_id, manifest_file, rerun_of, caches) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
                      RETURNING id",
                     &[
                         group_id.into(),
@@ -309,6 +317,7 @@ impl NewGroup {
                         push_id.into(),
                         file.into(),
                         origin.rerun_of.into(),
+                        (&self.caches).into(),
                     ],
                 )
                 .await?

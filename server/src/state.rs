@@ -23,6 +23,8 @@ pub struct AppState {
     pub workers_seen: Arc<std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>>,
     /// `vmfarm ssh` sessions being opened.
     pub tunnels: Arc<crate::tunnels::Tunnels>,
+    /// The caches each worker holds, from its last lease request.
+    pub cache_holders: Arc<crate::leases::affinity::Holders>,
 }
 
 impl AppState {
@@ -43,6 +45,7 @@ impl AppState {
             metrics: Arc::default(),
             workers_seen: Arc::default(),
             tunnels: Arc::default(),
+            cache_holders: Arc::default(),
         }
     }
 }

@@ -137,6 +137,7 @@ async fn measure(
         slots: 1,
         version: "bench".into(),
         cache: Default::default(),
+        caches: Vec::new(),
     };
     let lease: LeaseResponse = http
         .post(format!("{base}/api/workers/lease"))

@@ -369,6 +369,7 @@ fn request(worker: &str, images: &[String]) -> LeaseRequest {
         slots: 1,
         version: "bench".into(),
         cache: Default::default(),
+        caches: Vec::new(),
     }
 }
 

@@ -35,6 +35,7 @@ impl FakeWorker {
             slots: 1,
             version: "test".into(),
             cache: Default::default(),
+            caches: Vec::new(),
         };
         let r = self
             .api

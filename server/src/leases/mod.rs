@@ -1,7 +1,9 @@
 //! Leases: how a worker takes a job ([`take`]), keeps it and reports on it ([`update`]), and
 //! loses it when it stops renewing ([`reaper`]). Every write under a lease is fenced
-//! ([`crate::fence`]); every end of a job goes through [`crate::job_end`].
+//! ([`crate::fence`]); every end of a job goes through [`crate::job_end`]. A job with caches
+//! waits a little for a worker that holds them ([`affinity`]).
 
+pub mod affinity;
 pub mod reaper;
 pub mod take;
 pub mod update;

@@ -9,7 +9,11 @@ use crate::workers::{self, WorkerView};
 use std::time::{Duration, Instant};
 use vmfarm_proto::JobState;
 use vmfarm_proto::names::{NameKind, check_name};
-use vmfarm_proto::wire::{LeaseLimits, LeaseRequest, LeaseResponse, LeasedJob, NetworkGrant};
+use vmfarm_proto::wire::{
+    LeaseLimits, LeaseRequest, LeaseResponse, LeasedJob, MAX_HELD_CACHES, NetworkGrant,
+};
+
+use super::affinity;
 
 /// Most images one worker may announce.
 pub const MAX_WORKER_IMAGES: usize = 256;
@@ -34,6 +38,18 @@ fn check_request(worker: &str, req: &LeaseRequest) -> AppResult<()> {
             "{} images announced; the limit is {MAX_WORKER_IMAGES}",
             req.images.len()
         )));
+    }
+    if req.caches.len() > MAX_HELD_CACHES {
+        return Err(AppError::BadRequest(format!(
+            "{} caches announced; the limit is {MAX_HELD_CACHES}",
+            req.caches.len()
+        )));
+    }
+    for cache in &req.caches {
+        crate::users::check_name(&cache.owner).map_err(AppError::BadRequest)?;
+        check_name(NameKind::Image, &cache.image)
+            .and_then(|()| check_name(NameKind::Cache, &cache.name))
+            .map_err(|e| AppError::BadRequest(e.to_string()))?;
     }
     for image in &req.images {
         check_name(NameKind::Image, &image.name)
@@ -101,15 +117,23 @@ const RUNNING_SQL: &str =
 /// Owners tried by one lease at most.
 const TURNS_TRIED: usize = 3;
 
-/// The statement that leases one owner's (`$6`) best queued job of `images` images (`$7`...).
-/// The best job of each image is one index seek (state, owner, image, priority DESC, id); the
-/// best of those few wins. Far cheaper than sorting every queued job of the images.
-fn lease_sql(images: usize, skip_locked: &str) -> String {
+/// The statement that leases one owner's (`$6`) best queued job of `images` images (`$7`...),
+/// but those `left` to another worker ([`affinity`]). The best job of each image is one index
+/// seek (state, owner, image, priority DESC, id); the best of those few wins. Far cheaper than
+/// sorting every queued job of the images.
+fn lease_sql(images: usize, skip_locked: &str, left: &[i64]) -> String {
+    let but = match left {
+        [] => String::new(),
+        ids => {
+            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            format!(" AND id NOT IN ({})", ids.join(", "))
+        }
+    };
     let per_image: Vec<String> = (0..images)
         .map(|i| {
             format!(
                 "SELECT id, priority FROM (SELECT id, priority FROM jobs WHERE state = 'queued' AND owner = $6 \
-                 AND image = ${} ORDER BY priority DESC, id LIMIT 1{skip_locked}) AS q{i}",
+                 AND image = ${}{but} ORDER BY priority DESC, id LIMIT 1{skip_locked}) AS q{i}",
                 i + 7,
             )
         })
@@ -124,14 +148,44 @@ fn lease_sql(images: usize, skip_locked: &str) -> String {
     )
 }
 
+/// The queued jobs of `images` that wait for another worker than `asking` ([`affinity`]).
+async fn left_to_others(
+    tx: &mut crate::db::WriteTx,
+    holders: &affinity::Holders,
+    asking: &str,
+    images: &[String],
+    sql: &str,
+    waited_from: i64,
+) -> AppResult<Vec<i64>> {
+    let now = Instant::now();
+    if !holders.others_hold_caches(asking, now) {
+        return Ok(Vec::new());
+    }
+    let mut args: Vec<Arg> = vec![waited_from.into()];
+    args.extend(images.iter().map(Arg::from));
+    let mut left = Vec::new();
+    for row in tx.fetch_all(sql, &args).await? {
+        let job = affinity::QueuedWithCaches {
+            owner: row.text(1)?,
+            image: row.text(2)?,
+            caches: row.text(3)?,
+        };
+        if holders.leave_to_another(asking, &job, now) {
+            left.push(row.int(0)?);
+        }
+    }
+    Ok(left)
+}
+
 /// Takes a job whose image the worker has, if any: the turn's owner's oldest of the highest
-/// priority.
+/// priority, but for one that waits for a worker holding its caches.
 pub async fn try_lease(
     state: &AppState,
     worker: &str,
     req: &LeaseRequest,
 ) -> AppResult<Option<LeaseResponse>> {
     check_request(worker, req)?;
+    state.cache_holders.record(req, Instant::now());
     let seen = worker_seen(state, req);
     if req.images.is_empty() {
         if let Some(seen) = seen {
@@ -156,7 +210,10 @@ pub async fn try_lease(
         allow_private: state.config.network.allow_private.clone(),
     };
     let lease_id = crate::random::random_hex(16).map_err(AppError::internal)?;
-    let sql = lease_sql(req.images.len(), state.db.skip_locked());
+    let skip_locked = state.db.skip_locked().to_owned();
+    let holders = state.cache_holders.clone();
+    let waiting_sql = affinity::waiting_sql(req.images.len());
+    let waited_from = now - i64::try_from(affinity::WAIT.as_millis()).unwrap_or(i64::MAX);
     let limit = state.config.limits.max_running_per_user;
     let turns_sql = turns_sql(req.images.len(), limit.is_some());
     // A concurrent lease of the same owner's job (PostgreSQL) is writing about the same time
@@ -181,6 +238,10 @@ pub async fn try_lease(
                 if let Some(seen) = &seen {
                     workers::record(tx, seen).await?;
                 }
+                let left =
+                    left_to_others(tx, &holders, &worker, &images, &waiting_sql, waited_from)
+                        .await?;
+                let sql = lease_sql(images.len(), &skip_locked, &left);
                 let mut turn_args: Vec<Arg> = vec![max_running.into()];
                 turn_args.extend(images.iter().map(Arg::from));
                 let turns = tx.fetch_all(&turns_sql, &turn_args).await?;
@@ -274,6 +335,7 @@ mod tests {
         test_free_slots_go_round_robin_between_users,
         test_a_user_at_the_running_limit_waits_its_turn,
         test_a_submit_past_the_queue_limit_gets_429_naming_it,
+        test_a_job_with_caches_waits_for_the_worker_that_holds_them,
     );
 
     fn job(image: &str, priority: i64) -> String {
@@ -384,5 +446,68 @@ mod tests {
             1,
             "a started job frees its place in the queue"
         );
+    }
+
+    /// Worker `worker` asks for a job of image `a`, naming the caches it holds; the job's id,
+    /// or `None` when it gets none.
+    async fn ask(app: &TestApp, worker: &str, caches: &[(&str, &str)]) -> Option<String> {
+        let caches: Vec<serde_json::Value> = caches
+            .iter()
+            .map(|(owner, name)| serde_json::json!({"owner": owner, "image": "a", "name": name}))
+            .collect();
+        let request = serde_json::json!({
+            "name": worker, "images": [{"name": "a", "version": "v1"}], "slots": 1,
+            "version": "test", "caches": caches,
+        });
+        let answer = app
+            .call(
+                axum::http::Method::POST,
+                "/api/workers/lease",
+                Some(&crate::test_utils::worker_token(worker)),
+                &[("content-type", "application/json".into())],
+                axum::body::Body::from(request.to_string()),
+            )
+            .await;
+        match answer.status {
+            StatusCode::OK => Some(answer.body["job"]["id"].as_str().unwrap().to_owned()),
+            StatusCode::NO_CONTENT => None,
+            other => panic!("lease answered {other}: {:?}", answer.body),
+        }
+    }
+
+    async fn test_a_job_with_caches_waits_for_the_worker_that_holds_them(db: Database) {
+        let app = TestApp::with_config(db, |c| {
+            c.leases.long_poll =
+                vmfarm_proto::units::HumanDuration(std::time::Duration::from_millis(200));
+        })
+        .await;
+        let cached = |name: &str| {
+            format!(
+                "image = \"a\"\n[[caches]]\nname = \"{name}\"\npaths = [\"~/.cache\"]\nsize = \"1GiB\"\n[[tasks]]\nname = \"t\"\nscript = \"true\"\n"
+            )
+        };
+        // w0 holds Alice's `pip`, and asks for work (there is none yet).
+        assert_eq!(ask(&app, "w0", &[("alice", "pip")]).await, None);
+        let pip = app.submit_as(ALICE, &cached("pip")).await[0].to_string();
+        assert_eq!(
+            ask(&app, "w1", &[]).await,
+            None,
+            "w1 lacks the cache, and w0, which holds it, asks for work"
+        );
+        let plain = app.submit_as(ALICE, &job("a", 0)).await[0].to_string();
+        assert_eq!(
+            ask(&app, "w1", &[]).await,
+            Some(plain),
+            "a job without caches"
+        );
+        assert_eq!(ask(&app, "w0", &[("alice", "pip")]).await, Some(pip));
+        let bobs = app.submit_as(BOB, &cached("pip")).await[0].to_string();
+        assert_eq!(
+            ask(&app, "w1", &[]).await,
+            Some(bobs),
+            "Bob's `pip` is not Alice's: nobody holds it, the first to ask takes it"
+        );
+        let other = app.submit_as(ALICE, &cached("npm")).await[0].to_string();
+        assert_eq!(ask(&app, "w1", &[]).await, Some(other));
     }
 }

@@ -19,7 +19,7 @@ use anyhow::Context;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
-use vmfarm_proto::wire::{LeaseRequest, LeaseResponse, StateUpdate, WorkerImage};
+use vmfarm_proto::wire::{HeldCache, LeaseRequest, LeaseResponse, StateUpdate, WorkerImage};
 use vmfarm_proto::{JobState, Manifest};
 
 /// The version of each image in the images dir that jobs run.
@@ -85,11 +85,20 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         said_no_images = false;
         // A slot is reserved before asking, so that no job is leased that must then wait.
         let mut share = budget.take(default_size).await;
+        let held = {
+            let caches = caches.clone();
+            tokio::task::spawn_blocking(move || caches.held()).await?
+        };
+        let held = held.unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "listing the cache disks");
+            Vec::new()
+        });
         let request = lease_request(
             &name,
             &images,
             1 + budget.free_slots(default_size),
             cache.stats(),
+            held,
         );
         let lease = match client.lease(&request).await {
             Ok(Some(lease)) => lease,
@@ -150,12 +159,14 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     }
 }
 
-/// What the worker asks the server for: a job for one of `images`, with `slots` free.
+/// What the worker asks the server for: a job for one of `images`, with `slots` free, naming
+/// the cache disks it holds.
 fn lease_request(
     name: &str,
     images: &BTreeMap<String, InstalledImage>,
     slots: u32,
     cache: CacheStats,
+    caches: Vec<HeldCache>,
 ) -> LeaseRequest {
     LeaseRequest {
         name: name.to_owned(),
@@ -169,6 +180,7 @@ fn lease_request(
         slots,
         version: env!("CARGO_PKG_VERSION").into(),
         cache,
+        caches,
     }
 }
 

@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use vmfarm_proto::units::ByteSize;
+use vmfarm_proto::wire::{HeldCache, MAX_HELD_CACHES};
 
 /// A chain this deep (versions) is copied into one whole disk after a commit.
 pub const FLATTEN_AT: usize = 8;
@@ -348,6 +349,29 @@ impl Caches {
             }
         }
         Ok(keys)
+    }
+
+    /// The caches with a version, as a lease reports them: at most
+    /// [`MAX_HELD_CACHES`], those used last first.
+    pub fn held(&self) -> Result<Vec<HeldCache>> {
+        let mut held = Vec::new();
+        for key in self.keys()? {
+            let folder = self.folder(&key);
+            if folder.join("current").exists() {
+                let used = std::fs::metadata(folder.join("used")).and_then(|m| m.modified());
+                held.push((used.unwrap_or(SystemTime::UNIX_EPOCH), key));
+            }
+        }
+        held.sort_by_key(|(used, _)| std::cmp::Reverse(*used));
+        Ok(held
+            .into_iter()
+            .take(MAX_HELD_CACHES)
+            .map(|(_, key)| HeldCache {
+                owner: key.owner,
+                image: key.image,
+                name: key.name,
+            })
+            .collect())
     }
 
     /// Every cache with a version, oldest use first.
