@@ -470,6 +470,15 @@ fn farm_runs_a_job_through_the_integrated_vmm() {
         fs::create_dir_all(d).expect("payload dirs");
     }
     put_vmfarm(&bin);
+    // The worker makes the job's cache disk with the image tools (their libraries follow).
+    for tool in ["mkfs.ext4", "qemu-img"] {
+        let found = ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{tool} is not installed (e2fsprogs, qemu-utils)"));
+        fs::copy(&found, bin.join(tool)).unwrap_or_else(|e| panic!("copy {found:?}: {e}"));
+    }
     for entry in fs::read_dir(&image).expect("read the image's folder") {
         let path = entry.expect("image folder entry").path();
         if path.is_file() {
@@ -488,6 +497,7 @@ fn farm_runs_a_job_through_the_integrated_vmm() {
         "job-network",
         "ssh-session",
         "job-ssh-seen",
+        "job-cache",
         "artifact-intact",
         "guest-cleaned-up",
         "jail-on",

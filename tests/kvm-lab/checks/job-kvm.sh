@@ -1,7 +1,7 @@
 #!/bin/sh
 # Lab check of the worker's kvm backend (run in L1 as /payload/run.sh; see tests/kvm_lab.rs):
 # `vmfarm up` on the tiny image in /payload/images, one job (kvm-job.toml) through the integrated
-# VMM with the agent's SSH over vsock, fetching from an HTTP server in L1 through the worker's
+# VMM with the agent's SSH over vsock and a cache disk, fetching from an HTTP server in L1 through the worker's
 # proxy (the guest network), its artifacts back through the CLI; while it runs, the
 # jailed VMM's user, capabilities, seccomp mode, namespaces, root, environment and cgroup are read
 # from /proc.
@@ -103,6 +103,8 @@ id=$(head -1 /tmp/submit.out | cut -f1)
 grep -q "LAB-JOB kernel .* vcpus 1" /tmp/submit.out; check job-log-streamed $? "$(grep -m1 'LAB-JOB kernel' /tmp/submit.out)"
 grep -q "LAB-JOB an ssh session came: via ssh job-1" /tmp/submit.out && grep -q "ssh: admin opened a session" /tmp/submit.out
 check job-ssh-seen $? "$(grep -m1 'LAB-JOB an ssh' /tmp/submit.out); $(grep -m1 'ssh: admin' /tmp/submit.out)"
+grep -q "LAB-JOB cache mounted and written" /tmp/submit.out && grep -q "cache lab: stored as version 2" /tmp/submit.out
+check job-cache $? "$(grep -m1 'LAB-JOB cache' /tmp/submit.out); $(grep -m1 'cache lab: ' /tmp/submit.out)"
 grep -q "LAB-JOB fetched hello-from-L1" /tmp/submit.out && grep -q "network 127.0.0.1:80: " /tmp/submit.out
 check job-network $? "$(grep -m1 'LAB-JOB fetched' /tmp/submit.out); $(grep -m1 'network 127.0.0.1:80' /tmp/submit.out)"
 

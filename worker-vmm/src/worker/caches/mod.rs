@@ -202,6 +202,8 @@ impl Caches {
         let _lock = self.lock()?;
         let folder = self.folder(key);
         std::fs::create_dir_all(&folder)?;
+        // What failed jobs left (a new disk no job stored on) goes first.
+        self.tidy(key)?;
         let newest = current(&folder)?;
         let (base, started_on, why_empty) = match newest {
             Some(n) => {

@@ -166,6 +166,22 @@ fn test_a_new_size_starts_empty_and_limits_are_kept() {
         Some("it was 64MiB, the manifest asks for 128MiB: it starts empty")
     );
     assert_eq!(read(&bigger.overlay, 5), [0; 5]);
+    drop(bigger);
+    let again = caches
+        .check_out(
+            &key("pip"),
+            ByteSize(128 * MIB),
+            &tmp.path().join("b2.qcow2"),
+        )
+        .unwrap();
+    let files = std::fs::read_dir(caches.folder(&key("pip")))
+        .unwrap()
+        .count();
+    assert_eq!(
+        files, 5,
+        "current, used, the stored version and its base, the new empty disk: not the failed job's"
+    );
+    drop(again);
     let too_big = caches.check_out(
         &key("pip"),
         ByteSize(17 * 1024 * MIB),
