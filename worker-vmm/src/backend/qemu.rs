@@ -63,7 +63,7 @@ pub enum RunWith {
 
 impl RunWith {
     /// What this host's QEMU takes, read once from its `-help`.
-    fn of_host() -> RunWith {
+    pub(crate) fn of_host() -> RunWith {
         static FOUND: OnceLock<RunWith> = OnceLock::new();
         *FOUND.get_or_init(|| {
             let help = std::process::Command::new(QEMU)
@@ -516,7 +516,7 @@ fn wait_status(pid: libc::pid_t) -> libc::c_int {
 /// guest's SSH port is forwarded there; agent guests' sockets are files in their folder),
 /// lowers the resource limits as `vm run --jail` does, and forks twice so that QEMU runs below
 /// a PID 1 that dies with the worker.
-fn confine_before_exec(command: &mut Command, jail: &GuestJail) -> std::io::Result<()> {
+pub(crate) fn confine_before_exec(command: &mut Command, jail: &GuestJail) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt as _;
     use vmfarm_vmm::jail::{MAX_OPEN_FILES, MAX_PROCESSES};
     // Made here: the child may not allocate.

@@ -20,9 +20,10 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::net::UnixStream;
 use tokio::process::Command;
 
-use super::qemu::{QEMU, QMP_LINE, QemuBackend};
+use super::qemu::{QEMU, QMP_LINE, QemuBackend, RunWith, confine_before_exec};
 use super::{
-    BackendError, Boot, BootSpec, SealedMemory, Snapshot, clear_environment, die_with_parent,
+    BackendError, Boot, BootSpec, OVERLAY, SealedMemory, Snapshot, clear_environment,
+    die_with_parent,
 };
 use crate::guest::console::wait_waiting;
 
@@ -82,6 +83,26 @@ fn refused(what: &'static str, why: String) -> BackendError {
     }
 }
 
+/// Moves the saved guest's `disk` to `to`, given back first to the owner of `run` (the worker)
+/// when a jailed QEMU had it.
+fn keep_disk(disk: &Path, to: &Path, run: Option<&Path>) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    if let Some(run) = run {
+        let owner = std::fs::metadata(run)?;
+        std::os::unix::fs::chown(disk, Some(owner.uid()), Some(owner.gid()))?;
+    }
+    std::fs::rename(disk, to)
+}
+
+/// The first 4 KiB of what QEMU wrote to its stderr file `messages`.
+async fn last_words(messages: &Path) -> String {
+    let mut said = String::new();
+    if let Ok(file) = tokio::fs::File::open(messages).await {
+        let _ = file.take(4096).read_to_string(&mut said).await;
+    }
+    said
+}
+
 /// `work`, given up with an error naming `what` after `limit`.
 async fn within(
     limit: Duration,
@@ -97,9 +118,10 @@ async fn within(
 }
 
 impl QemuBackend {
-    /// Boots `spec`'s guest unjailed (it runs no job's code: only the image's boot to its agent)
-    /// with its memory in `into`'s file, waits until its agent waits for a job, pauses it, and
-    /// saves its devices' state; its disk is `into`'s, over `spec.base_disk`.
+    /// Boots `spec`'s guest, jailed as jobs' guests are (its memory becomes every restored
+    /// guest's start), with its memory in `into`'s file, waits until its agent waits for a job,
+    /// pauses it, and saves its devices' state; its disk is `into`'s, over `spec.base_disk`.
+    /// QEMU opens every file (memory, disk, sockets) before it enters its jail.
     pub(crate) async fn save_snapshot(
         &self,
         spec: &BootSpec,
@@ -115,11 +137,24 @@ impl QemuBackend {
         for dir in [&into.dir, &spec.run_dir] {
             std::fs::create_dir_all(dir).map_err(BackendError::RunDir)?;
         }
-        crate::vmm::qcow2::overlay::create_overlay(&spec.base_disk, &into.disk())
-            .map_err(BackendError::Overlay)?;
-        // The sockets and QEMU's messages go in the guest's folder, the snapshot's files in
-        // `into`.
+        // The sockets, QEMU's messages and, until it is saved, the disk go in the guest's
+        // folder; the memory in `into`. QEMU opens its disk again when it pauses for the save,
+        // after a jailed QEMU entered its root (the guest's folder) as the jail's user: the disk
+        // is named from the folder, QEMU's working directory before and after, and is that
+        // user's while QEMU runs (as a restored guest's overlay is).
         let run = &spec.run_dir;
+        let disk = run.join(OVERLAY);
+        crate::vmm::qcow2::overlay::create_overlay(&spec.base_disk, &disk)
+            .map_err(BackendError::Overlay)?;
+        let jail = self
+            .jail
+            .as_ref()
+            .map(|j| j.guest(spec.vcpus, spec.memory_mib))
+            .transpose()?;
+        if let Some(jail) = &jail {
+            std::os::unix::fs::chown(&disk, Some(jail.uid), Some(jail.gid))
+                .map_err(BackendError::RunDir)?;
+        }
         let (socket, qmp) = (run.join("ssh.sock"), run.join("qmp.sock"));
         let messages = run.join("qemu.stderr");
         let stderr = std::fs::File::create(&messages).map_err(BackendError::RunDir)?;
@@ -129,12 +164,18 @@ impl QemuBackend {
         };
         let mut command = Command::new(QEMU);
         command
-            .args(self.args(spec, linux, &into.disk(), &socket, Some(memory)))
+            .current_dir(run)
+            .args(self.args(spec, linux, Path::new(OVERLAY), &socket, Some(memory)))
             .args([
                 "-qmp".into(),
                 format!("unix:{},server=on,wait=off", qmp.display()),
             ]);
+        // First: the confinement's forks must leave a process that dies with the worker.
         die_with_parent(&mut command);
+        if let Some(jail) = &jail {
+            command.args(Self::jail_args(RunWith::of_host(), run, jail));
+            confine_before_exec(&mut command, jail).map_err(BackendError::Spawn)?;
+        }
         clear_environment(&mut command);
         command
             .stdin(Stdio::null())
@@ -154,10 +195,7 @@ impl QemuBackend {
         };
         if let Err(e) = wait_waiting(&mut console, &mut sink, timeout).await {
             let _ = child.kill().await;
-            let mut stderr = String::new();
-            if let Ok(file) = tokio::fs::File::open(&messages).await {
-                let _ = file.take(4096).read_to_string(&mut stderr).await;
-            }
+            let stderr = last_words(&messages).await;
             return Err(refused(
                 "booting the template guest",
                 format!(
@@ -175,6 +213,20 @@ impl QemuBackend {
         .await;
         let _ = child.kill().await;
         let _ = child.wait().await;
+        // The jail (its user, its cgroup) goes once QEMU has ended.
+        let jailed = jail.is_some();
+        drop(jail);
+        // QEMU says why a save failed on its stderr only.
+        let saved = match saved {
+            Err(BackendError::Snapshot { what, source }) => {
+                let said = last_words(&messages).await;
+                Err(refused(what, format!("{source}; QEMU said: {said}")))
+            }
+            // The frozen disk joins the snapshot, the worker's again (restores read it only).
+            Ok(()) => keep_disk(&disk, &into.disk(), jailed.then_some(run))
+                .map_err(io_error("keeping the template's disk")),
+            other => other,
+        };
         for socket in [socket, qmp] {
             let _ = std::fs::remove_file(socket);
         }
