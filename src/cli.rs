@@ -463,6 +463,20 @@ pub enum BenchKind {
         #[arg(long, default_value_t = 20)]
         jobs: usize,
     },
+    /// A real build's install step (a venv and packages from PyPI) with a cache disk, beside
+    /// the same without one (qemu backend).
+    CacheBuild {
+        /// The images dir holding the image.
+        #[arg(
+            long,
+            env = "VMFARM_IMAGES_DIR",
+            default_value = "./vmfarm-data/images"
+        )]
+        images_dir: PathBuf,
+        /// A Debian image with vmfarm's agent.
+        #[arg(long, default_value = "debian-12")]
+        image: String,
+    },
     /// Memory of N guests at once on QEMU, booted cold beside restored from one snapshot.
     WarmMemory {
         /// The images dir holding the image.

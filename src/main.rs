@@ -136,6 +136,10 @@ fn main() -> ExitCode {
                 bench::job_start::run(images_dir, &images, jobs).await?;
                 Ok(ExitCode::SUCCESS)
             }),
+            cli::BenchKind::CacheBuild { images_dir, image } => block_on(async {
+                bench::cache_build::run(images_dir, &image).await?;
+                Ok(ExitCode::SUCCESS)
+            }),
             cli::BenchKind::WarmMemory {
                 images_dir,
                 image,

@@ -62,6 +62,7 @@ impl Farm {
         config.backend.default = backend;
         config.network.cache_dir = dir.path().join("proxy-cache");
         config.warm_start.dir = dir.path().join("templates");
+        config.caches.dir = dir.path().join("caches");
         // Guests boot cold unless a benchmark asks for warm starts (a first job would otherwise
         // have a snapshot made beside the measured ones).
         config.warm_start.enabled = false;

@@ -2,6 +2,7 @@
 
 pub mod artifacts;
 pub mod boot;
+pub mod cache_build;
 pub mod disk;
 pub mod farm;
 pub mod job_start;

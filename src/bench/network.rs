@@ -35,7 +35,7 @@ pub async fn run(images_dir: PathBuf) -> anyhow::Result<()> {
                 .network
                 .allow
                 .push(format!("*:{port}").parse().expect("a port pattern parses"));
-            server.network.allow_private = allowed_private();
+            server.network.allow_private = allowed_private(&["deb.debian.org"]);
         },
         |_| {},
     )
@@ -145,15 +145,14 @@ async fn serve_file() -> anyhow::Result<u16> {
     Ok(port)
 }
 
-/// Loopback (the file), and the non-public addresses the package mirror resolves to here (an
+/// Loopback (a file served here), and the non-public addresses `hosts` resolve to here (an
 /// egress gateway, on these machines).
-fn allowed_private() -> Vec<AddressRange> {
+pub(super) fn allowed_private(hosts: &[&str]) -> Vec<AddressRange> {
     let mut ranges: Vec<AddressRange> = vec!["127.0.0.0/8".parse().expect("a range parses")];
-    for addr in ("deb.debian.org", 80)
-        .to_socket_addrs()
-        .into_iter()
-        .flatten()
-    {
+    let addrs = hosts
+        .iter()
+        .flat_map(|host| (*host, 80).to_socket_addrs().into_iter().flatten());
+    for addr in addrs {
         if non_public(addr.ip()).is_some()
             && let Ok(range) = addr.ip().to_string().parse()
         {
@@ -163,7 +162,7 @@ fn allowed_private() -> Vec<AddressRange> {
     ranges
 }
 
-async fn whole_log(farm: &Farm, id: i64) -> anyhow::Result<String> {
+pub(super) async fn whole_log(farm: &Farm, id: i64) -> anyhow::Result<String> {
     let chunks = vmfarm_server::logs::read(&farm.state.db, id, 0, i64::MAX).await?;
     Ok(chunks.iter().map(|c| c.data.as_str()).collect())
 }

@@ -146,8 +146,9 @@ pub struct WarmStartConfig {
     pub cold_images: Vec<String>,
     /// Where the snapshots are kept (a guest's memory, devices and disk each), across restarts.
     pub dir: PathBuf,
-    /// The most snapshots the worker makes (one per image and job size): jobs of other images
-    /// and sizes boot cold.
+    /// The most snapshots the worker keeps (one per image and job size); past it, the one used
+    /// longest ago makes room once unused for a while, else jobs of other images and sizes
+    /// boot cold.
     pub max_templates: usize,
 }
 

@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +19,11 @@ use super::budget::Budget;
 use crate::backend::{Backend, BootSpec, SealedMemory, Snapshot};
 
 const STAMP: &str = "stamp.json";
+
+/// A snapshot unused this long makes room for a new one when the worker keeps
+/// `max_templates` already (sooner, jobs of alternating sizes would have snapshots remade
+/// again and again).
+const UNUSED_FOR: Duration = Duration::from_secs(600);
 
 /// What a snapshot was made from: a job restores it only if its own is the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +83,8 @@ struct State {
     failed: HashMap<String, Stamp>,
     /// The sealed copies of the snapshots' memory that restores map, loaded once each.
     sealed: HashMap<String, Arc<SealedMemory>>,
+    /// When each snapshot was last restored from, in this run of the worker.
+    used: HashMap<String, SystemTime>,
     /// Whether the log said that no more snapshots are made.
     said_full: bool,
 }
@@ -144,10 +151,11 @@ impl Templates {
                         .await
                         .map_err(|e| format!("{described}'s memory cannot be read: {e}"))?,
                 );
-                self.lock().sealed.insert(name, memory.clone());
+                self.lock().sealed.insert(name.clone(), memory.clone());
                 memory
             }
         };
+        self.lock().used.insert(name, SystemTime::now());
         Ok(Found {
             snapshot,
             memory,
@@ -165,8 +173,9 @@ impl Templates {
 
     /// Has the snapshot for `stamp` made in the background from `spec`'s guest, replacing the
     /// one there, once the worker's slots have room for it; unless it is being made, or its
-    /// making failed for this stamp before, or the worker keeps as many snapshots as it may.
-    /// What happens, in words for the job's log.
+    /// making failed for this stamp before, or the worker keeps as many snapshots as it may and
+    /// none of them is unused for [`UNUSED_FOR`] (the one used longest ago then goes). What
+    /// happens, in words for the job's log.
     pub fn make(
         self: &Arc<Self>,
         backend: Arc<dyn Backend>,
@@ -175,7 +184,7 @@ impl Templates {
         timeout: Duration,
     ) -> &'static str {
         let name = Self::name(&stamp);
-        {
+        let evicted = {
             let mut state = self.lock();
             if state.making.contains(&name) {
                 return "a new snapshot is being made";
@@ -183,27 +192,44 @@ impl Templates {
             if state.failed.get(&name) == Some(&stamp) {
                 return "making its snapshot failed before: the worker's log says why";
             }
-            let kept = std::fs::read_dir(&self.dir)
+            let kept: Vec<(String, SystemTime)> = std::fs::read_dir(&self.dir)
                 .into_iter()
                 .flatten()
                 .flatten()
-                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-                .filter(|e| e.file_name().to_string_lossy() != name)
-                .count();
-            if kept + state.making.len() >= self.max {
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with('.') && *n != name && !state.making.contains(n))
+                .map(|n| {
+                    // Not restored from in this run: as of when it was made.
+                    let made = std::fs::metadata(self.dir.join(&n).join(STAMP))
+                        .and_then(|m| m.modified())
+                        .unwrap_or(SystemTime::UNIX_EPOCH);
+                    let used = state.used.get(&n).copied().unwrap_or(made);
+                    (n, used)
+                })
+                .collect();
+            let room = room(&kept, state.making.len(), self.max, SystemTime::now());
+            let Room::Made(evicted) = room else {
                 if !std::mem::replace(&mut state.said_full, true) {
                     tracing::warn!(
                         dir = %self.dir.display(),
                         max = self.max,
-                        "the worker keeps as many template snapshots as warm_start.max_templates allows; jobs of other images and sizes boot cold"
+                        "the worker keeps as many template snapshots as warm_start.max_templates allows, each used lately; jobs of other images and sizes boot cold"
                     );
                 }
-                return "the worker keeps warm_start.max_templates snapshots already";
-            }
+                return "the worker keeps warm_start.max_templates snapshots already, each used lately";
+            };
             state.making.insert(name.clone());
-        }
+            if let Some(old) = &evicted {
+                // Counted as being made until it is gone.
+                state.making.insert(old.clone());
+            }
+            evicted
+        };
         let templates = self.clone();
         tokio::spawn(async move {
+            if let Some(old) = evicted {
+                templates.evict(&old).await;
+            }
             let size = (spec.vcpus, u64::from(spec.memory_mib));
             let _share = templates.budget.take(size).await;
             let started = Instant::now();
@@ -229,6 +255,17 @@ impl Templates {
             state.making.remove(&name);
         });
         "a new snapshot is being made"
+    }
+
+    /// Removes the snapshot `name` to make room, once no restore reads it.
+    async fn evict(&self, name: &str) {
+        let _alone = self.replacing.write().await;
+        let removed = std::fs::remove_dir_all(self.dir.join(name));
+        let mut state = self.lock();
+        state.sealed.remove(name);
+        state.used.remove(name);
+        state.making.remove(name);
+        tracing::info!(template = %name, removed = removed.is_ok(), "template snapshot dropped: used longest ago, it makes room for another");
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -297,6 +334,27 @@ impl Templates {
 }
 
 /// The sealed copy of the memory file at `file`, made off the async threads.
+/// Whether a new snapshot may be made beside the `kept` ones (name, last use) and `making` more,
+/// at most `max` in all.
+#[derive(Debug, PartialEq, Eq)]
+enum Room {
+    /// Yes; first removing this one (used longest ago, unused for [`UNUSED_FOR`]) if named.
+    Made(Option<String>),
+    Full,
+}
+
+fn room(kept: &[(String, SystemTime)], making: usize, max: usize, now: SystemTime) -> Room {
+    if kept.len() + making < max {
+        return Room::Made(None);
+    }
+    match kept.iter().min_by_key(|(_, used)| *used) {
+        Some((name, used)) if now.duration_since(*used).unwrap_or(Duration::ZERO) >= UNUSED_FOR => {
+            Room::Made(Some(name.clone()))
+        }
+        _ => Room::Full,
+    }
+}
+
 async fn load_sealed(file: PathBuf) -> std::io::Result<SealedMemory> {
     tokio::task::spawn_blocking(move || SealedMemory::load(&file))
         .await
@@ -328,6 +386,35 @@ mod tests {
 
     fn templates(dir: &Path) -> Templates {
         Templates::open(dir, 8, Arc::new(Budget::new(2, 2048)))
+    }
+
+    #[test]
+    fn test_a_full_worker_makes_room_only_by_a_snapshot_unused_for_a_while() {
+        let now = SystemTime::now();
+        let at = |ago: u64| now - Duration::from_secs(ago);
+        let kept = vec![
+            ("tiny-1cpu-512mib".to_owned(), at(5)),
+            ("debian-12-2cpu-2048mib".to_owned(), at(3600)),
+        ];
+        assert_eq!(room(&kept, 0, 3, now), Room::Made(None));
+        assert_eq!(
+            room(&kept, 1, 3, now),
+            Room::Made(Some("debian-12-2cpu-2048mib".into()))
+        );
+        let lately = vec![
+            ("tiny-1cpu-512mib".to_owned(), at(5)),
+            ("b".to_owned(), at(60)),
+        ];
+        assert_eq!(
+            room(&lately, 0, 2, now),
+            Room::Full,
+            "both used lately: no thrashing"
+        );
+        assert_eq!(
+            room(&[], 2, 2, now),
+            Room::Full,
+            "only snapshots being made"
+        );
     }
 
     #[tokio::test]
