@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use vmfarm_proto::names::{NameKind, check_name};
 use vmfarm_proto::wire::{HeldCache, LeaseRequest};
 
 /// How long a job with caches may wait for a worker that holds them.
@@ -24,7 +25,8 @@ pub struct Holders(Mutex<HashMap<String, Holder>>);
 
 #[derive(Debug)]
 struct Holder {
-    asked: Instant,
+    /// When it last asked for work with a free slot; `None` once it took its last.
+    asked: Option<Instant>,
     images: HashSet<String>,
     caches: HashSet<HeldCache>,
 }
@@ -49,21 +51,29 @@ impl QueuedWithCaches {
 }
 
 impl Holders {
-    /// Notes what `req`'s worker holds, asking now.
+    /// Notes what `req`'s worker holds, asking now. A cache no job could name (a folder the
+    /// worker has that the server's rules refuse) is left out: it can match no job.
     pub fn record(&self, req: &LeaseRequest, now: Instant) {
         let holder = Holder {
-            asked: now,
+            asked: Some(now),
             images: req.images.iter().map(|i| i.name.clone()).collect(),
-            caches: req.caches.iter().cloned().collect(),
+            caches: req.caches.iter().filter(|c| nameable(c)).cloned().collect(),
         };
         self.lock().insert(req.name.clone(), holder);
+    }
+
+    /// `worker` took a job with its last free slot: it is not waited for until it asks again.
+    pub fn busy(&self, worker: &str) {
+        if let Some(holder) = self.lock().get_mut(worker) {
+            holder.asked = None;
+        }
     }
 
     /// Whether another worker than `asking` holds a cache and asked for work lately: else no
     /// job need wait, and the lease looks at none.
     pub fn others_hold_caches(&self, asking: &str, now: Instant) -> bool {
         self.lock().iter().any(|(name, holder)| {
-            name != asking && !holder.caches.is_empty() && now - holder.asked < ASKING
+            name != asking && !holder.caches.is_empty() && asking_lately(holder, now)
         })
     }
 
@@ -77,7 +87,7 @@ impl Holders {
         }
         holders.iter().any(|(name, holder)| {
             name != asking
-                && now - holder.asked < ASKING
+                && asking_lately(holder, now)
                 && holder.images.contains(&job.image)
                 && holds_all(holder)
         })
@@ -86,6 +96,17 @@ impl Holders {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Holder>> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+fn asking_lately(holder: &Holder, now: Instant) -> bool {
+    holder.asked.is_some_and(|asked| now - asked < ASKING)
+}
+
+/// Whether a job could name `cache`: its owner, image and name pass the server's rules.
+fn nameable(cache: &HeldCache) -> bool {
+    crate::users::check_name(&cache.owner).is_ok()
+        && check_name(NameKind::Image, &cache.image).is_ok()
+        && check_name(NameKind::Cache, &cache.name).is_ok()
 }
 
 /// The queued jobs of images `$2`... with caches, queued since `$1` (ms), oldest first.
@@ -162,5 +183,22 @@ mod tests {
             "a holder that stopped asking is busy: the job does not wait for it"
         );
         assert!(!holders.others_hold_caches("w2", later));
+        holders.record(&request("w1", &[("alice", "tiny", "pip")]), now);
+        holders.busy("w1");
+        assert!(
+            !holders.leave_to_another("w2", &job("alice", "pip"), now),
+            "a holder that took its last free slot is not waited for"
+        );
+        holders.record(
+            &request(
+                "w1",
+                &[("alice", "tiny", "Bad Name"), ("al ice", "tiny", "pip")],
+            ),
+            now,
+        );
+        assert!(
+            !holders.others_hold_caches("w2", now),
+            "names no job could give are left out"
+        );
     }
 }

@@ -45,12 +45,6 @@ fn check_request(worker: &str, req: &LeaseRequest) -> AppResult<()> {
             req.caches.len()
         )));
     }
-    for cache in &req.caches {
-        crate::users::check_name(&cache.owner).map_err(AppError::BadRequest)?;
-        check_name(NameKind::Image, &cache.image)
-            .and_then(|()| check_name(NameKind::Cache, &cache.name))
-            .map_err(|e| AppError::BadRequest(e.to_string()))?;
-    }
     for image in &req.images {
         check_name(NameKind::Image, &image.name)
             .map_err(|e| AppError::BadRequest(e.to_string()))?;
@@ -91,8 +85,9 @@ fn worker_seen(state: &AppState, req: &LeaseRequest) -> Option<WorkerView> {
 /// The owners are walked in the order of `job_owners_turn`, a few index probes each, and the
 /// walk stops at the first few: the first is the one served, unless a concurrent lease took its
 /// job.
-fn turns_sql(images: usize, limited: bool) -> String {
+fn turns_sql(images: usize, limited: bool, left: &[i64]) -> String {
     let images: Vec<String> = (0..images).map(|i| format!("${}", i + 2)).collect();
+    let but = but(left);
     let limit = if limited {
         "AND (SELECT COUNT(*) FROM jobs r WHERE r.state IN ('leased', 'booting', 'running') \
          AND r.owner = o.owner) < $1"
@@ -104,10 +99,22 @@ fn turns_sql(images: usize, limited: bool) -> String {
         "SELECT o.owner FROM job_owners o \
          WHERE EXISTS (SELECT 1 FROM jobs q WHERE q.state = 'queued' AND q.owner = o.owner) \
          AND EXISTS (SELECT 1 FROM jobs j WHERE j.state = 'queued' \
-         AND j.owner = o.owner AND j.image IN ({})) {limit} \
+         AND j.owner = o.owner AND j.image IN ({}){but}) {limit} \
          ORDER BY o.last_served_us, o.owner LIMIT {TURNS_TRIED}",
         images.join(", ")
     )
+}
+
+/// The condition that leaves out the jobs `left` to other workers ([`affinity`]); their ids
+/// are integers the database gave.
+fn but(left: &[i64]) -> String {
+    match left {
+        [] => String::new(),
+        ids => {
+            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
+            format!(" AND id NOT IN ({})", ids.join(", "))
+        }
+    }
 }
 
 /// How many of an owner's (`$1`) jobs are leased or running.
@@ -122,13 +129,7 @@ const TURNS_TRIED: usize = 3;
 /// seek (state, owner, image, priority DESC, id); the best of those few wins. Far cheaper than
 /// sorting every queued job of the images.
 fn lease_sql(images: usize, skip_locked: &str, left: &[i64]) -> String {
-    let but = match left {
-        [] => String::new(),
-        ids => {
-            let ids: Vec<String> = ids.iter().map(i64::to_string).collect();
-            format!(" AND id NOT IN ({})", ids.join(", "))
-        }
-    };
+    let but = but(left);
     let per_image: Vec<String> = (0..images)
         .map(|i| {
             format!(
@@ -215,7 +216,7 @@ pub async fn try_lease(
     let waiting_sql = affinity::waiting_sql(req.images.len());
     let waited_from = now - i64::try_from(affinity::WAIT.as_millis()).unwrap_or(i64::MAX);
     let limit = state.config.limits.max_running_per_user;
-    let turns_sql = turns_sql(req.images.len(), limit.is_some());
+    let limited = limit.is_some();
     // A concurrent lease of the same owner's job (PostgreSQL) is writing about the same time
     // already: that one is kept rather than waited for.
     let limit_lock_sql = limit
@@ -242,6 +243,7 @@ pub async fn try_lease(
                     left_to_others(tx, &holders, &worker, &images, &waiting_sql, waited_from)
                         .await?;
                 let sql = lease_sql(images.len(), &skip_locked, &left);
+                let turns_sql = turns_sql(images.len(), limited, &left);
                 let mut turn_args: Vec<Arg> = vec![max_running.into()];
                 turn_args.extend(images.iter().map(Arg::from));
                 let turns = tx.fetch_all(&turns_sql, &turn_args).await?;
@@ -318,6 +320,9 @@ pub async fn try_lease(
         return Ok(None);
     };
     let waited = Duration::from_millis(u64::try_from(waited).unwrap_or(0));
+    if req.slots <= 1 {
+        state.cache_holders.busy(&req.name);
+    }
     state
         .metrics
         .job_leased(&lease.job.image, waited, started.elapsed());

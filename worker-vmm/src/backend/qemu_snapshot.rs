@@ -94,13 +94,15 @@ fn keep_disk(disk: &Path, to: &Path, run: Option<&Path>) -> std::io::Result<()> 
     std::fs::rename(disk, to)
 }
 
-/// The first 4 KiB of what QEMU wrote to its stderr file `messages`.
+/// The last 4 KiB of what QEMU wrote to its stderr file `messages` (its error comes last).
 async fn last_words(messages: &Path) -> String {
-    let mut said = String::new();
-    if let Ok(file) = tokio::fs::File::open(messages).await {
-        let _ = file.take(4096).read_to_string(&mut said).await;
+    use tokio::io::AsyncSeekExt as _;
+    let mut said = Vec::new();
+    if let Ok(mut file) = tokio::fs::File::open(messages).await {
+        let _ = file.seek(std::io::SeekFrom::End(-4096)).await;
+        let _ = file.take(4096).read_to_end(&mut said).await;
     }
-    said
+    String::from_utf8_lossy(&said).into_owned()
 }
 
 /// `work`, given up with an error naming `what` after `limit`.
@@ -213,9 +215,7 @@ impl QemuBackend {
         .await;
         let _ = child.kill().await;
         let _ = child.wait().await;
-        // The jail (its user, its cgroup) goes once QEMU has ended.
         let jailed = jail.is_some();
-        drop(jail);
         // QEMU says why a save failed on its stderr only.
         let saved = match saved {
             Err(BackendError::Snapshot { what, source }) => {
@@ -227,6 +227,8 @@ impl QemuBackend {
                 .map_err(io_error("keeping the template's disk")),
             other => other,
         };
+        // The jail (its user, its cgroup) goes once QEMU has ended and its disk is given back.
+        drop(jail);
         for socket in [socket, qmp] {
             let _ = std::fs::remove_file(socket);
         }

@@ -19,6 +19,8 @@ use super::budget::Budget;
 use crate::backend::{Backend, BootSpec, SealedMemory, Snapshot};
 
 const STAMP: &str = "stamp.json";
+/// Its modification time: when a job was last restored from the snapshot.
+const USED: &str = "used";
 
 /// A snapshot unused this long makes room for a new one when the worker keeps
 /// `max_templates` already (sooner, jobs of alternating sizes would have snapshots remade
@@ -83,8 +85,6 @@ struct State {
     failed: HashMap<String, Stamp>,
     /// The sealed copies of the snapshots' memory that restores map, loaded once each.
     sealed: HashMap<String, Arc<SealedMemory>>,
-    /// When each snapshot was last restored from, in this run of the worker.
-    used: HashMap<String, SystemTime>,
     /// Whether the log said that no more snapshots are made.
     said_full: bool,
 }
@@ -155,7 +155,9 @@ impl Templates {
                 memory
             }
         };
-        self.lock().used.insert(name, SystemTime::now());
+        // Its last use, kept across restarts (the eviction's order).
+        let _ = std::fs::File::create(snapshot.dir.join(USED))
+            .and_then(|f| f.set_modified(SystemTime::now()));
         Ok(Found {
             snapshot,
             memory,
@@ -199,11 +201,13 @@ impl Templates {
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|n| !n.starts_with('.') && *n != name && !state.making.contains(n))
                 .map(|n| {
-                    // Not restored from in this run: as of when it was made.
-                    let made = std::fs::metadata(self.dir.join(&n).join(STAMP))
-                        .and_then(|m| m.modified())
+                    // Never restored from: as of when it was made.
+                    let at = |file| {
+                        std::fs::metadata(self.dir.join(&n).join(file)).and_then(|m| m.modified())
+                    };
+                    let used = at(USED)
+                        .or_else(|_| at(STAMP))
                         .unwrap_or(SystemTime::UNIX_EPOCH);
-                    let used = state.used.get(&n).copied().unwrap_or(made);
                     (n, used)
                 })
                 .collect();
@@ -227,15 +231,21 @@ impl Templates {
         };
         let templates = self.clone();
         tokio::spawn(async move {
-            if let Some(old) = evicted {
-                templates.evict(&old).await;
-            }
             let size = (spec.vcpus, u64::from(spec.memory_mib));
             let _share = templates.budget.take(size).await;
             let started = Instant::now();
             let saved = templates
                 .save(backend.as_ref(), spec, &stamp, &name, timeout)
                 .await;
+            // The old one makes room once the new one is there (a failed making keeps it).
+            if let Some(old) = &evicted {
+                match saved {
+                    Ok(()) => templates.evict(old).await,
+                    Err(_) => {
+                        templates.lock().making.remove(old);
+                    }
+                }
+            }
             let mut state = templates.lock();
             match saved {
                 Ok(()) => tracing::info!(
@@ -263,7 +273,6 @@ impl Templates {
         let removed = std::fs::remove_dir_all(self.dir.join(name));
         let mut state = self.lock();
         state.sealed.remove(name);
-        state.used.remove(name);
         state.making.remove(name);
         tracing::info!(template = %name, removed = removed.is_ok(), "template snapshot dropped: used longest ago, it makes room for another");
     }

@@ -569,9 +569,15 @@ fn sync_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The folders in `dir` (none when it is gone: a cache dropped meanwhile).
 fn subfolders(dir: &Path) -> Result<Vec<String>> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)?.flatten() {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if !name.starts_with('.') && entry.file_type()?.is_dir() {
             out.push(name);
