@@ -111,7 +111,7 @@ impl Backend for KvmBackend {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
                 .kill_on_drop(true);
-            die_with_parent(&mut command);
+            die_with_parent(command.as_std_mut());
             let child = command.spawn().map_err(BackendError::Spawn)?;
             let channel = AgentChannel::Vsock {
                 socket: vsock,

@@ -222,10 +222,12 @@ impl Drop for RunDir {
     }
 }
 
-/// Makes the guest process die with the worker (`PR_SET_PDEATHSIG`), so that a worker killed
-/// with SIGKILL leaves no guest behind. The signal follows the spawning thread: spawn from the
-/// async runtime's worker threads, which live as long as the runtime.
-pub(crate) fn die_with_parent(command: &mut tokio::process::Command) {
+/// Makes the process `command` starts die with the worker (`PR_SET_PDEATHSIG`), so that a
+/// worker killed with SIGKILL leaves no guest (or tool) behind. The signal follows the spawning
+/// thread: spawn from the async runtime's worker threads, which live as long as the runtime, or
+/// from a thread that waits for the process.
+pub(crate) fn die_with_parent(command: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
     // SAFETY: the closure runs in the child between fork and exec and only calls prctl, which
     // is async-signal-safe; it touches no memory of the parent.
     unsafe {

@@ -173,7 +173,7 @@ impl QemuBackend {
                 format!("unix:{},server=on,wait=off", qmp.display()),
             ]);
         // First: the confinement's forks must leave a process that dies with the worker.
-        die_with_parent(&mut command);
+        die_with_parent(command.as_std_mut());
         if let Some(jail) = &jail {
             command.args(Self::jail_args(RunWith::of_host(), run, jail));
             confine_before_exec(&mut command, jail).map_err(BackendError::Spawn)?;

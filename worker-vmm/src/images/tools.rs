@@ -76,7 +76,10 @@ pub fn run(tool: Tool, args: &[&std::ffi::OsStr], log: &Path) -> Result<(), Imag
     let program = find(tool)?;
     let file = std::fs::File::create(log).map_err(|e| ImageError::io(log, e))?;
     let err_file = file.try_clone().map_err(|e| ImageError::io(log, e))?;
-    let status = Command::new(&program)
+    let mut command = Command::new(&program);
+    // A worker killed and started again must not find the last one's tool still writing.
+    crate::backend::die_with_parent(&mut command);
+    let status = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(file)

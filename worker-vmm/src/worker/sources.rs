@@ -81,7 +81,7 @@ async fn run(url: &str, tool: &'static str, cmd: &mut Command) -> Result<(), Sou
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    crate::backend::die_with_parent(cmd);
+    crate::backend::die_with_parent(cmd.as_std_mut());
     let mut child = cmd.spawn().map_err(spawn_err)?;
     // Declared after `child`, so dropped before it: the group is killed while its leader is
     // still unreaped, hence while its id still names this group.

@@ -215,3 +215,78 @@ fn test_caches_past_the_total_size_go_oldest_use_first() {
         .collect();
     assert_eq!(names, ["new"]);
 }
+
+/// What the child of the kill test commits into, when it is that child.
+const KILL_CHILD: &str = "VMFARM_TEST_CACHE_KILL_CHILD";
+const KILL_TEST: &str =
+    "worker::caches::tests::test_a_worker_killed_during_commits_leaves_a_whole_version";
+
+/// A worker process killed (SIGKILL) at different points of its commits: the store it leaves
+/// opens, its newest version is whole and is one a commit made. The child is this test binary,
+/// run for this test alone, committing version after version until it is killed.
+#[test]
+fn test_a_worker_killed_during_commits_leaves_a_whole_version() {
+    use std::io::BufRead as _;
+    if let Some(dir) = std::env::var_os(KILL_CHILD) {
+        let dir = PathBuf::from(dir);
+        let caches = store(&dir);
+        for i in 0..10_000 {
+            let job = caches
+                .check_out(
+                    &key("pip"),
+                    SIZE,
+                    &dir.join(format!("job-{}-{i}.qcow2", std::process::id())),
+                )
+                .unwrap();
+            write(&job.overlay, format!("commit {i:06}").as_bytes());
+            caches.commit(job).unwrap();
+            println!("committed {i}");
+        }
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    for round in 0..24u64 {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([KILL_TEST, "--exact", "--nocapture", "--test-threads=1"])
+            .env(KILL_CHILD, tmp.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        // Killed some way into a commit after its first: each round a little later.
+        let committed = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find(|l| l.contains("committed "));
+        assert!(committed.is_some(), "the child committed nothing");
+        std::thread::sleep(Duration::from_millis(3 * round));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        drop(lines);
+
+        let caches = store(tmp.path());
+        let job = caches
+            .check_out(
+                &key("pip"),
+                SIZE,
+                &tmp.path().join(format!("check-{round}.qcow2")),
+            )
+            .unwrap();
+        // Each child writes `commit N` (its own count) on a version before it commits it.
+        let found = String::from_utf8_lossy(&read(&job.overlay, 13)).into_owned();
+        let whole = found
+            .strip_prefix("commit ")
+            .is_some_and(|n| n.parse::<u64>().is_ok());
+        assert!(whole, "round {round}: the newest version holds {found:?}");
+        assert!(job.started_on.is_some(), "round {round}: no version left");
+        drop(job);
+        let folder = caches.folder(&key("pip"));
+        let leftovers: Vec<String> = std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "round {round}: {leftovers:?}");
+    }
+}
