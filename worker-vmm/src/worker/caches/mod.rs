@@ -28,7 +28,7 @@ use std::io::Write as _;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use vmfarm_proto::units::ByteSize;
 use vmfarm_proto::wire::{HeldCache, MAX_HELD_CACHES};
 
@@ -85,7 +85,14 @@ pub struct Caches {
     config: CachesConfig,
     /// Version files running jobs' overlays stand on, and how many jobs each.
     pinned: Mutex<HashMap<PathBuf, usize>>,
+    /// [`Caches::held`]'s last answer and when it was read: the worker asks before each lease
+    /// request; a change of this worker's forgets it, another process's shows within
+    /// [`HELD_FOR`].
+    held: Mutex<Option<(Instant, Vec<HeldCache>)>>,
 }
+
+/// How long [`Caches::held`]'s answer is kept.
+const HELD_FOR: Duration = Duration::from_secs(10);
 
 /// A job's copy of a cache: its overlay, and the version under it.
 #[derive(Debug)]
@@ -148,6 +155,7 @@ impl Caches {
             dir,
             config: config.clone(),
             pinned: Mutex::new(HashMap::new()),
+            held: Mutex::new(None),
         }))
     }
 
@@ -301,6 +309,7 @@ impl Caches {
         let key = job.key.clone();
         drop(job);
         self.tidy(&key)?;
+        self.changed();
         self.evict_locked(Some(&key))?;
         Ok(said)
     }
@@ -356,6 +365,23 @@ impl Caches {
     /// The caches with a version, as a lease reports them: at most
     /// [`MAX_HELD_CACHES`], those used last first.
     pub fn held(&self) -> Result<Vec<HeldCache>> {
+        let mut kept = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((read, held)) = kept.as_ref()
+            && read.elapsed() < HELD_FOR
+        {
+            return Ok(held.clone());
+        }
+        let held = self.read_held()?;
+        *kept = Some((Instant::now(), held.clone()));
+        Ok(held)
+    }
+
+    /// Forgets [`Caches::held`]'s answer: a cache was stored or dropped.
+    fn changed(&self) {
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn read_held(&self) -> Result<Vec<HeldCache>> {
         let mut held = Vec::new();
         for key in self.keys()? {
             let folder = self.folder(&key);
@@ -423,6 +449,7 @@ impl Caches {
             return Ok(false);
         }
         std::fs::remove_dir_all(&folder)?;
+        self.changed();
         Ok(true)
     }
 
@@ -453,6 +480,7 @@ impl Caches {
             std::fs::remove_dir_all(self.folder(&cache.key))?;
             tracing::info!(cache = %cache.key, why, "cache dropped");
             total = total.saturating_sub(cache.bytes);
+            self.changed();
         }
         Ok(())
     }

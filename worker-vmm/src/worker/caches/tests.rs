@@ -52,7 +52,14 @@ fn test_a_job_finds_what_the_last_successful_one_stored_and_a_failed_one_stores_
     assert_eq!(first.started_on, None);
     assert!(first.why_empty.as_deref().unwrap().contains("none yet"));
     write(&first.overlay, b"first");
+    assert!(caches.held().unwrap().is_empty(), "nothing stored yet");
     assert_eq!(caches.commit(first).unwrap(), "stored as version 2");
+    let held = caches.held().unwrap();
+    assert_eq!(
+        (held.len(), held[0].name.as_str()),
+        (1, "pip"),
+        "a lease names what was just stored"
+    );
 
     let failed = caches
         .check_out(&key("pip"), SIZE, &tmp.path().join("job2.qcow2"))
@@ -188,8 +195,10 @@ fn test_a_new_size_starts_empty_and_limits_are_kept() {
         &tmp.path().join("c.qcow2"),
     );
     assert!(format!("{:#}", too_big.unwrap_err()).contains("at most 16GiB ([caches] max_size)"));
+    assert_eq!(caches.held().unwrap().len(), 1);
     assert!(caches.drop_cache(&key("pip")).unwrap());
     assert!(caches.list().unwrap().is_empty());
+    assert!(caches.held().unwrap().is_empty(), "nor what was dropped");
     assert!("alice/../x".parse::<CacheKey>().is_err());
 }
 
