@@ -206,10 +206,18 @@ async fn test_a_cache_keeps_what_a_successful_job_stored_and_nothing_of_a_failed
         assert!(failed.contains(said), "`{said}` in:\n{failed}");
     }
     let third = run(
-        "cat ~/.cache/deps/wheel\ntouch ~/.cache/deps/mine",
+        "cat ~/.cache/deps/wheel\ntouch ~/.cache/deps/mine\ngrep ' /home/build/.cache/deps ' /proc/mounts",
         "succeeded",
     )
     .await;
+    let mounted = third
+        .lines()
+        .find(|l| l.contains(" /home/build/.cache/deps ext4"))
+        .unwrap_or_else(|| panic!("the cache's mount in:\n{third}"));
+    assert!(
+        mounted.contains("nosuid") && mounted.contains("nodev"),
+        "what earlier jobs wrote runs no setuid program: {mounted}"
+    );
     assert!(third.contains("fetched"), "{third}");
     assert!(
         !third.contains("spoiled"),
