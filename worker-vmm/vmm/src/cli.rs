@@ -69,6 +69,18 @@ pub struct VmRunArgs {
     /// Print on stderr when the vCPUs start (CLOCK_MONOTONIC), for `vmfarm bench boot`.
     #[arg(long)]
     pub timings: bool,
+    /// Boot with the guest's memory in DIR/memory and, when a line `save` arrives on stdin,
+    /// stop the guest, write its state to DIR/state and end (status 0).
+    #[arg(long, value_name = "DIR", conflicts_with = "restore")]
+    pub save: Option<PathBuf>,
+    /// Start the guest from a snapshot `--save` wrote in DIR instead of booting it (--kernel
+    /// and --initrd are not read; the disks, vCPUs, memory and devices must be those it was
+    /// saved with, each disk holding what it held then, e.g. an overlay on a copy of it).
+    #[arg(long, value_name = "DIR")]
+    pub restore: Option<PathBuf>,
+    /// The snapshot's memory from this file instead of DIR/memory (e.g. a sealed copy).
+    #[arg(long, value_name = "FILE", requires = "restore")]
+    pub restore_memory: Option<PathBuf>,
     /// Jail the VMM (root only): its own mount, PID, IPC, UTS and network namespaces, DIR as its
     /// root (the files it reads from elsewhere shown read-only at their paths), --jail-uid's user,
     /// resource limits and no environment. What it writes (the disk, the vsock socket, a console

@@ -29,19 +29,21 @@ pub enum VmExit {
     },
     /// `--timeout` elapsed.
     Timeout(Duration),
+    /// The VM was stopped and saved (`--save`): it ends as a clean exit does.
+    Saved,
 }
 
 impl VmExit {
     /// True for a reboot or power-off the guest asked for.
     pub fn is_clean(&self) -> bool {
-        matches!(self, VmExit::Reset | VmExit::PowerOff)
+        matches!(self, VmExit::Reset | VmExit::PowerOff | VmExit::Saved)
     }
 
     /// The process exit status for this ending: 0 clean, 2 panic, 3 triple fault,
     /// 4 internal error, 124 timeout (as timeout(1)).
     pub fn exit_status(&self) -> u8 {
         match self {
-            VmExit::Reset | VmExit::PowerOff => 0,
+            VmExit::Reset | VmExit::PowerOff | VmExit::Saved => 0,
             VmExit::Panic => 2,
             VmExit::TripleFault { .. } => 3,
             VmExit::Internal { .. } => 4,
@@ -66,6 +68,7 @@ impl std::fmt::Display for VmExit {
                 write!(f, "KVM internal error on vCPU {vcpu}: {reason}")
             }
             VmExit::Timeout(d) => write!(f, "timed out after {}", humanize(*d)),
+            VmExit::Saved => write!(f, "saved"),
         }
     }
 }

@@ -233,3 +233,105 @@ fn test_tiny_guest_that_spins_times_out() {
     assert_eq!(console, "spinning\n");
     assert!(took < Duration::from_secs(5), "teardown took {took:?}");
 }
+
+/// The guest byte a saved tiny guest waits on (its RAM file's offset is its address).
+const FLAG: u64 = 0x20_0000;
+
+/// Waits until the byte at [`FLAG`] is not zero: `cmp byte [FLAG], 0; je` back to the `cmp`.
+fn wait_for_flag() -> Vec<u8> {
+    let mut code = vec![0x80, 0x3c, 0x25];
+    code.extend_from_slice(&(FLAG as u32).to_le_bytes());
+    code.extend_from_slice(&[0x00, 0x74, 0xf6]);
+    code
+}
+
+fn tiny_config(scratch: &Scratch, console: &str, cpus: u8) -> VmConfig {
+    VmConfig {
+        kernel: scratch.0.join("guest.elf"),
+        initrd: None,
+        disks: Vec::new(),
+        vsock: None,
+        rng: true,
+        cpus,
+        memory: 32 << 20,
+        cmdline: "console=ttyS0".into(),
+        virtio_mmio_cmdline: false,
+        console: ConsoleConfig::File(scratch.0.join(console)),
+        timeout: Some(Duration::from_secs(30)),
+    }
+}
+
+/// A guest saved while it waits on a byte of its memory goes on where it stood when restored
+/// from the saved files with that byte set: it prints its second line on the new VM's console
+/// and powers off. A snapshot is refused by a VM of another shape and when another VMM wrote it.
+#[test]
+fn test_a_saved_guest_goes_on_where_it_stood_when_restored() {
+    use super::snapshot::{RestoreFrom, SaveTo, SnapshotError};
+    use super::vm::{build_vm_to_save, restore_vm, shape};
+
+    if !require_kvm() {
+        return;
+    }
+    let scratch = Scratch::new("snapshot");
+    let rest = [wait_for_flag(), serial_then(b"two\n", ACPI_POWER_OFF)].concat();
+    std::fs::write(
+        scratch.0.join("guest.elf"),
+        elf_image(&serial_then(b"one\n", &rest)),
+    )
+    .unwrap();
+    let saved = scratch.0.join("saved");
+    let config = tiny_config(&scratch, "first.log", 1);
+    let save = SaveTo::create(&saved, config.memory).unwrap();
+    let vm = build_vm_to_save(&config, &save).unwrap();
+    let handle = vm.save_handle();
+    let running =
+        std::thread::spawn(move || vm.run_to_save(Some(Duration::from_secs(30)), &[], &save));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(scratch.0.join("first.log")).unwrap_or_default() != "one\n" {
+        assert!(
+            Instant::now() < deadline,
+            "the guest never printed its first line"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    handle.save();
+    assert_eq!(running.join().unwrap().unwrap(), VmExit::Saved);
+
+    // The flag, set in the saved memory: only a restored guest can see it.
+    let memory = std::fs::OpenOptions::new()
+        .write(true)
+        .open(saved.join("memory"))
+        .unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&memory, &[1], FLAG).unwrap();
+    let again = tiny_config(&scratch, "second.log", 1);
+    let from = RestoreFrom::open(&saved, None, &shape(&again)).unwrap();
+    let started = Instant::now();
+    let vm = restore_vm(&again, &from).unwrap();
+    eprintln!("restored in {:?}", started.elapsed());
+    assert_eq!(vm.run(again.timeout).unwrap(), VmExit::PowerOff);
+    assert_eq!(
+        std::fs::read_to_string(scratch.0.join("second.log")).unwrap(),
+        "two\n"
+    );
+
+    let two_cpus = tiny_config(&scratch, "third.log", 2);
+    let refused = RestoreFrom::open(&saved, None, &shape(&two_cpus))
+        .err()
+        .unwrap();
+    assert!(
+        matches!(refused, SnapshotError::OtherShape { .. }),
+        "{refused}"
+    );
+    let state = std::fs::read_to_string(saved.join("state")).unwrap();
+    let other = state.replacen(super::snapshot::VMM_VERSION, "vmfarm-vmm 0.0.1 state 0", 1);
+    std::fs::write(saved.join("state"), other).unwrap();
+    let refused = RestoreFrom::open(&saved, None, &shape(&again))
+        .err()
+        .unwrap();
+    assert!(
+        refused
+            .to_string()
+            .contains("saved by vmfarm-vmm 0.0.1 state 0"),
+        "{refused}"
+    );
+}

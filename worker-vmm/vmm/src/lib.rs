@@ -31,6 +31,7 @@ pub mod memory;
 pub mod qcow2;
 pub mod run;
 pub mod seccomp;
+pub mod snapshot;
 #[cfg(test)]
 mod test_utils;
 pub mod thread;

@@ -1,4 +1,10 @@
-//! Guest RAM: anonymous mappings around the 32-bit MMIO gap, registered with KVM.
+//! Guest RAM: mappings around the 32-bit MMIO gap, registered with KVM. Anonymous memory for a
+//! VM that boots; a file for a VM that is to be saved (mapped shared: the file is its memory)
+//! and for one restored from a snapshot (mapped private: copy on write, loaded as the guest
+//! touches it, the pages it never writes shared with every guest restored from the same file).
+
+use std::fs::File;
+use std::os::fd::AsRawFd as _;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -45,15 +51,55 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
 /// the guest's 2 MiB pages and KVM can map guest memory with 2 MiB (nested) page table entries.
 const HUGE_PAGE: usize = 2 << 20;
 
-/// One anonymous mapping, unmapped on drop.
+/// What guest RAM is made of.
+#[derive(Clone, Copy)]
+pub enum Backing<'a> {
+    /// Anonymous memory.
+    Anonymous,
+    /// A file as long as the RAM (the ranges of [`ram_ranges`] one after the other): `shared`,
+    /// the guest writes the file; private, it writes copies of its pages.
+    File { file: &'a File, shared: bool },
+}
+
+/// One mapping, unmapped on drop.
 struct AlignedMapping {
     addr: usize,
     len: usize,
 }
 
 impl AlignedMapping {
+    /// Maps `len` bytes of `backing` (from `offset` in a file) at a [`HUGE_PAGE`]-aligned
+    /// address.
+    fn new(len: usize, backing: Backing, offset: u64) -> std::io::Result<Self> {
+        let mapping = Self::anonymous(len)?;
+        if let Backing::File { file, shared } = backing {
+            let share = if shared {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            };
+            let offset = libc::off_t::try_from(offset).map_err(std::io::Error::other)?;
+            // SAFETY: replaces (MAP_FIXED) the anonymous mapping just made, which this function
+            // owns and nothing references yet, with the file's pages at the same address.
+            let raw = unsafe {
+                libc::mmap(
+                    mapping.addr as *mut libc::c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    share | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    file.as_raw_fd(),
+                    offset,
+                )
+            };
+            if raw == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(mapping)
+    }
+
     /// Maps `len` bytes of anonymous memory at a [`HUGE_PAGE`]-aligned address.
-    fn new(len: usize) -> std::io::Result<Self> {
+    fn anonymous(len: usize) -> std::io::Result<Self> {
         let total = len
             .checked_add(HUGE_PAGE)
             .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
@@ -120,17 +166,25 @@ impl GuestRam {
     }
 }
 
-/// Maps `size` bytes of guest RAM, 2 MiB aligned.
+/// Maps `size` bytes of anonymous guest RAM, 2 MiB aligned.
 pub fn create_guest_memory(size: u64) -> Result<GuestRam, MemoryError> {
+    create_guest_memory_from(size, Backing::Anonymous)
+}
+
+/// Maps `size` bytes of guest RAM from `backing`, 2 MiB aligned.
+pub fn create_guest_memory_from(size: u64, backing: Backing) -> Result<GuestRam, MemoryError> {
     let map_err = |source| MemoryError::Map { size, source };
     let mut mappings = Vec::new();
     let mut regions = Vec::new();
+    let mut offset = 0;
     for (start, len) in ram_ranges(size) {
+        let bytes = len;
         let len = usize::try_from(len)
             .map_err(|_| map_err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
-        let mapping = AlignedMapping::new(len).map_err(map_err)?;
-        // SAFETY: `mapping` is a live anonymous read-write private mapping of `len` bytes, kept
-        // alive by the returned `GuestRam` for as long as its users (see `AlignedMapping::drop`).
+        let mapping = AlignedMapping::new(len, backing, offset).map_err(map_err)?;
+        offset += bytes;
+        // SAFETY: `mapping` is a live read-write mapping of `len` bytes, kept alive by the
+        // returned `GuestRam` for as long as its users (see `AlignedMapping::drop`).
         let region = unsafe {
             MmapRegion::build_raw(
                 mapping.addr as *mut u8,

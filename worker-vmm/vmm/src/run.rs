@@ -8,8 +8,9 @@ use super::cli::VmRunArgs;
 use super::config::VmConfig;
 use super::jail;
 use super::seccomp;
+use super::snapshot::{RestoreFrom, SaveTo, on_save_line};
 use super::timing::vcpus_start_line;
-use super::vm::build_vm;
+use super::vm::{build_vm, build_vm_to_save, restore_vm, shape};
 
 /// Runs one guest to its end. A clean reboot or power-off gives success; otherwise the reason
 /// is printed on stderr as one line and the status says which (see [`VmExit::exit_status`](super::exit::VmExit::exit_status)).
@@ -21,12 +22,34 @@ use super::vm::build_vm;
 pub fn run(args: &VmRunArgs) -> anyhow::Result<ExitCode> {
     one_malloc_arena();
     let mut config = VmConfig::try_from(args)?;
+    // The snapshot's files are opened before the jail, which has no path to them.
+    let save = args
+        .save
+        .as_deref()
+        .map(|dir| SaveTo::create(dir, config.memory))
+        .transpose()
+        .context("--save")?;
+    let restore = args
+        .restore
+        .as_deref()
+        .map(|dir| RestoreFrom::open(dir, args.restore_memory.as_deref(), &shape(&config)))
+        .transpose()
+        .context("--restore")?;
     if let Some(spec) = args.jail_spec() {
         config = jail::enter(&spec, &config).context("jailing the VMM")?;
     }
     // Compiled before the VM is built, so that a bad rule costs no guest.
-    let filters = seccomp::filters(args.seccomp, std::process::id() as libc::pid_t)?;
-    let vm = build_vm(&config).context("building the VM")?;
+    let filters = seccomp::filters(
+        args.seccomp,
+        std::process::id() as libc::pid_t,
+        save.is_some(),
+    )?;
+    let vm = match (&save, &restore) {
+        (_, Some(from)) => restore_vm(&config, from).context("restoring the VM")?,
+        (Some(save), None) => build_vm_to_save(&config, save).context("building the VM")?,
+        (None, None) => build_vm(&config).context("building the VM")?,
+    };
+    drop(restore);
     if args.timings {
         eprintln!("{}", vcpus_start_line());
     }
@@ -36,9 +59,15 @@ pub fn run(args: &VmRunArgs) -> anyhow::Result<ExitCode> {
         let fd = unsafe { libc::open(c"/".as_ptr(), libc::O_RDONLY) };
         anyhow::bail!("the seccomp filter let open(\"/\") through (it returned {fd})");
     }
-    let exit = vm
-        .run_filtered(config.timeout, &filters)
-        .context("running the VM")?;
+    let exit = match &save {
+        Some(save) => {
+            let handle = vm.save_handle();
+            on_save_line(move || handle.save()).context("reading stdin")?;
+            vm.run_to_save(config.timeout, &filters, save)
+        }
+        None => vm.run_filtered(config.timeout, &filters),
+    }
+    .context("running the VM")?;
     if !exit.is_clean() {
         eprintln!("vmfarm vm run: {exit}");
     }

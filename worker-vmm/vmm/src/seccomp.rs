@@ -19,6 +19,10 @@
 //!   streams, `ioctl` FIONBIO/FIOCLEX and `fcntl` on them, `close`, and `unlink` of the socket
 //!   file when the device goes.
 //! - virtio-rng: `getrandom`.
+//! - `--save` only: the `ioctl`s that read the paused VM's state (KVM_GET_MP_STATE, _XSAVE,
+//!   _XCRS, _DEBUGREGS, _LAPIC, _MSRS, _VCPU_EVENTS, KVM_KVMCLOCK_CTRL on the vCPUs;
+//!   KVM_GET_IRQCHIP, _PIT2, _CLOCK on the VM), and the `write`s and `fsync`s of the snapshot's
+//!   files, opened before.
 //! - Its own end: `Vm::run` returns, the devices are dropped (`KVM_IRQFD` deassign, `unlink`,
 //!   `close`), guest memory unmapped, `exit_group`; the log lines are `write`s to stderr.
 //! - Threads and memory as Rust's std and the C library do them: `mmap`/`munmap`/`mprotect`/
@@ -84,6 +88,69 @@ vmm_sys_util::ioctl_iow_nr!(
     kvm_bindings::KVMIO,
     0x76,
     kvm_bindings::kvm_irqfd
+);
+
+// What `vm run --save` reads of a paused VM (crate::snapshot::kvm_state).
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_MP_STATE,
+    kvm_bindings::KVMIO,
+    0x98,
+    kvm_bindings::kvm_mp_state
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XSAVE,
+    kvm_bindings::KVMIO,
+    0xa4,
+    kvm_bindings::kvm_xsave
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_XCRS,
+    kvm_bindings::KVMIO,
+    0xa6,
+    kvm_bindings::kvm_xcrs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_DEBUGREGS,
+    kvm_bindings::KVMIO,
+    0xa1,
+    kvm_bindings::kvm_debugregs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_LAPIC,
+    kvm_bindings::KVMIO,
+    0x8e,
+    kvm_bindings::kvm_lapic_state
+);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_MSRS,
+    kvm_bindings::KVMIO,
+    0x88,
+    kvm_bindings::kvm_msrs
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_VCPU_EVENTS,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_vcpu_events
+);
+vmm_sys_util::ioctl_io_nr!(KVM_KVMCLOCK_CTRL, kvm_bindings::KVMIO, 0xad);
+vmm_sys_util::ioctl_iowr_nr!(
+    KVM_GET_IRQCHIP,
+    kvm_bindings::KVMIO,
+    0x62,
+    kvm_bindings::kvm_irqchip
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_PIT2,
+    kvm_bindings::KVMIO,
+    0x9f,
+    kvm_bindings::kvm_pit_state2
+);
+vmm_sys_util::ioctl_ior_nr!(
+    KVM_GET_CLOCK,
+    kvm_bindings::KVMIO,
+    0x7c,
+    kvm_bindings::kvm_clock_data
 );
 
 // The ioctl requests on sockets and the console: `c_ulong` in glibc's headers, `c_int` in musl's.
@@ -180,25 +247,39 @@ fn any_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, SeccompError> {
         .collect()
 }
 
-/// The rules of the allow-list filter (the module's list), for the process `pid`.
-fn allow_rules(pid: libc::pid_t) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+/// The rules of the allow-list filter (the module's list), for the process `pid`; `saving`:
+/// also the ioctls that read a paused VM's state (`vm run --save`).
+fn allow_rules(
+    pid: libc::pid_t,
+    saving: bool,
+) -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         ALLOWED.iter().map(|&nr| (nr, Vec::new())).collect();
-    rules.insert(
-        libc::SYS_ioctl,
-        any_of(
-            1,
-            &[
-                KVM_RUN(),
-                KVM_GET_REGS(),
-                KVM_GET_SREGS(),
-                KVM_IRQFD(),
-                FIONBIO,
-                FIOCLEX,
-                TCGETS,
-            ],
-        )?,
-    );
+    let mut ioctls = vec![
+        KVM_RUN(),
+        KVM_GET_REGS(),
+        KVM_GET_SREGS(),
+        KVM_IRQFD(),
+        FIONBIO,
+        FIOCLEX,
+        TCGETS,
+    ];
+    if saving {
+        ioctls.extend([
+            KVM_GET_MP_STATE(),
+            KVM_GET_XSAVE(),
+            KVM_GET_XCRS(),
+            KVM_GET_DEBUGREGS(),
+            KVM_GET_LAPIC(),
+            KVM_GET_MSRS(),
+            KVM_GET_VCPU_EVENTS(),
+            KVM_KVMCLOCK_CTRL(),
+            KVM_GET_IRQCHIP(),
+            KVM_GET_PIT2(),
+            KVM_GET_CLOCK(),
+        ]);
+    }
+    rules.insert(libc::SYS_ioctl, any_of(1, &ioctls)?);
     // Threads only: a new process would be a new thread of attack.
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(
@@ -219,16 +300,25 @@ fn allow_rules(pid: libc::pid_t) -> Result<BTreeMap<i64, Vec<SeccompRule>>, Secc
 /// The VMM's filters for the process `pid`, to be installed in order: one that makes `clone3`
 /// fail with ENOSYS (the stricter action of stacked filters wins, so the C library falls back
 /// to `clone`, whose flags the allow-list checks), then the allow-list, which forbids
-/// installing any more.
-pub fn filters(mode: SeccompMode, pid: libc::pid_t) -> Result<Vec<BpfProgram>, SeccompError> {
+/// installing any more. `saving`: the VMM will save the VM (`--save`).
+pub fn filters(
+    mode: SeccompMode,
+    pid: libc::pid_t,
+    saving: bool,
+) -> Result<Vec<BpfProgram>, SeccompError> {
     let mismatch = match mode {
         SeccompMode::Kill => SeccompAction::KillProcess,
         SeccompMode::Log => SeccompAction::Log,
         SeccompMode::Off => return Ok(Vec::new()),
     };
     let arch = TargetArch::x86_64;
-    let allow = SeccompFilter::new(allow_rules(pid)?, mismatch, SeccompAction::Allow, arch)
-        .map_err(SeccompError::Compile)?;
+    let allow = SeccompFilter::new(
+        allow_rules(pid, saving)?,
+        mismatch,
+        SeccompAction::Allow,
+        arch,
+    )
+    .map_err(SeccompError::Compile)?;
     let clone3 = SeccompFilter::new(
         [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
         SeccompAction::Allow,
@@ -257,9 +347,13 @@ mod tests {
 
     #[test]
     fn test_filters_compile_for_each_mode() {
-        assert_eq!(filters(SeccompMode::Off, 1).unwrap().len(), 0);
-        for mode in [SeccompMode::Kill, SeccompMode::Log] {
-            let programs = filters(mode, 1).unwrap();
+        assert_eq!(filters(SeccompMode::Off, 1, false).unwrap().len(), 0);
+        for (mode, saving) in [
+            (SeccompMode::Kill, false),
+            (SeccompMode::Log, false),
+            (SeccompMode::Kill, true),
+        ] {
+            let programs = filters(mode, 1, saving).unwrap();
             assert_eq!(programs.len(), 2);
             assert!(programs.iter().all(|p| !p.is_empty() && p.len() < 4096));
         }

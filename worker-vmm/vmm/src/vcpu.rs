@@ -58,8 +58,10 @@ impl Drop for PanicGuard<'_> {
     }
 }
 
-/// Runs vCPU `id` until the VM ends or `shared.stop` is set.
-pub fn run_vcpu(id: u32, mut vcpu: VcpuFd, shared: &VcpuShared) {
+/// Runs vCPU `id` until the VM ends or `shared.stop` is set, and gives the vCPU back. Stopped,
+/// it has completed the I/O of its last exit (KVM does that on the next KVM_RUN, here one that
+/// returns at once), so that its registers are whole for a snapshot.
+pub fn run_vcpu(id: u32, mut vcpu: VcpuFd, shared: &VcpuShared) -> VcpuFd {
     let _guard = PanicGuard {
         id,
         exit: &shared.exit,
@@ -126,9 +128,14 @@ pub fn run_vcpu(id: u32, mut vcpu: VcpuFd, shared: &VcpuShared) {
                 *state = fault_state(&vcpu);
             }
             shared.exit.report(exit);
-            break;
+            return vcpu;
         }
     }
+    vcpu.set_kvm_immediate_exit(1);
+    // EINTR at once, once the pending I/O is done.
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+    vcpu
 }
 
 /// Where a vCPU stood when it stopped on a triple fault, as one line; empty if KVM would not

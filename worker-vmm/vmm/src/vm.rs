@@ -30,10 +30,16 @@ use super::layout::{
     ZERO_PAGE_ADDR,
 };
 use super::legacy::{
-    acpi_pm::AcpiPm, i8042::I8042, pvpanic::PvPanic, rtc::Rtc, serial::SerialDevice,
+    acpi_pm::AcpiPm,
+    i8042::I8042,
+    pvpanic::PvPanic,
+    rtc::{Rtc, RtcState},
+    serial::{SerialDevice, UartState},
 };
-use super::memory::{GuestRam, MemoryError, create_guest_memory, register_memory};
+use super::memory::{Backing, GuestRam, MemoryError, create_guest_memory_from, register_memory};
 use super::seccomp::{self, SeccompError};
+use super::snapshot::kvm_state::{VcpuState, VmKvmState};
+use super::snapshot::{RestoreFrom, SaveTo, Shape, SnapshotError, VMM_VERSION, VmState};
 use super::thread::{self, Stack};
 use super::vcpu::{VcpuShared, install_kick_handler, kick_signal, run_vcpu};
 use super::virtio::{block::Block, mmio::MmioTransport, rng::Rng, vsock::Vsock};
@@ -120,6 +126,9 @@ pub enum VmError {
     /// The kick signal handler.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    /// Saving or restoring the VM.
+    #[error("snapshot")]
+    Snapshot(#[from] SnapshotError),
     /// A vCPU thread.
     #[error("cannot start vCPU thread {id}")]
     Thread {
@@ -145,6 +154,25 @@ fn device_err<E: std::error::Error + Send + Sync + 'static>(
     }
 }
 
+/// Asks a VM that runs [`Vm::run_to_save`] to stop and be saved.
+#[derive(Clone)]
+pub struct SaveHandle(Arc<ExitSignal>);
+
+impl SaveHandle {
+    /// Stops the VM to save it (unless it already ended).
+    pub fn save(&self) {
+        self.0.report(VmExit::Saved);
+    }
+}
+
+/// The devices whose state a snapshot holds, beside their places on the buses.
+#[derive(Default)]
+struct Stateful {
+    serial: Option<Arc<Mutex<SerialDevice<IrqFd>>>>,
+    rtc: Option<Arc<Mutex<Rtc>>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
 /// A VM ready to run: memory loaded, devices placed, vCPUs set up.
 pub struct Vm {
     /// How long building took.
@@ -154,9 +182,11 @@ pub struct Vm {
     mmio: Arc<Bus>,
     exit: Arc<ExitSignal>,
     slots: Vec<MmioSlot>,
+    stateful: Stateful,
+    shape: Shape,
     // Dropped after the devices and vCPUs that use them, guest RAM last.
-    _vm_fd: Arc<VmFd>,
-    _kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    kvm: Kvm,
     _ram: Arc<GuestRam>,
 }
 
@@ -169,6 +199,7 @@ struct VmBuilder {
     mmio: Bus,
     exit: Arc<ExitSignal>,
     slots: Vec<MmioSlot>,
+    stateful: Stateful,
 }
 
 impl VmBuilder {
@@ -194,6 +225,7 @@ impl VmBuilder {
             mmio: Bus::new(),
             exit: Arc::new(ExitSignal::new()),
             slots: Vec::new(),
+            stateful: Stateful::default(),
         })
     }
 
@@ -215,7 +247,12 @@ impl VmBuilder {
         Ok(())
     }
 
-    fn attach_serial(&mut self, console: &ConsoleConfig) -> Result<(), VmError> {
+    /// COM1, new or as `restored` left it.
+    fn attach_serial(
+        &mut self,
+        console: &ConsoleConfig,
+        restored: Option<&UartState>,
+    ) -> Result<(), VmError> {
         let out: Box<dyn Write + Send> = match console {
             ConsoleConfig::Stdout => Box::new(std::io::stdout()),
             ConsoleConfig::File(path) => {
@@ -227,15 +264,38 @@ impl VmBuilder {
             }
         };
         let irq = self.irq(SERIAL_GSI)?;
-        self.attach_pio(SERIAL_PORT, 8, SerialDevice::new(irq, out))
+        let serial = match restored {
+            None => SerialDevice::new(irq, out),
+            Some(state) => {
+                SerialDevice::restored(state, irq, out).map_err(|why| SnapshotError::Device {
+                    what: "COM1".into(),
+                    why,
+                })?
+            }
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        self.pio.insert(u64::from(SERIAL_PORT), 8, serial.clone())?;
+        self.stateful.serial = Some(serial);
+        Ok(())
     }
 
     fn attach_i8042(&mut self) -> Result<(), VmError> {
         self.attach_pio(I8042_PORT, 5, I8042::new(self.exit.clone()))
     }
 
-    fn attach_rtc(&mut self) -> Result<(), VmError> {
-        self.attach_pio(RTC_PORT, 2, Rtc::new())
+    /// The CMOS, new or as `restored` left it.
+    fn attach_rtc(&mut self, restored: Option<&RtcState>) -> Result<(), VmError> {
+        let rtc = match restored {
+            None => Rtc::new(),
+            Some(state) => Rtc::restored(state).ok_or_else(|| SnapshotError::Device {
+                what: "the CMOS".into(),
+                why: "its RAM is not 128 bytes".into(),
+            })?,
+        };
+        let rtc = Arc::new(Mutex::new(rtc));
+        self.pio.insert(u64::from(RTC_PORT), 2, rtc.clone())?;
+        self.stateful.rtc = Some(rtc);
+        Ok(())
     }
 
     fn attach_pvpanic(&mut self) -> Result<(), VmError> {
@@ -255,12 +315,17 @@ impl VmBuilder {
         let gsi = *VIRTIO_GSIS.get(index).ok_or(VmError::TooManyDevices)?;
         let base = VIRTIO_MMIO_BASE + index as u64 * VIRTIO_MMIO_STRIDE;
         let irq: Arc<dyn IrqLine> = Arc::new(self.irq(gsi)?);
-        let transport = MmioTransport::new(device, self.ram.memory().clone(), irq);
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            device,
+            self.ram.memory().clone(),
+            irq,
+        )));
         self.mmio.insert(
             base,
             super::virtio::mmio::MMIO_WINDOW_SIZE,
-            Arc::new(Mutex::new(transport)),
+            transport.clone(),
         )?;
+        self.stateful.transports.push(transport);
         self.slots.push(MmioSlot {
             base,
             len: VIRTIO_MMIO_SIZE,
@@ -360,7 +425,31 @@ impl VmBuilder {
             .collect()
     }
 
-    fn finish(self, vcpus: Vec<VcpuFd>, built_in: Duration) -> Vm {
+    /// Attaches the devices `config` asks for, in the one order a snapshot's devices are in
+    /// ([`shape`]); each legacy device with a state is new, or as `restored` left it.
+    fn attach_devices(
+        &mut self,
+        config: &VmConfig,
+        restored: Option<&VmState>,
+    ) -> Result<(), VmError> {
+        self.attach_serial(&config.console, restored.map(|s| &s.serial))?;
+        self.attach_i8042()?;
+        self.attach_rtc(restored.map(|s| &s.rtc))?;
+        self.attach_pvpanic()?;
+        self.attach_acpi_pm()?;
+        for disk in &config.disks {
+            self.attach_block(disk)?;
+        }
+        if let Some(socket) = &config.vsock {
+            self.attach_vsock(socket)?;
+        }
+        if config.rng {
+            self.attach_rng()?;
+        }
+        Ok(())
+    }
+
+    fn finish(self, vcpus: Vec<VcpuFd>, config: &VmConfig, built_in: Duration) -> Vm {
         Vm {
             built_in,
             vcpus,
@@ -368,10 +457,29 @@ impl VmBuilder {
             mmio: Arc::new(self.mmio),
             exit: self.exit,
             slots: self.slots,
-            _vm_fd: self.vm_fd,
-            _kvm: self.kvm,
+            stateful: self.stateful,
+            shape: shape(config),
+            vm_fd: self.vm_fd,
+            kvm: self.kvm,
             _ram: self.ram,
         }
+    }
+}
+
+/// What a snapshot of `config`'s VM must match: its vCPUs, RAM and virtio devices, in the order
+/// [`VmBuilder::attach_devices`] attaches them.
+pub fn shape(config: &VmConfig) -> Shape {
+    let mut devices = vec![super::virtio::block::DEVICE_TYPE_BLOCK; config.disks.len()];
+    if config.vsock.is_some() {
+        devices.push(super::virtio::vsock::DEVICE_TYPE_VSOCK);
+    }
+    if config.rng {
+        devices.push(super::virtio::rng::DEVICE_TYPE_RNG);
+    }
+    Shape {
+        cpus: config.cpus,
+        memory: config.memory,
+        devices,
     }
 }
 
@@ -438,11 +546,27 @@ impl<T: Send + 'static> Helper<T> {
 /// Builds the VM `config` describes: KVM VM with in-kernel irqchip and PIT, RAM, legacy
 /// devices, virtio devices, kernel, firmware tables, vCPUs.
 pub fn build_vm(config: &VmConfig) -> Result<Vm, VmError> {
+    build_vm_in(config, Backing::Anonymous)
+}
+
+/// [`build_vm`], with `save`'s memory file as the guest's RAM, to be saved by
+/// [`Vm::run_to_save`].
+pub fn build_vm_to_save(config: &VmConfig, save: &SaveTo) -> Result<Vm, VmError> {
+    build_vm_in(
+        config,
+        Backing::File {
+            file: &save.memory,
+            shared: true,
+        },
+    )
+}
+
+fn build_vm_in(config: &VmConfig, backing: Backing) -> Result<Vm, VmError> {
     let started = Instant::now();
     let step = |what: &str| {
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "{what}");
     };
-    let ram = Arc::new(create_guest_memory(config.memory)?);
+    let ram = Arc::new(create_guest_memory_from(config.memory, backing)?);
     // The kernel and initrd (tens of MiB) are copied into guest RAM on a thread of their own
     // while KVM makes the VM and the devices are attached. The thread holds the RAM too, so it
     // stays mapped until the copy ends even if building fails first.
@@ -453,20 +577,7 @@ pub fn build_vm(config: &VmConfig) -> Result<Vm, VmError> {
     let mut vm = VmBuilder::new(ram)?;
     let memory = vm.register_memory_in_background()?;
     step("VM created");
-    vm.attach_serial(&config.console)?;
-    vm.attach_i8042()?;
-    vm.attach_rtc()?;
-    vm.attach_pvpanic()?;
-    vm.attach_acpi_pm()?;
-    for disk in &config.disks {
-        vm.attach_block(disk)?;
-    }
-    if let Some(socket) = &config.vsock {
-        vm.attach_vsock(socket)?;
-    }
-    if config.rng {
-        vm.attach_rng()?;
-    }
+    vm.attach_devices(config, None)?;
     step("devices attached");
     let vcpus = vm.create_vcpus(config.cpus)?;
     step("vCPUs created");
@@ -479,7 +590,46 @@ pub fn build_vm(config: &VmConfig) -> Result<Vm, VmError> {
         cpu::setup_boot_vcpu(boot_vcpu, entry)?;
     }
     step("guest loaded");
-    Ok(vm.finish(vcpus, started.elapsed()))
+    Ok(vm.finish(vcpus, config, started.elapsed()))
+}
+
+/// Builds `config`'s VM as `from` saved it, instead of booting: its memory mapped private from
+/// the snapshot's file, its devices put back (each virtio device's data path started again where
+/// the driver had it), KVM's VM state, then each vCPU's. `from` was checked against `config`'s
+/// [`shape`] when it was opened.
+pub fn restore_vm(config: &VmConfig, from: &RestoreFrom) -> Result<Vm, VmError> {
+    let started = Instant::now();
+    let ram = Arc::new(create_guest_memory_from(
+        config.memory,
+        Backing::File {
+            file: &from.memory,
+            shared: false,
+        },
+    )?);
+    let mut vm = VmBuilder::new(ram)?;
+    let memory = vm.register_memory_in_background()?;
+    let state = &from.state;
+    vm.attach_devices(config, Some(state))?;
+    for (slot, (transport, saved)) in vm.stateful.transports.iter().zip(&state.virtio).enumerate() {
+        lock(transport)
+            .restore(saved)
+            .map_err(|why| SnapshotError::Device {
+                what: format!("virtio device {slot}"),
+                why,
+            })?;
+    }
+    state.kvm.restore(&vm.vm_fd).map_err(SnapshotError::from)?;
+    let vcpus = vm.create_vcpus(config.cpus)?;
+    for (id, (vcpu, saved)) in vcpus.iter().zip(&state.vcpus).enumerate() {
+        saved.restore(vcpu, id).map_err(SnapshotError::from)?;
+    }
+    memory.join()??;
+    tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "VM restored");
+    Ok(vm.finish(vcpus, config, started.elapsed()))
+}
+
+fn lock<T>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Vm {
@@ -502,6 +652,42 @@ impl Vm {
         timeout: Option<Duration>,
         filters: &[seccompiler::BpfProgram],
     ) -> Result<VmExit, VmError> {
+        self.run_with(timeout, filters, None)
+    }
+
+    /// What asks this VM, once it runs [`Vm::run_to_save`], to stop and be saved.
+    pub fn save_handle(&self) -> SaveHandle {
+        SaveHandle(self.exit.clone())
+    }
+
+    /// [`Vm::run_filtered`] for a VM built by [`build_vm_to_save`]: when its [`SaveHandle`] is
+    /// used, the vCPUs stop, every device's data path stops, the state is written to `save`,
+    /// and the VM ends [`VmExit::Saved`].
+    pub fn run_to_save(
+        self,
+        timeout: Option<Duration>,
+        filters: &[seccompiler::BpfProgram],
+        save: &SaveTo,
+    ) -> Result<VmExit, VmError> {
+        self.run_with(timeout, filters, Some(save))
+    }
+
+    fn run_with(
+        mut self,
+        timeout: Option<Duration>,
+        filters: &[seccompiler::BpfProgram],
+        save: Option<&SaveTo>,
+    ) -> Result<VmExit, VmError> {
+        // Asked before the filter, which forbids it.
+        let msr_list = match save {
+            None => Vec::new(),
+            Some(_) => self
+                .kvm
+                .get_msr_index_list()
+                .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+                .as_slice()
+                .to_vec(),
+        };
         install_kick_handler().map_err(VmError::Signal)?;
         seccomp::install(filters)?;
         let started = Instant::now();
@@ -513,7 +699,7 @@ impl Vm {
         let deadline = timeout.map(|t| Instant::now() + t);
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::with_capacity(self.vcpus.len());
-        for (id, vcpu) in self.vcpus.into_iter().enumerate() {
+        for (id, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let id = id as u32;
             let shared = VcpuShared {
                 pio: self.pio.clone(),
@@ -547,7 +733,11 @@ impl Vm {
             }
         };
         let ran_for = started.elapsed();
-        stop_vcpus(&stop, threads);
+        let vcpus = stop_vcpus(&stop, threads);
+        if let (VmExit::Saved, Some(save)) = (&exit, save) {
+            let state = self.state(&vcpus, &msr_list)?;
+            save.write(&state)?;
+        }
         tracing::info!(
             run_ms = ran_for.as_secs_f64() * 1e3,
             teardown_ms = (started.elapsed() - ran_for).as_secs_f64() * 1e3,
@@ -558,19 +748,83 @@ impl Vm {
     }
 }
 
-/// Sets `stop` and kicks every vCPU thread out of KVM_RUN until it has ended.
-fn stop_vcpus(stop: &AtomicBool, threads: Vec<std::thread::JoinHandle<()>>) {
+/// Sets `stop` and kicks every vCPU thread out of KVM_RUN until it has ended; returns the
+/// vCPUs (`None` for one whose thread panicked).
+fn stop_vcpus(
+    stop: &AtomicBool,
+    threads: Vec<std::thread::JoinHandle<VcpuFd>>,
+) -> Vec<Option<VcpuFd>> {
     stop.store(true, Ordering::Release);
-    for thread in threads {
-        while !thread.is_finished() {
-            if let Err(e) = thread.kill(kick_signal()) {
-                tracing::debug!(error = %e, "kicking a vCPU thread");
+    threads
+        .into_iter()
+        .map(|thread| {
+            while !thread.is_finished() {
+                if let Err(e) = thread.kill(kick_signal()) {
+                    tracing::debug!(error = %e, "kicking a vCPU thread");
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if thread.join().is_err() {
-            tracing::error!("a vCPU thread panicked");
-        }
+            let vcpu = thread.join().ok();
+            if vcpu.is_none() {
+                tracing::error!("a vCPU thread panicked");
+            }
+            vcpu
+        })
+        .collect()
+}
+
+impl Vm {
+    /// The state of this stopped VM: each virtio device's data path is stopped first (what it
+    /// still completes, and the interrupts it raises, are then in memory and in KVM's state).
+    fn state(&self, vcpus: &[Option<VcpuFd>], msr_list: &[u32]) -> Result<VmState, VmError> {
+        let virtio = self
+            .stateful
+            .transports
+            .iter()
+            .enumerate()
+            .map(|(slot, t)| {
+                lock(t).save().map_err(|why| SnapshotError::Device {
+                    what: format!("virtio device {slot}"),
+                    why,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let vcpus = vcpus
+            .iter()
+            .enumerate()
+            .map(|(id, vcpu)| {
+                let vcpu = vcpu.as_ref().ok_or_else(|| SnapshotError::Device {
+                    what: format!("vCPU {id}"),
+                    why: "its thread panicked".into(),
+                })?;
+                Ok(VcpuState::save(vcpu, id, msr_list).map_err(SnapshotError::from)?)
+            })
+            .collect::<Result<Vec<_>, VmError>>()?;
+        let missing = |what: &str| SnapshotError::Device {
+            what: what.into(),
+            why: "it is not attached".into(),
+        };
+        Ok(VmState {
+            vmm: VMM_VERSION.into(),
+            shape: self.shape.clone(),
+            kvm: VmKvmState::save(&self.vm_fd).map_err(SnapshotError::from)?,
+            vcpus,
+            serial: lock(
+                self.stateful
+                    .serial
+                    .as_ref()
+                    .ok_or_else(|| missing("COM1"))?,
+            )
+            .state(),
+            rtc: lock(
+                self.stateful
+                    .rtc
+                    .as_ref()
+                    .ok_or_else(|| missing("the CMOS"))?,
+            )
+            .state(),
+            virtio,
+        })
     }
 }
 

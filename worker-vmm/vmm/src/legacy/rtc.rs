@@ -27,6 +27,13 @@ const STATUS_B_24H: u8 = 1 << 1;
 /// Status D: the battery is good.
 const STATUS_D_VALID: u8 = 0x80;
 
+/// The CMOS's state in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RtcState {
+    index: u8,
+    ram: Vec<u8>,
+}
+
 /// The CMOS: an index register, 128 bytes of RAM, and the clock.
 pub struct Rtc {
     index: u8,
@@ -53,6 +60,23 @@ impl Rtc {
         ram[STATUS_B as usize] = STATUS_B_DEFAULT;
         ram[STATUS_D as usize] = STATUS_D_VALID;
         Self { index: 0, ram, now }
+    }
+
+    /// Its index register and RAM, for a snapshot (the clock is the host's).
+    pub fn state(&self) -> RtcState {
+        RtcState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+        }
+    }
+
+    /// A CMOS as `state` left it; `None` when its RAM is not 128 bytes.
+    pub fn restored(state: &RtcState) -> Option<Self> {
+        Some(Self {
+            index: state.index,
+            ram: state.ram.as_slice().try_into().ok()?,
+            ..Self::new()
+        })
     }
 
     fn encode(&self, value: u8) -> u8 {

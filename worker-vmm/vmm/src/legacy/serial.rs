@@ -2,6 +2,8 @@
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 
 use crate::bus::BusDevice;
@@ -21,6 +23,63 @@ impl<T: Trigger> SerialDevice<T> {
             uart: Serial::new(irq, out),
         }
     }
+
+    /// Its registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> UartState {
+        let s = self.uart.state();
+        UartState {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART as `state` left it (an interrupt it had pending is raised again).
+    pub fn restored(state: &UartState, irq: T, out: ConsoleOut) -> Result<Self, String> {
+        let [
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+        ] = state.registers;
+        let state = SerialState {
+            baud_divisor_low,
+            baud_divisor_high,
+            interrupt_enable,
+            interrupt_identification,
+            line_control,
+            line_status,
+            modem_control,
+            modem_status,
+            scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&state, irq, vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("{e:?}"))?;
+        Ok(Self { uart })
+    }
+}
+
+/// A UART's state in a snapshot: its nine registers (in vm-superio's `SerialState` order) and
+/// the bytes waiting in its receive FIFO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UartState {
+    registers: [u8; 9],
+    in_buffer: Vec<u8>,
 }
 
 impl<T: Trigger + Send> BusDevice for SerialDevice<T> {

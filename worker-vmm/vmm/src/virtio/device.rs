@@ -98,6 +98,13 @@ impl Interrupt {
         self.inner.needs_reset.store(false, Ordering::Release);
     }
 
+    /// A restored transport's status bits and broken state, as they were saved (the interrupt
+    /// itself is in the restored irqchip's state).
+    pub fn restore(&self, status: u32, needs_reset: bool) {
+        self.inner.status.store(status, Ordering::Release);
+        self.inner.needs_reset.store(needs_reset, Ordering::Release);
+    }
+
     fn raise(&self, bit: u32) {
         self.inner.status.fetch_or(bit, Ordering::AcqRel);
         if let Err(err) = self.inner.irq.trigger() {

@@ -1,7 +1,9 @@
 //! The virtio-mmio transport, version 2 ("modern") register layout.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -303,6 +305,149 @@ impl MmioTransport {
     }
 }
 
+/// A transport's state in a snapshot: its registers, and each queue's setup and position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportState {
+    device_type: u32,
+    status: u32,
+    driver_features: u64,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    config_generation: u32,
+    interrupt_status: u32,
+    needs_reset: bool,
+    queues: Vec<QueueState>,
+}
+
+/// A queue's setup and position: the device has taken and answered every buffer up to `next`
+/// (the used ring's index when it was saved).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueState {
+    size: u16,
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    next: u16,
+}
+
+impl MmioTransport {
+    /// Stops the device's data path (as a reset does: it touches guest memory no more) and
+    /// returns the transport's state. Each queue resumes at its used ring's index: a buffer the
+    /// device had taken but not answered is taken again after a restore. The transport is left
+    /// stopped: a saved VM does not run on.
+    pub fn save(&mut self) -> Result<TransportState, String> {
+        if self.activated {
+            self.device.reset();
+            self.activated = false;
+        }
+        let running = self.status & S_DRIVER_OK != 0;
+        let queues = self
+            .queues
+            .iter()
+            .map(|q| {
+                let next = if running && q.ready() {
+                    q.used_idx(&self.mem, Ordering::Acquire)
+                        .map_err(|e| format!("reading a used ring: {e:?}"))?
+                        .0
+                } else {
+                    0
+                };
+                Ok(QueueState {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc: q.desc_table(),
+                    avail: q.avail_ring(),
+                    used: q.used_ring(),
+                    next,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+            needs_reset: self.interrupt.needs_reset(),
+            queues,
+        })
+    }
+
+    /// Puts a new transport (of the same device type) in `state`, and starts its device's data
+    /// path if the driver had.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        if state.device_type != self.device.device_type() {
+            return Err(format!(
+                "the snapshot has a device of type {} where this VM has one of type {}",
+                state.device_type,
+                self.device.device_type()
+            ));
+        }
+        let max_sizes = self.device.queue_max_sizes();
+        if state.queues.len() != max_sizes.len() {
+            return Err(format!(
+                "the snapshot's device of type {} has {} queues, this one {}",
+                state.device_type,
+                state.queues.len(),
+                max_sizes.len()
+            ));
+        }
+        self.queues = state
+            .queues
+            .iter()
+            .zip(max_sizes)
+            .map(|(saved, &max)| {
+                let mut q = Queue::new(max).map_err(|e| format!("{e:?}"))?;
+                if saved.size > max {
+                    return Err(format!(
+                        "a saved queue of {} entries (at most {max})",
+                        saved.size
+                    ));
+                }
+                q.set_size(saved.size);
+                q.set_ready(saved.ready);
+                set_addresses(&mut q, saved.desc, saved.avail, saved.used);
+                q.set_next_avail(saved.next);
+                q.set_next_used(saved.next);
+                Ok(q)
+            })
+            .collect::<Result<_, String>>()?;
+        self.status = state.status;
+        self.driver_features = state.driver_features;
+        self.queue_sel = state.queue_sel;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.config_generation = state.config_generation;
+        self.interrupt
+            .restore(state.interrupt_status, state.needs_reset);
+        if self.status & S_DRIVER_OK != 0 && !state.needs_reset {
+            self.activate();
+            if !self.activated {
+                return Err(format!(
+                    "the device of type {} could not be started again",
+                    state.device_type
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn set_addresses(q: &mut Queue, desc: u64, avail: u64, used: u64) {
+    let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
+    let (lo, hi) = split(desc);
+    q.set_desc_table_address(lo, hi);
+    let (lo, hi) = split(avail);
+    q.set_avail_ring_address(lo, hi);
+    let (lo, hi) = split(used);
+    q.set_used_ring_address(lo, hi);
+}
+
 fn new_queues(max_sizes: &[u16]) -> Vec<Queue> {
     max_sizes
         .iter()
@@ -320,13 +465,10 @@ fn clone_queue(q: &Queue) -> Queue {
     let mut copy = Queue::new(q.max_size()).unwrap_or_default();
     copy.set_size(q.size());
     copy.set_ready(q.ready());
-    let split = |addr: u64| (Some(addr as u32), Some((addr >> 32) as u32));
-    let (lo, hi) = split(q.desc_table());
-    copy.set_desc_table_address(lo, hi);
-    let (lo, hi) = split(q.avail_ring());
-    copy.set_avail_ring_address(lo, hi);
-    let (lo, hi) = split(q.used_ring());
-    copy.set_used_ring_address(lo, hi);
+    set_addresses(&mut copy, q.desc_table(), q.avail_ring(), q.used_ring());
+    // A restored queue resumes where it was; a new one starts at 0.
+    copy.set_next_avail(q.next_avail());
+    copy.set_next_used(q.next_used());
     copy
 }
 

@@ -6,7 +6,8 @@ use vm_memory::GuestMemoryMmap;
 use super::chain::{Chain, next_chain};
 use super::device::{ActivateError, Interrupt, VirtioDevice};
 
-const DEVICE_TYPE_RNG: u32 = 4;
+/// The virtio device type of an entropy device.
+pub const DEVICE_TYPE_RNG: u32 = 4;
 const QUEUE_SIZE: u16 = 256;
 /// The most entropy handed out for one request.
 const MAX_REQUEST: u64 = 64 * 1024;

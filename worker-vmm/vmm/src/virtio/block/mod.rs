@@ -22,7 +22,8 @@ use super::chain::{Chain, next_chain};
 use super::device::{ActivateError, Interrupt, VirtioDevice};
 use crate::thread::{self, Stack};
 
-const DEVICE_TYPE_BLOCK: u32 = 2;
+/// The virtio device type of a block device.
+pub const DEVICE_TYPE_BLOCK: u32 = 2;
 const QUEUE_SIZE: u16 = 256;
 const F_SEG_MAX: u64 = 1 << 2;
 const F_RO: u64 = 1 << 5;

@@ -28,7 +28,8 @@ use self::backend::{Backend, Command};
 use super::device::{ActivateError, Interrupt, VirtioDevice};
 use crate::thread::{self, Stack};
 
-const DEVICE_TYPE_VSOCK: u32 = 19;
+/// The virtio device type of a socket device.
+pub const DEVICE_TYPE_VSOCK: u32 = 19;
 const QUEUE_SIZE: u16 = 256;
 
 /// Why the vsock device cannot start.
