@@ -488,7 +488,8 @@ fn farm_runs_a_job_through_the_integrated_vmm() {
     }
     copy_check("job-kvm.sh", &payload.0.join("run.sh"));
     copy_check("kvm-job.toml", &payload.0.join("kvm-job.toml"));
-    let run = run_lab(&payload.0, 540);
+    copy_check("kvm-warm-job.toml", &payload.0.join("kvm-warm-job.toml"));
+    let run = run_lab(&payload.0, 900);
     run.assert_checks(&[
         "farm-up",
         "backend-kvm",
@@ -502,6 +503,18 @@ fn farm_runs_a_job_through_the_integrated_vmm() {
         "guest-cleaned-up",
         "jail-on",
         "vmm-jailed",
+    ]);
+    // Warm starts through the integrated VMM: a template snapshot made after the first job
+    // without caches booted cold; two jobs restored from it at once, each with its own random
+    // stream, host key and host name (and a new VM generation ID, announced through the ACPI
+    // GED), their logs and artifacts as a booted guest's.
+    run.assert_checks(&[
+        "template-made",
+        "warm-first-cold",
+        "warm-restored",
+        "warm-identity",
+        "warm-vmgenid",
+        "warm-artifact",
     ]);
     assert_eq!(run.status, 0, "run.sh status");
 }

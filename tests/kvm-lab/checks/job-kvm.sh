@@ -4,7 +4,8 @@
 # VMM with the agent's SSH over vsock and a cache disk, fetching from an HTTP server in L1 through the worker's
 # proxy (the guest network), its artifacts back through the CLI; while it runs, the
 # jailed VMM's user, capabilities, seccomp mode, namespaces, root, environment and cgroup are read
-# from /proc.
+# from /proc. Then three jobs of kvm-warm-job.toml: the first boots cold and has the image's
+# template snapshot made, the other two are restored from it at once.
 # Prints "LAB-CHECK <name> ok|FAIL <detail>" lines and "LAB-TIME <what> <seconds>" figures.
 up() { cut -d' ' -f1 /proc/uptime; }
 since() { awk -v a="$1" -v b="$(up)" 'BEGIN { printf "%.2f", b - a }'; }
@@ -117,6 +118,46 @@ got=$(sha256sum /tmp/arts/out/random.bin 2>/dev/null | cut -d' ' -f1)
 size=$(wc -c < /tmp/arts/out/random.bin 2>/dev/null)
 [ $a = 0 ] && [ -n "$want" ] && [ "$want" = "$got" ] && [ "$size" = 1048576 ]
 check artifact-intact $? "size=$size guest=$want here=$got"
+
+# Warm starts: the first job without a cache disk finds no template snapshot, boots cold and
+# has one made (`vm run --save`); the next two start from it (`vm run --restore`), together.
+warm() { timeout 300 vmfarm submit --follow /payload/kvm-warm-job.toml > "/tmp/warm$1.out" 2> "/tmp/warm$1.err"; }
+warm 1; w1=$?
+i=0
+while ! grep -q -e "made the template snapshot" -e "making the template snapshot failed" /tmp/up.log && [ $i -lt 2400 ]; do
+  sleep 0.1; i=$((i + 1))
+done
+grep -q "made the template snapshot" /tmp/up.log
+check template-made $? "$(grep -m1 -o -e 'made the template snapshot.*' -e 'making the template snapshot failed.*' /tmp/up.log)"
+warm 2 & p2=$!
+warm 3 & p3=$!
+wait $p2; w2=$?
+wait $p3; w3=$?
+for n in 1 2 3; do sed "s/^/[warm $n] /" /tmp/warm$n.out /tmp/warm$n.err; done
+said() { cat "/tmp/warm$1.out" "/tmp/warm$1.err"; }
+ready() { said "$1" | grep -m1 -o 'guest ready in [0-9.]*s' | grep -o '[0-9.]*'; }
+[ $w1 = 0 ] && said 1 | grep -q "booting cold"; check warm-first-cold $? "rc=$w1 $(said 1 | grep -m1 -o '[^]]*booting cold.*')"
+[ $w2 = 0 ] && [ $w3 = 0 ] && said 2 | grep -q "restored the guest from its image's template snapshot" \
+  && said 3 | grep -q "restored the guest from its image's template snapshot"
+check warm-restored $? "rc=$w2,$w3 $(said 2 | grep -m1 -o 'restored the guest.*')"
+echo "LAB-TIME cold-boot-to-agent-ready $(ready 1)"
+echo "LAB-TIME restore-to-agent-ready $(ready 2) $(ready 3)"
+grep -o 'build_ms=[0-9.]*' /tmp/up.log | sed 's/^/LAB-TIME vmm-/' | tail -4
+r1=$(said 1 | grep -m1 -o 'LAB-WARM random [0-9a-f]*'); r2=$(said 2 | grep -m1 -o 'LAB-WARM random [0-9a-f]*'); r3=$(said 3 | grep -m1 -o 'LAB-WARM random [0-9a-f]*')
+k2=$(said 2 | grep -m1 -o 'host key SHA256:[^)]*'); k3=$(said 3 | grep -m1 -o 'host key SHA256:[^)]*')
+[ ${#r2} -gt 70 ] && [ "$r1" != "$r2" ] && [ "$r2" != "$r3" ] && [ "$r1" != "$r3" ] && [ -n "$k2" ] && [ "$k2" != "$k3" ] \
+  && said 2 | grep -q "LAB-WARM host job-[0-9]* year 20" && [ "$(said 2 | grep -m1 -o 'LAB-WARM host [^ ]*')" != "$(said 3 | grep -m1 -o 'LAB-WARM host [^ ]*')" ]
+check warm-identity $? "[$r2] [$r3] [$k2] [$k3] $(said 2 | grep -m1 -o 'LAB-WARM host.*') / $(said 3 | grep -m1 -o 'LAB-WARM host.*')"
+# Restored guests had their VM generation ID changed and announced (the GED's line rang once,
+# the vmgenid driver reseeds from it); the cold one's never rang.
+g1=$(said 1 | grep -m1 -o 'LAB-WARM ged.*'); g2=$(said 2 | grep -m1 -o 'LAB-WARM ged.*')
+echo "$g2" | grep -q "LAB-WARM ged 1 vmgenid 1" && echo "$g1" | grep -q "LAB-WARM ged 0 vmgenid 1"
+check warm-vmgenid $? "cold [$g1] restored [$g2]"
+wid=$(head -1 /tmp/warm2.out | cut -f1)
+mkdir -p /tmp/warm-arts
+vmfarm artifacts "$wid" --out /tmp/warm-arts > /tmp/warm-arts.log 2>&1
+grep -q "^made by job-$wid$" /tmp/warm-arts/out/warm.txt 2>/dev/null
+check warm-artifact $? "job $wid: $(cat /tmp/warm-arts/out/warm.txt 2>/dev/null) $(tail -1 /tmp/warm-arts.log)"
 
 grep -q "integrated VMM" /tmp/up.log; check backend-kvm $? "$(grep -m1 -o 'backend=[a-z]*.*VMM[^"]*' /tmp/up.log)"
 grep -q "each VMM runs jailed as its own user .* (v2)" /tmp/up.log; check jail-on $? "$(grep -m1 -o 'each VMM runs jailed[^"]*' /tmp/up.log)"

@@ -13,11 +13,14 @@ use tokio::process::Command;
 use super::jail::{GuestJail, Jailer};
 use super::{
     AgentChannel, Backend, BackendError, Boot, BootSpec, BoxFuture, ChannelKind, LinuxBoot,
-    Prepared, ProcessVm, Vm, clear_environment, die_with_parent, prepare,
+    Prepared, ProcessVm, SealedMemory, Snapshot, Vm, clear_environment, die_with_parent, prepare,
 };
 
 /// The guest port the agent serves SSH on.
 pub const SSH_PORT: u32 = 22;
+
+/// The VMM's vsock socket in the guest's folder.
+pub(crate) const VSOCK: &str = "vsock.sock";
 
 #[derive(Debug, Clone)]
 pub struct KvmBackend {
@@ -46,6 +49,31 @@ impl KvmBackend {
             args.extend(["--jail-cgroup".to_owned(), cgroup.display().to_string()]);
         }
         args
+    }
+
+    /// The `vm run` command for `spec`'s guest (jailed in `run_dir` by `jail`, if any): its
+    /// console on stdout, no stdin, its stderr the worker's.
+    pub(crate) fn command(
+        &self,
+        spec: &BootSpec,
+        linux: &LinuxBoot,
+        overlay: &Path,
+        jail: Option<&GuestJail>,
+        run_dir: &Path,
+    ) -> Command {
+        let mut command = Command::new(&self.vmm);
+        command.args(Self::args(spec, linux, overlay, &run_dir.join(VSOCK)));
+        if let Some(jail) = jail {
+            command.args(Self::jail_args(run_dir, jail));
+        }
+        clear_environment(&mut command);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        die_with_parent(command.as_std_mut());
+        command
     }
 
     /// The `vm run` arguments for `spec`, which boots `linux`.
@@ -99,26 +127,36 @@ impl Backend for KvmBackend {
                 });
             };
             let Prepared { dir, overlay, jail } = prepare(spec, self.jail.as_ref())?;
-            let vsock = dir.0.join("vsock.sock");
-            let mut command = Command::new(&self.vmm);
-            command.args(Self::args(spec, linux, &overlay, &vsock));
-            if let Some(jail) = &jail {
-                command.args(Self::jail_args(&dir.0, jail));
-            }
-            clear_environment(&mut command);
-            command
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .kill_on_drop(true);
-            die_with_parent(command.as_std_mut());
+            let mut command = self.command(spec, linux, &overlay, jail.as_ref(), &dir.0);
             let child = command.spawn().map_err(BackendError::Spawn)?;
             let channel = AgentChannel::Vsock {
-                socket: vsock,
+                socket: dir.0.join(VSOCK),
                 port: SSH_PORT,
             };
             Ok(Box::new(ProcessVm::new(child, channel, jail, dir)) as Box<dyn Vm>)
         })
+    }
+
+    fn snapshot_version(&self) -> Option<String> {
+        Some(super::kvm_snapshot::vmm_version(&self.vmm))
+    }
+
+    fn save<'a>(
+        &'a self,
+        spec: &'a BootSpec,
+        into: &'a Snapshot,
+        timeout: std::time::Duration,
+    ) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(self.save_snapshot(spec, into, timeout))
+    }
+
+    fn restore<'a>(
+        &'a self,
+        spec: &'a BootSpec,
+        from: &'a Snapshot,
+        memory: &'a SealedMemory,
+    ) -> BoxFuture<'a, Result<Box<dyn Vm>, BackendError>> {
+        Box::pin(self.restore_snapshot(spec, from, memory))
     }
 }
 

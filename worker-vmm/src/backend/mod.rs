@@ -8,8 +8,10 @@
 
 pub mod jail;
 pub mod kvm;
+mod kvm_snapshot;
 pub mod qemu;
 mod qemu_snapshot;
+mod saving;
 pub mod sealed_memory;
 
 use std::future::Future;

@@ -21,6 +21,7 @@ use tokio::net::UnixStream;
 use tokio::process::Command;
 
 use super::qemu::{QEMU, QMP_LINE, QemuBackend, RunWith, confine_before_exec};
+use super::saving::{io_error, keep_disk, last_words, refused, within};
 use super::{
     BackendError, Boot, BootSpec, OVERLAY, SealedMemory, Snapshot, clear_environment,
     die_with_parent,
@@ -66,56 +67,6 @@ pub(crate) fn qemu_version() -> &'static str {
             .and_then(|o| String::from_utf8(o.stdout).ok())
             .and_then(|text| text.lines().next().map(str::to_owned))
             .unwrap_or_else(|| "unknown QEMU".into())
-    })
-}
-
-fn io_error(what: &'static str) -> impl FnOnce(std::io::Error) -> BackendError {
-    move |source| BackendError::Snapshot {
-        what,
-        source: Box::new(source),
-    }
-}
-
-fn refused(what: &'static str, why: String) -> BackendError {
-    BackendError::Snapshot {
-        what,
-        source: Box::new(std::io::Error::other(why)),
-    }
-}
-
-/// Moves the saved guest's `disk` to `to`, given back first to the owner of `run` (the worker)
-/// when a jailed QEMU had it.
-fn keep_disk(disk: &Path, to: &Path, run: Option<&Path>) -> std::io::Result<()> {
-    use std::os::unix::fs::MetadataExt as _;
-    if let Some(run) = run {
-        let owner = std::fs::metadata(run)?;
-        std::os::unix::fs::chown(disk, Some(owner.uid()), Some(owner.gid()))?;
-    }
-    std::fs::rename(disk, to)
-}
-
-/// The last 4 KiB of what QEMU wrote to its stderr file `messages` (its error comes last).
-async fn last_words(messages: &Path) -> String {
-    use tokio::io::AsyncSeekExt as _;
-    let mut said = Vec::new();
-    if let Ok(mut file) = tokio::fs::File::open(messages).await {
-        let _ = file.seek(std::io::SeekFrom::End(-4096)).await;
-        let _ = file.take(4096).read_to_end(&mut said).await;
-    }
-    String::from_utf8_lossy(&said).into_owned()
-}
-
-/// `work`, given up with an error naming `what` after `limit`.
-async fn within(
-    limit: Duration,
-    what: &'static str,
-    work: impl std::future::Future<Output = Result<(), BackendError>>,
-) -> Result<(), BackendError> {
-    tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
-        Err(refused(
-            what,
-            format!("QEMU did not finish within {limit:?}"),
-        ))
     })
 }
 
@@ -208,6 +159,7 @@ impl QemuBackend {
         }
         // The console is read no more: the paused guest prints nothing.
         let saved = within(
+            "QEMU",
             timeout,
             "saving the template guest",
             save_devices(&qmp, &into.devices()),
@@ -223,7 +175,7 @@ impl QemuBackend {
                 Err(refused(what, format!("{source}; QEMU said: {said}")))
             }
             // The frozen disk joins the snapshot, the worker's again (restores read it only).
-            Ok(()) => keep_disk(&disk, &into.disk(), jailed.then_some(run))
+            Ok(()) => keep_disk(&disk, &into.disk(), jailed)
                 .map_err(io_error("keeping the template's disk")),
             other => other,
         };
@@ -261,6 +213,7 @@ impl QemuBackend {
         let qmp = spec.run_dir.join("qmp.sock");
         let mut vm = self.boot_with(&spec, Some((memory, qmp.as_path()))).await?;
         let sent = within(
+            "QEMU",
             RESTORE_LIMIT,
             "restoring the guest",
             load_devices(&qmp, &from.devices()),

@@ -9,8 +9,8 @@ use acpi_tables::sdt::Sdt;
 use acpi_tables::{Aml, aml};
 
 use super::layout::{
-    ACPI_PM_PORT, ACPI_START, HIMEM_START, IOAPIC_ADDR, LAPIC_ADDR, PVPANIC_PORT, RTC_GSI,
-    RTC_PORT, SERIAL_GSI, SERIAL_PORT,
+    ACPI_PM_PORT, ACPI_START, GED_GSI, IOAPIC_ADDR, LAPIC_ADDR, PVPANIC_PORT, RTC_GSI, RTC_PORT,
+    SERIAL_GSI, SERIAL_PORT, VMGENID_ADDR,
 };
 use super::legacy::acpi_pm::{RESET, RESET_VALUE, S5_SLEEP_TYPE, SLEEP_CONTROL, SLEEP_STATUS};
 
@@ -46,7 +46,7 @@ pub struct AcpiTables {
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
     /// The tables outgrew the BIOS area.
-    #[error("the ACPI tables ({0} bytes) do not fit below 1 MiB")]
+    #[error("the ACPI tables ({0} bytes) do not fit below the VM generation ID")]
     TooLarge(usize),
     /// A value does not fit its ACPI field.
     #[error("{0} does not fit in a 32-bit ACPI field")]
@@ -136,12 +136,37 @@ fn dsdt(slots: &[MmioSlot]) -> Result<Sdt, AcpiError> {
             &mut devices,
         );
     }
+    vm_generation(&mut devices)?;
     let devices = RawAml(devices);
     aml::Scope::new("\\_SB_".into(), vec![&devices]).to_aml_bytes(&mut body);
 
     let mut sdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     sdt.append_slice(&body);
     Ok(sdt)
+}
+
+/// The VM generation ID device (`VGEN`: QEMU's ids, its 16 bytes at `ADDR`) and the Generic
+/// Event Device (`GED_`, ACPI0013) whose line's `_EVT` tells the guest the ID changed.
+fn vm_generation(sink: &mut Vec<u8>) -> Result<(), AcpiError> {
+    let low = u32::try_from(VMGENID_ADDR).map_err(|_| AcpiError::Address(VMGENID_ADDR))?;
+    let addr = aml::Package::new(vec![&low, &0u32]);
+    let hid = aml::Name::new("_HID".into(), &"QEMUVGID");
+    let cid = aml::Name::new("_CID".into(), &"VM_GEN_COUNTER");
+    let ddn = aml::Name::new("_DDN".into(), &"VM_GEN_COUNTER");
+    let addr = aml::Name::new("ADDR".into(), &addr);
+    aml::Device::new("VGEN".into(), vec![&hid, &cid, &ddn, &addr]).to_aml_bytes(sink);
+
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let uid = aml::Name::new("_UID".into(), &0u32);
+    // Edge-triggered, active high, exclusive: the VMM pulses its irqfd.
+    let line = aml::Interrupt::new(true, true, false, false, GED_GSI);
+    let crs = aml::ResourceTemplate::new(vec![&line]);
+    let crs = aml::Name::new("_CRS".into(), &crs);
+    let vgen = aml::Path::new("\\_SB_.VGEN");
+    let notify = aml::Notify::new(&vgen, &0x80u8);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
+    aml::Device::new("GED_".into(), vec![&hid, &uid, &crs, &evt]).to_aml_bytes(sink);
+    Ok(())
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
@@ -217,7 +242,7 @@ pub fn build_acpi_tables(cpus: u8, slots: &[MmioSlot]) -> Result<AcpiTables, Acp
     Rsdp::new(OEM_ID, xsdt_addr).to_aml_bytes(&mut rsdp);
     bytes[..rsdp.len()].copy_from_slice(&rsdp);
 
-    if ACPI_START + bytes.len() as u64 > HIMEM_START {
+    if ACPI_START + bytes.len() as u64 > VMGENID_ADDR {
         return Err(AcpiError::TooLarge(bytes.len()));
     }
     Ok(AcpiTables {
@@ -262,6 +287,14 @@ mod tests {
             .windows(needle.len())
             .filter(|w| *w == needle)
             .count()
+    }
+
+    /// Where `needle` first is in `haystack`.
+    fn find_at(haystack: &[u8], needle: &[u8]) -> usize {
+        haystack
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .unwrap_or_else(|| panic!("{needle:x?} is not there"))
     }
 
     #[test]
@@ -320,6 +353,20 @@ mod tests {
         assert_eq!(find(dsdt, &desc), 1);
         // Extended interrupt descriptor of the first slot: consumer, edge, GSI 5.
         assert_eq!(find(dsdt, &[0x89, 6, 0, 0x03, 1, 5, 0, 0, 0]), 1);
+        // The VM generation ID: its ids, ADDR as a package of the address's two halves (a
+        // DWord 0xff000, then Zero), and the GED on its own edge-triggered line with an _EVT.
+        assert_eq!(find(dsdt, b"QEMUVGID\0"), 1);
+        assert_eq!(find(dsdt, b"VM_GEN_COUNTER\0"), 2);
+        let at = find_at(dsdt, b"ADDR\x12");
+        let mut first = vec![0x0c];
+        first.extend_from_slice(&(VMGENID_ADDR as u32).to_le_bytes());
+        assert_eq!(find(&dsdt[at..at + 16], &first), 1, "ADDR's first element");
+        assert_eq!(find(dsdt, b"ACPI0013\0"), 1);
+        assert_eq!(
+            find(dsdt, &[0x89, 6, 0, 0x03, 1, GED_GSI as u8, 0, 0, 0]),
+            1
+        );
+        assert_eq!(find(dsdt, b"_EVT"), 1);
     }
 
     #[test]

@@ -70,7 +70,7 @@ pub struct VmRunArgs {
     #[arg(long)]
     pub timings: bool,
     /// Boot with the guest's memory in DIR/memory and, when a line `save` arrives on stdin,
-    /// stop the guest, write its state to DIR/state and end (status 0).
+    /// stop the guest, write its state to DIR/devices and end (status 0).
     #[arg(long, value_name = "DIR", conflicts_with = "restore")]
     pub save: Option<PathBuf>,
     /// Start the guest from a snapshot `--save` wrote in DIR instead of booting it (--kernel

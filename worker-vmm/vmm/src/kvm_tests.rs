@@ -299,9 +299,15 @@ fn test_a_saved_guest_goes_on_where_it_stood_when_restored() {
 
     // The flag, set in the saved memory: only a restored guest can see it.
     let memory = std::fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .open(saved.join("memory"))
         .unwrap();
+    // The booted guest's VM generation ID is in its memory, where the ACPI tables say.
+    let mut id = [0u8; 16];
+    std::os::unix::fs::FileExt::read_exact_at(&memory, &mut id, super::layout::VMGENID_ADDR)
+        .unwrap();
+    assert_ne!(id, [0; 16], "no VM generation ID");
     std::os::unix::fs::FileExt::write_all_at(&memory, &[1], FLAG).unwrap();
     let again = tiny_config(&scratch, "second.log", 1);
     let from = RestoreFrom::open(&saved, None, &shape(&again)).unwrap();
@@ -322,9 +328,10 @@ fn test_a_saved_guest_goes_on_where_it_stood_when_restored() {
         matches!(refused, SnapshotError::OtherShape { .. }),
         "{refused}"
     );
-    let state = std::fs::read_to_string(saved.join("state")).unwrap();
+    let state_file = saved.join(super::snapshot::STATE_FILE);
+    let state = std::fs::read_to_string(&state_file).unwrap();
     let other = state.replacen(super::snapshot::VMM_VERSION, "vmfarm-vmm 0.0.1 state 0", 1);
-    std::fs::write(saved.join("state"), other).unwrap();
+    std::fs::write(&state_file, other).unwrap();
     let refused = RestoreFrom::open(&saved, None, &shape(&again))
         .err()
         .unwrap();

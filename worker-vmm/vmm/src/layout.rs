@@ -25,6 +25,9 @@ pub const EBDA_START: u64 = 0x9fc00;
 pub const LOW_MEM_END: u64 = 0xa0000;
 /// ACPI tables (RSDP first, where the BIOS area scan finds it), reserved in the e820 map.
 pub const ACPI_START: u64 = 0xe0000;
+/// The VM generation ID (16 bytes, [`crate::legacy::vmgenid`]): the last page of the ACPI
+/// area, reserved with it; the tables end below it.
+pub const VMGENID_ADDR: u64 = 0xf_f000;
 /// End of the BIOS area, start of high memory.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// The 32-bit MMIO gap: no RAM here.
@@ -46,6 +49,9 @@ pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
 /// Pins of the IOAPIC given to virtio-mmio devices, in order: ISA lines with no legacy device
 /// here (8 stays with the RTC), then the PCI-style pins.
 pub const VIRTIO_GSIS: [u32; 16] = [5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21];
+/// The ACPI Generic Event Device's line: raised after a restore, when the VM generation ID
+/// changed.
+pub const GED_GSI: u32 = 22;
 /// Number of IOAPIC pins (KVM's in-kernel IOAPIC).
 pub const IOAPIC_PINS: u32 = 24;
 

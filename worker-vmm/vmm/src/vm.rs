@@ -25,9 +25,9 @@ use super::exit::{ExitSignal, VmExit};
 use super::irq::IrqLine;
 use super::irqfd::IrqFd;
 use super::layout::{
-    ACPI_PM_PORT, ACPI_START, EBDA_START, I8042_PORT, KVM_TSS_ADDR, PVPANIC_PORT, RTC_PORT,
-    SERIAL_GSI, SERIAL_PORT, VIRTIO_GSIS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_STRIDE,
-    ZERO_PAGE_ADDR,
+    ACPI_PM_PORT, ACPI_START, EBDA_START, GED_GSI, I8042_PORT, KVM_TSS_ADDR, PVPANIC_PORT,
+    RTC_PORT, SERIAL_GSI, SERIAL_PORT, VIRTIO_GSIS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+    VIRTIO_MMIO_STRIDE, ZERO_PAGE_ADDR,
 };
 use super::legacy::{
     acpi_pm::AcpiPm,
@@ -35,6 +35,7 @@ use super::legacy::{
     pvpanic::PvPanic,
     rtc::{Rtc, RtcState},
     serial::{SerialDevice, UartState},
+    vmgenid,
 };
 use super::memory::{Backing, GuestRam, MemoryError, create_guest_memory_from, register_memory};
 use super::seccomp::{self, SeccompError};
@@ -184,6 +185,9 @@ pub struct Vm {
     slots: Vec<MmioSlot>,
     stateful: Stateful,
     shape: Shape,
+    /// A restored VM's line to the ACPI GED, raised as its vCPUs start: its VM generation ID
+    /// changed.
+    new_generation: Option<IrqFd>,
     // Dropped after the devices and vCPUs that use them, guest RAM last.
     vm_fd: Arc<VmFd>,
     kvm: Kvm,
@@ -390,6 +394,10 @@ impl VmBuilder {
                 source,
             })?;
         cpu::write_boot_structures(self.ram.memory())?;
+        vmgenid::write_new_id(self.ram.memory()).map_err(|source| VmError::Device {
+            what: "the VM generation ID".into(),
+            source: Box::new(source),
+        })?;
         Ok(kernel.entry)
     }
 
@@ -459,6 +467,7 @@ impl VmBuilder {
             slots: self.slots,
             stateful: self.stateful,
             shape: shape(config),
+            new_generation: None,
             vm_fd: self.vm_fd,
             kvm: self.kvm,
             _ram: self.ram,
@@ -594,8 +603,8 @@ fn build_vm_in(config: &VmConfig, backing: Backing) -> Result<Vm, VmError> {
 }
 
 /// Builds `config`'s VM as `from` saved it, instead of booting: its memory mapped private from
-/// the snapshot's file, its devices put back (each virtio device's data path started again where
-/// the driver had it), KVM's VM state, then each vCPU's. `from` was checked against `config`'s
+/// the snapshot's file, its legacy devices put back, KVM's VM state, each vCPU's, then each
+/// virtio device's data path started again where the driver had it. `from` was checked against `config`'s
 /// [`shape`] when it was opened.
 pub fn restore_vm(config: &VmConfig, from: &RestoreFrom) -> Result<Vm, VmError> {
     let started = Instant::now();
@@ -610,6 +619,19 @@ pub fn restore_vm(config: &VmConfig, from: &RestoreFrom) -> Result<Vm, VmError> 
     let memory = vm.register_memory_in_background()?;
     let state = &from.state;
     vm.attach_devices(config, Some(state))?;
+    // This guest is a copy: it gets a generation ID of its own, announced as it starts.
+    vmgenid::write_new_id(vm.ram.memory()).map_err(|source| VmError::Device {
+        what: "the VM generation ID".into(),
+        source: Box::new(source),
+    })?;
+    let new_generation = vm.irq(GED_GSI)?;
+    state.kvm.restore(&vm.vm_fd).map_err(SnapshotError::from)?;
+    let vcpus = vm.create_vcpus(config.cpus)?;
+    for (id, (vcpu, saved)) in vcpus.iter().zip(&state.vcpus).enumerate() {
+        saved.restore(vcpu, id).map_err(SnapshotError::from)?;
+    }
+    memory.join()??;
+    // Last: a device's data path may raise its interrupt as soon as it starts.
     for (slot, (transport, saved)) in vm.stateful.transports.iter().zip(&state.virtio).enumerate() {
         lock(transport)
             .restore(saved)
@@ -618,14 +640,10 @@ pub fn restore_vm(config: &VmConfig, from: &RestoreFrom) -> Result<Vm, VmError> 
                 why,
             })?;
     }
-    state.kvm.restore(&vm.vm_fd).map_err(SnapshotError::from)?;
-    let vcpus = vm.create_vcpus(config.cpus)?;
-    for (id, (vcpu, saved)) in vcpus.iter().zip(&state.vcpus).enumerate() {
-        saved.restore(vcpu, id).map_err(SnapshotError::from)?;
-    }
-    memory.join()??;
     tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "VM restored");
-    Ok(vm.finish(vcpus, config, started.elapsed()))
+    let mut vm = vm.finish(vcpus, config, started.elapsed());
+    vm.new_generation = Some(new_generation);
+    Ok(vm)
 }
 
 fn lock<T>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -690,6 +708,12 @@ impl Vm {
         };
         install_kick_handler().map_err(VmError::Signal)?;
         seccomp::install(filters)?;
+        // Pending in the irqchip until a vCPU runs.
+        if let Some(line) = &self.new_generation
+            && let Err(e) = line.trigger()
+        {
+            tracing::error!(error = %e, "cannot announce the new VM generation ID");
+        }
         let started = Instant::now();
         tracing::info!(
             build_ms = self.built_in.as_secs_f64() * 1e3,

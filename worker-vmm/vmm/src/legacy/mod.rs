@@ -5,3 +5,4 @@ pub mod i8042;
 pub mod pvpanic;
 pub mod rtc;
 pub mod serial;
+pub mod vmgenid;

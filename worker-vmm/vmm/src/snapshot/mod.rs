@@ -1,6 +1,6 @@
 //! Snapshots of a running guest: `vm run --save DIR` boots a VM whose memory is `DIR/memory`
 //! (mapped shared) and, when a line `save` arrives on its stdin, stops the vCPUs, stops every
-//! device's data path, writes the state of KVM and of the devices to `DIR/state` and ends;
+//! device's data path, writes the state of KVM and of the devices to `DIR/devices` and ends;
 //! `vm run --restore DIR` builds the same VM from them instead of booting: `DIR/memory` (or
 //! `--restore-memory`) mapped private, the devices put back as they were, the vCPUs resumed.
 //!
@@ -31,6 +31,10 @@ pub const VMM_VERSION: &str = concat!("vmfarm-vmm ", env!("CARGO_PKG_VERSION"), 
 
 /// The line on the VMM's stdin that has it save (`--save`).
 pub const SAVE_LINE: &str = "save";
+
+/// The state's file in a snapshot's folder (the name the `qemu` backend gives its devices'
+/// state too), beside `memory`.
+pub const STATE_FILE: &str = "devices";
 
 /// The largest state file read (a few KiB per vCPU and device).
 const MAX_STATE: u64 = 16 << 20;
@@ -128,13 +132,13 @@ impl SaveTo {
             .map_err(file_error("sizing", &dir.join("memory")))?;
         Ok(SaveTo {
             memory: memory_file,
-            state: open("state")?,
+            state: open(STATE_FILE)?,
         })
     }
 
     /// Writes `state` (the VM is stopped, its memory already in the memory file).
     pub fn write(&self, state: &VmState) -> Result<(), SnapshotError> {
-        let path = PathBuf::from("state");
+        let path = PathBuf::from(STATE_FILE);
         serde_json::to_writer(std::io::BufWriter::new(&self.state), state).map_err(|e| {
             SnapshotError::File {
                 what: "writing",
@@ -159,14 +163,14 @@ pub struct RestoreFrom {
 }
 
 impl RestoreFrom {
-    /// Reads `dir/state` and opens the memory file (`memory`, else `dir/memory`), for a VM
+    /// Reads the state in `dir` and opens the memory file (`memory`, else `dir/memory`), for a VM
     /// of `shape`.
     pub fn open(
         dir: &Path,
         memory: Option<&Path>,
         shape: &Shape,
     ) -> Result<RestoreFrom, SnapshotError> {
-        let state_path = dir.join("state");
+        let state_path = dir.join(STATE_FILE);
         let file = File::open(&state_path).map_err(file_error("opening", &state_path))?;
         let unreadable = |why: String| SnapshotError::Unreadable {
             path: state_path.clone(),

@@ -379,7 +379,8 @@ impl MmioTransport {
     }
 
     /// Puts a new transport (of the same device type) in `state`, and starts its device's data
-    /// path if the driver had.
+    /// path if the driver had: call it once the vCPUs and the irqchip are restored, as the device
+    /// may raise its interrupt at once.
     pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
         if state.device_type != self.device.device_type() {
             return Err(format!(
@@ -432,6 +433,11 @@ impl MmioTransport {
                     "the device of type {} could not be started again",
                     state.device_type
                 ));
+            }
+            // What the driver made available before the save and the device had not answered
+            // is taken now, as after a notification (one too many is harmless).
+            for index in 0..self.queues.len() {
+                self.device.queue_notify(index as u16);
             }
         }
         Ok(())

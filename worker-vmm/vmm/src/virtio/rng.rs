@@ -146,7 +146,8 @@ impl Active {
     }
 }
 
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+/// Fills `buf` from the host's getrandom(2).
+pub(crate) fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let rest = &mut buf[done..];
