@@ -105,3 +105,50 @@ fn test_an_unreadable_vmfarm_log_is_reported_and_info_is_used() {
     // The run itself goes on to its own verdict.
     assert!(stderr.contains("--memory \"lots\""), "{stderr}");
 }
+
+/// `--save` and `--restore` are exclusive, `--restore-memory` needs `--restore`; a snapshot
+/// folder without a state, or with one another VMM wrote, is refused saying so before any VM
+/// is built.
+#[test]
+fn test_snapshot_flags_and_unusable_snapshots_are_refused_with_the_reason() {
+    let out = vmfarm(&[
+        "vm",
+        "run",
+        "--kernel",
+        "/k",
+        "--save",
+        "/a",
+        "--restore",
+        "/b",
+    ]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--save <DIR>") && stderr.contains("--restore <DIR>"),
+        "{stderr}"
+    );
+    let out = vmfarm(&["vm", "run", "--kernel", "/k", "--restore-memory", "/m"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out).1);
+
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().to_str().unwrap();
+    let out = vmfarm(&["vm", "run", "--kernel", "/k", "--restore", folder]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--restore") && stderr.contains(&format!("{folder}/devices")),
+        "{stderr}"
+    );
+    std::fs::write(
+        dir.path().join("devices"),
+        r#"{"vmm": "vmfarm-vmm 0.0.1 state 0", "shape": {}}"#,
+    )
+    .unwrap();
+    let out = vmfarm(&["vm", "run", "--kernel", "/k", "--restore", folder]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("saved by vmfarm-vmm 0.0.1 state 0") && stderr.contains("boot the guest"),
+        "{stderr}"
+    );
+}

@@ -142,16 +142,19 @@ ready() { said "$1" | grep -m1 -o 'guest ready in [0-9.]*s' | grep -o '[0-9.]*';
 check warm-restored $? "rc=$w2,$w3 $(said 2 | grep -m1 -o 'restored the guest.*')"
 echo "LAB-TIME cold-boot-to-agent-ready $(ready 1)"
 echo "LAB-TIME restore-to-agent-ready $(ready 2) $(ready 3)"
-grep -o 'build_ms=[0-9.]*' /tmp/up.log | sed 's/^/LAB-TIME vmm-/' | tail -4
+# The VMM's own time: a cold VM built (kernel loaded), a restored one (its state put back) and
+# where that went, as the worker logged them.
+tr -d '\033' < /tmp/up.log | sed 's/\[[0-9;]*m//g' | grep -o -e 'build_ms[^ ]*' -e 'the VMM restored the guest in .*' | sed 's/^/LAB-TIME vmm /'
 r1=$(said 1 | grep -m1 -o 'LAB-WARM random [0-9a-f]*'); r2=$(said 2 | grep -m1 -o 'LAB-WARM random [0-9a-f]*'); r3=$(said 3 | grep -m1 -o 'LAB-WARM random [0-9a-f]*')
 k2=$(said 2 | grep -m1 -o 'host key SHA256:[^)]*'); k3=$(said 3 | grep -m1 -o 'host key SHA256:[^)]*')
 [ ${#r2} -gt 70 ] && [ "$r1" != "$r2" ] && [ "$r2" != "$r3" ] && [ "$r1" != "$r3" ] && [ -n "$k2" ] && [ "$k2" != "$k3" ] \
   && said 2 | grep -q "LAB-WARM host job-[0-9]* year 20" && [ "$(said 2 | grep -m1 -o 'LAB-WARM host [^ ]*')" != "$(said 3 | grep -m1 -o 'LAB-WARM host [^ ]*')" ]
 check warm-identity $? "[$r2] [$r3] [$k2] [$k3] $(said 2 | grep -m1 -o 'LAB-WARM host.*') / $(said 3 | grep -m1 -o 'LAB-WARM host.*')"
-# Restored guests had their VM generation ID changed and announced (the GED's line rang once,
-# the vmgenid driver reseeds from it); the cold one's never rang.
+# Restored guests had their VM generation ID changed and announced: the GED's line rang once
+# (a kernel with the vmgenid driver reseeds from the new ID; Debian's cloud kernel has none, so
+# "vmgenid 0" here); the cold guest's never rang.
 g1=$(said 1 | grep -m1 -o 'LAB-WARM ged.*'); g2=$(said 2 | grep -m1 -o 'LAB-WARM ged.*')
-echo "$g2" | grep -q "LAB-WARM ged 1 vmgenid 1" && echo "$g1" | grep -q "LAB-WARM ged 0 vmgenid 1"
+echo "$g2" | grep -q "LAB-WARM ged 1 " && echo "$g1" | grep -q "LAB-WARM ged 0 "
 check warm-vmgenid $? "cold [$g1] restored [$g2]"
 wid=$(head -1 /tmp/warm2.out | cut -f1)
 mkdir -p /tmp/warm-arts

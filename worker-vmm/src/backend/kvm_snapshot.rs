@@ -19,7 +19,7 @@ use super::{
 };
 use crate::guest::console::wait_waiting;
 use crate::vmm::snapshot::{SAVE_LINE, VMM_VERSION};
-use crate::vmm::timing::VCPUS_START;
+use crate::vmm::timing::{RESTORED, VCPUS_START};
 
 /// The longest a restore may take before the job boots cold instead.
 const RESTORE_LIMIT: Duration = Duration::from_secs(30);
@@ -173,6 +173,10 @@ impl KvmBackend {
                     .map_err(io_error("reading the VMM's stderr"))?
                 {
                     Some(line) if line.starts_with(VCPUS_START) => return Ok(()),
+                    Some(line) if line.starts_with(RESTORED) => {
+                        let took = line[RESTORED.len()..].trim();
+                        tracing::info!(vm = %spec.run_dir.display(), "the VMM restored the guest {took}");
+                    }
                     Some(line) => {
                         if said.len() < 32 {
                             said.push(line);

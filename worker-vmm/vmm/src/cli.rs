@@ -66,11 +66,12 @@ pub struct VmRunArgs {
     /// through ACPI.
     #[arg(long)]
     pub virtio_mmio_cmdline: bool,
-    /// Print on stderr when the vCPUs start (CLOCK_MONOTONIC), for `vmfarm bench boot`.
+    /// Print on stderr when the vCPUs start (CLOCK_MONOTONIC), for `vmfarm bench boot`, and
+    /// after a restore how long it took.
     #[arg(long)]
     pub timings: bool,
-    /// Boot with the guest's memory in DIR/memory and, when a line `save` arrives on stdin,
-    /// stop the guest, write its state to DIR/devices and end (status 0).
+    /// When a line `save` arrives on stdin, stop the guest, write the memory it touched to
+    /// DIR/memory and its state to DIR/devices, and end (status 0).
     #[arg(long, value_name = "DIR", conflicts_with = "restore")]
     pub save: Option<PathBuf>,
     /// Start the guest from a snapshot `--save` wrote in DIR instead of booting it (--kernel

@@ -267,7 +267,7 @@ fn tiny_config(scratch: &Scratch, console: &str, cpus: u8) -> VmConfig {
 #[test]
 fn test_a_saved_guest_goes_on_where_it_stood_when_restored() {
     use super::snapshot::{RestoreFrom, SaveTo, SnapshotError};
-    use super::vm::{build_vm_to_save, restore_vm, shape};
+    use super::vm::{restore_vm, shape};
 
     if !require_kvm() {
         return;
@@ -282,7 +282,7 @@ fn test_a_saved_guest_goes_on_where_it_stood_when_restored() {
     let saved = scratch.0.join("saved");
     let config = tiny_config(&scratch, "first.log", 1);
     let save = SaveTo::create(&saved, config.memory).unwrap();
-    let vm = build_vm_to_save(&config, &save).unwrap();
+    let vm = build_vm(&config).unwrap();
     let handle = vm.save_handle();
     let running =
         std::thread::spawn(move || vm.run_to_save(Some(Duration::from_secs(30)), &[], &save));

@@ -1,7 +1,7 @@
 //! Guest RAM: mappings around the 32-bit MMIO gap, registered with KVM. Anonymous memory for a
-//! VM that boots; a file for a VM that is to be saved (mapped shared: the file is its memory)
-//! and for one restored from a snapshot (mapped private: copy on write, loaded as the guest
-//! touches it, the pages it never writes shared with every guest restored from the same file).
+//! VM that boots; a snapshot's memory file for one restored from it, mapped private: copy on
+//! write, loaded as the guest touches it, the pages it never writes shared with every guest
+//! restored from the same file. [`save_memory`] writes a stopped guest's memory to such a file.
 
 use std::fs::File;
 use std::os::fd::AsRawFd as _;
@@ -56,9 +56,9 @@ const HUGE_PAGE: usize = 2 << 20;
 pub enum Backing<'a> {
     /// Anonymous memory.
     Anonymous,
-    /// A file as long as the RAM (the ranges of [`ram_ranges`] one after the other): `shared`,
-    /// the guest writes the file; private, it writes copies of its pages.
-    File { file: &'a File, shared: bool },
+    /// A snapshot's memory file, as long as the RAM (the ranges of [`ram_ranges`] one after the
+    /// other), mapped private: the guest writes copies of its pages.
+    Snapshot(&'a File),
 }
 
 /// One mapping, unmapped on drop.
@@ -72,12 +72,7 @@ impl AlignedMapping {
     /// address.
     fn new(len: usize, backing: Backing, offset: u64) -> std::io::Result<Self> {
         let mapping = Self::anonymous(len)?;
-        if let Backing::File { file, shared } = backing {
-            let share = if shared {
-                libc::MAP_SHARED
-            } else {
-                libc::MAP_PRIVATE
-            };
+        if let Backing::Snapshot(file) = backing {
             let offset = libc::off_t::try_from(offset).map_err(std::io::Error::other)?;
             // SAFETY: replaces (MAP_FIXED) the anonymous mapping just made, which this function
             // owns and nothing references yet, with the file's pages at the same address.
@@ -86,7 +81,7 @@ impl AlignedMapping {
                     mapping.addr as *mut libc::c_void,
                     len,
                     libc::PROT_READ | libc::PROT_WRITE,
-                    share | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
                     file.as_raw_fd(),
                     offset,
                 )
@@ -205,6 +200,45 @@ pub fn create_guest_memory_from(size: u64, backing: Backing) -> Result<GuestRam,
         memory,
         _mappings: mappings,
     })
+}
+
+/// Writes the pages of `memory` the guest ever touched (those resident in the host's memory,
+/// `mincore`) into `file` at their offsets in [`Backing::Snapshot`]'s layout; the rest of the
+/// file stays a hole. Only for a guest that no vCPU or device runs any more.
+pub fn save_memory(memory: &GuestMem, file: &File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt as _;
+    const PAGE: usize = 4096;
+    let mut offset = 0u64;
+    for region in memory.iter() {
+        let len = usize::try_from(region.len()).map_err(std::io::Error::other)?;
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(std::io::Error::other)?;
+        let mut resident = vec![0u8; len.div_ceil(PAGE)];
+        // SAFETY: `host..host + len` is the region's live mapping (page aligned), and `resident`
+        // has one byte for each of its pages, which mincore fills.
+        if unsafe { libc::mincore(host.cast(), len, resident.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the mapping lives as long as `memory`; no vCPU or device writes it any more
+        // (the caller's promise), so reading it as bytes races with nothing.
+        let bytes = unsafe { std::slice::from_raw_parts(host.cast_const(), len) };
+        let mut page = 0;
+        while page < resident.len() {
+            if resident[page] & 1 == 0 {
+                page += 1;
+                continue;
+            }
+            let first = page;
+            while page < resident.len() && resident[page] & 1 != 0 {
+                page += 1;
+            }
+            let run = &bytes[first * PAGE..(page * PAGE).min(len)];
+            file.write_all_at(run, offset + (first * PAGE) as u64)?;
+        }
+        offset += region.len();
+    }
+    Ok(())
 }
 
 /// Gives every region of `memory` to KVM as a memory slot.

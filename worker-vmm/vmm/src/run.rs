@@ -9,8 +9,8 @@ use super::config::VmConfig;
 use super::jail;
 use super::seccomp;
 use super::snapshot::{RestoreFrom, SaveTo, on_save_line};
-use super::timing::vcpus_start_line;
-use super::vm::{build_vm, build_vm_to_save, restore_vm, shape};
+use super::timing::{RESTORED, vcpus_start_line};
+use super::vm::{build_vm, restore_vm, shape};
 
 /// Runs one guest to its end. A clean reboot or power-off gives success; otherwise the reason
 /// is printed on stderr as one line and the status says which (see [`VmExit::exit_status`](super::exit::VmExit::exit_status)).
@@ -44,13 +44,15 @@ pub fn run(args: &VmRunArgs) -> anyhow::Result<ExitCode> {
         std::process::id() as libc::pid_t,
         save.is_some(),
     )?;
-    let vm = match (&save, &restore) {
-        (_, Some(from)) => restore_vm(&config, from).context("restoring the VM")?,
-        (Some(save), None) => build_vm_to_save(&config, save).context("building the VM")?,
-        (None, None) => build_vm(&config).context("building the VM")?,
+    let vm = match &restore {
+        Some(from) => restore_vm(&config, from).context("restoring the VM")?,
+        None => build_vm(&config).context("building the VM")?,
     };
     drop(restore);
     if args.timings {
+        if let Some(restored) = vm.restored() {
+            eprintln!("{RESTORED} {restored}");
+        }
         eprintln!("{}", vcpus_start_line());
     }
     if args.test_forbidden_syscall {

@@ -4,6 +4,9 @@
 /// The stderr line's prefix; the value follows as `monotonic_ns=N`.
 pub const VCPUS_START: &str = "vmfarm vm run: timing vcpus-start";
 
+/// The stderr line's prefix for a restored VM: how long the restore took and where it went.
+pub const RESTORED: &str = "vmfarm vm run: timing restored";
+
 /// CLOCK_MONOTONIC in nanoseconds: the same clock in every process of this host.
 pub fn monotonic_ns() -> u64 {
     let mut now = libc::timespec {

@@ -37,7 +37,9 @@ use super::legacy::{
     serial::{SerialDevice, UartState},
     vmgenid,
 };
-use super::memory::{Backing, GuestRam, MemoryError, create_guest_memory_from, register_memory};
+use super::memory::{
+    Backing, GuestRam, MemoryError, create_guest_memory, create_guest_memory_from, register_memory,
+};
 use super::seccomp::{self, SeccompError};
 use super::snapshot::kvm_state::{VcpuState, VmKvmState};
 use super::snapshot::{RestoreFrom, SaveTo, Shape, SnapshotError, VMM_VERSION, VmState};
@@ -188,10 +190,12 @@ pub struct Vm {
     /// A restored VM's line to the ACPI GED, raised as its vCPUs start: its VM generation ID
     /// changed.
     new_generation: Option<IrqFd>,
+    /// A restored VM's steps and when each ended ([`Vm::restored`]).
+    restore_steps: Option<String>,
     // Dropped after the devices and vCPUs that use them, guest RAM last.
     vm_fd: Arc<VmFd>,
     kvm: Kvm,
-    _ram: Arc<GuestRam>,
+    ram: Arc<GuestRam>,
 }
 
 /// The VM while its devices are being attached.
@@ -468,9 +472,10 @@ impl VmBuilder {
             stateful: self.stateful,
             shape: shape(config),
             new_generation: None,
+            restore_steps: None,
             vm_fd: self.vm_fd,
             kvm: self.kvm,
-            _ram: self.ram,
+            ram: self.ram,
         }
     }
 }
@@ -555,27 +560,11 @@ impl<T: Send + 'static> Helper<T> {
 /// Builds the VM `config` describes: KVM VM with in-kernel irqchip and PIT, RAM, legacy
 /// devices, virtio devices, kernel, firmware tables, vCPUs.
 pub fn build_vm(config: &VmConfig) -> Result<Vm, VmError> {
-    build_vm_in(config, Backing::Anonymous)
-}
-
-/// [`build_vm`], with `save`'s memory file as the guest's RAM, to be saved by
-/// [`Vm::run_to_save`].
-pub fn build_vm_to_save(config: &VmConfig, save: &SaveTo) -> Result<Vm, VmError> {
-    build_vm_in(
-        config,
-        Backing::File {
-            file: &save.memory,
-            shared: true,
-        },
-    )
-}
-
-fn build_vm_in(config: &VmConfig, backing: Backing) -> Result<Vm, VmError> {
     let started = Instant::now();
     let step = |what: &str| {
         tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "{what}");
     };
-    let ram = Arc::new(create_guest_memory_from(config.memory, backing)?);
+    let ram = Arc::new(create_guest_memory(config.memory)?);
     // The kernel and initrd (tens of MiB) are copied into guest RAM on a thread of their own
     // while KVM makes the VM and the devices are attached. The thread holds the RAM too, so it
     // stays mapped until the copy ends even if building fails first.
@@ -608,15 +597,19 @@ fn build_vm_in(config: &VmConfig, backing: Backing) -> Result<Vm, VmError> {
 /// [`shape`] when it was opened.
 pub fn restore_vm(config: &VmConfig, from: &RestoreFrom) -> Result<Vm, VmError> {
     let started = Instant::now();
+    let mut steps = Vec::new();
+    let mut step = |what: &str| {
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        tracing::debug!(ms, "{what}");
+        steps.push(format!("{what} at {ms:.1} ms"));
+    };
     let ram = Arc::new(create_guest_memory_from(
         config.memory,
-        Backing::File {
-            file: &from.memory,
-            shared: false,
-        },
+        Backing::Snapshot(&from.memory),
     )?);
     let mut vm = VmBuilder::new(ram)?;
     let memory = vm.register_memory_in_background()?;
+    step("memory mapped, VM created");
     let state = &from.state;
     vm.attach_devices(config, Some(state))?;
     // This guest is a copy: it gets a generation ID of its own, announced as it starts.
@@ -625,12 +618,16 @@ pub fn restore_vm(config: &VmConfig, from: &RestoreFrom) -> Result<Vm, VmError> 
         source: Box::new(source),
     })?;
     let new_generation = vm.irq(GED_GSI)?;
+    step("devices attached");
     state.kvm.restore(&vm.vm_fd).map_err(SnapshotError::from)?;
+    step("VM state restored");
     let vcpus = vm.create_vcpus(config.cpus)?;
     for (id, (vcpu, saved)) in vcpus.iter().zip(&state.vcpus).enumerate() {
         saved.restore(vcpu, id).map_err(SnapshotError::from)?;
     }
+    step("vCPUs restored");
     memory.join()??;
+    step("memory registered");
     // Last: a device's data path may raise its interrupt as soon as it starts.
     for (slot, (transport, saved)) in vm.stateful.transports.iter().zip(&state.virtio).enumerate() {
         lock(transport)
@@ -640,9 +637,10 @@ pub fn restore_vm(config: &VmConfig, from: &RestoreFrom) -> Result<Vm, VmError> 
                 why,
             })?;
     }
-    tracing::debug!(ms = started.elapsed().as_secs_f64() * 1e3, "VM restored");
+    step("virtio devices started");
     let mut vm = vm.finish(vcpus, config, started.elapsed());
     vm.new_generation = Some(new_generation);
+    vm.restore_steps = Some(steps.join(", "));
     Ok(vm)
 }
 
@@ -651,6 +649,15 @@ fn lock<T>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Vm {
+    /// For a VM [`restore_vm`] built: how long that took, and where the time went.
+    pub fn restored(&self) -> Option<String> {
+        let steps = self.restore_steps.as_ref()?;
+        Some(format!(
+            "in {:.1} ms ({steps})",
+            self.built_in.as_secs_f64() * 1e3
+        ))
+    }
+
     /// The virtio-mmio devices, in attach order.
     pub fn mmio_slots(&self) -> &[MmioSlot] {
         &self.slots
@@ -678,9 +685,9 @@ impl Vm {
         SaveHandle(self.exit.clone())
     }
 
-    /// [`Vm::run_filtered`] for a VM built by [`build_vm_to_save`]: when its [`SaveHandle`] is
-    /// used, the vCPUs stop, every device's data path stops, the state is written to `save`,
-    /// and the VM ends [`VmExit::Saved`].
+    /// [`Vm::run_filtered`], and when its [`SaveHandle`] is used, the vCPUs stop, every
+    /// device's data path stops, the memory and the state are written to `save`, and the VM ends
+    /// [`VmExit::Saved`].
     pub fn run_to_save(
         self,
         timeout: Option<Duration>,
@@ -760,7 +767,7 @@ impl Vm {
         let vcpus = stop_vcpus(&stop, threads);
         if let (VmExit::Saved, Some(save)) = (&exit, save) {
             let state = self.state(&vcpus, &msr_list)?;
-            save.write(&state)?;
+            save.write(&state, self.ram.memory())?;
         }
         tracing::info!(
             run_ms = ran_for.as_secs_f64() * 1e3,

@@ -1,6 +1,7 @@
-//! Snapshots of a running guest: `vm run --save DIR` boots a VM whose memory is `DIR/memory`
-//! (mapped shared) and, when a line `save` arrives on its stdin, stops the vCPUs, stops every
-//! device's data path, writes the state of KVM and of the devices to `DIR/devices` and ends;
+//! Snapshots of a running guest: `vm run --save DIR` boots a VM as usual and, when a line `save`
+//! arrives on its stdin, stops the vCPUs, stops every device's data path, writes the memory the
+//! guest touched to `DIR/memory` (a sparse file as long as its RAM) and the state of KVM and of
+//! the devices to `DIR/devices`, and ends;
 //! `vm run --restore DIR` builds the same VM from them instead of booting: `DIR/memory` (or
 //! `--restore-memory`) mapped private, the devices put back as they were, the vCPUs resumed.
 //!
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::legacy::rtc::RtcState;
 use crate::legacy::serial::UartState;
+use crate::memory::{GuestMem, save_memory};
 use crate::virtio::mmio::TransportState;
 use kvm_state::{VcpuState, VmKvmState};
 
@@ -106,10 +108,10 @@ fn file_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) ->
 /// Where `--save` writes: both files made (the memory as long as the RAM, sparse) before the
 /// VMM is jailed.
 pub struct SaveTo {
-    /// The guest's RAM, mapped shared.
-    pub memory: File,
+    /// Where the guest's RAM goes.
+    memory: File,
     /// Where the state goes.
-    pub state: File,
+    state: File,
 }
 
 impl SaveTo {
@@ -136,8 +138,9 @@ impl SaveTo {
         })
     }
 
-    /// Writes `state` (the VM is stopped, its memory already in the memory file).
-    pub fn write(&self, state: &VmState) -> Result<(), SnapshotError> {
+    /// Writes `memory` and `state` (of a VM whose vCPUs and devices are stopped).
+    pub fn write(&self, state: &VmState, memory: &GuestMem) -> Result<(), SnapshotError> {
+        save_memory(memory, &self.memory).map_err(file_error("writing", Path::new("memory")))?;
         let path = PathBuf::from(STATE_FILE);
         serde_json::to_writer(std::io::BufWriter::new(&self.state), state).map_err(|e| {
             SnapshotError::File {
