@@ -12,12 +12,13 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 
 use super::kvm::{KvmBackend, SSH_PORT};
-use super::saving::{io_error, keep_disk, last_words, refused, within};
+use super::saving::{
+    io_error, keep_disk, last_words, no_cache_disks, refused, wait_for_template, within,
+};
 use super::{
     AgentChannel, BackendError, Boot, BootSpec, Prepared, ProcessVm, SealedMemory, Snapshot,
     prepare,
 };
-use crate::guest::console::wait_waiting;
 use crate::vmm::snapshot::{SAVE_LINE, VMM_VERSION};
 use crate::vmm::timing::{RESTORED, VCPUS_START};
 
@@ -77,22 +78,9 @@ impl KvmBackend {
         let (Some(mut console), Some(mut stdin)) = (child.stdout.take(), child.stdin.take()) else {
             return Err(refused("starting the template's VMM", "no console".into()));
         };
-        let mut seen = Vec::new();
-        let mut sink = |data: &[u8]| {
-            seen.extend_from_slice(data);
-            let excess = seen.len().saturating_sub(4096);
-            seen.drain(..excess);
-        };
-        if let Err(e) = wait_waiting(&mut console, &mut sink, timeout).await {
+        if let Err(e) = wait_for_template(&mut console, timeout, &messages).await {
             let _ = child.kill().await;
-            return Err(refused(
-                "booting the template guest",
-                format!(
-                    "{e}; its console ended with:\n{}\n{}",
-                    String::from_utf8_lossy(&seen),
-                    last_words(&messages).await
-                ),
-            ));
+            return Err(e);
         }
         let saved = within("the VMM", timeout, "saving the template guest", async {
             stdin
@@ -138,13 +126,7 @@ impl KvmBackend {
         sealed: &SealedMemory,
     ) -> Result<Box<dyn super::Vm>, BackendError> {
         let linux = linux(spec)?;
-        if !spec.caches.is_empty() {
-            return Err(BackendError::Unsupported {
-                backend: "kvm",
-                why: "a guest restored from a snapshot has the disks it was saved with, no cache disk"
-                    .into(),
-            });
-        }
+        no_cache_disks(spec, "kvm")?;
         let spec = BootSpec {
             base_disk: from.disk(),
             ..spec.clone()

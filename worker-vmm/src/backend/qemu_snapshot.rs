@@ -21,12 +21,13 @@ use tokio::net::UnixStream;
 use tokio::process::Command;
 
 use super::qemu::{QEMU, QMP_LINE, QemuBackend, RunWith, confine_before_exec};
-use super::saving::{io_error, keep_disk, last_words, refused, within};
+use super::saving::{
+    io_error, keep_disk, last_words, no_cache_disks, refused, wait_for_template, within,
+};
 use super::{
     BackendError, Boot, BootSpec, OVERLAY, SealedMemory, Snapshot, clear_environment,
     die_with_parent,
 };
-use crate::guest::console::wait_waiting;
 
 /// The longest a restore may take before the job boots cold instead (it takes some 60 ms here).
 const RESTORE_LIMIT: Duration = Duration::from_secs(30);
@@ -140,22 +141,9 @@ impl QemuBackend {
             .stdout
             .take()
             .ok_or_else(|| refused("reading the template's console", "no console".into()))?;
-        let mut seen = Vec::new();
-        let mut sink = |data: &[u8]| {
-            seen.extend_from_slice(data);
-            let excess = seen.len().saturating_sub(4096);
-            seen.drain(..excess);
-        };
-        if let Err(e) = wait_waiting(&mut console, &mut sink, timeout).await {
+        if let Err(e) = wait_for_template(&mut console, timeout, &messages).await {
             let _ = child.kill().await;
-            let stderr = last_words(&messages).await;
-            return Err(refused(
-                "booting the template guest",
-                format!(
-                    "{e}; its console ended with:\n{}\n{stderr}",
-                    String::from_utf8_lossy(&seen)
-                ),
-            ));
+            return Err(e);
         }
         // The console is read no more: the paused guest prints nothing.
         let saved = within(
@@ -195,13 +183,7 @@ impl QemuBackend {
         from: &Snapshot,
         sealed: &SealedMemory,
     ) -> Result<Box<dyn super::Vm>, BackendError> {
-        if !spec.caches.is_empty() {
-            return Err(BackendError::Unsupported {
-                backend: "qemu",
-                why: "a guest restored from a snapshot has the disks it was saved with, no cache disk"
-                    .into(),
-            });
-        }
+        no_cache_disks(spec, "qemu")?;
         let spec = BootSpec {
             base_disk: from.disk(),
             ..spec.clone()

@@ -4,9 +4,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 
-use super::BackendError;
+use super::{BackendError, BootSpec};
+use crate::guest::console::wait_waiting;
 
 pub(crate) fn io_error(what: &'static str) -> impl FnOnce(std::io::Error) -> BackendError {
     move |source| BackendError::Snapshot {
@@ -58,4 +59,43 @@ pub(crate) async fn within(
             format!("{vmm} did not finish within {limit:?}"),
         ))
     })
+}
+
+/// Refuses to restore `spec`'s guest with cache disks on `backend`.
+pub(crate) fn no_cache_disks(spec: &BootSpec, backend: &'static str) -> Result<(), BackendError> {
+    if spec.caches.is_empty() {
+        return Ok(());
+    }
+    Err(BackendError::Unsupported {
+        backend,
+        why: "a guest restored from a snapshot has the disks it was saved with, no cache disk"
+            .into(),
+    })
+}
+
+/// Reads the template guest's `console` until its agent waits for a job; if it does not within
+/// `timeout`, the error has the console's last 4 KiB and the VMM's last words (`messages`).
+pub(crate) async fn wait_for_template<R: AsyncRead + Unpin>(
+    console: &mut R,
+    timeout: Duration,
+    messages: &Path,
+) -> Result<(), BackendError> {
+    let mut seen = Vec::new();
+    let mut sink = |data: &[u8]| {
+        seen.extend_from_slice(data);
+        let excess = seen.len().saturating_sub(4096);
+        seen.drain(..excess);
+    };
+    let waited = wait_waiting(console, &mut sink, timeout).await;
+    match waited {
+        Ok(()) => Ok(()),
+        Err(e) => Err(refused(
+            "booting the template guest",
+            format!(
+                "{e}; its console ended with:\n{}\n{}",
+                String::from_utf8_lossy(&seen),
+                last_words(messages).await
+            ),
+        )),
+    }
 }

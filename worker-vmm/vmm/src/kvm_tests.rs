@@ -128,19 +128,7 @@ fn boot(name: &str, code: &[u8], cpus: u8, timeout: Duration) -> (VmExit, String
     let kernel = scratch.0.join("guest.elf");
     std::fs::write(&kernel, elf_image(code)).unwrap();
     let console = scratch.0.join("console.log");
-    let config = VmConfig {
-        kernel,
-        initrd: None,
-        disks: Vec::new(),
-        vsock: None,
-        rng: true,
-        cpus,
-        memory: 32 << 20,
-        cmdline: "console=ttyS0".into(),
-        virtio_mmio_cmdline: false,
-        console: ConsoleConfig::File(console.clone()),
-        timeout: Some(timeout),
-    };
+    let config = tiny_config(&scratch, "console.log", cpus, timeout);
     let started = Instant::now();
     let vm = build_vm(&config).unwrap();
     // The rng device is the only virtio device: first window, first virtio GSI.
@@ -245,7 +233,8 @@ fn wait_for_flag() -> Vec<u8> {
     code
 }
 
-fn tiny_config(scratch: &Scratch, console: &str, cpus: u8) -> VmConfig {
+/// A tiny guest's VM: `scratch`'s guest.elf, 32 MiB, the rng device, COM1 to `console`.
+fn tiny_config(scratch: &Scratch, console: &str, cpus: u8, timeout: Duration) -> VmConfig {
     VmConfig {
         kernel: scratch.0.join("guest.elf"),
         initrd: None,
@@ -257,7 +246,7 @@ fn tiny_config(scratch: &Scratch, console: &str, cpus: u8) -> VmConfig {
         cmdline: "console=ttyS0".into(),
         virtio_mmio_cmdline: false,
         console: ConsoleConfig::File(scratch.0.join(console)),
-        timeout: Some(Duration::from_secs(30)),
+        timeout: Some(timeout),
     }
 }
 
@@ -280,7 +269,7 @@ fn test_a_saved_guest_goes_on_where_it_stood_when_restored() {
     )
     .unwrap();
     let saved = scratch.0.join("saved");
-    let config = tiny_config(&scratch, "first.log", 1);
+    let config = tiny_config(&scratch, "first.log", 1, Duration::from_secs(30));
     let save = SaveTo::create(&saved, config.memory).unwrap();
     let vm = build_vm(&config).unwrap();
     let handle = vm.save_handle();
@@ -309,7 +298,7 @@ fn test_a_saved_guest_goes_on_where_it_stood_when_restored() {
         .unwrap();
     assert_ne!(id, [0; 16], "no VM generation ID");
     std::os::unix::fs::FileExt::write_all_at(&memory, &[1], FLAG).unwrap();
-    let again = tiny_config(&scratch, "second.log", 1);
+    let again = tiny_config(&scratch, "second.log", 1, Duration::from_secs(30));
     let from = RestoreFrom::open(&saved, None, &shape(&again)).unwrap();
     let started = Instant::now();
     let vm = restore_vm(&again, &from).unwrap();
@@ -320,7 +309,7 @@ fn test_a_saved_guest_goes_on_where_it_stood_when_restored() {
         "two\n"
     );
 
-    let two_cpus = tiny_config(&scratch, "third.log", 2);
+    let two_cpus = tiny_config(&scratch, "third.log", 2, Duration::from_secs(30));
     let refused = RestoreFrom::open(&saved, None, &shape(&two_cpus))
         .err()
         .unwrap();

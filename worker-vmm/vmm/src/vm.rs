@@ -34,7 +34,7 @@ use super::legacy::{
     i8042::I8042,
     pvpanic::PvPanic,
     rtc::{Rtc, RtcState},
-    serial::{SerialDevice, UartState},
+    serial::SerialDevice,
     vmgenid,
 };
 use super::memory::{
@@ -46,6 +46,7 @@ use super::snapshot::{RestoreFrom, SaveTo, Shape, SnapshotError, VMM_VERSION, Vm
 use super::thread::{self, Stack};
 use super::vcpu::{VcpuShared, install_kick_handler, kick_signal, run_vcpu};
 use super::virtio::{block::Block, mmio::MmioTransport, rng::Rng, vsock::Vsock};
+use vm_superio::serial::SerialState;
 
 /// Building the VM failed.
 #[derive(Debug, thiserror::Error)]
@@ -259,7 +260,7 @@ impl VmBuilder {
     fn attach_serial(
         &mut self,
         console: &ConsoleConfig,
-        restored: Option<&UartState>,
+        restored: Option<&SerialState>,
     ) -> Result<(), VmError> {
         let out: Box<dyn Write + Send> = match console {
             ConsoleConfig::Stdout => Box::new(std::io::stdout()),

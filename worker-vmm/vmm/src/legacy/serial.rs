@@ -25,60 +25,32 @@ impl<T: Trigger> SerialDevice<T> {
     }
 
     /// Its registers and receive FIFO, for a snapshot.
-    pub fn state(&self) -> UartState {
-        let s = self.uart.state();
-        UartState {
-            registers: [
-                s.baud_divisor_low,
-                s.baud_divisor_high,
-                s.interrupt_enable,
-                s.interrupt_identification,
-                s.line_control,
-                s.line_status,
-                s.modem_control,
-                s.modem_status,
-                s.scratch,
-            ],
-            in_buffer: s.in_buffer,
-        }
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
     }
 
     /// A UART as `state` left it (an interrupt it had pending is raised again).
-    pub fn restored(state: &UartState, irq: T, out: ConsoleOut) -> Result<Self, String> {
-        let [
-            baud_divisor_low,
-            baud_divisor_high,
-            interrupt_enable,
-            interrupt_identification,
-            line_control,
-            line_status,
-            modem_control,
-            modem_status,
-            scratch,
-        ] = state.registers;
-        let state = SerialState {
-            baud_divisor_low,
-            baud_divisor_high,
-            interrupt_enable,
-            interrupt_identification,
-            line_control,
-            line_status,
-            modem_control,
-            modem_status,
-            scratch,
-            in_buffer: state.in_buffer.clone(),
-        };
-        let uart = Serial::from_state(&state, irq, vm_superio::serial::NoEvents, out)
+    pub fn restored(state: &SerialState, irq: T, out: ConsoleOut) -> Result<Self, String> {
+        let uart = Serial::from_state(state, irq, vm_superio::serial::NoEvents, out)
             .map_err(|e| format!("{e:?}"))?;
         Ok(Self { uart })
     }
 }
 
-/// A UART's state in a snapshot: its nine registers (in vm-superio's `SerialState` order) and
-/// the bytes waiting in its receive FIFO.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// vm-superio's UART state as a snapshot holds it (serde's remote derive: its fields, in its
+/// names).
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "SerialState")]
 pub struct UartState {
-    registers: [u8; 9],
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
     in_buffer: Vec<u8>,
 }
 

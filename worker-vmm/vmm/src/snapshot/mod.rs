@@ -26,6 +26,7 @@ use crate::legacy::serial::UartState;
 use crate::memory::{GuestMem, save_memory};
 use crate::virtio::mmio::TransportState;
 use kvm_state::{VcpuState, VmKvmState};
+use vm_superio::serial::SerialState;
 
 /// The VMM that writes and reads snapshots: its version and the state's format. A snapshot
 /// written by any other is refused.
@@ -53,7 +54,8 @@ pub struct VmState {
     /// Each vCPU's.
     pub vcpus: Vec<VcpuState>,
     /// COM1.
-    pub serial: UartState,
+    #[serde(with = "UartState")]
+    pub serial: SerialState,
     /// The CMOS.
     pub rtc: RtcState,
     /// Each virtio-mmio transport, in slot order.
