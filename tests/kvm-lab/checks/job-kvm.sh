@@ -122,6 +122,23 @@ check artifact-intact $? "size=$size guest=$want here=$got"
 # Warm starts: the first job without a cache disk finds no template snapshot, boots cold and
 # has one made (`vm run --save`); the next two start from it (`vm run --restore`), together.
 warm() { timeout 300 vmfarm submit --follow /payload/kvm-warm-job.toml > "/tmp/warm$1.out" 2> "/tmp/warm$1.err"; }
+# Every half second, each jailed VMM's resident and proportional memory (KiB), by kind: cold
+# boot, the template being made (--save), restored (--restore).
+memwatch() {
+  while [ -e /tmp/memwatch.on ]; do
+    for p in /proc/[0-9]*; do
+      c=$(tr '\0' ' ' < "$p/cmdline" 2>/dev/null)
+      case "$c" in *" vm run "*) ;; *) continue ;; esac
+      [ "$(awk '/^NSpid:/ {print $NF}' "$p/status" 2>/dev/null)" = 1 ] || continue
+      kind=cold; case "$c" in *--restore*) kind=restored ;; *--save*) kind=template ;; esac
+      awk -v k=$kind -v p="${p#/proc/}" '/^Rss:/ {r=$2} /^Pss:/ {s=$2} END {if (r) print k, p, r, s}' "$p/smaps_rollup" 2>/dev/null
+    done >> /tmp/mem.samples
+    sleep 0.5
+  done
+}
+touch /tmp/memwatch.on
+memwatch &
+watcher=$!
 warm 1; w1=$?
 i=0
 while ! grep -q -e "made the template snapshot" -e "making the template snapshot failed" /tmp/up.log && [ $i -lt 2400 ]; do
@@ -133,6 +150,11 @@ warm 2 & p2=$!
 warm 3 & p3=$!
 wait $p2; w2=$?
 wait $p3; w3=$?
+rm -f /tmp/memwatch.on
+wait $watcher
+# The most each VMM held while its job ran (two restored guests share the snapshot's pages).
+awk '{k = $1 " pid " $2; if ($3 > r[k]) r[k] = $3; if ($4 > s[k]) s[k] = $4}
+  END {for (k in r) printf "LAB-TIME vmm-memory %s rss %.1f MiB pss %.1f MiB\n", k, r[k] / 1024, s[k] / 1024}' /tmp/mem.samples | sort
 for n in 1 2 3; do sed "s/^/[warm $n] /" /tmp/warm$n.out /tmp/warm$n.err; done
 said() { cat "/tmp/warm$1.out" "/tmp/warm$1.err"; }
 ready() { said "$1" | grep -m1 -o 'guest ready in [0-9.]*s' | grep -o '[0-9.]*'; }
