@@ -1,6 +1,6 @@
-//! Template snapshots on the `kvm` backend: `vmfarm vm run --save` boots the template guest with
-//! its memory in the snapshot's folder; once its agent waits for a job, a `save` line on the
-//! VMM's stdin has it stop and write the vCPUs' and devices' state there. A job's guest is
+//! Template snapshots on the `kvm` backend: `vmfarm vm run --save` boots the template guest;
+//! once its agent waits for a job, a `save` line on the VMM's stdin has it stop and write its
+//! memory and its vCPUs' and devices' state into the snapshot's folder. A job's guest is
 //! `vmfarm vm run --restore` from that folder, its memory the sealed copy ([`SealedMemory`])
 //! mapped private, its disk an overlay of its own on the template's frozen one.
 
@@ -146,7 +146,8 @@ impl KvmBackend {
         };
         // The VMM prints its vCPUs' start once the VM is restored; before it, only errors.
         let mut lines = BufReader::new(stderr).lines();
-        let mut said = Vec::new();
+        // Its last lines, where its error is.
+        let mut said = std::collections::VecDeque::new();
         let started = within("the VMM", RESTORE_LIMIT, "restoring the guest", async {
             loop {
                 match lines
@@ -160,14 +161,15 @@ impl KvmBackend {
                         tracing::info!(vm = %spec.run_dir.display(), "the VMM restored the guest {took}");
                     }
                     Some(line) => {
-                        if said.len() < 32 {
-                            said.push(line);
+                        if said.len() == 32 {
+                            said.pop_front();
                         }
+                        said.push_back(line);
                     }
                     None => {
                         return Err(refused(
                             "restoring the guest",
-                            format!("the VMM ended: {}", said.join("\n")),
+                            format!("the VMM ended: {}", said.make_contiguous().join("\n")),
                         ));
                     }
                 }

@@ -6,6 +6,7 @@ use anyhow::Context;
 
 use super::cli::VmRunArgs;
 use super::config::VmConfig;
+use super::exit::VmExit;
 use super::jail;
 use super::seccomp;
 use super::snapshot::{RestoreFrom, SaveTo, on_save_line};
@@ -64,12 +65,16 @@ pub fn run(args: &VmRunArgs) -> anyhow::Result<ExitCode> {
     let exit = match &save {
         Some(save) => {
             let handle = vm.save_handle();
-            on_save_line(move || handle.save()).context("reading stdin")?;
+            on_save_line(move || handle.save())
+                .context("starting the thread that waits for `save` on stdin")?;
             vm.run_to_save(config.timeout, &filters, save)
         }
         None => vm.run_filtered(config.timeout, &filters),
     }
     .context("running the VM")?;
+    if save.is_some() && exit != VmExit::Saved {
+        anyhow::bail!("the guest ended ({exit}) before it was saved");
+    }
     if !exit.is_clean() {
         eprintln!("vmfarm vm run: {exit}");
     }

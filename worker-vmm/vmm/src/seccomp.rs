@@ -20,9 +20,9 @@
 //!   file when the device goes.
 //! - virtio-rng: `getrandom`.
 //! - `--save` only: the `ioctl`s that read the paused VM's state (KVM_GET_MP_STATE, _XSAVE,
-//!   _XCRS, _DEBUGREGS, _LAPIC, _MSRS, _VCPU_EVENTS, KVM_KVMCLOCK_CTRL on the vCPUs;
-//!   KVM_GET_IRQCHIP, _PIT2, _CLOCK on the VM), `mincore` (which pages of guest memory to
-//!   write), and the `pwrite64`s, `write`s and `fsync`s of the snapshot's files, opened before.
+//!   _XCRS, _DEBUGREGS, _LAPIC, _MSRS, _VCPU_EVENTS on the vCPUs; KVM_GET_IRQCHIP, _PIT2,
+//!   _CLOCK on the VM), and the `pwrite64`s, `write`s and `fsync`s of the snapshot's files,
+//!   opened before.
 //! - Its own end: `Vm::run` returns, the devices are dropped (`KVM_IRQFD` deassign, `unlink`,
 //!   `close`), guest memory unmapped, `exit_group`; the log lines are `write`s to stderr.
 //! - Threads and memory as Rust's std and the C library do them: `mmap`/`munmap`/`mprotect`/
@@ -133,7 +133,6 @@ vmm_sys_util::ioctl_ior_nr!(
     0x9f,
     kvm_bindings::kvm_vcpu_events
 );
-vmm_sys_util::ioctl_io_nr!(KVM_KVMCLOCK_CTRL, kvm_bindings::KVMIO, 0xad);
 vmm_sys_util::ioctl_iowr_nr!(
     KVM_GET_IRQCHIP,
     kvm_bindings::KVMIO,
@@ -273,17 +272,12 @@ fn allow_rules(
             KVM_GET_LAPIC(),
             KVM_GET_MSRS(),
             KVM_GET_VCPU_EVENTS(),
-            KVM_KVMCLOCK_CTRL(),
             KVM_GET_IRQCHIP(),
             KVM_GET_PIT2(),
             KVM_GET_CLOCK(),
         ]);
     }
     rules.insert(libc::SYS_ioctl, any_of(1, &ioctls)?);
-    if saving {
-        // Which pages of guest memory the guest touched, to write those (crate::memory).
-        rules.insert(libc::SYS_mincore, Vec::new());
-    }
     // Threads only: a new process would be a new thread of attack.
     let thread = libc::CLONE_THREAD as u64;
     rules.insert(

@@ -69,28 +69,8 @@ pub fn run_vcpu(id: u32, mut vcpu: VcpuFd, shared: &VcpuShared) -> VcpuFd {
     let internal = |reason: String| VmExit::Internal { vcpu: id, reason };
     while !shared.stop.load(Ordering::Acquire) {
         let ended = match vcpu.run() {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                if !shared.pio.read(u64::from(port), data) {
-                    tracing::trace!(vcpu = id, port, "read from an empty port");
-                }
-                None
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                if !shared.pio.write(u64::from(port), data) {
-                    tracing::trace!(vcpu = id, port, "write to an empty port");
-                }
-                None
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                if !shared.mmio.read(addr, data) {
-                    tracing::debug!(vcpu = id, addr, "MMIO read outside any device");
-                }
-                None
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                if !shared.mmio.write(addr, data) {
-                    tracing::debug!(vcpu = id, addr, "MMIO write outside any device");
-                }
+            Ok(exit) if is_bus_exit(&exit) => {
+                on_bus(id, exit, shared);
                 None
             }
             // With the in-kernel LAPIC, HLT only exits when the guest halts for good.
@@ -131,11 +111,64 @@ pub fn run_vcpu(id: u32, mut vcpu: VcpuFd, shared: &VcpuShared) -> VcpuFd {
             return vcpu;
         }
     }
+    // KVM_RUN returns EINTR at once, once the last exit's I/O is done; an access that takes more
+    // than one exit (a string instruction) goes on to its end first.
     vcpu.set_kvm_immediate_exit(1);
-    // EINTR at once, once the pending I/O is done.
-    let _ = vcpu.run();
+    for _ in 0..MAX_DRAIN_EXITS {
+        match vcpu.run() {
+            Ok(exit) if is_bus_exit(&exit) => on_bus(id, exit, shared),
+            _ => break,
+        }
+    }
     vcpu.set_kvm_immediate_exit(0);
     vcpu
+}
+
+/// The most port or MMIO exits a stopping vCPU serves to finish its last instruction.
+const MAX_DRAIN_EXITS: usize = 4096;
+
+fn is_bus_exit(exit: &VcpuExit) -> bool {
+    matches!(
+        exit,
+        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) | VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..)
+    )
+}
+
+/// Serves a port or MMIO exit of vCPU `id` on the buses (others are not given here).
+fn on_bus(id: u32, exit: VcpuExit, shared: &VcpuShared) {
+    let (served, port, what, at) = match exit {
+        VcpuExit::IoIn(port, data) => (
+            shared.pio.read(u64::from(port), data),
+            true,
+            "read from an empty port",
+            u64::from(port),
+        ),
+        VcpuExit::IoOut(port, data) => (
+            shared.pio.write(u64::from(port), data),
+            true,
+            "write to an empty port",
+            u64::from(port),
+        ),
+        VcpuExit::MmioRead(addr, data) => (
+            shared.mmio.read(addr, data),
+            false,
+            "MMIO read outside any device",
+            addr,
+        ),
+        VcpuExit::MmioWrite(addr, data) => (
+            shared.mmio.write(addr, data),
+            false,
+            "MMIO write outside any device",
+            addr,
+        ),
+        _ => return,
+    };
+    // Linux probes many empty ports: those are only traced.
+    match (served, port) {
+        (true, _) => {}
+        (false, true) => tracing::trace!(vcpu = id, port = at, "{what}"),
+        (false, false) => tracing::debug!(vcpu = id, addr = at, "{what}"),
+    }
 }
 
 /// Where a vCPU stood when it stopped on a triple fault, as one line; empty if KVM would not

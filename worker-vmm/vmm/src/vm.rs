@@ -188,8 +188,8 @@ pub struct Vm {
     slots: Vec<MmioSlot>,
     stateful: Stateful,
     shape: Shape,
-    /// A restored VM's line to the ACPI GED, raised as its vCPUs start: its VM generation ID
-    /// changed.
+    /// A restored VM's line to the ACPI GED, raised as its vCPUs start (its VM generation ID
+    /// changed), with every device's interrupt that was pending when it was saved.
     new_generation: Option<IrqFd>,
     /// A restored VM's steps and when each ended ([`Vm::restored`]).
     restore_steps: Option<String>,
@@ -450,14 +450,12 @@ impl VmBuilder {
         self.attach_rtc(restored.map(|s| &s.rtc))?;
         self.attach_pvpanic()?;
         self.attach_acpi_pm()?;
-        for disk in &config.disks {
-            self.attach_block(disk)?;
-        }
-        if let Some(socket) = &config.vsock {
-            self.attach_vsock(socket)?;
-        }
-        if config.rng {
-            self.attach_rng()?;
+        for device in virtio_devices(config) {
+            match device {
+                VirtioPart::Block(disk) => self.attach_block(disk)?,
+                VirtioPart::Vsock(socket) => self.attach_vsock(socket)?,
+                VirtioPart::Rng => self.attach_rng()?,
+            }
         }
         Ok(())
     }
@@ -481,16 +479,33 @@ impl VmBuilder {
     }
 }
 
-/// What a snapshot of `config`'s VM must match: its vCPUs, RAM and virtio devices, in the order
-/// [`VmBuilder::attach_devices`] attaches them.
+/// A virtio device `config` asks for.
+enum VirtioPart<'a> {
+    Block(&'a DiskConfig),
+    Vsock(&'a Path),
+    Rng,
+}
+
+/// The virtio devices of `config`'s VM, in the one order they take their slots: the disks,
+/// vsock, rng.
+fn virtio_devices(config: &VmConfig) -> Vec<VirtioPart<'_>> {
+    let disks = config.disks.iter().map(VirtioPart::Block);
+    let vsock = config.vsock.as_deref().map(VirtioPart::Vsock);
+    let rng = config.rng.then_some(VirtioPart::Rng);
+    disks.chain(vsock).chain(rng).collect()
+}
+
+/// What a snapshot of `config`'s VM must match: its vCPUs, RAM and virtio devices' types, in
+/// slot order.
 pub fn shape(config: &VmConfig) -> Shape {
-    let mut devices = vec![super::virtio::block::DEVICE_TYPE_BLOCK; config.disks.len()];
-    if config.vsock.is_some() {
-        devices.push(super::virtio::vsock::DEVICE_TYPE_VSOCK);
-    }
-    if config.rng {
-        devices.push(super::virtio::rng::DEVICE_TYPE_RNG);
-    }
+    let devices = virtio_devices(config)
+        .iter()
+        .map(|device| match device {
+            VirtioPart::Block(_) => super::virtio::block::DEVICE_TYPE_BLOCK,
+            VirtioPart::Vsock(_) => super::virtio::vsock::DEVICE_TYPE_VSOCK,
+            VirtioPart::Rng => super::virtio::rng::DEVICE_TYPE_RNG,
+        })
+        .collect();
     Shape {
         cpus: config.cpus,
         memory: config.memory,
@@ -620,15 +635,17 @@ pub fn restore_vm(config: &VmConfig, from: &RestoreFrom) -> Result<Vm, VmError> 
     })?;
     let new_generation = vm.irq(GED_GSI)?;
     step("devices attached");
+    // KVM checks the guest addresses some MSRs name (kvmclock, PV EOI) against its memory, and
+    // the irqchip delivers to vCPUs: memory, then the vCPUs, the VM's state, each vCPU's.
+    memory.join()??;
+    step("memory registered");
+    let vcpus = vm.create_vcpus(config.cpus)?;
     state.kvm.restore(&vm.vm_fd).map_err(SnapshotError::from)?;
     step("VM state restored");
-    let vcpus = vm.create_vcpus(config.cpus)?;
     for (id, (vcpu, saved)) in vcpus.iter().zip(&state.vcpus).enumerate() {
         saved.restore(vcpu, id).map_err(SnapshotError::from)?;
     }
     step("vCPUs restored");
-    memory.join()??;
-    step("memory registered");
     // Last: a device's data path may raise its interrupt as soon as it starts.
     for (slot, (transport, saved)) in vm.stateful.transports.iter().zip(&state.virtio).enumerate() {
         lock(transport)
@@ -716,11 +733,18 @@ impl Vm {
         };
         install_kick_handler().map_err(VmError::Signal)?;
         seccomp::install(filters)?;
-        // Pending in the irqchip until a vCPU runs.
-        if let Some(line) = &self.new_generation
-            && let Err(e) = line.trigger()
-        {
-            tracing::error!(error = %e, "cannot announce the new VM generation ID");
+        // Pending in the irqchip until a vCPU runs. A restored device's pending interrupt is
+        // raised again too: an edge on its way when the VM was saved may be in no saved state.
+        if let Some(line) = &self.new_generation {
+            if let Err(e) = line.trigger() {
+                tracing::error!(error = %e, "cannot announce the new VM generation ID");
+            }
+            for transport in &self.stateful.transports {
+                lock(transport).raise_pending();
+            }
+            if let Some(serial) = &self.stateful.serial {
+                lock(serial).raise_pending();
+            }
         }
         let started = Instant::now();
         tracing::info!(
@@ -768,7 +792,9 @@ impl Vm {
         let vcpus = stop_vcpus(&stop, threads);
         if let (VmExit::Saved, Some(save)) = (&exit, save) {
             let state = self.state(&vcpus, &msr_list)?;
-            save.write(&state, self.ram.memory())?;
+            // SAFETY: the vCPU threads have ended, and `state` stopped every device's data path
+            // (it fails if one did not stop).
+            unsafe { save.write(&state, self.ram.memory()) }?;
         }
         tracing::info!(
             run_ms = ran_for.as_secs_f64() * 1e3,

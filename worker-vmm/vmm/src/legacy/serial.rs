@@ -29,7 +29,18 @@ impl<T: Trigger> SerialDevice<T> {
         self.uart.state()
     }
 
-    /// A UART as `state` left it (an interrupt it had pending is raised again).
+    /// Raises its line again if it has an interrupt pending (a restored VM, as its vCPUs start:
+    /// what [`SerialDevice::restored`] raised went to an irqchip not yet restored).
+    pub fn raise_pending(&self) {
+        const NO_INTERRUPT_PENDING: u8 = 1;
+        if self.uart.state().interrupt_identification & NO_INTERRUPT_PENDING == 0
+            && self.uart.interrupt_evt().trigger().is_err()
+        {
+            tracing::error!("cannot raise COM1's interrupt");
+        }
+    }
+
+    /// A UART as `state` left it.
     pub fn restored(state: &SerialState, irq: T, out: ConsoleOut) -> Result<Self, String> {
         let uart = Serial::from_state(state, irq, vm_superio::serial::NoEvents, out)
             .map_err(|e| format!("{e:?}"))?;

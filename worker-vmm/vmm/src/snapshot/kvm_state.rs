@@ -48,11 +48,6 @@ impl VcpuState {
     /// CPU cannot read is left out, as KVM stops at the first one it cannot).
     pub fn save(vcpu: &VcpuFd, id: usize, msr_list: &[u32]) -> Result<VcpuState, KvmStateError> {
         let on = |what: &str| format!("{what} of vCPU {id}");
-        // Tell the guest's kvmclock that the vCPU was paused on purpose, so that its watchdogs
-        // do not take the time it spends saved for a soft lockup. Hosts without it are fine.
-        if let Err(e) = vcpu.kvmclock_ctrl() {
-            tracing::debug!(vcpu = id, error = %e, "KVM_KVMCLOCK_CTRL");
-        }
         Ok(VcpuState {
             mp_state: vcpu
                 .get_mp_state()
@@ -92,7 +87,8 @@ impl VcpuState {
             .map_err(failed(on("KVM_SET_DEBUGREGS")))?;
         vcpu.set_lapic(&self.lapic)
             .map_err(failed(on("KVM_SET_LAPIC")))?;
-        write_msrs(vcpu, &self.msrs).map_err(failed(on("KVM_SET_MSRS")))?;
+        write_msrs(vcpu, &self.msrs)
+            .map_err(|(msr, source)| failed(on(&format!("KVM_SET_MSRS (MSR {msr:#x})")))(source))?;
         vcpu.set_vcpu_events(&self.events)
             .map_err(failed(on("KVM_SET_VCPU_EVENTS")))
     }
@@ -127,14 +123,15 @@ fn read_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<kvm_msr_entry>, kvm_ioct
     Ok(read)
 }
 
-/// Writes `entries`, all of them or an error naming the first one KVM refused.
-fn write_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), kvm_ioctls::Error> {
+/// Writes `entries`, all of them or an error with the first one KVM refused (or of the chunk
+/// the ioctl failed on).
+fn write_msrs(vcpu: &VcpuFd, entries: &[kvm_msr_entry]) -> Result<(), (u32, kvm_ioctls::Error)> {
     for chunk in entries.chunks(MSR_CHUNK) {
-        let msrs = Msrs::from_entries(chunk).map_err(|_| enomem())?;
-        let n = vcpu.set_msrs(&msrs)?;
-        if n < chunk.len() {
-            tracing::error!(msr = chunk[n].index, "KVM refused a saved MSR");
-            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        let first = chunk.first().map_or(0, |e| e.index);
+        let msrs = Msrs::from_entries(chunk).map_err(|_| (first, enomem()))?;
+        let n = vcpu.set_msrs(&msrs).map_err(|e| (first, e))?;
+        if let Some(refused) = chunk.get(n) {
+            return Err((refused.index, kvm_ioctls::Error::new(libc::EINVAL)));
         }
     }
     Ok(())

@@ -16,7 +16,7 @@
 pub mod kvm_state;
 
 use std::fs::File;
-use std::io::{BufRead as _, BufReader, Read as _};
+use std::io::{BufRead as _, Read as _, Write as _};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -110,6 +110,8 @@ fn file_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) ->
 /// Where `--save` writes: both files made (the memory as long as the RAM, sparse) before the
 /// VMM is jailed.
 pub struct SaveTo {
+    /// The folder, for messages.
+    dir: PathBuf,
     /// Where the guest's RAM goes.
     memory: File,
     /// Where the state goes.
@@ -135,28 +137,34 @@ impl SaveTo {
             .set_len(memory)
             .map_err(file_error("sizing", &dir.join("memory")))?;
         Ok(SaveTo {
+            dir: dir.to_owned(),
             memory: memory_file,
             state: open(STATE_FILE)?,
         })
     }
 
-    /// Writes `memory` and `state` (of a VM whose vCPUs and devices are stopped).
-    pub fn write(&self, state: &VmState, memory: &GuestMem) -> Result<(), SnapshotError> {
-        save_memory(memory, &self.memory).map_err(file_error("writing", Path::new("memory")))?;
-        let path = PathBuf::from(STATE_FILE);
-        serde_json::to_writer(std::io::BufWriter::new(&self.state), state).map_err(|e| {
-            SnapshotError::File {
-                what: "writing",
-                path: path.clone(),
-                source: std::io::Error::other(e),
-            }
-        })?;
+    /// Writes `memory` and `state`.
+    ///
+    /// # Safety
+    ///
+    /// As [`save_memory`]'s: no vCPU runs and every device's data path is stopped.
+    pub unsafe fn write(&self, state: &VmState, memory: &GuestMem) -> Result<(), SnapshotError> {
+        let (memory_path, state_path) = (self.dir.join("memory"), self.dir.join(STATE_FILE));
+        // SAFETY: the caller's promise is save_memory's.
+        unsafe { save_memory(memory, &self.memory) }
+            .map_err(file_error("writing", &memory_path))?;
+        let mut writer = std::io::BufWriter::new(&self.state);
+        serde_json::to_writer(&mut writer, state)
+            .map_err(std::io::Error::other)
+            .and_then(|()| writer.flush())
+            .map_err(file_error("writing", &state_path))?;
+        drop(writer);
         self.state
             .sync_all()
-            .map_err(file_error("syncing", &path))?;
+            .map_err(file_error("syncing", &state_path))?;
         self.memory
             .sync_all()
-            .map_err(file_error("syncing", Path::new("memory")))
+            .map_err(file_error("syncing", &memory_path))
     }
 }
 
@@ -181,15 +189,16 @@ impl RestoreFrom {
             path: state_path.clone(),
             why,
         };
-        let mut reader = BufReader::new(file.take(MAX_STATE));
+        let mut bytes = Vec::new();
+        file.take(MAX_STATE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(file_error("reading", &state_path))?;
+        if bytes.len() as u64 > MAX_STATE {
+            return Err(unreadable(format!("it is longer than {MAX_STATE} bytes")));
+        }
         // The version first, so that a state of another format says whose it is.
         let value: serde_json::Value =
-            serde_json::from_reader(&mut reader).map_err(|e| unreadable(e.to_string()))?;
-        if reader.fill_buf().map_or(true, |rest| !rest.is_empty()) {
-            return Err(unreadable(format!(
-                "it is longer than {MAX_STATE} bytes or has more than one value"
-            )));
-        }
+            serde_json::from_slice(&bytes).map_err(|e| unreadable(e.to_string()))?;
         let saved = value.get("vmm").and_then(|v| v.as_str()).unwrap_or("");
         if saved != VMM_VERSION {
             return Err(SnapshotError::OtherVmm {

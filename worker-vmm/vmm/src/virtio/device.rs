@@ -98,6 +98,17 @@ impl Interrupt {
         self.inner.needs_reset.store(false, Ordering::Release);
     }
 
+    /// Raises the line again if a status bit is set (after a restore, an edge the saved irqchip
+    /// may have missed; one too many is harmless).
+    pub fn raise_pending(&self) {
+        if self.status() != 0
+            && let Err(err) = self.inner.irq.trigger()
+        {
+            self.count_error();
+            tracing::error!(%err, "cannot raise the virtio interrupt");
+        }
+    }
+
     /// A restored transport's status bits and broken state, as they were saved (the interrupt
     /// itself is in the restored irqchip's state).
     pub fn restore(&self, status: u32, needs_reset: bool) {
@@ -142,6 +153,7 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// The driver notified queue `index`.
     fn queue_notify(&mut self, index: u16);
-    /// Stop the data path and forget the queues; the device can be activated again.
-    fn reset(&mut self);
+    /// Stop the data path and forget the queues; the device can be activated again. False when
+    /// its worker did not say it stopped in time (it may still touch guest memory).
+    fn reset(&mut self) -> bool;
 }

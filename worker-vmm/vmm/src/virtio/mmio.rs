@@ -291,7 +291,8 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         if self.activated {
-            self.device.reset();
+            // A device that did not stop has logged it; the driver's reset goes on.
+            let _ = self.device.reset();
             self.activated = false;
         }
         self.queues = new_queues(self.device.queue_max_sizes());
@@ -339,8 +340,10 @@ impl MmioTransport {
     /// stopped: a saved VM does not run on.
     pub fn save(&mut self) -> Result<TransportState, String> {
         if self.activated {
-            self.device.reset();
             self.activated = false;
+            if !self.device.reset() {
+                return Err("its data path did not stop".into());
+            }
         }
         let running = self.status & S_DRIVER_OK != 0;
         let queues = self
@@ -441,6 +444,12 @@ impl MmioTransport {
             }
         }
         Ok(())
+    }
+
+    /// Raises the transport's interrupt again if a status bit is set (a restored VM, as its
+    /// vCPUs start).
+    pub fn raise_pending(&self) {
+        self.interrupt.raise_pending();
     }
 }
 

@@ -85,8 +85,9 @@ impl VirtioDevice for Rng {
         }
     }
 
-    fn reset(&mut self) {
+    fn reset(&mut self) -> bool {
         self.active = None;
+        true
     }
 }
 

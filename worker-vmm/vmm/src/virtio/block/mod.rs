@@ -179,13 +179,15 @@ impl VirtioDevice for Block {
         self.send(Command::Notify);
     }
 
-    fn reset(&mut self) {
+    fn reset(&mut self) -> bool {
         let (done_tx, done_rx) = mpsc::channel();
         if self.send(Command::Reset(done_tx))
             && done_rx.recv_timeout(Duration::from_secs(30)).is_err()
         {
             tracing::error!("virtio-blk worker did not acknowledge the reset");
+            return false;
         }
+        true
     }
 }
 

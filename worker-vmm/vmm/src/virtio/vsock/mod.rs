@@ -156,13 +156,15 @@ impl VirtioDevice for Vsock {
         self.send(Command::Notify);
     }
 
-    fn reset(&mut self) {
+    fn reset(&mut self) -> bool {
         let (done_tx, done_rx) = mpsc::channel();
         if self.send(Command::Reset(done_tx))
             && done_rx.recv_timeout(Duration::from_secs(10)).is_err()
         {
             tracing::error!("virtio-vsock worker did not acknowledge the reset");
+            return false;
         }
+        true
     }
 }
 
