@@ -141,11 +141,13 @@ memwatch &
 watcher=$!
 warm 1; w1=$?
 i=0
-while ! grep -q -e "made the template snapshot" -e "making the template snapshot failed" /tmp/up.log && [ $i -lt 2400 ]; do
+while ! grep -q -e "made the template snapshot" -e "its jobs boot cold" /tmp/up.log && [ $i -lt 3600 ]; do
   sleep 0.1; i=$((i + 1))
 done
 grep -q "made the template snapshot" /tmp/up.log
-check template-made $? "$(grep -m1 -o -e 'made the template snapshot.*' -e 'making the template snapshot failed.*' /tmp/up.log)"
+check template-made $? "$(grep -m1 -o -e 'made the template snapshot.*' -e 'its jobs boot cold.*' /tmp/up.log)"
+# A first attempt that failed (the worker tries twice) is shown, not failed on.
+grep -m1 -o 'snapshot failed; trying once more.\{0,600\}' /tmp/up.log | sed 's/^/LAB-NOTE /'
 warm 2 & p2=$!
 warm 3 & p3=$!
 wait $p2; w2=$?

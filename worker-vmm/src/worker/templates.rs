@@ -80,8 +80,8 @@ pub struct Templates {
 struct State {
     /// The folders whose snapshot is being made.
     making: HashSet<String>,
-    /// The snapshots whose making failed, with the stamp they were for: not tried again for
-    /// that stamp until the worker restarts.
+    /// The snapshots whose making failed twice in a row, with the stamp they were for: not
+    /// tried again for that stamp until the worker restarts.
     failed: HashMap<String, Stamp>,
     /// The sealed copies of the snapshots' memory that restores map, loaded once each.
     sealed: HashMap<String, Arc<SealedMemory>>,
@@ -234,9 +234,20 @@ impl Templates {
             let size = (spec.vcpus, u64::from(spec.memory_mib));
             let _share = templates.budget.take(size).await;
             let started = Instant::now();
-            let saved = templates
-                .save(backend.as_ref(), spec, &stamp, &name, timeout)
+            let mut saved = templates
+                .save(backend.as_ref(), spec.clone(), &stamp, &name, timeout)
                 .await;
+            // A guest can fail to boot once (a host under load); a second failure stands.
+            if let Err(e) = &saved {
+                tracing::warn!(
+                    template = %name,
+                    error = format!("{e:#}"),
+                    "making the template snapshot failed; trying once more"
+                );
+                saved = templates
+                    .save(backend.as_ref(), spec, &stamp, &name, timeout)
+                    .await;
+            }
             // The old one makes room once the new one is there (a failed making keeps it).
             if let Some(old) = &evicted {
                 match saved {
