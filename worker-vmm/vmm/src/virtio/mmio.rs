@@ -442,6 +442,7 @@ impl MmioTransport {
             for index in 0..self.queues.len() {
                 self.device.queue_notify(index as u16);
             }
+            self.device.restored();
         }
         Ok(())
     }
