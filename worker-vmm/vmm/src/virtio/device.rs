@@ -153,9 +153,6 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// The driver notified queue `index`.
     fn queue_notify(&mut self, index: u16);
-    /// Started again from a snapshot, just after `activate`: tell the driver what the device
-    /// lost when it was saved. By default, nothing.
-    fn restored(&mut self) {}
     /// Stop the data path and forget the queues; the device can be activated again. False when
     /// its worker did not say it stopped in time (it may still touch guest memory).
     fn reset(&mut self) -> bool;

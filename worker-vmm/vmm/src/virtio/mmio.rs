@@ -442,7 +442,6 @@ impl MmioTransport {
             for index in 0..self.queues.len() {
                 self.device.queue_notify(index as u16);
             }
-            self.device.restored();
         }
         Ok(())
     }

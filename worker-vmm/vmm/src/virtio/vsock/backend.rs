@@ -27,7 +27,6 @@ const TOKEN_WAKE: u64 = 0;
 const TOKEN_LISTENER: u64 = 1;
 const RX: usize = 0;
 const TX: usize = 1;
-const EVENT: usize = 2;
 /// How long a host gets to send its CONNECT line, and the guest to answer a REQUEST.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_CONNECT_LINE: usize = 64;
@@ -43,8 +42,6 @@ pub enum Command {
         interrupt: Interrupt,
     },
     Notify,
-    /// Tell the guest every connection is gone (a restored device).
-    TransportReset,
     Reset(Sender<()>),
 }
 
@@ -145,7 +142,6 @@ impl Backend {
                         })
                     }
                     Ok(Command::Notify) => {}
-                    Ok(Command::TransportReset) => self.post_transport_reset(),
                     Ok(Command::Reset(done)) => {
                         self.reset();
                         let _ = done.send(());

@@ -156,12 +156,6 @@ impl VirtioDevice for Vsock {
         self.send(Command::Notify);
     }
 
-    /// The host's side of every connection went when the device was saved: the guest is told
-    /// that the transport was reset, and drops its side of them (its listening sockets stay).
-    fn restored(&mut self) {
-        self.send(Command::TransportReset);
-    }
-
     fn reset(&mut self) -> bool {
         let (done_tx, done_rx) = mpsc::channel();
         if self.send(Command::Reset(done_tx))
@@ -648,33 +642,6 @@ mod tests {
         // The listener survives the reset.
         drop(g);
         assert!(!path.exists(), "the socket is removed with the device");
-    }
-
-    /// A device saved and started again from its transport's state tells the guest, on its
-    /// event queue, that its transport was reset (its connections are gone), and takes the
-    /// guest's buffers again where the saved one stood.
-    #[test]
-    fn test_vsock_restored_device_tells_the_guest_its_transport_was_reset() {
-        use crate::virtio::mmio::MmioTransport;
-        const EVENT_BUF: u64 = 0x70_0000;
-        let dir = TempDir::new("vsock");
-        let (mut g, _path) = Guest::new(&dir);
-        g.d.write_mem(EVENT_BUF, &[0xff; 8]);
-        g.d.queues[2].add(&g.d.mem, &[(EVENT_BUF, 8, true)]);
-        let state = g.d.transport.save().unwrap();
-        let again = dir.path().join("w.sock");
-        let device = Vsock::new(CID, &again).unwrap();
-        g.d.transport = MmioTransport::new(Box::new(device), g.d.mem.clone(), g.d.irq.clone());
-        g.d.transport.restore(&state).unwrap();
-        let (_, len) = g.d.wait_used(2);
-        assert_eq!(len, 4);
-        assert_eq!(
-            g.d.read_mem(EVENT_BUF, 8),
-            [0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]
-        );
-        // The restored device serves the new socket.
-        let mut host = host_connect(&again, b"CONNECT 22\n");
-        accept_host(&mut g, &mut host, 22, 4096);
     }
 
     #[test]

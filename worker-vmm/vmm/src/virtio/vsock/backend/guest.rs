@@ -6,65 +6,12 @@ use std::os::unix::net::UnixStream;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{Backend, EVENT, MAX_CONTROL_BACKLOG, RX, Slot, TX};
+use super::{Backend, MAX_CONTROL_BACKLOG, RX, Slot, TX};
 use crate::virtio::chain::{Chain, next_chain};
 use crate::virtio::vsock::conn::{Conn, Key, State};
 use crate::virtio::vsock::packet::*;
 
-/// The event that tells the driver every connection is gone (virtio spec 5.10.6.6).
-const EVENT_TRANSPORT_RESET: u32 = 0;
-
 impl Backend {
-    /// Puts a transport reset event in the guest's first event buffer; without one (a driver
-    /// always has some), the guest is not told.
-    pub(super) fn post_transport_reset(&mut self) {
-        let Some(active) = &mut self.active else {
-            return;
-        };
-        let Some(queue) = active.queues.get_mut(EVENT) else {
-            return;
-        };
-        let chain = match next_chain(queue, &active.mem) {
-            Ok(Some(chain)) => chain,
-            Ok(None) => {
-                tracing::warn!("vsock: no event buffer to tell the guest of its transport reset");
-                return;
-            }
-            Err(err) => {
-                active
-                    .interrupt
-                    .set_needs_reset(&format!("vsock event queue: {err:?}"));
-                return;
-            }
-        };
-        let head = chain.head_index();
-        let event = EVENT_TRANSPORT_RESET.to_le_bytes();
-        // A driver's event buffer is a few bytes; a page is plenty.
-        let written = match Chain::parse(chain, &active.mem, 4096)
-            .map_err(|err| err.to_string())
-            .and_then(|chain| {
-                chain
-                    .write_at(&active.mem, 0, &event)
-                    .map_err(|err| err.to_string())
-            }) {
-            Ok(()) => event.len() as u32,
-            Err(why) => {
-                self.count_error();
-                tracing::warn!(why, "vsock: the event buffer could not take the event");
-                0
-            }
-        };
-        let Some(active) = &mut self.active else {
-            return;
-        };
-        match active.queues[EVENT].add_used(&active.mem, head, written) {
-            Ok(()) => active.interrupt.signal_used(),
-            Err(err) => active
-                .interrupt
-                .set_needs_reset(&format!("vsock event used ring: {err:?}")),
-        }
-    }
-
     /// Take the guest's packets from the TX queue; true if any was consumed.
     pub(super) fn process_tx(&mut self) -> bool {
         let mut consumed = false;
