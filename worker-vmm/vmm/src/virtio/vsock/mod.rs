@@ -644,6 +644,27 @@ mod tests {
         assert!(!path.exists(), "the socket is removed with the device");
     }
 
+    /// A device saved and started again from its transport's state takes the guest's receive
+    /// buffers where the saved one stood, and serves its new socket.
+    #[test]
+    fn test_vsock_restored_transport_goes_on_where_it_was_saved() {
+        use crate::virtio::mmio::MmioTransport;
+        let dir = TempDir::new("vsock");
+        let (mut g, path) = Guest::new(&dir);
+        let mut host = host_connect(&path, b"CONNECT 22\n");
+        accept_host(&mut g, &mut host, 22, 4096);
+        let state = g.d.transport.save().unwrap();
+        // The saved device's host streams are gone.
+        let mut rest = Vec::new();
+        host.read_to_end(&mut rest).unwrap();
+        let again = dir.path().join("w.sock");
+        let device = Vsock::new(CID, &again).unwrap();
+        g.d.transport = MmioTransport::new(Box::new(device), g.d.mem.clone(), g.d.irq.clone());
+        g.d.transport.restore(&state).unwrap();
+        let mut host = host_connect(&again, b"CONNECT 22\n");
+        accept_host(&mut g, &mut host, 22, 4096);
+    }
+
     #[test]
     fn test_vsock_host_connect_before_driver_is_ready_waits() {
         let dir = TempDir::new("vsock");
