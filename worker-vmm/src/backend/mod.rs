@@ -165,12 +165,13 @@ pub struct Snapshot {
     pub dir: PathBuf,
 }
 
+/// Its files are named as the integrated VMM's `--save` names them, on both backends.
 impl Snapshot {
     pub fn memory(&self) -> PathBuf {
-        self.dir.join("memory")
+        self.dir.join(crate::vmm::snapshot::MEMORY_FILE)
     }
     pub fn devices(&self) -> PathBuf {
-        self.dir.join("devices")
+        self.dir.join(crate::vmm::snapshot::STATE_FILE)
     }
     pub fn disk(&self) -> PathBuf {
         self.dir.join("disk.qcow2")

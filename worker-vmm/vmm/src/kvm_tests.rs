@@ -290,7 +290,7 @@ fn test_a_saved_guest_goes_on_where_it_stood_when_restored() {
     let memory = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(saved.join("memory"))
+        .open(saved.join(super::snapshot::MEMORY_FILE))
         .unwrap();
     // The booted guest's VM generation ID is in its memory, where the ACPI tables say.
     let mut id = [0u8; 16];
@@ -314,7 +314,8 @@ fn test_a_saved_guest_goes_on_where_it_stood_when_restored() {
         .err()
         .unwrap();
     assert!(
-        matches!(refused, SnapshotError::OtherShape { .. }),
+        matches!(refused, SnapshotError::OtherShape { .. })
+            && refused.to_string().contains("restore it with the vCPUs"),
         "{refused}"
     );
     let state_file = saved.join(super::snapshot::STATE_FILE);

@@ -171,13 +171,13 @@ pub fn create_guest_memory_from(size: u64, backing: Backing) -> Result<GuestRam,
     let map_err = |source| MemoryError::Map { size, source };
     let mut mappings = Vec::new();
     let mut regions = Vec::new();
-    let mut offset = 0;
-    for (start, len) in ram_ranges(size) {
-        let bytes = len;
-        let len = usize::try_from(len)
+    // Where each range starts in a snapshot's file: the ranges one after the other.
+    let mut file_offset = 0;
+    for (start, size) in ram_ranges(size) {
+        let len = usize::try_from(size)
             .map_err(|_| map_err(std::io::Error::from_raw_os_error(libc::ENOMEM)))?;
-        let mapping = AlignedMapping::new(len, backing, offset).map_err(map_err)?;
-        offset += bytes;
+        let mapping = AlignedMapping::new(len, backing, file_offset).map_err(map_err)?;
+        file_offset += size;
         // SAFETY: `mapping` is a live read-write mapping of `len` bytes, kept alive by the
         // returned `GuestRam` for as long as its users (see `AlignedMapping::drop`).
         let region = unsafe {

@@ -170,11 +170,18 @@ impl SaveHandle {
 }
 
 /// The devices whose state a snapshot holds, beside their places on the buses.
-#[derive(Default)]
 struct Stateful {
-    serial: Option<Arc<Mutex<SerialDevice<IrqFd>>>>,
-    rtc: Option<Arc<Mutex<Rtc>>>,
+    serial: Arc<Mutex<SerialDevice<IrqFd>>>,
+    rtc: Arc<Mutex<Rtc>>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+/// What a VM [`restore_vm`] built has that a booted one has not.
+struct Restored {
+    /// The ACPI GED's line, raised as the vCPUs start: the VM generation ID changed.
+    generation_line: IrqFd,
+    /// The restore's steps and when each ended ([`Vm::restored`]).
+    steps: String,
 }
 
 /// A VM ready to run: memory loaded, devices placed, vCPUs set up.
@@ -188,11 +195,7 @@ pub struct Vm {
     slots: Vec<MmioSlot>,
     stateful: Stateful,
     shape: Shape,
-    /// A restored VM's line to the ACPI GED, raised as its vCPUs start (its VM generation ID
-    /// changed), with every device's interrupt that was pending when it was saved.
-    new_generation: Option<IrqFd>,
-    /// A restored VM's steps and when each ended ([`Vm::restored`]).
-    restore_steps: Option<String>,
+    restored: Option<Restored>,
     // Dropped after the devices and vCPUs that use them, guest RAM last.
     vm_fd: Arc<VmFd>,
     kvm: Kvm,
@@ -208,7 +211,7 @@ struct VmBuilder {
     mmio: Bus,
     exit: Arc<ExitSignal>,
     slots: Vec<MmioSlot>,
-    stateful: Stateful,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl VmBuilder {
@@ -234,7 +237,7 @@ impl VmBuilder {
             mmio: Bus::new(),
             exit: Arc::new(ExitSignal::new()),
             slots: Vec::new(),
-            stateful: Stateful::default(),
+            transports: Vec::new(),
         })
     }
 
@@ -242,18 +245,17 @@ impl VmBuilder {
         IrqFd::new(self.vm_fd.clone(), gsi).map_err(device_err(format!("irqfd for GSI {gsi}")))
     }
 
-    fn attach_pio(
+    /// Places `device` on the port bus at `port`; returns it, shared with the bus.
+    fn attach_pio<D: BusDevice + 'static>(
         &mut self,
         port: u16,
         len: u16,
-        device: impl BusDevice + 'static,
-    ) -> Result<(), VmError> {
-        self.pio.insert(
-            u64::from(port),
-            u64::from(len),
-            Arc::new(Mutex::new(device)),
-        )?;
-        Ok(())
+        device: D,
+    ) -> Result<Arc<Mutex<D>>, VmError> {
+        let device = Arc::new(Mutex::new(device));
+        self.pio
+            .insert(u64::from(port), u64::from(len), device.clone())?;
+        Ok(device)
     }
 
     /// COM1, new or as `restored` left it.
@@ -261,7 +263,7 @@ impl VmBuilder {
         &mut self,
         console: &ConsoleConfig,
         restored: Option<&SerialState>,
-    ) -> Result<(), VmError> {
+    ) -> Result<Arc<Mutex<SerialDevice<IrqFd>>>, VmError> {
         let out: Box<dyn Write + Send> = match console {
             ConsoleConfig::Stdout => Box::new(std::io::stdout()),
             ConsoleConfig::File(path) => {
@@ -282,18 +284,16 @@ impl VmBuilder {
                 })?
             }
         };
-        let serial = Arc::new(Mutex::new(serial));
-        self.pio.insert(u64::from(SERIAL_PORT), 8, serial.clone())?;
-        self.stateful.serial = Some(serial);
-        Ok(())
+        self.attach_pio(SERIAL_PORT, 8, serial)
     }
 
     fn attach_i8042(&mut self) -> Result<(), VmError> {
         self.attach_pio(I8042_PORT, 5, I8042::new(self.exit.clone()))
+            .map(drop)
     }
 
     /// The CMOS, new or as `restored` left it.
-    fn attach_rtc(&mut self, restored: Option<&RtcState>) -> Result<(), VmError> {
+    fn attach_rtc(&mut self, restored: Option<&RtcState>) -> Result<Arc<Mutex<Rtc>>, VmError> {
         let rtc = match restored {
             None => Rtc::new(),
             Some(state) => Rtc::restored(state).ok_or_else(|| SnapshotError::Device {
@@ -301,18 +301,17 @@ impl VmBuilder {
                 why: "its RAM is not 128 bytes".into(),
             })?,
         };
-        let rtc = Arc::new(Mutex::new(rtc));
-        self.pio.insert(u64::from(RTC_PORT), 2, rtc.clone())?;
-        self.stateful.rtc = Some(rtc);
-        Ok(())
+        self.attach_pio(RTC_PORT, 2, rtc)
     }
 
     fn attach_pvpanic(&mut self) -> Result<(), VmError> {
         self.attach_pio(PVPANIC_PORT, 1, PvPanic::new(self.exit.clone()))
+            .map(drop)
     }
 
     fn attach_acpi_pm(&mut self) -> Result<(), VmError> {
         self.attach_pio(ACPI_PM_PORT, 3, AcpiPm::new(self.exit.clone()))
+            .map(drop)
     }
 
     /// Puts a virtio device behind a transport in the next MMIO window, with the next GSI.
@@ -334,7 +333,7 @@ impl VmBuilder {
             super::virtio::mmio::MMIO_WINDOW_SIZE,
             transport.clone(),
         )?;
-        self.stateful.transports.push(transport);
+        self.transports.push(transport);
         self.slots.push(MmioSlot {
             base,
             len: VIRTIO_MMIO_SIZE,
@@ -399,10 +398,7 @@ impl VmBuilder {
                 source,
             })?;
         cpu::write_boot_structures(self.ram.memory())?;
-        vmgenid::write_new_id(self.ram.memory()).map_err(|source| VmError::Device {
-            what: "the VM generation ID".into(),
-            source: Box::new(source),
-        })?;
+        self.write_generation_id()?;
         Ok(kernel.entry)
     }
 
@@ -444,10 +440,10 @@ impl VmBuilder {
         &mut self,
         config: &VmConfig,
         restored: Option<&VmState>,
-    ) -> Result<(), VmError> {
-        self.attach_serial(&config.console, restored.map(|s| &s.serial))?;
+    ) -> Result<Stateful, VmError> {
+        let serial = self.attach_serial(&config.console, restored.map(|s| &s.serial))?;
         self.attach_i8042()?;
-        self.attach_rtc(restored.map(|s| &s.rtc))?;
+        let rtc = self.attach_rtc(restored.map(|s| &s.rtc))?;
         self.attach_pvpanic()?;
         self.attach_acpi_pm()?;
         for device in virtio_devices(config) {
@@ -457,10 +453,28 @@ impl VmBuilder {
                 VirtioPart::Rng => self.attach_rng()?,
             }
         }
-        Ok(())
+        Ok(Stateful {
+            serial,
+            rtc,
+            transports: std::mem::take(&mut self.transports),
+        })
     }
 
-    fn finish(self, vcpus: Vec<VcpuFd>, config: &VmConfig, built_in: Duration) -> Vm {
+    /// Writes a new VM generation ID into guest memory.
+    fn write_generation_id(&self) -> Result<(), VmError> {
+        vmgenid::write_new_id(self.ram.memory()).map_err(|source| VmError::Device {
+            what: "the VM generation ID".into(),
+            source: Box::new(source),
+        })
+    }
+
+    fn finish(
+        self,
+        vcpus: Vec<VcpuFd>,
+        stateful: Stateful,
+        config: &VmConfig,
+        built_in: Duration,
+    ) -> Vm {
         Vm {
             built_in,
             vcpus,
@@ -468,10 +482,9 @@ impl VmBuilder {
             mmio: Arc::new(self.mmio),
             exit: self.exit,
             slots: self.slots,
-            stateful: self.stateful,
+            stateful,
             shape: shape(config),
-            new_generation: None,
-            restore_steps: None,
+            restored: None,
             vm_fd: self.vm_fd,
             kvm: self.kvm,
             ram: self.ram,
@@ -591,7 +604,7 @@ pub fn build_vm(config: &VmConfig) -> Result<Vm, VmError> {
     let mut vm = VmBuilder::new(ram)?;
     let memory = vm.register_memory_in_background()?;
     step("VM created");
-    vm.attach_devices(config, None)?;
+    let stateful = vm.attach_devices(config, None)?;
     step("devices attached");
     let vcpus = vm.create_vcpus(config.cpus)?;
     step("vCPUs created");
@@ -604,7 +617,7 @@ pub fn build_vm(config: &VmConfig) -> Result<Vm, VmError> {
         cpu::setup_boot_vcpu(boot_vcpu, entry)?;
     }
     step("guest loaded");
-    Ok(vm.finish(vcpus, config, started.elapsed()))
+    Ok(vm.finish(vcpus, stateful, config, started.elapsed()))
 }
 
 /// Builds `config`'s VM as `from` saved it, instead of booting: its memory mapped private from
@@ -627,13 +640,10 @@ pub fn restore_vm(config: &VmConfig, from: &RestoreFrom) -> Result<Vm, VmError> 
     let memory = vm.register_memory_in_background()?;
     step("memory mapped, VM created");
     let state = &from.state;
-    vm.attach_devices(config, Some(state))?;
+    let stateful = vm.attach_devices(config, Some(state))?;
     // This guest is a copy: it gets a generation ID of its own, announced as it starts.
-    vmgenid::write_new_id(vm.ram.memory()).map_err(|source| VmError::Device {
-        what: "the VM generation ID".into(),
-        source: Box::new(source),
-    })?;
-    let new_generation = vm.irq(GED_GSI)?;
+    vm.write_generation_id()?;
+    let generation_line = vm.irq(GED_GSI)?;
     step("devices attached");
     // KVM checks the guest addresses some MSRs name (kvmclock, PV EOI) against its memory, and
     // the irqchip delivers to vCPUs: memory, then the vCPUs, the VM's state, each vCPU's.
@@ -647,7 +657,7 @@ pub fn restore_vm(config: &VmConfig, from: &RestoreFrom) -> Result<Vm, VmError> 
     }
     step("vCPUs restored");
     // Last: a device's data path may raise its interrupt as soon as it starts.
-    for (slot, (transport, saved)) in vm.stateful.transports.iter().zip(&state.virtio).enumerate() {
+    for (slot, (transport, saved)) in stateful.transports.iter().zip(&state.virtio).enumerate() {
         lock(transport)
             .restore(saved)
             .map_err(|why| SnapshotError::Device {
@@ -656,9 +666,11 @@ pub fn restore_vm(config: &VmConfig, from: &RestoreFrom) -> Result<Vm, VmError> 
             })?;
     }
     step("virtio devices started");
-    let mut vm = vm.finish(vcpus, config, started.elapsed());
-    vm.new_generation = Some(new_generation);
-    vm.restore_steps = Some(steps.join(", "));
+    let mut vm = vm.finish(vcpus, stateful, config, started.elapsed());
+    vm.restored = Some(Restored {
+        generation_line,
+        steps: steps.join(", "),
+    });
     Ok(vm)
 }
 
@@ -669,10 +681,11 @@ fn lock<T>(device: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Vm {
     /// For a VM [`restore_vm`] built: how long that took, and where the time went.
     pub fn restored(&self) -> Option<String> {
-        let steps = self.restore_steps.as_ref()?;
+        let restored = self.restored.as_ref()?;
         Some(format!(
-            "in {:.1} ms ({steps})",
-            self.built_in.as_secs_f64() * 1e3
+            "in {:.1} ms ({})",
+            self.built_in.as_secs_f64() * 1e3,
+            restored.steps
         ))
     }
 
@@ -733,18 +746,8 @@ impl Vm {
         };
         install_kick_handler().map_err(VmError::Signal)?;
         seccomp::install(filters)?;
-        // Pending in the irqchip until a vCPU runs. A restored device's pending interrupt is
-        // raised again too: an edge on its way when the VM was saved may be in no saved state.
-        if let Some(line) = &self.new_generation {
-            if let Err(e) = line.trigger() {
-                tracing::error!(error = %e, "cannot announce the new VM generation ID");
-            }
-            for transport in &self.stateful.transports {
-                lock(transport).raise_pending();
-            }
-            if let Some(serial) = &self.stateful.serial {
-                lock(serial).raise_pending();
-            }
+        if let Some(restored) = &self.restored {
+            self.raise_after_restore(restored);
         }
         let started = Instant::now();
         tracing::info!(
@@ -832,6 +835,19 @@ fn stop_vcpus(
 }
 
 impl Vm {
+    /// A restored VM's interrupts, pending in the irqchip until a vCPU runs: the GED's (its VM
+    /// generation ID changed), and every device's that was pending when it was saved (an edge
+    /// on its way then may be in no saved state; one too many is harmless).
+    fn raise_after_restore(&self, restored: &Restored) {
+        if let Err(e) = restored.generation_line.trigger() {
+            tracing::error!(error = %e, "cannot announce the new VM generation ID");
+        }
+        for transport in &self.stateful.transports {
+            lock(transport).raise_pending();
+        }
+        lock(&self.stateful.serial).raise_pending();
+    }
+
     /// The state of this stopped VM: each virtio device's data path is stopped first (what it
     /// still completes, and the interrupts it raises, are then in memory and in KVM's state).
     fn state(&self, vcpus: &[Option<VcpuFd>], msr_list: &[u32]) -> Result<VmState, VmError> {
@@ -858,29 +874,13 @@ impl Vm {
                 Ok(VcpuState::save(vcpu, id, msr_list).map_err(SnapshotError::from)?)
             })
             .collect::<Result<Vec<_>, VmError>>()?;
-        let missing = |what: &str| SnapshotError::Device {
-            what: what.into(),
-            why: "it is not attached".into(),
-        };
         Ok(VmState {
             vmm: VMM_VERSION.into(),
             shape: self.shape.clone(),
             kvm: VmKvmState::save(&self.vm_fd).map_err(SnapshotError::from)?,
             vcpus,
-            serial: lock(
-                self.stateful
-                    .serial
-                    .as_ref()
-                    .ok_or_else(|| missing("COM1"))?,
-            )
-            .state(),
-            rtc: lock(
-                self.stateful
-                    .rtc
-                    .as_ref()
-                    .ok_or_else(|| missing("the CMOS"))?,
-            )
-            .state(),
+            serial: lock(&self.stateful.serial).state(),
+            rtc: lock(&self.stateful.rtc).state(),
             virtio,
         })
     }

@@ -35,6 +35,9 @@ pub const VMM_VERSION: &str = concat!("vmfarm-vmm ", env!("CARGO_PKG_VERSION"), 
 /// The line on the VMM's stdin that has it save (`--save`).
 pub const SAVE_LINE: &str = "save";
 
+/// The memory's file in a snapshot's folder.
+pub const MEMORY_FILE: &str = "memory";
+
 /// The state's file in a snapshot's folder (the name the `qemu` backend gives its devices'
 /// state too), beside `memory`.
 pub const STATE_FILE: &str = "devices";
@@ -83,16 +86,22 @@ pub enum SnapshotError {
         source: std::io::Error,
     },
     /// The state file is not one this VMM reads.
-    #[error("the snapshot's state {} is not readable: {why}", path.display())]
+    #[error("the snapshot's state {} is not readable: {why}; save the guest again", path.display())]
     Unreadable { path: PathBuf, why: String },
     /// It was written by another VMM.
     #[error("the snapshot was saved by {saved}, this is {VMM_VERSION}: boot the guest instead")]
     OtherVmm { saved: String },
     /// The restoring VM is not shaped as the saved one.
-    #[error("the snapshot is of a VM with {saved:?}; this one has {asked:?}")]
+    #[error(
+        "the snapshot is of a VM with {saved:?}; this one has {asked:?}: restore it with the \
+         vCPUs, memory and devices it was saved with, or boot the guest"
+    )]
     OtherShape { saved: Shape, asked: Shape },
     /// The memory file is not as long as the VM's RAM.
-    #[error("the snapshot's memory file holds {len} bytes; the VM has {memory}")]
+    #[error(
+        "the snapshot's memory file holds {len} bytes where the VM has {memory}: it is not this \
+         snapshot's memory; save the guest again"
+    )]
     MemoryLength { len: u64, memory: u64 },
     /// KVM's part.
     #[error("KVM state")]
@@ -132,10 +141,10 @@ impl SaveTo {
                 .open(&path)
                 .map_err(file_error("creating", &path))
         };
-        let memory_file = open("memory")?;
+        let memory_file = open(MEMORY_FILE)?;
         memory_file
             .set_len(memory)
-            .map_err(file_error("sizing", &dir.join("memory")))?;
+            .map_err(file_error("sizing", &dir.join(MEMORY_FILE)))?;
         Ok(SaveTo {
             dir: dir.to_owned(),
             memory: memory_file,
@@ -149,7 +158,7 @@ impl SaveTo {
     ///
     /// As [`save_memory`]'s: no vCPU runs and every device's data path is stopped.
     pub unsafe fn write(&self, state: &VmState, memory: &GuestMem) -> Result<(), SnapshotError> {
-        let (memory_path, state_path) = (self.dir.join("memory"), self.dir.join(STATE_FILE));
+        let (memory_path, state_path) = (self.dir.join(MEMORY_FILE), self.dir.join(STATE_FILE));
         // SAFETY: the caller's promise is save_memory's.
         unsafe { save_memory(memory, &self.memory) }
             .map_err(file_error("writing", &memory_path))?;
@@ -158,7 +167,6 @@ impl SaveTo {
             .map_err(std::io::Error::other)
             .and_then(|()| writer.flush())
             .map_err(file_error("writing", &state_path))?;
-        drop(writer);
         self.state
             .sync_all()
             .map_err(file_error("syncing", &state_path))?;
@@ -223,7 +231,7 @@ impl RestoreFrom {
                 "its vCPUs or devices do not match its shape".into(),
             ));
         }
-        let memory_path = memory.map_or_else(|| dir.join("memory"), Path::to_owned);
+        let memory_path = memory.map_or_else(|| dir.join(MEMORY_FILE), Path::to_owned);
         let memory = File::open(&memory_path).map_err(file_error("opening", &memory_path))?;
         let len = memory
             .metadata()
