@@ -416,45 +416,25 @@ pub enum BenchKind {
     /// A 64 MiB download in a guest through the job's proxy beside the same on the host, and
     /// the packages step with the proxy's cache cold, then warm (qemu backend, debian-13).
     Network {
-        /// The images dir holding the `debian-13` image.
-        #[arg(
-            long,
-            env = "VMFARM_IMAGES_DIR",
-            default_value = "./vmfarm-data/images"
-        )]
-        images_dir: PathBuf,
+        #[command(flatten)]
+        dir: ImagesDir,
     },
     /// git push (post-receive hook) -> first line of the pushed commit's task, beside submit ->
     /// first task line (qemu backend, the tiny image).
     Push {
-        /// The images dir holding the `tiny` image.
-        #[arg(
-            long,
-            env = "VMFARM_IMAGES_DIR",
-            default_value = "./vmfarm-data/images"
-        )]
-        images_dir: PathBuf,
+        #[command(flatten)]
+        dir: ImagesDir,
     },
     /// A line the guest prints -> a follower of the job's live log has it (p50, p99), beside
     /// a follower polling once a second (the debian-12 image).
     LiveLog {
-        /// The images dir holding the `debian-12` image.
-        #[arg(
-            long,
-            env = "VMFARM_IMAGES_DIR",
-            default_value = "./vmfarm-data/images"
-        )]
-        images_dir: PathBuf,
+        #[command(flatten)]
+        dir: ImagesDir,
     },
     /// Submit -> first line of the first task, per backend usable on this host.
     JobStart {
-        /// The images dir holding the images.
-        #[arg(
-            long,
-            env = "VMFARM_IMAGES_DIR",
-            default_value = "./vmfarm-data/images"
-        )]
-        images_dir: PathBuf,
+        #[command(flatten)]
+        dir: ImagesDir,
         /// The images to measure (repeatable; a firmware-booted one runs on QEMU whatever the
         /// backend).
         #[arg(long = "image", default_value = "tiny")]
@@ -466,26 +446,16 @@ pub enum BenchKind {
     /// A real build's install step (a venv and packages from PyPI) with a cache disk, beside
     /// the same without one (qemu backend).
     CacheBuild {
-        /// The images dir holding the image.
-        #[arg(
-            long,
-            env = "VMFARM_IMAGES_DIR",
-            default_value = "./vmfarm-data/images"
-        )]
-        images_dir: PathBuf,
+        #[command(flatten)]
+        dir: ImagesDir,
         /// A Debian image with vmfarm's agent.
         #[arg(long, default_value = "debian-12")]
         image: String,
     },
     /// Memory of N guests at once on QEMU, booted cold beside restored from one snapshot.
     WarmMemory {
-        /// The images dir holding the image.
-        #[arg(
-            long,
-            env = "VMFARM_IMAGES_DIR",
-            default_value = "./vmfarm-data/images"
-        )]
-        images_dir: PathBuf,
+        #[command(flatten)]
+        dir: ImagesDir,
         /// An image with vmfarm's agent.
         #[arg(long, default_value = "tiny")]
         image: String,
@@ -496,6 +466,18 @@ pub enum BenchKind {
         #[arg(long, default_value_t = 512)]
         memory_mib: u32,
     },
+}
+
+/// Where a benchmark finds the images it boots.
+#[derive(Debug, Clone, Args)]
+pub struct ImagesDir {
+    /// The images dir holding the images the benchmark boots.
+    #[arg(
+        long,
+        env = "VMFARM_IMAGES_DIR",
+        default_value = "./vmfarm-data/images"
+    )]
+    pub images_dir: PathBuf,
 }
 
 #[cfg(test)]

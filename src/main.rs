@@ -116,37 +116,33 @@ fn main() -> ExitCode {
                 bench::queue::run(postgres).await?;
                 Ok(ExitCode::SUCCESS)
             }),
-            cli::BenchKind::Network { images_dir } => block_on(async {
-                bench::network::run(images_dir).await?;
+            cli::BenchKind::Network { dir } => block_on(async {
+                bench::network::run(dir.images_dir).await?;
                 Ok(ExitCode::SUCCESS)
             }),
-            cli::BenchKind::Push { images_dir } => block_on(async {
-                bench::push::run(images_dir).await?;
+            cli::BenchKind::Push { dir } => block_on(async {
+                bench::push::run(dir.images_dir).await?;
                 Ok(ExitCode::SUCCESS)
             }),
-            cli::BenchKind::LiveLog { images_dir } => block_on(async {
-                bench::live_log::run(images_dir).await?;
+            cli::BenchKind::LiveLog { dir } => block_on(async {
+                bench::live_log::run(dir.images_dir).await?;
                 Ok(ExitCode::SUCCESS)
             }),
-            cli::BenchKind::JobStart {
-                images_dir,
-                images,
-                jobs,
-            } => block_on(async {
-                bench::job_start::run(images_dir, &images, jobs).await?;
+            cli::BenchKind::JobStart { dir, images, jobs } => block_on(async {
+                bench::job_start::run(dir.images_dir, &images, jobs).await?;
                 Ok(ExitCode::SUCCESS)
             }),
-            cli::BenchKind::CacheBuild { images_dir, image } => block_on(async {
-                bench::cache_build::run(images_dir, &image).await?;
+            cli::BenchKind::CacheBuild { dir, image } => block_on(async {
+                bench::cache_build::run(dir.images_dir, &image).await?;
                 Ok(ExitCode::SUCCESS)
             }),
             cli::BenchKind::WarmMemory {
-                images_dir,
+                dir,
                 image,
                 guests,
                 memory_mib,
             } => block_on(async {
-                bench::warm_memory::run(images_dir, &image, guests, memory_mib).await?;
+                bench::warm_memory::run(dir.images_dir, &image, guests, memory_mib).await?;
                 Ok(ExitCode::SUCCESS)
             }),
         },

@@ -28,11 +28,18 @@ pub struct KvmBackend {
     pub vmm: PathBuf,
     /// Jails each `vm run` (`--jail`) when set.
     pub jail: Option<Arc<Jailer>>,
+    /// What its snapshots are stamped with, read once.
+    snapshot_version: String,
 }
 
 impl KvmBackend {
     pub fn new(vmm: PathBuf, jail: Option<Arc<Jailer>>) -> Self {
-        KvmBackend { vmm, jail }
+        let snapshot_version = super::kvm_snapshot::vmm_version(&vmm);
+        KvmBackend {
+            vmm,
+            jail,
+            snapshot_version,
+        }
     }
 
     /// The `vm run` arguments that jail the VMM in `run_dir` as `jail` says.
@@ -138,7 +145,7 @@ impl Backend for KvmBackend {
     }
 
     fn snapshot_version(&self) -> Option<String> {
-        Some(super::kvm_snapshot::vmm_version(&self.vmm))
+        Some(self.snapshot_version.clone())
     }
 
     fn save<'a>(

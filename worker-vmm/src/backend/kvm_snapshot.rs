@@ -6,7 +6,6 @@
 
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
@@ -25,22 +24,17 @@ use crate::vmm::timing::{RESTORED, VCPUS_START};
 /// The longest a restore may take before the job boots cold instead.
 const RESTORE_LIMIT: Duration = Duration::from_secs(30);
 
-/// What the VMM a snapshot was saved by is: its state format and its binary (size and time of
-/// change), read once; a snapshot of another is not restored.
+/// What the VMM `vmm` is, as a snapshot's stamp names it: its state format and its binary
+/// (size and time of change); a snapshot of another is not restored.
 pub(crate) fn vmm_version(vmm: &Path) -> String {
-    static FOUND: OnceLock<String> = OnceLock::new();
-    FOUND
-        .get_or_init(|| {
-            let binary = std::fs::metadata(vmm).map_or_else(
-                |_| "an unreadable binary".to_owned(),
-                |m| {
-                    use std::os::unix::fs::MetadataExt as _;
-                    format!("{} bytes changed at {}", m.len(), m.mtime())
-                },
-            );
-            format!("{VMM_VERSION} ({binary})")
-        })
-        .clone()
+    let binary = std::fs::metadata(vmm).map_or_else(
+        |_| "an unreadable binary".to_owned(),
+        |m| {
+            use std::os::unix::fs::MetadataExt as _;
+            format!("{} bytes changed at {}", m.len(), m.mtime())
+        },
+    );
+    format!("{VMM_VERSION} ({binary})")
 }
 
 fn linux(spec: &BootSpec) -> Result<&super::LinuxBoot, BackendError> {

@@ -353,9 +353,7 @@ impl Templates {
     }
 }
 
-/// The sealed copy of the memory file at `file`, made off the async threads.
-/// Whether a new snapshot may be made beside the `kept` ones (name, last use) and `making` more,
-/// at most `max` in all.
+/// Whether there is room for one more snapshot.
 #[derive(Debug, PartialEq, Eq)]
 enum Room {
     /// Yes; first removing this one (used longest ago, unused for [`UNUSED_FOR`]) if named.
@@ -363,6 +361,8 @@ enum Room {
     Full,
 }
 
+/// Whether a new snapshot may be made beside the `kept` ones (name, last use) and `making` more,
+/// at most `max` in all.
 fn room(kept: &[(String, SystemTime)], making: usize, max: usize, now: SystemTime) -> Room {
     if kept.len() + making < max {
         return Room::Made(None);
@@ -375,6 +375,7 @@ fn room(kept: &[(String, SystemTime)], making: usize, max: usize, now: SystemTim
     }
 }
 
+/// The sealed copy of the memory file at `file`, made off the async threads.
 async fn load_sealed(file: PathBuf) -> std::io::Result<SealedMemory> {
     tokio::task::spawn_blocking(move || SealedMemory::load(&file))
         .await
