@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 
 use super::kvm::{KvmBackend, SSH_PORT};
 use super::saving::{
@@ -138,34 +138,35 @@ impl KvmBackend {
         let Some(stderr) = child.stderr.take() else {
             return Err(refused("restoring the guest", "no stderr".into()));
         };
-        // The VMM prints its vCPUs' start once the VM is restored; before it, only errors.
-        let mut lines = BufReader::new(stderr).lines();
-        // Its last lines, where its error is.
+        // The VMM prints its vCPUs' start once the VM is restored; before it, only errors. Each
+        // line is read up to MAX_LINE bytes, and its last lines are kept, where its error is.
+        const MAX_LINE: u64 = 4096;
+        let mut stderr = BufReader::new(stderr);
         let mut said = std::collections::VecDeque::new();
         let started = within("the VMM", RESTORE_LIMIT, "restoring the guest", async {
             loop {
-                match lines
-                    .next_line()
+                let mut line = Vec::new();
+                let n = (&mut stderr)
+                    .take(MAX_LINE)
+                    .read_until(b'\n', &mut line)
                     .await
-                    .map_err(io_error("reading the VMM's stderr"))?
-                {
-                    Some(line) if line.starts_with(VCPUS_START) => return Ok(()),
-                    Some(line) if line.starts_with(RESTORED) => {
-                        let took = line[RESTORED.len()..].trim();
-                        tracing::info!(vm = %spec.run_dir.display(), "the VMM restored the guest {took}");
+                    .map_err(io_error("reading the VMM's stderr"))?;
+                let line = String::from_utf8_lossy(&line).trim_end().to_owned();
+                if n == 0 {
+                    return Err(refused(
+                        "restoring the guest",
+                        format!("the VMM ended: {}", said.make_contiguous().join("\n")),
+                    ));
+                } else if line.starts_with(VCPUS_START) {
+                    return Ok(());
+                } else if let Some(took) = line.strip_prefix(RESTORED) {
+                    let took = took.trim();
+                    tracing::info!(vm = %spec.run_dir.display(), "the VMM restored the guest {took}");
+                } else {
+                    if said.len() == 32 {
+                        said.pop_front();
                     }
-                    Some(line) => {
-                        if said.len() == 32 {
-                            said.pop_front();
-                        }
-                        said.push_back(line);
-                    }
-                    None => {
-                        return Err(refused(
-                            "restoring the guest",
-                            format!("the VMM ended: {}", said.make_contiguous().join("\n")),
-                        ));
-                    }
+                    said.push_back(line);
                 }
             }
         })
@@ -176,8 +177,7 @@ impl KvmBackend {
         }
         // What the VMM says from then on goes where a booted VMM's stderr goes.
         tokio::spawn(async move {
-            let mut rest = lines.into_inner();
-            let _ = tokio::io::copy(&mut rest, &mut tokio::io::stderr()).await;
+            let _ = tokio::io::copy(&mut stderr, &mut tokio::io::stderr()).await;
         });
         let channel = AgentChannel::Vsock {
             socket: dir.0.join(super::kvm::VSOCK),
